@@ -1,0 +1,29 @@
+//! gmsa-reconciler keeps Active Directory gMSA host groups equal to the set
+//! of hosts that currently run each service account's ("proid's")
+//! containers, so that a host can fetch a gMSA password exactly while it
+//! needs it.
+//!
+//! # Layout
+//! - [`model`]: proids, host names, normalised DNs, the group pattern, partition globs.
+//! - [`tree`]: the placement tree: whole-tree scan, event classification, the watcher.
+//! - [`index`]: per-proid, per-host reference counts, updated event by event.
+//! - [`plan`]: desired state against the directory's groups, as a deterministic plan.
+//! - [`ldif`]: the LDIF reader and writer (RFC 2849).
+//! - [`directory`]: the directory trait and its LDAP, LDIF-file and in-memory backends.
+//! - [`reconcile`]: applies a plan through a directory: result codes, retries, the guard.
+//! - [`output`]: the LDIF and JSON renderings of plans and results.
+//! - [`cli`]: options from flags, environment and config file, validated into a config.
+//! - [`commands`]: `plan`, `sync` and `check` on top of the above.
+//! - [`daemon`]: the `run` event loop.
+
+pub mod cli;
+pub mod commands;
+pub mod daemon;
+pub mod directory;
+pub mod index;
+pub mod ldif;
+pub mod model;
+pub mod output;
+pub mod plan;
+pub mod reconcile;
+pub mod tree;

@@ -1,0 +1,624 @@
+//! The vocabulary of the product: proids, host names, distinguished names,
+//! the group-name pattern and the partition glob.
+//!
+//! These newtypes carry the comparison rules of the specification so that no
+//! other module has to remember them: a [`Dn`] compares in normalised form
+//! but prints as it was spelled, a [`GroupPattern`] matches case-insensitively,
+//! a [`HostName`] can never name a path outside its directory.
+
+use std::cmp::Ordering;
+use std::fmt;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+
+use thiserror::Error;
+
+/// A problem with a value given by the operator or found in the inputs.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ModelError {
+    /// A DN that does not follow RFC 4514.
+    #[error("invalid DN {dn:?}: {why}")]
+    Dn {
+        /// The DN as given.
+        dn: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
+    /// A group pattern without exactly one `{}`.
+    #[error("invalid group pattern {0:?}: it must contain `{{}}` exactly once and no other braces")]
+    GroupPattern(String),
+    /// A partition glob that does not parse.
+    #[error("invalid partition glob {glob:?}: {why}")]
+    Partition {
+        /// The glob as given.
+        glob: String,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// A host name that is not a plain file name.
+    #[error("invalid host name {0:?}: must be a plain file name")]
+    HostName(String),
+}
+
+/// A service account name: the part of an instance name before the first `.`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Proid(Arc<str>);
+
+impl Proid {
+    /// Wraps a proid name as given (for example on the command line).
+    pub fn new(name: &str) -> Option<Self> {
+        if name.is_empty() || name.contains(['.', '/']) {
+            None
+        } else {
+            Some(Proid(name.into()))
+        }
+    }
+
+    /// The proid of an instance name `<proid>.<app>#<id>`, or `None` when the
+    /// name has no `.` or nothing before it.
+    pub fn from_instance(instance: &str) -> Option<Self> {
+        let (proid, _) = instance.split_once('.')?;
+        Proid::new(proid)
+    }
+
+    /// The name as spelled.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// The key under which proids are matched with groups: AD compares
+    /// account names without regard to case.
+    pub fn key(&self) -> String {
+        self.0.to_lowercase()
+    }
+}
+
+impl fmt::Display for Proid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A host name taken from a directory entry: a plain file name that cannot
+/// address anything outside the directory it came from.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct HostName(Arc<str>);
+
+impl HostName {
+    /// Accepts a plain, non-empty file name that is not `.` or `..` and has no `/`.
+    pub fn new(name: &str) -> Result<Self, ModelError> {
+        if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
+            Err(ModelError::HostName(name.to_owned()))
+        } else {
+            Ok(HostName(name.into()))
+        }
+    }
+
+    /// The name as spelled.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for HostName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A distinguished name: compared, ordered and hashed in normalised form,
+/// displayed exactly as it was spelled. Cloning is cheap.
+#[derive(Clone)]
+pub struct Dn(Arc<DnInner>);
+
+struct DnInner {
+    raw: Box<str>,
+    norm: Box<str>,
+}
+
+impl Dn {
+    /// Parses an RFC 4514 string. The spelling is kept for output.
+    pub fn parse(raw: &str) -> Result<Self, ModelError> {
+        let norm = normalise_dn(raw).map_err(|why| ModelError::Dn {
+            dn: raw.to_owned(),
+            why,
+        })?;
+        Ok(Dn(Arc::new(DnInner {
+            raw: raw.into(),
+            norm: norm.into(),
+        })))
+    }
+
+    /// The DN as spelled by whoever wrote it.
+    pub fn as_str(&self) -> &str {
+        &self.0.raw
+    }
+
+    /// The normalised form used for comparisons.
+    pub fn normalised(&self) -> &str {
+        &self.0.norm
+    }
+
+    /// True when `self` is `base` or lies below it.
+    pub fn is_within(&self, base: &Dn) -> bool {
+        let (me, base) = (self.normalised(), base.normalised());
+        base.is_empty()
+            || me == base
+            || (me.len() > base.len()
+                && me.ends_with(base)
+                && me.as_bytes()[me.len() - base.len() - 1] == b',')
+    }
+
+    /// Builds `<attr>=<value>,<parent>`, escaping the value per RFC 4514.
+    pub fn child(attr: &str, value: &str, parent: &Dn) -> Dn {
+        let rdn = format!("{attr}={}", escape_dn_value(value));
+        let raw = if parent.as_str().is_empty() {
+            rdn
+        } else {
+            format!("{rdn},{}", parent.as_str())
+        };
+        match Dn::parse(&raw) {
+            Ok(dn) => dn,
+            Err(err) => panic!("BUG: an escaped RDN over a valid parent must parse: {err}"),
+        }
+    }
+}
+
+impl PartialEq for Dn {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.norm == other.0.norm
+    }
+}
+
+impl Eq for Dn {}
+
+impl Hash for Dn {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        self.0.norm.hash(state)
+    }
+}
+
+impl PartialOrd for Dn {
+    fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Dn {
+    fn cmp(&self, other: &Self) -> Ordering {
+        self.0.norm.cmp(&other.0.norm)
+    }
+}
+
+impl fmt::Display for Dn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.raw)
+    }
+}
+
+impl fmt::Debug for Dn {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Dn({:?})", self.as_str())
+    }
+}
+
+/// Characters that RFC 4514 requires to be escaped anywhere in a value.
+const DN_SPECIALS: &[char] = &['"', '+', ',', ';', '<', '>', '\\', '='];
+
+/// Escapes an attribute value for use in a DN string (RFC 4514 section 2.4).
+pub fn escape_dn_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 4);
+    let last = value.chars().count().saturating_sub(1);
+    for (i, c) in value.chars().enumerate() {
+        match c {
+            '\0' => out.push_str("\\00"),
+            ' ' if i == 0 || i == last => out.push_str("\\ "),
+            '#' if i == 0 => out.push_str("\\#"),
+            c if DN_SPECIALS.contains(&c) => {
+                out.push('\\');
+                out.push(c);
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Escapes a value for use inside an LDAP search filter (RFC 4515 section 3).
+pub fn escape_filter_value(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 4);
+    for c in value.chars() {
+        match c {
+            '*' => out.push_str("\\2a"),
+            '(' => out.push_str("\\28"),
+            ')' => out.push_str("\\29"),
+            '\\' => out.push_str("\\5c"),
+            '\0' => out.push_str("\\00"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// Normalises a DN: attribute types and values lower-cased, insignificant
+/// spaces dropped, escapes decoded and then re-encoded in one canonical way,
+/// and the parts of a multi-valued RDN sorted.
+fn normalise_dn(raw: &str) -> Result<String, &'static str> {
+    let mut rdns: Vec<String> = Vec::new();
+    let mut avas: Vec<String> = Vec::new();
+    let mut parser = DnParser {
+        chars: raw.chars().collect(),
+        pos: 0,
+    };
+    if parser.skip_spaces() {
+        return Ok(String::new());
+    }
+    loop {
+        let attr = parser.attribute_type()?;
+        let value = parser.attribute_value()?;
+        avas.push(format!("{attr}={}", escape_dn_value(&value.to_lowercase())));
+        match parser.next() {
+            None => {
+                avas.sort();
+                rdns.push(avas.join("+"));
+                break;
+            }
+            Some('+') => {}
+            Some(',') | Some(';') => {
+                avas.sort();
+                rdns.push(avas.join("+"));
+                avas.clear();
+            }
+            Some(_) => return Err("unexpected character after a value"),
+        }
+        if parser.skip_spaces() {
+            return Err("a separator must be followed by an attribute");
+        }
+    }
+    Ok(rdns.join(","))
+}
+
+struct DnParser {
+    chars: Vec<char>,
+    pos: usize,
+}
+
+impl DnParser {
+    fn peek(&self) -> Option<char> {
+        self.chars.get(self.pos).copied()
+    }
+
+    fn next(&mut self) -> Option<char> {
+        let c = self.peek()?;
+        self.pos += 1;
+        Some(c)
+    }
+
+    /// Skips spaces; true when the input is exhausted.
+    fn skip_spaces(&mut self) -> bool {
+        while self.peek() == Some(' ') {
+            self.pos += 1;
+        }
+        self.peek().is_none()
+    }
+
+    fn attribute_type(&mut self) -> Result<String, &'static str> {
+        self.skip_spaces();
+        let mut attr = String::new();
+        while let Some(c) = self.peek() {
+            if c == '=' {
+                break;
+            }
+            if !(c.is_ascii_alphanumeric() || c == '-' || c == '.') {
+                if c == ' ' {
+                    self.skip_spaces();
+                    if self.peek() == Some('=') {
+                        break;
+                    }
+                }
+                return Err("attribute type must be letters, digits, '-' or an OID");
+            }
+            attr.push(c.to_ascii_lowercase());
+            self.pos += 1;
+        }
+        if self.next() != Some('=') {
+            return Err("attribute without '='");
+        }
+        if attr.is_empty() {
+            return Err("empty attribute type");
+        }
+        Ok(attr)
+    }
+
+    /// Reads a value up to an unescaped separator, decoding escapes and
+    /// dropping unescaped leading and trailing spaces.
+    fn attribute_value(&mut self) -> Result<String, &'static str> {
+        self.skip_spaces();
+        if self.peek() == Some('"') {
+            return self.quoted_value();
+        }
+        let mut bytes: Vec<u8> = Vec::new();
+        // Length of `bytes` up to the last character that was escaped or not a space.
+        let mut significant = 0;
+        while let Some(c) = self.peek() {
+            match c {
+                ',' | ';' | '+' => break,
+                '\\' => {
+                    self.pos += 1;
+                    match self.next() {
+                        None => return Err("trailing backslash"),
+                        Some(h) if h.is_ascii_hexdigit() => {
+                            let l = self.next().filter(char::is_ascii_hexdigit);
+                            let Some(l) = l else {
+                                return Err("a hex escape needs two hex digits");
+                            };
+                            let byte = (hex_digit(h) << 4) | hex_digit(l);
+                            bytes.push(byte);
+                        }
+                        Some(e) if e == ' ' || e == '#' || DN_SPECIALS.contains(&e) => {
+                            push_char(&mut bytes, e);
+                        }
+                        Some(_) => return Err("invalid escape"),
+                    }
+                    significant = bytes.len();
+                }
+                _ => {
+                    self.pos += 1;
+                    push_char(&mut bytes, c);
+                    if c != ' ' {
+                        significant = bytes.len();
+                    }
+                }
+            }
+        }
+        bytes.truncate(significant);
+        String::from_utf8(bytes).map_err(|_| "escaped bytes are not UTF-8")
+    }
+
+    fn quoted_value(&mut self) -> Result<String, &'static str> {
+        self.pos += 1;
+        let mut value = String::new();
+        loop {
+            match self.next() {
+                None => return Err("unterminated quoted value"),
+                Some('"') => break,
+                Some('\\') => match self.next() {
+                    Some(c) => value.push(c),
+                    None => return Err("trailing backslash"),
+                },
+                Some(c) => value.push(c),
+            }
+        }
+        self.skip_spaces();
+        Ok(value)
+    }
+}
+
+fn push_char(bytes: &mut Vec<u8>, c: char) {
+    let mut buf = [0u8; 4];
+    bytes.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+}
+
+fn hex_digit(c: char) -> u8 {
+    c.to_digit(16).map_or(0, |d| d as u8)
+}
+
+/// The name pattern of the proids' groups: a text with exactly one `{}`
+/// standing for the proid, matched against `sAMAccountName` without regard
+/// to case.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupPattern {
+    prefix: String,
+    suffix: String,
+}
+
+impl GroupPattern {
+    /// Parses a pattern such as `{}-gmsa-hosts`.
+    pub fn parse(pattern: &str) -> Result<Self, ModelError> {
+        let err = || ModelError::GroupPattern(pattern.to_owned());
+        let (prefix, suffix) = pattern.split_once("{}").ok_or_else(err)?;
+        if prefix.contains(['{', '}']) || suffix.contains(['{', '}']) {
+            return Err(err());
+        }
+        Ok(GroupPattern {
+            prefix: prefix.to_owned(),
+            suffix: suffix.to_owned(),
+        })
+    }
+
+    /// The group's account name for a proid.
+    pub fn render(&self, proid: &Proid) -> String {
+        format!("{}{}{}", self.prefix, proid, self.suffix)
+    }
+
+    /// The proid whose group this account name is, spelled as in the name.
+    pub fn proid_of(&self, sam_account_name: &str) -> Option<Proid> {
+        let name = sam_account_name;
+        let (p, s) = (self.prefix.len(), self.suffix.len());
+        if name.len() <= p + s || !name.is_char_boundary(p) || !name.is_char_boundary(name.len() - s)
+        {
+            return None;
+        }
+        let (head, rest) = name.split_at(p);
+        let (middle, tail) = rest.split_at(rest.len() - s);
+        if head.to_lowercase() == self.prefix.to_lowercase()
+            && tail.to_lowercase() == self.suffix.to_lowercase()
+        {
+            Proid::new(middle)
+        } else {
+            None
+        }
+    }
+}
+
+impl fmt::Display for GroupPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{{}}{}", self.prefix, self.suffix)
+    }
+}
+
+/// A shell-style glob (`*`, `?`, `[...]`) over partition names.
+#[derive(Debug, Clone)]
+pub struct PartitionGlob(glob::Pattern);
+
+impl PartitionGlob {
+    /// Parses a glob.
+    pub fn parse(glob: &str) -> Result<Self, ModelError> {
+        glob::Pattern::new(glob)
+            .map(PartitionGlob)
+            .map_err(|e| ModelError::Partition {
+                glob: glob.to_owned(),
+                why: e.msg.to_owned(),
+            })
+    }
+
+    /// True when the partition name matches.
+    pub fn matches(&self, partition: &str) -> bool {
+        self.0.matches(partition)
+    }
+}
+
+impl Default for PartitionGlob {
+    fn default() -> Self {
+        match PartitionGlob::parse("*") {
+            Ok(glob) => glob,
+            Err(err) => panic!("BUG: `*` is a valid glob: {err}"),
+        }
+    }
+}
+
+impl fmt::Display for PartitionGlob {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.0.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dn(s: &str) -> Dn {
+        Dn::parse(s).expect("valid DN")
+    }
+
+    #[test]
+    fn dn_spellings_that_must_compare_equal() {
+        let base = dn("CN=server1,OU=Hosts,DC=ad,DC=com");
+        for other in [
+            "cn=server1,ou=hosts,dc=AD,dc=COM",
+            "CN = server1 , OU=Hosts ,DC=ad,DC=com",
+            "  CN=server1,OU=Hosts,DC=ad,DC=com  ",
+            "CN=\\73erver1,OU=Hosts,DC=ad,DC=com",
+            "cn=SERVER1;ou=hosts;dc=ad;dc=com",
+            "CN=\"server1\",OU=Hosts,DC=ad,DC=com",
+        ] {
+            assert_eq!(dn(other), base, "{other}");
+        }
+        assert_eq!(dn(" cn = server1 ").as_str(), " cn = server1 ");
+    }
+
+    #[test]
+    fn escaped_comma_forms_are_equal_and_differ_from_a_separator() {
+        let a = dn("CN=Smith\\, John,OU=Users,DC=ad");
+        let b = dn("CN=Smith\\2C John,OU=Users,DC=ad");
+        let c = dn("CN=smith\\2c john,ou=users,dc=AD");
+        assert_eq!(a, b);
+        assert_eq!(a, c);
+        assert_ne!(a, dn("CN=Smith,CN=John,OU=Users,DC=ad"));
+        assert_eq!(a.normalised(), "cn=smith\\, john,ou=users,dc=ad");
+    }
+
+    #[test]
+    fn escaped_spaces_are_significant() {
+        assert_ne!(dn("CN=a\\ ,DC=x"), dn("CN=a,DC=x"));
+        assert_eq!(dn("CN=\\ a,DC=x"), dn("CN=\\20a,DC=x"));
+    }
+
+    #[test]
+    fn multi_valued_rdns_compare_in_any_order() {
+        assert_eq!(dn("CN=a+UID=b,DC=x"), dn("uid=B + cn=A,dc=x"));
+    }
+
+    #[test]
+    fn invalid_dns_are_rejected() {
+        for bad in ["CN", "=x", "CN=a,", "CN=a\\", "CN=a\\zz", "CN=a\\4", "CN=a,,DC=b", "C N=a"] {
+            assert!(Dn::parse(bad).is_err(), "{bad:?} should not parse");
+        }
+        assert_eq!(dn("").normalised(), "");
+    }
+
+    #[test]
+    fn within() {
+        let ou = dn("OU=Groups,DC=ad,DC=com");
+        assert!(dn("CN=g,ou=groups,dc=AD,dc=com").is_within(&ou));
+        assert!(ou.is_within(&ou));
+        assert!(!dn("CN=g,OU=XGroups,DC=ad,DC=com").is_within(&ou));
+        assert!(!dn("DC=ad,DC=com").is_within(&ou));
+    }
+
+    #[test]
+    fn dn_built_from_a_name_is_escaped_and_round_trips() {
+        let ou = dn("OU=Groups,DC=ad");
+        for name in ["plain", "a,b", " lead", "trail ", "#hash", "x+y=z", "q\"\\<>;"] {
+            let child = Dn::child("CN", name, &ou);
+            let again = dn(child.as_str());
+            assert_eq!(child, again);
+            assert!(child.is_within(&ou));
+            assert_eq!(
+                again.normalised(),
+                format!("cn={},ou=groups,dc=ad", escape_dn_value(&name.to_lowercase()))
+            );
+        }
+        assert_eq!(escape_dn_value(" a,b "), "\\ a\\,b\\ ");
+        assert_eq!(escape_dn_value("#a#"), "\\#a#");
+    }
+
+    #[test]
+    fn filter_values_are_escaped() {
+        assert_eq!(escape_filter_value("a*(b)\\c\0"), "a\\2a\\28b\\29\\5cc\\00");
+    }
+
+    #[test]
+    fn group_pattern() {
+        let p = GroupPattern::parse("{}-gmsa-hosts").expect("valid");
+        let proid = Proid::new("proid1").expect("valid");
+        assert_eq!(p.render(&proid), "proid1-gmsa-hosts");
+        assert_eq!(p.proid_of("proid1-gmsa-hosts"), Some(proid.clone()));
+        assert_eq!(p.proid_of("PROID1-GMSA-HOSTS").map(|p| p.key()), Some(proid.key()));
+        assert_eq!(p.proid_of("-gmsa-hosts"), None);
+        assert_eq!(p.proid_of("proid1-gmsa"), None);
+        assert_eq!(p.proid_of("proid1-gmsa-hostsx"), None);
+        let q = GroupPattern::parse("gmsa_{}_hosts").expect("valid");
+        assert_eq!(q.proid_of("GMSA_Web_Hosts").map(|p| p.to_string()), Some("Web".into()));
+        for bad in ["", "gmsa-hosts", "{}{}", "{}-{x}", "{-}", "{ }-x"] {
+            assert!(GroupPattern::parse(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn proid_from_instance() {
+        let p = |s| Proid::from_instance(s).map(|p| p.to_string());
+        assert_eq!(p("proid1.web#0000000042"), Some("proid1".into()));
+        assert_eq!(p("proid1.web.x#1"), Some("proid1".into()));
+        assert_eq!(p("noproid#1"), None);
+        assert_eq!(p(".web#1"), None);
+    }
+
+    #[test]
+    fn host_names() {
+        assert!(HostName::new("host1.ad.com").is_ok());
+        for bad in ["", ".", "..", "a/b"] {
+            assert!(HostName::new(bad).is_err());
+        }
+    }
+
+    #[test]
+    fn partition_globs() {
+        let g = PartitionGlob::parse("part[12]-*").expect("valid");
+        assert!(g.matches("part1-east"));
+        assert!(!g.matches("part3-east"));
+        assert!(PartitionGlob::parse("?").expect("valid").matches("x"));
+        assert!(PartitionGlob::default().matches(""));
+        assert!(PartitionGlob::parse("[").is_err());
+    }
+}

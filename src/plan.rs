@@ -1,0 +1,363 @@
+//! The diff: desired membership against the groups read from the directory,
+//! as a deterministic [`Plan`], and the mass-deletion guard that judges it.
+//!
+//! Pure functions over plain data: everything here can be tested without a
+//! tree or a directory, and the same inputs always give the same plan.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::directory::Group;
+use crate::index::Index;
+use crate::model::{Dn, GroupPattern, Proid};
+
+/// The changes to one group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupChange {
+    /// The group's DN as the directory spelled it.
+    pub group_dn: Dn,
+    /// The proid the group belongs to.
+    pub proid: Proid,
+    /// Members to add, spelled as the servers' `nt.dn`.
+    pub add: BTreeSet<Dn>,
+    /// Members to delete, spelled as the directory spelled them.
+    pub delete: BTreeSet<Dn>,
+}
+
+/// A proid that has placements but no group.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MissingGroup {
+    /// The proid.
+    pub proid: Proid,
+    /// The hosts that would be its members.
+    pub desired: BTreeSet<Dn>,
+}
+
+/// Everything that differs, sorted by group DN (normalised).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// One entry per group that needs a change.
+    pub changes: Vec<GroupChange>,
+    /// Proids with placements and no group, sorted by proid.
+    pub missing_groups: Vec<MissingGroup>,
+    /// Groups of proids that were compared, changed or not.
+    pub groups_compared: usize,
+    /// Members of the compared groups that the reconciler manages: the base
+    /// of the guard's percentage.
+    pub managed_members: usize,
+}
+
+impl Plan {
+    /// Total values to add.
+    pub fn adds(&self) -> usize {
+        self.changes.iter().map(|c| c.add.len()).sum()
+    }
+
+    /// Total values to delete.
+    pub fn deletes(&self) -> usize {
+        self.changes.iter().map(|c| c.delete.len()).sum()
+    }
+
+    /// The same plan without its deletions (what a refused plan still applies).
+    pub fn without_deletions(&self) -> Plan {
+        let changes = self
+            .changes
+            .iter()
+            .filter(|c| !c.add.is_empty())
+            .map(|c| GroupChange {
+                delete: BTreeSet::new(),
+                ..c.clone()
+            })
+            .collect();
+        Plan {
+            changes,
+            ..self.clone()
+        }
+    }
+}
+
+/// Which proids to compare.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// Every group and every proid: a full sync.
+    All,
+    /// Only these proids (compared by [`Proid::key`]): an incremental reconcile.
+    Only(&'a BTreeSet<Proid>),
+}
+
+/// Compares the desired state with the groups.
+///
+/// For each group of proid P: `add = desired(P) − members` and
+/// `delete = (members ∩ (managed ∪ retiring(P))) − desired(P)`; members the
+/// reconciler does not manage are never touched.
+pub fn plan(index: &Index, groups: &[Group], pattern: &GroupPattern, scope: Scope<'_>) -> Plan {
+    let wanted: Option<BTreeSet<String>> = match scope {
+        Scope::All => None,
+        Scope::Only(proids) => Some(proids.iter().map(Proid::key).collect()),
+    };
+    let in_scope = |key: &String| wanted.as_ref().is_none_or(|w| w.contains(key));
+
+    // Desired members by proid key: proids that differ only in case share a group.
+    let mut desired: BTreeMap<String, (Proid, BTreeSet<Dn>)> = BTreeMap::new();
+    let proids: Vec<Proid> = match scope {
+        Scope::All => index.proids(),
+        Scope::Only(proids) => proids.iter().cloned().collect(),
+    };
+    for proid in proids {
+        let entry = desired
+            .entry(proid.key())
+            .or_insert_with(|| (proid.clone(), BTreeSet::new()));
+        entry.1.extend(index.desired(&proid));
+    }
+
+    let mut plan = Plan::default();
+    let mut with_group: BTreeSet<String> = BTreeSet::new();
+    for group in groups {
+        let Some(group_proid) = pattern.proid_of(&group.sam_account_name) else {
+            continue;
+        };
+        let key = group_proid.key();
+        if !in_scope(&key) {
+            continue;
+        }
+        let empty = (group_proid.clone(), BTreeSet::new());
+        let (proid, want) = desired.get(&key).unwrap_or(&empty);
+        let retiring = index.retiring(proid);
+        let managed = |m: &Dn| index.is_managed(m) || retiring.contains(m);
+
+        plan.groups_compared += 1;
+        plan.managed_members += group.members.iter().filter(|m| managed(m)).count();
+        let add: BTreeSet<Dn> = want.difference(&group.members).cloned().collect();
+        let delete: BTreeSet<Dn> = group
+            .members
+            .iter()
+            .filter(|m| managed(m) && !want.contains(*m))
+            .cloned()
+            .collect();
+        with_group.insert(key);
+        if !add.is_empty() || !delete.is_empty() {
+            plan.changes.push(GroupChange {
+                group_dn: group.dn.clone(),
+                proid: proid.clone(),
+                add,
+                delete,
+            });
+        }
+    }
+    plan.changes.sort_by(|a, b| a.group_dn.cmp(&b.group_dn));
+    plan.missing_groups = desired
+        .into_iter()
+        .filter(|(key, (_, want))| !want.is_empty() && !with_group.contains(key))
+        .map(|(_, (proid, desired))| MissingGroup { proid, desired })
+        .collect();
+    plan
+}
+
+/// Limits on deletions (SPEC section 5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GuardOptions {
+    /// Refuse more deletions than this.
+    pub max_delete: usize,
+    /// Refuse more than this percentage of the managed members (when more
+    /// than [`GuardOptions::SMALL`] values are deleted).
+    pub max_delete_percent: u32,
+    /// Apply whatever the size.
+    pub allow_mass_delete: bool,
+}
+
+impl GuardOptions {
+    /// Deletions up to this many are never refused for their percentage.
+    pub const SMALL: usize = 10;
+}
+
+impl Default for GuardOptions {
+    fn default() -> Self {
+        GuardOptions {
+            max_delete: 500,
+            max_delete_percent: 20,
+            allow_mass_delete: false,
+        }
+    }
+}
+
+/// Why a plan's deletions are refused, or `None` when they may be applied.
+pub fn guard(plan: &Plan, options: &GuardOptions) -> Option<String> {
+    if options.allow_mass_delete {
+        return None;
+    }
+    let deletes = plan.deletes();
+    if deletes > options.max_delete {
+        return Some(format!(
+            "{deletes} deletions exceed --max-delete {}; rerun with --allow-mass-delete to apply them",
+            options.max_delete
+        ));
+    }
+    let base = plan.managed_members;
+    let percent_exceeded = (deletes as u128) * 100 > (options.max_delete_percent as u128) * (base as u128);
+    if deletes > GuardOptions::SMALL && percent_exceeded {
+        return Some(format!(
+            "{deletes} deletions are more than {}% of the {base} managed members in the groups (--max-delete-percent); rerun with --allow-mass-delete to apply them",
+            options.max_delete_percent
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{HostName, PartitionGlob};
+    use crate::tree::{ServerInfo, TreeEvent};
+
+    fn dn(s: &str) -> Dn {
+        Dn::parse(s).expect("valid DN")
+    }
+
+    fn server(index: &mut Index, host: &str, partition: &str) {
+        index.apply(&TreeEvent::ServerUpserted {
+            host: HostName::new(host).expect("host"),
+            info: Ok(ServerInfo {
+                partition: Some(partition.into()),
+                dc: Some("dc.ad.com".into()),
+                dn: Some(format!("CN={host},OU=Hosts,DC=ad,DC=com")),
+            }),
+        });
+    }
+
+    fn place(index: &mut Index, host: &str, instance: &str) {
+        index.apply(&TreeEvent::PlacementAdded {
+            host: HostName::new(host).expect("host"),
+            instance: instance.into(),
+        });
+    }
+
+    fn group(name: &str, members: &[&str]) -> Group {
+        Group {
+            dn: dn(&format!("CN={name},OU=Groups,DC=ad,DC=com")),
+            sam_account_name: name.into(),
+            members: members.iter().map(|m| dn(m)).collect(),
+        }
+    }
+
+    fn host_dn(host: &str) -> Dn {
+        dn(&format!("CN={host},OU=Hosts,DC=ad,DC=com"))
+    }
+
+    fn pattern() -> GroupPattern {
+        GroupPattern::parse("{}-gmsa-hosts").expect("pattern")
+    }
+
+    #[test]
+    fn adds_deletes_and_leaves_unmanaged_members_alone() {
+        let mut index = Index::new(PartitionGlob::default());
+        server(&mut index, "h1", "p");
+        server(&mut index, "h2", "p");
+        place(&mut index, "h1", "web.app#1");
+        let groups = [group(
+            "web-gmsa-hosts",
+            &[
+                "cn=h2,ou=hosts,dc=AD,dc=com",
+                "CN=someone-else,OU=Users,DC=ad,DC=com",
+            ],
+        )];
+        let plan = plan(&index, &groups, &pattern(), Scope::All);
+        assert_eq!(plan.changes.len(), 1);
+        let change = &plan.changes[0];
+        assert_eq!(change.add, BTreeSet::from([host_dn("h1")]));
+        assert_eq!(change.delete, BTreeSet::from([host_dn("h2")]));
+        let deleted: Vec<&str> = change.delete.iter().map(Dn::as_str).collect();
+        assert_eq!(deleted, ["cn=h2,ou=hosts,dc=AD,dc=com"], "directory spelling kept");
+        assert_eq!(plan.managed_members, 1);
+        assert_eq!(plan.groups_compared, 1);
+    }
+
+    #[test]
+    fn spelling_differences_do_not_churn() {
+        let mut index = Index::new(PartitionGlob::default());
+        server(&mut index, "h1", "p");
+        place(&mut index, "h1", "web.app#1");
+        let groups = [group("WEB-GMSA-HOSTS", &["cn = H1 , ou=hosts,dc=ad,dc=com"])];
+        let plan = plan(&index, &groups, &pattern(), Scope::All);
+        assert!(plan.changes.is_empty(), "{plan:?}");
+    }
+
+    #[test]
+    fn missing_groups_are_reported_and_scope_limits_the_plan() {
+        let mut index = Index::new(PartitionGlob::default());
+        server(&mut index, "h1", "p");
+        place(&mut index, "h1", "web.app#1");
+        place(&mut index, "h1", "db.app#1");
+        let groups = [group("web-gmsa-hosts", &[]), group("other-gmsa-hosts", &[])];
+        let full = plan(&index, &groups, &pattern(), Scope::All);
+        assert_eq!(full.missing_groups.len(), 1);
+        assert_eq!(full.missing_groups[0].proid.as_str(), "db");
+        assert_eq!(full.changes.len(), 1);
+        assert_eq!(full.groups_compared, 2);
+
+        let only = BTreeSet::from([Proid::new("other").expect("proid")]);
+        let partial = plan(&index, &groups, &pattern(), Scope::Only(&only));
+        assert!(partial.changes.is_empty());
+        assert!(partial.missing_groups.is_empty());
+        assert_eq!(partial.groups_compared, 1);
+    }
+
+    #[test]
+    fn plans_are_sorted_by_normalised_group_dn() {
+        let mut index = Index::new(PartitionGlob::default());
+        server(&mut index, "h1", "p");
+        for p in ["b", "A", "c"] {
+            place(&mut index, "h1", &format!("{p}.app#1"));
+        }
+        let groups = [
+            group("c-gmsa-hosts", &[]),
+            group("b-gmsa-hosts", &[]),
+            group("A-gmsa-hosts", &[]),
+        ];
+        let plan = plan(&index, &groups, &pattern(), Scope::All);
+        let order: Vec<&str> = plan.changes.iter().map(|c| c.proid.as_str()).collect();
+        assert_eq!(order, ["A", "b", "c"]);
+    }
+
+    fn plan_with(deletes: usize, managed: usize) -> Plan {
+        let delete = (0..deletes)
+            .map(|i| dn(&format!("CN=h{i},DC=x")))
+            .collect();
+        Plan {
+            changes: vec![GroupChange {
+                group_dn: dn("CN=g,DC=x"),
+                proid: Proid::new("g").expect("proid"),
+                add: BTreeSet::new(),
+                delete,
+            }],
+            missing_groups: vec![],
+            groups_compared: 1,
+            managed_members: managed,
+        }
+    }
+
+    #[test]
+    fn guard_limits() {
+        let opts = GuardOptions::default();
+        assert_eq!(guard(&plan_with(10, 10), &opts), None, "ten or fewer always pass");
+        assert_eq!(guard(&plan_with(20, 100), &opts), None, "exactly 20% passes");
+        assert!(guard(&plan_with(21, 100), &opts).is_some());
+        assert_eq!(guard(&plan_with(500, 100_000), &opts), None);
+        let refusal = guard(&plan_with(501, 100_000), &opts).expect("refused");
+        assert!(refusal.contains("--max-delete 500"), "{refusal}");
+        let allow = GuardOptions {
+            allow_mass_delete: true,
+            ..opts
+        };
+        assert_eq!(guard(&plan_with(501, 501), &allow), None);
+    }
+
+    #[test]
+    fn without_deletions_keeps_additions_only() {
+        let mut p = plan_with(3, 3);
+        p.changes[0].add.insert(dn("CN=new,DC=x"));
+        p.changes.push(plan_with(2, 2).changes.remove(0));
+        let kept = p.without_deletions();
+        assert_eq!(kept.changes.len(), 1);
+        assert_eq!(kept.deletes(), 0);
+        assert_eq!(kept.adds(), 1);
+    }
+}

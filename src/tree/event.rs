@@ -1,0 +1,1 @@
+//! Classifies file system paths inside the tree into [`TreeEvent`](super::TreeEvent)s.

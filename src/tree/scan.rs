@@ -1,0 +1,1 @@
+//! Reads a whole placement tree into a [`Snapshot`](super::Snapshot).

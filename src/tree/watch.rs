@@ -1,0 +1,1 @@
+//! Follows the placement tree with the file system notifier.
