@@ -1,1 +1,766 @@
-//! stub
+//! The command line: options from flags, `GMSA_*` environment variables and
+//! a YAML `--config` file (precedence flag > environment > file), validated
+//! into a [`Config`] the rest of the program can trust.
+//!
+//! The file is merged by turning each of its keys that neither a flag nor
+//! the environment set into the flag it names and parsing again, so every
+//! option has exactly one parser and one set of checks whatever its source.
+
+use std::ffi::OsString;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{ArgAction, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
+use thiserror::Error;
+
+use crate::model::{Dn, GroupPattern, ModelError, PartitionGlob, Proid};
+use crate::output::Format;
+use crate::plan::GuardOptions;
+use crate::reconcile::{ApplyOptions, Backoff};
+
+/// The environment variable that may hold the bind password.
+pub const PASSWORD_ENV: &str = "GMSA_BIND_PASSWORD";
+
+/// Keeps AD gMSA host groups equal to the hosts that run each proid's containers.
+#[derive(Debug, Parser)]
+#[command(name = "gmsa-reconciler", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Read the tree and the directory once and print the changes.
+    Plan(PlanArgs),
+    /// Plan, apply, and print what was applied.
+    Sync(SyncArgs),
+    /// Run as a daemon: follow the tree and keep the groups right.
+    Run(RunArgs),
+    /// Tell whether a host DN is a member of a proid's group.
+    Check(CheckArgs),
+}
+
+/// Options of `plan`.
+#[derive(Debug, Args)]
+pub struct PlanArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub write: WriteArgs,
+    /// Exit 2 when there are changes, 0 when there are none.
+    #[arg(long, env = "GMSA_EXIT_CODE")]
+    pub exit_code: bool,
+}
+
+/// Options of `sync`.
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub write: WriteArgs,
+    /// Print what would be done; write nothing.
+    #[arg(long, env = "GMSA_DRY_RUN")]
+    pub dry_run: bool,
+}
+
+/// Options of `run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub write: WriteArgs,
+    /// Print what would be done; write nothing.
+    #[arg(long, env = "GMSA_DRY_RUN")]
+    pub dry_run: bool,
+    /// How long to gather changes before reconciling them [default: 100ms].
+    #[arg(long, env = "GMSA_BATCH_WINDOW", value_parser = parse_duration)]
+    pub batch_window: Option<Duration>,
+    /// Full resync period [default: 10m].
+    #[arg(long, env = "GMSA_RESYNC_INTERVAL", value_parser = parse_duration)]
+    pub resync_interval: Option<Duration>,
+    /// Serve Prometheus metrics, /healthz and /readyz on HOST:PORT.
+    #[arg(long, env = "GMSA_METRICS_ADDR")]
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+/// Options of `check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub common: CommonArgs,
+    /// The proid whose group is looked up.
+    #[arg(long, env = "GMSA_PROID")]
+    pub proid: Option<String>,
+    /// The host's computer DN.
+    #[arg(long, env = "GMSA_HOST_DN")]
+    pub host_dn: Option<String>,
+}
+
+/// Options every command shares.
+#[derive(Debug, Args)]
+pub struct CommonArgs {
+    /// YAML file of options: keys are long option names without `--`.
+    #[arg(long, env = "GMSA_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Root of the placement tree (holds .modified, servers/, placement/).
+    #[arg(long, env = "GMSA_FS_ROOT")]
+    pub fs_root: Option<PathBuf>,
+    /// Shell glob of the partitions whose servers are managed [default: *].
+    #[arg(long, env = "GMSA_PARTITION")]
+    pub partition: Option<String>,
+    /// DN of the OU holding the proids' groups.
+    #[arg(long, env = "GMSA_GROUP_OU")]
+    pub group_ou: Option<String>,
+    /// sAMAccountName pattern of a proid's group; `{}` is the proid [default: {}-gmsa-hosts].
+    #[arg(long, env = "GMSA_GROUP_PATTERN")]
+    pub group_pattern: Option<String>,
+    /// LDIF content file used as the directory (instead of LDAP).
+    #[arg(long, env = "GMSA_DIRECTORY")]
+    pub directory: Option<PathBuf>,
+    /// LDAP server URL; repeat for failover, tried in order [default: ldap://<nt.dc> of the servers].
+    #[arg(long, env = "GMSA_LDAP_URL", value_delimiter = ',', action = ArgAction::Append)]
+    pub ldap_url: Vec<String>,
+    /// DN to bind as (simple bind); the password comes from --bind-password-file or GMSA_BIND_PASSWORD.
+    #[arg(long, env = "GMSA_BIND_DN")]
+    pub bind_dn: Option<String>,
+    /// File holding the bind password.
+    #[arg(long, env = "GMSA_BIND_PASSWORD_FILE")]
+    pub bind_password_file: Option<PathBuf>,
+    /// SASL mechanism instead of a simple bind (gssapi; needs TLS).
+    #[arg(long, env = "GMSA_SASL", value_enum)]
+    pub sasl: Option<Sasl>,
+    /// Upgrade ldap:// connections with StartTLS.
+    #[arg(long, env = "GMSA_STARTTLS")]
+    pub starttls: bool,
+    /// PEM file of CA certificates to trust besides the system store.
+    #[arg(long, env = "GMSA_TLS_CA_FILE")]
+    pub tls_ca_file: Option<PathBuf>,
+    /// Do not verify the server's certificate (unsafe; for tests only).
+    #[arg(long, env = "GMSA_TLS_INSECURE")]
+    pub tls_insecure: bool,
+    /// Timeout of every directory operation [default: 30s].
+    #[arg(long, env = "GMSA_TIMEOUT", value_parser = parse_duration)]
+    pub timeout: Option<Duration>,
+    /// Output format [default: ldif].
+    #[arg(long, env = "GMSA_FORMAT", value_enum)]
+    pub format: Option<FormatArg>,
+    /// Log format on standard error [default: text].
+    #[arg(long, env = "GMSA_LOG_FORMAT", value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// More log output (repeatable).
+    #[arg(short, long, action = ArgAction::Count)]
+    pub verbose: u8,
+    /// Less log output (repeatable).
+    #[arg(short, long, action = ArgAction::Count)]
+    pub quiet: u8,
+}
+
+/// Options of the commands that write.
+#[derive(Debug, Args)]
+pub struct WriteArgs {
+    /// Refuse a plan deleting more values than this [default: 500].
+    #[arg(long, env = "GMSA_MAX_DELETE")]
+    pub max_delete: Option<usize>,
+    /// Refuse a plan deleting more than this percentage of the managed members (beyond 10 values) [default: 20].
+    #[arg(long, env = "GMSA_MAX_DELETE_PERCENT", value_parser = clap::value_parser!(u32).range(0..=100))]
+    pub max_delete_percent: Option<u32>,
+    /// Apply deletions whatever their number.
+    #[arg(long, env = "GMSA_ALLOW_MASS_DELETE")]
+    pub allow_mass_delete: bool,
+    /// Values per Modify request at most [default: 1000].
+    #[arg(long, env = "GMSA_MAX_VALUES_PER_MODIFY", value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_values_per_modify: Option<u32>,
+}
+
+/// `--format`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum FormatArg {
+    /// RFC 2849 change records.
+    Ldif,
+    /// One JSON object.
+    Json,
+}
+
+/// `--log-format`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `--sasl`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Sasl {
+    /// Kerberos through GSSAPI.
+    Gssapi,
+}
+
+/// A configuration problem: one line naming the option or file and what is wrong.
+#[derive(Debug, Error)]
+pub enum CliError {
+    /// clap's own usage errors (and help/version output).
+    #[error(transparent)]
+    Usage(#[from] clap::Error),
+    /// A config file that can't be used.
+    #[error("{path}: {why}")]
+    ConfigFile {
+        /// The file.
+        path: String,
+        /// What is wrong.
+        why: String,
+    },
+    /// An option value that can't be used.
+    #[error("{option}: {why}")]
+    Invalid {
+        /// The option, as `--name`.
+        option: &'static str,
+        /// What is wrong.
+        why: String,
+    },
+}
+
+fn invalid(option: &'static str, why: impl std::fmt::Display) -> CliError {
+    CliError::Invalid {
+        option,
+        why: why.to_string(),
+    }
+}
+
+/// Parses a duration: a number followed by `ms`, `s`, `m` or `h` (seconds
+/// when there is no unit).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 100ms, 30s, 10m or 1h"))?;
+    let seconds = match unit.trim() {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("{text:?} has an unknown unit (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
+}
+
+/// Parses the command line, the environment and the config file.
+pub fn parse<I, T>(args: I) -> Result<Cli, CliError>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<OsString> + Clone,
+{
+    let mut args: Vec<OsString> = args.into_iter().map(Into::into).collect();
+    let command = Cli::command();
+    let matches = command.clone().try_get_matches_from(&args)?;
+    let Some((name, sub)) = matches.subcommand() else {
+        return Ok(Cli::from_arg_matches(&matches)?);
+    };
+    let Some(path) = sub.get_one::<PathBuf>("config").cloned() else {
+        return Ok(Cli::from_arg_matches(&matches)?);
+    };
+    let sub_command = command
+        .find_subcommand(name)
+        .cloned()
+        .unwrap_or_else(|| panic!("BUG: clap matched subcommand {name} it does not know"));
+    args.extend(file_args(&path, &command, &sub_command, sub)?);
+    let matches = command.try_get_matches_from(&args)?;
+    Ok(Cli::from_arg_matches(&matches)?)
+}
+
+/// The config file's keys as flags, for the options that neither a flag nor
+/// the environment set.
+fn file_args(
+    path: &PathBuf,
+    all: &clap::Command,
+    command: &clap::Command,
+    matches: &clap::ArgMatches,
+) -> Result<Vec<OsString>, CliError> {
+    let shown = path.display().to_string();
+    let err = |why: String| CliError::ConfigFile {
+        path: shown.clone(),
+        why,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    let value: serde_yaml::Value =
+        serde_yaml::from_str(&text).map_err(|e| err(format!("not valid YAML: {e}")))?;
+    let map = match value {
+        serde_yaml::Value::Mapping(map) => map,
+        serde_yaml::Value::Null => return Ok(Vec::new()),
+        _ => return Err(err("must be a mapping of option names to values".into())),
+    };
+    let mut out = Vec::new();
+    for (key, value) in map {
+        let Some(key) = key.as_str() else {
+            return Err(err(format!("key {key:?} is not a string")));
+        };
+        if key == "config" {
+            return Err(err("a config file cannot name another config file".into()));
+        }
+        let Some(arg) = command.get_arguments().find(|a| a.get_long() == Some(key)) else {
+            // A key of another subcommand is fine: one file serves them all.
+            let known = all
+                .get_subcommands()
+                .any(|s| s.get_arguments().any(|a| a.get_long() == Some(key)));
+            if known {
+                continue;
+            }
+            return Err(err(format!("unknown key {key:?}")));
+        };
+        let id = arg.get_id().as_str();
+        if matches!(
+            matches.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            continue;
+        }
+        let flag = format!("--{key}");
+        let bad = |what: &str| err(format!("key {key:?}: {what}"));
+        match arg.get_action() {
+            ArgAction::SetTrue => match value {
+                serde_yaml::Value::Bool(true) => out.push(flag.into()),
+                serde_yaml::Value::Bool(false) => {}
+                _ => return Err(bad("must be true or false")),
+            },
+            ArgAction::Count => {
+                let n = value.as_u64().ok_or_else(|| bad("must be a count"))?;
+                out.extend((0..n).map(|_| OsString::from(&flag)));
+            }
+            _ => {
+                let values = match value {
+                    serde_yaml::Value::Sequence(items) => items,
+                    other => vec![other],
+                };
+                for item in values {
+                    let text = match item {
+                        serde_yaml::Value::String(s) => s,
+                        serde_yaml::Value::Number(n) => n.to_string(),
+                        serde_yaml::Value::Bool(b) => b.to_string(),
+                        _ => return Err(bad("must be a string, a number or a list of them")),
+                    };
+                    out.push(format!("{flag}={text}").into());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Where the groups are read and written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirectoryChoice {
+    /// The LDIF content file backend.
+    LdifFile(PathBuf),
+    /// LDAP servers: the given URLs, or when empty the servers' DCs.
+    Ldap(LdapChoice),
+}
+
+/// LDAP connection settings before any connection is made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LdapChoice {
+    /// URLs in failover order; empty means `ldap://<nt.dc>` of the servers.
+    pub urls: Vec<String>,
+    /// Simple-bind DN.
+    pub bind_dn: Option<String>,
+    /// Where the password comes from (never the password itself).
+    pub password: PasswordSource,
+    /// Bind with Kerberos.
+    pub gssapi: bool,
+    /// StartTLS on ldap:// URLs.
+    pub starttls: bool,
+    /// Extra CA certificates.
+    pub tls_ca_file: Option<PathBuf>,
+    /// Skip certificate verification.
+    pub tls_insecure: bool,
+    /// Timeout of each operation.
+    pub timeout: Duration,
+}
+
+/// Where the bind password is read from when it is needed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PasswordSource {
+    /// No password (anonymous or Kerberos).
+    None,
+    /// A file.
+    File(PathBuf),
+    /// The `GMSA_BIND_PASSWORD` environment variable.
+    Env,
+}
+
+/// Settings every command shares, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The tree root, when given.
+    pub fs_root: Option<PathBuf>,
+    /// Partitions in scope.
+    pub partition: PartitionGlob,
+    /// Where the groups are searched.
+    pub group_ou: Option<Dn>,
+    /// The group name pattern.
+    pub pattern: GroupPattern,
+    /// The directory backend.
+    pub directory: DirectoryChoice,
+    /// Output format.
+    pub format: Format,
+    /// Log settings.
+    pub log: LogSettings,
+    /// The mass-deletion guard.
+    pub guard: GuardOptions,
+    /// How plans are applied.
+    pub apply: ApplyOptions,
+}
+
+/// Log settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogSettings {
+    /// Text or JSON lines.
+    pub format: LogFormat,
+    /// `-v` count minus `-q` count.
+    pub verbosity: i8,
+}
+
+impl Config {
+    /// Validates the shared options (and the write options when given).
+    pub fn from_args(common: &CommonArgs, write: Option<&WriteArgs>) -> Result<Config, CliError> {
+        let partition = PartitionGlob::parse(common.partition.as_deref().unwrap_or("*"))
+            .map_err(|e| invalid("--partition", model_why(e)))?;
+        let group_ou = common
+            .group_ou
+            .as_deref()
+            .map(Dn::parse)
+            .transpose()
+            .map_err(|e| invalid("--group-ou", model_why(e)))?;
+        let pattern =
+            GroupPattern::parse(common.group_pattern.as_deref().unwrap_or("{}-gmsa-hosts"))
+                .map_err(|e| invalid("--group-pattern", model_why(e)))?;
+        let directory = directory_choice(common)?;
+        let format = match common.format {
+            Some(FormatArg::Json) => Format::Json,
+            Some(FormatArg::Ldif) | None => Format::Ldif,
+        };
+        let mut guard = GuardOptions::default();
+        let mut apply = ApplyOptions::default();
+        if let Some(w) = write {
+            guard.max_delete = w.max_delete.unwrap_or(guard.max_delete);
+            guard.max_delete_percent = w.max_delete_percent.unwrap_or(guard.max_delete_percent);
+            guard.allow_mass_delete = w.allow_mass_delete;
+            if let Some(n) = w.max_values_per_modify {
+                apply.max_values_per_modify = n as usize;
+            }
+        }
+        if let DirectoryChoice::Ldap(ldap) = &directory {
+            // Give a slow server a few chances within one run.
+            apply.backoff = Backoff {
+                max: ldap.timeout.max(Backoff::default().max),
+                ..Backoff::default()
+            };
+        }
+        Ok(Config {
+            fs_root: common.fs_root.clone(),
+            partition,
+            group_ou,
+            pattern,
+            directory,
+            format,
+            log: LogSettings {
+                format: common.log_format.unwrap_or_default(),
+                verbosity: common.verbose as i8 - common.quiet as i8,
+            },
+            guard,
+            apply,
+        })
+    }
+
+    /// The tree root, required by the commands that read the tree.
+    pub fn require_fs_root(&self) -> Result<&PathBuf, CliError> {
+        self.fs_root.as_ref().ok_or_else(|| {
+            invalid(
+                "--fs-root",
+                "is required (the placement tree's root directory)",
+            )
+        })
+    }
+
+    /// The group OU, required by every command that reads groups.
+    pub fn require_group_ou(&self) -> Result<&Dn, CliError> {
+        self.group_ou.as_ref().ok_or_else(|| {
+            invalid(
+                "--group-ou",
+                "is required (the DN of the OU holding the groups)",
+            )
+        })
+    }
+}
+
+fn model_why(err: ModelError) -> String {
+    err.to_string()
+}
+
+fn directory_choice(common: &CommonArgs) -> Result<DirectoryChoice, CliError> {
+    let ldap_only = common.bind_dn.is_some()
+        || common.bind_password_file.is_some()
+        || common.sasl.is_some()
+        || common.starttls
+        || common.tls_ca_file.is_some()
+        || common.tls_insecure;
+    if let Some(path) = &common.directory {
+        if !common.ldap_url.is_empty() {
+            return Err(invalid(
+                "--directory",
+                "cannot be combined with --ldap-url: choose one directory backend",
+            ));
+        }
+        if ldap_only {
+            return Err(invalid(
+                "--directory",
+                "is an LDIF file; LDAP options (--bind-dn, --sasl, TLS) do not apply to it",
+            ));
+        }
+        return Ok(DirectoryChoice::LdifFile(path.clone()));
+    }
+    for url in &common.ldap_url {
+        if !(url.starts_with("ldap://") || url.starts_with("ldaps://")) {
+            return Err(invalid(
+                "--ldap-url",
+                format!("{url:?} must start with ldap:// or ldaps://"),
+            ));
+        }
+    }
+    let gssapi = common.sasl == Some(Sasl::Gssapi);
+    if gssapi && common.bind_dn.is_some() {
+        return Err(invalid(
+            "--sasl",
+            "gssapi binds with the Kerberos ticket; drop --bind-dn",
+        ));
+    }
+    let password = match (&common.bind_password_file, std::env::var_os(PASSWORD_ENV)) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                "--bind-password-file",
+                format!("and {PASSWORD_ENV} are both set; use one"),
+            ))
+        }
+        (Some(path), None) => PasswordSource::File(path.clone()),
+        (None, Some(_)) => PasswordSource::Env,
+        (None, None) => PasswordSource::None,
+    };
+    if common.bind_dn.is_some() && password == PasswordSource::None {
+        return Err(invalid(
+            "--bind-dn",
+            format!("needs a password from --bind-password-file or {PASSWORD_ENV}"),
+        ));
+    }
+    if common.bind_dn.is_none() && password != PasswordSource::None && !gssapi {
+        return Err(invalid(
+            "--bind-dn",
+            "is required when a bind password is given",
+        ));
+    }
+    Ok(DirectoryChoice::Ldap(LdapChoice {
+        urls: common.ldap_url.clone(),
+        bind_dn: common.bind_dn.clone(),
+        password,
+        gssapi,
+        starttls: common.starttls,
+        tls_ca_file: common.tls_ca_file.clone(),
+        tls_insecure: common.tls_insecure,
+        timeout: common.timeout.unwrap_or(Duration::from_secs(30)),
+    }))
+}
+
+/// Validated options of `run`.
+#[derive(Debug, Clone)]
+pub struct RunConfig {
+    /// Shared settings.
+    pub config: Config,
+    /// Write nothing.
+    pub dry_run: bool,
+    /// Coalescing window.
+    pub batch_window: Duration,
+    /// Full resync period.
+    pub resync_interval: Duration,
+    /// Metrics endpoint.
+    pub metrics_addr: Option<std::net::SocketAddr>,
+}
+
+impl RunConfig {
+    /// Validates `run`'s options.
+    pub fn from_args(args: &RunArgs) -> Result<RunConfig, CliError> {
+        let config = Config::from_args(&args.common, Some(&args.write))?;
+        config.require_fs_root()?;
+        config.require_group_ou()?;
+        let resync_interval = args.resync_interval.unwrap_or(Duration::from_secs(600));
+        if resync_interval.is_zero() {
+            return Err(invalid("--resync-interval", "must be more than zero"));
+        }
+        Ok(RunConfig {
+            config,
+            dry_run: args.dry_run,
+            batch_window: args.batch_window.unwrap_or(Duration::from_millis(100)),
+            resync_interval,
+            metrics_addr: args.metrics_addr,
+        })
+    }
+}
+
+/// Validated options of `check`.
+#[derive(Debug, Clone)]
+pub struct CheckConfig {
+    /// Shared settings.
+    pub config: Config,
+    /// The proid.
+    pub proid: Proid,
+    /// The host DN.
+    pub host_dn: Dn,
+}
+
+impl CheckConfig {
+    /// Validates `check`'s options.
+    pub fn from_args(args: &CheckArgs) -> Result<CheckConfig, CliError> {
+        let config = Config::from_args(&args.common, None)?;
+        config.require_group_ou()?;
+        let proid = args
+            .proid
+            .as_deref()
+            .ok_or_else(|| invalid("--proid", "is required"))?;
+        let proid = Proid::new(proid)
+            .ok_or_else(|| invalid("--proid", format!("{proid:?} is not a proid name")))?;
+        let host_dn = args
+            .host_dn
+            .as_deref()
+            .ok_or_else(|| invalid("--host-dn", "is required"))?;
+        let host_dn = Dn::parse(host_dn).map_err(|e| invalid("--host-dn", model_why(e)))?;
+        Ok(CheckConfig {
+            config,
+            proid,
+            host_dn,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("100ms"), Ok(Duration::from_millis(100)));
+        assert_eq!(parse_duration("30"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1.5h"), Ok(Duration::from_secs(5400)));
+        assert!(parse_duration("10 parsecs").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn the_parser_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    fn write_config(text: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), text).expect("write");
+        file
+    }
+
+    fn plan_args(cli: Cli) -> PlanArgs {
+        match cli.command {
+            Command::Plan(args) => args,
+            other => panic!("expected plan, got {other:?}"),
+        }
+    }
+
+    // One test touches the process environment, so the precedence checks
+    // live together and do not race with each other.
+    #[test]
+    fn config_file_then_environment_then_flags() {
+        let file = write_config(
+            "fs-root: /from/file\npartition: 'p*'\nmax-delete: 7\nldap-url: [ldap://a, ldap://b]\nallow-mass-delete: true\nmetrics-addr: 127.0.0.1:9\nverbose: 2\n",
+        );
+        let config = file.path().to_str().expect("utf-8 path").to_owned();
+        let args =
+            plan_args(parse(["gmsa-reconciler", "plan", "--config", &config]).expect("parse"));
+        assert_eq!(args.common.fs_root, Some(PathBuf::from("/from/file")));
+        assert_eq!(args.common.partition.as_deref(), Some("p*"));
+        assert_eq!(args.write.max_delete, Some(7));
+        assert_eq!(args.common.ldap_url, ["ldap://a", "ldap://b"]);
+        assert!(args.write.allow_mass_delete);
+        assert_eq!(args.common.verbose, 2);
+
+        // SAFETY of the test: nothing else in this test binary reads GMSA_PARTITION.
+        std::env::set_var("GMSA_PARTITION", "from-env");
+        let args =
+            plan_args(parse(["gmsa-reconciler", "plan", "--config", &config]).expect("parse"));
+        assert_eq!(args.common.partition.as_deref(), Some("from-env"));
+        let args = plan_args(
+            parse([
+                "gmsa-reconciler",
+                "plan",
+                "--config",
+                &config,
+                "--partition",
+                "flag",
+            ])
+            .expect("parse"),
+        );
+        assert_eq!(args.common.partition.as_deref(), Some("flag"));
+        std::env::remove_var("GMSA_PARTITION");
+
+        let bad = write_config("no-such-option: 1\n");
+        let bad_path = bad.path().to_str().expect("utf-8 path").to_owned();
+        let err =
+            parse(["gmsa-reconciler", "plan", "--config", &bad_path]).expect_err("unknown key");
+        assert!(
+            err.to_string().contains("unknown key \"no-such-option\""),
+            "{err}"
+        );
+        assert!(err.to_string().starts_with(&bad_path), "{err}");
+    }
+
+    #[test]
+    fn backend_choice_is_validated() {
+        let args = |extra: &[&str]| {
+            let mut argv = vec!["gmsa-reconciler", "plan"];
+            argv.extend_from_slice(extra);
+            let args = plan_args(parse(argv).expect("parse"));
+            Config::from_args(&args.common, Some(&args.write))
+        };
+        assert!(matches!(
+            args(&["--directory", "d.ldif"]).expect("ok").directory,
+            DirectoryChoice::LdifFile(_)
+        ));
+        let both = args(&["--directory", "d.ldif", "--ldap-url", "ldap://x"]).expect_err("both");
+        assert!(both.to_string().starts_with("--directory:"), "{both}");
+        let scheme = args(&["--ldap-url", "http://x"]).expect_err("scheme");
+        assert!(scheme.to_string().contains("ldap://"), "{scheme}");
+        let no_pw = args(&["--ldap-url", "ldap://x", "--bind-dn", "CN=a"]).expect_err("password");
+        assert!(
+            no_pw.to_string().contains("--bind-password-file"),
+            "{no_pw}"
+        );
+        let pattern = args(&["--directory", "d", "--group-pattern", "x"]).expect_err("pattern");
+        assert!(
+            pattern.to_string().starts_with("--group-pattern:"),
+            "{pattern}"
+        );
+    }
+}

@@ -1,1 +1,242 @@
-//! stub
+//! The one-shot commands, `plan`, `sync` and `check`, on top of the tree
+//! scan, the index, the plan and a directory backend.
+//!
+//! Each returns the process exit code (SPEC section 6) or an error that
+//! `main` prints on one line and turns into exit code 1. Output goes to the
+//! writer given, so tests and the binary share the same path.
+
+use std::io::Write;
+
+use thiserror::Error;
+use tracing::{info, warn};
+
+use crate::cli::{CheckConfig, CliError, Config, DirectoryChoice};
+use crate::directory::ldif_file::LdifFileDirectory;
+use crate::directory::{DirError, Directory};
+use crate::index::Index;
+use crate::output::{NotApplied, Report};
+use crate::plan::{guard, plan, GroupChange, Plan, Scope};
+use crate::reconcile::apply_plan;
+use crate::tree::scan::{scan, ScanError};
+
+/// Exit code: success (and `plan --exit-code` with no changes, `check` yes).
+pub const EXIT_OK: u8 = 0;
+/// Exit code: an error, or something not applied.
+pub const EXIT_ERROR: u8 = 1;
+/// Exit code of `plan --exit-code` when there are changes.
+pub const EXIT_CHANGES: u8 = 2;
+/// Exit code of `check` when the host is not a member.
+pub const EXIT_NOT_MEMBER: u8 = 3;
+
+/// Why a command could not do its work.
+#[derive(Debug, Error)]
+pub enum CommandError {
+    /// A configuration problem.
+    #[error(transparent)]
+    Config(#[from] CliError),
+    /// The tree cannot be trusted; nothing was written.
+    #[error("placement tree: {0}; nothing was written")]
+    Tree(#[from] ScanError),
+    /// The directory failed.
+    #[error("directory: {0}")]
+    Directory(#[from] DirError),
+    /// The output could not be written.
+    #[error("writing the output: {0}")]
+    Output(#[from] std::io::Error),
+    /// Something the operator must fix, described in full.
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The tree read and indexed, with the warnings logged.
+pub fn load_index(config: &Config) -> Result<Index, CommandError> {
+    let root = config.require_fs_root()?;
+    let snapshot = scan(root)?;
+    for warning in &snapshot.warnings {
+        warn!("{warning}");
+    }
+    let mut index = Index::new(config.partition.clone());
+    for event in snapshot.events() {
+        if let Some(warning) = index.apply(&event).warning {
+            warn!("{warning}");
+        }
+    }
+    let stats = index.stats();
+    info!(
+        servers_in_scope = stats.servers_in_scope,
+        placements = stats.placements,
+        proids = stats.proids,
+        "placement tree read"
+    );
+    Ok(index)
+}
+
+/// Opens the configured directory; `dcs` are the servers' domain controllers
+/// (used when no `--ldap-url` is given).
+pub async fn open_directory(
+    config: &Config,
+    dcs: &[String],
+) -> Result<Box<dyn Directory>, CommandError> {
+    match &config.directory {
+        DirectoryChoice::LdifFile(path) => Ok(Box::new(LdifFileDirectory::open(path)?)),
+        DirectoryChoice::Ldap(_) => {
+            let _ = dcs;
+            Err(CommandError::Other("LDAP backend: pending".into()))
+        }
+    }
+}
+
+struct Prepared {
+    directory: Box<dyn Directory>,
+    plan: Plan,
+    refused: Option<String>,
+}
+
+async fn prepare(config: &Config) -> Result<Prepared, CommandError> {
+    let ou = config.require_group_ou()?.clone();
+    let index = load_index(config)?;
+    let directory = open_directory(config, &index.dcs()).await?;
+    let groups = directory.search_groups(&ou).await?;
+    let plan = plan(&index, &groups, &config.pattern, Scope::All);
+    for missing in &plan.missing_groups {
+        warn!(
+            proid = %missing.proid,
+            group = %config.pattern.render(&missing.proid),
+            hosts = missing.desired.len(),
+            "proid has placements but no group"
+        );
+    }
+    let refused = guard(&plan, &config.guard);
+    if let Some(reason) = &refused {
+        warn!("mass-deletion guard: {reason}");
+    }
+    Ok(Prepared {
+        directory,
+        plan,
+        refused,
+    })
+}
+
+/// The report of a plan as it would be applied: refused deletions set apart.
+fn planned_report(verb: &'static str, plan: Plan, refused: Option<String>) -> Report {
+    match refused {
+        None => Report {
+            verb,
+            plan,
+            ..Report::default()
+        },
+        Some(reason) => Report {
+            verb,
+            refused_changes: refused_changes(&plan),
+            plan: plan.without_deletions(),
+            refused: Some(reason),
+            ..Report::default()
+        },
+    }
+}
+
+fn refused_changes(plan: &Plan) -> Vec<GroupChange> {
+    plan.changes
+        .iter()
+        .filter(|c| !c.delete.is_empty())
+        .map(|c| GroupChange {
+            add: Default::default(),
+            ..c.clone()
+        })
+        .collect()
+}
+
+/// `plan`: print the changes; with `exit_code`, exit 2 when there are any.
+pub async fn plan_command(
+    config: &Config,
+    exit_code: bool,
+    out: &mut dyn Write,
+) -> Result<u8, CommandError> {
+    let prepared = prepare(config).await?;
+    let changed = !prepared.plan.changes.is_empty();
+    let report = planned_report("plan", prepared.plan, prepared.refused);
+    out.write_all(report.render(config.format).as_bytes())?;
+    Ok(if exit_code && changed {
+        EXIT_CHANGES
+    } else {
+        EXIT_OK
+    })
+}
+
+/// `sync`: apply the plan (or with `dry_run` only print it) and print what
+/// was applied. Exit 1 when anything planned was not applied.
+pub async fn sync_command(
+    config: &Config,
+    dry_run: bool,
+    out: &mut dyn Write,
+) -> Result<u8, CommandError> {
+    let prepared = prepare(config).await?;
+    let refused = prepared.refused.is_some();
+    if dry_run {
+        let report = planned_report("sync --dry-run", prepared.plan, prepared.refused);
+        out.write_all(report.render(config.format).as_bytes())?;
+        return Ok(if refused { EXIT_ERROR } else { EXIT_OK });
+    }
+    let planned = planned_report("sync", prepared.plan, prepared.refused);
+    let results = apply_plan(prepared.directory.as_ref(), &planned.plan, &config.apply).await;
+    let mut applied = Plan {
+        changes: Vec::new(),
+        ..planned.plan.clone()
+    };
+    let mut not_applied = Vec::new();
+    for result in results {
+        if !result.applied.add.is_empty() || !result.applied.delete.is_empty() {
+            applied.changes.push(result.applied);
+        }
+        if let Some((change, err)) = result.failed {
+            not_applied.push(NotApplied {
+                change,
+                error: err.to_string(),
+            });
+        }
+    }
+    let report = Report {
+        plan: applied,
+        not_applied,
+        ..planned
+    };
+    info!(
+        groups = report.plan.changes.len(),
+        adds = report.plan.adds(),
+        deletes = report.plan.deletes(),
+        not_applied = report.not_applied.len(),
+        "sync finished"
+    );
+    out.write_all(report.render(config.format).as_bytes())?;
+    Ok(if refused || !report.not_applied.is_empty() {
+        EXIT_ERROR
+    } else {
+        EXIT_OK
+    })
+}
+
+/// `check`: exit 0 when the host DN is a member of the proid's group, 3 when not.
+pub async fn check_command(check: &CheckConfig, out: &mut dyn Write) -> Result<u8, CommandError> {
+    let config = &check.config;
+    let ou = config.require_group_ou()?;
+    let dcs = match (&config.directory, &config.fs_root) {
+        (DirectoryChoice::Ldap(choice), Some(_)) if choice.urls.is_empty() => {
+            load_index(config)?.dcs()
+        }
+        _ => Vec::new(),
+    };
+    let directory = open_directory(config, &dcs).await?;
+    let name = config.pattern.render(&check.proid);
+    let Some(group) = directory.find_group(ou, &name).await? else {
+        return Err(CommandError::Other(format!(
+            "no group with sAMAccountName {name:?} under {ou}"
+        )));
+    };
+    if group.members.contains(&check.host_dn) {
+        writeln!(out, "{} is a member of {}", check.host_dn, group.dn)?;
+        Ok(EXIT_OK)
+    } else {
+        writeln!(out, "{} is not a member of {}", check.host_dn, group.dn)?;
+        Ok(EXIT_NOT_MEMBER)
+    }
+}

@@ -1,1 +1,85 @@
-fn main() {}
+//! The `gmsa-reconciler` binary: parse the command line, set up logging,
+//! run the command, and turn its result into an exit code. Errors are
+//! printed on one line, without a backtrace.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use gmsa_reconciler::cli::{
+    self, CheckConfig, Cli, CliError, Command, Config, LogFormat, LogSettings, RunConfig,
+};
+use gmsa_reconciler::commands::{self, EXIT_ERROR};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = match cli::parse(std::env::args_os()) {
+        Ok(cli) => cli,
+        Err(CliError::Usage(err)) => {
+            // Help and version are not errors; usage errors exit 1, not
+            // clap's 2, which `plan --exit-code` uses for "changes".
+            let code = if err.use_stderr() { EXIT_ERROR } else { 0 };
+            let _ = err.print();
+            return ExitCode::from(code);
+        }
+        Err(err) => return fail(&anyhow::Error::new(err)),
+    };
+    match run(cli) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => fail(&err),
+    }
+}
+
+fn fail(err: &anyhow::Error) -> ExitCode {
+    let _ = writeln!(std::io::stderr(), "gmsa-reconciler: error: {err:#}");
+    ExitCode::from(EXIT_ERROR)
+}
+
+fn run(cli: Cli) -> anyhow::Result<u8> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let mut stdout = std::io::stdout().lock();
+    let code = match cli.command {
+        Command::Plan(args) => {
+            let config = Config::from_args(&args.common, Some(&args.write))?;
+            init_logging(config.log, false);
+            runtime.block_on(commands::plan_command(&config, args.exit_code, &mut stdout))?
+        }
+        Command::Sync(args) => {
+            let config = Config::from_args(&args.common, Some(&args.write))?;
+            init_logging(config.log, false);
+            runtime.block_on(commands::sync_command(&config, args.dry_run, &mut stdout))?
+        }
+        Command::Check(args) => {
+            let check = CheckConfig::from_args(&args)?;
+            init_logging(check.config.log, false);
+            runtime.block_on(commands::check_command(&check, &mut stdout))?
+        }
+        Command::Run(args) => {
+            let run = RunConfig::from_args(&args)?;
+            init_logging(run.config.log, true);
+            runtime.block_on(gmsa_reconciler::daemon::run_until_signalled(run))?
+        }
+    };
+    stdout.flush().context("writing the output")?;
+    Ok(code)
+}
+
+/// Logs go to standard error: warnings by default for one-shot commands,
+/// information for the daemon; `-v`/`-q` move one level each; `RUST_LOG`
+/// overrides everything.
+fn init_logging(log: LogSettings, daemon: bool) {
+    const LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
+    let base: i8 = if daemon { 2 } else { 1 };
+    let level = LEVELS[(base + log.verbosity).clamp(0, 4) as usize];
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}

@@ -1,1 +1,338 @@
-//! stub
+//! What `plan` and `sync` print: LDIF change records an operator can feed to
+//! `ldapmodify`, or one JSON object for programs.
+//!
+//! Both renderings come from one [`Report`], so they always agree. Records
+//! are sorted by normalised group DN, `add` comes before `delete` within a
+//! record and values are sorted; everything that is not a change (missing
+//! groups, refused deletions, failures) is a `#` comment in LDIF.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use crate::ldif::write_value;
+use crate::model::Dn;
+use crate::plan::{GroupChange, MissingGroup, Plan};
+
+/// Output format of `plan` and `sync`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Format {
+    /// RFC 2849 change records.
+    #[default]
+    Ldif,
+    /// One JSON object.
+    Json,
+}
+
+/// A change that was planned but not (or not fully) applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotApplied {
+    /// The part of the change that was not applied.
+    pub change: GroupChange,
+    /// Why.
+    pub error: String,
+}
+
+/// Everything one run of `plan` or `sync` has to say.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    /// `plan` or `sync`, for the summary line.
+    pub verb: &'static str,
+    /// The plan, or for `sync` what was applied.
+    pub plan: Plan,
+    /// Why deletions were refused by the guard, if they were.
+    pub refused: Option<String>,
+    /// The deletions the guard held back.
+    pub refused_changes: Vec<GroupChange>,
+    /// Changes that failed (`sync` only).
+    pub not_applied: Vec<NotApplied>,
+}
+
+impl Report {
+    /// Renders the report in the given format.
+    pub fn render(&self, format: Format) -> String {
+        match format {
+            Format::Ldif => self.ldif(),
+            Format::Json => self.json(),
+        }
+    }
+
+    fn summary(&self) -> String {
+        let p = &self.plan;
+        let mut line = format!(
+            "# gmsa-reconciler {}: {} {}, {} {}, {} {}",
+            self.verb,
+            p.changes.len(),
+            plural(p.changes.len(), "group", "groups"),
+            p.adds(),
+            plural(p.adds(), "addition", "additions"),
+            p.deletes(),
+            plural(p.deletes(), "deletion", "deletions"),
+        );
+        if !p.missing_groups.is_empty() {
+            line += &format!(", {} missing", p.missing_groups.len());
+            line += plural(p.missing_groups.len(), " group", " groups");
+        }
+        if self.refused.is_some() {
+            let held: usize = self.refused_changes.iter().map(|c| c.delete.len()).sum();
+            line += &format!(", {held} refused");
+        }
+        if !self.not_applied.is_empty() {
+            line += &format!(", {} not applied", self.not_applied.len());
+        }
+        line
+    }
+
+    fn ldif(&self) -> String {
+        let mut out = self.summary();
+        out.push('\n');
+        for change in &self.plan.changes {
+            out.push('\n');
+            change_record(&mut out, change, "");
+        }
+        for missing in &self.plan.missing_groups {
+            out.push('\n');
+            out += &format!(
+                "# missing group: proid {} has placements on {} {} but no group\n",
+                missing.proid,
+                missing.desired.len(),
+                plural(missing.desired.len(), "host", "hosts"),
+            );
+            for dn in &missing.desired {
+                out += &format!("#   {dn}\n");
+            }
+        }
+        if let Some(reason) = &self.refused {
+            out.push('\n');
+            out += &format!("# refused by the mass-deletion guard: {reason}\n");
+            out += "# these deletions were not applied:\n";
+            for change in &self.refused_changes {
+                change_record(&mut out, change, "# ");
+            }
+        }
+        for failed in &self.not_applied {
+            out.push('\n');
+            out += &format!("# not applied: {}\n", one_line(&failed.error));
+            change_record(&mut out, &failed.change, "# ");
+        }
+        out
+    }
+
+    fn json(&self) -> String {
+        let json = JsonReport {
+            changes: self.plan.changes.iter().map(JsonChange::from).collect(),
+            missing_groups: self
+                .plan
+                .missing_groups
+                .iter()
+                .map(JsonMissing::from)
+                .collect(),
+            refused: self.refused.clone(),
+            refused_deletes: self.refused_changes.iter().map(JsonChange::from).collect(),
+            not_applied: self
+                .not_applied
+                .iter()
+                .map(|n| JsonNotApplied {
+                    change: JsonChange::from(&n.change),
+                    error: n.error.clone(),
+                })
+                .collect(),
+            summary: JsonSummary {
+                groups: self.plan.changes.len(),
+                adds: self.plan.adds(),
+                deletes: self.plan.deletes(),
+            },
+        };
+        match serde_json::to_string_pretty(&json) {
+            Ok(mut text) => {
+                text.push('\n');
+                text
+            }
+            Err(err) => panic!("BUG: a report of strings and numbers always serialises: {err}"),
+        }
+    }
+}
+
+fn plural(n: usize, one: &'static str, many: &'static str) -> &'static str {
+    if n == 1 {
+        one
+    } else {
+        many
+    }
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Appends one change record, every line prefixed (`"# "` comments it out).
+fn change_record(out: &mut String, change: &GroupChange, prefix: &str) {
+    let mut record = String::new();
+    write_value(&mut record, "dn", change.group_dn.as_str());
+    record += "changetype: modify\n";
+    for (op, values) in [("add", &change.add), ("delete", &change.delete)] {
+        if values.is_empty() {
+            continue;
+        }
+        record += &format!("{op}: member\n");
+        for value in values {
+            write_value(&mut record, "member", value.as_str());
+        }
+        record += "-\n";
+    }
+    for line in record.lines() {
+        out.push_str(prefix);
+        out.push_str(line);
+        out.push('\n');
+    }
+}
+
+#[derive(Serialize)]
+struct JsonReport {
+    changes: Vec<JsonChange>,
+    missing_groups: Vec<JsonMissing>,
+    refused: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    refused_deletes: Vec<JsonChange>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    not_applied: Vec<JsonNotApplied>,
+    summary: JsonSummary,
+}
+
+#[derive(Serialize)]
+struct JsonChange {
+    group_dn: String,
+    proid: String,
+    add: Vec<String>,
+    delete: Vec<String>,
+}
+
+fn strings(set: &BTreeSet<Dn>) -> Vec<String> {
+    set.iter().map(|d| d.as_str().to_owned()).collect()
+}
+
+impl From<&GroupChange> for JsonChange {
+    fn from(c: &GroupChange) -> Self {
+        JsonChange {
+            group_dn: c.group_dn.as_str().to_owned(),
+            proid: c.proid.to_string(),
+            add: strings(&c.add),
+            delete: strings(&c.delete),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct JsonMissing {
+    proid: String,
+    desired: Vec<String>,
+}
+
+impl From<&MissingGroup> for JsonMissing {
+    fn from(m: &MissingGroup) -> Self {
+        JsonMissing {
+            proid: m.proid.to_string(),
+            desired: strings(&m.desired),
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct JsonNotApplied {
+    #[serde(flatten)]
+    change: JsonChange,
+    error: String,
+}
+
+#[derive(Serialize)]
+struct JsonSummary {
+    groups: usize,
+    adds: usize,
+    deletes: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Proid;
+
+    fn dn(s: &str) -> Dn {
+        Dn::parse(s).expect("dn")
+    }
+
+    fn report() -> Report {
+        Report {
+            verb: "plan",
+            plan: Plan {
+                changes: vec![GroupChange {
+                    group_dn: dn("CN=web-gmsa-hosts,OU=Groups,DC=ad"),
+                    proid: Proid::new("web").expect("proid"),
+                    add: [dn("CN=h2,DC=ad"), dn("CN=h1,DC=ad")].into(),
+                    delete: [dn("CN=old,DC=ad")].into(),
+                }],
+                missing_groups: vec![MissingGroup {
+                    proid: Proid::new("db").expect("proid"),
+                    desired: [dn("CN=h1,DC=ad")].into(),
+                }],
+                groups_compared: 1,
+                managed_members: 1,
+            },
+            ..Report::default()
+        }
+    }
+
+    #[test]
+    fn ldif_rendering() {
+        let text = report().render(Format::Ldif);
+        let want = "\
+# gmsa-reconciler plan: 1 group, 2 additions, 1 deletion, 1 missing group
+
+dn: CN=web-gmsa-hosts,OU=Groups,DC=ad
+changetype: modify
+add: member
+member: CN=h1,DC=ad
+member: CN=h2,DC=ad
+-
+delete: member
+member: CN=old,DC=ad
+-
+
+# missing group: proid db has placements on 1 host but no group
+#   CN=h1,DC=ad
+";
+        assert_eq!(text, want);
+    }
+
+    #[test]
+    fn json_rendering_has_the_specified_shape() {
+        let text = report().render(Format::Json);
+        let v: serde_json::Value = serde_json::from_str(&text).expect("json");
+        assert_eq!(
+            v["changes"][0]["group_dn"],
+            "CN=web-gmsa-hosts,OU=Groups,DC=ad"
+        );
+        assert_eq!(v["changes"][0]["proid"], "web");
+        assert_eq!(v["changes"][0]["add"][0], "CN=h1,DC=ad");
+        assert_eq!(v["changes"][0]["delete"][0], "CN=old,DC=ad");
+        assert_eq!(v["missing_groups"][0]["proid"], "db");
+        assert!(v["refused"].is_null());
+        assert_eq!(v["summary"]["groups"], 1);
+        assert_eq!(v["summary"]["adds"], 2);
+        assert_eq!(v["summary"]["deletes"], 1);
+    }
+
+    #[test]
+    fn refused_deletions_are_comments() {
+        let mut r = report();
+        r.refused = Some("too many".into());
+        r.refused_changes = r.plan.changes.clone();
+        r.plan = r.plan.without_deletions();
+        let text = r.render(Format::Ldif);
+        assert!(text.contains("# refused by the mass-deletion guard: too many\n"));
+        assert!(text.contains("# delete: member\n# member: CN=old,DC=ad\n"));
+        assert!(!text.contains("\ndelete: member"), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&r.render(Format::Json)).expect("json");
+        assert_eq!(v["refused"], "too many");
+        assert_eq!(v["refused_deletes"][0]["delete"][0], "CN=old,DC=ad");
+    }
+}

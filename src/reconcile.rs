@@ -1,1 +1,483 @@
-//! stub
+//! Applies a plan through a [`Directory`]: one Modify per changed group,
+//! result codes read for what they mean, transient failures retried with
+//! backoff, and an honest account of what was and was not applied.
+//!
+//! The ladder for one request (SPEC section 4): send it; a transient failure
+//! (busy, unavailable, other, no answer) is retried with exponential backoff
+//! and jitter; any other failure re-reads the group and re-plans the request
+//! against what is really there (a vanished group is dropped with a
+//! warning); if the re-planned request fails too, values are sent one by
+//! one, where "already there" and "already gone" answers count as success.
+//! A value is only reported as applied when the directory said so or a
+//! re-read shows it in the desired state.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use futures::stream::{self, StreamExt};
+use tracing::{debug, info_span, warn, Instrument};
+
+use crate::directory::{rc, Capabilities, DirError, Directory, MemberChange};
+use crate::model::Dn;
+use crate::plan::{GroupChange, Plan};
+
+/// Exponential backoff with full jitter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backoff {
+    /// Tries per request, the first included.
+    pub attempts: u32,
+    /// Upper bound of the first delay.
+    pub initial: Duration,
+    /// Upper bound of any delay.
+    pub max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff {
+            attempts: 5,
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(10),
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before retry number `retry` (0-based): uniform in
+    /// `[0, min(max, initial * 2^retry)]`, so that many clients do not retry
+    /// in step.
+    pub fn delay(&self, retry: u32) -> Duration {
+        let ceiling = self
+            .initial
+            .saturating_mul(1u32.checked_shl(retry.min(20)).unwrap_or(u32::MAX))
+            .min(self.max);
+        ceiling.mul_f64(fastrand::f64())
+    }
+}
+
+/// How plans are applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApplyOptions {
+    /// Values per Modify request at most; larger changes are split.
+    pub max_values_per_modify: usize,
+    /// Retries of transient failures.
+    pub backoff: Backoff,
+    /// Groups written at the same time (each group is only ever written by
+    /// one request at a time).
+    pub concurrency: usize,
+}
+
+impl Default for ApplyOptions {
+    fn default() -> Self {
+        ApplyOptions {
+            max_values_per_modify: 1000,
+            backoff: Backoff::default(),
+            concurrency: 8,
+        }
+    }
+}
+
+/// What happened to one group's change.
+#[derive(Debug, Clone)]
+pub struct GroupResult {
+    /// The change as planned.
+    pub planned: GroupChange,
+    /// The values now in the desired state: applied, or found already so.
+    pub applied: GroupChange,
+    /// What is still to do and the last error, if anything failed.
+    pub failed: Option<(GroupChange, DirError)>,
+    /// The group no longer exists; nothing more to do for it.
+    pub vanished: bool,
+    /// Modify requests sent.
+    pub requests: usize,
+    /// Retries after transient failures.
+    pub retries: usize,
+}
+
+impl GroupResult {
+    fn new(planned: &GroupChange) -> Self {
+        GroupResult {
+            planned: planned.clone(),
+            applied: GroupChange {
+                add: BTreeSet::new(),
+                delete: BTreeSet::new(),
+                ..planned.clone()
+            },
+            failed: None,
+            vanished: false,
+            requests: 0,
+            retries: 0,
+        }
+    }
+
+    /// True when everything planned is now in the desired state (a vanished
+    /// group counts as done: there is nothing left to write).
+    pub fn is_complete(&self) -> bool {
+        self.failed.is_none()
+    }
+
+    fn done(&mut self, change: &MemberChange) {
+        self.applied.add.extend(change.add.iter().cloned());
+        self.applied.delete.extend(change.delete.iter().cloned());
+    }
+
+    fn fail(&mut self, change: &MemberChange, err: DirError) {
+        let (mut add, mut delete) = match self.failed.take() {
+            Some((c, _)) => (c.add, c.delete),
+            None => (BTreeSet::new(), BTreeSet::new()),
+        };
+        add.extend(change.add.iter().cloned());
+        delete.extend(change.delete.iter().cloned());
+        let change = GroupChange {
+            add,
+            delete,
+            ..self.planned.clone()
+        };
+        self.failed = Some((change, err));
+    }
+}
+
+/// Splits a change into requests of at most `max` values, additions first.
+pub fn chunks(change: &GroupChange, max: usize) -> Vec<MemberChange> {
+    let max = max.max(1);
+    let mut out: Vec<MemberChange> = Vec::new();
+    let mut current = MemberChange::default();
+    let values = change
+        .add
+        .iter()
+        .map(|d| (true, d))
+        .chain(change.delete.iter().map(|d| (false, d)));
+    for (is_add, dn) in values {
+        if current.add.len() + current.delete.len() == max {
+            out.push(std::mem::take(&mut current));
+        }
+        if is_add {
+            current.add.push(dn.clone());
+        } else {
+            current.delete.push(dn.clone());
+        }
+    }
+    if !current.is_empty() {
+        out.push(current);
+    }
+    out
+}
+
+/// Applies every change of a plan, `concurrency` groups at a time, then
+/// commits. Results come back in plan order.
+pub async fn apply_plan(
+    dir: &dyn Directory,
+    plan: &Plan,
+    options: &ApplyOptions,
+) -> Vec<GroupResult> {
+    let caps = match dir.capabilities().await {
+        Ok(caps) => caps,
+        Err(err) => {
+            warn!(error = %err, "cannot read the directory's capabilities; assuming none");
+            Capabilities::default()
+        }
+    };
+    let mut results: Vec<GroupResult> = stream::iter(plan.changes.iter())
+        .map(|change| apply_group(dir, caps, change, options))
+        .buffered(options.concurrency.max(1))
+        .collect()
+        .await;
+    if let Err(err) = dir.commit().await {
+        warn!(error = %err, "saving the directory failed; nothing was applied");
+        for result in &mut results {
+            let applied = std::mem::replace(
+                &mut result.applied,
+                GroupChange {
+                    add: BTreeSet::new(),
+                    delete: BTreeSet::new(),
+                    ..result.planned.clone()
+                },
+            );
+            let all = MemberChange {
+                add: applied.add.into_iter().collect(),
+                delete: applied.delete.into_iter().collect(),
+            };
+            result.fail(&all, err.clone());
+        }
+    }
+    results
+}
+
+/// Applies one group's change (see the module documentation for the ladder).
+pub async fn apply_group(
+    dir: &dyn Directory,
+    caps: Capabilities,
+    change: &GroupChange,
+    options: &ApplyOptions,
+) -> GroupResult {
+    let span = info_span!(
+        "reconcile",
+        proid = %change.proid,
+        group = %change.group_dn,
+        adds = change.add.len(),
+        deletes = change.delete.len(),
+    );
+    async {
+        let mut result = GroupResult::new(change);
+        let requests = chunks(change, options.max_values_per_modify);
+        for (i, request) in requests.iter().enumerate() {
+            if let Err(err) =
+                apply_request(dir, caps, &change.group_dn, request, options, &mut result).await
+            {
+                // Whatever is left is not applied: stop at the first request
+                // that could not be completed, so the next attempt starts clean.
+                for rest in &requests[i + 1..] {
+                    result.fail(rest, err.clone());
+                }
+                break;
+            }
+            if result.vanished {
+                break;
+            }
+        }
+        match &result.failed {
+            None if result.vanished => {}
+            None => debug!("applied"),
+            Some((left, err)) => warn!(
+                error = %err,
+                not_added = left.add.len(),
+                not_deleted = left.delete.len(),
+                "not fully applied"
+            ),
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+/// Sends one request through the ladder. `Err` means the request is not
+/// complete and has been recorded as failed in `result`.
+async fn apply_request(
+    dir: &dyn Directory,
+    caps: Capabilities,
+    group: &Dn,
+    request: &MemberChange,
+    options: &ApplyOptions,
+    result: &mut GroupResult,
+) -> Result<(), DirError> {
+    let first = send(dir, group, request, options, result).await;
+    let err = match first {
+        Ok(()) => {
+            result.done(request);
+            return Ok(());
+        }
+        Err(err) if err.is_transient() => {
+            result.fail(request, err.clone());
+            return Err(err);
+        }
+        Err(err) => err,
+    };
+    if caps.permissive_modify {
+        warn!(error = %err, "modify failed despite the permissive-modify control; re-reading the group");
+    }
+    // Re-read and re-plan: the group may have vanished, or part of the
+    // request may already be in place (a server without permissive modify
+    // refuses the whole request for one present value).
+    let Some(current) = read_group(dir, group, options, result, request).await? else {
+        vanished(group, result);
+        return Ok(());
+    };
+    let (already, remaining) = replan(request, &current.members);
+    result.done(&already);
+    if remaining.is_empty() {
+        return Ok(());
+    }
+    match send(dir, group, &remaining, options, result).await {
+        Ok(()) => {
+            result.done(&remaining);
+            Ok(())
+        }
+        Err(err) if err.is_transient() => {
+            result.fail(&remaining, err.clone());
+            Err(err)
+        }
+        Err(_) => value_by_value(dir, group, &remaining, options, result).await,
+    }
+}
+
+/// Splits a request into the part already in the desired state and the rest.
+fn replan(request: &MemberChange, members: &BTreeSet<Dn>) -> (MemberChange, MemberChange) {
+    let (present, add): (Vec<Dn>, Vec<Dn>) = request
+        .add
+        .iter()
+        .cloned()
+        .partition(|d| members.contains(d));
+    let (delete, absent): (Vec<Dn>, Vec<Dn>) = request
+        .delete
+        .iter()
+        .cloned()
+        .partition(|d| members.contains(d));
+    (
+        MemberChange {
+            add: present,
+            delete: absent,
+        },
+        MemberChange { add, delete },
+    )
+}
+
+/// The last resort: one value per request.
+async fn value_by_value(
+    dir: &dyn Directory,
+    group: &Dn,
+    request: &MemberChange,
+    options: &ApplyOptions,
+    result: &mut GroupResult,
+) -> Result<(), DirError> {
+    let singles = request
+        .add
+        .iter()
+        .map(|d| MemberChange {
+            add: vec![d.clone()],
+            delete: vec![],
+        })
+        .chain(request.delete.iter().map(|d| MemberChange {
+            add: vec![],
+            delete: vec![d.clone()],
+        }));
+    let mut failed = MemberChange::default();
+    let mut last_err = None;
+    for single in singles {
+        match send(dir, group, &single, options, result).await {
+            Ok(()) => result.done(&single),
+            Err(err) if already_done(&single, &err) => result.done(&single),
+            Err(err) => {
+                failed.add.extend(single.add);
+                failed.delete.extend(single.delete);
+                last_err = Some(err);
+            }
+        }
+    }
+    let Some(err) = last_err else {
+        return Ok(());
+    };
+    // Some answers are ambiguous (AD's 53 on delete, 32 for a member whose
+    // object does not exist): believe only what the group now holds.
+    let Some(current) = read_group(dir, group, options, result, &failed).await? else {
+        vanished(group, result);
+        return Ok(());
+    };
+    let (already, remaining) = replan(&failed, &current.members);
+    result.done(&already);
+    if remaining.is_empty() {
+        Ok(())
+    } else {
+        result.fail(&remaining, err.clone());
+        Err(err)
+    }
+}
+
+/// Result codes that say a single value is already in the desired state.
+fn already_done(single: &MemberChange, err: &DirError) -> bool {
+    match err.code() {
+        Some(rc::ATTRIBUTE_OR_VALUE_EXISTS | rc::ENTRY_ALREADY_EXISTS) => !single.add.is_empty(),
+        Some(rc::NO_SUCH_ATTRIBUTE) => !single.delete.is_empty(),
+        _ => false,
+    }
+}
+
+fn vanished(group: &Dn, result: &mut GroupResult) {
+    warn!(group = %group, "the group no longer exists; dropping its changes");
+    result.vanished = true;
+}
+
+/// Sends one Modify, retrying transient failures.
+async fn send(
+    dir: &dyn Directory,
+    group: &Dn,
+    request: &MemberChange,
+    options: &ApplyOptions,
+    result: &mut GroupResult,
+) -> Result<(), DirError> {
+    let mut retry = 0;
+    loop {
+        result.requests += 1;
+        match dir.modify_members(group, request).await {
+            Err(err) if err.is_transient() && retry + 1 < options.backoff.attempts => {
+                warn!(error = %err, retry, "transient failure; retrying");
+                tokio::time::sleep(options.backoff.delay(retry)).await;
+                retry += 1;
+                result.retries += 1;
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Reads a group, retrying transient failures; a failure marks `pending` as
+/// not applied.
+async fn read_group(
+    dir: &dyn Directory,
+    group: &Dn,
+    options: &ApplyOptions,
+    result: &mut GroupResult,
+    pending: &MemberChange,
+) -> Result<Option<crate::directory::Group>, DirError> {
+    let mut retry = 0;
+    loop {
+        match dir.read_group(group).await {
+            Err(err) if err.is_transient() && retry + 1 < options.backoff.attempts => {
+                tokio::time::sleep(options.backoff.delay(retry)).await;
+                retry += 1;
+                result.retries += 1;
+            }
+            Err(err) => {
+                result.fail(pending, err.clone());
+                return Err(err);
+            }
+            Ok(group) => return Ok(group),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Proid;
+
+    fn dn(s: &str) -> Dn {
+        Dn::parse(s).expect("dn")
+    }
+
+    fn change(adds: usize, deletes: usize) -> GroupChange {
+        GroupChange {
+            group_dn: dn("CN=g,DC=x"),
+            proid: Proid::new("g").expect("proid"),
+            add: (0..adds).map(|i| dn(&format!("CN=a{i:04},DC=x"))).collect(),
+            delete: (0..deletes)
+                .map(|i| dn(&format!("CN=d{i:04},DC=x")))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn chunking_fills_requests_in_order() {
+        assert_eq!(chunks(&change(0, 0), 1000), vec![]);
+        let one = chunks(&change(3, 2), 1000);
+        assert_eq!(one.len(), 1);
+        assert_eq!((one[0].add.len(), one[0].delete.len()), (3, 2));
+        let many = chunks(&change(1500, 700), 1000);
+        let sizes: Vec<(usize, usize)> =
+            many.iter().map(|c| (c.add.len(), c.delete.len())).collect();
+        assert_eq!(sizes, [(1000, 0), (500, 500), (0, 200)]);
+    }
+
+    #[test]
+    fn backoff_stays_within_its_ceiling() {
+        let b = Backoff {
+            attempts: 10,
+            initial: Duration::from_millis(100),
+            max: Duration::from_secs(1),
+        };
+        for retry in 0..40 {
+            let ceiling = Duration::from_millis(100 * 2u64.pow(retry.min(10))).min(b.max);
+            assert!(b.delay(retry) <= ceiling, "retry {retry}");
+        }
+    }
+}
