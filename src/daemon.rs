@@ -1,6 +1,678 @@
-//! stub
-#![allow(missing_docs)]
+//! The `run` event loop: wait for the tree, sync everything once, then
+//! follow the tree and keep the groups right.
+//!
+//! One task owns all state (the tree as last seen, the index, the cached
+//! groups, what is dirty). Tree changes only update the index and mark
+//! proids dirty; after the batch window the dirty proids are planned from
+//! the index and the cached groups and applied, one Modify per group. Only
+//! one batch is in flight at a time, so a group is never written by two
+//! reconciles at once, and while a batch waits on the directory the loop
+//! keeps taking tree changes. Failed groups are retried with backoff and
+//! re-read first; a periodic full resync re-reads every group and repairs
+//! whatever was edited by hand or missed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use thiserror::Error;
+use tokio::sync::mpsc;
+use tokio::time::{sleep, sleep_until, Instant};
+use tracing::{debug, error, info, warn};
+
 use crate::cli::RunConfig;
-pub async fn run_until_signalled(_c: RunConfig) -> Result<u8, crate::commands::CommandError> {
-    Ok(0)
+use crate::commands::{open_directory, CommandError, EXIT_OK};
+use crate::directory::{DirError, Directory, Group};
+use crate::index::Index;
+use crate::metrics::{self, Metrics, OutcomeLabels};
+use crate::model::{Dn, Proid};
+use crate::output::Report;
+use crate::plan::{guard, plan, GroupChange, Plan, Scope};
+use crate::reconcile::{apply_plan, Backoff, GroupResult};
+use crate::tree::scan::scan;
+use crate::tree::watch::{watch, Change, TreeWatcher};
+use crate::tree::{Snapshot, TreeEvent};
+
+/// How long in-flight writes may take to finish after a shutdown signal.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// How often the wait for `.modified` is logged.
+const READY_LOG_EVERY: Duration = Duration::from_secs(30);
+/// How often the tree is polled while it is not usable.
+const TREE_POLL: Duration = Duration::from_millis(500);
+
+/// Why the daemon stopped with an error.
+#[derive(Debug, Error)]
+pub enum DaemonError {
+    /// A startup problem (configuration, metrics address, watcher).
+    #[error("{0}")]
+    Startup(String),
+}
+
+type Shutdown<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send)>;
+
+/// Runs until SIGINT or SIGTERM; a second signal exits at once.
+pub async fn run_until_signalled(config: RunConfig) -> Result<u8, CommandError> {
+    let (tx, mut rx) = mpsc::channel::<()>(1);
+    tokio::spawn(async move {
+        let mut signals = 0;
+        loop {
+            wait_for_signal().await;
+            signals += 1;
+            if signals == 1 {
+                info!("signal received: shutting down");
+                let _ = tx.send(()).await;
+            } else {
+                warn!("second signal: exiting at once");
+                std::process::exit(1);
+            }
+        }
+    });
+    let shutdown = async move {
+        let _ = rx.recv().await;
+    };
+    run(config, Arc::new(Metrics::new()), shutdown)
+        .await
+        .map_err(|e| CommandError::Other(e.to_string()))?;
+    Ok(EXIT_OK)
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+            (Ok(mut int), Ok(mut term)) => {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            _ => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Runs the daemon until `shutdown` completes; returns `Ok` on a clean stop.
+pub async fn run(
+    config: RunConfig,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), DaemonError> {
+    let mut shutdown = std::pin::pin!(shutdown);
+    let shutdown: Shutdown<'_> = shutdown.as_mut();
+    if let Some(addr) = config.metrics_addr {
+        let listener = metrics::bind(addr)
+            .await
+            .map_err(|e| DaemonError::Startup(format!("--metrics-addr {addr}: {e}")))?;
+        info!(%addr, "serving metrics");
+        tokio::spawn(metrics::serve(listener, metrics.clone()));
+    }
+    let mut daemon = Daemon::new(config, metrics);
+    daemon.main(shutdown).await
+}
+
+/// Where one proid's latency clock started.
+type Dirty = BTreeMap<Proid, Instant>;
+
+struct Daemon {
+    config: RunConfig,
+    metrics: Arc<Metrics>,
+    tree: Snapshot,
+    index: Index,
+    changes: Option<mpsc::UnboundedReceiver<Change>>,
+    watcher: Option<TreeWatcher>,
+    directory: Option<Arc<dyn Directory>>,
+    /// Groups by DN, as last read or written.
+    groups: BTreeMap<Dn, Group>,
+    /// Group DNs by proid key.
+    by_proid: HashMap<String, Vec<Dn>>,
+    dirty: Dirty,
+    batch_due: Option<Instant>,
+    /// Failed proids: when to try again and how many times it failed.
+    retries: BTreeMap<Proid, (Instant, u32)>,
+    /// Groups to re-read before they are planned again.
+    stale: BTreeSet<Dn>,
+    /// Proids whose deletions the guard holds back, with how many.
+    refused: BTreeMap<Proid, usize>,
+    /// Proid keys reported without a group.
+    missing: BTreeSet<String>,
+    rescan_needed: Option<String>,
+    full_sync_due: Instant,
+    stopping: bool,
+}
+
+impl Daemon {
+    fn new(config: RunConfig, metrics: Arc<Metrics>) -> Daemon {
+        let index = Index::new(config.config.partition.clone());
+        Daemon {
+            config,
+            metrics,
+            tree: Snapshot::default(),
+            index,
+            changes: None,
+            watcher: None,
+            directory: None,
+            groups: BTreeMap::new(),
+            by_proid: HashMap::new(),
+            dirty: Dirty::new(),
+            batch_due: None,
+            retries: BTreeMap::new(),
+            stale: BTreeSet::new(),
+            refused: BTreeMap::new(),
+            missing: BTreeSet::new(),
+            rescan_needed: None,
+            full_sync_due: Instant::now(),
+            stopping: false,
+        }
+    }
+
+    fn root(&self) -> std::path::PathBuf {
+        match &self.config.config.fs_root {
+            Some(root) => root.clone(),
+            None => panic!("BUG: RunConfig is validated to have --fs-root"),
+        }
+    }
+
+    async fn main(&mut self, mut shutdown: Shutdown<'_>) -> Result<(), DaemonError> {
+        if !self.wait_for_tree(&mut shutdown).await {
+            return Ok(());
+        }
+        // Watch before the first scan so that nothing that changes during
+        // the scan is lost; replaying what the scan already saw is harmless.
+        let (watcher, rx) = watch(&self.root()).map_err(|e| DaemonError::Startup(e.to_string()))?;
+        self.watcher = Some(watcher);
+        self.changes = Some(rx);
+        self.rescan_needed = Some("startup".into());
+
+        while !self.stopping {
+            if let Some(why) = self.rescan_needed.take() {
+                if !self.rescan(&why, &mut shutdown).await {
+                    continue;
+                }
+            }
+            if self.directory.is_none() && !self.open_directory(&mut shutdown).await {
+                continue;
+            }
+            if Instant::now() >= self.full_sync_due {
+                self.full_sync(&mut shutdown).await;
+                continue;
+            }
+            self.promote_due_retries();
+            let batch_ready = self.batch_due.is_some_and(|due| due <= Instant::now());
+            if batch_ready {
+                self.batch(&mut shutdown).await;
+                continue;
+            }
+            self.wait(&mut shutdown).await;
+        }
+        info!("stopped");
+        Ok(())
+    }
+
+    /// Waits for `.modified`; false when shut down meanwhile.
+    async fn wait_for_tree(&mut self, shutdown: &mut Shutdown<'_>) -> bool {
+        let marker = self.root().join(".modified");
+        let mut next_log = Instant::now();
+        while !marker.exists() {
+            if Instant::now() >= next_log {
+                info!(path = %marker.display(), "waiting for the placement tree to be ready");
+                next_log = Instant::now() + READY_LOG_EVERY;
+            }
+            self.metrics.set_ready(Err("waiting for the placement tree (.modified)".into()));
+            tokio::select! {
+                _ = &mut *shutdown => return false,
+                _ = sleep(TREE_POLL) => {}
+            }
+        }
+        true
+    }
+
+    /// Waits for the next thing to do: a change, a due batch, retry or
+    /// resync, or shutdown.
+    async fn wait(&mut self, shutdown: &mut Shutdown<'_>) {
+        let next_retry = self.retries.values().map(|(due, _)| *due).min();
+        let mut wake = self.full_sync_due;
+        for t in [self.batch_due, next_retry].into_iter().flatten() {
+            wake = wake.min(t);
+        }
+        let Some(rx) = self.changes.as_mut() else {
+            panic!("BUG: the watcher is set up before the loop waits on it");
+        };
+        tokio::select! {
+            _ = &mut *shutdown => self.stopping = true,
+            change = rx.recv() => match change {
+                Some(change) => self.on_change(change),
+                None => self.rescan_needed = Some("the watcher stopped".into()),
+            },
+            _ = sleep_until(wake) => {}
+        }
+    }
+
+    /// Runs `fut` (directory I/O that borrows nothing of `self`) while
+    /// taking tree changes; on shutdown gives it a grace period, then
+    /// abandons it. `None` when abandoned.
+    async fn drive<F: Future>(&mut self, fut: F, shutdown: &mut Shutdown<'_>) -> Option<F::Output> {
+        let mut fut = std::pin::pin!(fut);
+        loop {
+            let Some(rx) = self.changes.as_mut() else {
+                return Some(fut.await);
+            };
+            tokio::select! {
+                out = &mut fut => return Some(out),
+                change = rx.recv(), if !self.stopping => match change {
+                    Some(change) => self.on_change(change),
+                    None => self.rescan_needed = Some("the watcher stopped".into()),
+                },
+                _ = &mut *shutdown, if !self.stopping => {
+                    info!("shutdown: letting in-flight writes finish");
+                    self.stopping = true;
+                    return match tokio::time::timeout(SHUTDOWN_GRACE, &mut fut).await {
+                        Ok(out) => Some(out),
+                        Err(_) => {
+                            warn!("shutdown: abandoning in-flight writes");
+                            None
+                        }
+                    };
+                }
+            }
+        }
+    }
+
+    fn on_change(&mut self, change: Change) {
+        match change {
+            Change::Rescan(why) => {
+                self.metrics.rescans.inc();
+                self.rescan_needed = Some(why);
+            }
+            Change::Tree(event) => self.on_event(&event, Instant::now()),
+        }
+    }
+
+    fn on_event(&mut self, event: &TreeEvent, at: Instant) {
+        self.tree.apply(event);
+        if let TreeEvent::ServerUpserted { info: Err(why), host } = event {
+            self.metrics.server_file_errors.inc();
+            debug!(%host, why, "server file not usable");
+        }
+        let applied = self.index.apply(event);
+        if let Some(warning) = applied.warning {
+            warn!("{warning}");
+        }
+        for proid in applied.dirty {
+            self.mark_dirty(proid, at);
+        }
+    }
+
+    fn mark_dirty(&mut self, proid: Proid, at: Instant) {
+        self.dirty.entry(proid).or_insert(at);
+        if self.batch_due.is_none() {
+            self.batch_due = Some(Instant::now() + self.config.batch_window);
+        }
+        self.metrics.dirty_groups.set(self.dirty.len() as i64);
+    }
+
+    fn update_gauges(&self) {
+        let stats = self.index.stats();
+        self.metrics.servers_in_scope.set(stats.servers_in_scope as i64);
+        self.metrics.placements.set(stats.placements as i64);
+        self.metrics.proids.set(stats.proids as i64);
+        self.metrics.dirty_groups.set(self.dirty.len() as i64);
+        self.metrics.missing_groups.set(self.missing.len() as i64);
+        self.metrics
+            .refused_deletions_pending
+            .set(self.refused.values().sum::<usize>() as i64);
+    }
+
+    /// Reads the whole tree and applies what differs from what the events
+    /// said. A tree that can't be read stops all writing until it can.
+    async fn rescan(&mut self, why: &str, shutdown: &mut Shutdown<'_>) -> bool {
+        info!(why, "scanning the placement tree");
+        let root = self.root();
+        let mut logged = false;
+        loop {
+            let scanned = tokio::task::spawn_blocking({
+                let root = root.clone();
+                move || scan(&root)
+            })
+            .await;
+            match scanned {
+                Ok(Ok(snapshot)) => {
+                    for warning in &snapshot.warnings {
+                        warn!("{warning}");
+                    }
+                    let now = Instant::now();
+                    for event in self.tree.diff(&snapshot) {
+                        self.on_event(&event, now);
+                    }
+                    self.tree = snapshot;
+                    self.update_gauges();
+                    if logged {
+                        info!("placement tree readable again");
+                    }
+                    // Whatever was missed may also have been missed in the
+                    // directory's view: compare everything.
+                    if why != "startup" {
+                        self.full_sync_due = Instant::now();
+                    }
+                    return true;
+                }
+                Ok(Err(err)) => {
+                    if !logged {
+                        error!(error = %err, "placement tree unusable; not writing until it is");
+                        logged = true;
+                    }
+                    self.metrics.set_ready(Err(format!("placement tree unusable: {err}")));
+                }
+                Err(join) => panic!("BUG: the tree scan panicked: {join}"),
+            }
+            tokio::select! {
+                _ = &mut *shutdown => { self.stopping = true; return false; }
+                _ = sleep(TREE_POLL) => {}
+            }
+        }
+    }
+
+    async fn open_directory(&mut self, shutdown: &mut Shutdown<'_>) -> bool {
+        let dcs = self.index.dcs();
+        match open_directory(&self.config.config, &dcs).await {
+            Ok(dir) => {
+                self.directory = Some(Arc::from(dir));
+                true
+            }
+            Err(err) => {
+                error!(error = %err, "cannot open the directory; retrying");
+                self.metrics.set_ready(Err(format!("directory: {err}")));
+                tokio::select! {
+                    _ = &mut *shutdown => self.stopping = true,
+                    _ = sleep(Backoff::default().max) => {}
+                }
+                false
+            }
+        }
+    }
+
+    fn directory(&self) -> Arc<dyn Directory> {
+        match &self.directory {
+            Some(dir) => dir.clone(),
+            None => panic!("BUG: the directory is opened before any batch"),
+        }
+    }
+
+    /// Re-reads every group and reconciles every proid.
+    async fn full_sync(&mut self, shutdown: &mut Shutdown<'_>) {
+        self.metrics.resyncs.inc();
+        let ou = match self.config.config.require_group_ou() {
+            Ok(ou) => ou.clone(),
+            Err(err) => panic!("BUG: RunConfig is validated to have --group-ou: {err}"),
+        };
+        let dir = self.directory();
+        let search = async move { dir.search_groups(&ou).await };
+        let Some(found) = self.drive(search, shutdown).await else {
+            return;
+        };
+        let groups = match found {
+            Ok(groups) => groups,
+            Err(err) => {
+                warn!(error = %err, "reading the groups failed; retrying");
+                let delay = if err.is_transient() {
+                    Backoff::default().max
+                } else {
+                    self.config.resync_interval.min(Duration::from_secs(60))
+                };
+                self.full_sync_due = Instant::now() + delay;
+                if !self.metrics.is_ready() {
+                    self.metrics.set_ready(Err(format!("reading the groups: {err}")));
+                }
+                return;
+            }
+        };
+        self.replace_groups(groups);
+        self.stale.clear();
+        // Every proid is compared now; what was dirty is covered, but keep
+        // the latency clocks of those that change.
+        let clocks = std::mem::take(&mut self.dirty);
+        self.batch_due = None;
+        self.retries.clear();
+        let all: Vec<Group> = self.groups.values().cloned().collect();
+        let plan = plan(&self.index, &all, &self.config.config.pattern, Scope::All);
+        self.missing = plan.missing_groups.iter().map(|m| m.proid.key()).collect();
+        for m in &plan.missing_groups {
+            warn!(proid = %m.proid, hosts = m.desired.len(), "proid has placements but no group");
+        }
+        self.refused.clear();
+        let complete = self.apply(plan, &clocks, shutdown).await;
+        if complete.is_some() {
+            self.metrics.last_full_sync.set(metrics::unix_now());
+            if !self.metrics.is_ready() {
+                info!("initial sync applied; ready");
+            }
+            self.metrics.set_ready(Ok(()));
+        }
+        self.full_sync_due = Instant::now() + self.config.resync_interval;
+        self.update_gauges();
+    }
+
+    fn replace_groups(&mut self, groups: Vec<Group>) {
+        self.groups.clear();
+        self.by_proid.clear();
+        for group in groups {
+            self.insert_group(group);
+        }
+    }
+
+    fn insert_group(&mut self, group: Group) {
+        if let Some(proid) = self.config.config.pattern.proid_of(&group.sam_account_name) {
+            let dns = self.by_proid.entry(proid.key()).or_default();
+            if !dns.contains(&group.dn) {
+                dns.push(group.dn.clone());
+            }
+        }
+        self.groups.insert(group.dn.clone(), group);
+    }
+
+    fn forget_group(&mut self, dn: &Dn) {
+        if let Some(group) = self.groups.remove(dn) {
+            if let Some(proid) = self.config.config.pattern.proid_of(&group.sam_account_name) {
+                if let Some(dns) = self.by_proid.get_mut(&proid.key()) {
+                    dns.retain(|d| d != dn);
+                }
+            }
+        }
+    }
+
+    fn promote_due_retries(&mut self) {
+        let now = Instant::now();
+        let due: Vec<Proid> = self
+            .retries
+            .iter()
+            .filter(|(_, (at, _))| *at <= now)
+            .map(|(p, _)| p.clone())
+            .collect();
+        for proid in due {
+            // The attempt count stays until the proid succeeds.
+            if let Some((_, attempt)) = self.retries.get_mut(&proid) {
+                *attempt += 0;
+            }
+            self.retries_due_to_dirty(proid, now);
+        }
+    }
+
+    fn retries_due_to_dirty(&mut self, proid: Proid, now: Instant) {
+        if let Some((at, _)) = self.retries.get_mut(&proid) {
+            // Park far ahead until the batch says how it went.
+            *at = now + Duration::from_secs(3600 * 24);
+        }
+        self.mark_dirty(proid, now);
+    }
+
+    /// Reconciles the dirty proids.
+    async fn batch(&mut self, shutdown: &mut Shutdown<'_>) {
+        self.batch_due = None;
+        let clocks = std::mem::take(&mut self.dirty);
+        let proids: BTreeSet<Proid> = clocks.keys().cloned().collect();
+        let keys: BTreeSet<String> = proids.iter().map(Proid::key).collect();
+
+        // Re-read the groups of these proids that failed before.
+        let stale: Vec<Dn> = keys
+            .iter()
+            .flat_map(|k| self.by_proid.get(k).into_iter().flatten())
+            .filter(|dn| self.stale.contains(*dn))
+            .cloned()
+            .collect();
+        if !stale.is_empty() {
+            let dir = self.directory();
+            let reads = async move {
+                let mut out = Vec::new();
+                for dn in stale {
+                    let read = dir.read_group(&dn).await;
+                    out.push((dn, read));
+                }
+                out
+            };
+            let Some(reads) = self.drive(reads, shutdown).await else {
+                return;
+            };
+            for (dn, read) in reads {
+                match read {
+                    Ok(Some(group)) => {
+                        self.stale.remove(&dn);
+                        self.forget_group(&dn);
+                        self.insert_group(group);
+                    }
+                    Ok(None) => {
+                        warn!(group = %dn, "group vanished");
+                        self.stale.remove(&dn);
+                        self.forget_group(&dn);
+                    }
+                    Err(err) => warn!(group = %dn, error = %err, "re-reading the group failed"),
+                }
+            }
+        }
+
+        let groups: Vec<Group> = keys
+            .iter()
+            .flat_map(|k| self.by_proid.get(k).into_iter().flatten())
+            .filter_map(|dn| self.groups.get(dn).cloned())
+            .collect();
+        let plan = plan(&self.index, &groups, &self.config.config.pattern, Scope::Only(&proids));
+        for key in &keys {
+            self.missing.remove(key);
+        }
+        for m in &plan.missing_groups {
+            if self.missing.insert(m.proid.key()) {
+                warn!(proid = %m.proid, hosts = m.desired.len(), "proid has placements but no group");
+            }
+        }
+        for proid in &proids {
+            self.refused.remove(proid);
+        }
+        self.apply(plan, &clocks, shutdown).await;
+        self.update_gauges();
+    }
+
+    /// Applies a plan (deletions held back when the guard refuses them) and
+    /// records the results. `None` when abandoned at shutdown, otherwise
+    /// whether everything was applied.
+    async fn apply(&mut self, plan: Plan, clocks: &Dirty, shutdown: &mut Shutdown<'_>) -> Option<bool> {
+        let mut plan = plan;
+        if let Some(reason) = guard(&plan, &self.config.config.guard) {
+            warn!("mass-deletion guard: {reason}; additions are applied, deletions stay pending");
+            self.metrics.guard_refusals.inc();
+            for change in plan.changes.iter().filter(|c| !c.delete.is_empty()) {
+                self.refused.insert(change.proid.clone(), change.delete.len());
+            }
+            plan = plan.without_deletions();
+        }
+        if plan.changes.is_empty() {
+            return Some(true);
+        }
+        if self.config.dry_run {
+            let report = Report {
+                verb: "run --dry-run",
+                plan: plan.clone(),
+                ..Report::default()
+            };
+            print!("{}", report.render(self.config.config.format));
+            let results = plan.changes.iter().map(simulated).collect();
+            return Some(self.record(results, clocks));
+        }
+        let dir = self.directory();
+        let options = self.config.config.apply;
+        let io = async move { apply_plan(dir.as_ref(), &plan, &options).await };
+        let results = self.drive(io, shutdown).await?;
+        Some(self.record(results, clocks))
+    }
+
+    /// Updates the cache, retries and metrics from a batch's results.
+    fn record(&mut self, results: Vec<GroupResult>, clocks: &Dirty) -> bool {
+        let now = Instant::now();
+        let mut complete = true;
+        for result in results {
+            let dn = result.planned.group_dn.clone();
+            let proid = result.planned.proid.clone();
+            let outcome = if result.vanished {
+                "vanished"
+            } else if result.failed.is_some() {
+                "failure"
+            } else {
+                "success"
+            };
+            self.metrics
+                .modify_requests
+                .get_or_create(&OutcomeLabels { outcome })
+                .inc_by(result.requests as u64);
+            self.metrics.retries.inc_by(result.retries as u64);
+            if result.vanished {
+                self.forget_group(&dn);
+                continue;
+            }
+            if let Some(group) = self.groups.get_mut(&dn) {
+                group.members.extend(result.applied.add.iter().cloned());
+                for gone in &result.applied.delete {
+                    group.members.remove(gone);
+                }
+            }
+            self.index.clear_retiring(&proid, &result.applied.delete);
+            if result.failed.is_some() {
+                complete = false;
+                self.stale.insert(dn);
+                let attempt = self.retries.get(&proid).map_or(0, |(_, n)| *n);
+                let delay = self.config.config.apply.backoff.delay(attempt).max(Duration::from_millis(50));
+                self.retries.insert(proid, (now + delay, attempt + 1));
+            } else {
+                self.retries.remove(&proid);
+                if let Some(started) = clocks.get(&proid) {
+                    self.metrics
+                        .event_to_applied
+                        .observe(now.saturating_duration_since(*started).as_secs_f64());
+                }
+            }
+        }
+        complete
+    }
+}
+
+/// The result a dry run pretends to have had.
+fn simulated(change: &GroupChange) -> GroupResult {
+    GroupResult {
+        planned: change.clone(),
+        applied: change.clone(),
+        failed: None,
+        vanished: false,
+        requests: 0,
+        retries: 0,
+    }
+}
+
+#[allow(dead_code)]
+fn is_transient(err: &DirError) -> bool {
+    err.is_transient()
 }

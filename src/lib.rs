@@ -15,12 +15,14 @@
 //! - [`cli`]: options from flags, environment and config file, validated into a config.
 //! - [`commands`]: `plan`, `sync` and `check` on top of the above.
 //! - [`daemon`]: the `run` event loop.
+//! - [`metrics`]: Prometheus metrics, health and readiness over HTTP.
 
 pub mod cli;
 pub mod commands;
 pub mod daemon;
 pub mod directory;
 pub mod index;
+pub mod metrics;
 pub mod ldif;
 pub mod model;
 pub mod output;

@@ -134,6 +134,67 @@ impl Snapshot {
         });
         servers.chain(placements)
     }
+
+    /// Updates the snapshot as the event says the tree changed.
+    pub fn apply(&mut self, event: &TreeEvent) {
+        match event {
+            TreeEvent::ServerUpserted { host, info } => {
+                self.servers.insert(host.clone(), info.clone());
+            }
+            TreeEvent::ServerRemoved { host } => {
+                self.servers.remove(host);
+            }
+            TreeEvent::PlacementAdded { host, instance } => {
+                self.placements
+                    .entry(host.clone())
+                    .or_default()
+                    .insert(instance.clone());
+            }
+            TreeEvent::PlacementRemoved { host, instance } => {
+                if let Some(instances) = self.placements.get_mut(host) {
+                    instances.remove(instance);
+                }
+            }
+            TreeEvent::PlacementDirRemoved { host } => {
+                self.placements.remove(host);
+            }
+        }
+    }
+
+    /// The events that turn `self` into `newer`: what a full rescan found
+    /// that the events missed.
+    pub fn diff(&self, newer: &Snapshot) -> Vec<TreeEvent> {
+        let mut events = Vec::new();
+        for (host, info) in &newer.servers {
+            if self.servers.get(host) != Some(info) {
+                events.push(TreeEvent::ServerUpserted {
+                    host: host.clone(),
+                    info: info.clone(),
+                });
+            }
+        }
+        for host in self.servers.keys().filter(|h| !newer.servers.contains_key(*h)) {
+            events.push(TreeEvent::ServerRemoved { host: host.clone() });
+        }
+        let empty = BTreeSet::new();
+        for (host, old) in &self.placements {
+            match newer.placements.get(host) {
+                None => events.push(TreeEvent::PlacementDirRemoved { host: host.clone() }),
+                Some(new) => events.extend(old.difference(new).map(|instance| TreeEvent::PlacementRemoved {
+                    host: host.clone(),
+                    instance: instance.clone(),
+                })),
+            }
+        }
+        for (host, new) in &newer.placements {
+            let old = self.placements.get(host).unwrap_or(&empty);
+            events.extend(new.difference(old).map(|instance| TreeEvent::PlacementAdded {
+                host: host.clone(),
+                instance: instance.clone(),
+            }));
+        }
+        events
+    }
 }
 
 #[cfg(test)]
@@ -156,6 +217,52 @@ mod tests {
             ServerInfo::parse(b"partition: 7").map(|s| s.partition),
             Ok(Some("7".into()))
         );
+    }
+
+    fn host(name: &str) -> HostName {
+        HostName::new(name).expect("host")
+    }
+
+    fn snapshot(servers: &[(&str, &str)], placements: &[(&str, &[&str])]) -> Snapshot {
+        Snapshot {
+            servers: servers
+                .iter()
+                .map(|(h, p)| {
+                    let info = ServerInfo {
+                        partition: Some((*p).into()),
+                        ..ServerInfo::default()
+                    };
+                    (host(h), Ok(info))
+                })
+                .collect(),
+            placements: placements
+                .iter()
+                .map(|(h, i)| (host(h), i.iter().map(|s| s.to_string()).collect()))
+                .collect(),
+            warnings: vec![],
+        }
+    }
+
+    #[test]
+    fn diff_then_apply_reaches_the_newer_snapshot() {
+        let old = snapshot(
+            &[("a", "p1"), ("b", "p1"), ("c", "p1")],
+            &[("a", &["x.1#1", "y.1#2"]), ("b", &["x.1#3"])],
+        );
+        let new = snapshot(
+            &[("a", "p1"), ("b", "p2"), ("d", "p1")],
+            &[("a", &["y.1#2", "z.1#4"]), ("c", &[]), ("d", &["x.1#5"])],
+        );
+        let mut walked = old.clone();
+        for event in old.diff(&new) {
+            walked.apply(&event);
+        }
+        // An empty placement directory contributes nothing, so no event names it.
+        let mut want = new.clone();
+        want.placements.retain(|_, instances| !instances.is_empty());
+        walked.placements.retain(|_, instances| !instances.is_empty());
+        assert_eq!(walked, want);
+        assert!(new.diff(&new).is_empty());
     }
 
     #[test]

@@ -1,1 +1,143 @@
-//! Follows the placement tree with the file system notifier.
+//! Follows the placement tree with the file system notifier: the only
+//! module that talks to `notify`.
+//!
+//! Notifications are turned into [`Change`]s at once, and from the state of
+//! the file system rather than from the kind of notification: a path that
+//! was touched is looked at, and what is there now is reported. That makes
+//! the stream indifferent to how the mirror writes (a `.tmp*` file renamed
+//! over the target arrives as a create, a rename or both) and safe to
+//! replay: reporting the same state twice changes nothing. A directory that
+//! appears is listed at once, because files written into it before its watch
+//! was set produce no notification. A lost notification (queue overflow) or
+//! a change of `servers/` or `placement/` themselves asks for a full rescan.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use thiserror::Error;
+use tokio::sync::mpsc;
+
+use super::event::{classify, PathKind};
+use super::{ServerInfo, TreeEvent};
+use crate::model::HostName;
+
+/// What the watcher reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The tree changed in this way.
+    Tree(TreeEvent),
+    /// Events may have been lost or the tree's layout changed: rescan it all.
+    Rescan(String),
+}
+
+/// The watcher could not be set up.
+#[derive(Debug, Error)]
+#[error("cannot watch {path}: {source}")]
+pub struct WatchError {
+    path: PathBuf,
+    source: notify::Error,
+}
+
+/// A running watch; dropping it stops the notifications.
+pub struct TreeWatcher {
+    _watcher: RecommendedWatcher,
+}
+
+/// Starts watching `root` recursively. Changes arrive on the receiver in
+/// the order they were seen.
+pub fn watch(root: &Path) -> Result<(TreeWatcher, mpsc::UnboundedReceiver<Change>), WatchError> {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let base = root.to_path_buf();
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        let changes = match res {
+            Ok(event) if event.need_rescan() => vec![Change::Rescan("the notifier lost events".into())],
+            Ok(event) if matches!(event.kind, EventKind::Access(_)) => Vec::new(),
+            Ok(event) => event.paths.iter().flat_map(|p| changes_at(&base, p)).collect(),
+            Err(err) => vec![Change::Rescan(format!("the notifier failed: {err}"))],
+        };
+        for change in changes {
+            // The receiver is gone only when the daemon is shutting down.
+            let _ = tx.send(change);
+        }
+    })
+    .map_err(|source| WatchError {
+        path: root.to_path_buf(),
+        source,
+    })?;
+    watcher
+        .watch(root, RecursiveMode::Recursive)
+        .map_err(|source| WatchError {
+            path: root.to_path_buf(),
+            source,
+        })?;
+    Ok((TreeWatcher { _watcher: watcher }, rx))
+}
+
+/// What is now at `path`, as changes.
+pub fn changes_at(root: &Path, path: &Path) -> Vec<Change> {
+    if path == root {
+        return vec![Change::Rescan(format!("{} itself changed", root.display()))];
+    }
+    match classify(root, path) {
+        PathKind::Server(host) => server_at(path, host).into_iter().collect(),
+        PathKind::Placement(host, instance) => {
+            let event = if path.symlink_metadata().is_ok() {
+                TreeEvent::PlacementAdded { host, instance }
+            } else {
+                TreeEvent::PlacementRemoved { host, instance }
+            };
+            vec![Change::Tree(event)]
+        }
+        PathKind::HostDir(host) => host_dir_at(path, host),
+        PathKind::ServersDir | PathKind::PlacementDir => {
+            vec![Change::Rescan(format!("{} changed", path.display()))]
+        }
+        PathKind::Modified | PathKind::Ignored => Vec::new(),
+    }
+}
+
+fn server_at(path: &Path, host: HostName) -> Option<Change> {
+    let event = match fs::read(path) {
+        Ok(bytes) => TreeEvent::ServerUpserted {
+            host,
+            info: ServerInfo::parse(&bytes),
+        },
+        Err(err) if err.kind() == io::ErrorKind::NotFound => TreeEvent::ServerRemoved { host },
+        // A directory where a server file should be is not a server.
+        Err(_) if path.is_dir() => return None,
+        Err(err) => TreeEvent::ServerUpserted {
+            host,
+            info: Err(format!("cannot read: {err}")),
+        },
+    };
+    Some(Change::Tree(event))
+}
+
+/// A host directory that appeared is listed at once; one that went away
+/// takes its placements with it.
+fn host_dir_at(path: &Path, host: HostName) -> Vec<Change> {
+    let entries = match fs::read_dir(path) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {
+            return vec![Change::Tree(TreeEvent::PlacementDirRemoved { host })];
+        }
+        Err(_) if !path.is_dir() => return Vec::new(),
+        Err(err) => return vec![Change::Rescan(format!("cannot list {}: {err}", path.display()))],
+    };
+    let mut changes = Vec::new();
+    for entry in entries.flatten() {
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if name.starts_with('.') {
+            continue;
+        }
+        changes.push(Change::Tree(TreeEvent::PlacementAdded {
+            host: host.clone(),
+            instance: name,
+        }));
+    }
+    changes
+}
