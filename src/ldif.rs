@@ -78,9 +78,9 @@ pub fn parse(text: &str) -> Result<Vec<Record>, LdifError> {
         }
     }
     groups
-        .into_iter()
-        .filter(|lines| !lines.is_empty())
-        .map(|lines| parse_record(&lines))
+        .iter()
+        .filter_map(|lines| lines.split_first())
+        .map(|(first, rest)| parse_record(first, rest))
         .collect()
 }
 
@@ -144,10 +144,7 @@ fn group_records(lines: Vec<Option<Line>>) -> Vec<Vec<Line>> {
     groups
 }
 
-fn parse_record(lines: &[Line]) -> Result<Record, LdifError> {
-    let Some((first, rest)) = lines.split_first() else {
-        return Err(LdifError::new(0, "BUG: empty record"));
-    };
+fn parse_record(first: &Line, rest: &[Line]) -> Result<Record, LdifError> {
     let (name, spec) = split_line(first)?;
     if !name.eq_ignore_ascii_case("dn") {
         return Err(LdifError::new(
