@@ -1,54 +1,1233 @@
-//! Per-proid, per-host reference counts (stub: API only).
-#![allow(missing_docs, unused_variables)]
+//! Per-proid, per-host reference counts: the desired state, kept up to date
+//! one [`TreeEvent`] at a time.
+//!
+//! For every proid the index counts, per host DN, the instances of that proid
+//! on in-scope hosts; `desired(proid)` is the DNs with a count above zero
+//! (SPEC section 3). It also knows which DNs are *managed* (belong to an
+//! in-scope host) and which DNs are *retiring* for a proid: they left its
+//! desired set and may still sit in its groups, so the reconciler must delete
+//! them there even when they are no longer managed (a host that left scope is
+//! not managed any more, but its membership is still ours to remove).
+//!
+//! Applying an event returns the proids whose desired set changed, so that
+//! the daemon reconciles only those; a whole snapshot is applied as the
+//! events that build it, so there is one way in.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::model::{Dn, PartitionGlob, Proid};
-use crate::tree::{Snapshot, TreeEvent};
+use crate::model::{Dn, HostName, PartitionGlob, Proid};
+use crate::tree::{ServerInfo, Snapshot, TreeEvent};
 
+/// The reference counts for one partition glob.
 #[derive(Debug, Clone, Default)]
-pub struct Index {}
+pub struct Index {
+    partition: PartitionGlob,
+    /// Hosts with an in-scope definition or with placements (or both).
+    hosts: BTreeMap<HostName, HostState>,
+    /// Per proid, per DN: instances on in-scope hosts. No zero counts and no
+    /// empty maps are kept, so the keys are exactly the desired sets.
+    counts: HashMap<Proid, HashMap<Dn, u32>>,
+    /// Per DN: in-scope hosts that have it. No zero counts are kept.
+    managed: HashMap<Dn, u32>,
+    /// Per proid: DNs that left its desired set and are not yet known to be
+    /// removed from its groups. Never empty sets.
+    retiring: BTreeMap<Proid, BTreeSet<Dn>>,
+}
 
+/// What one event changed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Applied {
+    /// Proids to reconcile: their desired set changed or DNs started retiring.
     pub dirty: BTreeSet<Proid>,
+    /// Something about the event an operator should know (a broken server
+    /// file, an instance name without a proid), naming the path.
     pub warning: Option<String>,
 }
 
+/// Sizes, for logs and metrics.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct IndexStats {
+    /// Hosts in scope.
     pub servers_in_scope: usize,
+    /// Instances on in-scope hosts.
     pub placements: usize,
+    /// Proids with at least one desired member.
     pub proids: usize,
 }
 
+/// What the index knows about one host.
+#[derive(Debug, Clone, Default)]
+struct HostState {
+    /// The host's current in-scope definition, if any.
+    definition: Option<Definition>,
+    /// Its placed instances (only names with a proid), counted only while
+    /// the host has a definition.
+    instances: BTreeSet<String>,
+}
+
+/// The parts of an in-scope server file the index uses.
+#[derive(Debug, Clone)]
+struct Definition {
+    dn: Dn,
+    /// Lower-cased: DNS names compare without regard to case, and the DC
+    /// list must not name one controller twice.
+    dc: String,
+}
+
+impl Definition {
+    /// Same DN spelling and same DC: nothing to redo.
+    fn same(&self, other: &Definition) -> bool {
+        self.dn.as_str() == other.dn.as_str() && self.dc == other.dc
+    }
+}
+
+/// How a server file's content affects its host.
+enum Verdict {
+    InScope(Definition),
+    /// A valid file that puts the host out of scope.
+    OutOfScope,
+    /// A file that can't be used; the host keeps what it had.
+    Invalid(String),
+}
+
+/// Presence of (proid, DN) pairs before an event touched them, to tell which
+/// proids' desired sets really changed once the event is fully applied (a
+/// DN change may take a pair out and put it back in). Retiring sets only grow
+/// when a desired set shrinks, so this also covers them.
+#[derive(Default)]
+struct Tracker {
+    before: HashMap<(Proid, Dn), bool>,
+}
+
 impl Index {
+    /// An empty index counting hosts whose partition matches `partition`.
     pub fn new(partition: PartitionGlob) -> Self {
-        Index {}
+        Index {
+            partition,
+            ..Index::default()
+        }
     }
+
+    /// An index holding a whole snapshot, without its warnings (see
+    /// [`Index::from_snapshot_with_warnings`]).
     pub fn from_snapshot(partition: PartitionGlob, snapshot: &Snapshot) -> Self {
-        Index {}
+        Index::from_snapshot_with_warnings(partition, snapshot).0
     }
+
+    /// An index holding a whole snapshot, with the warnings that the scan
+    /// could not give: server files that parse but can't be used (an
+    /// unparsable `nt.dn` in the partition). Unreadable or unparsable files
+    /// are already among the snapshot's warnings and are not repeated.
+    pub fn from_snapshot_with_warnings(
+        partition: PartitionGlob,
+        snapshot: &Snapshot,
+    ) -> (Self, Vec<String>) {
+        let mut index = Index::new(partition);
+        let warnings = index.load(snapshot);
+        (index, warnings)
+    }
+
+    /// The index a full rescan gives, continuing this one: like
+    /// [`Index::from_snapshot`], except that a host whose server file is now
+    /// unusable keeps its definition from this index (last good definition
+    /// kept, SPEC section 2), and that DNs which left a proid's desired set
+    /// since this index (events missed before the rescan) or are still
+    /// retiring here are retiring in the result. The warnings are those of
+    /// [`Index::from_snapshot_with_warnings`].
+    pub fn rescanned(&self, snapshot: &Snapshot) -> (Index, Vec<String>) {
+        let mut next = Index::new(self.partition.clone());
+        let mut tracker = Tracker::default();
+        for (host, info) in &snapshot.servers {
+            if let Verdict::Invalid(_) = next.judge(info) {
+                if let Some(def) = self.hosts.get(host).and_then(|s| s.definition.clone()) {
+                    next.set_definition(host, Some(def), &mut tracker);
+                }
+            }
+        }
+        let warnings = next.load(snapshot);
+        let old = self
+            .counts
+            .iter()
+            .map(|(p, dns)| (p, dns.keys().collect::<Vec<_>>()));
+        let old_retiring = self
+            .retiring
+            .iter()
+            .map(|(p, dns)| (p, dns.iter().collect()));
+        for (proid, dns) in old.chain(old_retiring) {
+            for dn in dns {
+                if !next.has(proid, dn) {
+                    next.retiring
+                        .entry(proid.clone())
+                        .or_default()
+                        .insert(dn.clone());
+                }
+            }
+        }
+        (next, warnings)
+    }
+
+    /// Applies every event of a snapshot; returns the warnings not already
+    /// among the snapshot's own.
+    fn load(&mut self, snapshot: &Snapshot) -> Vec<String> {
+        let mut warnings = Vec::new();
+        for event in snapshot.events() {
+            let warning = self.apply(&event).warning;
+            let reported_by_scan = matches!(event, TreeEvent::ServerUpserted { info: Err(_), .. });
+            if !reported_by_scan {
+                warnings.extend(warning);
+            }
+        }
+        warnings
+    }
+
+    /// Applies one event and says which proids need a reconcile.
     pub fn apply(&mut self, event: &TreeEvent) -> Applied {
-        Applied::default()
+        let mut tracker = Tracker::default();
+        let warning = match event {
+            TreeEvent::ServerUpserted { host, info } => match self.judge(info) {
+                Verdict::InScope(def) => {
+                    self.set_definition(host, Some(def), &mut tracker);
+                    None
+                }
+                Verdict::OutOfScope => {
+                    self.set_definition(host, None, &mut tracker);
+                    None
+                }
+                Verdict::Invalid(reason) => {
+                    let current = self.hosts.get(host).and_then(|s| s.definition.as_ref());
+                    Some(match current {
+                        Some(def) => format!(
+                            "servers/{host}: {reason}; keeping its last good definition ({})",
+                            def.dn
+                        ),
+                        None => format!("servers/{host}: {reason}; the host stays out of scope"),
+                    })
+                }
+            },
+            TreeEvent::ServerRemoved { host } => {
+                self.set_definition(host, None, &mut tracker);
+                None
+            }
+            TreeEvent::PlacementAdded { host, instance } => {
+                let Some(proid) = Proid::from_instance(instance) else {
+                    return Applied {
+                        dirty: BTreeSet::new(),
+                        warning: Some(format!(
+                            "placement/{host}/{instance}: not a placement: no proid; ignored"
+                        )),
+                    };
+                };
+                let state = self.hosts.entry(host.clone()).or_default();
+                // A rename over an existing file announces it again.
+                if state.instances.insert(instance.clone()) {
+                    if let Some(dn) = state.definition.as_ref().map(|d| d.dn.clone()) {
+                        self.add(&proid, &dn, &mut tracker);
+                    }
+                }
+                None
+            }
+            TreeEvent::PlacementRemoved { host, instance } => {
+                if let Some(proid) = Proid::from_instance(instance) {
+                    if let Some(state) = self.hosts.get_mut(host) {
+                        if state.instances.remove(instance) {
+                            if let Some(dn) = state.definition.as_ref().map(|d| d.dn.clone()) {
+                                self.sub(&proid, &dn, &mut tracker);
+                            }
+                        }
+                    }
+                    self.prune(host);
+                }
+                None
+            }
+            TreeEvent::PlacementDirRemoved { host } => {
+                if let Some(state) = self.hosts.get_mut(host) {
+                    let instances = std::mem::take(&mut state.instances);
+                    if let Some(dn) = state.definition.as_ref().map(|d| d.dn.clone()) {
+                        for proid in instances.iter().filter_map(|i| Proid::from_instance(i)) {
+                            self.sub(&proid, &dn, &mut tracker);
+                        }
+                    }
+                }
+                self.prune(host);
+                None
+            }
+        };
+        Applied {
+            dirty: self.finish(tracker),
+            warning,
+        }
     }
+
+    /// Proids with at least one desired member, sorted.
     pub fn proids(&self) -> Vec<Proid> {
-        vec![]
+        let mut proids: Vec<Proid> = self.counts.keys().cloned().collect();
+        proids.sort();
+        proids
     }
+
+    /// The DNs that should be members of the proid's groups.
     pub fn desired(&self, proid: &Proid) -> BTreeSet<Dn> {
-        BTreeSet::new()
+        self.counts
+            .get(proid)
+            .map(|dns| dns.keys().cloned().collect())
+            .unwrap_or_default()
     }
+
+    /// Every proid's desired set (proids with an empty set left out).
+    pub fn desired_snapshot(&self) -> BTreeMap<Proid, BTreeSet<Dn>> {
+        self.counts
+            .iter()
+            .map(|(proid, dns)| (proid.clone(), dns.keys().cloned().collect()))
+            .collect()
+    }
+
+    /// True when the DN belongs to an in-scope host: the reconciler owns its
+    /// memberships.
     pub fn is_managed(&self, dn: &Dn) -> bool {
-        false
+        self.managed.contains_key(dn)
     }
+
+    /// DNs that left the proid's desired set and may still be in its groups:
+    /// to be deleted there even if no longer managed.
     pub fn retiring(&self, proid: &Proid) -> BTreeSet<Dn> {
-        BTreeSet::new()
+        self.retiring.get(proid).cloned().unwrap_or_default()
     }
-    pub fn clear_retiring(&mut self, proid: &Proid, done: &BTreeSet<Dn>) {}
+
+    /// Forgets retiring DNs once the proid's groups were reconciled without
+    /// them (or the proid was found to have no group). Call it with the set
+    /// [`Index::retiring`] returned when the plan was made.
+    pub fn clear_retiring(&mut self, proid: &Proid, done: &BTreeSet<Dn>) {
+        if let Some(dns) = self.retiring.get_mut(proid) {
+            dns.retain(|dn| !done.contains(dn));
+            if dns.is_empty() {
+                self.retiring.remove(proid);
+            }
+        }
+    }
+
+    /// The distinct domain controllers of in-scope hosts (lower-cased), the
+    /// one serving most hosts first, ties by name.
     pub fn dcs(&self) -> Vec<String> {
-        vec![]
+        let mut hosts_per_dc: BTreeMap<&str, usize> = BTreeMap::new();
+        for def in self.hosts.values().filter_map(|s| s.definition.as_ref()) {
+            *hosts_per_dc.entry(&def.dc).or_default() += 1;
+        }
+        let mut dcs: Vec<(&str, usize)> = hosts_per_dc.into_iter().collect();
+        dcs.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+        dcs.into_iter().map(|(dc, _)| dc.to_owned()).collect()
     }
+
+    /// Sizes, for logs and metrics.
     pub fn stats(&self) -> IndexStats {
-        IndexStats::default()
+        let in_scope = self.hosts.values().filter(|s| s.definition.is_some());
+        let (servers_in_scope, placements) = in_scope.fold((0, 0), |(servers, placements), s| {
+            (servers + 1, placements + s.instances.len())
+        });
+        IndexStats {
+            servers_in_scope,
+            placements,
+            proids: self.counts.len(),
+        }
+    }
+
+    /// The proids to reconcile when `next` replaces `self` (after a full
+    /// rescan): those whose desired set differs, and those with DNs retiring
+    /// in `next` that were not retiring in `self`.
+    pub fn diff_dirty(&self, next: &Index) -> BTreeSet<Proid> {
+        let mut dirty = BTreeSet::new();
+        for proid in self.counts.keys().chain(next.counts.keys()) {
+            let (old, new) = (self.counts.get(proid), next.counts.get(proid));
+            let same = match (old, new) {
+                (Some(old), Some(new)) => {
+                    old.len() == new.len() && old.keys().all(|dn| new.contains_key(dn))
+                }
+                (None, None) => true,
+                _ => false,
+            };
+            if !same {
+                dirty.insert(proid.clone());
+            }
+        }
+        for (proid, dns) in &next.retiring {
+            let old = self.retiring.get(proid);
+            if dns
+                .iter()
+                .any(|dn| !old.is_some_and(|old| old.contains(dn)))
+            {
+                dirty.insert(proid.clone());
+            }
+        }
+        dirty
+    }
+
+    /// Decides what a server file's content means for its host.
+    fn judge(&self, info: &Result<ServerInfo, String>) -> Verdict {
+        let info = match info {
+            Ok(info) => info,
+            Err(reason) => return Verdict::Invalid(reason.clone()),
+        };
+        if !self
+            .partition
+            .matches(info.partition.as_deref().unwrap_or(""))
+        {
+            return Verdict::OutOfScope;
+        }
+        let (Some(dc), Some(dn)) = (present(&info.dc), present(&info.dn)) else {
+            return Verdict::OutOfScope;
+        };
+        match Dn::parse(dn) {
+            Ok(dn) => Verdict::InScope(Definition {
+                dn,
+                dc: dc.to_lowercase(),
+            }),
+            Err(err) => Verdict::Invalid(format!("nt.dn: {err}")),
+        }
+    }
+
+    /// Replaces a host's definition: every contribution of the old one goes,
+    /// whatever the counts, then the new one's are added.
+    fn set_definition(&mut self, host: &HostName, new: Option<Definition>, tracker: &mut Tracker) {
+        let state = self.hosts.entry(host.clone()).or_default();
+        if let (Some(old), Some(new)) = (&state.definition, &new) {
+            if old.same(new) {
+                return;
+            }
+        }
+        let old = std::mem::replace(&mut state.definition, new.clone());
+        let proids: Vec<Proid> = state
+            .instances
+            .iter()
+            .filter_map(|i| Proid::from_instance(i))
+            .collect();
+        if let Some(old) = old {
+            if let Some(hosts) = self.managed.get_mut(&old.dn) {
+                *hosts -= 1;
+                if *hosts == 0 {
+                    self.managed.remove(&old.dn);
+                }
+            }
+            for proid in &proids {
+                self.sub(proid, &old.dn, tracker);
+            }
+        }
+        if let Some(new) = new {
+            *self.managed.entry(new.dn.clone()).or_default() += 1;
+            for proid in &proids {
+                self.add(proid, &new.dn, tracker);
+            }
+        }
+        self.prune(host);
+    }
+
+    /// One more instance of `proid` on a host with `dn`.
+    fn add(&mut self, proid: &Proid, dn: &Dn, tracker: &mut Tracker) {
+        let dns = self.counts.entry(proid.clone()).or_default();
+        tracker.note(proid, dn, dns.contains_key(dn));
+        let count = dns.entry(dn.clone()).or_default();
+        *count += 1;
+        if *count == 1 {
+            // Wanted again: deleting it now would be wrong.
+            if let Some(retiring) = self.retiring.get_mut(proid) {
+                retiring.remove(dn);
+                if retiring.is_empty() {
+                    self.retiring.remove(proid);
+                }
+            }
+        }
+    }
+
+    /// One instance fewer of `proid` on a host with `dn`.
+    fn sub(&mut self, proid: &Proid, dn: &Dn, tracker: &mut Tracker) {
+        let Some(dns) = self.counts.get_mut(proid) else {
+            panic!("BUG: removing {proid} on {dn} which was never counted");
+        };
+        tracker.note(proid, dn, dns.contains_key(dn));
+        let Some(count) = dns.get_mut(dn) else {
+            panic!("BUG: removing {proid} on {dn} which was never counted");
+        };
+        *count -= 1;
+        if *count == 0 {
+            dns.remove(dn);
+            if dns.is_empty() {
+                self.counts.remove(proid);
+            }
+            self.retiring
+                .entry(proid.clone())
+                .or_default()
+                .insert(dn.clone());
+        }
+    }
+
+    /// True when `dn` is in `proid`'s desired set.
+    fn has(&self, proid: &Proid, dn: &Dn) -> bool {
+        self.counts
+            .get(proid)
+            .is_some_and(|dns| dns.contains_key(dn))
+    }
+
+    /// Drops a host the index no longer needs to remember.
+    fn prune(&mut self, host: &HostName) {
+        if self
+            .hosts
+            .get(host)
+            .is_some_and(|s| s.definition.is_none() && s.instances.is_empty())
+        {
+            self.hosts.remove(host);
+        }
+    }
+
+    /// The proids an event made dirty.
+    fn finish(&self, tracker: Tracker) -> BTreeSet<Proid> {
+        tracker
+            .before
+            .into_iter()
+            .filter(|((proid, dn), before)| self.has(proid, dn) != *before)
+            .map(|((proid, _), _)| proid)
+            .collect()
+    }
+}
+
+/// A key's value when it is there and not blank.
+fn present(value: &Option<String>) -> Option<&str> {
+    value.as_deref().map(str::trim).filter(|v| !v.is_empty())
+}
+
+impl Tracker {
+    /// Remembers whether (proid, dn) was desired before the event first touched it.
+    fn note(&mut self, proid: &Proid, dn: &Dn, present: bool) {
+        self.before
+            .entry((proid.clone(), dn.clone()))
+            .or_insert(present);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(name: &str) -> HostName {
+        HostName::new(name).expect("host")
+    }
+
+    fn proid(name: &str) -> Proid {
+        Proid::new(name).expect("proid")
+    }
+
+    fn dn(s: &str) -> Dn {
+        Dn::parse(s).expect("dn")
+    }
+
+    fn dns(items: &[&str]) -> BTreeSet<Dn> {
+        items.iter().map(|s| dn(s)).collect()
+    }
+
+    fn proids(items: &[&str]) -> BTreeSet<Proid> {
+        items.iter().map(|s| proid(s)).collect()
+    }
+
+    fn info(partition: &str, dc: &str, dn: &str) -> Result<ServerInfo, String> {
+        Ok(ServerInfo {
+            partition: Some(partition.into()),
+            dc: Some(dc.into()),
+            dn: Some(dn.into()),
+        })
+    }
+
+    fn upsert(index: &mut Index, h: &str, info: Result<ServerInfo, String>) -> Applied {
+        index.apply(&TreeEvent::ServerUpserted {
+            host: host(h),
+            info,
+        })
+    }
+
+    fn remove_server(index: &mut Index, h: &str) -> Applied {
+        index.apply(&TreeEvent::ServerRemoved { host: host(h) })
+    }
+
+    fn place(index: &mut Index, h: &str, instance: &str) -> Applied {
+        index.apply(&TreeEvent::PlacementAdded {
+            host: host(h),
+            instance: instance.into(),
+        })
+    }
+
+    fn unplace(index: &mut Index, h: &str, instance: &str) -> Applied {
+        index.apply(&TreeEvent::PlacementRemoved {
+            host: host(h),
+            instance: instance.into(),
+        })
+    }
+
+    fn east() -> Index {
+        Index::new(PartitionGlob::parse("east*").expect("glob"))
+    }
+
+    const D1: &str = "CN=h1,OU=Hosts,DC=ad,DC=com";
+    const D2: &str = "CN=h1-renamed,OU=Hosts,DC=ad,DC=com";
+    const D3: &str = "CN=h2,OU=Hosts,DC=ad,DC=com";
+
+    #[test]
+    fn placements_count_once_the_server_is_in_scope() {
+        let mut index = east();
+        let applied = place(&mut index, "h1", "web.app#1");
+        assert!(applied.dirty.is_empty(), "no server yet");
+        assert!(index.desired(&proid("web")).is_empty());
+        assert_eq!(index.stats(), IndexStats::default());
+
+        let applied = upsert(&mut index, "h1", info("east-1", "dc1", D1));
+        assert_eq!(applied.dirty, proids(&["web"]));
+        assert_eq!(applied.warning, None);
+        assert_eq!(index.desired(&proid("web")), dns(&[D1]));
+        assert!(index.is_managed(&dn(D1)));
+
+        let applied = place(&mut index, "h1", "web.app#2");
+        assert!(
+            applied.dirty.is_empty(),
+            "count 1 -> 2 changes no desired set"
+        );
+        let applied = place(&mut index, "h1", "web.app#2");
+        assert!(
+            applied.dirty.is_empty(),
+            "a re-announced instance changes nothing"
+        );
+        let applied = unplace(&mut index, "h1", "web.app#1");
+        assert!(applied.dirty.is_empty(), "count 2 -> 1");
+        assert_eq!(index.desired(&proid("web")), dns(&[D1]));
+        let applied = unplace(&mut index, "h1", "web.app#2");
+        assert_eq!(applied.dirty, proids(&["web"]), "count 1 -> 0");
+        assert!(index.desired(&proid("web")).is_empty());
+        assert!(index.proids().is_empty());
+        assert!(index.is_managed(&dn(D1)), "the host is still in scope");
+        let applied = unplace(&mut index, "h1", "web.app#2");
+        assert!(
+            applied.dirty.is_empty(),
+            "removing an absent instance changes nothing"
+        );
+    }
+
+    #[test]
+    fn dn_change_moves_every_count() {
+        let mut index = east();
+        upsert(&mut index, "h1", info("east", "dc1", D1));
+        place(&mut index, "h1", "web.app#1");
+        place(&mut index, "h1", "web.app#2");
+        place(&mut index, "h1", "db.app#1");
+        let applied = upsert(&mut index, "h1", info("east", "dc1", D2));
+        assert_eq!(applied.dirty, proids(&["db", "web"]));
+        assert_eq!(index.desired(&proid("web")), dns(&[D2]));
+        assert_eq!(index.desired(&proid("db")), dns(&[D2]));
+        assert!(!index.is_managed(&dn(D1)));
+        assert!(index.is_managed(&dn(D2)));
+        assert_eq!(index.retiring(&proid("web")), dns(&[D1]));
+        assert_eq!(index.retiring(&proid("db")), dns(&[D1]));
+        // Both instances moved: removing them one by one empties the set.
+        unplace(&mut index, "h1", "web.app#1");
+        assert_eq!(index.desired(&proid("web")), dns(&[D2]));
+        let applied = unplace(&mut index, "h1", "web.app#2");
+        assert_eq!(applied.dirty, proids(&["web"]));
+        assert!(index.desired(&proid("web")).is_empty());
+        assert_eq!(index.retiring(&proid("web")), dns(&[D1, D2]));
+    }
+
+    #[test]
+    fn a_respelled_dn_or_a_new_dc_is_not_a_change_of_members() {
+        let mut index = east();
+        upsert(&mut index, "h1", info("east", "dc1", D1));
+        place(&mut index, "h1", "web.app#1");
+        let respelled = "cn = H1 , ou=hosts,dc=AD,dc=com";
+        let applied = upsert(&mut index, "h1", info("east", "dc2", respelled));
+        assert!(applied.dirty.is_empty(), "{applied:?}");
+        assert!(index.retiring(&proid("web")).is_empty());
+        let desired: Vec<String> = index
+            .desired(&proid("web"))
+            .iter()
+            .map(|d| d.as_str().to_owned())
+            .collect();
+        assert_eq!(desired, [respelled], "additions use the newest spelling");
+        assert_eq!(index.dcs(), ["dc2"]);
+    }
+
+    #[test]
+    fn partition_change_withdraws_and_returns() {
+        let mut index = east();
+        upsert(&mut index, "h1", info("east", "dc1", D1));
+        place(&mut index, "h1", "web.app#1");
+        place(&mut index, "h1", "web.app#2");
+        let applied = upsert(&mut index, "h1", info("west", "dc1", D1));
+        assert_eq!(applied.dirty, proids(&["web"]));
+        assert!(index.desired(&proid("web")).is_empty());
+        assert!(!index.is_managed(&dn(D1)));
+        assert_eq!(index.retiring(&proid("web")), dns(&[D1]));
+        assert_eq!(index.stats(), IndexStats::default());
+
+        let applied = upsert(&mut index, "h1", info("east-2", "dc1", D1));
+        assert_eq!(applied.dirty, proids(&["web"]), "placements were kept");
+        assert_eq!(index.desired(&proid("web")), dns(&[D1]));
+        assert!(index.retiring(&proid("web")).is_empty(), "wanted again");
+        assert_eq!(
+            index.stats(),
+            IndexStats {
+                servers_in_scope: 1,
+                placements: 2,
+                proids: 1
+            }
+        );
+    }
+
+    #[test]
+    fn missing_or_empty_keys_and_missing_partition_withdraw() {
+        let without = |f: fn(&mut ServerInfo)| {
+            let mut i = info("east", "dc1", D1).expect("info");
+            f(&mut i);
+            Ok(i)
+        };
+        let cases: [Result<ServerInfo, String>; 5] = [
+            without(|i| i.dn = None),
+            without(|i| i.dc = None),
+            without(|i| i.dn = Some("  ".into())),
+            without(|i| i.dc = Some(String::new())),
+            without(|i| i.partition = None),
+        ];
+        for case in cases {
+            let mut index = east();
+            upsert(&mut index, "h1", info("east", "dc1", D1));
+            place(&mut index, "h1", "web.app#1");
+            let applied = upsert(&mut index, "h1", case.clone());
+            assert_eq!(applied.dirty, proids(&["web"]), "{case:?}");
+            assert_eq!(applied.warning, None);
+            assert!(!index.is_managed(&dn(D1)), "{case:?}");
+        }
+        // An empty partition matches a glob that matches "".
+        let mut index = Index::new(PartitionGlob::default());
+        let mut no_partition = info("", "dc1", D1).expect("info");
+        no_partition.partition = None;
+        upsert(&mut index, "h1", Ok(no_partition));
+        assert!(index.is_managed(&dn(D1)));
+    }
+
+    #[test]
+    fn server_removed_and_added_again() {
+        let mut index = east();
+        upsert(&mut index, "h1", info("east", "dc1", D1));
+        place(&mut index, "h1", "web.app#1");
+        let applied = remove_server(&mut index, "h1");
+        assert_eq!(applied.dirty, proids(&["web"]));
+        assert!(index.proids().is_empty());
+        assert!(!index.is_managed(&dn(D1)));
+        let applied = remove_server(&mut index, "h1");
+        assert!(applied.dirty.is_empty());
+        let applied = upsert(&mut index, "h1", info("east", "dc1", D1));
+        assert_eq!(applied.dirty, proids(&["web"]));
+        assert_eq!(index.proids(), [proid("web")]);
+    }
+
+    #[test]
+    fn an_unusable_file_keeps_the_last_good_definition() {
+        let mut index = east();
+        upsert(&mut index, "h1", info("east", "dc1", D1));
+        place(&mut index, "h1", "web.app#1");
+        let broken_dn = info("east", "dc1", "CN=h1\\");
+        for bad in [Err("not YAML or JSON: oops".to_owned()), broken_dn.clone()] {
+            let applied = upsert(&mut index, "h1", bad);
+            assert!(applied.dirty.is_empty());
+            let warning = applied.warning.expect("warned");
+            assert!(
+                warning.contains("servers/h1") && warning.contains("keeping"),
+                "{warning}"
+            );
+            assert_eq!(index.desired(&proid("web")), dns(&[D1]));
+            assert!(index.is_managed(&dn(D1)));
+        }
+        // A valid file (here: other partition) applies again.
+        let applied = upsert(&mut index, "h1", info("west", "dc1", "CN=h1\\"));
+        assert_eq!(
+            applied.dirty,
+            proids(&["web"]),
+            "out of scope before the DN matters"
+        );
+        assert_eq!(applied.warning, None);
+        // Never in scope: stays out, with a warning.
+        let applied = upsert(&mut index, "h1", broken_dn);
+        assert!(applied.dirty.is_empty());
+        let warning = applied.warning.expect("warned");
+        assert!(
+            warning.contains("out of scope") && warning.contains("nt.dn"),
+            "{warning}"
+        );
+        assert!(index.proids().is_empty());
+        let applied = upsert(&mut index, "h2", Err("cannot be read: denied".into()));
+        assert!(applied.warning.expect("warned").contains("servers/h2"));
+        assert_eq!(index.stats(), IndexStats::default());
+    }
+
+    #[test]
+    fn removing_a_placement_dir_drops_its_instances() {
+        let mut index = east();
+        upsert(&mut index, "h1", info("east", "dc1", D1));
+        upsert(&mut index, "h2", info("east", "dc1", D3));
+        for i in ["web.a#1", "web.a#2", "db.a#1"] {
+            place(&mut index, "h1", i);
+        }
+        place(&mut index, "h2", "web.a#3");
+        let applied = index.apply(&TreeEvent::PlacementDirRemoved { host: host("h1") });
+        assert_eq!(applied.dirty, proids(&["db", "web"]));
+        assert_eq!(index.desired(&proid("web")), dns(&[D3]));
+        assert!(index.desired(&proid("db")).is_empty());
+        assert!(index.is_managed(&dn(D1)), "the server is still in scope");
+        assert_eq!(index.stats().placements, 1);
+        // The directory may reappear.
+        let applied = place(&mut index, "h1", "db.a#1");
+        assert_eq!(applied.dirty, proids(&["db"]));
+    }
+
+    #[test]
+    fn instances_without_a_proid_are_ignored_with_a_warning() {
+        let mut index = east();
+        upsert(&mut index, "h1", info("east", "dc1", D1));
+        let applied = place(&mut index, "h1", "noproid#1");
+        assert!(applied.dirty.is_empty());
+        assert!(applied
+            .warning
+            .expect("warned")
+            .contains("placement/h1/noproid#1"));
+        assert_eq!(index.stats().placements, 0);
+    }
+
+    #[test]
+    fn hosts_sharing_a_dn() {
+        let mut index = east();
+        upsert(&mut index, "h1", info("east", "dc1", D1));
+        upsert(&mut index, "h2", info("east", "dc1", D1));
+        place(&mut index, "h1", "web.a#1");
+        place(&mut index, "h2", "web.a#2");
+        let applied = remove_server(&mut index, "h1");
+        assert!(applied.dirty.is_empty(), "h2 still contributes the same DN");
+        assert!(index.is_managed(&dn(D1)));
+        assert_eq!(index.desired(&proid("web")), dns(&[D1]));
+        let applied = remove_server(&mut index, "h2");
+        assert_eq!(applied.dirty, proids(&["web"]));
+        assert!(!index.is_managed(&dn(D1)));
+    }
+
+    #[test]
+    fn retiring_dns_until_cleared() {
+        let mut index = east();
+        upsert(&mut index, "h1", info("east", "dc1", D1));
+        upsert(&mut index, "h2", info("east", "dc1", D3));
+        place(&mut index, "h1", "web.a#1");
+        place(&mut index, "h2", "web.a#2");
+        place(&mut index, "h2", "db.a#1");
+        remove_server(&mut index, "h1");
+        remove_server(&mut index, "h2");
+        assert_eq!(index.retiring(&proid("web")), dns(&[D1, D3]));
+        assert_eq!(index.retiring(&proid("db")), dns(&[D3]));
+        assert!(index.retiring(&proid("other")).is_empty());
+
+        index.clear_retiring(&proid("web"), &dns(&[D1]));
+        assert_eq!(index.retiring(&proid("web")), dns(&[D3]));
+        index.clear_retiring(&proid("web"), &dns(&[D3]));
+        assert!(index.retiring(&proid("web")).is_empty());
+        assert_eq!(
+            index.retiring(&proid("db")),
+            dns(&[D3]),
+            "other proids untouched"
+        );
+
+        // Back in scope and running db again: no longer to be deleted.
+        upsert(&mut index, "h2", info("east", "dc1", D3));
+        assert!(index.retiring(&proid("db")).is_empty());
+    }
+
+    #[test]
+    fn a_placement_removed_just_before_its_host_leaves_is_still_retired() {
+        // The reconcile for the removal may not have run when the host
+        // leaves scope; the DN must stay deletable from the group.
+        let mut index = east();
+        upsert(&mut index, "h1", info("east", "dc1", D1));
+        place(&mut index, "h1", "web.a#1");
+        let applied = unplace(&mut index, "h1", "web.a#1");
+        assert_eq!(applied.dirty, proids(&["web"]));
+        remove_server(&mut index, "h1");
+        assert!(!index.is_managed(&dn(D1)));
+        assert_eq!(index.retiring(&proid("web")), dns(&[D1]));
+    }
+
+    #[test]
+    fn domain_controllers_most_hosts_first() {
+        let mut index = east();
+        upsert(&mut index, "h1", info("east", "dc-b.ad", "CN=h1"));
+        upsert(&mut index, "h2", info("east", "DC-B.ad", "CN=h2"));
+        upsert(&mut index, "h3", info("east", "dc-c.ad", "CN=h3"));
+        upsert(&mut index, "h4", info("east", "dc-a.ad", "CN=h4"));
+        upsert(&mut index, "h5", info("west", "dc-z.ad", "CN=h5"));
+        assert_eq!(index.dcs(), ["dc-b.ad", "dc-a.ad", "dc-c.ad"]);
+        assert_eq!(index.stats().servers_in_scope, 4);
+    }
+
+    #[test]
+    fn from_snapshot_and_diff_dirty() {
+        let mut snapshot = Snapshot::default();
+        snapshot.servers.insert(host("h1"), info("east", "dc1", D1));
+        snapshot.servers.insert(host("h2"), info("east", "dc1", D3));
+        snapshot.servers.insert(host("h3"), Err("broken".into()));
+        snapshot
+            .placements
+            .insert(host("h1"), ["web.a#1", "db.a#1"].map(String::from).into());
+        snapshot
+            .placements
+            .insert(host("h3"), ["web.a#2"].map(String::from).into());
+        snapshot
+            .servers
+            .insert(host("h4"), info("east", "dc1", "CN=h4\\"));
+        let glob = PartitionGlob::parse("east").expect("glob");
+        let (old, warnings) = Index::from_snapshot_with_warnings(glob.clone(), &snapshot);
+        assert_eq!(
+            warnings.len(),
+            1,
+            "broken files are the scan's to report: {warnings:?}"
+        );
+        assert!(warnings[0].contains("servers/h4") && warnings[0].contains("nt.dn"));
+        assert_eq!(
+            old.desired_snapshot(),
+            Index::from_snapshot(glob, &snapshot).desired_snapshot()
+        );
+        assert_eq!(old.proids(), [proid("db"), proid("web")]);
+        assert_eq!(old.desired(&proid("web")), dns(&[D1]));
+        assert_eq!(
+            old.stats(),
+            IndexStats {
+                servers_in_scope: 2,
+                placements: 2,
+                proids: 2
+            }
+        );
+        assert!(old.diff_dirty(&old.clone()).is_empty());
+
+        snapshot
+            .placements
+            .insert(host("h2"), ["web.a#3"].map(String::from).into());
+        snapshot
+            .placements
+            .get_mut(&host("h1"))
+            .expect("h1")
+            .remove("db.a#1");
+        let (new, rescan_warnings) = old.rescanned(&snapshot);
+        assert_eq!(rescan_warnings, warnings);
+        assert_eq!(old.diff_dirty(&new), proids(&["db", "web"]));
+        assert_eq!(
+            new.retiring(&proid("db")),
+            dns(&[D1]),
+            "left while unobserved"
+        );
+        assert!(new.diff_dirty(&new.clone()).is_empty());
+    }
+
+    #[test]
+    fn a_rescan_keeps_last_good_definitions_and_retires_vanished_hosts() {
+        let mut old = east();
+        upsert(&mut old, "h1", info("east", "dc1", D1));
+        upsert(&mut old, "h2", info("east", "dc1", D3));
+        place(&mut old, "h1", "web.a#1");
+        place(&mut old, "h2", "web.a#2");
+        remove_server(&mut old, "h2");
+        upsert(&mut old, "h2", info("east", "dc1", D3));
+        assert!(old.retiring(&proid("web")).is_empty());
+        unplace(&mut old, "h2", "web.a#2");
+        assert_eq!(
+            old.retiring(&proid("web")),
+            dns(&[D3]),
+            "not yet reconciled"
+        );
+
+        let mut snapshot = Snapshot::default();
+        snapshot
+            .servers
+            .insert(host("h1"), Err("not YAML or JSON: truncated".into()));
+        snapshot
+            .placements
+            .insert(host("h1"), ["web.a#1"].map(String::from).into());
+        let (new, warnings) = old.rescanned(&snapshot);
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!(
+            new.desired(&proid("web")),
+            dns(&[D1]),
+            "last good definition kept"
+        );
+        assert!(!new.is_managed(&dn(D3)));
+        assert_eq!(new.retiring(&proid("web")), dns(&[D3]), "carried over");
+        assert!(old.diff_dirty(&new).is_empty());
+
+        let fresh = Index::from_snapshot(old.partition.clone(), &snapshot);
+        assert!(
+            fresh.proids().is_empty(),
+            "without history the host is out of scope"
+        );
+    }
+}
+
+/// Incremental application against a rebuild from the final tree, over random
+/// event sequences in a small universe.
+#[cfg(test)]
+mod property {
+    use super::*;
+    use proptest::prelude::*;
+
+    const HOSTS: [&str; 3] = ["h1", "h2", "h3"];
+    const INSTANCES: [&str; 6] = [
+        "p1.web#1",
+        "p1.web#2",
+        "p2.db#1",
+        "p3.x#1",
+        "p3.x#2",
+        "noproid#1",
+    ];
+    const PROIDS: [&str; 3] = ["p1", "p2", "p3"];
+    const GLOB: &str = "east*";
+
+    /// The server files a host may have: in and out of scope, an alternative
+    /// spelling of the same DN, a DN shared by hosts, and unusable files.
+    fn server_file(host: &str, kind: u8) -> Result<ServerInfo, String> {
+        let make = |partition: Option<&str>, dc: Option<&str>, dn: Option<String>| {
+            Ok(ServerInfo {
+                partition: partition.map(String::from),
+                dc: dc.map(String::from),
+                dn,
+            })
+        };
+        let upper = host.to_uppercase();
+        match kind {
+            0 => make(Some("east"), Some("dc1"), Some(dn_a(host))),
+            1 => make(
+                Some("east-2"),
+                Some("DC1"),
+                Some(format!("cn = {upper} , ou=hosts,dc=AD,dc=com")),
+            ),
+            2 => make(Some("east"), Some("dc2"), Some(dn_b(host))),
+            3 => make(Some("east"), Some("dc1"), Some(DN_SHARED.into())),
+            4 => make(Some("west"), Some("dc1"), Some(dn_a(host))),
+            5 => make(Some("east"), Some("dc1"), Some(format!("CN={host}\\"))),
+            6 => make(Some("east"), Some("dc1"), None),
+            7 => Err("not YAML or JSON: truncated".into()),
+            8 => make(None, Some("dc1"), Some(dn_a(host))),
+            9 => make(Some("east-3"), Some("dc3"), Some(dn_a(host))),
+            _ => make(Some("west"), Some("dc1"), Some("CN=\\".into())),
+        }
+    }
+
+    fn dn_a(host: &str) -> String {
+        format!("CN={host},OU=Hosts,DC=ad,DC=com")
+    }
+
+    fn dn_b(host: &str) -> String {
+        format!("CN={host}-b,OU=Hosts,DC=ad,DC=com")
+    }
+
+    const DN_SHARED: &str = "CN=shared,OU=Hosts,DC=ad,DC=com";
+
+    fn universe_dns() -> Vec<Dn> {
+        let mut dns = vec![Dn::parse(DN_SHARED).expect("dn")];
+        for host in HOSTS {
+            dns.push(Dn::parse(&dn_a(host)).expect("dn"));
+            dns.push(Dn::parse(&dn_b(host)).expect("dn"));
+        }
+        dns
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Event(TreeEvent),
+        /// The reconciler gets round to a proid's groups.
+        Reconcile(usize),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let host = (0..HOSTS.len()).prop_map(|h| HostName::new(HOSTS[h]).expect("host"));
+        let instance = (0..INSTANCES.len()).prop_map(|i| INSTANCES[i].to_owned());
+        prop_oneof![
+            4 => (host.clone(), 0u8..11).prop_map(|(host, kind)| {
+                let info = server_file(host.as_str(), kind);
+                Op::Event(TreeEvent::ServerUpserted { host, info })
+            }),
+            1 => host.clone().prop_map(|host| Op::Event(TreeEvent::ServerRemoved { host })),
+            5 => (host.clone(), instance.clone()).prop_map(|(host, instance)| {
+                Op::Event(TreeEvent::PlacementAdded { host, instance })
+            }),
+            3 => (host.clone(), instance).prop_map(|(host, instance)| {
+                Op::Event(TreeEvent::PlacementRemoved { host, instance })
+            }),
+            1 => host.prop_map(|host| Op::Event(TreeEvent::PlacementDirRemoved { host })),
+            2 => (0..PROIDS.len()).prop_map(Op::Reconcile),
+        ]
+    }
+
+    /// The tree as files, plus what the rules say each host's definition
+    /// should come from.
+    #[derive(Default)]
+    struct Model {
+        /// The server files as they are now.
+        files: BTreeMap<HostName, Result<ServerInfo, String>>,
+        /// Per host, the last file that was usable (in scope or not): an
+        /// unusable file leaves the host as that one made it.
+        last_usable: BTreeMap<HostName, ServerInfo>,
+        placements: BTreeMap<HostName, BTreeSet<String>>,
+    }
+
+    impl Model {
+        fn apply(&mut self, event: &TreeEvent, glob: &PartitionGlob) {
+            match event {
+                TreeEvent::ServerUpserted { host, info } => {
+                    self.files.insert(host.clone(), info.clone());
+                    match info {
+                        Ok(info) if !unusable(info, glob) => {
+                            self.last_usable.insert(host.clone(), info.clone());
+                        }
+                        _ => {}
+                    }
+                }
+                TreeEvent::ServerRemoved { host } => {
+                    self.files.remove(host);
+                    self.last_usable.remove(host);
+                }
+                TreeEvent::PlacementAdded { host, instance } => {
+                    // The scan never reports names without a proid.
+                    if Proid::from_instance(instance).is_some() {
+                        self.placements
+                            .entry(host.clone())
+                            .or_default()
+                            .insert(instance.clone());
+                    }
+                }
+                TreeEvent::PlacementRemoved { host, instance } => {
+                    if let Some(set) = self.placements.get_mut(host) {
+                        set.remove(instance);
+                    }
+                }
+                TreeEvent::PlacementDirRemoved { host } => {
+                    self.placements.remove(host);
+                }
+            }
+        }
+
+        /// The tree as a scan would see it, except that each server file is
+        /// replaced by the last usable one, which is what history makes of it.
+        fn snapshot(&self) -> Snapshot {
+            let servers = self
+                .files
+                .iter()
+                .map(|(host, file)| {
+                    let info = match self.last_usable.get(host) {
+                        Some(usable) => Ok(usable.clone()),
+                        None => file.clone(),
+                    };
+                    (host.clone(), info)
+                })
+                .collect();
+            Snapshot {
+                servers,
+                placements: self.placements.clone(),
+                warnings: Vec::new(),
+            }
+        }
+    }
+
+    /// A file in the partition with both keys but a DN that does not parse.
+    fn unusable(info: &ServerInfo, glob: &PartitionGlob) -> bool {
+        glob.matches(info.partition.as_deref().unwrap_or(""))
+            && present(&info.dc).is_some()
+            && present(&info.dn).is_some_and(|dn| Dn::parse(dn).is_err())
+    }
+
+    fn all_retiring(index: &Index) -> BTreeMap<Proid, BTreeSet<Dn>> {
+        index.retiring.clone()
+    }
+
+    /// One step of a reconciler over fake groups: the plan rule of SPEC
+    /// section 3 with the retiring DNs, then the retiring DNs are cleared.
+    fn reconcile(index: &mut Index, groups: &mut BTreeMap<Proid, BTreeSet<Dn>>, proid: &Proid) {
+        let want = index.desired(proid);
+        let retiring = index.retiring(proid);
+        let members = groups.entry(proid.clone()).or_default();
+        members.retain(|m| !((index.is_managed(m) || retiring.contains(m)) && !want.contains(m)));
+        members.extend(want);
+        index.clear_retiring(proid, &retiring);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn incremental_equals_rebuild(ops in proptest::collection::vec(op(), 0..60)) {
+            let glob = PartitionGlob::parse(GLOB).expect("glob");
+            let mut index = Index::new(glob.clone());
+            let mut model = Model::default();
+            let mut groups: BTreeMap<Proid, BTreeSet<Dn>> = BTreeMap::new();
+            let mut pending: BTreeSet<Proid> = BTreeSet::new();
+            let dns = universe_dns();
+
+            for op in &ops {
+                let event = match op {
+                    Op::Reconcile(p) => {
+                        let proid = Proid::new(PROIDS[*p]).expect("proid");
+                        if pending.remove(&proid) {
+                            reconcile(&mut index, &mut groups, &proid);
+                        }
+                        continue;
+                    }
+                    Op::Event(event) => event,
+                };
+                let desired_before = index.desired_snapshot();
+                let retiring_before = all_retiring(&index);
+                let applied = index.apply(event);
+                model.apply(event, &glob);
+
+                // Dirty is exactly: desired set changed, or retiring grew.
+                let desired_after = index.desired_snapshot();
+                let retiring_after = all_retiring(&index);
+                let mut expected = BTreeSet::new();
+                for p in PROIDS {
+                    let p = Proid::new(p).expect("proid");
+                    if desired_before.get(&p) != desired_after.get(&p) {
+                        expected.insert(p.clone());
+                    }
+                    let empty = BTreeSet::new();
+                    let before = retiring_before.get(&p).unwrap_or(&empty);
+                    if retiring_after.get(&p).is_some_and(|after| !after.is_subset(before)) {
+                        expected.insert(p);
+                    }
+                }
+                prop_assert_eq!(&applied.dirty, &expected, "event {:?}", event);
+                pending.extend(applied.dirty);
+
+                // Never retiring what is wanted.
+                for (p, retiring) in &retiring_after {
+                    prop_assert!(retiring.is_disjoint(&index.desired(p)));
+                }
+
+                // Same state as a rebuild from the tree.
+                let rebuilt = Index::from_snapshot(glob.clone(), &model.snapshot());
+                prop_assert_eq!(&desired_after, &rebuilt.desired_snapshot(), "after {:?}", event);
+                prop_assert_eq!(index.stats(), rebuilt.stats());
+                prop_assert_eq!(index.proids(), rebuilt.proids());
+                prop_assert_eq!(index.dcs(), rebuilt.dcs());
+                for dn in &dns {
+                    prop_assert_eq!(index.is_managed(dn), rebuilt.is_managed(dn), "{}", dn);
+                }
+                // A rebuild has no history: nothing retires, nothing differs.
+                prop_assert!(index.diff_dirty(&rebuilt).is_empty());
+                let retiring: BTreeSet<Proid> = retiring_after.keys().cloned().collect();
+                prop_assert_eq!(rebuilt.diff_dirty(&index), retiring);
+            }
+
+            // Once every dirty proid is reconciled, each group holds exactly
+            // its desired members: nothing that ever was ours is left behind.
+            for p in std::mem::take(&mut pending) {
+                reconcile(&mut index, &mut groups, &p);
+            }
+            for p in PROIDS {
+                let p = Proid::new(p).expect("proid");
+                let members = groups.get(&p).cloned().unwrap_or_default();
+                prop_assert_eq!(members, index.desired(&p), "group of {}", p);
+            }
+        }
     }
 }

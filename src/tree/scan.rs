@@ -1,9 +1,607 @@
-//! Reads a whole placement tree into a [`Snapshot`](super::Snapshot).
-#![allow(missing_docs)]
-use super::Snapshot;
-#[derive(Debug, thiserror::Error)]
-#[error("stub")]
-pub struct ScanError;
-pub fn scan(_root: &std::path::Path) -> Result<Snapshot, ScanError> {
-    Err(ScanError)
+//! Reads a whole placement tree into a [`Snapshot`]: every server file
+//! parsed, every placement directory listed.
+//!
+//! The scan is where "source error is not source empty" (SPEC section 5) is
+//! decided: a tree without `.modified`, a missing `servers/` or `placement/`
+//! directory, or a directory that cannot be listed is a [`ScanError`] and
+//! never an empty snapshot. Problems with single entries (a broken server
+//! file, a name that is not a host name or not a placement) only affect that
+//! entry and are reported as warnings naming the path.
+
+use std::collections::BTreeSet;
+use std::ffi::OsStr;
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+
+use thiserror::Error;
+
+use super::{ServerInfo, Snapshot};
+use crate::model::{HostName, Proid};
+
+/// The readiness marker written by the mirror after its first full sync.
+pub const MODIFIED: &str = ".modified";
+/// The directory of server files.
+pub const SERVERS: &str = "servers";
+/// The directory of per-host placement directories.
+pub const PLACEMENT: &str = "placement";
+
+/// Why a tree cannot be acted on at all.
+#[derive(Debug, Error)]
+pub enum ScanError {
+    /// The mirror has not completed its first sync: the tree is incomplete.
+    #[error("{}: missing: the tree is not ready (the mirror has not completed its first sync)", path.display())]
+    NotReady {
+        /// The path of the missing marker.
+        path: PathBuf,
+    },
+    /// A directory the tree must have is missing or is not a directory.
+    #[error("{}: missing or not a directory", path.display())]
+    Missing {
+        /// The directory that was expected.
+        path: PathBuf,
+    },
+    /// A directory (or the marker) could not be read.
+    #[error("{}: cannot be read: {source}", path.display())]
+    Io {
+        /// What could not be read.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+/// Reads the tree under `root`.
+///
+/// Names starting with `.` are ignored everywhere, without a warning: they
+/// are the mirror's temp files and markers, never data.
+pub fn scan(root: &Path) -> Result<Snapshot, ScanError> {
+    check_ready(root)?;
+    let servers_dir = required_dir(root, SERVERS)?;
+    let placement_dir = required_dir(root, PLACEMENT)?;
+    let mut snapshot = Snapshot::default();
+
+    for (name, path) in list(&servers_dir)? {
+        let Some(host) = host_name(&name, &path, &mut snapshot.warnings) else {
+            continue;
+        };
+        match load_server(&path) {
+            ServerFile::Present(info) => {
+                if let Err(reason) = &info {
+                    snapshot.warnings.push(format!(
+                        "{}: unusable server file: {reason}",
+                        path.display()
+                    ));
+                }
+                snapshot.servers.insert(host, info);
+            }
+            ServerFile::Absent => snapshot.warnings.push(format!(
+                "{}: vanished during the scan; skipped",
+                path.display()
+            )),
+            ServerFile::NotAFile(what) => snapshot.warnings.push(format!(
+                "{}: {what}, not a server file; skipped",
+                path.display()
+            )),
+        }
+    }
+
+    for (name, path) in list(&placement_dir)? {
+        let Some(host) = host_name(&name, &path, &mut snapshot.warnings) else {
+            continue;
+        };
+        match fs::metadata(&path) {
+            Ok(meta) if meta.is_dir() => {}
+            Ok(_) => {
+                snapshot.warnings.push(format!(
+                    "{}: not a directory, not a placement directory; skipped",
+                    path.display()
+                ));
+                continue;
+            }
+            // Removed between the listing and now: as if never seen.
+            Err(err) if err.kind() == io::ErrorKind::NotFound => continue,
+            Err(source) => return Err(ScanError::Io { path, source }),
+        }
+        if let Some(dir) = read_host_dir(&path)? {
+            snapshot.warnings.extend(dir.warnings);
+            snapshot.placements.insert(host, dir.instances);
+        }
+    }
+    Ok(snapshot)
+}
+
+/// Fails unless the readiness marker exists.
+pub fn check_ready(root: &Path) -> Result<(), ScanError> {
+    let path = root.join(MODIFIED);
+    match fs::symlink_metadata(&path) {
+        Ok(_) => Ok(()),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Err(ScanError::NotReady { path }),
+        Err(source) => Err(ScanError::Io { path, source }),
+    }
+}
+
+/// The path of `root/<name>`, which must be a directory.
+fn required_dir(root: &Path, name: &str) -> Result<PathBuf, ScanError> {
+    let path = root.join(name);
+    match fs::metadata(&path) {
+        Ok(meta) if meta.is_dir() => Ok(path),
+        Ok(_) => Err(ScanError::Missing { path }),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Err(ScanError::Missing { path }),
+        Err(source) => Err(ScanError::Io { path, source }),
+    }
+}
+
+/// The non-dot entries of a directory, sorted by name so that warnings come
+/// out in the same order on every run.
+fn list(dir: &Path) -> Result<Vec<(std::ffi::OsString, PathBuf)>, ScanError> {
+    let io_err = |source| ScanError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    let mut entries = Vec::new();
+    for entry in fs::read_dir(dir).map_err(io_err)? {
+        let entry = entry.map_err(io_err)?;
+        let name = entry.file_name();
+        if is_dot_name(&name) {
+            continue;
+        }
+        entries.push((name, entry.path()));
+    }
+    entries.sort();
+    Ok(entries)
+}
+
+/// True for names the mirror uses for temp files and markers.
+pub fn is_dot_name(name: &OsStr) -> bool {
+    name.as_encoded_bytes().first() == Some(&b'.')
+}
+
+/// The host named by a directory entry, or `None` with a warning.
+fn host_name(name: &OsStr, path: &Path, warnings: &mut Vec<String>) -> Option<HostName> {
+    let Some(text) = name.to_str() else {
+        warnings.push(format!("{}: name is not UTF-8; skipped", path.display()));
+        return None;
+    };
+    match HostName::new(text) {
+        Ok(host) => Some(host),
+        Err(err) => {
+            warnings.push(format!("{}: {err}; skipped", path.display()));
+            None
+        }
+    }
+}
+
+/// What was found at a server file's path.
+enum ServerFile {
+    /// A file: its content, or why it can't be used.
+    Present(Result<ServerInfo, String>),
+    /// Nothing (it was removed).
+    Absent,
+    /// Something that is not a regular file, described.
+    NotAFile(&'static str),
+}
+
+fn load_server(path: &Path) -> ServerFile {
+    let meta = match fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(err) if err.kind() == io::ErrorKind::NotFound => return ServerFile::Absent,
+        Err(err) => return ServerFile::Present(Err(format!("cannot be read: {err}"))),
+    };
+    if meta.is_dir() {
+        return ServerFile::NotAFile("a directory");
+    }
+    if !meta.is_file() {
+        // Reading a FIFO would block the scan.
+        return ServerFile::NotAFile("a special file");
+    }
+    match fs::read(path) {
+        Ok(content) => ServerFile::Present(ServerInfo::parse(&content)),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => ServerFile::Absent,
+        Err(err) => ServerFile::Present(Err(format!("cannot be read: {err}"))),
+    }
+}
+
+/// Reads `servers/<host>` on its own, as the daemon does when a server file
+/// is written. The error says why the file can't be used (including that it
+/// does not exist), without the path.
+pub fn read_server(root: &Path, host: &HostName) -> Result<ServerInfo, String> {
+    match load_server(&root.join(SERVERS).join(host.as_str())) {
+        ServerFile::Present(info) => info,
+        ServerFile::Absent => Err("does not exist".to_owned()),
+        ServerFile::NotAFile(what) => Err(format!("{what}, not a server file")),
+    }
+}
+
+/// The instances found in one host's placement directory.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostDir {
+    /// Instance names whose proid could be read.
+    pub instances: BTreeSet<String>,
+    /// Entries that were skipped, each naming the path and why.
+    pub warnings: Vec<String>,
+}
+
+/// Lists `placement/<host>/` on its own, as the daemon does when such a
+/// directory is created (files may have been written into it before a watch
+/// was set). `Ok(None)` when the directory does not exist or is not a
+/// directory; an error when it exists but can't be listed, because treating
+/// it as empty would withdraw every placement on the host.
+pub fn scan_host_dir(root: &Path, host: &HostName) -> Result<Option<HostDir>, ScanError> {
+    let path = root.join(PLACEMENT).join(host.as_str());
+    match fs::metadata(&path) {
+        Ok(meta) if meta.is_dir() => read_host_dir(&path),
+        Ok(_) => Ok(None),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(source) => Err(ScanError::Io { path, source }),
+    }
+}
+
+/// Lists a host directory known to be a directory; `None` when it vanished
+/// before it could be opened.
+fn read_host_dir(path: &Path) -> Result<Option<HostDir>, ScanError> {
+    let entries = match list(path) {
+        Ok(entries) => entries,
+        Err(ScanError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
+            return Ok(None)
+        }
+        Err(err) => return Err(err),
+    };
+    let mut dir = HostDir::default();
+    for (name, entry_path) in entries {
+        let Some(instance) = name.to_str() else {
+            dir.warnings.push(format!(
+                "{}: name is not UTF-8; skipped",
+                entry_path.display()
+            ));
+            continue;
+        };
+        if Proid::from_instance(instance).is_none() {
+            dir.warnings.push(format!(
+                "{}: not a placement: no proid; skipped",
+                entry_path.display()
+            ));
+            continue;
+        }
+        if fs::symlink_metadata(&entry_path).is_ok_and(|meta| meta.is_dir()) {
+            dir.warnings.push(format!(
+                "{}: a directory, not a placement; skipped",
+                entry_path.display()
+            ));
+            continue;
+        }
+        dir.instances.insert(instance.to_owned());
+    }
+    Ok(Some(dir))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::ffi::OsStrExt;
+
+    /// A tree in a temp directory with `.modified`, `servers/` and `placement/`.
+    struct Tree {
+        dir: tempfile::TempDir,
+    }
+
+    impl Tree {
+        fn new() -> Tree {
+            let tree = Tree::bare();
+            tree.write(MODIFIED, "");
+            tree.mkdir(SERVERS);
+            tree.mkdir(PLACEMENT);
+            tree
+        }
+
+        fn bare() -> Tree {
+            Tree {
+                dir: tempfile::tempdir().expect("temp dir"),
+            }
+        }
+
+        fn root(&self) -> &Path {
+            self.dir.path()
+        }
+
+        fn write(&self, rel: &str, content: &str) {
+            let path = self.root().join(rel);
+            fs::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            fs::write(path, content).expect("write");
+        }
+
+        fn mkdir(&self, rel: &str) {
+            fs::create_dir_all(self.root().join(rel)).expect("mkdir");
+        }
+
+        fn server(&self, host: &str, partition: &str) {
+            self.write(
+                &format!("servers/{host}"),
+                &format!("partition: {partition}\nnt.dc: dc1.ad.com\nnt.dn: CN={host},OU=Hosts,DC=ad,DC=com\n"),
+            );
+        }
+    }
+
+    fn host(name: &str) -> HostName {
+        HostName::new(name).expect("host")
+    }
+
+    fn set(items: &[&str]) -> BTreeSet<String> {
+        items.iter().map(|s| s.to_string()).collect()
+    }
+
+    fn warned(snapshot: &Snapshot, path_part: &str, reason: &str) -> bool {
+        snapshot
+            .warnings
+            .iter()
+            .any(|w| w.contains(path_part) && w.contains(reason))
+    }
+
+    #[test]
+    fn servers_and_placements_are_read() {
+        let tree = Tree::new();
+        tree.server("h1", "p1");
+        tree.server("h2", "p2");
+        tree.write("placement/h1/proid1.web#0000000001", "{}");
+        tree.write("placement/h1/proid2.db#0000000002", "{}");
+        tree.mkdir("placement/h2");
+        let snap = scan(tree.root()).expect("scan");
+        assert_eq!(snap.servers.len(), 2);
+        let info = snap.servers[&host("h1")].as_ref().expect("parsed");
+        assert_eq!(info.partition.as_deref(), Some("p1"));
+        assert_eq!(info.dn.as_deref(), Some("CN=h1,OU=Hosts,DC=ad,DC=com"));
+        assert_eq!(
+            snap.placements[&host("h1")],
+            set(&["proid1.web#0000000001", "proid2.db#0000000002"])
+        );
+        assert_eq!(
+            snap.placements[&host("h2")],
+            BTreeSet::new(),
+            "empty dir still appears"
+        );
+        assert!(snap.warnings.is_empty(), "{:?}", snap.warnings);
+    }
+
+    #[test]
+    fn dot_names_are_ignored_silently_everywhere() {
+        let tree = Tree::new();
+        tree.server("h1", "p1");
+        tree.write(
+            "servers/.tmpAbC123",
+            "partition: p1\nnt.dc: x\nnt.dn: CN=tmp\n",
+        );
+        tree.write("servers/.done", "");
+        tree.mkdir("servers/.data");
+        tree.write("placement/.tmp999", "");
+        tree.mkdir("placement/.hidden/proid9.x#1");
+        tree.write("placement/h1/.tmpXYZ", "{}");
+        tree.write("placement/h1/.done", "");
+        tree.write("placement/h1/proid1.web#1", "{}");
+        let snap = scan(tree.root()).expect("scan");
+        assert_eq!(snap.servers.keys().collect::<Vec<_>>(), [&host("h1")]);
+        assert_eq!(snap.placements.keys().collect::<Vec<_>>(), [&host("h1")]);
+        assert_eq!(snap.placements[&host("h1")], set(&["proid1.web#1"]));
+        assert!(snap.warnings.is_empty(), "{:?}", snap.warnings);
+    }
+
+    #[test]
+    fn a_broken_server_file_is_isolated() {
+        let tree = Tree::new();
+        tree.server("good", "p1");
+        tree.write("servers/broken", "{unclosed: [");
+        tree.write("servers/list", "- a\n- b\n");
+        let snap = scan(tree.root()).expect("a broken file is not a run failure");
+        assert!(snap.servers[&host("good")].is_ok());
+        let broken = snap.servers[&host("broken")].as_ref().expect_err("broken");
+        assert!(broken.contains("YAML"), "{broken}");
+        assert_eq!(snap.servers[&host("list")], Err("not a mapping".to_owned()));
+        assert!(warned(&snap, "servers/broken", "unusable server file"));
+        assert!(warned(&snap, "servers/list", "not a mapping"));
+    }
+
+    #[test]
+    fn server_without_placement_dir_and_placement_dir_without_server() {
+        let tree = Tree::new();
+        tree.server("lonely-server", "p1");
+        tree.write("placement/lonely-dir/proid1.web#1", "{}");
+        let snap = scan(tree.root()).expect("scan");
+        assert!(snap.servers.contains_key(&host("lonely-server")));
+        assert!(!snap.placements.contains_key(&host("lonely-server")));
+        assert!(!snap.servers.contains_key(&host("lonely-dir")));
+        assert_eq!(snap.placements[&host("lonely-dir")], set(&["proid1.web#1"]));
+        assert!(snap.warnings.is_empty(), "{:?}", snap.warnings);
+    }
+
+    #[test]
+    fn non_utf8_names_are_rejected_with_a_warning() {
+        let tree = Tree::new();
+        let bad = OsStr::from_bytes(b"h\xff1");
+        fs::write(tree.root().join(SERVERS).join(bad), "partition: p1\n").expect("write");
+        fs::create_dir(tree.root().join(PLACEMENT).join(bad)).expect("mkdir");
+        tree.mkdir("placement/h1");
+        fs::write(
+            tree.root()
+                .join("placement/h1")
+                .join(OsStr::from_bytes(b"proid1.w\xfe#1")),
+            "{}",
+        )
+        .expect("write");
+        let snap = scan(tree.root()).expect("scan");
+        assert!(snap.servers.is_empty());
+        assert_eq!(snap.placements.keys().collect::<Vec<_>>(), [&host("h1")]);
+        assert!(snap.placements[&host("h1")].is_empty());
+        let not_utf8 = snap
+            .warnings
+            .iter()
+            .filter(|w| w.contains("not UTF-8"))
+            .count();
+        assert_eq!(not_utf8, 3, "{:?}", snap.warnings);
+        assert!(warned(&snap, "servers/h", "not UTF-8"));
+        assert!(warned(&snap, "placement/h1/proid1.w", "not UTF-8"));
+    }
+
+    #[test]
+    fn instances_without_a_proid_are_not_placements() {
+        let tree = Tree::new();
+        tree.write("placement/h1/noproid#1", "{}");
+        tree.write("placement/h1/.web#2", "{}");
+        tree.write("placement/h1/proid1.web#3", "{}");
+        let snap = scan(tree.root()).expect("scan");
+        assert_eq!(snap.placements[&host("h1")], set(&["proid1.web#3"]));
+        assert!(warned(
+            &snap,
+            "placement/h1/noproid#1",
+            "not a placement: no proid"
+        ));
+        assert_eq!(
+            snap.warnings.len(),
+            1,
+            "dot names stay silent: {:?}",
+            snap.warnings
+        );
+    }
+
+    #[test]
+    fn wrong_entry_kinds_are_skipped_with_warnings() {
+        let tree = Tree::new();
+        tree.mkdir("servers/subdir");
+        tree.write("placement/stray-file", "");
+        tree.mkdir("placement/h1/proid1.web#1");
+        tree.write("placement/h1/proid1.web#2", "{}");
+        let snap = scan(tree.root()).expect("scan");
+        assert!(snap.servers.is_empty());
+        assert!(warned(&snap, "servers/subdir", "a directory"));
+        assert!(warned(&snap, "placement/stray-file", "not a directory"));
+        assert!(warned(&snap, "placement/h1/proid1.web#1", "a directory"));
+        assert!(!snap.placements.contains_key(&host("stray-file")));
+        assert_eq!(snap.placements[&host("h1")], set(&["proid1.web#2"]));
+    }
+
+    #[test]
+    fn missing_marker_is_not_ready() {
+        let tree = Tree::bare();
+        tree.mkdir(SERVERS);
+        tree.mkdir(PLACEMENT);
+        let err = scan(tree.root()).expect_err("not ready");
+        assert!(matches!(&err, ScanError::NotReady { path } if path.ends_with(MODIFIED)));
+        let text = err.to_string();
+        assert!(
+            text.contains(".modified") && text.contains("not ready"),
+            "{text}"
+        );
+        assert!(!text.contains('\n'));
+    }
+
+    #[test]
+    fn missing_directories_are_errors_not_empty_trees() {
+        for (missing, file_instead) in [
+            (SERVERS, false),
+            (PLACEMENT, false),
+            (SERVERS, true),
+            (PLACEMENT, true),
+        ] {
+            let tree = Tree::bare();
+            tree.write(MODIFIED, "");
+            for dir in [SERVERS, PLACEMENT] {
+                if dir != missing {
+                    tree.mkdir(dir);
+                } else if file_instead {
+                    tree.write(dir, "");
+                }
+            }
+            let err = scan(tree.root()).expect_err("missing directory");
+            assert!(
+                matches!(&err, ScanError::Missing { path } if path.ends_with(missing)),
+                "{err:?}"
+            );
+            assert!(
+                err.to_string().contains("missing or not a directory"),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
+    fn unlistable_directories_are_errors() {
+        use std::os::unix::fs::PermissionsExt;
+        let tree = Tree::new();
+        tree.write("placement/h1/proid1.web#1", "{}");
+        let dir = tree.root().join("placement/h1");
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o000)).expect("chmod");
+        // Root ignores permissions: there is nothing to test then.
+        let listable = fs::read_dir(&dir).is_ok();
+        let result = scan(tree.root());
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod back");
+        if listable {
+            return;
+        }
+        let err = result.expect_err("an unlistable host dir must fail the scan");
+        assert!(
+            matches!(&err, ScanError::Io { path, .. } if path == &dir),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("placement/h1"), "{err}");
+    }
+
+    #[test]
+    fn unreadable_entries_are_errors_not_empty() {
+        // A symlink loop can't be followed, even by root.
+        let tree = Tree::new();
+        std::os::unix::fs::symlink("h1", tree.root().join("placement/h1")).expect("symlink");
+        let err = scan(tree.root()).expect_err("an unreadable host dir must fail the scan");
+        assert!(
+            matches!(&err, ScanError::Io { path, .. } if path.ends_with("placement/h1")),
+            "{err:?}"
+        );
+        assert!(scan_host_dir(tree.root(), &host("h1")).is_err());
+
+        let tree = Tree::bare();
+        tree.write(MODIFIED, "");
+        tree.mkdir(PLACEMENT);
+        std::os::unix::fs::symlink(SERVERS, tree.root().join(SERVERS)).expect("symlink");
+        let err = scan(tree.root()).expect_err("an unreadable servers/ must fail the scan");
+        assert!(
+            matches!(&err, ScanError::Io { path, .. } if path.ends_with(SERVERS)),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(text.contains("servers: cannot be read"), "{text}");
+    }
+
+    #[test]
+    fn single_host_helpers() {
+        let tree = Tree::new();
+        tree.server("h1", "p1");
+        tree.write("servers/bad", "[");
+        tree.write("placement/h1/proid1.web#1", "{}");
+        tree.write("placement/h1/.tmp1", "{}");
+        tree.write("placement/h1/junk", "{}");
+        let info = read_server(tree.root(), &host("h1")).expect("readable");
+        assert_eq!(info.dc.as_deref(), Some("dc1.ad.com"));
+        assert!(read_server(tree.root(), &host("bad")).is_err());
+        assert_eq!(
+            read_server(tree.root(), &host("nope")),
+            Err("does not exist".into())
+        );
+
+        let dir = scan_host_dir(tree.root(), &host("h1"))
+            .expect("listable")
+            .expect("exists");
+        assert_eq!(dir.instances, set(&["proid1.web#1"]));
+        assert_eq!(dir.warnings.len(), 1, "{:?}", dir.warnings);
+        assert!(dir.warnings[0].contains("junk"));
+        assert_eq!(scan_host_dir(tree.root(), &host("h2")).expect("ok"), None);
+    }
+
+    #[test]
+    fn numeric_partitions_and_extra_keys() {
+        let tree = Tree::new();
+        tree.write(
+            "servers/h1",
+            r#"{"partition": 7, "nt.dc": "dc", "nt.dn": "CN=h1", "cpu": "100%", "traits": ["a"]}"#,
+        );
+        let snap = scan(tree.root()).expect("scan");
+        let info = snap.servers[&host("h1")].as_ref().expect("parsed");
+        assert_eq!(info.partition.as_deref(), Some("7"));
+    }
 }
