@@ -24,7 +24,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::cli::RunConfig;
 use crate::commands::{open_directory, CommandError, EXIT_OK};
-use crate::directory::{DirError, Directory, Group};
+use crate::directory::{Directory, Group};
 use crate::index::Index;
 use crate::metrics::{self, Metrics, OutcomeLabels};
 use crate::model::{Dn, Proid};
@@ -448,7 +448,16 @@ impl Daemon {
             warn!(proid = %m.proid, hosts = m.desired.len(), "proid has placements but no group");
         }
         self.refused.clear();
-        let complete = self.apply(plan, &clocks, shutdown).await;
+        let retiring = self
+            .index
+            .retiring_proids()
+            .into_iter()
+            .map(|p| {
+                let dns = self.index.retiring(&p);
+                (p, dns)
+            })
+            .collect();
+        let complete = self.apply(plan, &clocks, retiring, shutdown).await;
         if complete.is_some() {
             self.metrics.last_full_sync.set(metrics::unix_now());
             if !self.metrics.is_ready() {
@@ -497,20 +506,13 @@ impl Daemon {
             .map(|(p, _)| p.clone())
             .collect();
         for proid in due {
-            // The attempt count stays until the proid succeeds.
-            if let Some((_, attempt)) = self.retries.get_mut(&proid) {
-                *attempt += 0;
+            // The attempt count stays until the proid succeeds; park the
+            // retry until the batch says how it went.
+            if let Some((at, _)) = self.retries.get_mut(&proid) {
+                *at = now + Duration::from_secs(24 * 3600);
             }
-            self.retries_due_to_dirty(proid, now);
+            self.mark_dirty(proid, now);
         }
-    }
-
-    fn retries_due_to_dirty(&mut self, proid: Proid, now: Instant) {
-        if let Some((at, _)) = self.retries.get_mut(&proid) {
-            // Park far ahead until the batch says how it went.
-            *at = now + Duration::from_secs(3600 * 24);
-        }
-        self.mark_dirty(proid, now);
     }
 
     /// Reconciles the dirty proids.
@@ -574,14 +576,33 @@ impl Daemon {
         for proid in &proids {
             self.refused.remove(proid);
         }
-        self.apply(plan, &clocks, shutdown).await;
+        let retiring = proids.iter().map(|p| (p.clone(), self.index.retiring(p))).collect();
+        self.apply(plan, &clocks, retiring, shutdown).await;
         self.update_gauges();
     }
 
-    /// Applies a plan (deletions held back when the guard refuses them) and
-    /// records the results. `None` when abandoned at shutdown, otherwise
-    /// whether everything was applied.
-    async fn apply(&mut self, plan: Plan, clocks: &Dirty, shutdown: &mut Shutdown<'_>) -> Option<bool> {
+    /// Applies a plan (deletions held back when the guard refuses them),
+    /// records the results, and forgets the retiring DNs of the proids in
+    /// `retiring` that are now fully reconciled. `None` when abandoned at
+    /// shutdown, otherwise whether everything was applied.
+    async fn apply(
+        &mut self,
+        plan: Plan,
+        clocks: &Dirty,
+        retiring: BTreeMap<Proid, BTreeSet<Dn>>,
+        shutdown: &mut Shutdown<'_>,
+    ) -> Option<bool> {
+        let unfinished = self.apply_plan(plan, clocks, shutdown).await?;
+        for (proid, dns) in retiring {
+            if !unfinished.contains(&proid) && !self.refused.contains_key(&proid) {
+                self.index.clear_retiring(&proid, &dns);
+            }
+        }
+        Some(unfinished.is_empty())
+    }
+
+    /// Applies a plan; `None` when abandoned, otherwise the proids not fully applied.
+    async fn apply_plan(&mut self, plan: Plan, clocks: &Dirty, shutdown: &mut Shutdown<'_>) -> Option<BTreeSet<Proid>> {
         let mut plan = plan;
         if let Some(reason) = guard(&plan, &self.config.config.guard) {
             warn!("mass-deletion guard: {reason}; additions are applied, deletions stay pending");
@@ -592,7 +613,7 @@ impl Daemon {
             plan = plan.without_deletions();
         }
         if plan.changes.is_empty() {
-            return Some(true);
+            return Some(BTreeSet::new());
         }
         if self.config.dry_run {
             let report = Report {
@@ -611,10 +632,11 @@ impl Daemon {
         Some(self.record(results, clocks))
     }
 
-    /// Updates the cache, retries and metrics from a batch's results.
-    fn record(&mut self, results: Vec<GroupResult>, clocks: &Dirty) -> bool {
+    /// Updates the cache, retries and metrics from a batch's results;
+    /// returns the proids not fully applied.
+    fn record(&mut self, results: Vec<GroupResult>, clocks: &Dirty) -> BTreeSet<Proid> {
         let now = Instant::now();
-        let mut complete = true;
+        let mut unfinished = BTreeSet::new();
         for result in results {
             let dn = result.planned.group_dn.clone();
             let proid = result.planned.proid.clone();
@@ -640,9 +662,8 @@ impl Daemon {
                     group.members.remove(gone);
                 }
             }
-            self.index.clear_retiring(&proid, &result.applied.delete);
             if result.failed.is_some() {
-                complete = false;
+                unfinished.insert(proid.clone());
                 self.stale.insert(dn);
                 let attempt = self.retries.get(&proid).map_or(0, |(_, n)| *n);
                 let delay = self.config.config.apply.backoff.delay(attempt).max(Duration::from_millis(50));
@@ -656,7 +677,7 @@ impl Daemon {
                 }
             }
         }
-        complete
+        unfinished
     }
 }
 
@@ -670,9 +691,4 @@ fn simulated(change: &GroupChange) -> GroupResult {
         requests: 0,
         retries: 0,
     }
-}
-
-#[allow(dead_code)]
-fn is_transient(err: &DirError) -> bool {
-    err.is_transient()
 }

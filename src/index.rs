@@ -293,6 +293,11 @@ impl Index {
         self.retiring.get(proid).cloned().unwrap_or_default()
     }
 
+    /// Proids with retiring DNs, sorted.
+    pub fn retiring_proids(&self) -> Vec<Proid> {
+        self.retiring.keys().cloned().collect()
+    }
+
     /// Forgets retiring DNs once the proid's groups were reconciled without
     /// them (or the proid was found to have no group). Call it with the set
     /// [`Index::retiring`] returned when the plan was made.

@@ -18,8 +18,10 @@ use std::path::{Path, PathBuf};
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use thiserror::Error;
 use tokio::sync::mpsc;
+use tracing::warn;
 
 use super::event::{classify, PathKind};
+use super::scan::scan_host_dir;
 use super::{ServerInfo, TreeEvent};
 use crate::model::HostName;
 
@@ -90,7 +92,7 @@ pub fn changes_at(root: &Path, path: &Path) -> Vec<Change> {
             };
             vec![Change::Tree(event)]
         }
-        PathKind::HostDir(host) => host_dir_at(path, host),
+        PathKind::HostDir(host) => host_dir_at(root, host),
         PathKind::ServersDir | PathKind::PlacementDir => {
             vec![Change::Rescan(format!("{} changed", path.display()))]
         }
@@ -117,27 +119,23 @@ fn server_at(path: &Path, host: HostName) -> Option<Change> {
 
 /// A host directory that appeared is listed at once; one that went away
 /// takes its placements with it.
-fn host_dir_at(path: &Path, host: HostName) -> Vec<Change> {
-    let entries = match fs::read_dir(path) {
-        Ok(entries) => entries,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => {
-            return vec![Change::Tree(TreeEvent::PlacementDirRemoved { host })];
+fn host_dir_at(root: &Path, host: HostName) -> Vec<Change> {
+    match scan_host_dir(root, &host) {
+        Ok(None) => vec![Change::Tree(TreeEvent::PlacementDirRemoved { host })],
+        Ok(Some(dir)) => {
+            for warning in dir.warnings {
+                warn!("{warning}");
+            }
+            dir.instances
+                .into_iter()
+                .map(|instance| {
+                    Change::Tree(TreeEvent::PlacementAdded {
+                        host: host.clone(),
+                        instance,
+                    })
+                })
+                .collect()
         }
-        Err(_) if !path.is_dir() => return Vec::new(),
-        Err(err) => return vec![Change::Rescan(format!("cannot list {}: {err}", path.display()))],
-    };
-    let mut changes = Vec::new();
-    for entry in entries.flatten() {
-        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-            continue;
-        };
-        if name.starts_with('.') {
-            continue;
-        }
-        changes.push(Change::Tree(TreeEvent::PlacementAdded {
-            host: host.clone(),
-            instance: name,
-        }));
+        Err(err) => vec![Change::Rescan(err.to_string())],
     }
-    changes
 }
