@@ -55,11 +55,9 @@ pub fn load_index(config: &Config) -> Result<Index, CommandError> {
     for warning in &snapshot.warnings {
         warn!("{warning}");
     }
-    let mut index = Index::new(config.partition.clone());
-    for event in snapshot.events() {
-        if let Some(warning) = index.apply(&event).warning {
-            warn!("{warning}");
-        }
+    let (index, warnings) = Index::from_snapshot_with_warnings(config.partition.clone(), &snapshot);
+    for warning in &warnings {
+        warn!("{warning}");
     }
     let stats = index.stats();
     info!(

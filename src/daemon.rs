@@ -82,7 +82,10 @@ async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) {
+        match (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+        ) {
             (Ok(mut int), Ok(mut term)) => {
                 tokio::select! {
                     _ = int.recv() => {}
@@ -226,7 +229,8 @@ impl Daemon {
                 info!(path = %marker.display(), "waiting for the placement tree to be ready");
                 next_log = Instant::now() + READY_LOG_EVERY;
             }
-            self.metrics.set_ready(Err("waiting for the placement tree (.modified)".into()));
+            self.metrics
+                .set_ready(Err("waiting for the placement tree (.modified)".into()));
             tokio::select! {
                 _ = &mut *shutdown => return false,
                 _ = sleep(TREE_POLL) => {}
@@ -298,7 +302,11 @@ impl Daemon {
 
     fn on_event(&mut self, event: &TreeEvent, at: Instant) {
         self.tree.apply(event);
-        if let TreeEvent::ServerUpserted { info: Err(why), host } = event {
+        if let TreeEvent::ServerUpserted {
+            info: Err(why),
+            host,
+        } = event
+        {
             self.metrics.server_file_errors.inc();
             debug!(%host, why, "server file not usable");
         }
@@ -321,7 +329,9 @@ impl Daemon {
 
     fn update_gauges(&self) {
         let stats = self.index.stats();
-        self.metrics.servers_in_scope.set(stats.servers_in_scope as i64);
+        self.metrics
+            .servers_in_scope
+            .set(stats.servers_in_scope as i64);
         self.metrics.placements.set(stats.placements as i64);
         self.metrics.proids.set(stats.proids as i64);
         self.metrics.dirty_groups.set(self.dirty.len() as i64);
@@ -369,7 +379,8 @@ impl Daemon {
                         error!(error = %err, "placement tree unusable; not writing until it is");
                         logged = true;
                     }
-                    self.metrics.set_ready(Err(format!("placement tree unusable: {err}")));
+                    self.metrics
+                        .set_ready(Err(format!("placement tree unusable: {err}")));
                 }
                 Err(join) => panic!("BUG: the tree scan panicked: {join}"),
             }
@@ -429,7 +440,8 @@ impl Daemon {
                 };
                 self.full_sync_due = Instant::now() + delay;
                 if !self.metrics.is_ready() {
-                    self.metrics.set_ready(Err(format!("reading the groups: {err}")));
+                    self.metrics
+                        .set_ready(Err(format!("reading the groups: {err}")));
                 }
                 return;
             }
@@ -564,7 +576,12 @@ impl Daemon {
             .flat_map(|k| self.by_proid.get(k).into_iter().flatten())
             .filter_map(|dn| self.groups.get(dn).cloned())
             .collect();
-        let plan = plan(&self.index, &groups, &self.config.config.pattern, Scope::Only(&proids));
+        let plan = plan(
+            &self.index,
+            &groups,
+            &self.config.config.pattern,
+            Scope::Only(&proids),
+        );
         for key in &keys {
             self.missing.remove(key);
         }
@@ -576,7 +593,10 @@ impl Daemon {
         for proid in &proids {
             self.refused.remove(proid);
         }
-        let retiring = proids.iter().map(|p| (p.clone(), self.index.retiring(p))).collect();
+        let retiring = proids
+            .iter()
+            .map(|p| (p.clone(), self.index.retiring(p)))
+            .collect();
         self.apply(plan, &clocks, retiring, shutdown).await;
         self.update_gauges();
     }
@@ -602,13 +622,19 @@ impl Daemon {
     }
 
     /// Applies a plan; `None` when abandoned, otherwise the proids not fully applied.
-    async fn apply_plan(&mut self, plan: Plan, clocks: &Dirty, shutdown: &mut Shutdown<'_>) -> Option<BTreeSet<Proid>> {
+    async fn apply_plan(
+        &mut self,
+        plan: Plan,
+        clocks: &Dirty,
+        shutdown: &mut Shutdown<'_>,
+    ) -> Option<BTreeSet<Proid>> {
         let mut plan = plan;
         if let Some(reason) = guard(&plan, &self.config.config.guard) {
             warn!("mass-deletion guard: {reason}; additions are applied, deletions stay pending");
             self.metrics.guard_refusals.inc();
             for change in plan.changes.iter().filter(|c| !c.delete.is_empty()) {
-                self.refused.insert(change.proid.clone(), change.delete.len());
+                self.refused
+                    .insert(change.proid.clone(), change.delete.len());
             }
             plan = plan.without_deletions();
         }
@@ -666,7 +692,13 @@ impl Daemon {
                 unfinished.insert(proid.clone());
                 self.stale.insert(dn);
                 let attempt = self.retries.get(&proid).map_or(0, |(_, n)| *n);
-                let delay = self.config.config.apply.backoff.delay(attempt).max(Duration::from_millis(50));
+                let delay = self
+                    .config
+                    .config
+                    .apply
+                    .backoff
+                    .delay(attempt)
+                    .max(Duration::from_millis(50));
                 self.retries.insert(proid, (now + delay, attempt + 1));
             } else {
                 self.retries.remove(&proid);

@@ -5,7 +5,6 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::Context;
 use gmsa_reconciler::cli::{
     self, CheckConfig, Cli, CliError, Command, Config, LogFormat, LogSettings, RunConfig,
 };
@@ -31,7 +30,8 @@ fn main() -> ExitCode {
 }
 
 fn fail(err: &anyhow::Error) -> ExitCode {
-    let _ = writeln!(std::io::stderr(), "gmsa-reconciler: error: {err:#}");
+    // Our errors carry their causes in their own message.
+    let _ = writeln!(std::io::stderr(), "gmsa-reconciler: error: {err}");
     ExitCode::from(EXIT_ERROR)
 }
 
@@ -39,7 +39,7 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .context("starting the async runtime")?;
+        .map_err(|e| anyhow::anyhow!("starting the async runtime: {e}"))?;
     let mut stdout = std::io::stdout().lock();
     let code = match cli.command {
         Command::Plan(args) => {
@@ -63,7 +63,9 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             runtime.block_on(gmsa_reconciler::daemon::run_until_signalled(run))?
         }
     };
-    stdout.flush().context("writing the output")?;
+    stdout
+        .flush()
+        .map_err(|e| anyhow::anyhow!("writing the output: {e}"))?;
     Ok(code)
 }
 
@@ -77,7 +79,8 @@ fn init_logging(log: LogSettings, daemon: bool) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match log.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),

@@ -113,17 +113,41 @@ impl Metrics {
             registry: Registry::default(),
         };
         let r = &mut registry;
-        r.register("servers_in_scope", "Servers in scope", m.servers_in_scope.clone());
-        r.register("placements", "Placements on in-scope servers", m.placements.clone());
-        r.register("proids", "Proids with at least one placement", m.proids.clone());
-        r.register("dirty_groups", "Proids waiting to be reconciled", m.dirty_groups.clone());
-        r.register("missing_groups", "Proids with placements and no group", m.missing_groups.clone());
+        r.register(
+            "servers_in_scope",
+            "Servers in scope",
+            m.servers_in_scope.clone(),
+        );
+        r.register(
+            "placements",
+            "Placements on in-scope servers",
+            m.placements.clone(),
+        );
+        r.register(
+            "proids",
+            "Proids with at least one placement",
+            m.proids.clone(),
+        );
+        r.register(
+            "dirty_groups",
+            "Proids waiting to be reconciled",
+            m.dirty_groups.clone(),
+        );
+        r.register(
+            "missing_groups",
+            "Proids with placements and no group",
+            m.missing_groups.clone(),
+        );
         r.register(
             "modify_requests",
             "Modify requests sent, by the outcome of their group",
             m.modify_requests.clone(),
         );
-        r.register("retries", "Retries after transient directory failures", m.retries.clone());
+        r.register(
+            "retries",
+            "Retries after transient directory failures",
+            m.retries.clone(),
+        );
         r.register("resyncs", "Full resyncs started", m.resyncs.clone());
         r.register(
             "guard_refusals",
@@ -140,7 +164,11 @@ impl Metrics {
             "Server files that could not be read or parsed",
             m.server_file_errors.clone(),
         );
-        r.register("rescans", "Full rescans of the placement tree", m.rescans.clone());
+        r.register(
+            "rescans",
+            "Full rescans of the placement tree",
+            m.rescans.clone(),
+        );
         r.register(
             "event_to_applied_seconds",
             "Seconds from the first event that dirtied a proid to its change being applied",
@@ -175,7 +203,10 @@ impl Metrics {
             Ok(()) => self.ready.store(true, Ordering::SeqCst),
             Err(reason) => {
                 self.ready.store(false, Ordering::SeqCst);
-                *self.not_ready_reason.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+                *self
+                    .not_ready_reason
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = reason;
             }
         }
     }
@@ -189,15 +220,24 @@ impl Metrics {
         if self.is_ready() {
             (StatusCode::OK, "ready\n".into())
         } else {
-            let reason = self.not_ready_reason.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {reason}\n"))
+            let reason = self
+                .not_ready_reason
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: {reason}\n"),
+            )
         }
     }
 
     /// Records the role and the time it changed.
     pub fn set_role(&self, role: &'static str) {
         for r in ["leader", "follower"] {
-            self.role.get_or_create(&RoleLabels { role: r }).set(i64::from(r == role));
+            self.role
+                .get_or_create(&RoleLabels { role: r })
+                .set(i64::from(r == role));
         }
         self.last_role_change.set(unix_now());
     }
@@ -256,12 +296,18 @@ fn respond(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
             let (status, body) = metrics.readiness();
             (status, "text/plain", body)
         }
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found\n".to_owned()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found\n".to_owned(),
+        ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     if let Ok(value) = content_type.parse() {
-        response.headers_mut().insert(hyper::header::CONTENT_TYPE, value);
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, value);
     }
     response
 }
@@ -280,18 +326,30 @@ mod tests {
         m.event_to_applied.observe(0.12);
         let text = m.encode();
         assert!(text.contains("gmsa_servers_in_scope 3"), "{text}");
-        assert!(text.contains("gmsa_modify_requests_total{outcome=\"success\"} 2"), "{text}");
-        assert!(text.contains("gmsa_event_to_applied_seconds_count 1"), "{text}");
+        assert!(
+            text.contains("gmsa_modify_requests_total{outcome=\"success\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("gmsa_event_to_applied_seconds_count 1"),
+            "{text}"
+        );
     }
 
     #[test]
     fn readiness_follows_the_flag() {
         let m = Metrics::new();
-        assert_eq!(respond(&m, "/readyz").status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            respond(&m, "/readyz").status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         m.set_ready(Ok(()));
         assert_eq!(respond(&m, "/readyz").status(), StatusCode::OK);
         m.set_ready(Err("lost the lock".into()));
-        assert_eq!(respond(&m, "/readyz").status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            respond(&m, "/readyz").status(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         assert_eq!(respond(&m, "/healthz").status(), StatusCode::OK);
         assert_eq!(respond(&m, "/nope").status(), StatusCode::NOT_FOUND);
     }

@@ -173,25 +173,37 @@ impl Snapshot {
                 });
             }
         }
-        for host in self.servers.keys().filter(|h| !newer.servers.contains_key(*h)) {
+        for host in self
+            .servers
+            .keys()
+            .filter(|h| !newer.servers.contains_key(*h))
+        {
             events.push(TreeEvent::ServerRemoved { host: host.clone() });
         }
         let empty = BTreeSet::new();
         for (host, old) in &self.placements {
             match newer.placements.get(host) {
                 None => events.push(TreeEvent::PlacementDirRemoved { host: host.clone() }),
-                Some(new) => events.extend(old.difference(new).map(|instance| TreeEvent::PlacementRemoved {
-                    host: host.clone(),
-                    instance: instance.clone(),
-                })),
+                Some(new) => {
+                    events.extend(
+                        old.difference(new)
+                            .map(|instance| TreeEvent::PlacementRemoved {
+                                host: host.clone(),
+                                instance: instance.clone(),
+                            }),
+                    )
+                }
             }
         }
         for (host, new) in &newer.placements {
             let old = self.placements.get(host).unwrap_or(&empty);
-            events.extend(new.difference(old).map(|instance| TreeEvent::PlacementAdded {
-                host: host.clone(),
-                instance: instance.clone(),
-            }));
+            events.extend(
+                new.difference(old)
+                    .map(|instance| TreeEvent::PlacementAdded {
+                        host: host.clone(),
+                        instance: instance.clone(),
+                    }),
+            );
         }
         events
     }
@@ -260,7 +272,9 @@ mod tests {
         // An empty placement directory contributes nothing, so no event names it.
         let mut want = new.clone();
         want.placements.retain(|_, instances| !instances.is_empty());
-        walked.placements.retain(|_, instances| !instances.is_empty());
+        walked
+            .placements
+            .retain(|_, instances| !instances.is_empty());
         assert_eq!(walked, want);
         assert!(new.diff(&new).is_empty());
     }

@@ -54,9 +54,15 @@ pub fn watch(root: &Path) -> Result<(TreeWatcher, mpsc::UnboundedReceiver<Change
     let base = root.to_path_buf();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         let changes = match res {
-            Ok(event) if event.need_rescan() => vec![Change::Rescan("the notifier lost events".into())],
+            Ok(event) if event.need_rescan() => {
+                vec![Change::Rescan("the notifier lost events".into())]
+            }
             Ok(event) if matches!(event.kind, EventKind::Access(_)) => Vec::new(),
-            Ok(event) => event.paths.iter().flat_map(|p| changes_at(&base, p)).collect(),
+            Ok(event) => event
+                .paths
+                .iter()
+                .flat_map(|p| changes_at(&base, p))
+                .collect(),
             Err(err) => vec![Change::Rescan(format!("the notifier failed: {err}"))],
         };
         for change in changes {
