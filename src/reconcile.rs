@@ -468,6 +468,166 @@ mod tests {
         assert_eq!(sizes, [(1000, 0), (500, 500), (0, 200)]);
     }
 
+    use crate::directory::memory::{Call, Flavour, MemoryDirectory};
+    use crate::directory::Op;
+    use crate::ldif::Record;
+
+    const GROUP: &str = "CN=g,OU=Groups,DC=x";
+
+    fn directory(flavour: Flavour, members: &[&str]) -> MemoryDirectory {
+        let mut attrs = vec![
+            ("objectClass".to_owned(), "group".to_owned()),
+            ("sAMAccountName".to_owned(), "g".to_owned()),
+        ];
+        attrs.extend(members.iter().map(|m| ("member".to_owned(), (*m).to_owned())));
+        MemoryDirectory::new(
+            vec![Record {
+                dn: GROUP.into(),
+                attrs,
+            }],
+            flavour,
+        )
+    }
+
+    fn group_change(add: &[&str], delete: &[&str]) -> GroupChange {
+        GroupChange {
+            group_dn: dn(GROUP),
+            proid: Proid::new("g").expect("proid"),
+            add: add.iter().map(|d| dn(d)).collect(),
+            delete: delete.iter().map(|d| dn(d)).collect(),
+        }
+    }
+
+    async fn members(dir: &MemoryDirectory) -> BTreeSet<Dn> {
+        dir.read_group(&dn(GROUP)).await.expect("read").expect("group").members
+    }
+
+    fn modifies(dir: &MemoryDirectory) -> usize {
+        dir.calls().iter().filter(|c| matches!(c, Call::Modify { .. })).count()
+    }
+
+    fn busy() -> DirError {
+        DirError::Result {
+            op: Op::Modify,
+            dn: GROUP.into(),
+            code: rc::BUSY,
+            message: "busy".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn one_modify_carries_adds_and_deletes() {
+        let dir = directory(Flavour::Permissive, &["CN=old,DC=x"]);
+        let change = group_change(&["CN=a,DC=x", "CN=b,DC=x"], &["CN=old,DC=x"]);
+        let r = apply_group(&dir, dir.capabilities().await.expect("caps"), &change, &ApplyOptions::default()).await;
+        assert!(r.is_complete() && !r.vanished);
+        assert_eq!(r.applied, change);
+        assert_eq!((modifies(&dir), r.requests), (1, 1));
+        assert_eq!(members(&dir).await, change.add);
+    }
+
+    #[tokio::test]
+    async fn present_and_absent_values_are_replanned_without_permissive_modify() {
+        for flavour in [Flavour::OpenLdap, Flavour::ActiveDirectory] {
+            let dir = directory(flavour, &["CN=a,DC=x", "CN=old,DC=x"]);
+            // "a" is already there and "gone" is already gone: the server
+            // refuses the whole request; a re-read finds what is left to do.
+            let change = group_change(&["CN=a,DC=x", "CN=b,DC=x"], &["CN=old,DC=x", "CN=gone,DC=x"]);
+            let caps = dir.capabilities().await.expect("caps");
+            assert!(!caps.permissive_modify);
+            let r = apply_group(&dir, caps, &change, &ApplyOptions::default()).await;
+            assert!(r.is_complete(), "{flavour:?}: {:?}", r.failed);
+            assert_eq!(r.applied, change, "{flavour:?}");
+            assert_eq!(modifies(&dir), 2, "{flavour:?}: the failed batch and the re-planned one");
+            assert!(dir.calls().iter().any(|c| matches!(c, Call::ReadGroup { .. })));
+            assert_eq!(members(&dir).await, BTreeSet::from([dn("CN=a,DC=x"), dn("CN=b,DC=x")]));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_vanished_group_is_dropped() {
+        let dir = directory(Flavour::OpenLdap, &[]);
+        let mut change = group_change(&["CN=a,DC=x"], &[]);
+        change.group_dn = dn("CN=nope,OU=Groups,DC=x");
+        let r = apply_group(&dir, Capabilities::default(), &change, &ApplyOptions::default()).await;
+        assert!(r.vanished);
+        assert!(r.is_complete());
+        assert!(r.applied.add.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transient_failures_are_retried_with_backoff() {
+        let dir = directory(Flavour::Permissive, &[]);
+        dir.fail_next_modify(None, busy(), 2);
+        let change = group_change(&["CN=a,DC=x"], &[]);
+        let r = apply_group(&dir, Capabilities::default(), &change, &ApplyOptions::default()).await;
+        assert!(r.is_complete());
+        assert_eq!((r.retries, r.requests), (2, 3));
+        assert_eq!(members(&dir).await, change.add);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_was_not_applied_is_reported_as_such() {
+        let dir = directory(Flavour::Permissive, &[]);
+        let unreachable = DirError::Unreachable {
+            op: Op::Modify,
+            message: "connection refused".into(),
+        };
+        dir.fail_next_modify(None, unreachable, 100);
+        let change = group_change(&["CN=a,DC=x"], &["CN=b,DC=x"]);
+        let options = ApplyOptions::default();
+        let r = apply_group(&dir, Capabilities::default(), &change, &options).await;
+        let (left, err) = r.failed.clone().expect("failed");
+        assert_eq!(left, change);
+        assert!(err.is_transient());
+        assert!(r.applied.add.is_empty() && r.applied.delete.is_empty());
+        assert_eq!(r.requests, options.backoff.attempts as usize);
+        assert!(members(&dir).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn large_changes_are_split_and_a_failed_chunk_stops_the_rest() {
+        let adds: Vec<String> = (0..25).map(|i| format!("CN=h{i:02},DC=x")).collect();
+        let refs: Vec<&str> = adds.iter().map(String::as_str).collect();
+        let dir = directory(Flavour::Permissive, &[]);
+        let change = group_change(&refs, &[]);
+        let options = ApplyOptions {
+            max_values_per_modify: 10,
+            ..ApplyOptions::default()
+        };
+        let r = apply_group(&dir, Capabilities::default(), &change, &options).await;
+        assert!(r.is_complete());
+        assert_eq!(modifies(&dir), 3);
+
+        let dir = directory(Flavour::Permissive, &[]);
+        let fatal = DirError::Result {
+            op: Op::Modify,
+            dn: GROUP.into(),
+            code: 50,
+            message: "insufficient access".into(),
+        };
+        dir.fail_next_modify(None, fatal, 1000);
+        let r = apply_group(&dir, Capabilities::default(), &change, &options).await;
+        let (left, _) = r.failed.expect("failed");
+        assert_eq!(left.add.len() + r.applied.add.len(), 25);
+        assert!(members(&dir).await.is_empty());
+        assert!(r.applied.add.is_empty(), "nothing is reported applied that was not");
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_means_nothing_was_applied() {
+        let dir = directory(Flavour::Permissive, &[]);
+        dir.fail_next_commit(DirError::Fatal("disk full".into()), 1);
+        let plan = Plan {
+            changes: vec![group_change(&["CN=a,DC=x"], &[])],
+            ..Plan::default()
+        };
+        let results = apply_plan(&dir, &plan, &ApplyOptions::default()).await;
+        assert_eq!(results.len(), 1);
+        assert!(results[0].applied.add.is_empty());
+        assert_eq!(results[0].failed.as_ref().map(|(c, _)| c.add.len()), Some(1));
+    }
+
     #[test]
     fn backoff_stays_within_its_ceiling() {
         let b = Backoff {
