@@ -71,10 +71,7 @@ pub fn load_index(config: &Config) -> Result<Index, CommandError> {
 
 /// Opens the configured directory; `dcs` are the servers' domain controllers
 /// (used when no `--ldap-url` is given).
-pub async fn open_directory(
-    config: &Config,
-    dcs: &[String],
-) -> Result<Box<dyn Directory>, CommandError> {
+pub fn open_directory(config: &Config, dcs: &[String]) -> Result<Box<dyn Directory>, CommandError> {
     match &config.directory {
         DirectoryChoice::LdifFile(path) => Ok(Box::new(LdifFileDirectory::open(path)?)),
         DirectoryChoice::Ldap(_) => {
@@ -93,7 +90,7 @@ struct Prepared {
 async fn prepare(config: &Config) -> Result<Prepared, CommandError> {
     let ou = config.require_group_ou()?.clone();
     let index = load_index(config)?;
-    let directory = open_directory(config, &index.dcs()).await?;
+    let directory = open_directory(config, &index.dcs())?;
     let groups = directory.search_groups(&ou).await?;
     let plan = plan(&index, &groups, &config.pattern, Scope::All);
     for missing in &plan.missing_groups {
@@ -223,7 +220,7 @@ pub async fn check_command(check: &CheckConfig, out: &mut dyn Write) -> Result<u
         }
         _ => Vec::new(),
     };
-    let directory = open_directory(config, &dcs).await?;
+    let directory = open_directory(config, &dcs)?;
     let name = config.pattern.render(&check.proid);
     let Some(group) = directory.find_group(ou, &name).await? else {
         return Err(CommandError::Other(format!(

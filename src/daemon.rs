@@ -296,7 +296,10 @@ impl Daemon {
                 self.metrics.rescans.inc();
                 self.rescan_needed = Some(why);
             }
-            Change::Tree(event) => self.on_event(&event, Instant::now()),
+            Change::Tree(event) => {
+                debug!(?event, "tree change");
+                self.on_event(&event, Instant::now());
+            }
         }
     }
 
@@ -393,7 +396,7 @@ impl Daemon {
 
     async fn open_directory(&mut self, shutdown: &mut Shutdown<'_>) -> bool {
         let dcs = self.index.dcs();
-        match open_directory(&self.config.config, &dcs).await {
+        match open_directory(&self.config.config, &dcs) {
             Ok(dir) => {
                 self.directory = Some(Arc::from(dir));
                 true

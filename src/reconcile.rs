@@ -177,8 +177,11 @@ pub async fn apply_plan(
             Capabilities::default()
         }
     };
-    let mut results: Vec<GroupResult> = stream::iter(plan.changes.iter())
-        .map(|change| apply_group(dir, caps, change, options))
+    let mut pending = Vec::with_capacity(plan.changes.len());
+    for change in &plan.changes {
+        pending.push(apply_group(dir, caps, change, options));
+    }
+    let mut results: Vec<GroupResult> = stream::iter(pending)
         .buffered(options.concurrency.max(1))
         .collect()
         .await;
@@ -479,7 +482,11 @@ mod tests {
             ("objectClass".to_owned(), "group".to_owned()),
             ("sAMAccountName".to_owned(), "g".to_owned()),
         ];
-        attrs.extend(members.iter().map(|m| ("member".to_owned(), (*m).to_owned())));
+        attrs.extend(
+            members
+                .iter()
+                .map(|m| ("member".to_owned(), (*m).to_owned())),
+        );
         MemoryDirectory::new(
             vec![Record {
                 dn: GROUP.into(),
@@ -499,11 +506,18 @@ mod tests {
     }
 
     async fn members(dir: &MemoryDirectory) -> BTreeSet<Dn> {
-        dir.read_group(&dn(GROUP)).await.expect("read").expect("group").members
+        dir.read_group(&dn(GROUP))
+            .await
+            .expect("read")
+            .expect("group")
+            .members
     }
 
     fn modifies(dir: &MemoryDirectory) -> usize {
-        dir.calls().iter().filter(|c| matches!(c, Call::Modify { .. })).count()
+        dir.calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Modify { .. }))
+            .count()
     }
 
     fn busy() -> DirError {
@@ -519,7 +533,13 @@ mod tests {
     async fn one_modify_carries_adds_and_deletes() {
         let dir = directory(Flavour::Permissive, &["CN=old,DC=x"]);
         let change = group_change(&["CN=a,DC=x", "CN=b,DC=x"], &["CN=old,DC=x"]);
-        let r = apply_group(&dir, dir.capabilities().await.expect("caps"), &change, &ApplyOptions::default()).await;
+        let r = apply_group(
+            &dir,
+            dir.capabilities().await.expect("caps"),
+            &change,
+            &ApplyOptions::default(),
+        )
+        .await;
         assert!(r.is_complete() && !r.vanished);
         assert_eq!(r.applied, change);
         assert_eq!((modifies(&dir), r.requests), (1, 1));
@@ -532,15 +552,28 @@ mod tests {
             let dir = directory(flavour, &["CN=a,DC=x", "CN=old,DC=x"]);
             // "a" is already there and "gone" is already gone: the server
             // refuses the whole request; a re-read finds what is left to do.
-            let change = group_change(&["CN=a,DC=x", "CN=b,DC=x"], &["CN=old,DC=x", "CN=gone,DC=x"]);
+            let change = group_change(
+                &["CN=a,DC=x", "CN=b,DC=x"],
+                &["CN=old,DC=x", "CN=gone,DC=x"],
+            );
             let caps = dir.capabilities().await.expect("caps");
             assert!(!caps.permissive_modify);
             let r = apply_group(&dir, caps, &change, &ApplyOptions::default()).await;
             assert!(r.is_complete(), "{flavour:?}: {:?}", r.failed);
             assert_eq!(r.applied, change, "{flavour:?}");
-            assert_eq!(modifies(&dir), 2, "{flavour:?}: the failed batch and the re-planned one");
-            assert!(dir.calls().iter().any(|c| matches!(c, Call::ReadGroup { .. })));
-            assert_eq!(members(&dir).await, BTreeSet::from([dn("CN=a,DC=x"), dn("CN=b,DC=x")]));
+            assert_eq!(
+                modifies(&dir),
+                2,
+                "{flavour:?}: the failed batch and the re-planned one"
+            );
+            assert!(dir
+                .calls()
+                .iter()
+                .any(|c| matches!(c, Call::ReadGroup { .. })));
+            assert_eq!(
+                members(&dir).await,
+                BTreeSet::from([dn("CN=a,DC=x"), dn("CN=b,DC=x")])
+            );
         }
     }
 
@@ -549,7 +582,13 @@ mod tests {
         let dir = directory(Flavour::OpenLdap, &[]);
         let mut change = group_change(&["CN=a,DC=x"], &[]);
         change.group_dn = dn("CN=nope,OU=Groups,DC=x");
-        let r = apply_group(&dir, Capabilities::default(), &change, &ApplyOptions::default()).await;
+        let r = apply_group(
+            &dir,
+            Capabilities::default(),
+            &change,
+            &ApplyOptions::default(),
+        )
+        .await;
         assert!(r.vanished);
         assert!(r.is_complete());
         assert!(r.applied.add.is_empty());
@@ -560,7 +599,13 @@ mod tests {
         let dir = directory(Flavour::Permissive, &[]);
         dir.fail_next_modify(None, busy(), 2);
         let change = group_change(&["CN=a,DC=x"], &[]);
-        let r = apply_group(&dir, Capabilities::default(), &change, &ApplyOptions::default()).await;
+        let r = apply_group(
+            &dir,
+            Capabilities::default(),
+            &change,
+            &ApplyOptions::default(),
+        )
+        .await;
         assert!(r.is_complete());
         assert_eq!((r.retries, r.requests), (2, 3));
         assert_eq!(members(&dir).await, change.add);
@@ -611,7 +656,10 @@ mod tests {
         let (left, _) = r.failed.expect("failed");
         assert_eq!(left.add.len() + r.applied.add.len(), 25);
         assert!(members(&dir).await.is_empty());
-        assert!(r.applied.add.is_empty(), "nothing is reported applied that was not");
+        assert!(
+            r.applied.add.is_empty(),
+            "nothing is reported applied that was not"
+        );
     }
 
     #[tokio::test]
@@ -625,7 +673,10 @@ mod tests {
         let results = apply_plan(&dir, &plan, &ApplyOptions::default()).await;
         assert_eq!(results.len(), 1);
         assert!(results[0].applied.add.is_empty());
-        assert_eq!(results[0].failed.as_ref().map(|(c, _)| c.add.len()), Some(1));
+        assert_eq!(
+            results[0].failed.as_ref().map(|(c, _)| c.add.len()),
+            Some(1)
+        );
     }
 
     #[test]
