@@ -39,6 +39,8 @@ use crate::tree::{Snapshot, TreeEvent};
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How often the wait for `.modified` is logged.
 const READY_LOG_EVERY: Duration = Duration::from_secs(30);
+/// How often the group of a proid without one is looked up between full syncs.
+const MISSING_LOOKUP_EVERY: Duration = Duration::from_secs(60);
 /// How often the tree is polled while it is not usable.
 const TREE_POLL: Duration = Duration::from_millis(500);
 
@@ -147,8 +149,12 @@ struct Daemon {
     refused: BTreeMap<Proid, usize>,
     /// Proid keys reported without a group.
     missing: BTreeSet<String>,
+    /// When a missing group was last looked up, by proid key.
+    looked_up: HashMap<String, Instant>,
     rescan_needed: Option<String>,
     full_sync_due: Instant,
+    /// A full sync has read every group at least once.
+    synced_once: bool,
     stopping: bool,
 }
 
@@ -171,8 +177,10 @@ impl Daemon {
             stale: BTreeSet::new(),
             refused: BTreeMap::new(),
             missing: BTreeSet::new(),
+            looked_up: HashMap::new(),
             rescan_needed: None,
             full_sync_due: Instant::now(),
+            synced_once: false,
             stopping: false,
         }
     }
@@ -209,7 +217,10 @@ impl Daemon {
                 continue;
             }
             self.promote_due_retries();
-            let batch_ready = self.batch_due.is_some_and(|due| due <= Instant::now());
+            // Nothing is reconciled piecemeal before one full sync has read
+            // every group.
+            let batch_ready =
+                self.synced_once && self.batch_due.is_some_and(|due| due <= Instant::now());
             if batch_ready {
                 self.batch(&mut shutdown).await;
                 continue;
@@ -244,7 +255,8 @@ impl Daemon {
     async fn wait(&mut self, shutdown: &mut Shutdown<'_>) {
         let next_retry = self.retries.values().map(|(due, _)| *due).min();
         let mut wake = self.full_sync_due;
-        for t in [self.batch_due, next_retry].into_iter().flatten() {
+        let batch_due = self.batch_due.filter(|_| self.synced_once);
+        for t in [batch_due, next_retry].into_iter().flatten() {
             wake = wake.min(t);
         }
         let Some(rx) = self.changes.as_mut() else {
@@ -423,10 +435,7 @@ impl Daemon {
     /// Re-reads every group and reconciles every proid.
     async fn full_sync(&mut self, shutdown: &mut Shutdown<'_>) {
         self.metrics.resyncs.inc();
-        let ou = match self.config.config.require_group_ou() {
-            Ok(ou) => ou.clone(),
-            Err(err) => panic!("BUG: RunConfig is validated to have --group-ou: {err}"),
-        };
+        let ou = self.group_ou();
         let dir = self.directory();
         let search = async move { dir.search_groups(&ou).await };
         let Some(found) = self.drive(search, shutdown).await else {
@@ -450,7 +459,9 @@ impl Daemon {
             }
         };
         self.replace_groups(groups);
+        self.synced_once = true;
         self.stale.clear();
+        self.looked_up.clear();
         // Every proid is compared now; what was dirty is covered, but keep
         // the latency clocks of those that change.
         let clocks = std::mem::take(&mut self.dirty);
@@ -530,6 +541,86 @@ impl Daemon {
         }
     }
 
+    /// Before planning these proids: re-reads their groups that failed
+    /// before (the cache may be wrong about them), and looks up the group of
+    /// a proid that has none yet (it may have been created since the last
+    /// full sync; looked up at most once a minute per proid). False when
+    /// abandoned at shutdown.
+    async fn refresh_groups(&mut self, proids: &BTreeSet<Proid>, shutdown: &mut Shutdown<'_>) -> bool {
+        let now = Instant::now();
+        let mut reads: Vec<Dn> = Vec::new();
+        let mut lookups: Vec<(String, String)> = Vec::new();
+        for proid in proids {
+            let key = proid.key();
+            match self.by_proid.get(&key).filter(|dns| !dns.is_empty()) {
+                Some(dns) => reads.extend(dns.iter().filter(|dn| self.stale.contains(*dn)).cloned()),
+                None if !self.index.desired(proid).is_empty() => {
+                    let due = self.looked_up.get(&key).is_none_or(|at| now >= *at + MISSING_LOOKUP_EVERY);
+                    if due {
+                        self.looked_up.insert(key.clone(), now);
+                        lookups.push((key, self.config.config.pattern.render(proid)));
+                    }
+                }
+                None => {}
+            }
+        }
+        if reads.is_empty() && lookups.is_empty() {
+            return true;
+        }
+        let dir = self.directory();
+        let ou = self.group_ou();
+        let io = async move {
+            let mut read = Vec::new();
+            for dn in reads {
+                let result = dir.read_group(&dn).await;
+                read.push((dn, result));
+            }
+            let mut found = Vec::new();
+            for (key, name) in lookups {
+                let result = dir.find_group(&ou, &name).await;
+                found.push((key, result));
+            }
+            (read, found)
+        };
+        let Some((read, found)) = self.drive(io, shutdown).await else {
+            return false;
+        };
+        for (dn, result) in read {
+            match result {
+                Ok(Some(group)) => {
+                    self.stale.remove(&dn);
+                    self.forget_group(&dn);
+                    self.insert_group(group);
+                }
+                Ok(None) => {
+                    warn!(group = %dn, "group vanished");
+                    self.stale.remove(&dn);
+                    self.forget_group(&dn);
+                }
+                Err(err) => warn!(group = %dn, error = %err, "re-reading the group failed"),
+            }
+        }
+        for (key, result) in found {
+            match result {
+                Ok(Some(group)) => {
+                    info!(group = %group.dn, "found a group created since the last full sync");
+                    self.looked_up.remove(&key);
+                    self.insert_group(group);
+                }
+                Ok(None) => {}
+                Err(err) => warn!(error = %err, "looking up a missing group failed"),
+            }
+        }
+        true
+    }
+
+    fn group_ou(&self) -> Dn {
+        match self.config.config.require_group_ou() {
+            Ok(ou) => ou.clone(),
+            Err(err) => panic!("BUG: RunConfig is validated to have --group-ou: {err}"),
+        }
+    }
+
     /// Reconciles the dirty proids.
     async fn batch(&mut self, shutdown: &mut Shutdown<'_>) {
         self.batch_due = None;
@@ -537,41 +628,8 @@ impl Daemon {
         let proids: BTreeSet<Proid> = clocks.keys().cloned().collect();
         let keys: BTreeSet<String> = proids.iter().map(Proid::key).collect();
 
-        // Re-read the groups of these proids that failed before.
-        let stale: Vec<Dn> = keys
-            .iter()
-            .flat_map(|k| self.by_proid.get(k).into_iter().flatten())
-            .filter(|dn| self.stale.contains(*dn))
-            .cloned()
-            .collect();
-        if !stale.is_empty() {
-            let dir = self.directory();
-            let reads = async move {
-                let mut out = Vec::new();
-                for dn in stale {
-                    let read = dir.read_group(&dn).await;
-                    out.push((dn, read));
-                }
-                out
-            };
-            let Some(reads) = self.drive(reads, shutdown).await else {
-                return;
-            };
-            for (dn, read) in reads {
-                match read {
-                    Ok(Some(group)) => {
-                        self.stale.remove(&dn);
-                        self.forget_group(&dn);
-                        self.insert_group(group);
-                    }
-                    Ok(None) => {
-                        warn!(group = %dn, "group vanished");
-                        self.stale.remove(&dn);
-                        self.forget_group(&dn);
-                    }
-                    Err(err) => warn!(group = %dn, error = %err, "re-reading the group failed"),
-                }
-            }
+        if !self.refresh_groups(&proids, shutdown).await {
+            return;
         }
 
         let groups: Vec<Group> = keys
