@@ -736,6 +736,35 @@ mod tests {
         assert!(err.to_string().starts_with(&bad_path), "{err}");
     }
 
+    /// The example config is the configuration's documentation: it must
+    /// name every option with its environment variable, and parse.
+    #[test]
+    fn the_example_config_documents_every_option() {
+        let text = include_str!("../deploy/gmsa-reconciler.yml");
+        let value: serde_yaml::Value = serde_yaml::from_str(text).expect("example config parses");
+        assert!(value.is_null() || value.is_mapping());
+        let command = Cli::command();
+        for sub in command.get_subcommands() {
+            for arg in sub.get_arguments() {
+                let Some(long) = arg.get_long() else { continue };
+                if matches!(long, "help" | "version" | "config") {
+                    continue;
+                }
+                assert!(
+                    text.contains(&format!("# {long}:")),
+                    "{long} is not documented"
+                );
+                if let Some(env) = arg.get_env() {
+                    let env = env.to_string_lossy();
+                    assert!(
+                        text.contains(&format!("[{env}]")),
+                        "{env} is not documented"
+                    );
+                }
+            }
+        }
+    }
+
     #[test]
     fn backend_choice_is_validated() {
         let args = |extra: &[&str]| {

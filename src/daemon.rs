@@ -546,16 +546,25 @@ impl Daemon {
     /// a proid that has none yet (it may have been created since the last
     /// full sync; looked up at most once a minute per proid). False when
     /// abandoned at shutdown.
-    async fn refresh_groups(&mut self, proids: &BTreeSet<Proid>, shutdown: &mut Shutdown<'_>) -> bool {
+    async fn refresh_groups(
+        &mut self,
+        proids: &BTreeSet<Proid>,
+        shutdown: &mut Shutdown<'_>,
+    ) -> bool {
         let now = Instant::now();
         let mut reads: Vec<Dn> = Vec::new();
         let mut lookups: Vec<(String, String)> = Vec::new();
         for proid in proids {
             let key = proid.key();
             match self.by_proid.get(&key).filter(|dns| !dns.is_empty()) {
-                Some(dns) => reads.extend(dns.iter().filter(|dn| self.stale.contains(*dn)).cloned()),
+                Some(dns) => {
+                    reads.extend(dns.iter().filter(|dn| self.stale.contains(*dn)).cloned())
+                }
                 None if !self.index.desired(proid).is_empty() => {
-                    let due = self.looked_up.get(&key).is_none_or(|at| now >= *at + MISSING_LOOKUP_EVERY);
+                    let due = self
+                        .looked_up
+                        .get(&key)
+                        .is_none_or(|at| now >= *at + MISSING_LOOKUP_EVERY);
                     if due {
                         self.looked_up.insert(key.clone(), now);
                         lookups.push((key, self.config.config.pattern.render(proid)));
