@@ -15,6 +15,7 @@
 //! - [`cli`]: options from flags, environment and config file, validated into a config.
 //! - [`commands`]: `plan`, `sync` and `check` on top of the above.
 //! - [`daemon`]: the `run` event loop.
+//! - [`node`]: node mode: container directories, credential specs and app events for this host's placements.
 
 pub mod cli;
 pub mod commands;
@@ -23,6 +24,7 @@ pub mod directory;
 pub mod index;
 pub mod ldif;
 pub mod model;
+pub mod node;
 pub mod output;
 pub mod plan;
 pub mod reconcile;

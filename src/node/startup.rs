@@ -1,0 +1,221 @@
+//! Start-up reconciliation: the app root against the placements found when
+//! the node starts, after any amount of time down and any crash.
+//!
+//! The app root is the only record of what was done, so every step reads it
+//! afresh: which `running/` links lead somewhere, which containers
+//! `cleanup/` holds, which container directories nothing refers to (a
+//! configuration interrupted before its link was made, or a container whose
+//! link was lost).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+
+use tokio::task::JoinSet;
+
+use super::finish;
+use super::manifest::AppJson;
+use super::unique::{self, Instance, Stamp};
+use super::{files, running_target, Added, Inner, Node, NodeError};
+
+/// What [`Node::startup`] found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StartupReport {
+    /// Placed instances found running: left alone.
+    pub kept: Vec<String>,
+    /// Instances running but no longer placed: terminated.
+    pub terminated: Vec<String>,
+    /// `running/` entries that led to no container: removed (the instance
+    /// is configured afresh if placed).
+    pub repaired: Vec<String>,
+    /// Placed instances whose unlinked container had already finished: its
+    /// event posted if it had not been, and the container moved to cleanup.
+    pub finished: Vec<String>,
+    /// Containers nothing referred to: moved to cleanup (unique names).
+    pub orphaned: Vec<String>,
+    /// What configuring each placed instance that was not running did.
+    pub configured: BTreeMap<String, Result<Added, String>>,
+    /// Steps that failed (they are retried by the next start-up or event).
+    pub errors: Vec<String>,
+}
+
+pub(super) async fn startup(
+    node: &Node,
+    placed: &BTreeSet<String>,
+) -> Result<StartupReport, NodeError> {
+    let inner = &node.inner;
+    {
+        let mut state = inner.state();
+        state.placed = placed.clone();
+        state.done.retain(|instance| placed.contains(instance));
+    }
+    let mut report = StartupReport::default();
+    let to_configure = {
+        let _guard = inner.fs_lock.lock().await;
+        inner.settle_running(&mut report)?;
+        inner.settle_cleanup(&mut report)?;
+        inner.settle_finished(&mut report)?;
+        let state = inner.state();
+        state
+            .placed
+            .iter()
+            .filter(|i| !state.done.contains(*i) && !files::exists(&inner.layout.running.join(i)))
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+
+    // Instances may wait for group membership: configure them side by side.
+    let mut tasks = JoinSet::new();
+    for instance in to_configure {
+        let node = node.clone();
+        tasks.spawn(async move {
+            let result = node.placement_added(&instance).await;
+            (instance, result)
+        });
+    }
+    while let Some(joined) = tasks.join_next().await {
+        match joined {
+            Ok((instance, result)) => {
+                report
+                    .configured
+                    .insert(instance, result.map_err(|e| e.to_string()));
+            }
+            Err(err) => std::panic::resume_unwind(err.into_panic()),
+        }
+    }
+
+    let _guard = inner.fs_lock.lock().await;
+    for unique_name in inner.unreferenced()? {
+        match inner.move_to_cleanup(&unique_name) {
+            Ok(()) => report.orphaned.push(unique_name),
+            Err(err) => report.errors.push(err.to_string()),
+        }
+    }
+    tracing::info!(
+        kept = report.kept.len(),
+        terminated = report.terminated.len(),
+        repaired = report.repaired.len(),
+        finished = report.finished.len(),
+        orphaned = report.orphaned.len(),
+        configured = report.configured.len(),
+        errors = report.errors.len(),
+        "node start-up reconciled"
+    );
+    Ok(report)
+}
+
+impl Inner {
+    /// `running/`: terminate what is no longer placed, drop links to
+    /// nothing, make sure what is kept has had its `configured` event.
+    fn settle_running(&self, report: &mut StartupReport) -> Result<(), NodeError> {
+        let running = &self.layout.running;
+        for name in files::data_names(running).map_err(NodeError::io(running))? {
+            let inst = Instance::parse(&name)
+                .ok()
+                .filter(|i| self.is_placed(i.name()));
+            let Some(inst) = inst else {
+                match self.terminate(&name) {
+                    Ok(_) => report.terminated.push(name),
+                    Err(err) => report.errors.push(err.to_string()),
+                }
+                continue;
+            };
+            match self.live_running(&inst) {
+                Ok(None) => report.repaired.push(name),
+                Ok(Some(unique_name)) => match self.ensure_configured_event(&inst, &unique_name) {
+                    Ok(()) => report.kept.push(name),
+                    Err(err) => report.errors.push(err.to_string()),
+                },
+                Err(err) => report.errors.push(err.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    /// `cleanup/`: finish marking containers whose move was interrupted.
+    fn settle_cleanup(&self, report: &mut StartupReport) -> Result<(), NodeError> {
+        let cleanup = &self.layout.cleanup;
+        for name in files::data_names(cleanup).map_err(NodeError::io(cleanup))? {
+            if let Err(err) = self.mark_terminated(&name, false) {
+                report.errors.push(err.to_string());
+            }
+        }
+        Ok(())
+    }
+
+    /// Containers nothing links to whose instance is still placed and whose
+    /// process already ended: their one event is posted (if their finish
+    /// never ran) and they go to cleanup; the instance is not configured
+    /// again in this placement.
+    fn settle_finished(&self, report: &mut StartupReport) -> Result<(), NodeError> {
+        for unique_name in self.unreferenced()? {
+            let dir = self.container_dir(&unique_name);
+            if !finish::is_finished(&dir) {
+                continue;
+            }
+            let Some(inst) = read_instance(&dir).filter(|i| self.is_placed(i.name())) else {
+                continue;
+            };
+            if !self.of_current_manifest(&inst, &unique_name) {
+                continue;
+            }
+            if let Err(err) = finish::finish(&self.config.app_root, &dir) {
+                report.errors.push(err.to_string());
+            }
+            match self.move_to_cleanup(&unique_name) {
+                Ok(()) => {
+                    self.state().done.insert(inst.name().to_owned());
+                    report.finished.push(inst.name().to_owned());
+                }
+                Err(err) => report.errors.push(err.to_string()),
+            }
+        }
+        Ok(())
+    }
+
+    /// Container directories that neither `running/` nor `cleanup/` links to.
+    fn unreferenced(&self) -> Result<Vec<String>, NodeError> {
+        let mut referenced = BTreeSet::new();
+        for dir in [&self.layout.running, &self.layout.cleanup] {
+            for name in files::data_names(dir).map_err(NodeError::io(dir))? {
+                if let Some(target) = running_target(&dir.join(&name))? {
+                    referenced.insert(target);
+                }
+            }
+        }
+        let apps = &self.layout.apps;
+        let names = files::data_names(apps).map_err(NodeError::io(apps))?;
+        Ok(names
+            .into_iter()
+            .filter(|name| !referenced.contains(name) && apps.join(name).is_dir())
+            .collect())
+    }
+
+    /// True when a container was made from the manifest now in
+    /// `scheduled/` (its id is one of that file's ids), or when that cannot
+    /// be told because the manifest is gone. A container of an older
+    /// manifest means the instance was placed again while the node was down.
+    fn of_current_manifest(&self, inst: &Instance, unique_name: &str) -> bool {
+        let path = self.config.fs_root.join("scheduled").join(inst.name());
+        let Ok(meta) = fs::metadata(&path) else {
+            return true;
+        };
+        let stamp = Stamp::of(&meta);
+        for generation in 0.. {
+            let name = inst.unique_name(&unique::unique_id(&stamp, inst.number(), generation));
+            if name == unique_name {
+                return true;
+            }
+            if !files::exists(&self.container_dir(&name)) {
+                return false;
+            }
+        }
+        false
+    }
+}
+
+/// The instance a container directory was made for, from its `app.json`.
+fn read_instance(dir: &std::path::Path) -> Option<Instance> {
+    let text = fs::read_to_string(dir.join("data/app.json")).ok()?;
+    let app: AppJson = serde_json::from_str(&text).ok()?;
+    Instance::parse(&app.name).ok()
+}

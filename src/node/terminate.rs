@@ -1,0 +1,141 @@
+//! Terminate and clean up: a container leaves `running/` for `cleanup/`
+//! with one rename, is marked `terminated` (so its finish reports nothing),
+//! loses its credential spec, and is deleted once the retention time has
+//! passed since it was marked.
+//!
+//! Deleting first renames the directory to a dot name, so a half-deleted
+//! container is never taken for a live one; a crash mid-way leaves only a
+//! dot directory, removed on the next pass.
+
+use std::fs;
+use std::io;
+use std::path::Path;
+use std::time::SystemTime;
+
+use super::finish::TERMINATED;
+use super::{files, running_target, Inner, NodeError, Removed, APPS_DIR};
+
+/// Prefix of a container directory being deleted.
+const DELETING: &str = ".deleting-";
+
+impl Inner {
+    /// Moves `running/<instance>` to `cleanup/<unique name>` and marks the
+    /// container terminated. Called with the fs lock held.
+    pub(super) fn terminate(&self, instance: &str) -> Result<Removed, NodeError> {
+        let link = self.layout.running.join(instance);
+        let unique_name = match running_target(&link)? {
+            None => return Ok(Removed::NotRunning),
+            Some(name) if name.is_empty() || name.starts_with('.') => {
+                // Not a link we made: it cannot lead to a container.
+                tracing::warn!(path = %link.display(), "removing a running entry that is not a container link");
+                files::remove_file_if_exists(&link).map_err(NodeError::io(&link))?;
+                return Ok(Removed::NotRunning);
+            }
+            Some(name) => name,
+        };
+        let dest = self.layout.cleanup.join(&unique_name);
+        match fs::rename(&link, &dest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Removed::NotRunning),
+            Err(e) => return Err(NodeError::io(&link)(e)),
+        }
+        self.mark_terminated(&unique_name, true)?;
+        tracing::info!(instance, %unique_name, "terminated");
+        Ok(Removed::Terminated { unique_name })
+    }
+
+    /// Puts a container that no `running/` link refers to into `cleanup/`.
+    pub(super) fn move_to_cleanup(&self, unique_name: &str) -> Result<(), NodeError> {
+        let link = self.layout.cleanup.join(unique_name);
+        let target = Path::new("..").join(APPS_DIR).join(unique_name);
+        files::symlink_atomic(&target, &link).map_err(NodeError::io(&link))?;
+        self.mark_terminated(unique_name, false)
+    }
+
+    /// Touches `data/terminated` (`refresh`: even if present, restarting the
+    /// retention clock) and removes the credential spec. A container whose
+    /// directory is gone needs neither.
+    pub(super) fn mark_terminated(
+        &self,
+        unique_name: &str,
+        refresh: bool,
+    ) -> Result<(), NodeError> {
+        let spec = self.credential_spec_path(unique_name);
+        files::remove_file_if_exists(&spec).map_err(NodeError::io(&spec))?;
+        let dir = self.container_dir(unique_name);
+        if !dir.is_dir() {
+            return Ok(());
+        }
+        let data = dir.join("data");
+        fs::create_dir_all(&data).map_err(NodeError::io(&data))?;
+        let marker = data.join(TERMINATED);
+        if refresh || !files::exists(&marker) {
+            files::touch(&marker).map_err(NodeError::io(&marker))?;
+        }
+        Ok(())
+    }
+
+    /// See [`super::Node::cleanup_expired`].
+    pub(super) fn cleanup_expired(&self, now: SystemTime) -> Vec<String> {
+        let mut removed = Vec::new();
+        if let Ok(entries) = fs::read_dir(&self.layout.apps) {
+            for entry in entries.flatten() {
+                if entry.file_name().to_string_lossy().starts_with(DELETING) {
+                    let _ = fs::remove_dir_all(entry.path());
+                }
+            }
+        }
+        let names = match files::data_names(&self.layout.cleanup) {
+            Ok(names) => names,
+            Err(error) => {
+                tracing::warn!(%error, "cannot list the cleanup directory");
+                return removed;
+            }
+        };
+        for name in names {
+            match self.expire(&name, now) {
+                Ok(true) => removed.push(name),
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(unique_name = %name, %error, "cleanup failed; will retry")
+                }
+            }
+        }
+        removed
+    }
+
+    /// Deletes one container of `cleanup/` if its time has come.
+    fn expire(&self, unique_name: &str, now: SystemTime) -> Result<bool, NodeError> {
+        let link = self.layout.cleanup.join(unique_name);
+        let dir = self.container_dir(unique_name);
+        let spec = self.credential_spec_path(unique_name);
+        if !dir.is_dir() {
+            files::remove_file_if_exists(&spec).map_err(NodeError::io(&spec))?;
+            files::remove_file_if_exists(&link).map_err(NodeError::io(&link))?;
+            return Ok(true);
+        }
+        let marker = dir.join("data").join(TERMINATED);
+        let since = match fs::metadata(&marker).and_then(|m| m.modified()) {
+            Ok(since) => since,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // Interrupted between the move and the mark: start the clock now.
+                self.mark_terminated(unique_name, false)?;
+                return Ok(false);
+            }
+            Err(e) => return Err(NodeError::io(&marker)(e)),
+        };
+        if now
+            .duration_since(since)
+            .map_or(true, |age| age < self.config.retain)
+        {
+            return Ok(false);
+        }
+        files::remove_file_if_exists(&spec).map_err(NodeError::io(&spec))?;
+        let doomed = self.layout.apps.join(format!("{DELETING}{unique_name}"));
+        fs::rename(&dir, &doomed).map_err(NodeError::io(&dir))?;
+        files::remove_file_if_exists(&link).map_err(NodeError::io(&link))?;
+        fs::remove_dir_all(&doomed).map_err(NodeError::io(&doomed))?;
+        tracing::info!(%unique_name, "container deleted");
+        Ok(true)
+    }
+}
