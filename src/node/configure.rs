@@ -287,3 +287,114 @@ impl Inner {
         files::touch(&marker).map_err(NodeError::io(&marker))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{TestNode, MANIFEST};
+    use super::super::{DomainInfo, GmsaProids, Node};
+    use super::*;
+
+    #[tokio::test]
+    async fn placement_data_adds_to_the_manifest_but_never_overrides_it() {
+        let t = TestNode::new();
+        t.schedule("proid1.web#1", MANIFEST);
+        t.place(
+            "proid1.web#1",
+            r#"{"expires": 5, "proid": "root", "identity": 0}"#,
+        );
+        let Added::Configured { container_dir, .. } = t
+            .node
+            .placement_added("proid1.web#1")
+            .await
+            .expect("configure")
+        else {
+            panic!("not configured");
+        };
+        let text = fs::read_to_string(container_dir.join("data/manifest.yml")).expect("read");
+        let doc: Mapping = serde_yaml::from_str(&text).expect("yaml");
+        assert_eq!(doc.get("proid"), Some(&Value::from("proid1")));
+        assert_eq!(doc.get("expires"), Some(&Value::from(5)));
+        assert_eq!(doc.get("identity"), Some(&Value::from(0)));
+        assert_eq!(doc.get("command"), Some(&Value::from("exec sleep 100")));
+    }
+
+    #[tokio::test]
+    async fn unreadable_placement_data_is_ignored() {
+        let t = TestNode::new();
+        t.schedule("proid1.web#1", MANIFEST);
+        t.place("proid1.web#1", "[not, a, mapping]");
+        let added = t
+            .node
+            .placement_added("proid1.web#1")
+            .await
+            .expect("configure");
+        assert!(matches!(added, Added::Configured { .. }), "{added:?}");
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_configuration_is_completed_in_the_same_directory() {
+        let t = TestNode::new();
+        t.schedule("proid1.web#1", MANIFEST);
+        let name = t.first_unique_name("proid1.web#1");
+        // As if a crash hit after the directory and one file were made.
+        let dir = t.inner().container_dir(&name);
+        fs::create_dir_all(dir.join("data")).expect("mkdir");
+        fs::write(dir.join("type"), "longrun\n").expect("write");
+        let added = t
+            .node
+            .placement_added("proid1.web#1")
+            .await
+            .expect("configure");
+        assert_eq!(
+            added,
+            Added::Configured {
+                unique_name: name.clone(),
+                container_dir: dir.clone(),
+                resumed: true
+            }
+        );
+        assert!(dir.join("run").is_file() && dir.join("data/app.json").is_file());
+        assert_eq!(
+            files::data_names(&t.inner().layout.apps).expect("list"),
+            [name]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_configuration_leaves_nothing_behind() {
+        let t = TestNode::new();
+        t.schedule("proid1.web#1", MANIFEST);
+        let name = t.first_unique_name("proid1.web#1");
+        let mut config = t.node.config().clone();
+        config.gmsa_proids = GmsaProids::Glob(glob::Pattern::new("*").expect("glob"));
+        config.domain = Some(DomainInfo {
+            dns_name: "ad.test".into(),
+            netbios_name: "AD".into(),
+            sid: "S-1-5-21-1-2-3".into(),
+            guid: "a4d38f1d-39aa-4db3-9fbb-3d1c6a1f3b4e".into(),
+            dns_tree_name: "ad.test".into(),
+        });
+        let node = Node::new(config.clone(), None).expect("node");
+        // A directory where the credential spec must go makes the
+        // configuration fail after its container directory was made.
+        let spec = config.credential_spec_dir.join(format!("{name}.json"));
+        fs::create_dir_all(spec.join("in-the-way")).expect("mkdir");
+        assert!(node.placement_added("proid1.web#1").await.is_err());
+        let layout = node.layout();
+        for dir in [&layout.apps, &layout.running, &layout.appevents] {
+            assert!(
+                files::data_names(dir).expect("list").is_empty(),
+                "{}",
+                dir.display()
+            );
+        }
+        // Once the obstacle is gone, a retry succeeds in the same place.
+        fs::remove_dir_all(&spec).expect("rm");
+        let added = node.placement_added("proid1.web#1").await.expect("retry");
+        assert!(
+            matches!(&added, Added::Configured { unique_name, resumed: false, .. } if *unique_name == name),
+            "{added:?}"
+        );
+        assert!(spec.is_file());
+    }
+}

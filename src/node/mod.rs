@@ -543,3 +543,182 @@ fn run_values<'a>(
         ),
     ])
 }
+
+#[cfg(test)]
+pub(super) mod testing {
+    //! A node on a temporary tree, for the unit tests of the node's steps.
+
+    use super::*;
+
+    pub(super) const MANIFEST: &str = "proid: proid1\nenvironment: dev\ncpu: 10%\nmemory: 1M\ndisk: 1M\ncommand: exec sleep 100\n";
+
+    pub(super) struct TestNode {
+        pub tmp: tempfile::TempDir,
+        pub node: Node,
+    }
+
+    impl TestNode {
+        pub(super) fn new() -> TestNode {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let host = HostName::new("h1").expect("host");
+            let mut config =
+                NodeConfig::new(tmp.path().join("cell"), host, tmp.path().join("node"));
+            config.gmsa_proids = GmsaProids::None;
+            std::fs::create_dir_all(tmp.path().join("cell/scheduled")).expect("mkdir");
+            std::fs::create_dir_all(tmp.path().join("cell/placement/h1")).expect("mkdir");
+            let node = Node::new(config, None).expect("node");
+            TestNode { tmp, node }
+        }
+
+        pub(super) fn inner(&self) -> &Inner {
+            &self.node.inner
+        }
+
+        /// Writes a manifest as the mirror does: a new file renamed over the
+        /// old one, so it always has a new inode.
+        pub(super) fn schedule(&self, instance: &str, manifest: &str) {
+            let dir = self.tmp.path().join("cell/scheduled");
+            std::fs::write(dir.join(".tmp"), manifest).expect("write manifest");
+            std::fs::rename(dir.join(".tmp"), dir.join(instance)).expect("rename manifest");
+        }
+
+        pub(super) fn place(&self, instance: &str, data: &str) {
+            let path = self.tmp.path().join("cell/placement/h1").join(instance);
+            std::fs::write(path, data).expect("write placement");
+        }
+
+        /// The unique name the first container of a scheduled manifest gets.
+        pub(super) fn first_unique_name(&self, instance: &str) -> String {
+            let inst = Instance::parse(instance).expect("instance");
+            let path = self.tmp.path().join("cell/scheduled").join(instance);
+            let stamp = unique::Stamp::of(&std::fs::metadata(path).expect("stat"));
+            inst.unique_name(&unique::unique_id(&stamp, inst.number(), 0))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoDirectory;
+
+    #[async_trait::async_trait]
+    impl MembershipCheck for NoDirectory {
+        async fn group_exists(&self, _: &Proid) -> Result<bool, String> {
+            Err("no directory".into())
+        }
+        async fn is_member(&self, _: &Proid) -> Result<bool, String> {
+            Err("no directory".into())
+        }
+    }
+
+    fn config(dir: &Path) -> NodeConfig {
+        let mut config = NodeConfig::new(
+            dir.join("cell"),
+            HostName::new("h1").expect("host"),
+            dir.join("node"),
+        );
+        config.gmsa_proids = GmsaProids::None;
+        config
+    }
+
+    fn domain() -> DomainInfo {
+        DomainInfo {
+            dns_name: "ad.test".into(),
+            netbios_name: "AD".into(),
+            sid: "S-1-5-21-1-2-3".into(),
+            guid: "a4d38f1d-39aa-4db3-9fbb-3d1c6a1f3b4e".into(),
+            dns_tree_name: "ad.test".into(),
+        }
+    }
+
+    fn refused(config: NodeConfig, check: Option<Arc<dyn MembershipCheck>>) -> String {
+        match Node::new(config, check) {
+            Err(NodeError::Config(why)) => why,
+            Err(other) => panic!("expected a configuration error, got {other}"),
+            Ok(_) => panic!("expected a configuration error"),
+        }
+    }
+
+    #[test]
+    fn configurations_that_cannot_work_are_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        let check: Arc<dyn MembershipCheck> = Arc::new(NoDirectory);
+
+        let mut c = config(dir);
+        c.gmsa_proids = GmsaProids::GroupExists;
+        assert!(refused(c.clone(), Some(check.clone())).contains("domain facts"));
+        c.domain = Some(domain());
+        assert!(refused(c.clone(), None).contains("needs a directory"));
+        assert!(Node::new(c.clone(), Some(check.clone())).is_ok());
+
+        let mut c = config(dir);
+        c.gmsa_proids = GmsaProids::Glob(glob::Pattern::new("p*").expect("glob"));
+        c.domain = Some(DomainInfo {
+            sid: "bogus".into(),
+            ..domain()
+        });
+        assert!(refused(c.clone(), None).contains("sid"));
+        c.domain = Some(domain());
+        assert!(
+            Node::new(c.clone(), None).is_ok(),
+            "a glob needs no directory"
+        );
+        c.wait_for_group = Some(Duration::from_secs(5));
+        assert!(refused(c, None).contains("needs a directory"));
+
+        let mut c = config(dir);
+        c.run_command = Some("run {nope}".into());
+        assert!(refused(c, None).contains("{nope}"));
+        let mut c = config(dir);
+        c.finish_command = "finish {instance}".into();
+        assert!(refused(c, None).contains("{instance}"));
+        let mut c = config(dir);
+        c.app_root = PathBuf::from("relative/root");
+        assert!(refused(c, None).contains("absolute"));
+    }
+
+    #[test]
+    fn new_makes_the_app_root_layout() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let node = Node::new(config(tmp.path()), None).expect("node");
+        let layout = node.layout();
+        for dir in [
+            &layout.apps,
+            &layout.running,
+            &layout.cleanup,
+            &layout.appevents,
+        ] {
+            assert!(dir.is_dir(), "{}", dir.display());
+        }
+        assert!(node.config().credential_spec_dir.is_dir());
+    }
+
+    #[tokio::test]
+    async fn a_directory_that_cannot_answer_is_an_error_and_makes_nothing() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut c = config(tmp.path());
+        c.gmsa_proids = GmsaProids::GroupExists;
+        c.domain = Some(domain());
+        std::fs::create_dir_all(tmp.path().join("cell/scheduled")).expect("mkdir");
+        std::fs::write(
+            tmp.path().join("cell/scheduled/proid1.web#1"),
+            testing::MANIFEST,
+        )
+        .expect("write");
+        let node = Node::new(c, Some(Arc::new(NoDirectory))).expect("node");
+        let err = node
+            .placement_added("proid1.web#1")
+            .await
+            .expect_err("no directory");
+        assert!(matches!(err, NodeError::Directory(_)), "{err}");
+        assert!(files::data_names(&node.layout().apps)
+            .expect("list")
+            .is_empty());
+        assert!(files::data_names(&node.layout().appevents)
+            .expect("list")
+            .is_empty());
+    }
+}

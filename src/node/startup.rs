@@ -27,8 +27,9 @@ pub struct StartupReport {
     /// `running/` entries that led to no container: removed (the instance
     /// is configured afresh if placed).
     pub repaired: Vec<String>,
-    /// Placed instances whose unlinked container had already finished: its
-    /// event posted if it had not been, and the container moved to cleanup.
+    /// Placed instances whose container had already ended on its own: not
+    /// configured again; an unlinked container has its event posted if it
+    /// had not been, and is moved to cleanup.
     pub finished: Vec<String>,
     /// Containers nothing referred to: moved to cleanup (unique names).
     pub orphaned: Vec<String>,
@@ -85,7 +86,7 @@ pub(super) async fn startup(
 
     let _guard = inner.fs_lock.lock().await;
     for unique_name in inner.unreferenced()? {
-        match inner.move_to_cleanup(&unique_name) {
+        match inner.move_to_cleanup(&unique_name, true) {
             Ok(()) => report.orphaned.push(unique_name),
             Err(err) => report.errors.push(err.to_string()),
         }
@@ -131,25 +132,35 @@ impl Inner {
         Ok(())
     }
 
-    /// `cleanup/`: finish marking containers whose move was interrupted.
+    /// `cleanup/`: finish marking containers whose move was interrupted;
+    /// those of instances no longer placed count as terminated.
     fn settle_cleanup(&self, report: &mut StartupReport) -> Result<(), NodeError> {
         let cleanup = &self.layout.cleanup;
         for name in files::data_names(cleanup).map_err(NodeError::io(cleanup))? {
-            if let Err(err) = self.mark_terminated(&name, false) {
+            let placed =
+                read_instance(&self.container_dir(&name)).is_some_and(|i| self.is_placed(i.name()));
+            if let Err(err) = self.mark_cleanup(&name, !placed) {
                 report.errors.push(err.to_string());
             }
         }
         Ok(())
     }
 
-    /// Containers nothing links to whose instance is still placed and whose
-    /// process already ended: their one event is posted (if their finish
-    /// never ran) and they go to cleanup; the instance is not configured
-    /// again in this placement.
+    /// Placed instances whose container (of the manifest now scheduled)
+    /// ended on its own: not configured again in this placement. If nothing
+    /// links to that container yet, its one event is posted (in case its
+    /// finish never ran) and it goes to cleanup.
     fn settle_finished(&self, report: &mut StartupReport) -> Result<(), NodeError> {
-        for unique_name in self.unreferenced()? {
+        let unreferenced: BTreeSet<String> = self.unreferenced()?.into_iter().collect();
+        let cleanup = &self.layout.cleanup;
+        let mut candidates = files::data_names(cleanup).map_err(NodeError::io(cleanup))?;
+        candidates.extend(unreferenced.iter().cloned());
+        let mut finished = BTreeSet::new();
+        for unique_name in candidates {
             let dir = self.container_dir(&unique_name);
-            if !finish::is_finished(&dir) {
+            if !finish::is_finished(&dir)
+                || files::exists(&dir.join("data").join(finish::TERMINATED))
+            {
                 continue;
             }
             let Some(inst) = read_instance(&dir).filter(|i| self.is_placed(i.name())) else {
@@ -158,17 +169,19 @@ impl Inner {
             if !self.of_current_manifest(&inst, &unique_name) {
                 continue;
             }
-            if let Err(err) = finish::finish(&self.config.app_root, &dir) {
-                report.errors.push(err.to_string());
-            }
-            match self.move_to_cleanup(&unique_name) {
-                Ok(()) => {
-                    self.state().done.insert(inst.name().to_owned());
-                    report.finished.push(inst.name().to_owned());
+            if unreferenced.contains(&unique_name) {
+                if let Err(err) = finish::finish(&self.config.app_root, &dir) {
+                    report.errors.push(err.to_string());
                 }
-                Err(err) => report.errors.push(err.to_string()),
+                if let Err(err) = self.move_to_cleanup(&unique_name, false) {
+                    report.errors.push(err.to_string());
+                    continue;
+                }
             }
+            self.state().done.insert(inst.name().to_owned());
+            finished.insert(inst.name().to_owned());
         }
+        report.finished.extend(finished);
         Ok(())
     }
 
@@ -218,4 +231,62 @@ fn read_instance(dir: &std::path::Path) -> Option<Instance> {
     let text = fs::read_to_string(dir.join("data/app.json")).ok()?;
     let app: AppJson = serde_json::from_str(&text).ok()?;
     Instance::parse(&app.name).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{TestNode, MANIFEST};
+    use super::*;
+
+    /// A container whose link was lost and which then ended on its own.
+    async fn finished_and_unlinked(t: &TestNode, instance: &str) -> String {
+        t.schedule(instance, MANIFEST);
+        let Added::Configured {
+            unique_name,
+            container_dir,
+            ..
+        } = t.node.placement_added(instance).await.expect("configure")
+        else {
+            panic!("not configured");
+        };
+        fs::write(container_dir.join("data/oom"), "").expect("oom");
+        fs::remove_file(t.inner().layout.running.join(instance)).expect("rm");
+        unique_name
+    }
+
+    #[tokio::test]
+    async fn a_finished_container_of_the_current_manifest_is_not_run_again() {
+        let t = TestNode::new();
+        let name = finished_and_unlinked(&t, "proid1.web#1").await;
+        let placed = BTreeSet::from(["proid1.web#1".to_owned()]);
+        let report = t.node.startup(&placed).await.expect("startup");
+        assert_eq!(report.finished, ["proid1.web#1"]);
+        assert!(report.configured.is_empty(), "{:?}", report.configured);
+        assert_eq!(
+            files::data_names(&t.inner().layout.cleanup).expect("list"),
+            [name]
+        );
+        let events = files::data_names(&t.inner().layout.appevents).expect("list");
+        assert!(
+            events.last().is_some_and(|e| e.ends_with(",killed,oom")),
+            "{events:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_finished_container_of_an_older_manifest_does_not_stop_a_new_placement() {
+        let t = TestNode::new();
+        let old = finished_and_unlinked(&t, "proid1.web#1").await;
+        // Placed again while the node was down: the mirror wrote a new file.
+        t.schedule("proid1.web#1", MANIFEST);
+        let placed = BTreeSet::from(["proid1.web#1".to_owned()]);
+        let report = t.node.startup(&placed).await.expect("startup");
+        assert!(report.finished.is_empty(), "{:?}", report.finished);
+        assert_eq!(report.orphaned, std::slice::from_ref(&old));
+        let Some(Ok(Added::Configured { unique_name, .. })) = report.configured.get("proid1.web#1")
+        else {
+            panic!("not configured: {:?}", report.configured);
+        };
+        assert_ne!(unique_name, &old);
+    }
 }

@@ -1,7 +1,7 @@
 //! Terminate and clean up: a container leaves `running/` for `cleanup/`
 //! with one rename, is marked `terminated` (so its finish reports nothing),
 //! loses its credential spec, and is deleted once the retention time has
-//! passed since it was marked.
+//! passed since it entered `cleanup/`.
 //!
 //! Deleting first renames the directory to a dot name, so a half-deleted
 //! container is never taken for a live one; a crash mid-way leaves only a
@@ -17,6 +17,9 @@ use super::{files, running_target, Inner, NodeError, Removed, APPS_DIR};
 
 /// Prefix of a container directory being deleted.
 const DELETING: &str = ".deleting-";
+/// Marker in `data/`: when the container entered `cleanup/`; the retention
+/// time counts from its modification time.
+const CLEANUP_SINCE: &str = ".cleanup-since";
 
 impl Inner {
     /// Moves `running/<instance>` to `cleanup/<unique name>` and marks the
@@ -39,26 +42,32 @@ impl Inner {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Removed::NotRunning),
             Err(e) => return Err(NodeError::io(&link)(e)),
         }
-        self.mark_terminated(&unique_name, true)?;
+        self.mark_cleanup(&unique_name, true)?;
         tracing::info!(instance, %unique_name, "terminated");
         Ok(Removed::Terminated { unique_name })
     }
 
-    /// Puts a container that no `running/` link refers to into `cleanup/`.
-    pub(super) fn move_to_cleanup(&self, unique_name: &str) -> Result<(), NodeError> {
+    /// Puts a container that no `running/` link refers to into `cleanup/`;
+    /// `terminated`: its placement is gone, so its finish must not report.
+    pub(super) fn move_to_cleanup(
+        &self,
+        unique_name: &str,
+        terminated: bool,
+    ) -> Result<(), NodeError> {
         let link = self.layout.cleanup.join(unique_name);
         let target = Path::new("..").join(APPS_DIR).join(unique_name);
         files::symlink_atomic(&target, &link).map_err(NodeError::io(&link))?;
-        self.mark_terminated(unique_name, false)
+        self.mark_cleanup(unique_name, terminated)
     }
 
-    /// Touches `data/terminated` (`refresh`: even if present, restarting the
-    /// retention clock) and removes the credential spec. A container whose
-    /// directory is gone needs neither.
-    pub(super) fn mark_terminated(
+    /// What entering `cleanup/` implies for a container: its credential spec
+    /// goes, the retention clock starts (unless it already runs), and with
+    /// `terminated`, `data/terminated` is touched. A container whose
+    /// directory is gone needs none of it.
+    pub(super) fn mark_cleanup(
         &self,
         unique_name: &str,
-        refresh: bool,
+        terminated: bool,
     ) -> Result<(), NodeError> {
         let spec = self.credential_spec_path(unique_name);
         files::remove_file_if_exists(&spec).map_err(NodeError::io(&spec))?;
@@ -68,8 +77,12 @@ impl Inner {
         }
         let data = dir.join("data");
         fs::create_dir_all(&data).map_err(NodeError::io(&data))?;
-        let marker = data.join(TERMINATED);
-        if refresh || !files::exists(&marker) {
+        let since = data.join(CLEANUP_SINCE);
+        if !files::exists(&since) {
+            files::touch(&since).map_err(NodeError::io(&since))?;
+        }
+        if terminated {
+            let marker = data.join(TERMINATED);
             files::touch(&marker).map_err(NodeError::io(&marker))?;
         }
         Ok(())
@@ -114,12 +127,12 @@ impl Inner {
             files::remove_file_if_exists(&link).map_err(NodeError::io(&link))?;
             return Ok(true);
         }
-        let marker = dir.join("data").join(TERMINATED);
+        let marker = dir.join("data").join(CLEANUP_SINCE);
         let since = match fs::metadata(&marker).and_then(|m| m.modified()) {
             Ok(since) => since,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // Interrupted between the move and the mark: start the clock now.
-                self.mark_terminated(unique_name, false)?;
+                self.mark_cleanup(unique_name, false)?;
                 return Ok(false);
             }
             Err(e) => return Err(NodeError::io(&marker)(e)),
@@ -137,5 +150,89 @@ impl Inner {
         fs::remove_dir_all(&doomed).map_err(NodeError::io(&doomed))?;
         tracing::info!(%unique_name, "container deleted");
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{TestNode, MANIFEST};
+    use super::super::Added;
+    use super::*;
+    use std::time::Duration;
+
+    async fn terminated(t: &TestNode, instance: &str) -> String {
+        t.schedule(instance, MANIFEST);
+        let Added::Configured { unique_name, .. } =
+            t.node.placement_added(instance).await.expect("configure")
+        else {
+            panic!("not configured");
+        };
+        t.node.placement_removed(instance).await.expect("terminate");
+        unique_name
+    }
+
+    #[tokio::test]
+    async fn retention_counts_from_entering_cleanup() {
+        let t = TestNode::new();
+        let name = terminated(&t, "proid1.web#1").await;
+        let retain = t.node.config().retain;
+        let entered = fs::metadata(
+            t.inner()
+                .container_dir(&name)
+                .join("data")
+                .join(CLEANUP_SINCE),
+        )
+        .and_then(|m| m.modified())
+        .expect("clock started");
+        assert!(t
+            .node
+            .cleanup_expired(entered + retain - Duration::from_secs(1))
+            .is_empty());
+        assert_eq!(t.node.cleanup_expired(entered + retain), [name]);
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_move_starts_the_clock_instead_of_deleting() {
+        let t = TestNode::new();
+        let name = terminated(&t, "proid1.web#1").await;
+        let since = t
+            .inner()
+            .container_dir(&name)
+            .join("data")
+            .join(CLEANUP_SINCE);
+        fs::remove_file(&since).expect("rm");
+        let far = SystemTime::now() + Duration::from_secs(10 * 86400);
+        assert!(t.node.cleanup_expired(far).is_empty());
+        assert!(since.is_file());
+        assert_eq!(t.node.cleanup_expired(far), [name]);
+    }
+
+    #[tokio::test]
+    async fn leftovers_are_removed() {
+        let t = TestNode::new();
+        let layout = &t.inner().layout;
+        // An interrupted deletion, and a cleanup link to nothing.
+        let doomed = layout.apps.join(format!("{DELETING}p.a-1-x"));
+        fs::create_dir_all(doomed.join("data")).expect("mkdir");
+        std::os::unix::fs::symlink("../apps/p.a-1-gone", layout.cleanup.join("p.a-1-gone"))
+            .expect("symlink");
+        assert_eq!(t.node.cleanup_expired(SystemTime::now()), ["p.a-1-gone"]);
+        assert!(!doomed.exists());
+        assert!(files::data_names(&layout.cleanup).expect("list").is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_running_entry_that_is_not_a_link_is_removed() {
+        let t = TestNode::new();
+        let entry = t.inner().layout.running.join("proid1.web#1");
+        fs::write(&entry, "junk").expect("write");
+        assert_eq!(
+            t.node
+                .placement_removed("proid1.web#1")
+                .await
+                .expect("remove"),
+            Removed::NotRunning
+        );
+        assert!(!files::exists(&entry));
     }
 }
