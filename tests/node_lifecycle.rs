@@ -933,3 +933,60 @@ async fn cleanup_deletes_containers_after_the_retention_time() {
     );
     assert!(node.cleanup_expired(later).is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn the_same_placement_told_twice_at_once_aborts_once() {
+    let env = waiting_env();
+    let node = env.node_with(fake(usize::MAX));
+    let instance = "proid1.web#0000000001";
+    env.schedule(instance, MANIFEST);
+    env.place(instance);
+    let (a, b) = tokio::join!(
+        node.placement_added(instance),
+        node.placement_added(instance)
+    );
+    let mut outcomes = [a.expect("first"), b.expect("second")];
+    outcomes.sort_by_key(|o| format!("{o:?}"));
+    assert_eq!(
+        outcomes,
+        [Added::Aborted { why: "gmsa".into() }, Added::AlreadyDone]
+    );
+    assert_eq!(env.events_of(instance, EventKind::Aborted), ["gmsa"]);
+}
+
+#[tokio::test]
+async fn stopping_a_container_of_several_services_stops_them_all() {
+    let env = Env::new(|_| {});
+    let node = env.node();
+    let instance = "proid1.multi#0000000002";
+    let manifest = MANIFEST.replace(
+        "services:\n  - name: web\n    command: exec sleep 1000\n",
+        "services:\n  - name: one\n    command: 'echo $$ > one.pid; exec sleep 1000'\n  - name: two\n    command: 'echo $$ > two.pid; exec sleep 1000'\n",
+    );
+    env.schedule(instance, &manifest);
+    env.place(instance);
+    let (_, dir) = configured(node.placement_added(instance).await.expect("configure"));
+    let mut run = Command::new(dir.join("run")).spawn().expect("start run");
+
+    let pid_file = |name: &str| dir.join("data").join(format!("{name}.pid"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(pid_file("one").is_file() && pid_file("two").is_file()) {
+        assert!(Instant::now() < deadline, "the services did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // What a supervisor does when the running link goes away.
+    let status = Command::new("kill")
+        .args(["-TERM", &run.id().to_string()])
+        .status()
+        .expect("kill");
+    assert!(status.success());
+    wait_for_exit(&mut run);
+    for name in ["one", "two"] {
+        let pid = fs::read_to_string(pid_file(name)).expect("pid");
+        assert!(
+            !Path::new("/proc").join(pid.trim()).exists(),
+            "service {name} ({}) outlived its container",
+            pid.trim()
+        );
+    }
+}

@@ -367,9 +367,8 @@ impl Node {
         }
         {
             let _guard = self.inner.fs_lock.lock().await;
-            if let Some(unique_name) = self.inner.live_running(&inst)? {
-                self.inner.ensure_configured_event(&inst, &unique_name)?;
-                return Ok(Added::AlreadyConfigured { unique_name });
+            if let Some(added) = self.inner.already_configured(&inst)? {
+                return Ok(added);
             }
         }
         let gmsa = self.inner.is_gmsa(inst.proid()).await?;
@@ -395,9 +394,8 @@ impl Node {
         if !self.inner.is_placed(inst.name()) {
             return Ok(Added::NoLongerPlaced);
         }
-        if let Some(unique_name) = self.inner.live_running(&inst)? {
-            self.inner.ensure_configured_event(&inst, &unique_name)?;
-            return Ok(Added::AlreadyConfigured { unique_name });
+        if let Some(added) = self.inner.already_configured(&inst)? {
+            return Ok(added);
         }
         match self.inner.load_manifest(&inst)? {
             Err(problem) => self.inner.abort(&inst, "invalid-manifest", problem),
@@ -409,6 +407,8 @@ impl Node {
     /// `cleanup/<unique name>` and touch `data/terminated`, so the supervisor
     /// stops it and its finish reports nothing.
     pub async fn placement_removed(&self, instance: &str) -> Result<Removed, NodeError> {
+        // The name becomes a path: only names a container can have.
+        Instance::parse(instance).map_err(NodeError::Instance)?;
         {
             let mut state = self.inner.state();
             state.placed.remove(instance);
@@ -474,17 +474,38 @@ impl Inner {
         }
     }
 
-    /// Posts `aborted` for an instance and remembers it until it is removed.
+    /// Posts `aborted` for an instance and remembers it until it is removed;
+    /// posts nothing for one no longer placed, or already aborted.
     fn abort(&self, inst: &Instance, why: &str, problem: String) -> Result<Added, NodeError> {
+        {
+            let mut state = self.state();
+            if !state.placed.contains(inst.name()) {
+                return Ok(Added::NoLongerPlaced);
+            }
+            if !state.done.insert(inst.name().to_owned()) {
+                return Ok(Added::AlreadyDone);
+            }
+        }
         tracing::warn!(instance = %inst, why, %problem, "instance aborted");
         let event = Event::now(inst.name(), EventKind::Aborted, why)
             .with_payload(serde_yaml::Value::String(problem));
-        events::post(&self.layout.appevents, &event)
-            .map_err(NodeError::io(&self.layout.appevents))?;
-        self.state().done.insert(inst.name().to_owned());
+        if let Err(err) = events::post(&self.layout.appevents, &event) {
+            self.state().done.remove(inst.name());
+            return Err(NodeError::io(&self.layout.appevents)(err));
+        }
         Ok(Added::Aborted {
             why: why.to_owned(),
         })
+    }
+
+    /// `AlreadyConfigured` when `running/<instance>` leads to a container,
+    /// after making sure its `configured` event went out.
+    fn already_configured(&self, inst: &Instance) -> Result<Option<Added>, NodeError> {
+        let Some(unique_name) = self.live_running(inst)? else {
+            return Ok(None);
+        };
+        self.ensure_configured_event(inst, &unique_name)?;
+        Ok(Some(Added::AlreadyConfigured { unique_name }))
     }
 
     /// The unique name `running/<instance>` points to when that container

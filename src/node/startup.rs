@@ -120,12 +120,9 @@ impl Inner {
                 }
                 continue;
             };
-            match self.live_running(&inst) {
+            match self.already_configured(&inst) {
                 Ok(None) => report.repaired.push(name),
-                Ok(Some(unique_name)) => match self.ensure_configured_event(&inst, &unique_name) {
-                    Ok(()) => report.kept.push(name),
-                    Err(err) => report.errors.push(err.to_string()),
-                },
+                Ok(Some(_)) => report.kept.push(name),
                 Err(err) => report.errors.push(err.to_string()),
             }
         }

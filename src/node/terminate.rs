@@ -222,6 +222,14 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn names_that_are_not_instances_are_refused() {
+        let t = TestNode::new();
+        for bad in ["../../etc", "proid1.web", ".hidden.x#1"] {
+            assert!(t.node.placement_removed(bad).await.is_err(), "{bad}");
+        }
+    }
+
+    #[tokio::test]
     async fn a_running_entry_that_is_not_a_link_is_removed() {
         let t = TestNode::new();
         let entry = t.inner().layout.running.join("proid1.web#1");
