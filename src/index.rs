@@ -23,32 +23,14 @@ pub struct IndexStats {
 }
 
 impl Index {
-    pub fn new(partition: PartitionGlob) -> Self {
-        Index {}
-    }
-    pub fn from_snapshot(partition: PartitionGlob, snapshot: &Snapshot) -> Self {
-        Index {}
-    }
-    pub fn apply(&mut self, event: &TreeEvent) -> Applied {
-        Applied::default()
-    }
-    pub fn proids(&self) -> Vec<Proid> {
-        vec![]
-    }
-    pub fn desired(&self, proid: &Proid) -> BTreeSet<Dn> {
-        BTreeSet::new()
-    }
-    pub fn is_managed(&self, dn: &Dn) -> bool {
-        false
-    }
-    pub fn retiring(&self, proid: &Proid) -> BTreeSet<Dn> {
-        BTreeSet::new()
-    }
+    pub fn new(partition: PartitionGlob) -> Self { Index {} }
+    pub fn from_snapshot(partition: PartitionGlob, snapshot: &Snapshot) -> Self { Index {} }
+    pub fn apply(&mut self, event: &TreeEvent) -> Applied { Applied::default() }
+    pub fn proids(&self) -> Vec<Proid> { vec![] }
+    pub fn desired(&self, proid: &Proid) -> BTreeSet<Dn> { BTreeSet::new() }
+    pub fn is_managed(&self, dn: &Dn) -> bool { false }
+    pub fn retiring(&self, proid: &Proid) -> BTreeSet<Dn> { BTreeSet::new() }
     pub fn clear_retiring(&mut self, proid: &Proid, done: &BTreeSet<Dn>) {}
-    pub fn dcs(&self) -> Vec<String> {
-        vec![]
-    }
-    pub fn stats(&self) -> IndexStats {
-        IndexStats::default()
-    }
+    pub fn dcs(&self) -> Vec<String> { vec![] }
+    pub fn stats(&self) -> IndexStats { IndexStats::default() }
 }

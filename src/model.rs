@@ -25,9 +25,7 @@ pub enum ModelError {
         why: &'static str,
     },
     /// A group pattern without exactly one `{}`.
-    #[error(
-        "invalid group pattern {0:?}: it must contain `{{}}` exactly once and no other braces"
-    )]
+    #[error("invalid group pattern {0:?}: it must contain `{{}}` exactly once and no other braces")]
     GroupPattern(String),
     /// A partition glob that does not parse.
     #[error("invalid partition glob {glob:?}: {why}")]
@@ -437,9 +435,7 @@ impl GroupPattern {
     pub fn proid_of(&self, sam_account_name: &str) -> Option<Proid> {
         let name = sam_account_name;
         let (p, s) = (self.prefix.len(), self.suffix.len());
-        if name.len() <= p + s
-            || !name.is_char_boundary(p)
-            || !name.is_char_boundary(name.len() - s)
+        if name.len() <= p + s || !name.is_char_boundary(p) || !name.is_char_boundary(name.len() - s)
         {
             return None;
         }
@@ -545,16 +541,7 @@ mod tests {
 
     #[test]
     fn invalid_dns_are_rejected() {
-        for bad in [
-            "CN",
-            "=x",
-            "CN=a,",
-            "CN=a\\",
-            "CN=a\\zz",
-            "CN=a\\4",
-            "CN=a,,DC=b",
-            "C N=a",
-        ] {
+        for bad in ["CN", "=x", "CN=a,", "CN=a\\", "CN=a\\zz", "CN=a\\4", "CN=a,,DC=b", "C N=a"] {
             assert!(Dn::parse(bad).is_err(), "{bad:?} should not parse");
         }
         assert_eq!(dn("").normalised(), "");
@@ -572,19 +559,14 @@ mod tests {
     #[test]
     fn dn_built_from_a_name_is_escaped_and_round_trips() {
         let ou = dn("OU=Groups,DC=ad");
-        for name in [
-            "plain", "a,b", " lead", "trail ", "#hash", "x+y=z", "q\"\\<>;",
-        ] {
+        for name in ["plain", "a,b", " lead", "trail ", "#hash", "x+y=z", "q\"\\<>;"] {
             let child = Dn::child("CN", name, &ou);
             let again = dn(child.as_str());
             assert_eq!(child, again);
             assert!(child.is_within(&ou));
             assert_eq!(
                 again.normalised(),
-                format!(
-                    "cn={},ou=groups,dc=ad",
-                    escape_dn_value(&name.to_lowercase())
-                )
+                format!("cn={},ou=groups,dc=ad", escape_dn_value(&name.to_lowercase()))
             );
         }
         assert_eq!(escape_dn_value(" a,b "), "\\ a\\,b\\ ");
@@ -602,18 +584,12 @@ mod tests {
         let proid = Proid::new("proid1").expect("valid");
         assert_eq!(p.render(&proid), "proid1-gmsa-hosts");
         assert_eq!(p.proid_of("proid1-gmsa-hosts"), Some(proid.clone()));
-        assert_eq!(
-            p.proid_of("PROID1-GMSA-HOSTS").map(|p| p.key()),
-            Some(proid.key())
-        );
+        assert_eq!(p.proid_of("PROID1-GMSA-HOSTS").map(|p| p.key()), Some(proid.key()));
         assert_eq!(p.proid_of("-gmsa-hosts"), None);
         assert_eq!(p.proid_of("proid1-gmsa"), None);
         assert_eq!(p.proid_of("proid1-gmsa-hostsx"), None);
         let q = GroupPattern::parse("gmsa_{}_hosts").expect("valid");
-        assert_eq!(
-            q.proid_of("GMSA_Web_Hosts").map(|p| p.to_string()),
-            Some("Web".into())
-        );
+        assert_eq!(q.proid_of("GMSA_Web_Hosts").map(|p| p.to_string()), Some("Web".into()));
         for bad in ["", "gmsa-hosts", "{}{}", "{}-{x}", "{-}", "{ }-x"] {
             assert!(GroupPattern::parse(bad).is_err(), "{bad:?}");
         }

@@ -192,8 +192,7 @@ pub fn guard(plan: &Plan, options: &GuardOptions) -> Option<String> {
         ));
     }
     let base = plan.managed_members;
-    let percent_exceeded =
-        (deletes as u128) * 100 > (options.max_delete_percent as u128) * (base as u128);
+    let percent_exceeded = (deletes as u128) * 100 > (options.max_delete_percent as u128) * (base as u128);
     if deletes > GuardOptions::SMALL && percent_exceeded {
         return Some(format!(
             "{deletes} deletions are more than {}% of the {base} managed members in the groups (--max-delete-percent); rerun with --allow-mass-delete to apply them",
@@ -266,11 +265,7 @@ mod tests {
         assert_eq!(change.add, BTreeSet::from([host_dn("h1")]));
         assert_eq!(change.delete, BTreeSet::from([host_dn("h2")]));
         let deleted: Vec<&str> = change.delete.iter().map(Dn::as_str).collect();
-        assert_eq!(
-            deleted,
-            ["cn=h2,ou=hosts,dc=AD,dc=com"],
-            "directory spelling kept"
-        );
+        assert_eq!(deleted, ["cn=h2,ou=hosts,dc=AD,dc=com"], "directory spelling kept");
         assert_eq!(plan.managed_members, 1);
         assert_eq!(plan.groups_compared, 1);
     }
@@ -280,10 +275,7 @@ mod tests {
         let mut index = Index::new(PartitionGlob::default());
         server(&mut index, "h1", "p");
         place(&mut index, "h1", "web.app#1");
-        let groups = [group(
-            "WEB-GMSA-HOSTS",
-            &["cn = H1 , ou=hosts,dc=ad,dc=com"],
-        )];
+        let groups = [group("WEB-GMSA-HOSTS", &["cn = H1 , ou=hosts,dc=ad,dc=com"])];
         let plan = plan(&index, &groups, &pattern(), Scope::All);
         assert!(plan.changes.is_empty(), "{plan:?}");
     }
@@ -326,7 +318,9 @@ mod tests {
     }
 
     fn plan_with(deletes: usize, managed: usize) -> Plan {
-        let delete = (0..deletes).map(|i| dn(&format!("CN=h{i},DC=x"))).collect();
+        let delete = (0..deletes)
+            .map(|i| dn(&format!("CN=h{i},DC=x")))
+            .collect();
         Plan {
             changes: vec![GroupChange {
                 group_dn: dn("CN=g,DC=x"),
@@ -343,16 +337,8 @@ mod tests {
     #[test]
     fn guard_limits() {
         let opts = GuardOptions::default();
-        assert_eq!(
-            guard(&plan_with(10, 10), &opts),
-            None,
-            "ten or fewer always pass"
-        );
-        assert_eq!(
-            guard(&plan_with(20, 100), &opts),
-            None,
-            "exactly 20% passes"
-        );
+        assert_eq!(guard(&plan_with(10, 10), &opts), None, "ten or fewer always pass");
+        assert_eq!(guard(&plan_with(20, 100), &opts), None, "exactly 20% passes");
         assert!(guard(&plan_with(21, 100), &opts).is_some());
         assert_eq!(guard(&plan_with(500, 100_000), &opts), None);
         let refusal = guard(&plan_with(501, 100_000), &opts).expect("refused");

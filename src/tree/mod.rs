@@ -117,20 +117,15 @@ pub struct Snapshot {
 impl Snapshot {
     /// The snapshot as the events that build it from an empty tree.
     pub fn events(&self) -> impl Iterator<Item = TreeEvent> + '_ {
-        let servers = self
-            .servers
-            .iter()
-            .map(|(host, info)| TreeEvent::ServerUpserted {
-                host: host.clone(),
-                info: info.clone(),
-            });
+        let servers = self.servers.iter().map(|(host, info)| TreeEvent::ServerUpserted {
+            host: host.clone(),
+            info: info.clone(),
+        });
         let placements = self.placements.iter().flat_map(|(host, instances)| {
-            instances
-                .iter()
-                .map(move |instance| TreeEvent::PlacementAdded {
-                    host: host.clone(),
-                    instance: instance.clone(),
-                })
+            instances.iter().map(move |instance| TreeEvent::PlacementAdded {
+                host: host.clone(),
+                instance: instance.clone(),
+            })
         });
         servers.chain(placements)
     }
@@ -143,8 +138,7 @@ mod tests {
     #[test]
     fn server_files_in_yaml_and_json() {
         let yaml = b"partition: p1\nnt.dc: dc.ad.com\nnt.dn: CN=h,DC=ad\ncpu: 100%\n";
-        let json =
-            br#"{"partition": "p1", "nt.dc": "dc.ad.com", "nt.dn": "CN=h,DC=ad", "traits": []}"#;
+        let json = br#"{"partition": "p1", "nt.dc": "dc.ad.com", "nt.dn": "CN=h,DC=ad", "traits": []}"#;
         let want = ServerInfo {
             partition: Some("p1".into()),
             dc: Some("dc.ad.com".into()),
@@ -160,18 +154,8 @@ mod tests {
 
     #[test]
     fn broken_server_files() {
-        for bad in [
-            &b"- a\n- b"[..],
-            b"just text",
-            b"{unclosed",
-            b"\xff\xfe",
-            b"",
-        ] {
-            assert!(
-                ServerInfo::parse(bad).is_err(),
-                "{:?}",
-                String::from_utf8_lossy(bad)
-            );
+        for bad in [&b"- a\n- b"[..], b"just text", b"{unclosed", b"\xff\xfe", b""] {
+            assert!(ServerInfo::parse(bad).is_err(), "{:?}", String::from_utf8_lossy(bad));
         }
     }
 }
