@@ -9,6 +9,7 @@
 //! container; the `configured` event is last, with a marker so that it is
 //! posted once even if the link was made just before a crash.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read};
 
@@ -18,7 +19,7 @@ use super::finish::{self, TERMINATED};
 use super::manifest::{self, AppJson, Manifest};
 use super::script::{self, RunWhat};
 use super::unique::{self, Instance, Stamp};
-use super::{files, run_values, Added, Event, EventKind, Inner, NodeError};
+use super::{files, Added, Event, EventKind, Inner, NodeError};
 
 /// How many unique ids of one manifest file are tried before giving up:
 /// each costs a whole placement of the same file that ended.
@@ -286,6 +287,23 @@ impl Inner {
             .map_err(NodeError::io(&self.layout.appevents))?;
         files::touch(&marker).map_err(NodeError::io(&marker))
     }
+}
+
+/// Values for the run command's placeholders.
+fn run_values(
+    container_dir: &str,
+    inst: &Instance,
+    credential_spec: Option<&str>,
+) -> BTreeMap<&'static str, String> {
+    BTreeMap::from([
+        ("container_dir", container_dir.to_owned()),
+        ("instance", inst.name().to_owned()),
+        ("proid", inst.proid().as_str().to_owned()),
+        (
+            "credential_spec",
+            credential_spec.unwrap_or_default().to_owned(),
+        ),
+    ])
 }
 
 #[cfg(test)]

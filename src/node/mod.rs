@@ -11,7 +11,7 @@
 //!
 //! The pieces: [`manifest`] checks manifests, [`unique`] names containers,
 //! [`script`] writes the supervisor scripts, [`credspec`] the gMSA credential
-//! specs, [`events`] posts events, [`finish`] turns a stopped container into
+//! specs, [`events`] posts events, [`mod@finish`] turns a stopped container into
 //! its one event, [`wait`] waits for gMSA group membership. This file holds
 //! the configuration and the per-host state machine; `configure.rs`,
 //! `terminate.rs` and `startup.rs` hold its steps.
@@ -29,7 +29,7 @@ mod files;
 mod startup;
 mod terminate;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -546,23 +546,6 @@ fn running_target(link: &Path) -> Result<Option<String>, NodeError> {
         Err(e) if e.kind() == io::ErrorKind::InvalidInput => Ok(Some(String::new())),
         Err(e) => Err(NodeError::io(link)(e)),
     }
-}
-
-/// Values for the run command's placeholders.
-fn run_values<'a>(
-    container_dir: &str,
-    inst: &Instance,
-    credential_spec: Option<&str>,
-) -> BTreeMap<&'a str, String> {
-    BTreeMap::from([
-        ("container_dir", container_dir.to_owned()),
-        ("instance", inst.name().to_owned()),
-        ("proid", inst.proid().as_str().to_owned()),
-        (
-            "credential_spec",
-            credential_spec.unwrap_or_default().to_owned(),
-        ),
-    ])
 }
 
 #[cfg(test)]
