@@ -16,6 +16,7 @@
 //! - [`commands`]: `plan`, `sync` and `check` on top of the above.
 //! - [`daemon`]: the `run` event loop.
 //! - [`metrics`]: Prometheus metrics, health and readiness over HTTP.
+//! - [`node`]: node mode: container directories, credential specs and app events for this host's placements.
 
 pub mod cli;
 pub mod commands;
@@ -25,6 +26,7 @@ pub mod index;
 pub mod ldif;
 pub mod metrics;
 pub mod model;
+pub mod node;
 pub mod output;
 pub mod plan;
 pub mod reconcile;

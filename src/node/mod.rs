@@ -1,0 +1,728 @@
+//! Node mode: the life of the containers placed on this host, driven by the
+//! same placement events that drive group reconciliation.
+//!
+//! A [`Node`] owns `<app-root>`: `apps/<unique name>/` holds one container
+//! directory per placement, `running/<instance>` links to the containers that
+//! should run (the supervisor watches it), `cleanup/<unique name>` links to
+//! the ones that stopped, and `appevents/` receives the events that tell the
+//! cluster what happened. Every step is a file written atomically or a rename,
+//! and every step can be repeated, so a crash at any point is repaired by
+//! running the same operation again or by [`Node::startup`].
+//!
+//! The pieces: [`manifest`] checks manifests, [`unique`] names containers,
+//! [`script`] writes the supervisor scripts, [`credspec`] the gMSA credential
+//! specs, [`events`] posts events, [`mod@finish`] turns a stopped container into
+//! its one event, [`wait`] waits for gMSA group membership. This file holds
+//! the configuration and the per-host state machine; `configure.rs`,
+//! `terminate.rs` and `startup.rs` hold its steps.
+
+pub mod credspec;
+pub mod events;
+pub mod finish;
+pub mod manifest;
+pub mod script;
+pub mod unique;
+pub mod wait;
+
+mod configure;
+mod files;
+mod startup;
+mod terminate;
+
+use std::collections::BTreeSet;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime};
+
+use thiserror::Error;
+
+use crate::model::{HostName, Proid};
+
+pub use credspec::{guid_to_string, sid_to_string, DomainInfo};
+pub use events::{Event, EventKind};
+pub use finish::{app_root_of, finish};
+pub use startup::StartupReport;
+pub use unique::Instance;
+pub use wait::{MembershipCheck, WaitOutcome};
+
+use script::Template;
+
+/// Container directories, under the app root.
+pub const APPS_DIR: &str = "apps";
+/// Links to the containers that should run, by instance name.
+pub const RUNNING_DIR: &str = "running";
+/// Links to stopped containers, by unique name, until they are deleted.
+pub const CLEANUP_DIR: &str = "cleanup";
+/// Posted events.
+pub const APPEVENTS_DIR: &str = "appevents";
+
+/// The finish command when none is configured.
+pub const DEFAULT_FINISH_COMMAND: &str = "gmsa-reconciler finish {container_dir}";
+/// How long stopped containers are kept when nothing else is configured.
+pub const DEFAULT_RETAIN: Duration = Duration::from_secs(3600);
+/// The placeholders a run command may use.
+pub const RUN_PLACEHOLDERS: &[&str] = &["container_dir", "instance", "proid", "credential_spec"];
+/// The placeholders a finish command may use.
+pub const FINISH_PLACEHOLDERS: &[&str] = &["container_dir", "app_root"];
+
+/// Which proids run under a gMSA (and so get a credential spec and, if
+/// configured, wait for group membership).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GmsaProids {
+    /// None do.
+    None,
+    /// Those whose name matches the shell glob.
+    Glob(glob::Pattern),
+    /// Those whose group exists, as the [`MembershipCheck`] says.
+    GroupExists,
+}
+
+/// Everything a node needs to know.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    /// Root of the placement tree (`placement/`, `scheduled/`).
+    pub fs_root: PathBuf,
+    /// This host: its placements are `placement/<hostname>/`.
+    pub hostname: HostName,
+    /// Root of the container directories.
+    pub app_root: PathBuf,
+    /// Template run by each container's `run` (placeholders:
+    /// [`RUN_PLACEHOLDERS`]); `None` runs the manifest's services under
+    /// `/bin/sh` in `data/`.
+    pub run_command: Option<String>,
+    /// Template run by each container's `finish` after recording
+    /// `data/exitinfo` (placeholders: [`FINISH_PLACEHOLDERS`]).
+    pub finish_command: String,
+    /// Which proids have a gMSA.
+    pub gmsa_proids: GmsaProids,
+    /// Domain facts for credential specs; needed unless `gmsa_proids` is
+    /// [`GmsaProids::None`].
+    pub domain: Option<DomainInfo>,
+    /// Where credential specs are written, as `<unique name>.json`.
+    pub credential_spec_dir: PathBuf,
+    /// Wait this long for this host to join a gMSA proid's group before
+    /// configuring its instances; `None` does not wait.
+    pub wait_for_group: Option<Duration>,
+    /// How long stopped containers stay in `cleanup/`.
+    pub retain: Duration,
+}
+
+impl NodeConfig {
+    /// A configuration with the defaults: the manifest's services, the
+    /// `gmsa-reconciler finish` command, gMSA for every proid whose group
+    /// exists, credential specs in `<app_root>/credential_specs`, no
+    /// waiting, one hour of retention.
+    pub fn new(
+        fs_root: impl Into<PathBuf>,
+        hostname: HostName,
+        app_root: impl Into<PathBuf>,
+    ) -> Self {
+        let app_root = app_root.into();
+        NodeConfig {
+            fs_root: fs_root.into(),
+            hostname,
+            credential_spec_dir: app_root.join("credential_specs"),
+            app_root,
+            run_command: None,
+            finish_command: DEFAULT_FINISH_COMMAND.to_owned(),
+            gmsa_proids: GmsaProids::GroupExists,
+            domain: None,
+            wait_for_group: None,
+            retain: DEFAULT_RETAIN,
+        }
+    }
+}
+
+/// A node failure, by what the caller can do about it.
+#[derive(Debug, Error)]
+pub enum NodeError {
+    /// The configuration cannot work; fix it and restart.
+    #[error("invalid node configuration: {0}")]
+    Config(String),
+    /// An instance name that cannot be a container's.
+    #[error("{0}")]
+    Instance(String),
+    /// A file-system step failed; the operation can be retried as a whole.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The path the step was about.
+        path: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: io::Error,
+    },
+    /// A file the node wrote itself is not as it should be.
+    #[error("{}: {why}", path.display())]
+    Data {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// The directory could not say whether a proid has a gMSA; retry later.
+    #[error("directory: {0}")]
+    Directory(String),
+}
+
+impl NodeError {
+    /// Wraps an I/O error with its path (for `map_err`).
+    pub(crate) fn io(path: &Path) -> impl FnOnce(io::Error) -> NodeError + '_ {
+        move |source| NodeError::Io {
+            path: path.to_owned(),
+            source,
+        }
+    }
+}
+
+/// What [`Node::placement_added`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Added {
+    /// The container directory was made (or a half-made one completed), the
+    /// instance linked into `running/` and `configured` posted.
+    Configured {
+        /// The container's unique name.
+        unique_name: String,
+        /// The container directory.
+        container_dir: PathBuf,
+        /// An earlier, interrupted attempt was completed.
+        resumed: bool,
+    },
+    /// The instance was already running; nothing was made again.
+    AlreadyConfigured {
+        /// The container's unique name.
+        unique_name: String,
+    },
+    /// The instance cannot run; an `aborted` event says why.
+    Aborted {
+        /// The event's data: `invalid-manifest` or `gmsa`.
+        why: String,
+    },
+    /// The instance was aborted or has finished earlier in this placement;
+    /// it is not tried again until its placement is removed.
+    AlreadyDone,
+    /// The placement went away before the container was configured.
+    NoLongerPlaced,
+}
+
+/// What [`Node::placement_removed`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removed {
+    /// `running/<instance>` moved to `cleanup/<unique name>` and
+    /// `data/terminated` touched.
+    Terminated {
+        /// The container's unique name.
+        unique_name: String,
+    },
+    /// Nothing was running for the instance.
+    NotRunning,
+}
+
+/// The directories under the app root.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    /// `<app_root>/apps`.
+    pub apps: PathBuf,
+    /// `<app_root>/running`.
+    pub running: PathBuf,
+    /// `<app_root>/cleanup`.
+    pub cleanup: PathBuf,
+    /// `<app_root>/appevents`.
+    pub appevents: PathBuf,
+}
+
+impl Layout {
+    /// The layout under an app root.
+    pub fn new(app_root: &Path) -> Layout {
+        Layout {
+            apps: app_root.join(APPS_DIR),
+            running: app_root.join(RUNNING_DIR),
+            cleanup: app_root.join(CLEANUP_DIR),
+            appevents: app_root.join(APPEVENTS_DIR),
+        }
+    }
+}
+
+/// The container life cycle on one host. Cheap to clone: clones share state,
+/// so the caller can hand one to each task. Operations on different
+/// instances may run at once; file-system changes are serialised inside.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: NodeConfig,
+    layout: Layout,
+    run_template: Option<Template>,
+    finish_template: Template,
+    check: Option<Arc<dyn MembershipCheck>>,
+    state: Mutex<State>,
+    /// Held for every change under the app root, never across a wait.
+    fs_lock: tokio::sync::Mutex<()>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Instances currently placed on this host, as fed by the caller.
+    placed: BTreeSet<String>,
+    /// Placed instances that aborted or finished: not configured again
+    /// until their placement is removed.
+    done: BTreeSet<String>,
+}
+
+impl Node {
+    /// Checks the configuration and makes the directories under the app root.
+    /// `check` is needed for [`GmsaProids::GroupExists`] and for
+    /// `wait_for_group`.
+    pub fn new(
+        config: NodeConfig,
+        check: Option<Arc<dyn MembershipCheck>>,
+    ) -> Result<Node, NodeError> {
+        for (what, path) in [
+            ("fs root", &config.fs_root),
+            ("app root", &config.app_root),
+            ("credential spec dir", &config.credential_spec_dir),
+        ] {
+            if path.to_str().is_none() || !path.is_absolute() {
+                return Err(NodeError::Config(format!(
+                    "the {what} {} must be an absolute UTF-8 path (it is written into scripts)",
+                    path.display()
+                )));
+            }
+        }
+        let run_template = match &config.run_command {
+            Some(text) => Some(Template::parse(text, RUN_PLACEHOLDERS).map_err(NodeError::Config)?),
+            None => None,
+        };
+        let finish_template = Template::parse(&config.finish_command, FINISH_PLACEHOLDERS)
+            .map_err(NodeError::Config)?;
+        if config.gmsa_proids != GmsaProids::None {
+            let Some(domain) = &config.domain else {
+                return Err(NodeError::Config(
+                    "gMSA proids need the domain facts for their credential specs".to_owned(),
+                ));
+            };
+            domain
+                .validate()
+                .map_err(|e| NodeError::Config(e.to_string()))?;
+        }
+        let needs_check = config.gmsa_proids == GmsaProids::GroupExists
+            || (config.wait_for_group.is_some() && config.gmsa_proids != GmsaProids::None);
+        if needs_check && check.is_none() {
+            return Err(NodeError::Config(
+                "finding gMSA proids by their groups, or waiting for group membership, needs a directory"
+                    .to_owned(),
+            ));
+        }
+        let layout = Layout::new(&config.app_root);
+        for dir in [
+            &layout.apps,
+            &layout.running,
+            &layout.cleanup,
+            &layout.appevents,
+            &config.credential_spec_dir,
+        ] {
+            std::fs::create_dir_all(dir).map_err(NodeError::io(dir))?;
+        }
+        Ok(Node {
+            inner: Arc::new(Inner {
+                config,
+                layout,
+                run_template,
+                finish_template,
+                check,
+                state: Mutex::new(State::default()),
+                fs_lock: tokio::sync::Mutex::new(()),
+            }),
+        })
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.inner.config
+    }
+
+    /// The directories under the app root.
+    pub fn layout(&self) -> &Layout {
+        &self.inner.layout
+    }
+
+    /// An instance was placed on this host: configure its container.
+    ///
+    /// Reads and validates `scheduled/<instance>` (an invalid or missing
+    /// manifest posts `aborted`/`invalid-manifest` and makes nothing), waits
+    /// for group membership if configured (a timeout posts `aborted`/`gmsa`),
+    /// then makes the container directory, links it into `running/` and posts
+    /// `configured`. Repeating the call is harmless: a running instance is
+    /// left alone, an interrupted configuration is completed.
+    pub async fn placement_added(&self, instance: &str) -> Result<Added, NodeError> {
+        let inst = Instance::parse(instance).map_err(NodeError::Instance)?;
+        {
+            let mut state = self.inner.state();
+            state.placed.insert(inst.name().to_owned());
+            if state.done.contains(inst.name()) {
+                return Ok(Added::AlreadyDone);
+            }
+        }
+        {
+            let _guard = self.inner.fs_lock.lock().await;
+            if let Some(added) = self.inner.already_configured(&inst)? {
+                return Ok(added);
+            }
+        }
+        let gmsa = self.inner.is_gmsa(inst.proid()).await?;
+        if let (true, Some(wait), Some(check)) =
+            (gmsa, self.inner.config.wait_for_group, &self.inner.check)
+        {
+            // Report a bad manifest at once rather than after the wait.
+            if let Err(problem) = self.inner.load_manifest(&inst)? {
+                return self.inner.abort(&inst, "invalid-manifest", problem);
+            }
+            let inner = &self.inner;
+            match wait::wait_until_member(check.as_ref(), inst.proid(), wait, || {
+                inner.is_placed(inst.name())
+            })
+            .await
+            {
+                WaitOutcome::Member => {}
+                WaitOutcome::Cancelled => return Ok(Added::NoLongerPlaced),
+                WaitOutcome::TimedOut(why) => return self.inner.abort(&inst, "gmsa", why),
+            }
+        }
+        let _guard = self.inner.fs_lock.lock().await;
+        if !self.inner.is_placed(inst.name()) {
+            return Ok(Added::NoLongerPlaced);
+        }
+        if let Some(added) = self.inner.already_configured(&inst)? {
+            return Ok(added);
+        }
+        match self.inner.load_manifest(&inst)? {
+            Err(problem) => self.inner.abort(&inst, "invalid-manifest", problem),
+            Ok(loaded) => self.inner.configure(&inst, &loaded, gmsa),
+        }
+    }
+
+    /// An instance left this host: move `running/<instance>` to
+    /// `cleanup/<unique name>` and touch `data/terminated`, so the supervisor
+    /// stops it and its finish reports nothing.
+    pub async fn placement_removed(&self, instance: &str) -> Result<Removed, NodeError> {
+        // The name becomes a path: only names a container can have.
+        Instance::parse(instance).map_err(NodeError::Instance)?;
+        {
+            let mut state = self.inner.state();
+            state.placed.remove(instance);
+            state.done.remove(instance);
+        }
+        let _guard = self.inner.fs_lock.lock().await;
+        self.inner.terminate(instance)
+    }
+
+    /// Brings the app root in line with the placements found at start-up:
+    /// instances running but no longer placed are terminated, placed ones
+    /// not running are configured (unless their container already finished:
+    /// that one is reported and goes to cleanup), broken `running/` links are
+    /// repaired, leftovers of interrupted steps are completed. Placement
+    /// events may be fed while it runs.
+    pub async fn startup(&self, placed: &BTreeSet<String>) -> Result<StartupReport, NodeError> {
+        startup::startup(self, placed).await
+    }
+
+    /// Deletes the containers that have been in `cleanup/` longer than the
+    /// retention time, with their credential specs. Returns their unique
+    /// names. A container that cannot be deleted is logged and tried again
+    /// next time.
+    pub fn cleanup_expired(&self, now: SystemTime) -> Vec<String> {
+        self.inner.cleanup_expired(now)
+    }
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, State> {
+        // The state is a pair of sets: a panic elsewhere cannot leave it torn.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn is_placed(&self, instance: &str) -> bool {
+        self.state().placed.contains(instance)
+    }
+
+    fn container_dir(&self, unique_name: &str) -> PathBuf {
+        self.layout.apps.join(unique_name)
+    }
+
+    fn credential_spec_path(&self, unique_name: &str) -> PathBuf {
+        self.config
+            .credential_spec_dir
+            .join(format!("{unique_name}.json"))
+    }
+
+    /// Whether the proid runs under a gMSA.
+    async fn is_gmsa(&self, proid: &Proid) -> Result<bool, NodeError> {
+        match (&self.config.gmsa_proids, &self.check) {
+            (GmsaProids::None, _) => Ok(false),
+            (GmsaProids::Glob(glob), _) => Ok(glob.matches(proid.as_str())),
+            (GmsaProids::GroupExists, Some(check)) => check
+                .group_exists(proid)
+                .await
+                .map_err(NodeError::Directory),
+            (GmsaProids::GroupExists, None) => {
+                panic!("BUG: Node::new accepts GroupExists only with a check")
+            }
+        }
+    }
+
+    /// Posts `aborted` for an instance and remembers it until it is removed;
+    /// posts nothing for one no longer placed, or already aborted.
+    fn abort(&self, inst: &Instance, why: &str, problem: String) -> Result<Added, NodeError> {
+        {
+            let mut state = self.state();
+            if !state.placed.contains(inst.name()) {
+                return Ok(Added::NoLongerPlaced);
+            }
+            if !state.done.insert(inst.name().to_owned()) {
+                return Ok(Added::AlreadyDone);
+            }
+        }
+        tracing::warn!(instance = %inst, why, %problem, "instance aborted");
+        let event = Event::now(inst.name(), EventKind::Aborted, why)
+            .with_payload(serde_yaml::Value::String(problem));
+        if let Err(err) = events::post(&self.layout.appevents, &event) {
+            self.state().done.remove(inst.name());
+            return Err(NodeError::io(&self.layout.appevents)(err));
+        }
+        Ok(Added::Aborted {
+            why: why.to_owned(),
+        })
+    }
+
+    /// `AlreadyConfigured` when `running/<instance>` leads to a container,
+    /// after making sure its `configured` event went out.
+    fn already_configured(&self, inst: &Instance) -> Result<Option<Added>, NodeError> {
+        let Some(unique_name) = self.live_running(inst)? else {
+            return Ok(None);
+        };
+        self.ensure_configured_event(inst, &unique_name)?;
+        Ok(Some(Added::AlreadyConfigured { unique_name }))
+    }
+
+    /// The unique name `running/<instance>` points to when that container
+    /// directory exists; a link to nothing is removed (it would make the
+    /// supervisor fail) and counts as not running.
+    fn live_running(&self, inst: &Instance) -> Result<Option<String>, NodeError> {
+        let link = self.layout.running.join(inst.name());
+        match running_target(&link)? {
+            None => Ok(None),
+            Some(unique_name)
+                if !unique_name.is_empty()
+                    && self.container_dir(&unique_name).join("data").is_dir() =>
+            {
+                Ok(Some(unique_name))
+            }
+            Some(_) => {
+                tracing::warn!(instance = %inst, "removing a broken running link");
+                files::remove_file_if_exists(&link).map_err(NodeError::io(&link))?;
+                Ok(None)
+            }
+        }
+    }
+}
+
+/// The container a `running/` or `cleanup/` entry points to: the last
+/// component of the link's target. `Some("")` for an entry that is not a
+/// link; `None` when there is no entry.
+fn running_target(link: &Path) -> Result<Option<String>, NodeError> {
+    match std::fs::read_link(link) {
+        Ok(target) => Ok(Some(
+            target
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_owned(),
+        )),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => Ok(Some(String::new())),
+        Err(e) => Err(NodeError::io(link)(e)),
+    }
+}
+
+#[cfg(test)]
+pub(super) mod testing {
+    //! A node on a temporary tree, for the unit tests of the node's steps.
+
+    use super::*;
+
+    pub(super) const MANIFEST: &str = "proid: proid1\nenvironment: dev\ncpu: 10%\nmemory: 1M\ndisk: 1M\ncommand: exec sleep 100\n";
+
+    pub(super) struct TestNode {
+        pub tmp: tempfile::TempDir,
+        pub node: Node,
+    }
+
+    impl TestNode {
+        pub(super) fn new() -> TestNode {
+            let tmp = tempfile::tempdir().expect("tempdir");
+            let host = HostName::new("h1").expect("host");
+            let mut config =
+                NodeConfig::new(tmp.path().join("cell"), host, tmp.path().join("node"));
+            config.gmsa_proids = GmsaProids::None;
+            std::fs::create_dir_all(tmp.path().join("cell/scheduled")).expect("mkdir");
+            std::fs::create_dir_all(tmp.path().join("cell/placement/h1")).expect("mkdir");
+            let node = Node::new(config, None).expect("node");
+            TestNode { tmp, node }
+        }
+
+        pub(super) fn inner(&self) -> &Inner {
+            &self.node.inner
+        }
+
+        /// Writes a manifest as the mirror does: a new file renamed over the
+        /// old one, so it always has a new inode.
+        pub(super) fn schedule(&self, instance: &str, manifest: &str) {
+            let dir = self.tmp.path().join("cell/scheduled");
+            std::fs::write(dir.join(".tmp"), manifest).expect("write manifest");
+            std::fs::rename(dir.join(".tmp"), dir.join(instance)).expect("rename manifest");
+        }
+
+        pub(super) fn place(&self, instance: &str, data: &str) {
+            let path = self.tmp.path().join("cell/placement/h1").join(instance);
+            std::fs::write(path, data).expect("write placement");
+        }
+
+        /// The unique name the first container of a scheduled manifest gets.
+        pub(super) fn first_unique_name(&self, instance: &str) -> String {
+            let inst = Instance::parse(instance).expect("instance");
+            let path = self.tmp.path().join("cell/scheduled").join(instance);
+            let stamp = unique::Stamp::of(&std::fs::metadata(path).expect("stat"));
+            inst.unique_name(&unique::unique_id(&stamp, inst.number(), 0))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct NoDirectory;
+
+    #[async_trait::async_trait]
+    impl MembershipCheck for NoDirectory {
+        async fn group_exists(&self, _: &Proid) -> Result<bool, String> {
+            Err("no directory".into())
+        }
+        async fn is_member(&self, _: &Proid) -> Result<bool, String> {
+            Err("no directory".into())
+        }
+    }
+
+    fn config(dir: &Path) -> NodeConfig {
+        let mut config = NodeConfig::new(
+            dir.join("cell"),
+            HostName::new("h1").expect("host"),
+            dir.join("node"),
+        );
+        config.gmsa_proids = GmsaProids::None;
+        config
+    }
+
+    fn domain() -> DomainInfo {
+        DomainInfo {
+            dns_name: "ad.test".into(),
+            netbios_name: "AD".into(),
+            sid: "S-1-5-21-1-2-3".into(),
+            guid: "a4d38f1d-39aa-4db3-9fbb-3d1c6a1f3b4e".into(),
+            dns_tree_name: "ad.test".into(),
+        }
+    }
+
+    fn refused(config: NodeConfig, check: Option<Arc<dyn MembershipCheck>>) -> String {
+        match Node::new(config, check) {
+            Err(NodeError::Config(why)) => why,
+            Err(other) => panic!("expected a configuration error, got {other}"),
+            Ok(_) => panic!("expected a configuration error"),
+        }
+    }
+
+    #[test]
+    fn configurations_that_cannot_work_are_refused() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let dir = tmp.path();
+        let check: Arc<dyn MembershipCheck> = Arc::new(NoDirectory);
+
+        let mut c = config(dir);
+        c.gmsa_proids = GmsaProids::GroupExists;
+        assert!(refused(c.clone(), Some(check.clone())).contains("domain facts"));
+        c.domain = Some(domain());
+        assert!(refused(c.clone(), None).contains("needs a directory"));
+        assert!(Node::new(c.clone(), Some(check.clone())).is_ok());
+
+        let mut c = config(dir);
+        c.gmsa_proids = GmsaProids::Glob(glob::Pattern::new("p*").expect("glob"));
+        c.domain = Some(DomainInfo {
+            sid: "bogus".into(),
+            ..domain()
+        });
+        assert!(refused(c.clone(), None).contains("sid"));
+        c.domain = Some(domain());
+        assert!(
+            Node::new(c.clone(), None).is_ok(),
+            "a glob needs no directory"
+        );
+        c.wait_for_group = Some(Duration::from_secs(5));
+        assert!(refused(c, None).contains("needs a directory"));
+
+        let mut c = config(dir);
+        c.run_command = Some("run {nope}".into());
+        assert!(refused(c, None).contains("{nope}"));
+        let mut c = config(dir);
+        c.finish_command = "finish {instance}".into();
+        assert!(refused(c, None).contains("{instance}"));
+        let mut c = config(dir);
+        c.app_root = PathBuf::from("relative/root");
+        assert!(refused(c, None).contains("absolute"));
+    }
+
+    #[test]
+    fn new_makes_the_app_root_layout() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let node = Node::new(config(tmp.path()), None).expect("node");
+        let layout = node.layout();
+        for dir in [
+            &layout.apps,
+            &layout.running,
+            &layout.cleanup,
+            &layout.appevents,
+        ] {
+            assert!(dir.is_dir(), "{}", dir.display());
+        }
+        assert!(node.config().credential_spec_dir.is_dir());
+    }
+
+    #[tokio::test]
+    async fn a_directory_that_cannot_answer_is_an_error_and_makes_nothing() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let mut c = config(tmp.path());
+        c.gmsa_proids = GmsaProids::GroupExists;
+        c.domain = Some(domain());
+        std::fs::create_dir_all(tmp.path().join("cell/scheduled")).expect("mkdir");
+        std::fs::write(
+            tmp.path().join("cell/scheduled/proid1.web#1"),
+            testing::MANIFEST,
+        )
+        .expect("write");
+        let node = Node::new(c, Some(Arc::new(NoDirectory))).expect("node");
+        let err = node
+            .placement_added("proid1.web#1")
+            .await
+            .expect_err("no directory");
+        assert!(matches!(err, NodeError::Directory(_)), "{err}");
+        assert!(files::data_names(&node.layout().apps)
+            .expect("list")
+            .is_empty());
+        assert!(files::data_names(&node.layout().appevents)
+            .expect("list")
+            .is_empty());
+    }
+}

@@ -1,0 +1,319 @@
+//! The supervisor scripts of a container (`run`, `finish`, `log/run`) as
+//! plain POSIX sh, and the command templates the operator can put in them.
+//!
+//! Every value that comes from a manifest, a path or an instance name is
+//! single-quoted before it reaches a script, so no name can inject shell
+//! syntax; only the operator's own template text is taken verbatim.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use super::manifest::{EnvVar, Service};
+
+/// Quotes a value as one shell word: inside single quotes, with each `'`
+/// written as `'\''`.
+pub fn shell_quote(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('\'');
+    for c in value.chars() {
+        if c == '\'' {
+            out.push_str("'\\''");
+        } else {
+            out.push(c);
+        }
+    }
+    out.push('\'');
+    out
+}
+
+/// An operator's command with `{name}` placeholders; `{{` and `}}` stand for
+/// literal braces (so shell `${VAR}` is written `${{VAR}}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Text(String),
+    Placeholder(String),
+}
+
+impl Template {
+    /// Parses a template, accepting only the given placeholder names.
+    pub fn parse(text: &str, allowed: &[&str]) -> Result<Template, String> {
+        let mut parts = Vec::new();
+        let mut literal = String::new();
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            match c {
+                '{' if chars.peek() == Some(&'{') => {
+                    chars.next();
+                    literal.push('{');
+                }
+                '}' if chars.peek() == Some(&'}') => {
+                    chars.next();
+                    literal.push('}');
+                }
+                '{' => {
+                    let mut name = String::new();
+                    loop {
+                        match chars.next() {
+                            Some('}') => break,
+                            Some(c) => name.push(c),
+                            None => return Err(format!("unclosed '{{' in {text:?}")),
+                        }
+                    }
+                    if !allowed.contains(&name.as_str()) {
+                        return Err(format!(
+                            "unknown placeholder {{{name}}} in {text:?}; known: {}",
+                            allowed
+                                .iter()
+                                .map(|a| format!("{{{a}}}"))
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ));
+                    }
+                    if !literal.is_empty() {
+                        parts.push(Part::Text(std::mem::take(&mut literal)));
+                    }
+                    parts.push(Part::Placeholder(name));
+                }
+                '}' => return Err(format!("unmatched '}}' in {text:?}; write '}}}}'")),
+                c => literal.push(c),
+            }
+        }
+        if !literal.is_empty() {
+            parts.push(Part::Text(literal));
+        }
+        if parts.is_empty() {
+            return Err("an empty command".to_owned());
+        }
+        Ok(Template { parts })
+    }
+
+    /// The command with each placeholder replaced by its value, quoted.
+    /// A placeholder without a value becomes `''`.
+    pub fn render(&self, values: &BTreeMap<&str, String>) -> String {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Text(text) => out.push_str(text),
+                Part::Placeholder(name) => {
+                    out.push_str(&shell_quote(values.get(name.as_str()).map_or("", |v| v)))
+                }
+            }
+        }
+        out
+    }
+}
+
+/// What the container's `run` starts.
+pub enum RunWhat<'a> {
+    /// The operator's command, already rendered; run from the container directory.
+    Command(&'a str),
+    /// The manifest's services under `/bin/sh -c`, run from `data/`.
+    Services(&'a [Service]),
+}
+
+/// The `run` script of a container.
+pub fn run_script(
+    instance: &str,
+    container_dir: &str,
+    environ: &[EnvVar],
+    what: RunWhat<'_>,
+) -> String {
+    let mut s = header(&format!("Runs the container of {instance}."));
+    let dir = match what {
+        RunWhat::Command(_) => container_dir.to_owned(),
+        RunWhat::Services(_) => format!("{container_dir}/data"),
+    };
+    let _ = writeln!(s, "cd {} || exit 111", shell_quote(&dir));
+    for var in environ {
+        // Names are validated as shell variable names; only values are quoted.
+        let _ = writeln!(s, "{}={}", var.name, shell_quote(&var.value));
+        let _ = writeln!(s, "export {}", var.name);
+    }
+    match what {
+        RunWhat::Command(command) => {
+            s.push_str(command);
+            s.push('\n');
+        }
+        RunWhat::Services([one]) => {
+            let _ = writeln!(s, "exec /bin/sh -c {}", shell_quote(&one.command));
+        }
+        RunWhat::Services(services) => {
+            s.push_str(SERVICES_PRELUDE);
+            for service in services {
+                let _ = writeln!(
+                    s,
+                    "watch_service {} {} &\npids=\"$pids $!\"",
+                    shell_quote(&service.name),
+                    shell_quote(&service.command)
+                );
+            }
+            s.push_str(SERVICES_WAIT);
+        }
+    }
+    s
+}
+
+/// The shell that runs several services as one container: each service has
+/// a watcher that forwards TERM to it; the first service to end records its
+/// name and status in `.exited/status` (mkdir is the atomic "first") and
+/// stops the rest, so the container ends with it and `finish` knows who.
+const SERVICES_PRELUDE: &str = r#"rm -rf .exited
+watch_service() {
+    child=
+    trap 'stopping=1; [ -n "$child" ] && kill -TERM "$child" 2>/dev/null' TERM
+    /bin/sh -c "$2" &
+    child=$!
+    [ -n "${stopping-}" ] && kill -TERM "$child" 2>/dev/null
+    wait "$child"
+    rc=$?
+    while kill -0 "$child" 2>/dev/null; do
+        wait "$child"
+        rc=$?
+    done
+    if mkdir .exited 2>/dev/null; then
+        printf '%s %s\n' "$1" "$rc" > .exited/status
+        kill -TERM $$ 2>/dev/null
+    fi
+}
+pids=
+trap 'stopping=1; kill -TERM $pids 2>/dev/null' TERM INT HUP
+"#;
+
+const SERVICES_WAIT: &str = r#"[ -n "${stopping-}" ] && kill -TERM $pids 2>/dev/null
+for pid in $pids; do
+    while kill -0 "$pid" 2>/dev/null; do
+        wait "$pid"
+    done
+done
+rc=0
+[ -r .exited/status ] && read -r _ rc < .exited/status
+exit "$rc"
+"#;
+
+/// The `finish` script: records `data/exitinfo` once (the first exit wins:
+/// `ln` refuses to replace an existing file), then runs the finish command.
+/// The supervisor passes the exit code and the signal number (s6 style).
+pub fn finish_script(
+    instance: &str,
+    container_dir: &str,
+    service: &str,
+    finish_command: &str,
+) -> String {
+    let mut s = header(&format!(
+        "Records how the container of {instance} ended and reports it."
+    ));
+    let _ = writeln!(s, "data={}", shell_quote(&format!("{container_dir}/data")));
+    let _ = writeln!(s, "service={}", shell_quote(service));
+    s.push_str(FINISH_BODY);
+    s.push_str(finish_command);
+    s.push('\n');
+    s
+}
+
+const FINISH_BODY: &str = r#"number() {
+    case $1 in
+        '' | *[!0-9]* | 0?* | ??????????*) echo -1 ;;
+        *) echo "$1" ;;
+    esac
+}
+if [ -r "$data/.exited/status" ]; then
+    read -r exited _ < "$data/.exited/status"
+    case $exited in
+        '' | *[!A-Za-z0-9_.-]*) ;;
+        *) service=$exited ;;
+    esac
+fi
+if [ ! -e "$data/exitinfo" ]; then
+    tmp="$data/.exitinfo.$$"
+    printf '{"service": "%s", "return_code": %s, "signal": %s, "timestamp": %s}\n' \
+        "$service" "$(number "${1-}")" "$(number "${2-0}")" "$(date +%s)" > "$tmp" &&
+        ln "$tmp" "$data/exitinfo" 2>/dev/null
+    rm -f "$tmp"
+fi
+"#;
+
+/// The `log/run` script: appends the container's output to `log/current`.
+pub fn log_run_script(instance: &str, container_dir: &str) -> String {
+    let mut s = header(&format!("Keeps the output of the container of {instance}."));
+    let _ = writeln!(
+        s,
+        "exec cat >> {}",
+        shell_quote(&format!("{container_dir}/log/current"))
+    );
+    s
+}
+
+fn header(what: &str) -> String {
+    let what: String = what.chars().filter(|c| !c.is_control()).collect();
+    format!("#!/bin/sh\n# {what}\n# Written by gmsa-reconciler; changes are overwritten.\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs a shell snippet and returns what it prints.
+    fn sh(script: &str) -> String {
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(script)
+            .output()
+            .expect("run sh");
+        assert!(out.status.success(), "{script}: {out:?}");
+        String::from_utf8(out.stdout).expect("utf-8")
+    }
+
+    #[test]
+    fn quoting_survives_the_shell() {
+        for value in [
+            "",
+            "plain",
+            "a b",
+            "it's",
+            "'",
+            "$(touch x)`y`",
+            "a\nb",
+            "\\ \" * ?",
+            "{}",
+        ] {
+            let printed = sh(&format!("printf '%s' {}", shell_quote(value)));
+            assert_eq!(printed, value);
+        }
+    }
+
+    #[test]
+    fn templates_quote_values_and_keep_literal_text() {
+        let t = Template::parse(
+            "run --spec=file://{credential_spec} ${{HOME}} {instance}",
+            &["credential_spec", "instance"],
+        )
+        .expect("valid");
+        let values = BTreeMap::from([("instance", "p.a#1".to_owned())]);
+        assert_eq!(t.render(&values), "run --spec=file://'' ${HOME} 'p.a#1'");
+        for bad in ["x {nope}", "x {instance", "x }", ""] {
+            assert!(Template::parse(bad, &["instance"]).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn environment_values_reach_the_services_intact() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir(dir.path().join("data")).expect("mkdir");
+        let root = dir.path().to_str().expect("utf-8");
+        let environ = [EnvVar {
+            name: "GREETING".into(),
+            value: "it's $HOME; `x`".into(),
+        }];
+        let services = [Service {
+            name: "main".into(),
+            command: "printf '%s|%s' \"$GREETING\" \"$(basename \"$PWD\")\"".into(),
+        }];
+        let script = run_script("p.a#1", root, &environ, RunWhat::Services(&services));
+        assert_eq!(sh(&script), "it's $HOME; `x`|data");
+    }
+}

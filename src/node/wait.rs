@@ -1,0 +1,187 @@
+//! Waiting for this host to join a proid's gMSA group before its container
+//! is configured: a container started earlier could not fetch the gMSA's
+//! password.
+//!
+//! The directory is reached through [`MembershipCheck`], so the node does
+//! not depend on how (LDAP, an LDIF file, a test double); polling backs off
+//! exponentially with jitter on tokio's clock, so tests can pause time.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::time::Instant;
+
+use crate::model::Proid;
+
+/// First pause between two membership checks.
+pub const INITIAL_DELAY: Duration = Duration::from_secs(1);
+/// Longest pause between two membership checks.
+pub const MAX_DELAY: Duration = Duration::from_secs(30);
+
+/// What the node asks the directory about a proid's group.
+#[async_trait]
+pub trait MembershipCheck: Send + Sync {
+    /// Whether the proid has a group at all: with the default gMSA
+    /// selection, exactly those proids have a gMSA.
+    async fn group_exists(&self, proid: &Proid) -> Result<bool, String>;
+
+    /// Whether this host's computer DN is a member of the proid's group.
+    async fn is_member(&self, proid: &Proid) -> Result<bool, String>;
+}
+
+/// How a wait ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WaitOutcome {
+    /// The host is in the group.
+    Member,
+    /// The instance is no longer wanted (its placement went away).
+    Cancelled,
+    /// The time ran out; the last answer or error, for the operator.
+    TimedOut(String),
+}
+
+/// Asks `check` until this host is a member of `proid`'s group, `still_wanted`
+/// turns false, or `wait` has passed. Errors from the check count as "not
+/// yet": the directory may be briefly unreachable.
+pub async fn wait_until_member(
+    check: &dyn MembershipCheck,
+    proid: &Proid,
+    wait: Duration,
+    still_wanted: impl Fn() -> bool,
+) -> WaitOutcome {
+    let deadline = Instant::now() + wait;
+    let mut delay = INITIAL_DELAY;
+    loop {
+        if !still_wanted() {
+            return WaitOutcome::Cancelled;
+        }
+        let last = match tokio::time::timeout_at(deadline, check.is_member(proid)).await {
+            Ok(Ok(true)) => return WaitOutcome::Member,
+            Ok(Ok(false)) => "not a member".to_owned(),
+            Ok(Err(err)) => format!("check failed: {err}"),
+            Err(_) => "check did not answer".to_owned(),
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            return WaitOutcome::TimedOut(format!(
+                "this host is not in the group of {proid} after {}s ({last})",
+                wait.as_secs()
+            ));
+        }
+        tracing::debug!(%proid, why = %last, "waiting for gMSA group membership");
+        let pause = delay.mul_f64(0.8 + 0.4 * fastrand::f64());
+        tokio::time::sleep_until((now + pause).min(deadline)).await;
+        delay = (delay * 2).min(MAX_DELAY);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+
+    /// Answers "no" a given number of times, then "yes", noting when it was asked.
+    struct Fake {
+        noes: usize,
+        asked: Mutex<Vec<Instant>>,
+    }
+
+    #[async_trait]
+    impl MembershipCheck for Fake {
+        async fn group_exists(&self, _: &Proid) -> Result<bool, String> {
+            Ok(true)
+        }
+        async fn is_member(&self, _: &Proid) -> Result<bool, String> {
+            let mut asked = self.asked.lock().expect("lock");
+            asked.push(Instant::now());
+            match asked.len() {
+                n if n <= self.noes && n % 2 == 0 => Err("unreachable".into()),
+                n if n <= self.noes => Ok(false),
+                _ => Ok(true),
+            }
+        }
+    }
+
+    fn proid() -> Proid {
+        Proid::new("proid1").expect("valid")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn polls_with_growing_pauses_until_member() {
+        let fake = Fake {
+            noes: 5,
+            asked: Mutex::new(Vec::new()),
+        };
+        let out = wait_until_member(&fake, &proid(), Duration::from_secs(600), || true).await;
+        assert_eq!(out, WaitOutcome::Member);
+        let asked = fake.asked.lock().expect("lock");
+        assert_eq!(asked.len(), 6);
+        let pauses: Vec<Duration> = asked.windows(2).map(|w| w[1] - w[0]).collect();
+        for (i, pause) in pauses.iter().enumerate() {
+            let nominal = (INITIAL_DELAY * 2u32.pow(i as u32)).min(MAX_DELAY);
+            assert!(
+                // tokio's timers tick in whole milliseconds.
+                *pause >= nominal.mul_f64(0.8)
+                    && *pause <= nominal.mul_f64(1.2) + Duration::from_millis(1),
+                "pause {i} was {pause:?}, nominal {nominal:?}"
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn gives_up_at_the_deadline() {
+        let fake = Fake {
+            noes: usize::MAX,
+            asked: Mutex::new(Vec::new()),
+        };
+        let start = Instant::now();
+        let wait = Duration::from_secs(120);
+        let out = wait_until_member(&fake, &proid(), wait, || true).await;
+        let WaitOutcome::TimedOut(why) = out else {
+            panic!("expected a timeout, got {out:?}");
+        };
+        assert!(why.contains("proid1") && why.contains("120s"), "{why}");
+        assert!(Instant::now() - start >= wait);
+        let asked = fake.asked.lock().expect("lock").len();
+        // With pauses doubling up to 30s, 120s hold between 5 and 10 questions.
+        assert!((5..=10).contains(&asked), "asked {asked} times");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stops_when_no_longer_wanted() {
+        let fake = Fake {
+            noes: usize::MAX,
+            asked: Mutex::new(Vec::new()),
+        };
+        let calls = AtomicUsize::new(0);
+        let out = wait_until_member(&fake, &proid(), Duration::from_secs(600), || {
+            calls.fetch_add(1, Ordering::SeqCst) < 3
+        })
+        .await;
+        assert_eq!(out, WaitOutcome::Cancelled);
+        assert_eq!(fake.asked.lock().expect("lock").len(), 3);
+    }
+
+    /// A check that never answers must not hold the wait past its deadline.
+    struct Hangs;
+
+    #[async_trait]
+    impl MembershipCheck for Hangs {
+        async fn group_exists(&self, _: &Proid) -> Result<bool, String> {
+            Ok(true)
+        }
+        async fn is_member(&self, _: &Proid) -> Result<bool, String> {
+            std::future::pending().await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hanging_check_times_out() {
+        let out = wait_until_member(&Hangs, &proid(), Duration::from_secs(60), || true).await;
+        assert!(
+            matches!(out, WaitOutcome::TimedOut(ref why) if why.contains("did not answer")),
+            "{out:?}"
+        );
+    }
+}
