@@ -251,6 +251,57 @@ async fn result_codes_surface_as_results_and_a_failed_request_changes_nothing() 
     assert_eq!(code_of(&err), rc::NO_SUCH_OBJECT, "{err}");
 }
 
+/// slapd does not list permissive modify, but honours it for adds when
+/// sent: so `Always` proves the control goes out and is well formed. (Its
+/// permissive deletes are unreliable: an absent value after a present one
+/// in the same request still gets 16, so they are not tested here.)
+#[tokio::test]
+async fn permissive_modify_when_forced_is_sent_and_honoured_by_slapd() {
+    use gmsa_reconciler::directory::ldap::PermissiveMode;
+    let slapd = Slapd::shared();
+    slapd.add_entries(&ou_with_groups(
+        "Permissive",
+        &[("g", vec![host(1), host(2)])],
+    ));
+    let group = dn("cn=g,ou=Permissive,dc=ad,dc=com");
+    let with_control = |permissive| {
+        LdapDirectory::new(LdapConfig {
+            permissive,
+            ..config(&[slapd.url()])
+        })
+        .expect("valid config")
+    };
+
+    // A present value among new ones.
+    let change = MemberChange {
+        add: vec![dn(&host(1)), dn(&host(3))],
+        delete: vec![],
+    };
+    let forced = with_control(PermissiveMode::Always);
+    forced
+        .modify_members(&group, &change)
+        .await
+        .expect("permissive");
+    let now = forced
+        .read_group(&group)
+        .await
+        .expect("read")
+        .expect("exists");
+    assert_eq!(now.members, members(&[host(1), host(2), host(3)]));
+
+    // The same kind of request without the control fails.
+    let change = MemberChange {
+        add: vec![dn(&host(1)), dn(&host(4))],
+        delete: vec![],
+    };
+    let plain = with_control(PermissiveMode::Auto);
+    let err = plain
+        .modify_members(&group, &change)
+        .await
+        .expect_err("no control");
+    assert_eq!(code_of(&err), rc::ATTRIBUTE_OR_VALUE_EXISTS, "{err}");
+}
+
 #[tokio::test]
 async fn a_wrong_password_fails_the_bind_without_revealing_it() {
     let slapd = Slapd::shared();

@@ -571,7 +571,7 @@ fn root_dse_answers(url: &str) -> bool {
 // Samba AD
 
 /// Bump when the template recipe changes, so stale templates are not used.
-const SAMBA_RECIPE: u32 = 1;
+const SAMBA_RECIPE: u32 = 2;
 
 /// Contacts every Samba test server holds (`CN=cNNNN,OU=Bulk,DC=ad,DC=test`),
 /// for groups with many members: Samba refuses members that do not exist.
@@ -976,7 +976,8 @@ fn provision(samba_tool: &Path, work: &Path) {
         std::thread::sleep(Duration::from_millis(50));
     }
     kill_and_reap(&mut child);
-    for sub in ["run", "ncalrpc", "winbindd", "log"] {
+    // What the run left behind that belongs to a running server.
+    for sub in ["run", "ncalrpc", "winbindd", "log", "msg.lock", "msg.sock"] {
         let _ = std::fs::remove_dir_all(work.join(sub));
     }
     let _ = std::fs::remove_file(work.join("samba.out"));
