@@ -1022,7 +1022,7 @@ fn read_ca_file(path: &Path) -> Result<Vec<Certificate>, DirError> {
             return Err(fatal("unterminated certificate".into()));
         };
         let end = start + len + END.len();
-        let cert = Certificate::from_pem(rest[start..end].as_bytes())
+        let cert = Certificate::from_pem(&rest.as_bytes()[start..end])
             .map_err(|e| fatal(format!("certificate {}: {e}", certs.len() + 1)))?;
         certs.push(cert);
         rest = &rest[end..];
