@@ -274,7 +274,7 @@ impl LdapDirectory {
 
     /// The handle of the open connection, connecting first when there is
     /// none or the last one was closed by the server.
-    async fn handle(&self, op: Op) -> Result<(u64, Ldap), DirError> {
+    async fn handle(&self) -> Result<(u64, Ldap), DirError> {
         let mut slot = self.conn.lock().await;
         if let Some(conn) = slot.as_mut() {
             if !conn.ldap.is_closed() {
@@ -283,7 +283,7 @@ impl LdapDirectory {
             tracing::debug!(url = %conn.url, "LDAP connection closed; reconnecting");
         }
         *slot = None;
-        let conn = self.connect(op).await?;
+        let conn = self.connect().await?;
         let handle = (conn.id, conn.ldap.clone());
         *slot = Some(conn);
         Ok(handle)
@@ -299,7 +299,7 @@ impl LdapDirectory {
     }
 
     /// Tries the URLs in order.
-    async fn connect(&self, op: Op) -> Result<Conn, DirError> {
+    async fn connect(&self) -> Result<Conn, DirError> {
         let mut failures = Vec::new();
         let mut all_tls = true;
         for url in &self.config.urls {
@@ -308,6 +308,13 @@ impl LdapDirectory {
                     tracing::debug!(%url, "connected to LDAP server");
                     return Ok(conn);
                 }
+                // Busy or unavailable: another server may do better.
+                Err(Attempt::Refused(err)) if err.is_transient() => {
+                    tracing::debug!(%url, %err, "LDAP server refused the bind for now");
+                    all_tls = false;
+                    failures.push(format!("{url}: {err}"));
+                }
+                // The same credentials would fail everywhere.
                 Err(Attempt::Refused(err)) => return Err(err),
                 Err(Attempt::Unreachable(why)) => {
                     tracing::debug!(%url, %why, "LDAP server unreachable");
@@ -324,7 +331,10 @@ impl LdapDirectory {
         if all_tls {
             Err(DirError::Fatal(message))
         } else {
-            Err(DirError::Unreachable { op, message })
+            Err(DirError::Unreachable {
+                op: Op::Connect,
+                message,
+            })
         }
     }
 
@@ -409,7 +419,7 @@ impl LdapDirectory {
         F: FnOnce(Ldap) -> Fut,
         Fut: std::future::Future<Output = Result<T, LdapError>>,
     {
-        let (id, ldap) = self.handle(op).await?;
+        let (id, ldap) = self.handle().await?;
         let outcome = tokio::time::timeout(self.config.timeout, f(ldap)).await;
         let err = match outcome {
             Ok(Ok(value)) => return Ok(value),
@@ -429,6 +439,7 @@ impl LdapDirectory {
     /// entries and the final result with its controls.
     async fn search_once(
         &self,
+        op: Op,
         base: &str,
         scope: Scope,
         filter: &str,
@@ -437,7 +448,7 @@ impl LdapDirectory {
     ) -> Result<(Vec<RawEntry>, LdapResult), DirError> {
         let attrs = attrs.to_vec();
         let (entries, result) = self
-            .request(Op::Search, base, |mut ldap| async move {
+            .request(op, base, |mut ldap| async move {
                 // An empty control list would still go out as an (empty)
                 // controls field.
                 if !controls.is_empty() {
@@ -473,7 +484,14 @@ impl LdapDirectory {
             bump(&self.counters.searches);
             let control = paged_control(self.config.page_size, &cookie);
             let (entries, result) = self
-                .search_once(base, Scope::Subtree, filter, attrs, vec![control])
+                .search_once(
+                    Op::Search,
+                    base,
+                    Scope::Subtree,
+                    filter,
+                    attrs,
+                    vec![control],
+                )
                 .await?;
             if result.rc != 0 {
                 return Err(result_error(Op::Search, base, result));
@@ -511,7 +529,14 @@ impl LdapDirectory {
             bump(&self.counters.range_reads);
             let dn = group.dn.clone();
             let (entries, result) = self
-                .search_once(&dn, Scope::Base, "(objectClass=*)", &[attr], Vec::new())
+                .search_once(
+                    Op::Search,
+                    &dn,
+                    Scope::Base,
+                    "(objectClass=*)",
+                    &[attr],
+                    Vec::new(),
+                )
                 .await?;
             if result.rc == super::rc::NO_SUCH_OBJECT {
                 return Ok(false);
@@ -567,10 +592,17 @@ impl Directory for LdapDirectory {
                 bump(&self.counters.searches);
                 let attrs = ["supportedControl".to_owned()];
                 let (entries, result) = self
-                    .search_once("", Scope::Base, "(objectClass=*)", &attrs, Vec::new())
+                    .search_once(
+                        Op::Connect,
+                        "",
+                        Scope::Base,
+                        "(objectClass=*)",
+                        &attrs,
+                        Vec::new(),
+                    )
                     .await?;
                 if result.rc != 0 {
-                    return Err(result_error(Op::Search, "root DSE", result));
+                    return Err(result_error(Op::Connect, "root DSE", result));
                 }
                 let controls: BTreeSet<String> = entries
                     .iter()
@@ -615,6 +647,7 @@ impl Directory for LdapDirectory {
         bump(&self.counters.searches);
         let (entries, result) = self
             .search_once(
+                Op::Search,
                 dn.as_str(),
                 Scope::Base,
                 "(objectClass=group)",
@@ -1280,7 +1313,13 @@ mod tests {
             .await
             .expect_err("nothing listens");
         assert!(
-            matches!(err, DirError::Unreachable { op: Op::Search, .. }),
+            matches!(
+                err,
+                DirError::Unreachable {
+                    op: Op::Connect,
+                    ..
+                }
+            ),
             "{err:?}"
         );
         assert!(err.is_transient());

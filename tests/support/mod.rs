@@ -309,6 +309,8 @@ impl Slapd {
     pub const SVC_DN: &'static str = "cn=svc,dc=ad,dc=com";
     /// Its password.
     pub const SVC_PASSWORD: &'static str = "svcpass";
+    /// The rootdn's password (`rootpw` in `fixtures/ldap/slapd.conf.in`).
+    const ADMIN_PASSWORD: &'static str = "secret";
 
     /// A server with the base entries only.
     pub fn start() -> Slapd {
@@ -385,7 +387,7 @@ impl Slapd {
             b"",
             "slapadd",
         );
-        write_secret(&d.join("admin.pw"), Slapd::admin_password());
+        write_secret(&d.join("admin.pw"), Slapd::ADMIN_PASSWORD);
         let mut slapd = Slapd {
             port: free_port(),
             dir,
@@ -472,8 +474,8 @@ impl Slapd {
     }
 
     /// The rootdn's password.
-    pub fn admin_password() -> &'static str {
-        "secret"
+    pub fn admin_password(&self) -> &'static str {
+        Slapd::ADMIN_PASSWORD
     }
 
     /// The server's temp directory.
