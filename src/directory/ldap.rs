@@ -201,8 +201,9 @@ enum Attempt {
     /// TLS could not be established (certificate not trusted, StartTLS
     /// refused): retrying will not help until the configuration changes.
     Tls(String),
-    /// The server answered the bind with an error: the same credentials
-    /// would fail on every server.
+    /// The server answered the bind with a result code: the next server
+    /// is tried only when the code is transient (busy, unavailable), as the
+    /// same credentials would fail everywhere.
     Refused(DirError),
 }
 
