@@ -14,7 +14,9 @@ use clap::parser::ValueSource;
 use clap::{ArgAction, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
-use crate::model::{Dn, GroupPattern, ModelError, PartitionGlob, Proid};
+use crate::model::{Dn, GroupPattern, HostName, ModelError, PartitionGlob, Proid};
+use crate::node::script::shell_quote;
+use crate::node::{DomainInfo, GmsaProids, NodeConfig};
 use crate::output::Format;
 use crate::plan::GuardOptions;
 use crate::reconcile::{ApplyOptions, Backoff};
@@ -42,6 +44,21 @@ pub enum Command {
     Run(RunArgs),
     /// Tell whether a host DN is a member of a proid's group.
     Check(CheckArgs),
+    /// Post the event of a container that stopped (run by its finish script).
+    Finish(FinishArgs),
+}
+
+/// Options of `finish`.
+#[derive(Debug, Args)]
+pub struct FinishArgs {
+    /// The container directory, `<app-root>/apps/<unique name>`.
+    pub container_dir: PathBuf,
+    /// More log output (repeatable).
+    #[arg(short, long, action = ArgAction::Count)]
+    pub verbose: u8,
+    /// Less log output (repeatable).
+    #[arg(short, long, action = ArgAction::Count)]
+    pub quiet: u8,
 }
 
 /// Options of `plan`.
@@ -93,6 +110,53 @@ pub struct RunArgs {
     /// Serve Prometheus metrics, /healthz and /readyz on HOST:PORT.
     #[arg(long, env = "GMSA_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub node: NodeArgs,
+}
+
+/// Options of node mode (`run --app-root`).
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Configure the containers placed on this host under DIR (node mode).
+    #[arg(long, env = "GMSA_APP_ROOT")]
+    pub app_root: Option<PathBuf>,
+    /// This host's name in placement/ [default: the machine's FQDN].
+    #[arg(long, env = "GMSA_HOSTNAME")]
+    pub hostname: Option<String>,
+    /// Command each container's `run` executes; placeholders {container_dir}, {instance}, {proid}, {credential_spec} [default: the manifest's services under /bin/sh].
+    #[arg(long, env = "GMSA_RUN_COMMAND")]
+    pub run_command: Option<String>,
+    /// Command each container's `finish` executes after recording its exit; placeholders {container_dir}, {app_root} [default: this binary's `finish {container_dir}`].
+    #[arg(long, env = "GMSA_FINISH_COMMAND")]
+    pub finish_command: Option<String>,
+    /// Shell glob of the proids that run under a gMSA [default: every proid whose group exists].
+    #[arg(long, env = "GMSA_GMSA_PROIDS")]
+    pub gmsa_proids: Option<String>,
+    /// Where credential specs are written [default: <app-root>/credential_specs].
+    #[arg(long, env = "GMSA_CREDENTIAL_SPEC_DIR")]
+    pub credential_spec_dir: Option<PathBuf>,
+    /// Before configuring a gMSA proid's instance, wait up to this long for this host to be in its group.
+    #[arg(long, env = "GMSA_WAIT_FOR_GROUP", value_parser = parse_duration)]
+    pub wait_for_group: Option<Duration>,
+    /// How long stopped containers stay in cleanup/ [default: 1h].
+    #[arg(long, env = "GMSA_RETAIN", value_parser = parse_duration)]
+    pub retain: Option<Duration>,
+    /// The domain's DNS name, for credential specs [default: read from the directory].
+    #[arg(long, env = "GMSA_DOMAIN_DNS_NAME")]
+    pub domain_dns_name: Option<String>,
+    /// The forest root's DNS name [default: the domain's DNS name].
+    #[arg(long, env = "GMSA_DOMAIN_DNS_TREE_NAME")]
+    pub domain_dns_tree_name: Option<String>,
+    /// The domain's NetBIOS name, for credential specs.
+    #[arg(long, env = "GMSA_DOMAIN_NETBIOS_NAME")]
+    pub domain_netbios_name: Option<String>,
+    /// The domain's SID (S-1-5-21-...), for credential specs.
+    #[arg(long, env = "GMSA_DOMAIN_SID")]
+    pub domain_sid: Option<String>,
+    /// The domain's GUID, for credential specs.
+    #[arg(long, env = "GMSA_DOMAIN_GUID")]
+    pub domain_guid: Option<String>,
 }
 
 /// Options of `check`.
@@ -592,6 +656,10 @@ fn directory_choice(common: &CommonArgs) -> Result<DirectoryChoice, CliError> {
 pub struct RunConfig {
     /// Shared settings.
     pub config: Config,
+    /// Group reconciliation is on (`--group-ou` given).
+    pub groups: bool,
+    /// Node mode, when `--app-root` is given.
+    pub node: Option<NodeConfig>,
     /// Write nothing.
     pub dry_run: bool,
     /// Coalescing window.
@@ -607,19 +675,142 @@ impl RunConfig {
     pub fn from_args(args: &RunArgs) -> Result<RunConfig, CliError> {
         let config = Config::from_args(&args.common, Some(&args.write))?;
         config.require_fs_root()?;
-        config.require_group_ou()?;
+        let groups = config.group_ou.is_some();
+        let node = node_config(&args.node, &config)?;
+        if !groups && node.is_none() {
+            return Err(invalid(
+                "--group-ou",
+                "or --app-root is required: run reconciles groups, configures containers, or both",
+            ));
+        }
         let resync_interval = args.resync_interval.unwrap_or(Duration::from_secs(600));
         if resync_interval.is_zero() {
             return Err(invalid("--resync-interval", "must be more than zero"));
         }
         Ok(RunConfig {
             config,
+            groups,
+            node,
             dry_run: args.dry_run,
             batch_window: args.batch_window.unwrap_or(Duration::from_millis(100)),
             resync_interval,
             metrics_addr: args.metrics_addr,
         })
     }
+}
+
+fn node_config(args: &NodeArgs, config: &Config) -> Result<Option<NodeConfig>, CliError> {
+    let Some(app_root) = &args.app_root else {
+        let stray = args.hostname.is_some()
+            || args.run_command.is_some()
+            || args.gmsa_proids.is_some()
+            || args.wait_for_group.is_some()
+            || args.credential_spec_dir.is_some();
+        if stray {
+            return Err(invalid(
+                "--app-root",
+                "is required by the node options (--hostname, --run-command, ...)",
+            ));
+        }
+        return Ok(None);
+    };
+    let hostname = match &args.hostname {
+        Some(name) => name.clone(),
+        None => machine_fqdn().ok_or_else(|| {
+            invalid(
+                "--hostname",
+                "is required: the machine's name could not be found",
+            )
+        })?,
+    };
+    let hostname = HostName::new(&hostname).map_err(|e| invalid("--hostname", model_why(e)))?;
+    let fs_root = config.require_fs_root()?.clone();
+    let mut node = NodeConfig::new(fs_root, hostname, app_root);
+    node.run_command = args.run_command.clone();
+    node.finish_command = match &args.finish_command {
+        Some(command) => command.clone(),
+        None => match std::env::current_exe() {
+            Ok(exe) => format!(
+                "{} finish {{container_dir}}",
+                shell_quote(&exe.display().to_string())
+            ),
+            Err(_) => node.finish_command,
+        },
+    };
+    node.gmsa_proids = match &args.gmsa_proids {
+        Some(glob) => GmsaProids::Glob(
+            glob::Pattern::new(glob)
+                .map_err(|e| invalid("--gmsa-proids", format!("{glob:?}: {}", e.msg)))?,
+        ),
+        None if config.group_ou.is_some() => GmsaProids::GroupExists,
+        None => GmsaProids::None,
+    };
+    if node.gmsa_proids == GmsaProids::GroupExists || args.wait_for_group.is_some() {
+        config.require_group_ou().map_err(|_| {
+            invalid(
+                "--group-ou",
+                "is required to find the proids' groups (or give --gmsa-proids and no --wait-for-group)",
+            )
+        })?;
+    }
+    if let Some(dir) = &args.credential_spec_dir {
+        node.credential_spec_dir = dir.clone();
+    }
+    node.wait_for_group = args.wait_for_group;
+    if let Some(retain) = args.retain {
+        node.retain = retain;
+    }
+    node.domain = domain_info(args)?;
+    Ok(Some(node))
+}
+
+fn domain_info(args: &NodeArgs) -> Result<Option<DomainInfo>, CliError> {
+    let parts = [
+        &args.domain_dns_name,
+        &args.domain_netbios_name,
+        &args.domain_sid,
+        &args.domain_guid,
+    ];
+    if parts.iter().all(|p| p.is_none()) && args.domain_dns_tree_name.is_none() {
+        return Ok(None);
+    }
+    let need = |value: &Option<String>, option: &'static str| {
+        value
+            .clone()
+            .ok_or_else(|| invalid(option, "is required with the other --domain-* options (or give none to read them from the directory)"))
+    };
+    let dns_name = need(&args.domain_dns_name, "--domain-dns-name")?;
+    let domain = DomainInfo {
+        dns_tree_name: args
+            .domain_dns_tree_name
+            .clone()
+            .unwrap_or_else(|| dns_name.clone()),
+        dns_name,
+        netbios_name: need(&args.domain_netbios_name, "--domain-netbios-name")?,
+        sid: need(&args.domain_sid, "--domain-sid")?,
+        guid: need(&args.domain_guid, "--domain-guid")?,
+    };
+    domain.validate().map_err(|e| invalid("--domain-*", e))?;
+    Ok(Some(domain))
+}
+
+/// The machine's fully qualified name: `hostname --fqdn`, or the kernel's
+/// host name when that fails.
+fn machine_fqdn() -> Option<String> {
+    let fqdn = std::process::Command::new("hostname")
+        .arg("--fqdn")
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .and_then(|out| String::from_utf8(out.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty());
+    fqdn.or_else(|| {
+        std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .ok()
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+    })
 }
 
 /// Validated options of `check`.

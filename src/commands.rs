@@ -10,10 +10,14 @@ use std::io::Write;
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::cli::{CheckConfig, CliError, Config, DirectoryChoice};
+use crate::cli::{
+    CheckConfig, CliError, Config, DirectoryChoice, LdapChoice, PasswordSource, PASSWORD_ENV,
+};
+use crate::directory::ldap::{Bind, LdapConfig, LdapDirectory, Password};
 use crate::directory::ldif_file::LdifFileDirectory;
 use crate::directory::{DirError, Directory};
 use crate::index::Index;
+use crate::node;
 use crate::output::{NotApplied, Report};
 use crate::plan::{guard, plan, GroupChange, Plan, Scope};
 use crate::reconcile::apply_plan;
@@ -74,11 +78,64 @@ pub fn load_index(config: &Config) -> Result<Index, CommandError> {
 pub fn open_directory(config: &Config, dcs: &[String]) -> Result<Box<dyn Directory>, CommandError> {
     match &config.directory {
         DirectoryChoice::LdifFile(path) => Ok(Box::new(LdifFileDirectory::open(path)?)),
-        DirectoryChoice::Ldap(_) => {
-            let _ = dcs;
-            Err(CommandError::Other("LDAP backend: pending".into()))
+        DirectoryChoice::Ldap(choice) => {
+            Ok(Box::new(LdapDirectory::new(ldap_config(choice, dcs)?)?))
         }
     }
+}
+
+/// The LDAP settings with the URLs resolved (the servers' DCs when none
+/// were given) and the password read.
+fn ldap_config(choice: &LdapChoice, dcs: &[String]) -> Result<LdapConfig, CommandError> {
+    let urls = if choice.urls.is_empty() {
+        dcs.iter().map(|dc| format!("ldap://{dc}")).collect()
+    } else {
+        choice.urls.clone()
+    };
+    if urls.is_empty() {
+        return Err(CommandError::Other(
+            "--ldap-url: no LDAP server: give --ldap-url, or --directory, or servers with nt.dc in the tree".into(),
+        ));
+    }
+    let password = match &choice.password {
+        PasswordSource::None => None,
+        PasswordSource::File(path) => Some(Password::from_file(path).map_err(|e| {
+            CommandError::Other(format!("--bind-password-file {}: {e}", path.display()))
+        })?),
+        PasswordSource::Env => std::env::var(PASSWORD_ENV).ok().map(Password::new),
+    };
+    let bind = match (&choice.bind_dn, password) {
+        _ if choice.gssapi => Bind::Gssapi,
+        (Some(dn), Some(password)) => Bind::Simple {
+            dn: dn.clone(),
+            password,
+        },
+        _ => Bind::Anonymous,
+    };
+    let mut config = LdapConfig::new(urls, bind);
+    config.starttls = choice.starttls;
+    config.tls_ca_file = choice.tls_ca_file.clone();
+    config.tls_insecure = choice.tls_insecure;
+    config.timeout = choice.timeout;
+    Ok(config)
+}
+
+/// `finish`: posts the one event a stopped container's markers call for.
+pub fn finish_command(
+    container_dir: &std::path::Path,
+    out: &mut dyn Write,
+) -> Result<u8, CommandError> {
+    let app_root = node::app_root_of(container_dir).ok_or_else(|| {
+        CommandError::Other(format!(
+            "{}: not a container directory (<app-root>/apps/<unique name>)",
+            container_dir.display()
+        ))
+    })?;
+    match node::finish(&app_root, container_dir).map_err(|e| CommandError::Other(e.to_string()))? {
+        Some(event) => writeln!(out, "posted {}", event.file_name())?,
+        None => writeln!(out, "no event to post")?,
+    }
+    Ok(EXIT_OK)
 }
 
 struct Prepared {

@@ -19,18 +19,21 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::sync::mpsc;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{sleep, sleep_until, Instant};
 use tracing::{debug, error, info, warn};
 
 use crate::cli::RunConfig;
 use crate::commands::{open_directory, CommandError, EXIT_OK};
-use crate::directory::{Directory, Group};
+use crate::directory::{Directory, DomainFacts, Group};
 use crate::index::Index;
 use crate::metrics::{self, Metrics, OutcomeLabels};
-use crate::model::{Dn, Proid};
+use crate::model::{Dn, GroupPattern, HostName, Proid};
+use crate::node::{guid_to_string, sid_to_string, DomainInfo, GmsaProids, MembershipCheck, Node};
 use crate::output::Report;
 use crate::plan::{guard, plan, GroupChange, Plan, Scope};
 use crate::reconcile::{apply_plan, Backoff, GroupResult};
+use crate::tree::scan::read_server;
 use crate::tree::scan::scan;
 use crate::tree::watch::{watch, Change, TreeWatcher};
 use crate::tree::{Snapshot, TreeEvent};
@@ -41,6 +44,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const READY_LOG_EVERY: Duration = Duration::from_secs(30);
 /// How often the group of a proid without one is looked up between full syncs.
 const MISSING_LOOKUP_EVERY: Duration = Duration::from_secs(60);
+/// How often containers kept past `--retain` are looked for.
+const CLEANUP_EVERY: Duration = Duration::from_secs(60);
 /// How often the tree is polled while it is not usable.
 const TREE_POLL: Duration = Duration::from_millis(500);
 
@@ -152,6 +157,13 @@ struct Daemon {
     /// When a missing group was last looked up, by proid key.
     looked_up: HashMap<String, Instant>,
     rescan_needed: Option<String>,
+    /// Node mode, once started.
+    node: Option<Node>,
+    /// Node start-up and other untracked container work.
+    node_tasks: JoinSet<()>,
+    /// The last operation queued per instance, so the next one waits for it.
+    node_chains: HashMap<String, JoinHandle<()>>,
+    next_cleanup: Instant,
     full_sync_due: Instant,
     /// A full sync has read every group at least once.
     synced_once: bool,
@@ -179,6 +191,10 @@ impl Daemon {
             missing: BTreeSet::new(),
             looked_up: HashMap::new(),
             rescan_needed: None,
+            node: None,
+            node_tasks: JoinSet::new(),
+            node_chains: HashMap::new(),
+            next_cleanup: Instant::now(),
             full_sync_due: Instant::now(),
             synced_once: false,
             stopping: false,
@@ -209,10 +225,22 @@ impl Daemon {
                     continue;
                 }
             }
-            if self.directory.is_none() && !self.open_directory(&mut shutdown).await {
+            if self.directory.is_none()
+                && self.needs_directory()
+                && !self.open_directory(&mut shutdown).await
+            {
                 continue;
             }
-            if Instant::now() >= self.full_sync_due {
+            if self.node.is_none()
+                && self.config.node.is_some()
+                && !self.start_node(&mut shutdown).await?
+            {
+                continue;
+            }
+            if self.node.is_some() && Instant::now() >= self.next_cleanup {
+                self.cleanup_containers();
+            }
+            if self.config.groups && Instant::now() >= self.full_sync_due {
                 self.full_sync(&mut shutdown).await;
                 continue;
             }
@@ -227,8 +255,183 @@ impl Daemon {
             }
             self.wait(&mut shutdown).await;
         }
+        self.stop_node_tasks().await;
         info!("stopped");
         Ok(())
+    }
+
+    /// The directory is needed for groups, and in node mode for membership
+    /// checks and domain facts.
+    fn needs_directory(&self) -> bool {
+        self.config.groups
+            || self.config.node.as_ref().is_some_and(|n| {
+                n.gmsa_proids == GmsaProids::GroupExists
+                    || n.wait_for_group.is_some()
+                    || (n.domain.is_none() && n.gmsa_proids != GmsaProids::None)
+            })
+    }
+
+    /// Starts node mode: domain facts read if they were not configured,
+    /// then the containers reconciled with the placements. `Ok(false)` to
+    /// try again later.
+    async fn start_node(&mut self, shutdown: &mut Shutdown<'_>) -> Result<bool, DaemonError> {
+        let Some(mut config) = self.config.node.clone() else {
+            return Ok(true);
+        };
+        if config.domain.is_none() && config.gmsa_proids != GmsaProids::None {
+            let dir = self.directory();
+            let Some(facts) = self
+                .drive(async move { dir.domain_facts().await }, shutdown)
+                .await
+            else {
+                return Ok(false);
+            };
+            match facts
+                .map_err(|e| e.to_string())
+                .and_then(|f| domain_info(&f).map_err(|e| e.to_string()))
+            {
+                Ok(domain) => {
+                    info!(domain = %domain.dns_name, netbios = %domain.netbios_name, "read the domain's facts");
+                    config.domain = Some(domain);
+                }
+                Err(err) => {
+                    error!(error = %err, "cannot read the domain's facts for credential specs; retrying");
+                    self.metrics.set_ready(Err(format!("domain facts: {err}")));
+                    tokio::select! {
+                        _ = &mut *shutdown => self.stopping = true,
+                        _ = sleep(Backoff::default().max) => {}
+                    }
+                    return Ok(false);
+                }
+            }
+        }
+        let check: Option<Arc<dyn MembershipCheck>> =
+            match (&self.directory, &self.config.config.group_ou) {
+                (Some(dir), Some(ou)) => Some(Arc::new(DirectoryCheck {
+                    dir: dir.clone(),
+                    ou: ou.clone(),
+                    pattern: self.config.config.pattern.clone(),
+                    fs_root: config.fs_root.clone(),
+                    hostname: config.hostname.clone(),
+                })),
+                _ => None,
+            };
+        let hostname = config.hostname.clone();
+        let node = Node::new(config, check).map_err(|e| DaemonError::Startup(e.to_string()))?;
+        let placed = self
+            .tree
+            .placements
+            .get(&hostname)
+            .cloned()
+            .unwrap_or_default();
+        info!(host = %hostname, placed = placed.len(), "node mode: reconciling containers with placements");
+        let starting = node.clone();
+        self.node_tasks.spawn(async move {
+            match starting.startup(&placed).await {
+                Ok(report) => info!(?report, "containers reconciled with placements"),
+                Err(err) => error!(error = %err, "reconciling containers with placements failed"),
+            }
+        });
+        self.node = Some(node);
+        if !self.config.groups {
+            self.metrics.set_ready(Ok(()));
+        }
+        Ok(true)
+    }
+
+    /// Hands a placement change on this host to node mode. Operations on
+    /// one instance run in the order the changes came.
+    fn node_event(&mut self, event: &TreeEvent) {
+        let Some(node) = self.node.clone() else {
+            return;
+        };
+        let host = node.config().hostname.clone();
+        let placed = self.tree.placements.get(&host);
+        let (added, removed): (Vec<String>, Vec<String>) = match event {
+            TreeEvent::PlacementAdded { host: h, instance } if *h == host => {
+                if placed.is_some_and(|p| p.contains(instance)) {
+                    return;
+                }
+                (vec![instance.clone()], vec![])
+            }
+            TreeEvent::PlacementRemoved { host: h, instance } if *h == host => {
+                if !placed.is_some_and(|p| p.contains(instance)) {
+                    return;
+                }
+                (vec![], vec![instance.clone()])
+            }
+            TreeEvent::PlacementDirRemoved { host: h } if *h == host => (
+                vec![],
+                placed
+                    .map(|p| p.iter().cloned().collect())
+                    .unwrap_or_default(),
+            ),
+            _ => return,
+        };
+        self.node_chains.retain(|_, handle| !handle.is_finished());
+        for (instance, add) in added
+            .into_iter()
+            .map(|i| (i, true))
+            .chain(removed.into_iter().map(|i| (i, false)))
+        {
+            let node = node.clone();
+            let previous = self.node_chains.remove(&instance);
+            let name = instance.clone();
+            let handle = tokio::spawn(async move {
+                if let Some(previous) = previous {
+                    let _ = previous.await;
+                }
+                if add {
+                    match node.placement_added(&name).await {
+                        Ok(done) => info!(instance = %name, ?done, "placement added"),
+                        Err(err) => {
+                            error!(instance = %name, error = %err, "configuring the container failed")
+                        }
+                    }
+                } else {
+                    match node.placement_removed(&name).await {
+                        Ok(done) => info!(instance = %name, ?done, "placement removed"),
+                        Err(err) => {
+                            error!(instance = %name, error = %err, "terminating the container failed")
+                        }
+                    }
+                }
+            });
+            self.node_chains.insert(instance, handle);
+        }
+    }
+
+    fn cleanup_containers(&mut self) {
+        if let Some(node) = &self.node {
+            let removed = node.cleanup_expired(std::time::SystemTime::now());
+            if !removed.is_empty() {
+                info!(
+                    containers = removed.len(),
+                    "removed containers kept past --retain"
+                );
+            }
+        }
+        self.next_cleanup = Instant::now() + CLEANUP_EVERY;
+    }
+
+    /// Lets node operations finish (bounded), then abandons them.
+    async fn stop_node_tasks(&mut self) {
+        let mut chains: Vec<_> = self.node_chains.drain().map(|(_, h)| h).collect();
+        let all = async {
+            while let Some(task) = self.node_tasks.join_next().await {
+                let _ = task;
+            }
+            for handle in &mut chains {
+                let _ = handle.await;
+            }
+        };
+        if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
+            warn!("shutdown: abandoning container operations still running");
+            self.node_tasks.abort_all();
+            for handle in &chains {
+                handle.abort();
+            }
+        }
     }
 
     /// Waits for `.modified`; false when shut down meanwhile.
@@ -254,11 +457,14 @@ impl Daemon {
     /// resync, or shutdown.
     async fn wait(&mut self, shutdown: &mut Shutdown<'_>) {
         let next_retry = self.retries.values().map(|(due, _)| *due).min();
-        let mut wake = self.full_sync_due;
+        let full_sync = Some(self.full_sync_due).filter(|_| self.config.groups);
         let batch_due = self.batch_due.filter(|_| self.synced_once);
-        for t in [batch_due, next_retry].into_iter().flatten() {
-            wake = wake.min(t);
-        }
+        let cleanup = Some(self.next_cleanup).filter(|_| self.node.is_some());
+        let wake = [full_sync, batch_due, next_retry, cleanup]
+            .into_iter()
+            .flatten()
+            .min()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         let Some(rx) = self.changes.as_mut() else {
             panic!("BUG: the watcher is set up before the loop waits on it");
         };
@@ -316,6 +522,7 @@ impl Daemon {
     }
 
     fn on_event(&mut self, event: &TreeEvent, at: Instant) {
+        self.node_event(event);
         self.tree.apply(event);
         if let TreeEvent::ServerUpserted {
             info: Err(why),
@@ -792,5 +999,54 @@ fn simulated(change: &GroupChange) -> GroupResult {
         vanished: false,
         requests: 0,
         retries: 0,
+    }
+}
+
+/// Domain facts as a credential spec names them.
+fn domain_info(facts: &DomainFacts) -> Result<DomainInfo, crate::node::credspec::CredSpecError> {
+    Ok(DomainInfo {
+        dns_name: facts.dns_name.clone(),
+        dns_tree_name: facts.dns_tree_name.clone(),
+        netbios_name: facts.netbios_name.clone(),
+        sid: sid_to_string(&facts.sid)?,
+        guid: guid_to_string(&facts.guid)?,
+    })
+}
+
+/// Node mode's view of the groups: the `check` logic against the daemon's
+/// directory, with this host's DN taken from its own server file.
+struct DirectoryCheck {
+    dir: Arc<dyn Directory>,
+    ou: Dn,
+    pattern: GroupPattern,
+    fs_root: std::path::PathBuf,
+    hostname: HostName,
+}
+
+#[async_trait::async_trait]
+impl MembershipCheck for DirectoryCheck {
+    async fn group_exists(&self, proid: &Proid) -> Result<bool, String> {
+        let name = self.pattern.render(proid);
+        let group = self
+            .dir
+            .find_group(&self.ou, &name)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(group.is_some())
+    }
+
+    async fn is_member(&self, proid: &Proid) -> Result<bool, String> {
+        let server = read_server(&self.fs_root, &self.hostname)?;
+        let dn = server
+            .dn
+            .ok_or_else(|| format!("servers/{}: no nt.dn", self.hostname))?;
+        let dn = Dn::parse(&dn).map_err(|e| e.to_string())?;
+        let name = self.pattern.render(proid);
+        let group = self
+            .dir
+            .find_group(&self.ou, &name)
+            .await
+            .map_err(|e| e.to_string())?;
+        Ok(group.is_some_and(|g| g.members.contains(&dn)))
     }
 }

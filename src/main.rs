@@ -57,6 +57,16 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             init_logging(check.config.log, false);
             runtime.block_on(commands::check_command(&check, &mut stdout))?
         }
+        Command::Finish(args) => {
+            init_logging(
+                LogSettings {
+                    format: LogFormat::Text,
+                    verbosity: args.verbose as i8 - args.quiet as i8,
+                },
+                false,
+            );
+            commands::finish_command(&args.container_dir, &mut stdout)?
+        }
         Command::Run(args) => {
             let run = RunConfig::from_args(&args)?;
             init_logging(run.config.log, true);

@@ -25,7 +25,7 @@ use ldap3::{
 use native_tls::{Certificate, TlsConnector};
 use tokio::sync::{Mutex, OnceCell};
 
-use super::{Capabilities, DirError, Directory, Group, MemberChange, Op};
+use super::{Capabilities, DirError, Directory, DomainFacts, Group, MemberChange, Op};
 use crate::model::{escape_filter_value, Dn};
 
 /// OID of the permissive-modify control: adding a present value or deleting
@@ -616,6 +616,80 @@ impl Directory for LdapDirectory {
             })
             .await?;
         Ok(*caps)
+    }
+
+    async fn domain_facts(&self) -> Result<DomainFacts, DirError> {
+        let text = |entry: Option<&RawEntry>, attr: &str| -> Option<String> {
+            entry?
+                .values(attr)
+                .next()
+                .and_then(|v| String::from_utf8(v.clone()).ok())
+        };
+        let missing = |what: &str| DirError::Fatal(format!("the directory does not say {what}"));
+        let attrs = [
+            "defaultNamingContext",
+            "rootDomainNamingContext",
+            "configurationNamingContext",
+        ]
+        .map(str::to_owned);
+        let (rootdse, _) = self
+            .search_once(
+                Op::Search,
+                "",
+                Scope::Base,
+                "(objectClass=*)",
+                &attrs,
+                Vec::new(),
+            )
+            .await?;
+        let nc = text(rootdse.first(), "defaultNamingContext")
+            .ok_or_else(|| missing("its defaultNamingContext"))?;
+        let root_nc =
+            text(rootdse.first(), "rootDomainNamingContext").unwrap_or_else(|| nc.clone());
+        let config_nc = text(rootdse.first(), "configurationNamingContext")
+            .ok_or_else(|| missing("its configurationNamingContext"))?;
+
+        let attrs = ["objectSid", "objectGUID"].map(str::to_owned);
+        let (domain, _) = self
+            .search_once(
+                Op::Search,
+                &nc,
+                Scope::Base,
+                "(objectClass=*)",
+                &attrs,
+                Vec::new(),
+            )
+            .await?;
+        let binary = |attr: &str| domain.first().and_then(|e| e.values(attr).next().cloned());
+        let sid = binary("objectSid").ok_or_else(|| missing("the domain's objectSid"))?;
+        let guid = binary("objectGUID").ok_or_else(|| missing("the domain's objectGUID"))?;
+
+        let partitions = format!("CN=Partitions,{config_nc}");
+        let filter = format!(
+            "(&(objectClass=crossRef)(nCName={}))",
+            escape_filter_value(&nc)
+        );
+        let attrs = ["nETBIOSName", "dnsRoot"].map(str::to_owned);
+        let (refs, _) = self
+            .search_once(
+                Op::Search,
+                &partitions,
+                Scope::Subtree,
+                &filter,
+                &attrs,
+                Vec::new(),
+            )
+            .await?;
+        let netbios_name = text(refs.first(), "nETBIOSName")
+            .ok_or_else(|| missing("the domain's NetBIOS name"))?;
+        let dns_name = text(refs.first(), "dnsRoot").unwrap_or_else(|| super::dns_name_of(&nc));
+        Ok(DomainFacts {
+            dns_name,
+            dns_tree_name: super::dns_name_of(&root_nc),
+            netbios_name,
+            sid,
+            guid,
+        })
     }
 
     async fn search_groups(&self, base: &Dn) -> Result<Vec<Group>, DirError> {

@@ -30,6 +30,36 @@ pub struct Group {
     pub members: BTreeSet<Dn>,
 }
 
+/// The domain a directory serves, as read from it: what a Windows
+/// container's credential spec names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainFacts {
+    /// The domain's DNS name (its crossRef's `dnsRoot`).
+    pub dns_name: String,
+    /// The forest root domain's DNS name.
+    pub dns_tree_name: String,
+    /// The domain's NetBIOS name (its crossRef's `nETBIOSName`).
+    pub netbios_name: String,
+    /// The domain object's binary `objectSid`.
+    pub sid: Vec<u8>,
+    /// The domain object's binary `objectGUID`.
+    pub guid: Vec<u8>,
+}
+
+/// `DC=ad,DC=example,DC=com` as `ad.example.com`.
+pub fn dns_name_of(naming_context: &str) -> String {
+    naming_context
+        .split(',')
+        .filter_map(|rdn| {
+            let (attr, value) = rdn.split_once('=')?;
+            attr.trim()
+                .eq_ignore_ascii_case("dc")
+                .then(|| value.trim().to_owned())
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
 /// What the directory can do, from its root DSE.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Capabilities {
@@ -171,6 +201,13 @@ pub trait Directory: Send + Sync {
 
     /// Changes one group's members in one request.
     async fn modify_members(&self, group: &Dn, change: &MemberChange) -> Result<(), DirError>;
+
+    /// The domain's identity, for container credential specs (node mode).
+    async fn domain_facts(&self) -> Result<DomainFacts, DirError> {
+        Err(DirError::Fatal(
+            "this directory holds no domain facts: give them with the --domain-* options".into(),
+        ))
+    }
 
     /// Makes the changes so far durable (the LDIF file backend saves here;
     /// a server has already made them durable).
