@@ -44,6 +44,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 const READY_LOG_EVERY: Duration = Duration::from_secs(30);
 /// How often the group of a proid without one is looked up between full syncs.
 const MISSING_LOOKUP_EVERY: Duration = Duration::from_secs(60);
+/// A batch waits for quiet, but at most this many batch windows.
+const MAX_BATCH_WAITS: u32 = 10;
 /// How often containers kept past `--retain` are looked for.
 const CLEANUP_EVERY: Duration = Duration::from_secs(60);
 /// How often the tree is polled while it is not usable.
@@ -145,6 +147,8 @@ struct Daemon {
     /// Group DNs by proid key.
     by_proid: HashMap<String, Vec<Dn>>,
     dirty: Dirty,
+    /// When the first change of the pending batch came.
+    batch_opened: Option<Instant>,
     batch_due: Option<Instant>,
     /// Failed proids: when to try again and how many times it failed.
     retries: BTreeMap<Proid, (Instant, u32)>,
@@ -184,6 +188,7 @@ impl Daemon {
             groups: BTreeMap::new(),
             by_proid: HashMap::new(),
             dirty: Dirty::new(),
+            batch_opened: None,
             batch_due: None,
             retries: BTreeMap::new(),
             stale: BTreeSet::new(),
@@ -541,11 +546,17 @@ impl Daemon {
         }
     }
 
+    /// Marks a proid for the next batch. The batch waits until changes
+    /// have been quiet for the batch window, so a burst becomes one Modify
+    /// per group, but never longer than [`MAX_BATCH_WAITS`] windows after
+    /// its first change, so a steady stream still gets applied.
     fn mark_dirty(&mut self, proid: Proid, at: Instant) {
         self.dirty.entry(proid).or_insert(at);
-        if self.batch_due.is_none() {
-            self.batch_due = Some(Instant::now() + self.config.batch_window);
-        }
+        let now = Instant::now();
+        let window = self.config.batch_window;
+        let first = *self.batch_opened.get_or_insert(now);
+        let latest = first + window * MAX_BATCH_WAITS;
+        self.batch_due = Some((now + window).min(latest));
         self.metrics.dirty_groups.set(self.dirty.len() as i64);
     }
 
@@ -673,6 +684,7 @@ impl Daemon {
         // the latency clocks of those that change.
         let clocks = std::mem::take(&mut self.dirty);
         self.batch_due = None;
+        self.batch_opened = None;
         self.retries.clear();
         let all: Vec<Group> = self.groups.values().cloned().collect();
         let plan = plan(&self.index, &all, &self.config.config.pattern, Scope::All);
@@ -731,6 +743,9 @@ impl Daemon {
     }
 
     fn promote_due_retries(&mut self) {
+        if self.retries.is_empty() {
+            return;
+        }
         let now = Instant::now();
         let due: Vec<Proid> = self
             .retries
@@ -840,6 +855,7 @@ impl Daemon {
     /// Reconciles the dirty proids.
     async fn batch(&mut self, shutdown: &mut Shutdown<'_>) {
         self.batch_due = None;
+        self.batch_opened = None;
         let clocks = std::mem::take(&mut self.dirty);
         let proids: BTreeSet<Proid> = clocks.keys().cloned().collect();
         let keys: BTreeSet<String> = proids.iter().map(Proid::key).collect();
