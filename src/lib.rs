@@ -15,12 +15,14 @@
 //! - [`cli`]: options from flags, environment and config file, validated into a config.
 //! - [`commands`]: `plan`, `sync` and `check` on top of the above.
 //! - [`daemon`]: the `run` event loop.
+//! - [`election`]: which replica writes: leader election through a ZooKeeper lock.
 //! - [`metrics`]: Prometheus metrics, health and readiness over HTTP.
 
 pub mod cli;
 pub mod commands;
 pub mod daemon;
 pub mod directory;
+pub mod election;
 pub mod index;
 pub mod ldif;
 pub mod metrics;
