@@ -3,3 +3,4 @@
 
 pub mod scenario;
 pub mod tree;
+pub mod zookeeper;
