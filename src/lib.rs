@@ -15,6 +15,7 @@
 //! - [`cli`]: options from flags, environment and config file, validated into a config.
 //! - [`commands`]: `plan`, `sync` and `check` on top of the above.
 //! - [`daemon`]: the `run` event loop.
+//! - [`election`]: which replica writes: leader election through a ZooKeeper lock.
 //! - [`metrics`]: Prometheus metrics, health and readiness over HTTP.
 //! - [`node`]: node mode: container directories, credential specs and app events for this host's placements.
 
@@ -22,6 +23,7 @@ pub mod cli;
 pub mod commands;
 pub mod daemon;
 pub mod directory;
+pub mod election;
 pub mod index;
 pub mod ldif;
 pub mod metrics;

@@ -20,6 +20,7 @@
 pub mod daemon;
 pub mod scenario;
 pub mod tree;
+pub mod zookeeper;
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
