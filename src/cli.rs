@@ -14,6 +14,7 @@ use clap::parser::ValueSource;
 use clap::{ArgAction, Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use thiserror::Error;
 
+use crate::election::ElectionConfig;
 use crate::model::{Dn, GroupPattern, HostName, ModelError, PartitionGlob, Proid};
 use crate::node::script::shell_quote;
 use crate::node::{DomainInfo, GmsaProids, NodeConfig};
@@ -112,6 +113,18 @@ pub struct RunArgs {
     /// Serve Prometheus metrics, /healthz and /readyz on HOST:PORT.
     #[arg(long, env = "GMSA_METRICS_ADDR")]
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// ZooKeeper servers (HOST:PORT,...) for leader election between replicas.
+    #[arg(long, env = "GMSA_ZOOKEEPER")]
+    pub zookeeper: Option<String>,
+    /// ZooKeeper path of the replicas' lock [default: /election/gmsa-reconciler].
+    #[arg(long, env = "GMSA_LOCK_PATH")]
+    pub lock_path: Option<String>,
+    /// ZooKeeper session timeout: how long a dead leader holds the lock [default: 10s].
+    #[arg(long, env = "GMSA_ZOOKEEPER_SESSION_TIMEOUT", value_parser = parse_duration)]
+    pub zookeeper_session_timeout: Option<Duration>,
+    /// Run alone, without leader election (only one replica may run).
+    #[arg(long, env = "GMSA_NO_LOCK")]
+    pub no_lock: bool,
     #[command(flatten)]
     #[allow(missing_docs)]
     pub node: NodeArgs,
@@ -670,6 +683,8 @@ pub struct RunConfig {
     pub resync_interval: Duration,
     /// Metrics endpoint.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Leader election; `None` with `--no-lock` (or without group reconciliation).
+    pub election: Option<ElectionConfig>,
 }
 
 impl RunConfig {
@@ -689,15 +704,46 @@ impl RunConfig {
         if resync_interval.is_zero() {
             return Err(invalid("--resync-interval", "must be more than zero"));
         }
+        let election = election_config(args, groups)?;
         Ok(RunConfig {
             config,
             groups,
             node,
+            election,
             dry_run: args.dry_run,
             batch_window: args.batch_window.unwrap_or(Duration::from_millis(100)),
             resync_interval,
             metrics_addr: args.metrics_addr,
         })
+    }
+}
+
+/// Group reconciliation must say whether it runs alone or elects a leader:
+/// two replicas writing at once would fight over the groups.
+fn election_config(args: &RunArgs, groups: bool) -> Result<Option<ElectionConfig>, CliError> {
+    match (&args.zookeeper, args.no_lock) {
+        (Some(_), true) => Err(invalid("--no-lock", "cannot be combined with --zookeeper")),
+        (None, false) if groups => Err(invalid(
+            "--zookeeper",
+            "or --no-lock is required: replicas elect a writer through ZooKeeper; --no-lock runs alone",
+        )),
+        (None, _) => {
+            if args.lock_path.is_some() || args.zookeeper_session_timeout.is_some() {
+                return Err(invalid("--zookeeper", "is required by --lock-path and --zookeeper-session-timeout"));
+            }
+            Ok(None)
+        }
+        (Some(servers), false) => {
+            let mut election = ElectionConfig::new(servers.clone());
+            if let Some(path) = &args.lock_path {
+                election.lock_path = path.clone();
+            }
+            if let Some(timeout) = args.zookeeper_session_timeout {
+                election.session_timeout = timeout;
+            }
+            election.validate().map_err(|e| invalid("--zookeeper", e))?;
+            Ok(Some(election))
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{sleep, sleep_until, Instant};
 use tracing::{debug, error, info, warn};
@@ -26,6 +26,7 @@ use tracing::{debug, error, info, warn};
 use crate::cli::RunConfig;
 use crate::commands::{open_directory, CommandError, EXIT_OK};
 use crate::directory::{Directory, DomainFacts, Group};
+use crate::election::{self, Election, Role, RoleState};
 use crate::index::Index;
 use crate::metrics::{self, Metrics, OutcomeLabels};
 use crate::model::{Dn, GroupPattern, HostName, Proid};
@@ -127,8 +128,25 @@ pub async fn run(
         info!(%addr, "serving metrics");
         tokio::spawn(metrics::serve(listener, metrics.clone()));
     }
+    let election = match &config.election {
+        Some(election) => {
+            info!(zookeeper = %election.servers, lock = %election.lock_path, "competing for the writer's lock");
+            Some(election::start(election.clone()).map_err(|e| DaemonError::Startup(e.to_string()))?)
+        }
+        None => None,
+    };
     let mut daemon = Daemon::new(config, metrics);
-    daemon.main(shutdown).await
+    if let Some(election) = election {
+        daemon.roles = Some(election.subscribe());
+        daemon.election = Some(election);
+    } else {
+        daemon.metrics.set_role(Role::Leader.as_str());
+    }
+    let result = daemon.main(shutdown).await;
+    if let Some(election) = daemon.election.take() {
+        election.stop().await;
+    }
+    result
 }
 
 /// Where one proid's latency clock started.
@@ -169,8 +187,13 @@ struct Daemon {
     node_chains: HashMap<String, JoinHandle<()>>,
     next_cleanup: Instant,
     full_sync_due: Instant,
-    /// A full sync has read every group at least once.
+    /// A full sync has read every group at least once in this leadership.
     synced_once: bool,
+    /// Leader election, when replicas coordinate.
+    election: Option<Election>,
+    roles: Option<watch::Receiver<RoleState>>,
+    /// The role (and leadership term) last acted on.
+    role_seen: Option<(Role, u64)>,
     stopping: bool,
 }
 
@@ -202,6 +225,9 @@ impl Daemon {
             next_cleanup: Instant::now(),
             full_sync_due: Instant::now(),
             synced_once: false,
+            election: None,
+            roles: None,
+            role_seen: None,
             stopping: false,
         }
     }
@@ -225,11 +251,17 @@ impl Daemon {
         self.rescan_needed = Some("startup".into());
 
         while !self.stopping {
+            if self.changes.is_none() {
+                let (watcher, rx) = watch(&self.root()).map_err(|e| DaemonError::Startup(e.to_string()))?;
+                self.watcher = Some(watcher);
+                self.changes = Some(rx);
+            }
             if let Some(why) = self.rescan_needed.take() {
                 if !self.rescan(&why, &mut shutdown).await {
                     continue;
                 }
             }
+            self.observe_role();
             if self.directory.is_none()
                 && self.needs_directory()
                 && !self.open_directory(&mut shutdown).await
@@ -245,15 +277,16 @@ impl Daemon {
             if self.node.is_some() && Instant::now() >= self.next_cleanup {
                 self.cleanup_containers();
             }
-            if self.config.groups && Instant::now() >= self.full_sync_due {
+            if self.config.groups && self.is_leader() && Instant::now() >= self.full_sync_due {
                 self.full_sync(&mut shutdown).await;
                 continue;
             }
             self.promote_due_retries();
             // Nothing is reconciled piecemeal before one full sync has read
             // every group.
-            let batch_ready =
-                self.synced_once && self.batch_due.is_some_and(|due| due <= Instant::now());
+            let batch_ready = self.synced_once
+                && self.is_leader()
+                && self.batch_due.is_some_and(|due| due <= Instant::now());
             if batch_ready {
                 self.batch(&mut shutdown).await;
                 continue;
@@ -263,6 +296,58 @@ impl Daemon {
         self.stop_node_tasks().await;
         info!("stopped");
         Ok(())
+    }
+
+    /// True when this replica may write: the lock is held (or there is no
+    /// election).
+    fn is_leader(&self) -> bool {
+        self.roles.as_ref().is_none_or(|r| r.borrow().is_leader())
+    }
+
+    /// Acts on a role change: a new leadership starts with a full sync; a
+    /// follower keeps its index warm and writes nothing.
+    fn observe_role(&mut self) {
+        let Some(roles) = &self.roles else {
+            return;
+        };
+        let state = roles.borrow().clone();
+        let now = (state.role, state.term);
+        if self.role_seen == Some(now) {
+            if !state.connected && !self.metrics.is_ready() {
+                self.metrics.set_ready(Err(format!("zookeeper: {}", state.why)));
+            }
+            return;
+        }
+        self.role_seen = Some(now);
+        self.metrics.set_role(state.role.as_str());
+        match state.role {
+            Role::Leader => {
+                info!(term = state.term, why = %state.why, "leader: writing from now on, starting with a full sync");
+                self.synced_once = false;
+                self.full_sync_due = Instant::now();
+                self.metrics.set_ready(Err("leader: initial sync not applied yet".into()));
+            }
+            Role::Follower => {
+                info!(why = %state.why, "follower: following the tree, writing nothing");
+                self.batch_due = None;
+                self.batch_opened = None;
+                self.retries.clear();
+                self.synced_once = false;
+                if state.connected {
+                    self.metrics.set_ready(Ok(()));
+                } else {
+                    self.metrics.set_ready(Err(format!("zookeeper: {}", state.why)));
+                }
+            }
+        }
+    }
+
+    /// The watcher's channel closed: start a new watcher and rescan.
+    fn watcher_stopped(&mut self) {
+        warn!("the tree watcher stopped; restarting it");
+        self.changes = None;
+        self.watcher = None;
+        self.rescan_needed = Some("the watcher stopped".into());
     }
 
     /// The directory is needed for groups, and in node mode for membership
@@ -461,9 +546,10 @@ impl Daemon {
     /// Waits for the next thing to do: a change, a due batch, retry or
     /// resync, or shutdown.
     async fn wait(&mut self, shutdown: &mut Shutdown<'_>) {
-        let next_retry = self.retries.values().map(|(due, _)| *due).min();
-        let full_sync = Some(self.full_sync_due).filter(|_| self.config.groups);
-        let batch_due = self.batch_due.filter(|_| self.synced_once);
+        let leader = self.is_leader();
+        let next_retry = self.retries.values().map(|(due, _)| *due).min().filter(|_| leader);
+        let full_sync = Some(self.full_sync_due).filter(|_| self.config.groups && leader);
+        let batch_due = self.batch_due.filter(|_| self.synced_once && leader);
         let cleanup = Some(self.next_cleanup).filter(|_| self.node.is_some());
         let wake = [full_sync, batch_due, next_retry, cleanup]
             .into_iter()
@@ -473,12 +559,14 @@ impl Daemon {
         let Some(rx) = self.changes.as_mut() else {
             panic!("BUG: the watcher is set up before the loop waits on it");
         };
+        let mut roles = self.roles.clone();
         tokio::select! {
             _ = &mut *shutdown => self.stopping = true,
             change = rx.recv() => match change {
                 Some(change) => self.on_change(change),
-                None => self.rescan_needed = Some("the watcher stopped".into()),
+                None => self.watcher_stopped(),
             },
+            _ = role_changed(&mut roles) => {}
             _ = sleep_until(wake) => {}
         }
     }
@@ -492,12 +580,21 @@ impl Daemon {
             let Some(rx) = self.changes.as_mut() else {
                 return Some(fut.await);
             };
+            let mut roles = self.roles.clone();
             tokio::select! {
                 out = &mut fut => return Some(out),
                 change = rx.recv(), if !self.stopping => match change {
                     Some(change) => self.on_change(change),
-                    None => self.rescan_needed = Some("the watcher stopped".into()),
+                    None => self.watcher_stopped(),
                 },
+                _ = role_changed(&mut roles), if !self.stopping => {
+                    if !self.is_leader() {
+                        // Another replica may take over as soon as the
+                        // session is gone: stop writing now.
+                        warn!("lost the writer's lock: dropping in-flight work");
+                        return None;
+                    }
+                }
                 _ = &mut *shutdown, if !self.stopping => {
                     info!("shutdown: letting in-flight writes finish");
                     self.stopping = true;
@@ -907,7 +1004,12 @@ impl Daemon {
     ) -> Option<bool> {
         let unfinished = self.apply_plan(plan, clocks, shutdown).await?;
         for (proid, dns) in retiring {
-            if !unfinished.contains(&proid) && !self.refused.contains_key(&proid) {
+            if unfinished.contains(&proid) {
+                continue;
+            }
+            // Reconciled (or nothing to do): no retry pending any more.
+            self.retries.remove(&proid);
+            if !self.refused.contains_key(&proid) {
                 self.index.clear_retiring(&proid, &dns);
             }
         }
@@ -1015,6 +1117,18 @@ fn simulated(change: &GroupChange) -> GroupResult {
         vanished: false,
         requests: 0,
         retries: 0,
+    }
+}
+
+/// Completes when the role changes; never when there is no election.
+async fn role_changed(roles: &mut Option<watch::Receiver<RoleState>>) {
+    match roles {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
     }
 }
 

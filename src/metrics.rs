@@ -79,6 +79,7 @@ pub struct Metrics {
     pub last_role_change: Gauge<f64, std::sync::atomic::AtomicU64>,
     ready: AtomicBool,
     not_ready_reason: Mutex<String>,
+    current_role: Mutex<&'static str>,
 }
 
 impl Default for Metrics {
@@ -110,6 +111,7 @@ impl Metrics {
             last_role_change: Gauge::default(),
             ready: AtomicBool::new(false),
             not_ready_reason: Mutex::new("initial sync not done".into()),
+            current_role: Mutex::new("follower"),
             registry: Registry::default(),
         };
         let r = &mut registry;
@@ -234,6 +236,7 @@ impl Metrics {
 
     /// Records the role and the time it changed.
     pub fn set_role(&self, role: &'static str) {
+        *self.current_role.lock().unwrap_or_else(|p| p.into_inner()) = role;
         for r in ["leader", "follower"] {
             self.role
                 .get_or_create(&RoleLabels { role: r })

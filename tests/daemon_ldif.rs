@@ -21,6 +21,7 @@ fn run_config(tree: &Tree, directory: &std::path::Path, extra: &[&str]) -> RunCo
         format!("--directory={}", directory.display()),
         "--group-ou=OU=Groups,DC=ad,DC=com".to_owned(),
         "--batch-window=20ms".to_owned(),
+        "--no-lock".to_owned(),
         "--partition=p1".to_owned(),
     ];
     argv.extend(extra.iter().map(|s| s.to_string()));

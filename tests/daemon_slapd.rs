@@ -100,6 +100,7 @@ fn daemon_args(tree: &Tree, slapd: &Slapd, pw: &std::path::Path, extra: &[&str])
         format!("--group-ou={OU}"),
         "--partition=p1".to_owned(),
         "--batch-window=50ms".to_owned(),
+        "--no-lock".to_owned(),
         "--timeout=2s".to_owned(),
     ];
     // An extra option replaces the default of the same name.
