@@ -340,12 +340,7 @@ where
         return Ok(Cli::from_arg_matches(&matches)?);
     };
     // `finish` has no --config: asking clap for it there would panic.
-    let Some(path) = sub
-        .try_get_one::<PathBuf>("config")
-        .ok()
-        .flatten()
-        .cloned()
-    else {
+    let Some(path) = sub.try_get_one::<PathBuf>("config").ok().flatten().cloned() else {
         return Ok(Cli::from_arg_matches(&matches)?);
     };
     let sub_command = command
