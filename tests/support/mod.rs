@@ -17,6 +17,7 @@
 
 #![allow(dead_code)]
 
+pub mod node;
 pub mod scenario;
 pub mod tree;
 
