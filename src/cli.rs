@@ -354,7 +354,8 @@ where
     let Some((name, sub)) = matches.subcommand() else {
         return Ok(Cli::from_arg_matches(&matches)?);
     };
-    let Some(path) = sub.get_one::<PathBuf>("config").cloned() else {
+    // `finish` has no --config: asking clap for it there would panic.
+    let Some(path) = sub.try_get_one::<PathBuf>("config").ok().flatten().cloned() else {
         return Ok(Cli::from_arg_matches(&matches)?);
     };
     let sub_command = command

@@ -10,15 +10,22 @@
 //! appears is listed at once, because files written into it before its watch
 //! was set produce no notification. A lost notification (queue overflow) or
 //! a change of `servers/` or `placement/` themselves asks for a full rescan.
+//!
+//! notify hands over a new directory's notification before it watches that
+//! directory, so a listing made right then can miss a file written a moment
+//! later, for good. Notifications are therefore looked at on a thread of our
+//! own, which first makes sure a new directory is watched (asking notify,
+//! which answers only once its own watch is set) and only then lists it.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, Weak};
 
 use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
 use thiserror::Error;
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{debug, warn};
 
 use super::event::{classify, PathKind};
 use super::scan::scan_host_dir;
@@ -44,43 +51,94 @@ pub struct WatchError {
 
 /// A running watch; dropping it stops the notifications.
 pub struct TreeWatcher {
-    _watcher: RecommendedWatcher,
+    // The thread that turns notifications into changes holds it weakly, so
+    // dropping this drops the notifier, which ends the thread.
+    _watcher: Arc<Mutex<RecommendedWatcher>>,
 }
 
 /// Starts watching `root` recursively. Changes arrive on the receiver in
 /// the order they were seen.
 pub fn watch(root: &Path) -> Result<(TreeWatcher, mpsc::UnboundedReceiver<Change>), WatchError> {
     let (tx, rx) = mpsc::unbounded_channel();
-    let base = root.to_path_buf();
-    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-        let changes = match res {
-            Ok(event) if event.need_rescan() => {
-                vec![Change::Rescan("the notifier lost events".into())]
-            }
-            Ok(event) if matches!(event.kind, EventKind::Access(_)) => Vec::new(),
-            Ok(event) => event
-                .paths
-                .iter()
-                .flat_map(|p| changes_at(&base, p))
-                .collect(),
-            Err(err) => vec![Change::Rescan(format!("the notifier failed: {err}"))],
-        };
-        for change in changes {
-            // The receiver is gone only when the daemon is shutting down.
-            let _ = tx.send(change);
-        }
-    })
-    .map_err(|source| WatchError {
+    let error = |source| WatchError {
         path: root.to_path_buf(),
         source,
-    })?;
+    };
+    // notify's callback must not wait on notify (it runs on notify's own
+    // thread): it only passes notifications on.
+    let (raw_tx, raw_rx) = std::sync::mpsc::channel::<notify::Result<notify::Event>>();
+    let mut watcher = notify::recommended_watcher(move |res| {
+        let _ = raw_tx.send(res);
+    })
+    .map_err(error)?;
     watcher
         .watch(root, RecursiveMode::Recursive)
-        .map_err(|source| WatchError {
-            path: root.to_path_buf(),
-            source,
-        })?;
+        .map_err(error)?;
+    let watcher = Arc::new(Mutex::new(watcher));
+    let weak = Arc::downgrade(&watcher);
+    let base = root.to_path_buf();
+    std::thread::Builder::new()
+        .name("tree-watch".into())
+        .spawn(move || {
+            for res in raw_rx {
+                for change in changes_of(&base, &weak, res) {
+                    // The receiver is gone only when the daemon is shutting down.
+                    if tx.send(change).is_err() {
+                        return;
+                    }
+                }
+            }
+        })
+        .map_err(|e| error(notify::Error::io(e)))?;
     Ok((TreeWatcher { _watcher: watcher }, rx))
+}
+
+/// The changes one notification stands for.
+fn changes_of(
+    base: &Path,
+    watcher: &Weak<Mutex<RecommendedWatcher>>,
+    res: notify::Result<notify::Event>,
+) -> Vec<Change> {
+    match res {
+        Ok(event) if event.need_rescan() => {
+            vec![Change::Rescan("the notifier lost events".into())]
+        }
+        Ok(event) if matches!(event.kind, EventKind::Access(_)) => Vec::new(),
+        Ok(event) => {
+            let appeared = matches!(
+                event.kind,
+                EventKind::Create(_) | EventKind::Modify(notify::event::ModifyKind::Name(_))
+            );
+            event
+                .paths
+                .iter()
+                .flat_map(|p| {
+                    if appeared && p.is_dir() && p != base {
+                        ensure_watched(watcher, p);
+                    }
+                    changes_at(base, p)
+                })
+                .collect()
+        }
+        Err(err) => vec![Change::Rescan(format!("the notifier failed: {err}"))],
+    }
+}
+
+/// Returns once `dir` is watched: notify answers a request only after it
+/// has finished with the notifications it was handing over, new
+/// directories' watches included. Watching a watched directory again
+/// changes nothing.
+fn ensure_watched(watcher: &Weak<Mutex<RecommendedWatcher>>, dir: &Path) {
+    let Some(watcher) = watcher.upgrade() else {
+        return;
+    };
+    // The lock guards nothing but the notifier's own calls.
+    let mut watcher = watcher.lock().unwrap_or_else(|p| p.into_inner());
+    if let Err(err) = watcher.watch(dir, RecursiveMode::Recursive) {
+        // Gone again (its removal is reported next), or a limit notify
+        // reports on its own.
+        debug!(path = %dir.display(), error = %err, "cannot watch a new directory");
+    }
 }
 
 /// What is now at `path`, as changes.
