@@ -131,7 +131,10 @@ pub async fn run(
     let election = match &config.election {
         Some(election) => {
             info!(zookeeper = %election.servers, lock = %election.lock_path, "competing for the writer's lock");
-            Some(election::start(election.clone()).map_err(|e| DaemonError::Startup(e.to_string()))?)
+            Some(
+                election::start(election.clone())
+                    .map_err(|e| DaemonError::Startup(e.to_string()))?,
+            )
         }
         None => None,
     };
@@ -193,7 +196,7 @@ struct Daemon {
     election: Option<Election>,
     roles: Option<watch::Receiver<RoleState>>,
     /// The role (and leadership term) last acted on.
-    role_seen: Option<(Role, u64)>,
+    role_seen: Option<(Role, u64, bool)>,
     stopping: bool,
 }
 
@@ -252,7 +255,8 @@ impl Daemon {
 
         while !self.stopping {
             if self.changes.is_none() {
-                let (watcher, rx) = watch(&self.root()).map_err(|e| DaemonError::Startup(e.to_string()))?;
+                let (watcher, rx) =
+                    watch(&self.root()).map_err(|e| DaemonError::Startup(e.to_string()))?;
                 self.watcher = Some(watcher);
                 self.changes = Some(rx);
             }
@@ -304,42 +308,59 @@ impl Daemon {
         self.roles.as_ref().is_none_or(|r| r.borrow().is_leader())
     }
 
-    /// Acts on a role change: a new leadership starts with a full sync; a
-    /// follower keeps its index warm and writes nothing.
+    /// True while the leadership this replica last acted on lasts: a lost
+    /// and regained lock is a new leadership, which starts afresh.
+    fn still_leading(&self) -> bool {
+        match (&self.roles, self.role_seen) {
+            (None, _) => true,
+            (Some(roles), Some((Role::Leader, term, _))) => {
+                let now = roles.borrow();
+                now.is_leader() && now.term == term
+            }
+            (Some(_), _) => false,
+        }
+    }
+
+    /// Acts on a change of role or of the ZooKeeper connection: a new
+    /// leadership starts with a full sync; a follower keeps its index warm
+    /// and writes nothing; a replica cut off from ZooKeeper is not ready.
     fn observe_role(&mut self) {
-        let Some(roles) = &self.roles else {
+        let Some(roles) = self.roles.as_mut() else {
             return;
         };
-        let state = roles.borrow().clone();
-        let now = (state.role, state.term);
-        if self.role_seen == Some(now) {
-            if !state.connected && !self.metrics.is_ready() {
-                self.metrics.set_ready(Err(format!("zookeeper: {}", state.why)));
-            }
+        // Marks the state seen, so that waiting for the next change waits.
+        let state = roles.borrow_and_update().clone();
+        let seen = (state.role, state.term, state.connected);
+        if self.role_seen == Some(seen) {
             return;
         }
-        self.role_seen = Some(now);
-        self.metrics.set_role(state.role.as_str());
-        match state.role {
-            Role::Leader => {
-                info!(term = state.term, why = %state.why, "leader: writing from now on, starting with a full sync");
-                self.synced_once = false;
-                self.full_sync_due = Instant::now();
-                self.metrics.set_ready(Err("leader: initial sync not applied yet".into()));
-            }
-            Role::Follower => {
-                info!(why = %state.why, "follower: following the tree, writing nothing");
-                self.batch_due = None;
-                self.batch_opened = None;
-                self.retries.clear();
-                self.synced_once = false;
-                if state.connected {
-                    self.metrics.set_ready(Ok(()));
-                } else {
-                    self.metrics.set_ready(Err(format!("zookeeper: {}", state.why)));
+        let role_changed = self
+            .role_seen
+            .is_none_or(|(role, term, _)| (role, term) != (state.role, state.term));
+        self.role_seen = Some(seen);
+        if role_changed {
+            self.metrics.set_role(state.role.as_str());
+            match state.role {
+                Role::Leader => {
+                    info!(term = state.term, why = %state.why, "leader: writing from now on, starting with a full sync");
+                    self.full_sync_due = Instant::now();
+                }
+                Role::Follower => {
+                    info!(why = %state.why, "follower: following the tree, writing nothing");
+                    self.batch_due = None;
+                    self.batch_opened = None;
+                    self.retries.clear();
                 }
             }
+            self.synced_once = false;
         }
+        let ready = match (state.connected, state.role) {
+            (false, _) => Err(format!("zookeeper: {}", state.why)),
+            (true, Role::Follower) => Ok(()),
+            (true, Role::Leader) if self.synced_once => Ok(()),
+            (true, Role::Leader) => Err("leader: initial sync not applied yet".into()),
+        };
+        self.metrics.set_ready(ready);
     }
 
     /// The watcher's channel closed: start a new watcher and rescan.
@@ -547,7 +568,12 @@ impl Daemon {
     /// resync, or shutdown.
     async fn wait(&mut self, shutdown: &mut Shutdown<'_>) {
         let leader = self.is_leader();
-        let next_retry = self.retries.values().map(|(due, _)| *due).min().filter(|_| leader);
+        let next_retry = self
+            .retries
+            .values()
+            .map(|(due, _)| *due)
+            .min()
+            .filter(|_| leader);
         let full_sync = Some(self.full_sync_due).filter(|_| self.config.groups && leader);
         let batch_due = self.batch_due.filter(|_| self.synced_once && leader);
         let cleanup = Some(self.next_cleanup).filter(|_| self.node.is_some());
@@ -559,14 +585,14 @@ impl Daemon {
         let Some(rx) = self.changes.as_mut() else {
             panic!("BUG: the watcher is set up before the loop waits on it");
         };
-        let mut roles = self.roles.clone();
+        let roles = self.roles.as_mut();
         tokio::select! {
             _ = &mut *shutdown => self.stopping = true,
             change = rx.recv() => match change {
                 Some(change) => self.on_change(change),
                 None => self.watcher_stopped(),
             },
-            _ = role_changed(&mut roles) => {}
+            _ = role_changed(roles) => {}
             _ = sleep_until(wake) => {}
         }
     }
@@ -580,15 +606,15 @@ impl Daemon {
             let Some(rx) = self.changes.as_mut() else {
                 return Some(fut.await);
             };
-            let mut roles = self.roles.clone();
+            let roles = self.roles.as_mut();
             tokio::select! {
                 out = &mut fut => return Some(out),
                 change = rx.recv(), if !self.stopping => match change {
                     Some(change) => self.on_change(change),
                     None => self.watcher_stopped(),
                 },
-                _ = role_changed(&mut roles), if !self.stopping => {
-                    if !self.is_leader() {
+                _ = role_changed(roles), if !self.stopping => {
+                    if !self.still_leading() {
                         // Another replica may take over as soon as the
                         // session is gone: stop writing now.
                         warn!("lost the writer's lock: dropping in-flight work");
@@ -1121,7 +1147,7 @@ fn simulated(change: &GroupChange) -> GroupResult {
 }
 
 /// Completes when the role changes; never when there is no election.
-async fn role_changed(roles: &mut Option<watch::Receiver<RoleState>>) {
+async fn role_changed(roles: Option<&mut watch::Receiver<RoleState>>) {
     match roles {
         Some(rx) => {
             if rx.changed().await.is_err() {

@@ -219,19 +219,22 @@ impl Metrics {
     }
 
     fn readiness(&self) -> (StatusCode, String) {
+        let role = self.role();
         if self.is_ready() {
-            (StatusCode::OK, "ready\n".into())
-        } else {
-            let reason = self
-                .not_ready_reason
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clone();
-            (
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: {reason}\n"),
-            )
+            return (StatusCode::OK, format!("ready ({role})\n"));
         }
+        let reason = self
+            .not_ready_reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let body = format!("not ready ({role}): {reason}\n");
+        (StatusCode::SERVICE_UNAVAILABLE, body)
+    }
+
+    /// The current role, as `/readyz` shows it.
+    pub fn role(&self) -> &'static str {
+        *self.current_role.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records the role and the time it changed.

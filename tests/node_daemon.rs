@@ -603,6 +603,7 @@ fn both_modes_args(s: &Setup, slapd: &Slapd, password_file: &Path, wait: &str) -
     args.extend(domain_args());
     args.extend([
         "--group-ou=ou=Groups,dc=ad,dc=com".to_owned(),
+        "--no-lock".to_owned(),
         format!("--ldap-url={}", slapd.url()),
         format!("--bind-dn={}", Slapd::SVC_DN),
         format!("--bind-password-file={}", password_file.display()),
@@ -844,6 +845,7 @@ async fn against_samba_the_credential_spec_has_the_domains_own_facts() {
     let mut args = s.node_args("20ms");
     args.extend([
         format!("--group-ou={ou}"),
+        "--no-lock".to_owned(),
         format!("--ldap-url={}", dc.url()),
         format!("--bind-dn={}", SambaDc::ADMIN),
         format!(
