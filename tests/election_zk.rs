@@ -10,9 +10,6 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::Duration;
 
 use gmsa_reconciler::election::{self, Election, ElectionConfig, Role, RoleState};
@@ -30,12 +27,6 @@ const SETTLE: Duration = Duration::from_secs(30);
 /// The tests start JVMs and measure handovers against session timeouts:
 /// one at a time, so they do not starve each other on a small machine.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// The killed-leader test runs `contender_process` in a child process with
-/// this variable set to the server list.
-const CHILD_SERVERS: &str = "GMSA_ELECTION_TEST_CHILD_SERVERS";
-/// Prefix of the lines the child prints, one per published role.
-const CHILD_MARK: &str = "contender role: ";
 
 fn config(servers: &str, identity: &str, session_timeout: Duration) -> ElectionConfig {
     ElectionConfig {
@@ -295,121 +286,8 @@ async fn a_stopped_leader_hands_over_long_before_its_session_could_expire() {
     follower.election.stop().await;
 }
 
-/// Runs one contender in a child process of this test binary, so that it
-/// can be killed with SIGKILL: its session is then left to expire.
-struct ChildContender {
-    child: Child,
-    roles: mpsc::Receiver<String>,
-    last: Option<String>,
-}
-
-impl ChildContender {
-    fn spawn(servers: &str) -> ChildContender {
-        let mut child = Command::new(std::env::current_exe().expect("test binary"))
-            .args([
-                "contender_process",
-                "--exact",
-                "--ignored",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(CHILD_SERVERS, servers)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn the contender process");
-        let stdout = child.stdout.take().expect("child stdout");
-        let (tx, roles) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(role) = line.strip_prefix(CHILD_MARK) {
-                    if tx.send(role.to_owned()).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
-        ChildContender {
-            child,
-            roles,
-            last: None,
-        }
-    }
-
-    /// The role the child printed last.
-    fn role(&mut self) -> Option<&str> {
-        while let Ok(role) = self.roles.try_recv() {
-            self.last = Some(role);
-        }
-        self.last.as_deref()
-    }
-
-    fn kill(&mut self) {
-        self.child.kill().expect("SIGKILL the contender");
-        self.child.wait().expect("reap the contender");
-    }
-}
-
-impl Drop for ChildContender {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Not a test: the contender the killed-leader test runs in a child
-/// process. Prints every published role until it is killed.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "helper process for a_killed_leader_hands_over_within_the_session_timeout"]
-async fn contender_process() {
-    let Ok(servers) = std::env::var(CHILD_SERVERS) else {
-        eprintln!("contender_process only runs as a child of the killed-leader test");
-        return;
-    };
-    let replica = Replica::start(&servers, "child");
-    let mut roles = replica.subscribe();
-    loop {
-        let role = roles.borrow_and_update().role;
-        println!("{CHILD_MARK}{role}");
-        if roles.changed().await.is_err() {
-            panic!("the election task ended");
-        }
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_leader_hands_over_within_the_session_timeout() {
-    let _serial = SERIAL.lock().await;
-    support::tree::init_logs();
-    let zk = ZooKeeper::start();
-    let mut child = ChildContender::spawn(&zk.servers());
-    within(Instant::now(), SETTLE, "the child process leads", || {
-        child.role() == Some("leader")
-    })
-    .await;
-    let replica = Replica::start(&zk.servers(), "parent");
-    // Queued behind the child's node, and not leading.
-    wait_for_holders(&zk.servers(), &["child", "parent"]).await;
-    assert!(!replica.is_leader(), "{:?}", replica.state());
-    assert_eq!(child.role(), Some("leader"));
-
-    let since = Instant::now();
-    child.kill();
-    let took = within(
-        since,
-        SESSION + Duration::from_secs(2),
-        "the survivor takes over from the killed leader",
-        || replica.is_leader(),
-    )
-    .await;
-    eprintln!(
-        "measured: handover after SIGKILL of the leader: {took:?} (session timeout {SESSION:?})"
-    );
-    wait_for_holders(&zk.servers(), &["parent"]).await;
-    replica.election.stop().await;
-}
+// A leader killed with SIGKILL (its session left to expire) is tested with
+// real replica processes in `tests/replicas.rs`.
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_short_zookeeper_outage_steps_the_leader_down_and_the_pair_recovers() {
