@@ -17,6 +17,7 @@
 
 #![allow(dead_code)]
 
+pub mod e2e;
 pub mod scenario;
 pub mod tree;
 
