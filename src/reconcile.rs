@@ -224,15 +224,17 @@ pub async fn apply_group(
         let mut result = GroupResult::new(change);
         let requests = chunks(change, options.max_values_per_modify);
         for (i, request) in requests.iter().enumerate() {
-            if let Err(err) =
-                apply_request(dir, caps, &change.group_dn, request, options, &mut result).await
-            {
-                // Whatever is left is not applied: stop at the first request
-                // that could not be completed, so the next attempt starts clean.
-                for rest in &requests[i + 1..] {
-                    result.fail(rest, err.clone());
+            match apply_request(dir, caps, &change.group_dn, request, options, &mut result).await {
+                // The server is away: what is left waits for the next attempt.
+                Err(err) if err.is_transient() => {
+                    for rest in &requests[i + 1..] {
+                        result.fail(rest, err.clone());
+                    }
+                    break;
                 }
-                break;
+                // Values the server refuses (recorded as failed) must not
+                // hold back the rest of a large change.
+                Err(_) | Ok(()) => {}
             }
             if result.vanished {
                 break;
@@ -276,9 +278,9 @@ async fn apply_request(
         }
         Err(err) => err,
     };
-    if caps.permissive_modify {
-        warn!(error = %err, "modify failed despite the permissive-modify control; re-reading the group");
-    }
+    // Samba lists the permissive-modify control but ignores it for
+    // `member`, so this path is routine there.
+    debug!(error = %err, permissive = caps.permissive_modify, "modify refused; re-reading the group");
     // Re-read and re-plan: the group may have vanished, or part of the
     // request may already be in place (a server without permissive modify
     // refuses the whole request for one present value).
