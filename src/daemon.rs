@@ -246,14 +246,10 @@ impl Daemon {
         if !self.wait_for_tree(&mut shutdown).await {
             return Ok(());
         }
-        // Watch before the first scan so that nothing that changes during
-        // the scan is lost; replaying what the scan already saw is harmless.
-        let (watcher, rx) = watch(&self.root()).map_err(|e| DaemonError::Startup(e.to_string()))?;
-        self.watcher = Some(watcher);
-        self.changes = Some(rx);
         self.rescan_needed = Some("startup".into());
-
         while !self.stopping {
+            // Watch before scanning so that nothing that changes during the
+            // scan is lost; replaying what the scan already saw is harmless.
             if self.changes.is_none() {
                 let (watcher, rx) =
                     watch(&self.root()).map_err(|e| DaemonError::Startup(e.to_string()))?;
