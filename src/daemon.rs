@@ -403,11 +403,8 @@ impl Daemon {
                 }
                 Err(err) => {
                     error!(error = %err, "cannot read the domain's facts for credential specs; retrying");
-                    self.metrics.set_ready(Err(format!("domain facts: {err}")));
-                    tokio::select! {
-                        _ = &mut *shutdown => self.stopping = true,
-                        _ = sleep(Backoff::default().max) => {}
-                    }
+                    self.not_ready_for_a_while(format!("domain facts: {err}"), shutdown)
+                        .await;
                     return Ok(false);
                 }
             }
@@ -752,13 +749,19 @@ impl Daemon {
             }
             Err(err) => {
                 error!(error = %err, "cannot open the directory; retrying");
-                self.metrics.set_ready(Err(format!("directory: {err}")));
-                tokio::select! {
-                    _ = &mut *shutdown => self.stopping = true,
-                    _ = sleep(Backoff::default().max) => {}
-                }
+                self.not_ready_for_a_while(format!("directory: {err}"), shutdown)
+                    .await;
                 false
             }
+        }
+    }
+
+    /// Reports not ready and waits before the caller tries again.
+    async fn not_ready_for_a_while(&mut self, reason: String, shutdown: &mut Shutdown<'_>) {
+        self.metrics.set_ready(Err(reason));
+        tokio::select! {
+            _ = &mut *shutdown => self.stopping = true,
+            _ = sleep(Backoff::default().max) => {}
         }
     }
 
