@@ -318,9 +318,9 @@ impl Estate {
     /// drifted members and a few unrelated groups.
     pub fn write_ldif(&self, path: &Path) -> io::Result<()> {
         let mut out = BufWriter::new(fs::File::create(path)?);
+        // No `version: 1` line: slapadd takes it for an entry and fails.
         out.write_all(
-            b"version: 1\n\n\
-              dn: dc=ad,dc=com\nobjectClass: dcObject\nobjectClass: organization\ndc: ad\no: ad\n\n\
+            b"dn: dc=ad,dc=com\nobjectClass: dcObject\nobjectClass: organization\ndc: ad\no: ad\n\n\
               dn: ou=Groups,dc=ad,dc=com\nobjectClass: organizationalUnit\nou: Groups\n\n\
               dn: ou=Computers,dc=ad,dc=com\nobjectClass: organizationalUnit\nou: Computers\n\n\
               dn: ou=Users,dc=ad,dc=com\nobjectClass: organizationalUnit\nou: Users\n\n",
