@@ -13,7 +13,7 @@
 //! It does not check that an added member's entry exists (AD answers 32 to
 //! that); the hosts are usually not in the file at all.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use async_trait::async_trait;
@@ -260,10 +260,23 @@ impl MemoryDirectory {
         attrs: &[(String, String)],
         change: &MemberChange,
     ) -> Result<Option<Vec<(String, String)>>, DirError> {
-        let mut attrs = attrs.to_vec();
-        let mut changed = false;
+        // Each member value is parsed once per request: comparing every
+        // requested value against every member, parsing as it goes, made a
+        // sync of large groups quadratic.
+        let parsed: Vec<Option<Dn>> = attrs
+            .iter()
+            .map(|(a, v)| {
+                if is_member(a) {
+                    Dn::parse(v).ok()
+                } else {
+                    None
+                }
+            })
+            .collect();
+        let mut present: HashSet<Dn> = parsed.iter().flatten().cloned().collect();
+        let mut added: Vec<&Dn> = Vec::new();
         for value in &change.add {
-            if attrs.iter().any(|(a, v)| is_member_value(a, v, value)) {
+            if !present.insert(value.clone()) {
                 match self.flavour {
                     Flavour::Permissive => continue,
                     Flavour::OpenLdap => {
@@ -282,19 +295,12 @@ impl MemoryDirectory {
                     }
                 }
             }
-            // New values go after the existing ones, spelled like them, so
-            // the saved file reads naturally.
-            let last = attrs.iter().rposition(|(a, _)| is_member(a));
-            let name = last.map_or("member", |i| attrs[i].0.as_str()).to_owned();
-            let at = last.map_or(attrs.len(), |i| i + 1);
-            attrs.insert(at, (name, value.as_str().to_owned()));
-            changed = true;
+            added.push(value);
         }
+        let mut removed: HashSet<&Dn> = HashSet::new();
         for value in &change.delete {
-            let before = attrs.len();
-            attrs.retain(|(a, v)| !is_member_value(a, v, value));
-            if attrs.len() < before {
-                changed = true;
+            if present.remove(value) {
+                removed.insert(value);
                 continue;
             }
             match self.flavour {
@@ -315,17 +321,39 @@ impl MemoryDirectory {
                 }
             }
         }
-        Ok(changed.then_some(attrs))
+        if added.is_empty() && removed.is_empty() {
+            return Ok(None);
+        }
+        // New values go after the existing ones, spelled like them, so the
+        // saved file reads naturally; a value added and deleted in the same
+        // request ends up absent, as if applied in order.
+        let last = attrs.iter().rposition(|(a, _)| is_member(a));
+        let name = last.map_or("member", |i| attrs[i].0.as_str());
+        let at = last.map_or(attrs.len(), |i| i + 1);
+        let new_values: Vec<(String, String)> = added
+            .iter()
+            .filter(|v| !removed.contains(*v))
+            .map(|v| (name.to_owned(), v.as_str().to_owned()))
+            .collect();
+        let mut out = Vec::with_capacity(attrs.len() + new_values.len());
+        for (i, (attr, dn)) in attrs.iter().zip(&parsed).enumerate() {
+            if i == at {
+                out.extend(new_values.iter().cloned());
+            }
+            if dn.as_ref().is_some_and(|dn| removed.contains(dn)) {
+                continue;
+            }
+            out.push(attr.clone());
+        }
+        if at == attrs.len() {
+            out.extend(new_values);
+        }
+        Ok(Some(out))
     }
 }
 
 fn is_member(attr: &str) -> bool {
     attr.eq_ignore_ascii_case("member")
-}
-
-/// True for a `member` value naming `dn` in any spelling.
-fn is_member_value(attr: &str, value: &str, dn: &Dn) -> bool {
-    is_member(attr) && Dn::parse(value).is_ok_and(|v| &v == dn)
 }
 
 fn is_group(record: &Record) -> bool {
@@ -669,6 +697,43 @@ sAMAccountName: elsewhere-gmsa-hosts
                     "member",
                     "whenChanged"
                 ]
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_value_added_and_deleted_in_one_request_ends_absent_and_every_spelling_goes() {
+        let text = "dn: CN=g,OU=G\nobjectClass: group\nsAMAccountName: g\n\
+                    member: CN=h1,DC=x\nmember: cn=H1,dc=X\nmember: CN=h2,DC=x\ninfo: last\n";
+        for flavour in [
+            Flavour::Permissive,
+            Flavour::OpenLdap,
+            Flavour::ActiveDirectory,
+        ] {
+            let dir = MemoryDirectory::new(ldif::parse(text).expect("valid"), flavour);
+            let group = dn("CN=g,OU=G");
+            let (h1, h3) = (dn("CN=H1,DC=X"), dn("CN=h3,DC=x"));
+            dir.modify_members(
+                &group,
+                &change(std::slice::from_ref(&h3), &[h3.clone(), h1]),
+            )
+            .await
+            .expect("every part applies in order");
+            let record = dir.records().into_iter().next().expect("record");
+            let attrs: Vec<(&str, &str)> = record
+                .attrs
+                .iter()
+                .map(|(a, v)| (a.as_str(), v.as_str()))
+                .collect();
+            assert_eq!(
+                attrs,
+                [
+                    ("objectClass", "group"),
+                    ("sAMAccountName", "g"),
+                    ("member", "CN=h2,DC=x"),
+                    ("info", "last")
+                ],
+                "{flavour:?}"
             );
         }
     }
