@@ -1123,9 +1123,14 @@ impl Daemon {
             } else {
                 self.retries.remove(&proid);
                 if let Some(started) = clocks.get(&proid) {
-                    self.metrics
-                        .event_to_applied
-                        .observe(now.saturating_duration_since(*started).as_secs_f64());
+                    let latency = now.saturating_duration_since(*started);
+                    self.metrics.event_to_applied.observe(latency.as_secs_f64());
+                    debug!(
+                        proid = %proid,
+                        group = %dn,
+                        latency_ms = latency.as_secs_f64() * 1000.0,
+                        "change applied"
+                    );
                 }
             }
         }
