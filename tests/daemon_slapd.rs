@@ -370,3 +370,57 @@ fn the_binary_dry_runs_and_exits_zero_on_sigterm() {
     let members = rt.block_on(Reader::new(&slapd).members("web-gmsa-hosts"));
     assert!(members.is_empty(), "dry run wrote {members:?}");
 }
+
+/// The mass-deletion guard in the daemon: additions go through, the
+/// deletions stay pending and visible, and are applied once allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_deletions_stay_pending_and_visible() {
+    init_logs();
+    let hosts = ["g1", "g2", "g3", "g4", "g5"];
+    let slapd = Slapd::start_with(&[&entries(&hosts, &["web-gmsa-hosts", "db-gmsa-hosts"])]);
+    let reader = Reader::new(&slapd);
+    let tree = Tree::new();
+    let pw = password_file(tree.root(), Slapd::SVC_PASSWORD);
+    for h in hosts {
+        tree.server(h, "p1", &host_dn(h));
+        tree.place(h, &format!("web.app#{h}"));
+    }
+    tree.mark_ready();
+    let daemon = Running::start(&daemon_args(&tree, &slapd, &pw, &["--max-delete=2"]));
+    converge(&reader, "web-gmsa-hosts", &hosts, "initial sync").await;
+
+    // Three deletions and one addition in one batch: the deletions are refused.
+    for h in ["g1", "g2", "g3"] {
+        tree.unplace(h, &format!("web.app#{h}"));
+    }
+    tree.place("g1", "db.app#1");
+    converge(
+        &reader,
+        "db-gmsa-hosts",
+        &["g1"],
+        "the addition still goes through",
+    )
+    .await;
+    eventually("refusal visible", || {
+        daemon.metric("gmsa_guard_refusals_total") >= 1.0
+            && daemon.metric("gmsa_refused_deletions_pending") == 3.0
+    })
+    .await;
+    assert_eq!(
+        reader.members("web-gmsa-hosts").await,
+        set(&hosts),
+        "nothing deleted"
+    );
+    daemon.stop().await;
+
+    // Restarted with the guard lifted, the pending deletions are applied.
+    let daemon = Running::start(&daemon_args(&tree, &slapd, &pw, &["--allow-mass-delete"]));
+    converge(
+        &reader,
+        "web-gmsa-hosts",
+        &["g4", "g5"],
+        "deletions once allowed",
+    )
+    .await;
+    daemon.stop().await;
+}
