@@ -118,6 +118,17 @@ async fn follows_placements_and_shuts_down_cleanly() {
     })
     .await;
 
+    // The mirror withdraws its readiness marker: writes stop until it is back.
+    std::fs::remove_file(tree.root().join(".modified")).expect("remove .modified");
+    eventually("not ready without .modified", || !metrics.is_ready()).await;
+    tree.place("h1", "db.app#9");
+    tree.mark_ready();
+    eventually("ready again", || metrics.is_ready()).await;
+    eventually("changes made meanwhile applied", || {
+        members(&directory, "db-gmsa-hosts") == vec![host_dn("h1"), host_dn("h2")]
+    })
+    .await;
+
     stop.send(()).expect("daemon running");
     handle.await.expect("join").expect("clean stop");
 }

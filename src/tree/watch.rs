@@ -160,6 +160,12 @@ pub fn changes_at(root: &Path, path: &Path) -> Vec<Change> {
         PathKind::ServersDir | PathKind::PlacementDir => {
             vec![Change::Rescan(format!("{} changed", path.display()))]
         }
+        // The readiness marker going away means the mirror no longer
+        // vouches for the tree: a rescan finds out, and stops writes until
+        // it is back.
+        PathKind::Modified if path.symlink_metadata().is_err() => {
+            vec![Change::Rescan(format!("{} went away", path.display()))]
+        }
         PathKind::Modified | PathKind::Ignored => Vec::new(),
     }
 }
