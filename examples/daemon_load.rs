@@ -1,0 +1,618 @@
+//! Drives a running `gmsa-reconciler run` for the benchmarks
+//! (`scripts/bench-daemon`): changes placements in its tree the way the
+//! mirror does (a `.tmp*` file renamed into place, or a file removed) and
+//! times how long each change takes to reach the directory.
+//!
+//! ```text
+//! daemon_load latency --tree DIR --ldap-url URL --bind-dn DN \
+//!     --bind-password-file FILE --log DAEMON.LOG --changes 200 --out rows.csv
+//! daemon_load burst --tree DIR --ldap-url URL --bind-dn DN \
+//!     --bind-password-file FILE --placements 10000
+//! ```
+//!
+//! `latency` makes one change at a time, alternately a placement of a proid
+//! on a host that ran none of it (the host must join the group) and the
+//! removal of a host's only placement of a proid (the host must leave it),
+//! and waits until the directory shows it before the next one. Each change
+//! is timed twice: on the client, from the moment the rename or unlink
+//! returned to the first LDAP Compare that sees the new state (polled every
+//! `--poll-ms`), and by the daemon itself, from the `latency_ms` field of
+//! its "change applied" log line (event received to Modify answered).
+//!
+//! `burst` writes `--placements` new placements as fast as it can, each of
+//! a proid on a host that ran none of it (distinct pairs, proids and hosts
+//! drawn uniformly), then polls the directory until every group holds
+//! every new member: one base search per group whose filter asks for all
+//! its new members, groups taken in DN order. The time reported runs from
+//! the first write to the answer that confirmed the last group.
+//!
+//! The directory is read with ldap3 directly, not through the reconciler's
+//! own code, so the check does not share the code it measures. Results are
+//! one JSON object on standard output; `--out` also gets one CSV row per
+//! change.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::fs;
+use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::{Args, Parser, Subcommand};
+use ldap3::{Ldap, LdapConnAsync, Scope};
+
+/// Changes placements under a running daemon and times the directory's answer.
+#[derive(Parser)]
+#[command(name = "daemon_load")]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// Single changes, one at a time; latency percentiles.
+    Latency(LatencyArgs),
+    /// Many new placements at once; time until the directory holds them all.
+    Burst(BurstArgs),
+}
+
+#[derive(Args)]
+struct Common {
+    /// The daemon's placement tree (its --fs-root).
+    #[arg(long)]
+    tree: PathBuf,
+    /// The LDAP server the daemon writes to.
+    #[arg(long)]
+    ldap_url: String,
+    /// DN to bind as.
+    #[arg(long)]
+    bind_dn: String,
+    /// File holding the bind password.
+    #[arg(long)]
+    bind_password_file: PathBuf,
+    /// The OU of the groups.
+    #[arg(long, default_value = "ou=Groups,dc=ad,dc=com")]
+    group_ou: String,
+    /// A proid's group is `cn=<proid><suffix>` under the OU.
+    #[arg(long, default_value = "-gmsa-hosts")]
+    group_suffix: String,
+    /// Seed of the random choices.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Give up when the directory has not caught up within this many seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// CSV file of one row per change.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct LatencyArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The daemon's log (`--log-format json -v`), for its own latency figures.
+    #[arg(long)]
+    log: PathBuf,
+    /// Changes to make.
+    #[arg(long, default_value_t = 200)]
+    changes: usize,
+    /// Milliseconds between two Compares while waiting for a change.
+    #[arg(long, default_value_t = 2)]
+    poll_ms: u64,
+}
+
+#[derive(Args)]
+struct BurstArgs {
+    #[command(flatten)]
+    common: Common,
+    /// New placements to write.
+    #[arg(long, default_value_t = 10_000)]
+    placements: usize,
+    /// Groups checked at once while polling.
+    #[arg(long, default_value_t = 64)]
+    window: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("daemon_load: cannot start the runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.mode {
+        Mode::Latency(args) => runtime.block_on(latency(args)),
+        Mode::Burst(args) => runtime.block_on(burst(args)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("daemon_load: error: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Res<T> = Result<T, String>;
+
+/// The tree as the driver sees it: hosts with their DNs and, per proid and
+/// host, the instances placed.
+struct Tree {
+    root: PathBuf,
+    /// Host name and `nt.dn`.
+    hosts: Vec<(String, String)>,
+    proids: Vec<String>,
+    /// (proid, host) indexes to instance names.
+    placed: HashMap<(usize, usize), Vec<String>>,
+    /// Every instance name already used, so new ones are unique.
+    names: HashSet<String>,
+    next_id: u64,
+}
+
+impl Tree {
+    fn scan(root: &Path) -> Res<Tree> {
+        let err = |p: &Path, e: std::io::Error| format!("{}: {e}", p.display());
+        let servers = root.join("servers");
+        let mut hosts = Vec::new();
+        for entry in fs::read_dir(&servers).map_err(|e| err(&servers, e))? {
+            let entry = entry.map_err(|e| err(&servers, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            let text = fs::read_to_string(entry.path()).map_err(|e| err(&entry.path(), e))?;
+            let dn = text
+                .lines()
+                .find_map(|l| l.strip_prefix("nt.dn:"))
+                .map(|v| v.trim().to_owned())
+                .ok_or_else(|| format!("servers/{name}: no nt.dn"))?;
+            hosts.push((name, dn));
+        }
+        hosts.sort();
+        let host_index: HashMap<String, usize> = hosts
+            .iter()
+            .enumerate()
+            .map(|(i, (n, _))| (n.clone(), i))
+            .collect();
+        let mut proid_index: BTreeMap<String, usize> = BTreeMap::new();
+        let mut pairs: Vec<(String, usize, String)> = Vec::new();
+        let mut names = HashSet::new();
+        let placement = root.join("placement");
+        for (host, &h) in &host_index {
+            let dir = placement.join(host);
+            let Ok(listing) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in listing {
+                let entry = entry.map_err(|e| err(&dir, e))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.starts_with('.') {
+                    continue;
+                }
+                let Some((proid, _)) = name.split_once('.') else {
+                    continue;
+                };
+                proid_index.entry(proid.to_owned()).or_insert(0);
+                pairs.push((proid.to_owned(), h, name.clone()));
+                names.insert(name);
+            }
+        }
+        let proids: Vec<String> = proid_index.keys().cloned().collect();
+        for (i, p) in proids.iter().enumerate() {
+            proid_index.insert(p.clone(), i);
+        }
+        let mut placed: HashMap<(usize, usize), Vec<String>> = HashMap::new();
+        for (proid, h, name) in pairs {
+            placed
+                .entry((proid_index[&proid], h))
+                .or_default()
+                .push(name);
+        }
+        if hosts.is_empty() || proids.is_empty() {
+            return Err(format!("{}: no hosts or no placements", root.display()));
+        }
+        Ok(Tree {
+            root: root.to_owned(),
+            hosts,
+            proids,
+            placed,
+            names,
+            next_id: 9_000_000_000,
+        })
+    }
+
+    /// A (proid, host) pair whose host runs nothing of the proid.
+    fn pick_absent(
+        &self,
+        rng: &mut fastrand::Rng,
+        taken: &HashSet<(usize, usize)>,
+    ) -> (usize, usize) {
+        loop {
+            let pair = (
+                rng.usize(..self.proids.len()),
+                rng.usize(..self.hosts.len()),
+            );
+            if !self.placed.contains_key(&pair) && !taken.contains(&pair) {
+                return pair;
+            }
+        }
+    }
+
+    /// A (proid, host) pair with exactly one instance.
+    fn pick_single(&self, rng: &mut fastrand::Rng) -> Option<(usize, usize)> {
+        let singles: Vec<(usize, usize)> = self
+            .placed
+            .iter()
+            .filter(|(_, v)| v.len() == 1)
+            .map(|(k, _)| *k)
+            .collect();
+        if singles.is_empty() {
+            return None;
+        }
+        // HashMap order is not stable: sort so a seed gives the same run.
+        let mut singles = singles;
+        singles.sort_unstable();
+        Some(singles[rng.usize(..singles.len())])
+    }
+
+    /// Places a new instance of `proid` on `host` as the mirror does.
+    fn place(&mut self, (p, h): (usize, usize)) -> Res<()> {
+        let name = loop {
+            self.next_id += 1;
+            let name = format!("{}.bench#{:010}", self.proids[p], self.next_id);
+            if !self.names.contains(&name) {
+                break name;
+            }
+        };
+        let dir = self.root.join("placement").join(&self.hosts[h].0);
+        let tmp = dir.join(format!(".tmp-bench-{}", self.next_id));
+        fs::write(&tmp, "{\"expires\": 1800000000}\n")
+            .map_err(|e| format!("{}: {e}", tmp.display()))?;
+        fs::rename(&tmp, dir.join(&name)).map_err(|e| format!("{}: {e}", dir.display()))?;
+        self.names.insert(name.clone());
+        self.placed.entry((p, h)).or_default().push(name);
+        Ok(())
+    }
+
+    /// Removes the only instance of `proid` on `host`.
+    fn unplace(&mut self, pair: (usize, usize)) -> Res<()> {
+        let Some(names) = self.placed.remove(&pair) else {
+            return Err("BUG: removing a pair that is not placed".into());
+        };
+        let dir = self.root.join("placement").join(&self.hosts[pair.1].0);
+        for name in names {
+            let path = dir.join(&name);
+            fs::remove_file(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+async fn connect(c: &Common) -> Res<Ldap> {
+    let password = fs::read_to_string(&c.bind_password_file)
+        .map_err(|e| format!("{}: {e}", c.bind_password_file.display()))?;
+    let password = password.strip_suffix('\n').unwrap_or(&password);
+    let (conn, mut ldap) = LdapConnAsync::new(&c.ldap_url)
+        .await
+        .map_err(|e| format!("{}: {e}", c.ldap_url))?;
+    ldap3::drive!(conn);
+    ldap.simple_bind(&c.bind_dn, password)
+        .await
+        .and_then(|r| r.success())
+        .map_err(|e| format!("bind as {}: {e}", c.bind_dn))?;
+    Ok(ldap)
+}
+
+fn group_dn(c: &Common, proid: &str) -> String {
+    format!("cn={proid}{},{}", c.group_suffix, c.group_ou)
+}
+
+/// Reads the daemon's JSON log from where it was last read.
+struct LogTail {
+    reader: BufReader<fs::File>,
+    partial: String,
+}
+
+impl LogTail {
+    fn open_at_end(path: &Path) -> Res<LogTail> {
+        let mut file = fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        file.seek(SeekFrom::End(0))
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(LogTail {
+            reader: BufReader::new(file),
+            partial: String::new(),
+        })
+    }
+
+    /// The `latency_ms` of the daemon's next "change applied" for `proid`.
+    fn applied(&mut self, proid: &str) -> Option<f64> {
+        loop {
+            let mut line = String::new();
+            match self.reader.read_line(&mut line) {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+            self.partial.push_str(&line);
+            if !self.partial.ends_with('\n') {
+                return None;
+            }
+            let line = std::mem::take(&mut self.partial);
+            let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
+                continue;
+            };
+            let fields = &value["fields"];
+            if fields["message"] == "change applied" && fields["proid"] == proid {
+                if let Some(ms) = fields["latency_ms"].as_f64() {
+                    return Some(ms);
+                }
+            }
+        }
+    }
+}
+
+/// Nearest-rank percentile of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn stats(values: &[f64]) -> serde_json::Value {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    let mean = v.iter().sum::<f64>() / v.len().max(1) as f64;
+    let r = |x: f64| (x * 10.0).round() / 10.0;
+    serde_json::json!({
+        "n": v.len(),
+        "p50": r(percentile(&v, 50.0)),
+        "p90": r(percentile(&v, 90.0)),
+        "p99": r(percentile(&v, 99.0)),
+        "max": r(v.last().copied().unwrap_or(f64::NAN)),
+        "mean": r(mean),
+    })
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+async fn latency(args: LatencyArgs) -> Res<()> {
+    let c = &args.common;
+    let mut tree = Tree::scan(&c.tree)?;
+    let mut ldap = connect(c).await?;
+    let mut log = LogTail::open_at_end(&args.log)?;
+    let mut rng = fastrand::Rng::with_seed(c.seed);
+    let timeout = Duration::from_secs(c.timeout);
+    let poll = Duration::from_millis(args.poll_ms);
+    let mut csv = String::from("i,kind,proid,host,client_ms,daemon_ms\n");
+    let (mut client, mut daemon) = (Vec::new(), Vec::new());
+    let mut by_kind: BTreeMap<&str, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    for i in 0..args.changes {
+        let add = i % 2 == 0;
+        let pair = if add {
+            tree.pick_absent(&mut rng, &HashSet::new())
+        } else {
+            tree.pick_single(&mut rng)
+                .ok_or("no host runs exactly one instance of a proid")?
+        };
+        let proid = tree.proids[pair.0].clone();
+        let (host, host_dn) = tree.hosts[pair.1].clone();
+        let group = group_dn(c, &proid);
+        // The group must be in the old state before the clock starts.
+        let before = ldap
+            .compare(&group, "member", host_dn.as_bytes())
+            .await
+            .and_then(|r| r.equal())
+            .map_err(|e| format!("compare on {group}: {e}"))?;
+        if before == add {
+            return Err(format!(
+                "{group}: {host_dn} is {} a member before the change",
+                if add { "already" } else { "not" }
+            ));
+        }
+        if add {
+            tree.place(pair)?;
+        } else {
+            tree.unplace(pair)?;
+        }
+        let started = Instant::now();
+        let seen = loop {
+            let now = ldap
+                .compare(&group, "member", host_dn.as_bytes())
+                .await
+                .and_then(|r| r.equal())
+                .map_err(|e| format!("compare on {group}: {e}"))?;
+            if now == add {
+                break started.elapsed();
+            }
+            if started.elapsed() > timeout {
+                return Err(format!(
+                    "change {i} ({proid} on {host}) not applied within {timeout:?}"
+                ));
+            }
+            tokio::time::sleep(poll).await;
+        };
+        // The daemon logs after the Modify returned; give it a moment.
+        let logged_by = Instant::now() + Duration::from_secs(5);
+        let daemon_ms = loop {
+            if let Some(ms) = log.applied(&proid) {
+                break ms;
+            }
+            if Instant::now() > logged_by {
+                return Err(format!(
+                    "no \"change applied\" line for {proid} in the daemon's log"
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        };
+        let client_ms = seen.as_secs_f64() * 1000.0;
+        let kind = if add { "add" } else { "remove" };
+        client.push(client_ms);
+        daemon.push(daemon_ms);
+        let entry = by_kind.entry(kind).or_default();
+        entry.0.push(client_ms);
+        entry.1.push(daemon_ms);
+        csv.push_str(&format!(
+            "{i},{kind},{proid},{host},{client_ms:.3},{daemon_ms:.3}\n"
+        ));
+    }
+    let _ = ldap.unbind().await;
+    if let Some(out) = &c.out {
+        fs::write(out, csv).map_err(|e| format!("{}: {e}", out.display()))?;
+    }
+    let kinds: serde_json::Map<String, serde_json::Value> = by_kind
+        .into_iter()
+        .map(|(k, (cl, dm))| {
+            (
+                k.to_owned(),
+                serde_json::json!({"client_ms": stats(&cl), "daemon_ms": stats(&dm)}),
+            )
+        })
+        .collect();
+    let summary = serde_json::json!({
+        "changes": args.changes,
+        "poll_ms": args.poll_ms,
+        "client_ms": stats(&client),
+        "daemon_ms": stats(&daemon),
+        "by_kind": kinds,
+    });
+    println!("{summary}");
+    Ok(())
+}
+
+/// Escapes a filter value (RFC 4515).
+fn escape_filter(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for ch in value.chars() {
+        match ch {
+            '*' => out.push_str("\\2a"),
+            '(' => out.push_str("\\28"),
+            ')' => out.push_str("\\29"),
+            '\\' => out.push_str("\\5c"),
+            '\0' => out.push_str("\\00"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// True when the group holds every one of `members`.
+async fn holds_all(mut ldap: Ldap, group: String, filter: String) -> Res<(String, bool)> {
+    let ldap3::SearchResult(entries, result) = ldap
+        .search(&group, Scope::Base, &filter, vec!["1.1"])
+        .await
+        .map_err(|e| format!("search {group}: {e}"))?;
+    if result.rc != 0 {
+        return Err(format!(
+            "search {group}: result {}: {}",
+            result.rc, result.text
+        ));
+    }
+    Ok((group, !entries.is_empty()))
+}
+
+async fn burst(args: BurstArgs) -> Res<()> {
+    use futures::stream::{self, StreamExt};
+
+    let c = &args.common;
+    let mut tree = Tree::scan(&c.tree)?;
+    let ldap = connect(c).await?;
+    let mut rng = fastrand::Rng::with_seed(c.seed);
+    let mut chosen: HashSet<(usize, usize)> = HashSet::new();
+    let mut order = Vec::with_capacity(args.placements);
+    while order.len() < args.placements {
+        let pair = tree.pick_absent(&mut rng, &chosen);
+        chosen.insert(pair);
+        order.push(pair);
+    }
+    let mut expected: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for &(p, h) in &order {
+        expected
+            .entry(group_dn(c, &tree.proids[p]))
+            .or_default()
+            .insert(tree.hosts[h].1.clone());
+    }
+    let values = order.len();
+
+    let first_write_unix = unix_now();
+    let started = Instant::now();
+    for &pair in &order {
+        tree.place(pair)?;
+    }
+    let written = started.elapsed();
+
+    let timeout = Duration::from_secs(c.timeout);
+    let mut pending: Vec<(String, String)> = expected
+        .iter()
+        .map(|(group, members)| {
+            let terms: String = members
+                .iter()
+                .map(|m| format!("(member={})", escape_filter(m)))
+                .collect();
+            (group.clone(), format!("(&{terms})"))
+        })
+        .collect();
+    let groups = pending.len();
+    let mut checks = 0usize;
+    let mut converged = started.elapsed();
+    while !pending.is_empty() {
+        let head: Vec<(String, String)> = pending.iter().take(args.window).cloned().collect();
+        checks += head.len();
+        let answers: Vec<Res<(String, bool)>> = stream::iter(head)
+            .map(|(g, f)| holds_all(ldap.clone(), g, f))
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        let mut done = HashSet::new();
+        for answer in answers {
+            let (group, ok) = answer?;
+            if ok {
+                done.insert(group);
+            }
+        }
+        let all_done = done.len() == args.window.min(pending.len());
+        pending.retain(|(g, _)| !done.contains(g));
+        if pending.is_empty() {
+            converged = started.elapsed();
+            break;
+        }
+        if started.elapsed() > timeout {
+            return Err(format!(
+                "{} groups still lack new members after {timeout:?}",
+                pending.len()
+            ));
+        }
+        if !all_done {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    if let Some(out) = &c.out {
+        let mut csv = String::from("proid,host\n");
+        for &(p, h) in &order {
+            csv.push_str(&format!("{},{}\n", tree.proids[p], tree.hosts[h].0));
+        }
+        fs::write(out, csv).map_err(|e| format!("{}: {e}", out.display()))?;
+    }
+    let summary = serde_json::json!({
+        "placements": values,
+        "groups": groups,
+        "first_write_unix": first_write_unix,
+        "written_s": (written.as_secs_f64() * 1000.0).round() / 1000.0,
+        "converged_s": (converged.as_secs_f64() * 1000.0).round() / 1000.0,
+        "checks": checks,
+    });
+    println!("{summary}");
+    let _ = std::io::stdout().flush();
+    Ok(())
+}
