@@ -798,6 +798,14 @@ impl Daemon {
                 return;
             }
         };
+        // Planned from the groups as read, before they move into the cache,
+        // rather than from a copy of the whole cache (MBs at cluster scale).
+        let plan = plan(
+            &self.index,
+            &groups,
+            &self.config.config.pattern,
+            Scope::All,
+        );
         self.replace_groups(groups);
         self.synced_once = true;
         self.stale.clear();
@@ -808,8 +816,6 @@ impl Daemon {
         self.batch_due = None;
         self.batch_opened = None;
         self.retries.clear();
-        let all: Vec<Group> = self.groups.values().cloned().collect();
-        let plan = plan(&self.index, &all, &self.config.config.pattern, Scope::All);
         self.missing = plan.missing_groups.iter().map(|m| m.proid.key()).collect();
         for m in &plan.missing_groups {
             warn!(proid = %m.proid, hosts = m.desired.len(), "proid has placements but no group");
