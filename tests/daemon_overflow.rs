@@ -10,26 +10,11 @@ use std::time::Duration;
 use gmsa_reconciler::directory::ldap::{Bind, LdapConfig, LdapDirectory, Password};
 use gmsa_reconciler::directory::Directory;
 use gmsa_reconciler::model::Dn;
-use support::daemon::{password_file, Running};
+use support::daemon::{computers_and_groups, host_dn, password_file, Running, GROUP_OU};
 use support::tree::{eventually, init_logs, Tree};
 use support::Slapd;
 
-const OU: &str = "ou=Groups,dc=ad,dc=com";
-
-fn host_dn(host: &str) -> String {
-    format!("cn={host},ou=Computers,dc=ad,dc=com")
-}
-
-fn entries(hosts: &[&str], groups: &[&str]) -> String {
-    let mut out = String::new();
-    for h in hosts {
-        out += &format!("dn: {}\nobjectClass: computer\ncn: {h}\n\n", host_dn(h));
-    }
-    for g in groups {
-        out += &format!("dn: cn={g},{OU}\nobjectClass: group\ncn: {g}\nsAMAccountName: {g}\n\n");
-    }
-    out
-}
+const OU: &str = GROUP_OU;
 
 async fn members(slapd: &Slapd, group: &str) -> BTreeSet<String> {
     let bind = Bind::Simple {
@@ -56,7 +41,7 @@ async fn an_event_queue_overflow_triggers_a_rescan() {
     const QUEUE: &str = "/proc/sys/fs/inotify/max_queued_events";
     let hosts: Vec<String> = (0..20).map(|i| format!("o{i:02}")).collect();
     let host_refs: Vec<&str> = hosts.iter().map(String::as_str).collect();
-    let slapd = Slapd::start_with(&[&entries(&host_refs, &["web-gmsa-hosts"])]);
+    let slapd = Slapd::start_with(&[&computers_and_groups(&host_refs, &["web-gmsa-hosts"])]);
     let tree = Tree::new();
     let pw = password_file(tree.root(), Slapd::SVC_PASSWORD);
     for h in &hosts {

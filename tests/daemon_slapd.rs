@@ -13,27 +13,11 @@ use std::time::Duration;
 use gmsa_reconciler::directory::ldap::{Bind, LdapConfig, LdapDirectory, Password};
 use gmsa_reconciler::directory::Directory;
 use gmsa_reconciler::model::Dn;
-use support::daemon::{http_get, password_file, Running};
+use support::daemon::{computers_and_groups, host_dn, http_get, password_file, Running, GROUP_OU};
 use support::tree::{eventually, init_logs, Tree};
 use support::{free_port, Slapd};
 
-const OU: &str = "ou=Groups,dc=ad,dc=com";
-
-fn host_dn(host: &str) -> String {
-    format!("cn={host},ou=Computers,dc=ad,dc=com")
-}
-
-/// Computer objects and empty groups for a test.
-fn entries(hosts: &[&str], groups: &[&str]) -> String {
-    let mut out = String::new();
-    for h in hosts {
-        out += &format!("dn: {}\nobjectClass: computer\ncn: {h}\n\n", host_dn(h));
-    }
-    for g in groups {
-        out += &format!("dn: cn={g},{OU}\nobjectClass: group\ncn: {g}\nsAMAccountName: {g}\n\n");
-    }
-    out
-}
+const OU: &str = GROUP_OU;
 
 /// Reads groups straight from slapd.
 struct Reader {
@@ -116,7 +100,10 @@ fn daemon_args(tree: &Tree, slapd: &Slapd, pw: &std::path::Path, extra: &[&str])
 async fn groups_follow_the_tree() {
     init_logs();
     let hosts = ["h1", "h2", "h3", "h4", "h5"];
-    let slapd = Slapd::start_with(&[&entries(&hosts, &["web-gmsa-hosts", "db-gmsa-hosts"])]);
+    let slapd = Slapd::start_with(&[&computers_and_groups(
+        &hosts,
+        &["web-gmsa-hosts", "db-gmsa-hosts"],
+    )]);
     let reader = Reader::new(&slapd);
     let tree = Tree::new();
     let pw = password_file(tree.root(), Slapd::SVC_PASSWORD);
@@ -215,7 +202,7 @@ async fn groups_follow_the_tree() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn resync_repairs_manual_edits() {
     init_logs();
-    let slapd = Slapd::start_with(&[&entries(&["h1", "h2"], &["web-gmsa-hosts"])]);
+    let slapd = Slapd::start_with(&[&computers_and_groups(&["h1", "h2"], &["web-gmsa-hosts"])]);
     let reader = Reader::new(&slapd);
     let tree = Tree::new();
     let pw = password_file(tree.root(), Slapd::SVC_PASSWORD);
@@ -247,7 +234,7 @@ async fn resync_repairs_manual_edits() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn converges_after_slapd_is_killed_and_restarted() {
     init_logs();
-    let mut slapd = Slapd::start_with(&[&entries(
+    let mut slapd = Slapd::start_with(&[&computers_and_groups(
         &["h1", "h2", "h3"],
         &["web-gmsa-hosts", "db-gmsa-hosts"],
     )]);
@@ -287,7 +274,7 @@ async fn a_burst_of_5000_placements_takes_about_one_modify_per_group() {
     let groups: Vec<String> = proids.iter().map(|p| format!("{p}-gmsa-hosts")).collect();
     let host_refs: Vec<&str> = hosts.iter().map(String::as_str).collect();
     let group_refs: Vec<&str> = groups.iter().map(String::as_str).collect();
-    let slapd = Slapd::start_with(&[&entries(&host_refs, &group_refs)]);
+    let slapd = Slapd::start_with(&[&computers_and_groups(&host_refs, &group_refs)]);
     let reader = Reader::new(&slapd);
     let tree = Tree::new();
     let pw = password_file(tree.root(), Slapd::SVC_PASSWORD);
@@ -331,7 +318,7 @@ async fn a_burst_of_5000_placements_takes_about_one_modify_per_group() {
 /// The binary: `--dry-run` prints and writes nothing; SIGTERM exits 0.
 #[test]
 fn the_binary_dry_runs_and_exits_zero_on_sigterm() {
-    let slapd = Slapd::start_with(&[&entries(&["h1"], &["web-gmsa-hosts"])]);
+    let slapd = Slapd::start_with(&[&computers_and_groups(&["h1"], &["web-gmsa-hosts"])]);
     let tree = Tree::new();
     let pw = password_file(tree.root(), Slapd::SVC_PASSWORD);
     tree.server("h1", "p1", &host_dn("h1"));
@@ -377,7 +364,10 @@ fn the_binary_dry_runs_and_exits_zero_on_sigterm() {
 async fn refused_deletions_stay_pending_and_visible() {
     init_logs();
     let hosts = ["g1", "g2", "g3", "g4", "g5"];
-    let slapd = Slapd::start_with(&[&entries(&hosts, &["web-gmsa-hosts", "db-gmsa-hosts"])]);
+    let slapd = Slapd::start_with(&[&computers_and_groups(
+        &hosts,
+        &["web-gmsa-hosts", "db-gmsa-hosts"],
+    )]);
     let reader = Reader::new(&slapd);
     let tree = Tree::new();
     let pw = password_file(tree.root(), Slapd::SVC_PASSWORD);

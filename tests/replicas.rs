@@ -14,28 +14,15 @@ use std::time::{Duration, Instant};
 use gmsa_reconciler::directory::ldap::{Bind, LdapConfig, LdapDirectory, Password};
 use gmsa_reconciler::directory::Directory;
 use gmsa_reconciler::model::Dn;
-use support::daemon::{http_get, metric_sum, password_file};
+use support::daemon::{
+    computers_and_groups, host_dn, http_get, metric_sum, password_file, GROUP_OU,
+};
 use support::tree::Tree;
 use support::zookeeper::ZooKeeper;
 use support::{free_port, Slapd};
 
-const OU: &str = "ou=Groups,dc=ad,dc=com";
+const OU: &str = GROUP_OU;
 const SESSION: Duration = Duration::from_secs(4);
-
-fn host_dn(host: &str) -> String {
-    format!("cn={host},ou=Computers,dc=ad,dc=com")
-}
-
-fn entries(hosts: &[&str], groups: &[&str]) -> String {
-    let mut out = String::new();
-    for h in hosts {
-        out += &format!("dn: {}\nobjectClass: computer\ncn: {h}\n\n", host_dn(h));
-    }
-    for g in groups {
-        out += &format!("dn: cn={g},{OU}\nobjectClass: group\ncn: {g}\nsAMAccountName: {g}\n\n");
-    }
-    out
-}
 
 struct Replica {
     child: Child,
@@ -187,7 +174,7 @@ fn reader(slapd: &Slapd) -> LdapDirectory {
 #[test]
 fn one_writer_one_modify_per_change_and_failover_after_sigkill() {
     let hosts = ["h1", "h2", "h3", "h4", "h5", "h6"];
-    let slapd = Slapd::start_with(&[&entries(&hosts, &["web-gmsa-hosts"])]);
+    let slapd = Slapd::start_with(&[&computers_and_groups(&hosts, &["web-gmsa-hosts"])]);
     let zk = ZooKeeper::start();
     let tree = Tree::new();
     let pw = password_file(tree.root(), Slapd::SVC_PASSWORD);
@@ -253,7 +240,7 @@ fn one_writer_one_modify_per_change_and_failover_after_sigkill() {
 #[test]
 fn a_zookeeper_restart_never_makes_two_writers_and_both_recover() {
     let hosts = ["h1", "h2", "h3"];
-    let slapd = Slapd::start_with(&[&entries(&hosts, &["web-gmsa-hosts"])]);
+    let slapd = Slapd::start_with(&[&computers_and_groups(&hosts, &["web-gmsa-hosts"])]);
     let mut zk = ZooKeeper::start();
     let tree = Tree::new();
     let pw = password_file(tree.root(), Slapd::SVC_PASSWORD);

@@ -122,3 +122,24 @@ pub fn password_file(dir: &Path, password: &str) -> std::path::PathBuf {
     std::fs::write(&path, password).expect("password file");
     path
 }
+
+/// The OU of the groups in the daemon tests' slapd.
+pub const GROUP_OU: &str = "ou=Groups,dc=ad,dc=com";
+
+/// The computer DN of a test host.
+pub fn host_dn(host: &str) -> String {
+    format!("cn={host},ou=Computers,dc=ad,dc=com")
+}
+
+/// LDIF content: a computer per host and an empty group per name.
+pub fn computers_and_groups(hosts: &[&str], groups: &[&str]) -> String {
+    let mut out = String::new();
+    for h in hosts {
+        out += &format!("dn: {}\nobjectClass: computer\ncn: {h}\n\n", host_dn(h));
+    }
+    for g in groups {
+        out +=
+            &format!("dn: cn={g},{GROUP_OU}\nobjectClass: group\ncn: {g}\nsAMAccountName: {g}\n\n");
+    }
+    out
+}
