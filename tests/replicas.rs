@@ -191,6 +191,16 @@ fn one_writer_one_modify_per_change_and_failover_after_sigkill() {
         Replica::start(&tree, &slapd, &zk, &pw),
     ];
     let (leader, follower) = settled(&replicas);
+    for r in &replicas {
+        let changed = metric_sum(
+            &http_get(r.port, "/metrics").1,
+            "gmsa_last_role_change_timestamp_seconds",
+        );
+        assert!(
+            changed > 1.7e9,
+            "the time of the last role change is exported: {changed}"
+        );
+    }
     wait_for("initial sync", Duration::from_secs(30), || {
         members(&rt, &reader, "web-gmsa-hosts") == want(&["h1"])
     });
