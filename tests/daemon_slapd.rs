@@ -414,3 +414,54 @@ async fn refused_deletions_stay_pending_and_visible() {
     .await;
     daemon.stop().await;
 }
+
+/// A second SIGTERM while writes are still in flight exits at once, with
+/// status 1 (a clean stop, even one that abandons writes after its grace
+/// period, exits 0).
+#[test]
+fn a_second_signal_exits_at_once() {
+    let slapd = Slapd::start_with(&[&computers_and_groups(&["h1"], &["web-gmsa-hosts"])]);
+    let tree = Tree::new();
+    let pw = password_file(tree.root(), Slapd::SVC_PASSWORD);
+    tree.server("h1", "p1", &host_dn("h1"));
+    tree.mark_ready();
+    let port = free_port();
+    let mut args = daemon_args(&tree, &slapd, &pw, &["--timeout=60s"]);
+    args.push(format!("--metrics-addr=127.0.0.1:{port}"));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_gmsa-reconciler"))
+        .arg("run")
+        .args(&args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start the daemon");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while http_get(port, "/readyz").0 != 200 {
+        assert!(std::time::Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    // Freeze slapd: it keeps its socket, so the next Modify is sent and
+    // never answered, and the write stays in flight.
+    let pid: i32 = std::fs::read_to_string(slapd.dir().join("slapd.pid"))
+        .expect("slapd.pid")
+        .trim()
+        .parse()
+        .expect("pid");
+    let signal = |pid: i32, sig: i32| {
+        // SAFETY: kill(2) on processes this test started.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    };
+    signal(pid, libc::SIGSTOP);
+    tree.place("h1", "web.app#1");
+    // Setup, not proof: let the batch window pass so the write is in flight.
+    std::thread::sleep(Duration::from_secs(1));
+    let daemon = child.id() as i32;
+    signal(daemon, libc::SIGTERM);
+    std::thread::sleep(Duration::from_millis(300));
+    signal(daemon, libc::SIGTERM);
+    let status = child.wait().expect("wait");
+    signal(pid, libc::SIGCONT);
+    assert_eq!(status.code(), Some(1), "the second signal exits at once");
+}
