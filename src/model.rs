@@ -49,18 +49,25 @@ pub struct Proid(Arc<str>);
 impl Proid {
     /// Wraps a proid name as given (for example on the command line).
     pub fn new(name: &str) -> Option<Self> {
-        if name.is_empty() || name.contains(['.', '/']) {
-            None
-        } else {
-            Some(Proid(name.into()))
-        }
+        Proid::is_valid(name).then(|| Proid(name.into()))
     }
 
     /// The proid of an instance name `<proid>.<app>#<id>`, or `None` when the
     /// name has no `.` or nothing before it.
     pub fn from_instance(instance: &str) -> Option<Self> {
+        Proid::name_in(instance).map(|name| Proid(name.into()))
+    }
+
+    /// The proid part of an instance name, as [`Proid::from_instance`] reads
+    /// it, without making a `Proid` of it: the tree scan and the index look
+    /// at hundreds of thousands of instance names.
+    pub fn name_in(instance: &str) -> Option<&str> {
         let (proid, _) = instance.split_once('.')?;
-        Proid::new(proid)
+        Proid::is_valid(proid).then_some(proid)
+    }
+
+    fn is_valid(name: &str) -> bool {
+        !name.is_empty() && !name.contains(['.', '/'])
     }
 
     /// The name as spelled.
@@ -72,6 +79,14 @@ impl Proid {
     /// account names without regard to case.
     pub fn key(&self) -> String {
         self.0.to_lowercase()
+    }
+}
+
+/// Maps keyed by proid can be searched with the name alone: a `Proid`
+/// hashes and compares as its name does.
+impl std::borrow::Borrow<str> for Proid {
+    fn borrow(&self) -> &str {
+        &self.0
     }
 }
 
@@ -210,6 +225,12 @@ const DN_SPECIALS: &[char] = &['"', '+', ',', ';', '<', '>', '\\', '='];
 /// Escapes an attribute value for use in a DN string (RFC 4514 section 2.4).
 pub fn escape_dn_value(value: &str) -> String {
     let mut out = String::with_capacity(value.len() + 4);
+    push_escaped(&mut out, value);
+    out
+}
+
+/// [`escape_dn_value`], appended to `out`.
+fn push_escaped(out: &mut String, value: &str) {
     let last = value.chars().count().saturating_sub(1);
     for (i, c) in value.chars().enumerate() {
         match c {
@@ -223,7 +244,6 @@ pub fn escape_dn_value(value: &str) -> String {
             c => out.push(c),
         }
     }
-    out
 }
 
 /// Escapes a value for use inside an LDAP search filter (RFC 4515 section 3).
@@ -245,31 +265,51 @@ pub fn escape_filter_value(value: &str) -> String {
 /// Normalises a DN: attribute types and values lower-cased, insignificant
 /// spaces dropped, escapes decoded and then re-encoded in one canonical way,
 /// and the parts of a multi-valued RDN sorted.
+///
+/// Every group member and host DN goes through here (hundreds of thousands
+/// at cluster scale), so the result is written into one string as the DN is
+/// read, with one reused buffer for decoded values.
 fn normalise_dn(raw: &str) -> Result<String, &'static str> {
-    let mut rdns: Vec<String> = Vec::new();
-    let mut avas: Vec<String> = Vec::new();
+    let mut out = String::with_capacity(raw.len());
     let mut parser = DnParser {
         chars: raw.chars().collect(),
         pos: 0,
     };
     if parser.skip_spaces() {
-        return Ok(String::new());
+        return Ok(out);
     }
+    let mut value = Vec::new();
+    // Where the current RDN starts in `out`, and where each of its
+    // attribute-value pairs does.
+    let mut rdn_start = 0;
+    let mut avas: Vec<usize> = Vec::new();
     loop {
-        let attr = parser.attribute_type()?;
-        let value = parser.attribute_value()?;
-        avas.push(format!("{attr}={}", escape_dn_value(&value.to_lowercase())));
-        match parser.next() {
-            None => {
-                avas.sort();
-                rdns.push(avas.join("+"));
-                break;
-            }
-            Some('+') => {}
-            Some(',') | Some(';') => {
-                avas.sort();
-                rdns.push(avas.join("+"));
+        avas.push(out.len());
+        parser.attribute_type(&mut out)?;
+        out.push('=');
+        parser.attribute_value(&mut value)?;
+        let value = std::str::from_utf8(&value).map_err(|_| "escaped bytes are not UTF-8")?;
+        if value.is_ascii() {
+            // Lower-casing keeps an ASCII value's length: escape as we go.
+            let start = out.len();
+            push_escaped(&mut out, value);
+            out[start..].make_ascii_lowercase();
+        } else {
+            push_escaped(&mut out, &value.to_lowercase());
+        }
+        let separator = parser.next();
+        match separator {
+            Some('+') => out.push('+'),
+            None | Some(',') | Some(';') => {
+                if avas.len() > 1 {
+                    sort_avas(&mut out, rdn_start, &avas);
+                }
                 avas.clear();
+                if separator.is_none() {
+                    break;
+                }
+                out.push(',');
+                rdn_start = out.len();
             }
             Some(_) => return Err("unexpected character after a value"),
         }
@@ -277,7 +317,21 @@ fn normalise_dn(raw: &str) -> Result<String, &'static str> {
             return Err("a separator must be followed by an attribute");
         }
     }
-    Ok(rdns.join(","))
+    Ok(out)
+}
+
+/// Sorts the attribute-value pairs of the multi-valued RDN that ends `out`;
+/// `starts` holds where each pair starts (the first at `rdn_start`).
+fn sort_avas(out: &mut String, rdn_start: usize, starts: &[usize]) {
+    let ends = starts[1..].iter().map(|s| s - 1).chain([out.len()]);
+    let mut avas: Vec<String> = starts
+        .iter()
+        .zip(ends)
+        .map(|(&start, end)| out[start..end].to_owned())
+        .collect();
+    avas.sort();
+    out.truncate(rdn_start);
+    out.push_str(&avas.join("+"));
 }
 
 struct DnParser {
@@ -304,9 +358,10 @@ impl DnParser {
         self.peek().is_none()
     }
 
-    fn attribute_type(&mut self) -> Result<String, &'static str> {
+    /// Reads an attribute type and its `=`, appending it lower-cased to `out`.
+    fn attribute_type(&mut self, out: &mut String) -> Result<(), &'static str> {
         self.skip_spaces();
-        let mut attr = String::new();
+        let start = out.len();
         while let Some(c) = self.peek() {
             if c == '=' {
                 break;
@@ -320,26 +375,27 @@ impl DnParser {
                 }
                 return Err("attribute type must be letters, digits, '-' or an OID");
             }
-            attr.push(c.to_ascii_lowercase());
+            out.push(c.to_ascii_lowercase());
             self.pos += 1;
         }
         if self.next() != Some('=') {
             return Err("attribute without '='");
         }
-        if attr.is_empty() {
+        if out.len() == start {
             return Err("empty attribute type");
         }
-        Ok(attr)
+        Ok(())
     }
 
-    /// Reads a value up to an unescaped separator, decoding escapes and
-    /// dropping unescaped leading and trailing spaces.
-    fn attribute_value(&mut self) -> Result<String, &'static str> {
+    /// Reads a value up to an unescaped separator into `bytes` (cleared
+    /// first), decoding escapes and dropping unescaped leading and trailing
+    /// spaces.
+    fn attribute_value(&mut self, bytes: &mut Vec<u8>) -> Result<(), &'static str> {
+        bytes.clear();
         self.skip_spaces();
         if self.peek() == Some('"') {
-            return self.quoted_value();
+            return self.quoted_value(bytes);
         }
-        let mut bytes: Vec<u8> = Vec::new();
         // Length of `bytes` up to the last character that was escaped or not a space.
         let mut significant = 0;
         while let Some(c) = self.peek() {
@@ -358,7 +414,7 @@ impl DnParser {
                             bytes.push(byte);
                         }
                         Some(e) if e == ' ' || e == '#' || DN_SPECIALS.contains(&e) => {
-                            push_char(&mut bytes, e);
+                            push_char(bytes, e);
                         }
                         Some(_) => return Err("invalid escape"),
                     }
@@ -366,7 +422,7 @@ impl DnParser {
                 }
                 _ => {
                     self.pos += 1;
-                    push_char(&mut bytes, c);
+                    push_char(bytes, c);
                     if c != ' ' {
                         significant = bytes.len();
                     }
@@ -374,25 +430,24 @@ impl DnParser {
             }
         }
         bytes.truncate(significant);
-        String::from_utf8(bytes).map_err(|_| "escaped bytes are not UTF-8")
+        Ok(())
     }
 
-    fn quoted_value(&mut self) -> Result<String, &'static str> {
+    fn quoted_value(&mut self, bytes: &mut Vec<u8>) -> Result<(), &'static str> {
         self.pos += 1;
-        let mut value = String::new();
         loop {
             match self.next() {
                 None => return Err("unterminated quoted value"),
                 Some('"') => break,
                 Some('\\') => match self.next() {
-                    Some(c) => value.push(c),
+                    Some(c) => push_char(bytes, c),
                     None => return Err("trailing backslash"),
                 },
-                Some(c) => value.push(c),
+                Some(c) => push_char(bytes, c),
             }
         }
         self.skip_spaces();
-        Ok(value)
+        Ok(())
     }
 }
 
@@ -541,6 +596,26 @@ mod tests {
     #[test]
     fn multi_valued_rdns_compare_in_any_order() {
         assert_eq!(dn("CN=a+UID=b,DC=x"), dn("uid=B + cn=A,dc=x"));
+        assert_eq!(
+            dn("UID=B + CN=A,OU=X+CN=Z\\+Y,DC=x").normalised(),
+            "cn=a+uid=b,cn=z\\+y+ou=x,dc=x"
+        );
+    }
+
+    #[test]
+    fn normalised_forms() {
+        assert_eq!(
+            dn("CN=\"Smith, J\" ,OU=Ünits;DC=AD").normalised(),
+            "cn=smith\\, j,ou=ünits,dc=ad"
+        );
+        // Values are lower-cased as whole strings (a final capital sigma
+        // becomes a final small sigma).
+        assert_eq!(
+            dn("CN=ΟΔΟΣ,DC=x").normalised(),
+            format!("cn={},dc=x", "ΟΔΟΣ".to_lowercase())
+        );
+        assert_eq!(dn("cn=\\#A\\00 ,dc=x").normalised(), "cn=\\#a\\00,dc=x");
+        assert_eq!(dn(" CN = a ").normalised(), "cn=a");
     }
 
     #[test]
