@@ -42,6 +42,18 @@ impl ServerInfo {
     /// mapping. Anything else is an error naming what is wrong.
     pub fn parse(content: &[u8]) -> Result<ServerInfo, String> {
         let text = std::str::from_utf8(content).map_err(|_| "not UTF-8".to_owned())?;
+        // The usual case in one pass, without building a value for each of
+        // the keys the reconciler ignores; when that fails, the second pass
+        // says what is wrong with the file.
+        match serde_yaml::from_str::<Option<RawServer>>(text) {
+            Ok(Some(raw)) => Ok(raw.info()),
+            _ => ServerInfo::parse_checked(text),
+        }
+    }
+
+    /// Parses through a whole YAML value, which tells a document that is not
+    /// a mapping from one that is not YAML at all.
+    fn parse_checked(text: &str) -> Result<ServerInfo, String> {
         let value: serde_yaml::Value =
             serde_yaml::from_str(text).map_err(|e| format!("not YAML or JSON: {e}"))?;
         if !value.is_mapping() {
@@ -49,11 +61,17 @@ impl ServerInfo {
         }
         let raw: RawServer =
             serde_yaml::from_value(value).map_err(|e| format!("unexpected content: {e}"))?;
-        Ok(ServerInfo {
-            partition: raw.partition.as_ref().and_then(scalar),
-            dc: raw.dc.as_ref().and_then(scalar),
-            dn: raw.dn.as_ref().and_then(scalar),
-        })
+        Ok(raw.info())
+    }
+}
+
+impl RawServer {
+    fn info(&self) -> ServerInfo {
+        ServerInfo {
+            partition: self.partition.as_ref().and_then(scalar),
+            dc: self.dc.as_ref().and_then(scalar),
+            dn: self.dn.as_ref().and_then(scalar),
+        }
     }
 }
 
@@ -231,6 +249,25 @@ mod tests {
         );
     }
 
+    #[test]
+    fn one_pass_and_checked_parse_agree() {
+        for text in [
+            "partition: p1\nnt.dc: dc.ad.com\nnt.dn: CN=h,DC=ad\n",
+            "nt.dn: CN=h,DC=ad\ntraits: [a, b]\nlabels: {x: 1, y: [2, {z: 3}]}\n",
+            "base: &b {cpu: 1}\nother: *b\npartition: 12\nnt.dc: true\n",
+            "partition: !custom p\nnt.dc: [dc1, dc2]\nnt.dn: {x: 1}\n",
+            "{\"partition\": null, \"nt.dn\": \"CN=h\", \"memory\": 1.5}",
+            "cpu: 100%\n",
+        ] {
+            assert_eq!(
+                ServerInfo::parse(text.as_bytes()),
+                ServerInfo::parse_checked(text),
+                "{text:?}"
+            );
+            assert!(ServerInfo::parse(text.as_bytes()).is_ok(), "{text:?}");
+        }
+    }
+
     fn host(name: &str) -> HostName {
         HostName::new(name).expect("host")
     }
@@ -287,6 +324,12 @@ mod tests {
             b"{unclosed",
             b"\xff\xfe",
             b"",
+            b"~",
+            b"null",
+            b"---\n",
+            b"partition: a\n---\npartition: b\n",
+            b"partition: [a\n",
+            b"7",
         ] {
             assert!(
                 ServerInfo::parse(bad).is_err(),
