@@ -59,7 +59,7 @@ pub fn load_index(config: &Config) -> Result<Index, CommandError> {
     for warning in &snapshot.warnings {
         warn!("{warning}");
     }
-    let (index, warnings) = Index::from_snapshot_with_warnings(config.partition.clone(), &snapshot);
+    let (index, warnings) = Index::from_snapshot_with_warnings(config.partition.clone(), snapshot);
     for warning in &warnings {
         warn!("{warning}");
     }

@@ -93,10 +93,10 @@ enum Verdict {
 /// Presence of (proid, DN) pairs before an event touched them, to tell which
 /// proids' desired sets really changed once the event is fully applied (a
 /// DN change may take a pair out and put it back in). Retiring sets only grow
-/// when a desired set shrinks, so this also covers them.
-#[derive(Default)]
+/// when a desired set shrinks, so this also covers them. Loading a whole
+/// snapshot into an empty index needs no such answer, and tracks nothing.
 struct Tracker {
-    before: HashMap<(Proid, Dn), bool>,
+    before: Option<HashMap<(Proid, Dn), bool>>,
 }
 
 impl Index {
@@ -110,7 +110,7 @@ impl Index {
 
     /// An index holding a whole snapshot, without its warnings (see
     /// [`Index::from_snapshot_with_warnings`]).
-    pub fn from_snapshot(partition: PartitionGlob, snapshot: &Snapshot) -> Self {
+    pub fn from_snapshot(partition: PartitionGlob, snapshot: Snapshot) -> Self {
         Index::from_snapshot_with_warnings(partition, snapshot).0
     }
 
@@ -118,120 +118,53 @@ impl Index {
     /// could not give: server files that parse but can't be used (an
     /// unparsable `nt.dn` in the partition). Unreadable or unparsable files
     /// are already among the snapshot's warnings and are not repeated.
+    ///
+    /// The result is the one the snapshot's events would give (the property
+    /// test below checks it after every event), built more cheaply: the
+    /// instance names move from the snapshot into the index, each host's
+    /// placements are added at once, and nothing is tracked for [`Applied`].
     pub fn from_snapshot_with_warnings(
         partition: PartitionGlob,
-        snapshot: &Snapshot,
+        snapshot: Snapshot,
     ) -> (Self, Vec<String>) {
         let mut index = Index::new(partition);
-        let warnings = index.load(snapshot);
-        (index, warnings)
-    }
-
-    /// The index a full rescan gives, continuing this one: like
-    /// [`Index::from_snapshot`], except that a host whose server file is now
-    /// unusable keeps its definition from this index (last good definition
-    /// kept, SPEC section 2), and that DNs which left a proid's desired set
-    /// since this index (events missed before the rescan) or are still
-    /// retiring here are retiring in the result. The warnings are those of
-    /// [`Index::from_snapshot_with_warnings`].
-    pub fn rescanned(&self, snapshot: &Snapshot) -> (Index, Vec<String>) {
-        let mut next = Index::new(self.partition.clone());
-        let mut tracker = Tracker::default();
-        for (host, info) in &snapshot.servers {
-            if let Verdict::Invalid(_) = next.judge(info) {
-                if let Some(def) = self.hosts.get(host).and_then(|s| s.definition.clone()) {
-                    next.set_definition(host, Some(def), &mut tracker);
-                }
-            }
-        }
-        let warnings = next.load(snapshot);
-        let old = self
-            .counts
-            .iter()
-            .map(|(p, dns)| (p, dns.keys().collect::<Vec<_>>()));
-        let old_retiring = self
-            .retiring
-            .iter()
-            .map(|(p, dns)| (p, dns.iter().collect()));
-        for (proid, dns) in old.chain(old_retiring) {
-            for dn in dns {
-                if !next.has(proid, dn) {
-                    next.retiring
-                        .entry(proid.clone())
-                        .or_default()
-                        .insert(dn.clone());
-                }
-            }
-        }
-        (next, warnings)
-    }
-
-    /// Applies every event of a snapshot; returns the warnings not already
-    /// among the snapshot's own.
-    fn load(&mut self, snapshot: &Snapshot) -> Vec<String> {
         let mut warnings = Vec::new();
-        for event in snapshot.events() {
-            let warning = self.apply(&event).warning;
-            let reported_by_scan = matches!(event, TreeEvent::ServerUpserted { info: Err(_), .. });
-            if !reported_by_scan {
+        let mut untracked = Tracker::off();
+        for (host, info) in snapshot.servers {
+            let warning = index.upsert_server(&host, &info, &mut untracked);
+            if info.is_ok() {
                 warnings.extend(warning);
             }
         }
-        warnings
+        for (host, instances) in snapshot.placements {
+            index.place_all(host, instances, &mut warnings, &mut untracked);
+        }
+        (index, warnings)
     }
 
     /// Applies one event and says which proids need a reconcile.
     pub fn apply(&mut self, event: &TreeEvent) -> Applied {
-        let mut tracker = Tracker::default();
+        let mut tracker = Tracker::on();
         let warning = match event {
-            TreeEvent::ServerUpserted { host, info } => match self.judge(info) {
-                Verdict::InScope(def) => {
-                    self.set_definition(host, Some(def), &mut tracker);
-                    None
-                }
-                Verdict::OutOfScope => {
-                    self.set_definition(host, None, &mut tracker);
-                    None
-                }
-                Verdict::Invalid(reason) => {
-                    let current = self.hosts.get(host).and_then(|s| s.definition.as_ref());
-                    Some(match current {
-                        Some(def) => format!(
-                            "servers/{host}: {reason}; keeping its last good definition ({})",
-                            def.dn
-                        ),
-                        None => format!("servers/{host}: {reason}; the host stays out of scope"),
-                    })
-                }
-            },
+            TreeEvent::ServerUpserted { host, info } => {
+                self.upsert_server(host, info, &mut tracker)
+            }
             TreeEvent::ServerRemoved { host } => {
                 self.set_definition(host, None, &mut tracker);
                 None
             }
             TreeEvent::PlacementAdded { host, instance } => {
-                let Some(proid) = Proid::from_instance(instance) else {
-                    return Applied {
-                        dirty: BTreeSet::new(),
-                        warning: Some(format!(
-                            "placement/{host}/{instance}: not a placement: no proid; ignored"
-                        )),
-                    };
-                };
-                let state = self.hosts.entry(host.clone()).or_default();
-                // A rename over an existing file announces it again.
-                if state.instances.insert(instance.clone()) {
-                    if let Some(dn) = state.definition.as_ref().map(|d| d.dn.clone()) {
-                        self.add(&proid, &dn, &mut tracker);
-                    }
-                }
-                None
+                let mut warnings = Vec::new();
+                let one = BTreeSet::from([instance.clone()]);
+                self.place_all(host.clone(), one, &mut warnings, &mut tracker);
+                warnings.pop()
             }
             TreeEvent::PlacementRemoved { host, instance } => {
-                if let Some(proid) = Proid::from_instance(instance) {
+                if let Some(proid) = Proid::name_in(instance) {
                     if let Some(state) = self.hosts.get_mut(host) {
                         if state.instances.remove(instance) {
                             if let Some(dn) = state.definition.as_ref().map(|d| d.dn.clone()) {
-                                self.sub(&proid, &dn, &mut tracker);
+                                self.sub(proid, &dn, &mut tracker);
                             }
                         }
                     }
@@ -243,8 +176,8 @@ impl Index {
                 if let Some(state) = self.hosts.get_mut(host) {
                     let instances = std::mem::take(&mut state.instances);
                     if let Some(dn) = state.definition.as_ref().map(|d| d.dn.clone()) {
-                        for proid in instances.iter().filter_map(|i| Proid::from_instance(i)) {
-                            self.sub(&proid, &dn, &mut tracker);
+                        for proid in instances.iter().filter_map(|i| Proid::name_in(i)) {
+                            self.sub(proid, &dn, &mut tracker);
                         }
                     }
                 }
@@ -256,6 +189,87 @@ impl Index {
             dirty: self.finish(tracker),
             warning,
         }
+    }
+
+    /// A server file was written: its host enters, leaves or stays out of
+    /// scope, or keeps what it had when the file can't be used (the warning
+    /// says so).
+    fn upsert_server(
+        &mut self,
+        host: &HostName,
+        info: &Result<ServerInfo, String>,
+        tracker: &mut Tracker,
+    ) -> Option<String> {
+        match self.judge(info) {
+            Verdict::InScope(def) => {
+                self.set_definition(host, Some(def), tracker);
+                None
+            }
+            Verdict::OutOfScope => {
+                self.set_definition(host, None, tracker);
+                None
+            }
+            Verdict::Invalid(reason) => {
+                let current = self.hosts.get(host).and_then(|s| s.definition.as_ref());
+                Some(match current {
+                    Some(def) => format!(
+                        "servers/{host}: {reason}; keeping its last good definition ({})",
+                        def.dn
+                    ),
+                    None => format!("servers/{host}: {reason}; the host stays out of scope"),
+                })
+            }
+        }
+    }
+
+    /// Instances placed on a host, as one `PlacementAdded` event each would
+    /// place them: names without a proid are left out with a warning, and a
+    /// name the host already has is not counted twice.
+    fn place_all(
+        &mut self,
+        host: HostName,
+        mut instances: BTreeSet<String>,
+        warnings: &mut Vec<String>,
+        tracker: &mut Tracker,
+    ) {
+        instances.retain(|instance| {
+            let placement = Proid::name_in(instance).is_some();
+            if !placement {
+                warnings.push(format!(
+                    "placement/{host}/{instance}: not a placement: no proid; ignored"
+                ));
+            }
+            placement
+        });
+        if instances.is_empty() {
+            return;
+        }
+        let state = self.hosts.entry(host.clone()).or_default();
+        let dn = state.definition.as_ref().map(|d| d.dn.clone());
+        let mut placed = std::mem::take(&mut state.instances);
+        if placed.is_empty() {
+            placed = instances;
+            if let Some(dn) = &dn {
+                for instance in &placed {
+                    self.add(proid_of(instance), dn, tracker);
+                }
+            }
+        } else {
+            for instance in instances {
+                if placed.contains(&instance) {
+                    // A rename over an existing file announces it again.
+                    continue;
+                }
+                if let Some(dn) = &dn {
+                    self.add(proid_of(&instance), dn, tracker);
+                }
+                placed.insert(instance);
+            }
+        }
+        self.hosts
+            .get_mut(&host)
+            .expect("BUG: the host's entry was made above")
+            .instances = placed;
     }
 
     /// Proids with at least one desired member, sorted.
@@ -335,10 +349,11 @@ impl Index {
         }
     }
 
-    /// The proids to reconcile when `next` replaces `self` (after a full
-    /// rescan): those whose desired set differs, and those with DNs retiring
-    /// in `next` that were not retiring in `self`.
-    pub fn diff_dirty(&self, next: &Index) -> BTreeSet<Proid> {
+    /// The proids to reconcile when `next` replaces `self`: those whose
+    /// desired set differs, and those with DNs retiring in `next` that were
+    /// not retiring in `self`. The property test compares indexes with it.
+    #[cfg(test)]
+    fn diff_dirty(&self, next: &Index) -> BTreeSet<Proid> {
         let mut dirty = BTreeSet::new();
         for proid in self.counts.keys().chain(next.counts.keys()) {
             let (old, new) = (self.counts.get(proid), next.counts.get(proid));
@@ -399,11 +414,9 @@ impl Index {
             }
         }
         let old = std::mem::replace(&mut state.definition, new.clone());
-        let proids: Vec<Proid> = state
-            .instances
-            .iter()
-            .filter_map(|i| Proid::from_instance(i))
-            .collect();
+        // Out of the host's state while the counts change, and back after.
+        let instances = std::mem::take(&mut state.instances);
+        let proids = || instances.iter().filter_map(|i| Proid::name_in(i));
         if let Some(old) = old {
             if let Some(hosts) = self.managed.get_mut(&old.dn) {
                 *hosts -= 1;
@@ -411,26 +424,37 @@ impl Index {
                     self.managed.remove(&old.dn);
                 }
             }
-            for proid in &proids {
+            for proid in proids() {
                 self.sub(proid, &old.dn, tracker);
             }
         }
         if let Some(new) = new {
             *self.managed.entry(new.dn.clone()).or_default() += 1;
-            for proid in &proids {
+            for proid in proids() {
                 self.add(proid, &new.dn, tracker);
             }
+        }
+        if let Some(state) = self.hosts.get_mut(host) {
+            state.instances = instances;
         }
         self.prune(host);
     }
 
-    /// One more instance of `proid` on a host with `dn`.
-    fn add(&mut self, proid: &Proid, dn: &Dn, tracker: &mut Tracker) {
-        let dns = self.counts.entry(proid.clone()).or_default();
-        tracker.note(proid, dn, dns.contains_key(dn));
+    /// One more instance of `proid` on a host with `dn`. Proids are looked
+    /// up by name: a `Proid` is made only for a proid not seen before.
+    fn add(&mut self, proid: &str, dn: &Dn, tracker: &mut Tracker) {
+        if !self.counts.contains_key(proid) {
+            self.counts.insert(known_proid(proid), HashMap::new());
+        }
+        let dns = self
+            .counts
+            .get_mut(proid)
+            .expect("BUG: the proid was inserted above");
         let count = dns.entry(dn.clone()).or_default();
         *count += 1;
-        if *count == 1 {
+        let first = *count == 1;
+        tracker.note(proid, dn, !first);
+        if first {
             // Wanted again: deleting it now would be wrong.
             if let Some(retiring) = self.retiring.get_mut(proid) {
                 retiring.remove(dn);
@@ -442,24 +466,27 @@ impl Index {
     }
 
     /// One instance fewer of `proid` on a host with `dn`.
-    fn sub(&mut self, proid: &Proid, dn: &Dn, tracker: &mut Tracker) {
-        let Some(dns) = self.counts.get_mut(proid) else {
+    fn sub(&mut self, proid: &str, dn: &Dn, tracker: &mut Tracker) {
+        let Some((key, dns)) = self.counts.get_key_value(proid) else {
             panic!("BUG: removing {proid} on {dn} which was never counted");
         };
-        tracker.note(proid, dn, dns.contains_key(dn));
-        let Some(count) = dns.get_mut(dn) else {
+        if !dns.contains_key(dn) {
             panic!("BUG: removing {proid} on {dn} which was never counted");
-        };
+        }
+        let key = key.clone();
+        tracker.note(proid, dn, true);
+        let dns = self
+            .counts
+            .get_mut(proid)
+            .expect("BUG: the proid was found above");
+        let count = dns.get_mut(dn).expect("BUG: the DN was found above");
         *count -= 1;
         if *count == 0 {
             dns.remove(dn);
             if dns.is_empty() {
                 self.counts.remove(proid);
             }
-            self.retiring
-                .entry(proid.clone())
-                .or_default()
-                .insert(dn.clone());
+            self.retiring.entry(key).or_default().insert(dn.clone());
         }
     }
 
@@ -486,6 +513,7 @@ impl Index {
         tracker
             .before
             .into_iter()
+            .flatten()
             .filter(|((proid, dn), before)| self.has(proid, dn) != *before)
             .map(|((proid, _), _)| proid)
             .collect()
@@ -497,12 +525,34 @@ fn present(value: &Option<String>) -> Option<&str> {
     value.as_deref().map(str::trim).filter(|v| !v.is_empty())
 }
 
+/// The proid of an instance name already known to have one.
+fn proid_of(instance: &str) -> &str {
+    Proid::name_in(instance).expect("BUG: only instances with a proid are placed")
+}
+
+/// A `Proid` for a name already checked by [`Proid::name_in`].
+fn known_proid(name: &str) -> Proid {
+    Proid::new(name).expect("BUG: only valid proid names are counted")
+}
+
 impl Tracker {
+    fn on() -> Tracker {
+        Tracker {
+            before: Some(HashMap::new()),
+        }
+    }
+
+    fn off() -> Tracker {
+        Tracker { before: None }
+    }
+
     /// Remembers whether (proid, dn) was desired before the event first touched it.
-    fn note(&mut self, proid: &Proid, dn: &Dn, present: bool) {
-        self.before
-            .entry((proid.clone(), dn.clone()))
-            .or_insert(present);
+    fn note(&mut self, proid: &str, dn: &Dn, present: bool) {
+        if let Some(before) = &mut self.before {
+            before
+                .entry((known_proid(proid), dn.clone()))
+                .or_insert(present);
+        }
     }
 }
 
@@ -885,17 +935,18 @@ mod tests {
             .servers
             .insert(host("h4"), info("east", "dc1", "CN=h4\\"));
         let glob = PartitionGlob::parse("east").expect("glob");
-        let (old, warnings) = Index::from_snapshot_with_warnings(glob.clone(), &snapshot);
+        let (old, warnings) = Index::from_snapshot_with_warnings(glob.clone(), snapshot.clone());
         assert_eq!(
             warnings.len(),
             1,
             "broken files are the scan's to report: {warnings:?}"
         );
         assert!(warnings[0].contains("servers/h4") && warnings[0].contains("nt.dn"));
-        assert_eq!(
-            old.desired_snapshot(),
-            Index::from_snapshot(glob, &snapshot).desired_snapshot()
-        );
+        let mut by_events = Index::new(glob.clone());
+        for event in snapshot.events() {
+            by_events.apply(&event);
+        }
+        assert_eq!(old.desired_snapshot(), by_events.desired_snapshot());
         assert_eq!(old.proids(), [proid("db"), proid("web")]);
         assert_eq!(old.desired(&proid("web")), dns(&[D1]));
         assert_eq!(
@@ -908,6 +959,9 @@ mod tests {
         );
         assert!(old.diff_dirty(&old.clone()).is_empty());
 
+        // What a rescan found that the events missed, applied as the daemon
+        // applies it: as the events between the two snapshots.
+        let before = snapshot.clone();
         snapshot
             .placements
             .insert(host("h2"), ["web.a#3"].map(String::from).into());
@@ -916,15 +970,26 @@ mod tests {
             .get_mut(&host("h1"))
             .expect("h1")
             .remove("db.a#1");
-        let (new, rescan_warnings) = old.rescanned(&snapshot);
-        assert_eq!(rescan_warnings, warnings);
-        assert_eq!(old.diff_dirty(&new), proids(&["db", "web"]));
+        let (new, dirty) = rescan(&old, &before, &snapshot);
+        assert_eq!(dirty, proids(&["db", "web"]));
+        assert_eq!(old.diff_dirty(&new), dirty);
         assert_eq!(
             new.retiring(&proid("db")),
             dns(&[D1]),
             "left while unobserved"
         );
         assert!(new.diff_dirty(&new.clone()).is_empty());
+    }
+
+    /// `index` (built from `old`) after the events that turn `old` into
+    /// `new`, and the proids they made dirty.
+    fn rescan(index: &Index, old: &Snapshot, new: &Snapshot) -> (Index, BTreeSet<Proid>) {
+        let mut index = index.clone();
+        let mut dirty = BTreeSet::new();
+        for event in old.diff(new) {
+            dirty.extend(index.apply(&event).dirty);
+        }
+        (index, dirty)
     }
 
     #[test]
@@ -944,6 +1009,14 @@ mod tests {
             "not yet reconciled"
         );
 
+        // The tree as the events left it, then as a rescan finds it.
+        let mut before = Snapshot::default();
+        before.servers.insert(host("h1"), info("east", "dc1", D1));
+        before.servers.insert(host("h2"), info("east", "dc1", D3));
+        before
+            .placements
+            .insert(host("h1"), ["web.a#1"].map(String::from).into());
+        before.placements.insert(host("h2"), BTreeSet::new());
         let mut snapshot = Snapshot::default();
         snapshot
             .servers
@@ -951,8 +1024,8 @@ mod tests {
         snapshot
             .placements
             .insert(host("h1"), ["web.a#1"].map(String::from).into());
-        let (new, warnings) = old.rescanned(&snapshot);
-        assert!(warnings.is_empty(), "{warnings:?}");
+        let (new, dirty) = rescan(&old, &before, &snapshot);
+        assert!(dirty.is_empty(), "{dirty:?}");
         assert_eq!(
             new.desired(&proid("web")),
             dns(&[D1]),
@@ -962,7 +1035,7 @@ mod tests {
         assert_eq!(new.retiring(&proid("web")), dns(&[D3]), "carried over");
         assert!(old.diff_dirty(&new).is_empty());
 
-        let fresh = Index::from_snapshot(old.partition.clone(), &snapshot);
+        let fresh = Index::from_snapshot(old.partition.clone(), snapshot);
         assert!(
             fresh.proids().is_empty(),
             "without history the host is out of scope"
@@ -1209,7 +1282,7 @@ mod property {
                 }
 
                 // Same state as a rebuild from the tree.
-                let rebuilt = Index::from_snapshot(glob.clone(), &model.snapshot());
+                let rebuilt = Index::from_snapshot(glob.clone(), model.snapshot());
                 prop_assert_eq!(&desired_after, &rebuilt.desired_snapshot(), "after {:?}", event);
                 prop_assert_eq!(index.stats(), rebuilt.stats());
                 prop_assert_eq!(index.proids(), rebuilt.proids());
