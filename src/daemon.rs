@@ -643,8 +643,14 @@ impl Daemon {
     }
 
     fn on_event(&mut self, event: &TreeEvent, at: Instant) {
-        self.node_event(event);
+        self.on_tree_event(event, at);
         self.tree.apply(event);
+    }
+
+    /// What a change in the tree means for node mode, the index and the
+    /// next batch. Keeping `self.tree` up to date is the caller's.
+    fn on_tree_event(&mut self, event: &TreeEvent, at: Instant) {
+        self.node_event(event);
         if let TreeEvent::ServerUpserted {
             info: Err(why),
             host,
@@ -707,9 +713,13 @@ impl Daemon {
                     for warning in &snapshot.warnings {
                         warn!("{warning}");
                     }
+                    // The events are the difference from `self.tree`, each
+                    // about a different file, so none depends on another:
+                    // the tree is replaced at the end rather than updated
+                    // for each (at startup, that is every placement).
                     let now = Instant::now();
                     for event in self.tree.diff(&snapshot) {
-                        self.on_event(&event, now);
+                        self.on_tree_event(&event, now);
                     }
                     self.tree = snapshot;
                     self.update_gauges();
