@@ -246,6 +246,27 @@ fn push_escaped(out: &mut String, value: &str) {
     }
 }
 
+/// Parses DNs, handing out one shared [`Dn`] per spelling. At cluster scale
+/// a host is a member of many groups (175,000 member values name 10,000
+/// hosts): reading every group through one cache normalises each spelling
+/// once and keeps one copy of it.
+#[derive(Debug, Default)]
+pub struct DnCache {
+    seen: std::collections::HashMap<Box<str>, Dn>,
+}
+
+impl DnCache {
+    /// [`Dn::parse`], or the `Dn` this cache already made for `raw`.
+    pub fn parse(&mut self, raw: &str) -> Result<Dn, ModelError> {
+        if let Some(dn) = self.seen.get(raw) {
+            return Ok(dn.clone());
+        }
+        let dn = Dn::parse(raw)?;
+        self.seen.insert(raw.into(), dn.clone());
+        Ok(dn)
+    }
+}
+
 /// Escapes a value for use inside an LDAP search filter (RFC 4515 section 3).
 pub fn escape_filter_value(value: &str) -> String {
     let mut out = String::with_capacity(value.len() + 4);
@@ -600,6 +621,19 @@ mod tests {
             dn("UID=B + CN=A,OU=X+CN=Z\\+Y,DC=x").normalised(),
             "cn=a+uid=b,cn=z\\+y+ou=x,dc=x"
         );
+    }
+
+    #[test]
+    fn a_dn_cache_shares_one_dn_per_spelling() {
+        let mut cache = DnCache::default();
+        let a = cache.parse("CN=h1,DC=ad").expect("dn");
+        let b = cache.parse("CN=h1,DC=ad").expect("dn");
+        assert!(std::ptr::eq(a.as_str(), b.as_str()), "one copy");
+        let c = cache.parse("cn=H1,dc=AD").expect("dn");
+        assert_eq!(a, c);
+        assert_eq!(c.as_str(), "cn=H1,dc=AD", "each spelling is kept");
+        assert!(cache.parse("not a dn").is_err());
+        assert!(cache.parse("not a dn").is_err());
     }
 
     #[test]

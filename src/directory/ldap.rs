@@ -26,7 +26,7 @@ use native_tls::{Certificate, TlsConnector};
 use tokio::sync::{Mutex, OnceCell};
 
 use super::{Capabilities, DirError, Directory, DomainFacts, Group, MemberChange, Op};
-use crate::model::{escape_filter_value, Dn};
+use crate::model::{escape_filter_value, Dn, DnCache};
 
 /// OID of the permissive-modify control: adding a present value or deleting
 /// an absent one succeeds instead of failing.
@@ -518,7 +518,11 @@ impl LdapDirectory {
 
     /// Reads the remaining ranges of a group's `member`; `Ok(false)` when
     /// the group vanished meanwhile.
-    async fn complete_members(&self, group: &mut PartialGroup) -> Result<bool, DirError> {
+    async fn complete_members(
+        &self,
+        group: &mut PartialGroup,
+        dns: &mut DnCache,
+    ) -> Result<bool, DirError> {
         while let Some(start) = group.next {
             let attr = match self.config.range_window {
                 Some(n) => format!(
@@ -549,7 +553,7 @@ impl LdapDirectory {
                 return Ok(false);
             };
             let before = group.next;
-            group.absorb_members(&entry, start)?;
+            group.absorb_members(&entry, start, dns)?;
             if group.next.is_some() && group.next <= before {
                 return Err(DirError::Fatal(format!(
                     "{dn}: the server's member ranges do not advance past {start}"
@@ -562,10 +566,11 @@ impl LdapDirectory {
     /// Turns search entries into complete groups, sorted by DN.
     async fn groups_from(&self, entries: Vec<RawEntry>) -> Result<Vec<Group>, DirError> {
         let mut groups = BTreeMap::new();
+        let mut dns = DnCache::default();
         for entry in entries {
             let mut partial = PartialGroup::new(entry.dn.clone());
-            partial.absorb(&entry)?;
-            if !self.complete_members(&mut partial).await? {
+            partial.absorb(&entry, &mut dns)?;
+            if !self.complete_members(&mut partial, &mut dns).await? {
                 tracing::debug!(dn = %partial.dn, "group vanished while reading its members");
                 continue;
             }
@@ -965,16 +970,21 @@ impl PartialGroup {
 
     /// Takes the account name and the first part of `member` from the
     /// entry of the first read.
-    fn absorb(&mut self, entry: &RawEntry) -> Result<(), DirError> {
+    fn absorb(&mut self, entry: &RawEntry, dns: &mut DnCache) -> Result<(), DirError> {
         if let Some(name) = entry.values("sAMAccountName").next() {
             self.sam_account_name = Some(String::from_utf8_lossy(name).into_owned());
         }
-        self.absorb_members(entry, 0)
+        self.absorb_members(entry, 0, dns)
     }
 
     /// Takes the `member` values of one read that asked from `expected`.
     /// No `member` at all means there is nothing (more) to read.
-    fn absorb_members(&mut self, entry: &RawEntry, expected: u32) -> Result<(), DirError> {
+    fn absorb_members(
+        &mut self,
+        entry: &RawEntry,
+        expected: u32,
+        dns: &mut DnCache,
+    ) -> Result<(), DirError> {
         self.next = None;
         for (name, values) in &entry.attrs {
             let Some(range) = member_range(name)? else {
@@ -984,7 +994,7 @@ impl PartialGroup {
                 let text = std::str::from_utf8(value).map_err(|_| {
                     DirError::Fatal(format!("{}: a member value is not UTF-8", self.dn))
                 })?;
-                let dn = Dn::parse(text).map_err(|e| {
+                let dn = dns.parse(text).map_err(|e| {
                     DirError::Fatal(format!("{}: the server returned a member {e}", self.dn))
                 })?;
                 self.members.insert(dn);
@@ -1231,14 +1241,21 @@ mod tests {
     #[test]
     fn partial_group_tracks_where_to_continue() {
         let mut g = PartialGroup::new("CN=g,OU=Groups,DC=ad".into());
-        g.absorb(&entry(&[
-            ("sAMAccountName", &["g-gmsa-hosts"]),
-            ("member;range=0-1", &["CN=a,DC=ad", "CN=b,DC=ad"]),
-        ]))
+        g.absorb(
+            &entry(&[
+                ("sAMAccountName", &["g-gmsa-hosts"]),
+                ("member;range=0-1", &["CN=a,DC=ad", "CN=b,DC=ad"]),
+            ]),
+            &mut DnCache::default(),
+        )
         .expect("absorb");
         assert_eq!(g.next, Some(2));
-        g.absorb_members(&entry(&[("member;range=2-*", &["CN=c,DC=ad"])]), 2)
-            .expect("absorb");
+        g.absorb_members(
+            &entry(&[("member;range=2-*", &["CN=c,DC=ad"])]),
+            2,
+            &mut DnCache::default(),
+        )
+        .expect("absorb");
         assert_eq!(g.next, None);
         let group = g.finish().expect("finish");
         assert_eq!(group.sam_account_name, "g-gmsa-hosts");
@@ -1246,11 +1263,19 @@ mod tests {
 
         let mut g = PartialGroup::new("CN=g,DC=ad".into());
         let err = g
-            .absorb_members(&entry(&[("member;range=5-9", &["CN=a,DC=ad"])]), 2)
+            .absorb_members(
+                &entry(&[("member;range=5-9", &["CN=a,DC=ad"])]),
+                2,
+                &mut DnCache::default(),
+            )
             .expect_err("wrong start");
         assert!(matches!(err, DirError::Fatal(_)));
         let err = g
-            .absorb_members(&entry(&[("member", &["not a dn"])]), 0)
+            .absorb_members(
+                &entry(&[("member", &["not a dn"])]),
+                0,
+                &mut DnCache::default(),
+            )
             .expect_err("bad dn");
         assert!(matches!(err, DirError::Fatal(_)));
     }
@@ -1258,8 +1283,11 @@ mod tests {
     #[test]
     fn a_plain_member_read_is_complete() {
         let mut g = PartialGroup::new("CN=g,DC=ad".into());
-        g.absorb(&entry(&[("member", &["CN=a,DC=ad"]), ("cn", &["g"])]))
-            .expect("absorb");
+        g.absorb(
+            &entry(&[("member", &["CN=a,DC=ad"]), ("cn", &["g"])]),
+            &mut DnCache::default(),
+        )
+        .expect("absorb");
         assert_eq!(g.next, None);
         assert_eq!(g.finish().expect("finish").sam_account_name, "");
     }

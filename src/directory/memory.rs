@@ -20,7 +20,7 @@ use async_trait::async_trait;
 
 use super::{rc, Capabilities, DirError, Directory, Group, MemberChange, Op};
 use crate::ldif::Record;
-use crate::model::Dn;
+use crate::model::{Dn, DnCache};
 
 /// objectClassViolation: what a server answers to `member` on an entry that
 /// is not a group.
@@ -122,13 +122,14 @@ impl State {
     /// The groups at or below `base`, in record order.
     fn groups(&mut self, base: &Dn) -> Vec<Group> {
         let mut groups = Vec::new();
+        let mut dns = DnCache::default();
         for entry in &self.entries {
             if !is_group(&entry.record) {
                 continue;
             }
             match &entry.dn {
                 Some(dn) if dn.is_within(base) => {
-                    groups.push(to_group(dn, &entry.record, &mut self.warnings));
+                    groups.push(to_group(dn, &entry.record, &mut dns, &mut self.warnings));
                 }
                 Some(_) => {}
                 None => {
@@ -363,7 +364,7 @@ fn is_group(record: &Record) -> bool {
         .any(|(a, v)| a.eq_ignore_ascii_case("objectClass") && v.eq_ignore_ascii_case("group"))
 }
 
-fn to_group(dn: &Dn, record: &Record, warnings: &mut BTreeSet<String>) -> Group {
+fn to_group(dn: &Dn, record: &Record, dns: &mut DnCache, warnings: &mut BTreeSet<String>) -> Group {
     let sam_account_name = record
         .attrs
         .iter()
@@ -375,7 +376,7 @@ fn to_group(dn: &Dn, record: &Record, warnings: &mut BTreeSet<String>) -> Group 
         if !is_member(attr) {
             continue;
         }
-        match Dn::parse(value) {
+        match dns.parse(value) {
             Ok(member) => {
                 members.insert(member);
             }
@@ -426,7 +427,7 @@ impl Directory for MemoryDirectory {
             .find(|e| e.dn.as_ref() == Some(dn) && is_group(&e.record))
             .and_then(|e| {
                 e.dn.as_ref()
-                    .map(|d| to_group(d, &e.record, &mut state.warnings))
+                    .map(|d| to_group(d, &e.record, &mut DnCache::default(), &mut state.warnings))
             }))
     }
 
