@@ -154,10 +154,21 @@ impl Index {
                 None
             }
             TreeEvent::PlacementAdded { host, instance } => {
-                let mut warnings = Vec::new();
-                let one = BTreeSet::from([instance.clone()]);
-                self.place_all(host.clone(), one, &mut warnings, &mut tracker);
-                warnings.pop()
+                let Some(proid) = Proid::name_in(instance) else {
+                    return Applied {
+                        dirty: BTreeSet::new(),
+                        warning: Some(no_proid(host, instance)),
+                    };
+                };
+                let state = self.hosts.entry(host.clone()).or_default();
+                // A rename over an existing file announces it again.
+                if !state.instances.contains(instance) {
+                    state.instances.insert(instance.clone());
+                    if let Some(dn) = state.definition.as_ref().map(|d| d.dn.clone()) {
+                        self.add(proid, &dn, &mut tracker);
+                    }
+                }
+                None
             }
             TreeEvent::PlacementRemoved { host, instance } => {
                 if let Some(proid) = Proid::name_in(instance) {
@@ -223,8 +234,9 @@ impl Index {
     }
 
     /// Instances placed on a host, as one `PlacementAdded` event each would
-    /// place them: names without a proid are left out with a warning, and a
-    /// name the host already has is not counted twice.
+    /// place them (the property test checks that it does): names without a
+    /// proid are left out with a warning, and a name the host already has is
+    /// not counted twice.
     fn place_all(
         &mut self,
         host: HostName,
@@ -235,9 +247,7 @@ impl Index {
         instances.retain(|instance| {
             let placement = Proid::name_in(instance).is_some();
             if !placement {
-                warnings.push(format!(
-                    "placement/{host}/{instance}: not a placement: no proid; ignored"
-                ));
+                warnings.push(no_proid(&host, instance));
             }
             placement
         });
@@ -453,7 +463,13 @@ impl Index {
         let count = dns.entry(dn.clone()).or_default();
         *count += 1;
         let first = *count == 1;
-        tracker.note(proid, dn, !first);
+        if tracker.is_on() {
+            let (key, _) = self
+                .counts
+                .get_key_value(proid)
+                .expect("BUG: the proid was inserted above");
+            tracker.note(key.clone(), dn, !first);
+        }
         if first {
             // Wanted again: deleting it now would be wrong.
             if let Some(retiring) = self.retiring.get_mut(proid) {
@@ -467,27 +483,28 @@ impl Index {
 
     /// One instance fewer of `proid` on a host with `dn`.
     fn sub(&mut self, proid: &str, dn: &Dn, tracker: &mut Tracker) {
+        let never = || -> ! { panic!("BUG: removing {proid} on {dn} which was never counted") };
         let Some((key, dns)) = self.counts.get_key_value(proid) else {
-            panic!("BUG: removing {proid} on {dn} which was never counted");
+            never()
         };
-        if !dns.contains_key(dn) {
-            panic!("BUG: removing {proid} on {dn} which was never counted");
+        if tracker.is_on() {
+            tracker.note(key.clone(), dn, true);
         }
-        let key = key.clone();
-        tracker.note(proid, dn, true);
-        let dns = self
-            .counts
-            .get_mut(proid)
-            .expect("BUG: the proid was found above");
-        let count = dns.get_mut(dn).expect("BUG: the DN was found above");
-        *count -= 1;
-        if *count == 0 {
-            dns.remove(dn);
-            if dns.is_empty() {
-                self.counts.remove(proid);
-            }
-            self.retiring.entry(key).or_default().insert(dn.clone());
+        let retired = match dns.get(dn) {
+            None => never(),
+            Some(1) => Some(key.clone()),
+            Some(_) => None,
+        };
+        let dns = self.counts.get_mut(proid).unwrap_or_else(|| never());
+        let Some(key) = retired else {
+            *dns.get_mut(dn).unwrap_or_else(|| never()) -= 1;
+            return;
+        };
+        dns.remove(dn);
+        if dns.is_empty() {
+            self.counts.remove(proid);
         }
+        self.retiring.entry(key).or_default().insert(dn.clone());
     }
 
     /// True when `dn` is in `proid`'s desired set.
@@ -525,6 +542,11 @@ fn present(value: &Option<String>) -> Option<&str> {
     value.as_deref().map(str::trim).filter(|v| !v.is_empty())
 }
 
+/// The warning for an instance name without a proid.
+fn no_proid(host: &HostName, instance: &str) -> String {
+    format!("placement/{host}/{instance}: not a placement: no proid; ignored")
+}
+
 /// The proid of an instance name already known to have one.
 fn proid_of(instance: &str) -> &str {
     Proid::name_in(instance).expect("BUG: only instances with a proid are placed")
@@ -546,12 +568,14 @@ impl Tracker {
         Tracker { before: None }
     }
 
+    fn is_on(&self) -> bool {
+        self.before.is_some()
+    }
+
     /// Remembers whether (proid, dn) was desired before the event first touched it.
-    fn note(&mut self, proid: &str, dn: &Dn, present: bool) {
+    fn note(&mut self, proid: Proid, dn: &Dn, present: bool) {
         if let Some(before) = &mut self.before {
-            before
-                .entry((known_proid(proid), dn.clone()))
-                .or_insert(present);
+            before.entry((proid, dn.clone())).or_insert(present);
         }
     }
 }
