@@ -25,19 +25,20 @@ use tracing::{debug, error, info, warn};
 
 use crate::cli::RunConfig;
 use crate::commands::{open_directory, CommandError, EXIT_OK};
-use crate::directory::{Directory, DomainFacts, Group};
+use crate::directory::{Directory, Group};
 use crate::election::{self, Election, Role, RoleState};
 use crate::index::Index;
 use crate::metrics::{self, Metrics, OutcomeLabels};
-use crate::model::{Dn, GroupPattern, HostName, Proid};
-use crate::node::{guid_to_string, sid_to_string, DomainInfo, GmsaProids, MembershipCheck, Node};
+use crate::model::{Dn, Proid};
+use crate::node::{GmsaProids, Node};
 use crate::output::Report;
 use crate::plan::{guard, plan, GroupChange, Plan, Scope};
 use crate::reconcile::{apply_plan, Backoff, GroupResult};
-use crate::tree::scan::read_server;
 use crate::tree::scan::scan;
 use crate::tree::watch::{watch, Change, TreeWatcher};
 use crate::tree::{Snapshot, TreeEvent};
+
+mod node;
 
 /// How long in-flight writes may take to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -376,166 +377,6 @@ impl Daemon {
                     || n.wait_for_group.is_some()
                     || (n.domain.is_none() && n.gmsa_proids != GmsaProids::None)
             })
-    }
-
-    /// Starts node mode: domain facts read if they were not configured,
-    /// then the containers reconciled with the placements. `Ok(false)` to
-    /// try again later.
-    async fn start_node(&mut self, shutdown: &mut Shutdown<'_>) -> Result<bool, DaemonError> {
-        let Some(mut config) = self.config.node.clone() else {
-            return Ok(true);
-        };
-        if config.domain.is_none() && config.gmsa_proids != GmsaProids::None {
-            let dir = self.directory();
-            let Some(facts) = self
-                .drive(async move { dir.domain_facts().await }, shutdown)
-                .await
-            else {
-                return Ok(false);
-            };
-            match facts
-                .map_err(|e| e.to_string())
-                .and_then(|f| domain_info(&f).map_err(|e| e.to_string()))
-            {
-                Ok(domain) => {
-                    info!(domain = %domain.dns_name, netbios = %domain.netbios_name, "read the domain's facts");
-                    config.domain = Some(domain);
-                }
-                Err(err) => {
-                    error!(error = %err, "cannot read the domain's facts for credential specs; retrying");
-                    self.not_ready_for_a_while(format!("domain facts: {err}"), shutdown)
-                        .await;
-                    return Ok(false);
-                }
-            }
-        }
-        let check: Option<Arc<dyn MembershipCheck>> =
-            match (&self.directory, &self.config.config.group_ou) {
-                (Some(dir), Some(ou)) => Some(Arc::new(DirectoryCheck {
-                    dir: dir.clone(),
-                    ou: ou.clone(),
-                    pattern: self.config.config.pattern.clone(),
-                    fs_root: config.fs_root.clone(),
-                    hostname: config.hostname.clone(),
-                })),
-                _ => None,
-            };
-        let hostname = config.hostname.clone();
-        let node = Node::new(config, check).map_err(|e| DaemonError::Startup(e.to_string()))?;
-        let placed = self
-            .tree
-            .placements
-            .get(&hostname)
-            .cloned()
-            .unwrap_or_default();
-        info!(host = %hostname, placed = placed.len(), "node mode: reconciling containers with placements");
-        let starting = node.clone();
-        self.node_tasks.spawn(async move {
-            match starting.startup(&placed).await {
-                Ok(report) => info!(?report, "containers reconciled with placements"),
-                Err(err) => error!(error = %err, "reconciling containers with placements failed"),
-            }
-        });
-        self.node = Some(node);
-        if !self.config.groups {
-            self.metrics.set_ready(Ok(()));
-        }
-        Ok(true)
-    }
-
-    /// Hands a placement change on this host to node mode. Operations on
-    /// one instance run in the order the changes came.
-    fn node_event(&mut self, event: &TreeEvent) {
-        let Some(node) = self.node.clone() else {
-            return;
-        };
-        let host = node.config().hostname.clone();
-        let placed = self.tree.placements.get(&host);
-        let (added, removed): (Vec<String>, Vec<String>) = match event {
-            TreeEvent::PlacementAdded { host: h, instance } if *h == host => {
-                if placed.is_some_and(|p| p.contains(instance)) {
-                    return;
-                }
-                (vec![instance.clone()], vec![])
-            }
-            TreeEvent::PlacementRemoved { host: h, instance } if *h == host => {
-                if !placed.is_some_and(|p| p.contains(instance)) {
-                    return;
-                }
-                (vec![], vec![instance.clone()])
-            }
-            TreeEvent::PlacementDirRemoved { host: h } if *h == host => (
-                vec![],
-                placed
-                    .map(|p| p.iter().cloned().collect())
-                    .unwrap_or_default(),
-            ),
-            _ => return,
-        };
-        self.node_chains.retain(|_, handle| !handle.is_finished());
-        for (instance, add) in added
-            .into_iter()
-            .map(|i| (i, true))
-            .chain(removed.into_iter().map(|i| (i, false)))
-        {
-            let node = node.clone();
-            let previous = self.node_chains.remove(&instance);
-            let name = instance.clone();
-            let handle = tokio::spawn(async move {
-                if let Some(previous) = previous {
-                    let _ = previous.await;
-                }
-                if add {
-                    match node.placement_added(&name).await {
-                        Ok(done) => info!(instance = %name, ?done, "placement added"),
-                        Err(err) => {
-                            error!(instance = %name, error = %err, "configuring the container failed")
-                        }
-                    }
-                } else {
-                    match node.placement_removed(&name).await {
-                        Ok(done) => info!(instance = %name, ?done, "placement removed"),
-                        Err(err) => {
-                            error!(instance = %name, error = %err, "terminating the container failed")
-                        }
-                    }
-                }
-            });
-            self.node_chains.insert(instance, handle);
-        }
-    }
-
-    fn cleanup_containers(&mut self) {
-        if let Some(node) = &self.node {
-            let removed = node.cleanup_expired(std::time::SystemTime::now());
-            if !removed.is_empty() {
-                info!(
-                    containers = removed.len(),
-                    "removed containers kept past --retain"
-                );
-            }
-        }
-        self.next_cleanup = Instant::now() + CLEANUP_EVERY;
-    }
-
-    /// Lets node operations finish (bounded), then abandons them.
-    async fn stop_node_tasks(&mut self) {
-        let mut chains: Vec<_> = self.node_chains.drain().map(|(_, h)| h).collect();
-        let all = async {
-            while let Some(task) = self.node_tasks.join_next().await {
-                let _ = task;
-            }
-            for handle in &mut chains {
-                let _ = handle.await;
-            }
-        };
-        if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
-            warn!("shutdown: abandoning container operations still running");
-            self.node_tasks.abort_all();
-            for handle in &chains {
-                handle.abort();
-            }
-        }
     }
 
     /// Waits for `.modified`; false when shut down meanwhile.
@@ -1175,54 +1016,5 @@ async fn role_changed(roles: Option<&mut watch::Receiver<RoleState>>) {
             }
         }
         None => std::future::pending::<()>().await,
-    }
-}
-
-/// Domain facts as a credential spec names them.
-fn domain_info(facts: &DomainFacts) -> Result<DomainInfo, crate::node::credspec::CredSpecError> {
-    Ok(DomainInfo {
-        dns_name: facts.dns_name.clone(),
-        dns_tree_name: facts.dns_tree_name.clone(),
-        netbios_name: facts.netbios_name.clone(),
-        sid: sid_to_string(&facts.sid)?,
-        guid: guid_to_string(&facts.guid)?,
-    })
-}
-
-/// Node mode's view of the groups: the `check` logic against the daemon's
-/// directory, with this host's DN taken from its own server file.
-struct DirectoryCheck {
-    dir: Arc<dyn Directory>,
-    ou: Dn,
-    pattern: GroupPattern,
-    fs_root: std::path::PathBuf,
-    hostname: HostName,
-}
-
-#[async_trait::async_trait]
-impl MembershipCheck for DirectoryCheck {
-    async fn group_exists(&self, proid: &Proid) -> Result<bool, String> {
-        let name = self.pattern.render(proid);
-        let group = self
-            .dir
-            .find_group(&self.ou, &name)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(group.is_some())
-    }
-
-    async fn is_member(&self, proid: &Proid) -> Result<bool, String> {
-        let server = read_server(&self.fs_root, &self.hostname)?;
-        let dn = server
-            .dn
-            .ok_or_else(|| format!("servers/{}: no nt.dn", self.hostname))?;
-        let dn = Dn::parse(&dn).map_err(|e| e.to_string())?;
-        let name = self.pattern.render(proid);
-        let group = self
-            .dir
-            .find_group(&self.ou, &name)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(group.is_some_and(|g| g.members.contains(&dn)))
     }
 }
