@@ -233,10 +233,11 @@ impl Index {
         }
     }
 
-    /// Instances placed on a host, as one `PlacementAdded` event each would
-    /// place them (the property test checks that it does): names without a
-    /// proid are left out with a warning, and a name the host already has is
-    /// not counted twice.
+    /// A host's placements from a snapshot, as one `PlacementAdded` event
+    /// each would place them (the property test checks that it does): names
+    /// without a proid are left out with a warning. The host has none yet
+    /// (a snapshot lists each host's placements once), so the set moves in
+    /// whole.
     fn place_all(
         &mut self,
         host: HostName,
@@ -254,32 +255,18 @@ impl Index {
         if instances.is_empty() {
             return;
         }
-        let state = self.hosts.entry(host.clone()).or_default();
-        let dn = state.definition.as_ref().map(|d| d.dn.clone());
-        let mut placed = std::mem::take(&mut state.instances);
-        if placed.is_empty() {
-            placed = instances;
-            if let Some(dn) = &dn {
-                for instance in &placed {
-                    self.add(proid_of(instance), dn, tracker);
-                }
-            }
-        } else {
-            for instance in instances {
-                if placed.contains(&instance) {
-                    // A rename over an existing file announces it again.
-                    continue;
-                }
-                if let Some(dn) = &dn {
-                    self.add(proid_of(&instance), dn, tracker);
-                }
-                placed.insert(instance);
+        let dn = self.hosts.get(&host).and_then(|s| s.definition.as_ref());
+        if let Some(dn) = dn.map(|d| d.dn.clone()) {
+            for instance in &instances {
+                self.add(proid_of(instance), &dn, tracker);
             }
         }
-        self.hosts
-            .get_mut(&host)
-            .expect("BUG: the host's entry was made above")
-            .instances = placed;
+        let state = self.hosts.entry(host).or_default();
+        assert!(
+            state.instances.is_empty(),
+            "BUG: a snapshot places a host's instances once"
+        );
+        state.instances = instances;
     }
 
     /// Proids with at least one desired member, sorted.
@@ -483,28 +470,25 @@ impl Index {
 
     /// One instance fewer of `proid` on a host with `dn`.
     fn sub(&mut self, proid: &str, dn: &Dn, tracker: &mut Tracker) {
-        let never = || -> ! { panic!("BUG: removing {proid} on {dn} which was never counted") };
-        let Some((key, dns)) = self.counts.get_key_value(proid) else {
-            never()
+        let Some((key, _)) = self.counts.get_key_value(proid) else {
+            panic!("BUG: removing {proid} on {dn} which was never counted");
         };
+        let key = key.clone();
         if tracker.is_on() {
             tracker.note(key.clone(), dn, true);
         }
-        let retired = match dns.get(dn) {
-            None => never(),
-            Some(1) => Some(key.clone()),
-            Some(_) => None,
+        let dns = self.counts.get_mut(proid).expect("BUG: found above");
+        let Some(count) = dns.get_mut(dn) else {
+            panic!("BUG: removing {proid} on {dn} which was never counted");
         };
-        let dns = self.counts.get_mut(proid).unwrap_or_else(|| never());
-        let Some(key) = retired else {
-            *dns.get_mut(dn).unwrap_or_else(|| never()) -= 1;
-            return;
-        };
-        dns.remove(dn);
-        if dns.is_empty() {
-            self.counts.remove(proid);
+        *count -= 1;
+        if *count == 0 {
+            dns.remove(dn);
+            if dns.is_empty() {
+                self.counts.remove(proid);
+            }
+            self.retiring.entry(key).or_default().insert(dn.clone());
         }
-        self.retiring.entry(key).or_default().insert(dn.clone());
     }
 
     /// True when `dn` is in `proid`'s desired set.

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use tracing::{error, info, warn};
 
 use super::{Daemon, DaemonError, Shutdown, CLEANUP_EVERY, SHUTDOWN_GRACE};
-use crate::directory::{Directory, DomainFacts};
+use crate::directory::{Directory, DomainFacts, Group};
 use crate::model::{Dn, GroupPattern, HostName, Proid};
 use crate::node::{guid_to_string, sid_to_string, DomainInfo, GmsaProids, MembershipCheck, Node};
 use crate::tree::scan::read_server;
@@ -200,16 +200,21 @@ struct DirectoryCheck {
     hostname: HostName,
 }
 
+impl DirectoryCheck {
+    /// The proid's group, if it exists.
+    async fn group(&self, proid: &Proid) -> Result<Option<Group>, String> {
+        let name = self.pattern.render(proid);
+        self.dir
+            .find_group(&self.ou, &name)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
 #[async_trait::async_trait]
 impl MembershipCheck for DirectoryCheck {
     async fn group_exists(&self, proid: &Proid) -> Result<bool, String> {
-        let name = self.pattern.render(proid);
-        let group = self
-            .dir
-            .find_group(&self.ou, &name)
-            .await
-            .map_err(|e| e.to_string())?;
-        Ok(group.is_some())
+        Ok(self.group(proid).await?.is_some())
     }
 
     async fn is_member(&self, proid: &Proid) -> Result<bool, String> {
@@ -218,12 +223,7 @@ impl MembershipCheck for DirectoryCheck {
             .dn
             .ok_or_else(|| format!("servers/{}: no nt.dn", self.hostname))?;
         let dn = Dn::parse(&dn).map_err(|e| e.to_string())?;
-        let name = self.pattern.render(proid);
-        let group = self
-            .dir
-            .find_group(&self.ou, &name)
-            .await
-            .map_err(|e| e.to_string())?;
+        let group = self.group(proid).await?;
         Ok(group.is_some_and(|g| g.members.contains(&dn)))
     }
 }

@@ -74,8 +74,8 @@ pub fn scan(root: &Path) -> Result<Snapshot, ScanError> {
     }
 
     let hosts = list(&placement_dir)?;
-    for read in in_parallel(&hosts, |(name, _)| {
-        read_placement_entry(&placement_dir.join(name), name)
+    for read in in_parallel(&hosts, |(name, file_type)| {
+        read_placement_entry(&placement_dir.join(name), name, *file_type)
     }) {
         let (warnings, placements) = read?;
         snapshot.warnings.extend(warnings);
@@ -118,18 +118,25 @@ fn read_server_entry(path: &Path, name: &OsStr) -> EntryRead<Result<ServerInfo, 
     (warnings, None)
 }
 
-/// Reads the placement directory `placement/<name>`.
+/// Reads the placement directory `placement/<name>`; `file_type` is what
+/// the listing said it is (a `stat` is made only when that is not a
+/// directory, for symlinks and unknown types).
 fn read_placement_entry(
     path: &Path,
     name: &OsStr,
+    file_type: Option<fs::FileType>,
 ) -> Result<EntryRead<BTreeSet<String>>, ScanError> {
     let mut warnings = Vec::new();
     let Some(host) = host_name(name, path, &mut warnings) else {
         return Ok((warnings, None));
     };
-    match fs::metadata(path) {
-        Ok(meta) if meta.is_dir() => {}
-        Ok(_) => {
+    let is_dir = match file_type {
+        Some(t) if t.is_dir() => Ok(true),
+        _ => fs::metadata(path).map(|meta| meta.is_dir()),
+    };
+    match is_dir {
+        Ok(true) => {}
+        Ok(false) => {
             warnings.push(format!(
                 "{}: not a directory, not a placement directory; skipped",
                 path.display()
