@@ -17,6 +17,7 @@
 //! - [`daemon`]: the `run` event loop.
 //! - [`election`]: which replica writes: leader election through a ZooKeeper lock.
 //! - [`metrics`]: Prometheus metrics, health and readiness over HTTP.
+//! - [`safe_fs`]: the one way files from outside are opened: regular files only, no links followed, sizes capped.
 //! - [`node`]: node mode: container directories, credential specs and app events for this host's placements.
 
 pub mod cli;
@@ -32,4 +33,5 @@ pub mod node;
 pub mod output;
 pub mod plan;
 pub mod reconcile;
+pub mod safe_fs;
 pub mod tree;
