@@ -42,6 +42,13 @@ pub struct RoleLabels {
     pub role: &'static str,
 }
 
+/// Labels of the build information gauge.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    /// The crate version the binary was built from.
+    pub version: &'static str,
+}
+
 /// Every metric the daemon exports.
 pub struct Metrics {
     registry: Registry,
@@ -77,6 +84,8 @@ pub struct Metrics {
     pub role: Family<RoleLabels, Gauge>,
     /// Unix time of the last role change.
     pub last_role_change: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// 1 while `/readyz` answers 200, else 0: alerts cannot scrape `/readyz`.
+    ready_gauge: Gauge,
     ready: AtomicBool,
     not_ready_reason: Mutex<String>,
     current_role: Mutex<&'static str>,
@@ -109,6 +118,7 @@ impl Metrics {
             last_full_sync: Gauge::default(),
             role: Family::default(),
             last_role_change: Gauge::default(),
+            ready_gauge: Gauge::default(),
             ready: AtomicBool::new(false),
             not_ready_reason: Mutex::new("initial sync not done".into()),
             current_role: Mutex::new("follower"),
@@ -187,6 +197,24 @@ impl Metrics {
             "Unix time of the last role change",
             m.last_role_change.clone(),
         );
+        r.register(
+            "ready",
+            "1 while this replica is ready (as /readyz), 0 otherwise",
+            m.ready_gauge.clone(),
+        );
+        // Constant 1, labelled so that dashboards and alerts can tell
+        // which version each replica runs.
+        let build_info = Family::<BuildLabels, Gauge>::default();
+        build_info
+            .get_or_create(&BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            })
+            .set(1);
+        r.register(
+            "build_info",
+            "Build information of this binary; the value is always 1",
+            build_info,
+        );
         Metrics { registry, ..m }
     }
 
@@ -201,6 +229,7 @@ impl Metrics {
 
     /// Marks the daemon ready (or not, with the reason `/readyz` shows).
     pub fn set_ready(&self, ready: Result<(), String>) {
+        self.ready_gauge.set(i64::from(ready.is_ok()));
         match ready {
             Ok(()) => self.ready.store(true, Ordering::SeqCst),
             Err(reason) => {
@@ -358,5 +387,26 @@ mod tests {
         );
         assert_eq!(respond(&m, "/healthz").status(), StatusCode::OK);
         assert_eq!(respond(&m, "/nope").status(), StatusCode::NOT_FOUND);
+    }
+
+    #[test]
+    fn ready_gauge_follows_readiness() {
+        let m = Metrics::new();
+        assert!(m.encode().contains("\ngmsa_ready 0\n"), "{}", m.encode());
+        m.set_ready(Ok(()));
+        assert!(m.encode().contains("\ngmsa_ready 1\n"), "{}", m.encode());
+        m.set_ready(Err("zookeeper: connection lost".into()));
+        assert!(m.encode().contains("\ngmsa_ready 0\n"), "{}", m.encode());
+    }
+
+    #[test]
+    fn build_info_names_the_crate_version() {
+        let text = Metrics::new().encode();
+        let line = format!(
+            "\ngmsa_build_info{{version=\"{}\"}} 1\n",
+            env!("CARGO_PKG_VERSION")
+        );
+        assert!(text.contains(&line), "{text}");
+        assert!(text.contains("# TYPE gmsa_build_info gauge\n"), "{text}");
     }
 }
