@@ -263,7 +263,7 @@ impl Metrics {
         self.ready.load(Ordering::SeqCst)
     }
 
-    fn readiness(&self) -> (StatusCode, String) {
+    pub(crate) fn readiness(&self) -> (StatusCode, String) {
         let role = self.role();
         if self.is_ready() {
             return (StatusCode::OK, format!("ready ({role})\n"));

@@ -1161,3 +1161,112 @@ async fn role_changed(roles: Option<&mut watch::Receiver<RoleState>>) {
         None => std::future::pending::<()>().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{self, Command};
+
+    /// A daemon on `root`; the directory file beside the tree is never opened.
+    fn daemon(root: &std::path::Path) -> Daemon {
+        let directory = root.with_extension("ldif");
+        let argv = [
+            "gmsa-reconciler".to_owned(),
+            "run".to_owned(),
+            format!("--fs-root={}", root.display()),
+            format!("--directory={}", directory.display()),
+            "--group-ou=OU=Groups,DC=ad,DC=com".to_owned(),
+            "--partition=p1".to_owned(),
+            "--no-lock".to_owned(),
+        ];
+        let config = match cli::parse(argv).expect("parse").command {
+            Command::Run(args) => RunConfig::from_args(&args).expect("valid"),
+            other => panic!("expected run, got {other:?}"),
+        };
+        Daemon::new(config, Arc::new(Metrics::new()))
+    }
+
+    /// A tree with one host in scope running `web`, and an empty directory
+    /// file at `<tree>.ldif`; both go with the returned guard.
+    fn tree() -> (tempfile::TempDir, std::path::PathBuf) {
+        let parent = tempfile::tempdir().expect("tmp");
+        let root = parent.path().join("tree");
+        std::fs::write(root.with_extension("ldif"), "version: 1\n").expect("directory");
+        (parent, root)
+    }
+
+    fn fill(root: &std::path::Path) {
+        for sub in ["servers", "placement/h1"] {
+            std::fs::create_dir_all(root.join(sub)).expect("mkdir");
+        }
+        std::fs::write(root.join(".modified"), "").expect(".modified");
+        std::fs::write(
+            root.join("servers/h1"),
+            "partition: p1\nnt.dc: dc\nnt.dn: CN=h1,DC=ad,DC=com\n",
+        )
+        .expect("server");
+        std::fs::write(root.join("placement/h1/web.app#1"), "{}").expect("placement");
+    }
+
+    fn group(name: &str) -> Group {
+        Group {
+            dn: Dn::parse(&format!("CN={name},OU=Groups,DC=ad,DC=com")).expect("dn"),
+            sam_account_name: name.to_owned(),
+            members: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn rescan_requests_are_coalesced() {
+        let (_guard, root) = tree();
+        let mut d = daemon(&root);
+        d.on_change(Change::Rescan("overflow 1".into()));
+        d.on_change(Change::Rescan("overflow 2".into()));
+        assert_eq!(d.rescan_needed.as_deref(), Some("overflow 1"));
+        assert_eq!(d.metrics.rescan_requests.get(), 2);
+        assert_eq!(d.metrics.rescans.get(), 0, "requests are not rescans");
+    }
+
+    #[tokio::test]
+    async fn a_failed_watcher_is_not_ready_until_its_rescan_and_the_rescan_reads_only_what_changed()
+    {
+        let (_guard, root) = tree();
+        fill(&root);
+        let mut d = daemon(&root);
+        d.insert_group(group("web-gmsa-hosts"));
+        d.insert_group(group("db-gmsa-hosts"));
+        d.set_ready(Ok(()));
+        assert!(d.metrics.is_ready());
+
+        d.on_change(Change::Failed("the notifier failed: boom".into()));
+        assert!(d.changes.is_none(), "the failed watcher is dropped");
+        assert!(d.rescan_needed.is_some(), "a rescan follows the restart");
+        // Whatever else says ready, the watcher fault holds.
+        d.set_ready(Ok(()));
+        assert!(!d.metrics.is_ready());
+        let (_, body) = d.metrics.readiness();
+        assert!(
+            body.contains("tree watcher: the notifier failed: boom"),
+            "{body}"
+        );
+
+        // A new watcher (here a channel standing for one), then the rescan.
+        let (_tx, rx) = mpsc::unbounded_channel();
+        d.changes = Some(rx);
+        let mut never = std::pin::pin!(std::future::pending::<()>());
+        let mut shutdown: Shutdown<'_> = never.as_mut();
+        assert!(d.rescan("the watcher restarted", &mut shutdown).await);
+        assert!(d.metrics.is_ready(), "ready again after the rescan");
+        assert_eq!(d.metrics.rescans.get(), 1);
+        let web = group("web-gmsa-hosts").dn;
+        assert_eq!(
+            d.stale.iter().collect::<Vec<_>>(),
+            vec![&web],
+            "only the group of the proid the rescan changed is re-read"
+        );
+        assert!(
+            d.tree_fresh,
+            "the next full sync needs no rescan of its own"
+        );
+    }
+}

@@ -236,3 +236,42 @@ fn host_dir_at(root: &Path, host: HostName) -> Vec<Change> {
         Err(err) => vec![Change::Rescan(err.to_string())],
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{ModifyKind, RemoveKind, RenameMode};
+
+    fn changes(base: &Path, res: notify::Result<notify::Event>) -> Vec<Change> {
+        changes_of(base, &Weak::new(), res)
+    }
+
+    #[test]
+    fn a_notifier_error_fails_the_watcher() {
+        let got = changes(Path::new("/t"), Err(notify::Error::generic("inotify read")));
+        assert!(matches!(got.as_slice(), [Change::Failed(why)] if why.contains("inotify read")));
+    }
+
+    #[test]
+    fn the_root_moved_or_removed_fails_the_watcher() {
+        let base = Path::new("/t");
+        for kind in [
+            EventKind::Remove(RemoveKind::Folder),
+            EventKind::Modify(ModifyKind::Name(RenameMode::From)),
+        ] {
+            let event = notify::Event::new(kind).add_path(base.to_path_buf());
+            let got = changes(base, Ok(event));
+            assert!(
+                matches!(got.as_slice(), [Change::Failed(_)]),
+                "{kind:?}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_overflow_asks_for_a_rescan_only() {
+        let event = notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
+        let got = changes(Path::new("/t"), Ok(event));
+        assert!(matches!(got.as_slice(), [Change::Rescan(_)]), "{got:?}");
+    }
+}
