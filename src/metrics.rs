@@ -80,7 +80,8 @@ pub struct Metrics {
     pub refused_deletions_pending: Gauge,
     /// Server files that could not be read or parsed.
     pub server_file_errors: Counter,
-    /// Full rescans of the tree (overflow or doubt).
+    /// Rescans of the tree after the startup scan (overflow, doubt, watcher
+    /// restart, periodic resync).
     pub rescans: Counter,
     /// Requests for a rescan (overflows, doubts), most of them coalesced.
     pub rescan_requests: Counter,
@@ -193,7 +194,7 @@ impl Metrics {
         );
         r.register(
             "rescans",
-            "Full rescans of the placement tree",
+            "Rescans of the placement tree after the startup scan (overflow, doubt, watcher restart, periodic resync)",
             m.rescans.clone(),
         );
         r.register(

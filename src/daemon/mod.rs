@@ -368,6 +368,7 @@ impl Daemon {
         if self.role_seen == Some(seen) {
             return;
         }
+        let first = self.role_seen.is_none();
         let role_changed = self
             .role_seen
             .is_none_or(|(role, term, _)| (role, term) != (state.role, state.term));
@@ -378,6 +379,11 @@ impl Daemon {
                 Role::Leader => {
                     info!(term = state.term, why = %state.why, "leader: writing from now on, starting with a full sync");
                     self.full_sync_due = Instant::now();
+                    // A follower followed events only; the startup scan is
+                    // fresh enough for a replica that leads from the start.
+                    if !first {
+                        self.tree_fresh = false;
+                    }
                 }
                 Role::Follower => {
                     info!(why = %state.why, "follower: following the tree, writing nothing");
