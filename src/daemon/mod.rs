@@ -1233,6 +1233,26 @@ mod tests {
         assert_eq!(d.metrics.rescans.get(), 0, "requests are not rescans");
     }
 
+    #[test]
+    fn a_watcher_whose_thread_ended_is_a_failed_watcher() {
+        let (_guard, root) = tree();
+        let mut d = daemon(&root);
+        d.set_ready(Ok(()));
+        let (tx, rx) = mpsc::unbounded_channel();
+        d.changes = Some(rx);
+        tx.send(Change::Rescan("overflow".into())).expect("send");
+        drop(tx);
+        d.drain_changes();
+        assert!(d.changes.is_none(), "the watcher is to be replaced");
+        let (_, body) = d.metrics.readiness();
+        assert!(body.contains("tree watcher: the watcher stopped"), "{body}");
+        assert_eq!(
+            d.metrics.rescan_requests.get(),
+            1,
+            "what it sent first is kept"
+        );
+    }
+
     #[tokio::test]
     async fn a_failed_watcher_is_not_ready_until_its_rescan_and_the_rescan_reads_only_what_changed()
     {
