@@ -5,11 +5,21 @@
 //! The metrics live in one [`Metrics`] value shared by the event loop and the
 //! HTTP server; the encoding is `prometheus-client`'s and the HTTP is
 //! hyper's, so nothing here parses HTTP by hand.
+//!
+//! The endpoint listens to anyone who can reach it, so it is bounded
+//! ([`Limits`]): a connection over the cap is closed as soon as it is
+//! accepted, a request head must arrive in time and fit a small buffer,
+//! request bodies are refused, and a connection that stops moving bytes is
+//! dropped. A flood of connections therefore holds at most the cap's file
+//! descriptors, never the ones reconciliation needs.
 
 use std::convert::Infallible;
+use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use http_body_util::Full;
@@ -17,7 +27,7 @@ use hyper::body::Bytes;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus_client::encoding::text::encode;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -25,7 +35,10 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 /// Labels of the Modify request counter.
@@ -74,8 +87,17 @@ pub struct Metrics {
     pub refused_deletions_pending: Gauge,
     /// Server files that could not be read or parsed.
     pub server_file_errors: Counter,
-    /// Full rescans of the tree (overflow or doubt).
+    /// Rescans of the tree after the startup scan (overflow, doubt, watcher
+    /// restart, periodic resync).
     pub rescans: Counter,
+    /// Requests for a rescan (overflows, doubts), most of them coalesced.
+    pub rescan_requests: Counter,
+    /// Groups re-read one by one, outside full syncs.
+    pub group_reads: Counter,
+    /// Times the tree watcher was started after the first (it failed or stopped).
+    pub watcher_restarts: Counter,
+    /// Connections to this endpoint closed at once because of the cap.
+    pub http_connections_refused: Counter,
     /// Seconds from the first event that dirtied a proid to its change being applied.
     pub event_to_applied: Histogram,
     /// Unix time of the last successful full sync.
@@ -114,6 +136,10 @@ impl Metrics {
             refused_deletions_pending: Gauge::default(),
             server_file_errors: Counter::default(),
             rescans: Counter::default(),
+            rescan_requests: Counter::default(),
+            group_reads: Counter::default(),
+            watcher_restarts: Counter::default(),
+            http_connections_refused: Counter::default(),
             event_to_applied: Histogram::new(exponential_buckets(0.005, 2.0, 14)),
             last_full_sync: Gauge::default(),
             role: Family::default(),
@@ -178,8 +204,28 @@ impl Metrics {
         );
         r.register(
             "rescans",
-            "Full rescans of the placement tree",
+            "Rescans of the placement tree after the startup scan (overflow, doubt, watcher restart, periodic resync)",
             m.rescans.clone(),
+        );
+        r.register(
+            "rescan_requests",
+            "Requests for a rescan of the tree (overflows, doubts), coalesced into rescans",
+            m.rescan_requests.clone(),
+        );
+        r.register(
+            "group_reads",
+            "Groups re-read one by one outside full syncs",
+            m.group_reads.clone(),
+        );
+        r.register(
+            "watcher_restarts",
+            "Times the tree watcher was restarted after failing or stopping",
+            m.watcher_restarts.clone(),
+        );
+        r.register(
+            "http_connections_refused",
+            "Connections to the metrics endpoint closed at once because of the connection cap",
+            m.http_connections_refused.clone(),
         );
         r.register(
             "event_to_applied_seconds",
@@ -247,7 +293,7 @@ impl Metrics {
         self.ready.load(Ordering::SeqCst)
     }
 
-    fn readiness(&self) -> (StatusCode, String) {
+    pub(crate) fn readiness(&self) -> (StatusCode, String) {
         let role = self.role();
         if self.is_ready() {
             return (StatusCode::OK, format!("ready ({role})\n"));
@@ -292,31 +338,195 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-/// Serves `/metrics`, `/healthz` and `/readyz` until the task is dropped.
+/// The bounds of the metrics endpoint.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once; one more is closed as soon as it is
+    /// accepted rather than queued holding a file descriptor.
+    pub max_connections: usize,
+    /// From the moment a connection waits for a request (just opened, or
+    /// after an answer) until that request's head is complete. hyper starts
+    /// this clock while a kept-alive connection waits, so it also closes
+    /// idle keep-alive connections.
+    pub header_read_timeout: Duration,
+    /// A connection on which no byte moves either way for this long is
+    /// closed (a client that stops reading its answer, for example).
+    pub idle_timeout: Duration,
+    /// The largest request head accepted (hyper's read buffer, which
+    /// cannot be under 8 KiB); request bodies are refused outright.
+    pub max_request_head: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        // A Prometheus server and an operator's curl need a handful of
+        // connections and a few hundred bytes of request.
+        Limits {
+            max_connections: 32,
+            header_read_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(10),
+            max_request_head: 16 * 1024,
+        }
+    }
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` with the default
+/// [`Limits`] until the task is dropped.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    serve_with(listener, metrics, Limits::default()).await
+}
+
+/// Serves the endpoint within `limits` until the task is dropped.
+pub async fn serve_with(listener: TcpListener, metrics: Arc<Metrics>, limits: Limits) {
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_request_head.max(8192));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(conn) => conn,
             Err(err) => {
+                // Out of file descriptors, most likely: the kernel keeps
+                // the connection queued until one is free.
                 warn!(error = %err, "metrics endpoint: accept failed");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics.http_connections_refused.inc();
+            debug!(%peer, "metrics endpoint: too many connections; closing this one");
+            drop(stream);
+            continue;
+        };
         let metrics = metrics.clone();
+        let builder = builder.clone();
         tokio::spawn(async move {
+            let _slot = slot;
+            let (io, last_moved) = Watched::new(stream);
             let service = service_fn(move |req: Request<hyper::body::Incoming>| {
                 let metrics = metrics.clone();
-                async move { Ok::<_, Infallible>(respond(&metrics, req.uri().path())) }
+                async move { Ok::<_, Infallible>(answer(&metrics, &req)) }
             });
-            if let Err(err) = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(%peer, error = %err, "metrics connection ended");
+            let conn = builder.serve_connection(TokioIo::new(io), service);
+            tokio::select! {
+                ended = conn => if let Err(err) = ended {
+                    debug!(%peer, error = %err, "metrics connection ended");
+                },
+                () = idle(&last_moved, limits.idle_timeout) => {
+                    debug!(%peer, "metrics connection idle; closing it");
+                }
             }
         });
     }
+}
+
+/// Completes once no byte has moved for `limit`.
+async fn idle(last_moved: &Moved, limit: Duration) {
+    loop {
+        let since = last_moved.elapsed();
+        if since >= limit {
+            return;
+        }
+        tokio::time::sleep(limit - since).await;
+    }
+}
+
+/// When bytes last moved on a connection.
+struct Moved {
+    epoch: Instant,
+    millis: AtomicU64,
+}
+
+impl Moved {
+    fn touch(&self) {
+        let now = self.epoch.elapsed().as_millis() as u64;
+        self.millis.store(now, Ordering::Relaxed);
+    }
+
+    fn elapsed(&self) -> Duration {
+        let at = Duration::from_millis(self.millis.load(Ordering::Relaxed));
+        self.epoch.elapsed().saturating_sub(at)
+    }
+}
+
+/// A stream that notes when bytes move through it.
+struct Watched<S> {
+    inner: S,
+    moved: Arc<Moved>,
+}
+
+impl<S> Watched<S> {
+    fn new(inner: S) -> (Watched<S>, Arc<Moved>) {
+        let moved = Arc::new(Moved {
+            epoch: Instant::now(),
+            millis: AtomicU64::new(0),
+        });
+        let watched = Watched {
+            inner,
+            moved: moved.clone(),
+        };
+        (watched, moved)
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Watched<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(()))) && buf.filled().len() > before {
+            self.moved.touch();
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Watched<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, data);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.moved.touch();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// The answer to one request. Nothing here takes a body, so a request
+/// that brings one is refused and its connection closed rather than read.
+fn answer<B>(metrics: &Metrics, req: &Request<B>) -> Response<Full<Bytes>> {
+    let headers = req.headers();
+    let has_body = headers.contains_key(hyper::header::TRANSFER_ENCODING)
+        || headers
+            .get(hyper::header::CONTENT_LENGTH)
+            .is_some_and(|len| len.as_bytes() != b"0");
+    if has_body {
+        let mut response = Response::new(Full::new(Bytes::from_static(b"no request body\n")));
+        *response.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+        response.headers_mut().insert(
+            hyper::header::CONNECTION,
+            hyper::header::HeaderValue::from_static("close"),
+        );
+        return response;
+    }
+    respond(metrics, req.uri().path())
 }
 
 fn respond(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
@@ -369,6 +579,134 @@ mod tests {
             text.contains("gmsa_event_to_applied_seconds_count 1"),
             "{text}"
         );
+    }
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    /// Serves on a free loopback port within `limits`.
+    async fn endpoint(limits: Limits) -> (SocketAddr, Arc<Metrics>) {
+        let listener = bind("127.0.0.1:0".parse().expect("addr"))
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let metrics = Arc::new(Metrics::new());
+        tokio::spawn(serve_with(listener, metrics.clone(), limits));
+        (addr, metrics)
+    }
+
+    /// Everything the server sends until it closes (or 10 s pass).
+    async fn read_until_closed(stream: &mut TcpStream) -> Option<String> {
+        let mut out = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut out));
+        match read.await {
+            Ok(_) => Some(String::from_utf8_lossy(&out).into_owned()),
+            Err(_) => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn connections_over_the_cap_are_closed_at_once() {
+        let limits = Limits {
+            max_connections: 2,
+            ..Limits::default()
+        };
+        let (addr, metrics) = endpoint(limits).await;
+        let mut held = Vec::new();
+        for _ in 0..2 {
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            // A full exchange proves the server took the connection.
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .expect("write");
+            let mut buf = [0u8; 256];
+            let n = stream.read(&mut buf).await.expect("read");
+            assert!(String::from_utf8_lossy(&buf[..n]).starts_with("HTTP/1.1 200"));
+            held.push(stream);
+        }
+        let mut third = TcpStream::connect(addr).await.expect("connect");
+        let got = read_until_closed(&mut third).await;
+        assert_eq!(got.as_deref(), Some(""), "closed without an answer");
+        assert_eq!(metrics.http_connections_refused.get(), 1);
+        drop(held);
+        // The slots free up once the held connections go.
+        let mut again = None;
+        for _ in 0..100 {
+            let mut stream = TcpStream::connect(addr).await.expect("connect");
+            stream
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .expect("write");
+            let answer = read_until_closed(&mut stream).await.unwrap_or_default();
+            if answer.starts_with("HTTP/1.1 200") {
+                again = Some(answer);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(again.is_some(), "served again after the flood");
+    }
+
+    #[tokio::test]
+    async fn a_silent_connection_is_closed_after_the_header_timeout() {
+        let limits = Limits {
+            header_read_timeout: Duration::from_millis(200),
+            ..Limits::default()
+        };
+        let (addr, _) = endpoint(limits).await;
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        // Half a request head, then nothing.
+        stream.write_all(b"GET /metr").await.expect("write");
+        let got = read_until_closed(&mut stream).await;
+        assert!(got.is_some(), "the server closed the connection");
+        // A kept-alive connection waiting for its next request, too.
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .expect("write");
+        let got = read_until_closed(&mut stream).await.expect("closed");
+        assert!(got.starts_with("HTTP/1.1 200"), "{got}");
+    }
+
+    #[tokio::test]
+    async fn oversized_heads_and_bodies_are_refused() {
+        let (addr, _) = endpoint(Limits::default()).await;
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        let big = format!(
+            "GET /metrics HTTP/1.1\r\nHost: x\r\nX-Pad: {}\r\n\r\n",
+            "a".repeat(64 * 1024)
+        );
+        // The server may close before all of it is written.
+        let _ = stream.write_all(big.as_bytes()).await;
+        let got = read_until_closed(&mut stream).await.unwrap_or_default();
+        assert!(
+            got.is_empty() || got.starts_with("HTTP/1.1 431"),
+            "an oversized head is not answered: {got}"
+        );
+
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello")
+            .await
+            .expect("write");
+        let got = read_until_closed(&mut stream).await.expect("closed");
+        assert!(got.starts_with("HTTP/1.1 413"), "{got}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn idle_waits_until_nothing_moved_for_the_limit() {
+        let moved = Moved {
+            epoch: Instant::now(),
+            millis: AtomicU64::new(0),
+        };
+        let limit = Duration::from_secs(10);
+        tokio::time::advance(Duration::from_secs(6)).await;
+        moved.touch();
+        let started = Instant::now();
+        idle(&moved, limit).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(10));
     }
 
     #[test]

@@ -10,6 +10,15 @@
 //! keeps taking tree changes. Failed groups are retried with backoff and
 //! re-read first; a periodic full resync re-reads every group and repairs
 //! whatever was edited by hand or missed.
+//!
+//! The tree watcher is trusted only while it works. Requests for a rescan
+//! (queue overflows, doubts) are coalesced: one rescan at a time, the next
+//! not before [`RESCAN_SPACING`] has passed, each covering every request
+//! made before it started; a rescan re-reads only the groups of the proids
+//! it changed. Every full resync starts with a rescan, so an event the
+//! watcher never reported is repaired within one resync interval. A
+//! watcher that fails or stops makes the daemon not ready, with the
+//! reason, until a new one runs and its rescan is done.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -18,6 +27,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use thiserror::Error;
+use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{sleep, sleep_until, Instant};
@@ -52,6 +62,15 @@ const MAX_BATCH_WAITS: u32 = 10;
 const CLEANUP_EVERY: Duration = Duration::from_secs(60);
 /// How often the tree is polled while it is not usable.
 const TREE_POLL: Duration = Duration::from_millis(500);
+/// A rescan starts at least this long after the last one finished, so a
+/// storm of overflows costs a rescan a second at most while the events
+/// that were not lost keep flowing.
+const RESCAN_SPACING: Duration = Duration::from_secs(1);
+/// How long to wait before trying again to start a watcher that failed.
+const WATCHER_RETRY: Duration = Duration::from_secs(2);
+/// At most this many queued changes are taken before a rescan starts; the
+/// rest wait for the rescan, which sees them anyway.
+const DRAIN_BEFORE_RESCAN: usize = 100_000;
 
 /// Why the daemon stopped with an error.
 #[derive(Debug, Error)]
@@ -183,6 +202,16 @@ struct Daemon {
     /// When a missing group was last looked up, by proid key.
     looked_up: HashMap<String, Instant>,
     rescan_needed: Option<String>,
+    /// No rescan starts before this.
+    next_rescan: Instant,
+    /// The tree was rescanned since the last full sync started.
+    tree_fresh: bool,
+    /// A watcher ran once already (so a failure to start one is retried).
+    watcher_started: bool,
+    /// Why the tree watcher cannot be trusted right now.
+    watcher_fault: Option<String>,
+    /// Readiness as the rest of the daemon sees it; a watcher fault hides it.
+    ready_state: Result<(), String>,
     /// Node mode, once started.
     node: Option<Node>,
     /// Node start-up and other untracked container work.
@@ -223,6 +252,11 @@ impl Daemon {
             missing: BTreeSet::new(),
             looked_up: HashMap::new(),
             rescan_needed: None,
+            next_rescan: Instant::now(),
+            tree_fresh: false,
+            watcher_started: false,
+            watcher_fault: None,
+            ready_state: Err("initial sync not done".into()),
             node: None,
             node_tasks: JoinSet::new(),
             node_chains: HashMap::new(),
@@ -251,16 +285,13 @@ impl Daemon {
         while !self.stopping {
             // Watch before scanning so that nothing that changes during the
             // scan is lost; replaying what the scan already saw is harmless.
-            if self.changes.is_none() {
-                let (watcher, rx) =
-                    watch(&self.root()).map_err(|e| DaemonError::Startup(e.to_string()))?;
-                self.watcher = Some(watcher);
-                self.changes = Some(rx);
+            if self.changes.is_none() && !self.start_watcher(&mut shutdown).await? {
+                continue;
             }
-            if let Some(why) = self.rescan_needed.take() {
-                if !self.rescan(&why, &mut shutdown).await {
-                    continue;
-                }
+            if self.rescan_needed.is_some() && Instant::now() >= self.next_rescan {
+                let why = self.rescan_needed.clone().unwrap_or_default();
+                self.rescan(&why, &mut shutdown).await;
+                continue;
             }
             self.observe_role();
             if self.directory.is_none()
@@ -279,6 +310,12 @@ impl Daemon {
                 self.cleanup_containers();
             }
             if self.config.groups && self.is_leader() && Instant::now() >= self.full_sync_due {
+                // A full sync compares the directory with the tree as it
+                // is, not only as the events told it.
+                if !self.tree_fresh {
+                    self.rescan("full resync", &mut shutdown).await;
+                    continue;
+                }
                 self.full_sync(&mut shutdown).await;
                 continue;
             }
@@ -331,6 +368,7 @@ impl Daemon {
         if self.role_seen == Some(seen) {
             return;
         }
+        let first = self.role_seen.is_none();
         let role_changed = self
             .role_seen
             .is_none_or(|(role, term, _)| (role, term) != (state.role, state.term));
@@ -341,6 +379,11 @@ impl Daemon {
                 Role::Leader => {
                     info!(term = state.term, why = %state.why, "leader: writing from now on, starting with a full sync");
                     self.full_sync_due = Instant::now();
+                    // A follower followed events only; the startup scan is
+                    // fresh enough for a replica that leads from the start.
+                    if !first {
+                        self.tree_fresh = false;
+                    }
                 }
                 Role::Follower => {
                     info!(why = %state.why, "follower: following the tree, writing nothing");
@@ -357,15 +400,87 @@ impl Daemon {
             (true, Role::Leader) if self.synced_once => Ok(()),
             (true, Role::Leader) => Err("leader: initial sync not applied yet".into()),
         };
-        self.metrics.set_ready(ready);
+        self.set_ready(ready);
     }
 
-    /// The watcher's channel closed: start a new watcher and rescan.
-    fn watcher_stopped(&mut self) {
-        warn!("the tree watcher stopped; restarting it");
+    /// Starts the tree watcher. The first start failing is a startup
+    /// error; a restart failing is retried, not ready meanwhile. False when
+    /// the caller should loop (no watcher yet, or shut down).
+    async fn start_watcher(&mut self, shutdown: &mut Shutdown<'_>) -> Result<bool, DaemonError> {
+        match watch(&self.root()) {
+            Ok((watcher, rx)) => {
+                if self.watcher_started {
+                    info!("tree watcher restarted; rescanning");
+                    self.metrics.watcher_restarts.inc();
+                    self.rescan_needed
+                        .get_or_insert_with(|| "the watcher restarted".into());
+                    self.next_rescan = Instant::now();
+                }
+                self.watcher_started = true;
+                self.watcher = Some(watcher);
+                self.changes = Some(rx);
+                Ok(true)
+            }
+            Err(err) if !self.watcher_started => Err(DaemonError::Startup(err.to_string())),
+            Err(err) => {
+                let fault = format!("cannot restart it: {err}");
+                if self.watcher_fault.as_deref() != Some(fault.as_str()) {
+                    warn!(error = %err, "cannot restart the tree watcher; retrying");
+                    self.watcher_fault = Some(fault);
+                    self.publish_ready();
+                }
+                tokio::select! {
+                    _ = &mut *shutdown => self.stopping = true,
+                    _ = sleep(WATCHER_RETRY) => {}
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// The watcher failed or stopped: not ready (with why) until a new one
+    /// runs and has rescanned.
+    fn watcher_failed(&mut self, why: String) {
+        warn!(why = %why, "the tree watcher failed; restarting it with a rescan");
         self.changes = None;
         self.watcher = None;
-        self.rescan_needed = Some("the watcher stopped".into());
+        self.rescan_needed = Some(format!("the watcher failed: {why}"));
+        self.next_rescan = Instant::now();
+        self.watcher_fault = Some(why);
+        self.publish_ready();
+    }
+
+    /// Records readiness as the daemon's state makes it.
+    fn set_ready(&mut self, ready: Result<(), String>) {
+        self.ready_state = ready;
+        self.publish_ready();
+    }
+
+    /// What `/readyz` says: not ready while the watcher cannot be trusted,
+    /// whatever else holds.
+    fn publish_ready(&self) {
+        let shown = match &self.watcher_fault {
+            Some(fault) => Err(format!("tree watcher: {fault}")),
+            None => self.ready_state.clone(),
+        };
+        self.metrics.set_ready(shown);
+    }
+
+    /// Takes the changes already queued (at most [`DRAIN_BEFORE_RESCAN`]).
+    fn drain_changes(&mut self) {
+        for _ in 0..DRAIN_BEFORE_RESCAN {
+            let Some(rx) = self.changes.as_mut() else {
+                return;
+            };
+            match rx.try_recv() {
+                Ok(change) => self.on_change(change),
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    self.watcher_failed("the watcher stopped".into());
+                    return;
+                }
+            }
+        }
     }
 
     /// The directory is needed for groups, and in node mode for membership
@@ -388,8 +503,7 @@ impl Daemon {
                 info!(path = %marker.display(), "waiting for the placement tree to be ready");
                 next_log = Instant::now() + READY_LOG_EVERY;
             }
-            self.metrics
-                .set_ready(Err("waiting for the placement tree (.modified)".into()));
+            self.set_ready(Err("waiting for the placement tree (.modified)".into()));
             tokio::select! {
                 _ = &mut *shutdown => return false,
                 _ = sleep(TREE_POLL) => {}
@@ -411,7 +525,8 @@ impl Daemon {
         let full_sync = Some(self.full_sync_due).filter(|_| self.config.groups && leader);
         let batch_due = self.batch_due.filter(|_| self.synced_once && leader);
         let cleanup = Some(self.next_cleanup).filter(|_| self.node.is_some());
-        let wake = [full_sync, batch_due, next_retry, cleanup]
+        let rescan = self.rescan_needed.as_ref().map(|_| self.next_rescan);
+        let wake = [full_sync, batch_due, next_retry, cleanup, rescan]
             .into_iter()
             .flatten()
             .min()
@@ -424,7 +539,7 @@ impl Daemon {
             _ = &mut *shutdown => self.stopping = true,
             change = rx.recv() => match change {
                 Some(change) => self.on_change(change),
-                None => self.watcher_stopped(),
+                None => self.watcher_failed("the watcher stopped".into()),
             },
             _ = role_changed(roles) => {}
             _ = sleep_until(wake) => {}
@@ -445,7 +560,7 @@ impl Daemon {
                 out = &mut fut => return Some(out),
                 change = rx.recv(), if !self.stopping => match change {
                     Some(change) => self.on_change(change),
-                    None => self.watcher_stopped(),
+                    None => self.watcher_failed("the watcher stopped".into()),
                 },
                 _ = role_changed(roles), if !self.stopping => {
                     if !self.still_leading() {
@@ -473,9 +588,14 @@ impl Daemon {
     fn on_change(&mut self, change: Change) {
         match change {
             Change::Rescan(why) => {
-                self.metrics.rescans.inc();
-                self.rescan_needed = Some(why);
+                // Coalesced: one pending rescan covers every request.
+                self.metrics.rescan_requests.inc();
+                if self.rescan_needed.is_none() {
+                    debug!(why, "rescan requested");
+                    self.rescan_needed = Some(why);
+                }
             }
+            Change::Failed(why) => self.watcher_failed(why),
             Change::Tree(event) => {
                 debug!(?event, "tree change");
                 self.on_event(&event, Instant::now());
@@ -489,8 +609,9 @@ impl Daemon {
     }
 
     /// What a change in the tree means for node mode, the index and the
-    /// next batch. Keeping `self.tree` up to date is the caller's.
-    fn on_tree_event(&mut self, event: &TreeEvent, at: Instant) {
+    /// next batch; the proids it dirtied. Keeping `self.tree` up to date is
+    /// the caller's.
+    fn on_tree_event(&mut self, event: &TreeEvent, at: Instant) -> Vec<Proid> {
         self.node_event(event);
         if let TreeEvent::ServerUpserted {
             info: Err(why),
@@ -504,9 +625,11 @@ impl Daemon {
         if let Some(warning) = applied.warning {
             warn!("{warning}");
         }
-        for proid in applied.dirty {
-            self.mark_dirty(proid, at);
+        let dirty: Vec<Proid> = applied.dirty.into_iter().collect();
+        for proid in &dirty {
+            self.mark_dirty(proid.clone(), at);
         }
+        dirty
     }
 
     /// Marks a proid for the next batch. The batch waits until changes
@@ -538,8 +661,19 @@ impl Daemon {
     }
 
     /// Reads the whole tree and applies what differs from what the events
-    /// said. A tree that can't be read stops all writing until it can.
+    /// said; the groups of the proids that changed are re-read before they
+    /// are planned, and only those. A tree that can't be read stops all
+    /// writing until it can, and is then compared in full. False when shut
+    /// down meanwhile.
     async fn rescan(&mut self, why: &str, shutdown: &mut Shutdown<'_>) -> bool {
+        // What is queued was noticed before this scan starts, so the scan
+        // covers it, rescan requests included: they need no rescan of their own.
+        self.drain_changes();
+        if self.changes.is_none() {
+            // The watcher failed meanwhile: a new one first, then the scan.
+            return true;
+        }
+        self.rescan_needed = None;
         info!(why, "scanning the placement tree");
         let root = self.root();
         let mut logged = false;
@@ -559,18 +693,33 @@ impl Daemon {
                     // the tree is replaced at the end rather than updated
                     // for each (at startup, that is every placement).
                     let now = Instant::now();
+                    let mut changed = BTreeSet::new();
                     for event in self.tree.diff(&snapshot) {
-                        self.on_tree_event(&event, now);
+                        changed.extend(self.on_tree_event(&event, now));
                     }
                     self.tree = snapshot;
+                    // What the events missed the cached groups may be
+                    // wrong about too: those groups are read again, the
+                    // others are not.
+                    for proid in &changed {
+                        if let Some(dns) = self.by_proid.get(&proid.key()) {
+                            self.stale.extend(dns.iter().cloned());
+                        }
+                    }
                     self.update_gauges();
+                    if why != "startup" {
+                        self.metrics.rescans.inc();
+                    }
+                    self.tree_fresh = true;
+                    self.next_rescan = Instant::now() + RESCAN_SPACING;
                     if logged {
                         info!("placement tree readable again");
-                    }
-                    // Whatever was missed may also have been missed in the
-                    // directory's view: compare everything.
-                    if why != "startup" {
+                        // Nothing was compared while it was not: compare everything.
                         self.full_sync_due = Instant::now();
+                    }
+                    if self.watcher_fault.take().is_some() {
+                        info!("tree watcher running again");
+                        self.publish_ready();
                     }
                     return true;
                 }
@@ -579,8 +728,7 @@ impl Daemon {
                         error!(error = %err, "placement tree unusable; not writing until it is");
                         logged = true;
                     }
-                    self.metrics
-                        .set_ready(Err(format!("placement tree unusable: {err}")));
+                    self.set_ready(Err(format!("placement tree unusable: {err}")));
                 }
                 Err(join) => panic!("BUG: the tree scan panicked: {join}"),
             }
@@ -609,7 +757,7 @@ impl Daemon {
 
     /// Reports not ready and waits before the caller tries again.
     async fn not_ready_for_a_while(&mut self, reason: String, shutdown: &mut Shutdown<'_>) {
-        self.metrics.set_ready(Err(reason));
+        self.set_ready(Err(reason));
         tokio::select! {
             _ = &mut *shutdown => self.stopping = true,
             _ = sleep(Backoff::default().max) => {}
@@ -626,6 +774,7 @@ impl Daemon {
     /// Re-reads every group and reconciles every proid.
     async fn full_sync(&mut self, shutdown: &mut Shutdown<'_>) {
         self.metrics.resyncs.inc();
+        self.tree_fresh = false;
         let ou = self.group_ou();
         let dir = self.directory();
         let search = async move { dir.search_groups(&ou).await };
@@ -642,9 +791,8 @@ impl Daemon {
                     self.config.resync_interval.min(Duration::from_secs(60))
                 };
                 self.full_sync_due = Instant::now() + delay;
-                if !self.metrics.is_ready() {
-                    self.metrics
-                        .set_ready(Err(format!("reading the groups: {err}")));
+                if self.ready_state.is_err() {
+                    self.set_ready(Err(format!("reading the groups: {err}")));
                 }
                 return;
             }
@@ -684,10 +832,10 @@ impl Daemon {
         let complete = self.apply(plan, &clocks, retiring, shutdown).await;
         if complete.is_some() {
             self.metrics.last_full_sync.set(metrics::unix_now());
-            if !self.metrics.is_ready() {
+            if self.ready_state.is_err() {
                 info!("initial sync applied; ready");
             }
-            self.metrics.set_ready(Ok(()));
+            self.set_ready(Ok(()));
         }
         self.full_sync_due = Instant::now() + self.config.resync_interval;
         self.update_gauges();
@@ -777,6 +925,7 @@ impl Daemon {
         if reads.is_empty() && lookups.is_empty() {
             return true;
         }
+        self.metrics.group_reads.inc_by(reads.len() as u64);
         let dir = self.directory();
         let ou = self.group_ou();
         let io = async move {
@@ -1016,5 +1165,134 @@ async fn role_changed(roles: Option<&mut watch::Receiver<RoleState>>) {
             }
         }
         None => std::future::pending::<()>().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::{self, Command};
+
+    /// A daemon on `root`; the directory file beside the tree is never opened.
+    fn daemon(root: &std::path::Path) -> Daemon {
+        let directory = root.with_extension("ldif");
+        let argv = [
+            "gmsa-reconciler".to_owned(),
+            "run".to_owned(),
+            format!("--fs-root={}", root.display()),
+            format!("--directory={}", directory.display()),
+            "--group-ou=OU=Groups,DC=ad,DC=com".to_owned(),
+            "--partition=p1".to_owned(),
+            "--no-lock".to_owned(),
+        ];
+        let config = match cli::parse(argv).expect("parse").command {
+            Command::Run(args) => RunConfig::from_args(&args).expect("valid"),
+            other => panic!("expected run, got {other:?}"),
+        };
+        Daemon::new(config, Arc::new(Metrics::new()))
+    }
+
+    /// A tree with one host in scope running `web`, and an empty directory
+    /// file at `<tree>.ldif`; both go with the returned guard.
+    fn tree() -> (tempfile::TempDir, std::path::PathBuf) {
+        let parent = tempfile::tempdir().expect("tmp");
+        let root = parent.path().join("tree");
+        std::fs::write(root.with_extension("ldif"), "version: 1\n").expect("directory");
+        (parent, root)
+    }
+
+    fn fill(root: &std::path::Path) {
+        for sub in ["servers", "placement/h1"] {
+            std::fs::create_dir_all(root.join(sub)).expect("mkdir");
+        }
+        std::fs::write(root.join(".modified"), "").expect(".modified");
+        std::fs::write(
+            root.join("servers/h1"),
+            "partition: p1\nnt.dc: dc\nnt.dn: CN=h1,DC=ad,DC=com\n",
+        )
+        .expect("server");
+        std::fs::write(root.join("placement/h1/web.app#1"), "{}").expect("placement");
+    }
+
+    fn group(name: &str) -> Group {
+        Group {
+            dn: Dn::parse(&format!("CN={name},OU=Groups,DC=ad,DC=com")).expect("dn"),
+            sam_account_name: name.to_owned(),
+            members: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn rescan_requests_are_coalesced() {
+        let (_guard, root) = tree();
+        let mut d = daemon(&root);
+        d.on_change(Change::Rescan("overflow 1".into()));
+        d.on_change(Change::Rescan("overflow 2".into()));
+        assert_eq!(d.rescan_needed.as_deref(), Some("overflow 1"));
+        assert_eq!(d.metrics.rescan_requests.get(), 2);
+        assert_eq!(d.metrics.rescans.get(), 0, "requests are not rescans");
+    }
+
+    #[test]
+    fn a_watcher_whose_thread_ended_is_a_failed_watcher() {
+        let (_guard, root) = tree();
+        let mut d = daemon(&root);
+        d.set_ready(Ok(()));
+        let (tx, rx) = mpsc::unbounded_channel();
+        d.changes = Some(rx);
+        tx.send(Change::Rescan("overflow".into())).expect("send");
+        drop(tx);
+        d.drain_changes();
+        assert!(d.changes.is_none(), "the watcher is to be replaced");
+        let (_, body) = d.metrics.readiness();
+        assert!(body.contains("tree watcher: the watcher stopped"), "{body}");
+        assert_eq!(
+            d.metrics.rescan_requests.get(),
+            1,
+            "what it sent first is kept"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_watcher_is_not_ready_until_its_rescan_and_the_rescan_reads_only_what_changed()
+    {
+        let (_guard, root) = tree();
+        fill(&root);
+        let mut d = daemon(&root);
+        d.insert_group(group("web-gmsa-hosts"));
+        d.insert_group(group("db-gmsa-hosts"));
+        d.set_ready(Ok(()));
+        assert!(d.metrics.is_ready());
+
+        d.on_change(Change::Failed("the notifier failed: boom".into()));
+        assert!(d.changes.is_none(), "the failed watcher is dropped");
+        assert!(d.rescan_needed.is_some(), "a rescan follows the restart");
+        // Whatever else says ready, the watcher fault holds.
+        d.set_ready(Ok(()));
+        assert!(!d.metrics.is_ready());
+        let (_, body) = d.metrics.readiness();
+        assert!(
+            body.contains("tree watcher: the notifier failed: boom"),
+            "{body}"
+        );
+
+        // A new watcher (here a channel standing for one), then the rescan.
+        let (_tx, rx) = mpsc::unbounded_channel();
+        d.changes = Some(rx);
+        let mut never = std::pin::pin!(std::future::pending::<()>());
+        let mut shutdown: Shutdown<'_> = never.as_mut();
+        assert!(d.rescan("the watcher restarted", &mut shutdown).await);
+        assert!(d.metrics.is_ready(), "ready again after the rescan");
+        assert_eq!(d.metrics.rescans.get(), 1);
+        let web = group("web-gmsa-hosts").dn;
+        assert_eq!(
+            d.stale.iter().collect::<Vec<_>>(),
+            vec![&web],
+            "only the group of the proid the rescan changed is re-read"
+        );
+        assert!(
+            d.tree_fresh,
+            "the next full sync needs no rescan of its own"
+        );
     }
 }

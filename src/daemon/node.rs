@@ -78,7 +78,7 @@ impl Daemon {
         });
         self.node = Some(node);
         if !self.config.groups {
-            self.metrics.set_ready(Ok(()));
+            self.set_ready(Ok(()));
         }
         Ok(true)
     }

@@ -10,6 +10,10 @@
 //! appears is listed at once, because files written into it before its watch
 //! was set produce no notification. A lost notification (queue overflow) or
 //! a change of `servers/` or `placement/` themselves asks for a full rescan.
+//! A watcher that can no longer see the tree (the notifier failed, a
+//! directory could not be watched, the root itself was moved or removed)
+//! says so with [`Change::Failed`]: rescanning is not enough, it must be
+//! replaced.
 //!
 //! notify hands over a new directory's notification before it watches that
 //! directory, so a listing made right then can miss a file written a moment
@@ -39,6 +43,9 @@ pub enum Change {
     Tree(TreeEvent),
     /// Events may have been lost or the tree's layout changed: rescan it all.
     Rescan(String),
+    /// This watcher no longer reports every change (why): start a new one
+    /// and rescan.
+    Failed(String),
 }
 
 /// The watcher could not be set up.
@@ -104,6 +111,19 @@ fn changes_of(
             vec![Change::Rescan("the notifier lost events".into())]
         }
         Ok(event) if matches!(event.kind, EventKind::Access(_)) => Vec::new(),
+        // The watches follow the directory, not its path: once the root
+        // has been moved or removed nothing under the path is seen.
+        Ok(event)
+            if matches!(
+                event.kind,
+                EventKind::Remove(_) | EventKind::Modify(notify::event::ModifyKind::Name(_))
+            ) && event.paths.iter().any(|p| p == base) =>
+        {
+            vec![Change::Failed(format!(
+                "{} was moved or removed",
+                base.display()
+            ))]
+        }
         Ok(event) => {
             let appeared = matches!(
                 event.kind,
@@ -113,31 +133,38 @@ fn changes_of(
                 .paths
                 .iter()
                 .flat_map(|p| {
-                    if appeared && p.is_dir() && p != base {
-                        ensure_watched(watcher, p);
-                    }
-                    changes_at(base, p)
+                    let unwatched = if appeared && p.is_dir() && p != base {
+                        ensure_watched(watcher, p)
+                    } else {
+                        None
+                    };
+                    unwatched.into_iter().chain(changes_at(base, p))
                 })
                 .collect()
         }
-        Err(err) => vec![Change::Rescan(format!("the notifier failed: {err}"))],
+        Err(err) => vec![Change::Failed(format!("the notifier failed: {err}"))],
     }
 }
 
 /// Returns once `dir` is watched: notify answers a request only after it
 /// has finished with the notifications it was handing over, new
 /// directories' watches included. Watching a watched directory again
-/// changes nothing.
-fn ensure_watched(watcher: &Weak<Mutex<RecommendedWatcher>>, dir: &Path) {
-    let Some(watcher) = watcher.upgrade() else {
-        return;
-    };
+/// changes nothing. A directory that cannot be watched for lack of watches
+/// leaves the watcher blind to it: that is a failure of the watcher.
+fn ensure_watched(watcher: &Weak<Mutex<RecommendedWatcher>>, dir: &Path) -> Option<Change> {
+    let watcher = watcher.upgrade()?;
     // The lock guards nothing but the notifier's own calls.
     let mut watcher = watcher.lock().unwrap_or_else(|p| p.into_inner());
-    if let Err(err) = watcher.watch(dir, RecursiveMode::Recursive) {
-        // Gone again (its removal is reported next), or a limit notify
-        // reports on its own.
-        debug!(path = %dir.display(), error = %err, "cannot watch a new directory");
+    match watcher.watch(dir, RecursiveMode::Recursive) {
+        Ok(()) => None,
+        Err(err) if matches!(err.kind, notify::ErrorKind::MaxFilesWatch) => Some(Change::Failed(
+            format!("cannot watch {}: {err}", dir.display()),
+        )),
+        Err(err) => {
+            // Gone again: its removal is reported next.
+            debug!(path = %dir.display(), error = %err, "cannot watch a new directory");
+            None
+        }
     }
 }
 
@@ -207,5 +234,44 @@ fn host_dir_at(root: &Path, host: HostName) -> Vec<Change> {
                 .collect()
         }
         Err(err) => vec![Change::Rescan(err.to_string())],
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::event::{ModifyKind, RemoveKind, RenameMode};
+
+    fn changes(base: &Path, res: notify::Result<notify::Event>) -> Vec<Change> {
+        changes_of(base, &Weak::new(), res)
+    }
+
+    #[test]
+    fn a_notifier_error_fails_the_watcher() {
+        let got = changes(Path::new("/t"), Err(notify::Error::generic("inotify read")));
+        assert!(matches!(got.as_slice(), [Change::Failed(why)] if why.contains("inotify read")));
+    }
+
+    #[test]
+    fn the_root_moved_or_removed_fails_the_watcher() {
+        let base = Path::new("/t");
+        for kind in [
+            EventKind::Remove(RemoveKind::Folder),
+            EventKind::Modify(ModifyKind::Name(RenameMode::From)),
+        ] {
+            let event = notify::Event::new(kind).add_path(base.to_path_buf());
+            let got = changes(base, Ok(event));
+            assert!(
+                matches!(got.as_slice(), [Change::Failed(_)]),
+                "{kind:?}: {got:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_overflow_asks_for_a_rescan_only() {
+        let event = notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
+        let got = changes(Path::new("/t"), Ok(event));
+        assert!(matches!(got.as_slice(), [Change::Rescan(_)]), "{got:?}");
     }
 }

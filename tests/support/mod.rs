@@ -18,6 +18,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod daemon_bin;
 pub mod e2e;
 pub mod node;
 pub mod scenario;
