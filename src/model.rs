@@ -128,7 +128,7 @@ impl Proid {
     }
 
     /// The proid of an instance name `<proid>.<app>#<id>`, or `None` when the
-    /// name has no `.` or nothing before it.
+    /// name is not a placement ([`Proid::of_instance`] says why).
     pub fn from_instance(instance: &str) -> Option<Self> {
         Proid::name_in(instance).map(|name| Proid(name.into()))
     }

@@ -71,31 +71,31 @@ pub fn classify(root: &Path, path: &Path) -> PathKind {
         Some("placement") => Dir::Placement,
         _ => return PathKind::Ignored,
     };
-    let names: Result<Vec<&str>, PathKind> = names
-        .iter()
-        .map(|name| {
-            name.to_str()
-                .ok_or_else(|| PathKind::Rejected("name is not UTF-8".into()))
-        })
-        .collect();
-    let names = match names {
-        Ok(names) => names,
-        Err(rejected) => return rejected,
+    let host = |name: &OsStr| {
+        let name = utf8(name)?;
+        HostName::new(name).map_err(|e| PathKind::Rejected(e.to_string()))
     };
-    let host = |name: &str| HostName::new(name).map_err(|e| PathKind::Rejected(e.to_string()));
-    let kind = match (dir, names.as_slice()) {
+    let kind = match (dir, names) {
         (Dir::Servers, []) => Ok(PathKind::ServersDir),
         (Dir::Placement, []) => Ok(PathKind::PlacementDir),
         (Dir::Servers, [name]) => host(name).map(PathKind::Server),
         (Dir::Placement, [name]) => host(name).map(PathKind::HostDir),
         (Dir::Placement, [name, instance]) => host(name).and_then(|h| {
-            Proid::of_instance(instance)
-                .map(|_| PathKind::Placement(h, (*instance).to_owned()))
-                .map_err(|e| PathKind::Rejected(e.to_string()))
+            let instance = utf8(instance)?;
+            match Proid::of_instance(instance) {
+                Ok(_) => Ok(PathKind::Placement(h, instance.to_owned())),
+                Err(why) => Err(PathKind::Rejected(why.to_string())),
+            }
         }),
         _ => Ok(PathKind::Ignored),
     };
     kind.unwrap_or_else(|rejected| rejected)
+}
+
+/// A name as text, or refused as the scan refuses it.
+fn utf8(name: &OsStr) -> Result<&str, PathKind> {
+    name.to_str()
+        .ok_or_else(|| PathKind::Rejected("name is not UTF-8".into()))
 }
 
 /// The two directories of the tree whose entries are data.
@@ -110,7 +110,6 @@ mod tests {
     use super::*;
     use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
-    use std::path::PathBuf;
 
     const ROOT: &str = "/var/tmp/cell";
 
@@ -200,10 +199,15 @@ mod tests {
                 "{path:?}"
             );
         }
-        let mut path = PathBuf::from(ROOT);
-        path.push("scheduled");
-        path.push(OsStr::from_bytes(b"h\xff"));
-        assert_eq!(classify(Path::new(ROOT), &path), PathKind::Ignored);
+        // Where no data can be, a name is not looked at.
+        for rel in [&b"scheduled/h\xff"[..], b"servers/h\xff/deeper"] {
+            let path = Path::new(ROOT).join(OsStr::from_bytes(rel));
+            assert_eq!(
+                classify(Path::new(ROOT), &path),
+                PathKind::Ignored,
+                "{path:?}"
+            );
+        }
     }
 
     #[test]
