@@ -321,6 +321,32 @@ fn a_newline_in_a_placement_name_adds_no_record() {
             warned[0]
         );
     }
+
+    // JSON logs: one JSON object a line, the name inside it as it is.
+    let mut args = cell.args();
+    args.push("--log-format=json".into());
+    let out = run_bin("plan", &args);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let messages: Vec<String> = out
+        .stderr
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON line: {line:?}: {e}"));
+            v["fields"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    for name in [&in_proid, &in_app] {
+        let path = format!("placement/h1/{name}: instance name");
+        assert_eq!(
+            messages.iter().filter(|m| m.contains(&path)).count(),
+            1,
+            "{messages:#?}"
+        );
+    }
 }
 
 #[test]
