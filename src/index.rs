@@ -526,9 +526,14 @@ fn present(value: &Option<String>) -> Option<&str> {
     value.as_deref().map(str::trim).filter(|v| !v.is_empty())
 }
 
-/// The warning for an instance name without a proid.
+/// The warning for an instance name that is not a placement (no proid, or
+/// a control character in it).
 fn no_proid(host: &HostName, instance: &str) -> String {
-    format!("placement/{host}/{instance}: not a placement: no proid; ignored")
+    let why = match Proid::of_instance(instance) {
+        Err(why) => why.to_string(),
+        Ok(_) => "not a placement".to_owned(),
+    };
+    format!("placement/{host}/{instance}: {why}; ignored")
 }
 
 /// The proid of an instance name already known to have one.

@@ -283,9 +283,11 @@ pub fn write_value(out: &mut String, attr: &str, value: &str) {
     out.push('\n');
 }
 
-/// RFC 2849 SAFE-STRING, and no trailing space (which readers may strip).
+/// RFC 2849 SAFE-STRING, and no trailing space (which readers may strip)
+/// and no other control character either: a tab or an escape sequence
+/// printed raw is still a value an operator reading the plan can't see.
 fn is_safe_string(value: &str) -> bool {
-    let safe_char = |b: u8| matches!(b, 0x01..=0x09 | 0x0B..=0x0C | 0x0E..=0x7F);
+    let safe_char = |b: u8| matches!(b, 0x20..=0x7E);
     let bytes = value.as_bytes();
     match (bytes.first(), bytes.last()) {
         (None, _) | (_, None) => true,
@@ -481,7 +483,19 @@ mod tests {
         assert_eq!(line("plain value"), "cn: plain value\n");
         assert_eq!(line("a:b<c#"), "cn: a:b<c#\n");
         assert_eq!(line(""), "cn:\n");
-        for unsafe_value in [" lead", "trail ", ":x", "<x", "a\nb", "a\rb", "a\0b", "Zoë"] {
+        for unsafe_value in [
+            " lead",
+            "trail ",
+            ":x",
+            "<x",
+            "a\nb",
+            "a\rb",
+            "a\0b",
+            "Zoë",
+            "a\tb",
+            "\u{1b}[2J",
+            "a\u{7f}",
+        ] {
             let out = line(unsafe_value);
             let b64 = out
                 .strip_prefix("cn:: ")

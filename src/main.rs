@@ -1,6 +1,8 @@
 //! The `gmsa-reconciler` binary: parse the command line, set up logging,
 //! run the command, and turn its result into an exit code. Errors are
-//! printed on one line, without a backtrace.
+//! printed on one line, without a backtrace. Text logs and the error line
+//! quote paths and names from outside with their control characters
+//! escaped, so that no file name can write a log line of its own.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -9,6 +11,8 @@ use gmsa_reconciler::cli::{
     self, CheckConfig, Cli, CliError, Command, Config, LogFormat, LogSettings, RunConfig,
 };
 use gmsa_reconciler::commands::{self, EXIT_ERROR};
+use gmsa_reconciler::model::escape_controls;
+use tracing_subscriber::field::MakeExt;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
@@ -31,7 +35,12 @@ fn main() -> ExitCode {
 
 fn fail(err: &anyhow::Error) -> ExitCode {
     // Our errors carry their causes in their own message.
-    let _ = writeln!(std::io::stderr(), "gmsa-reconciler: error: {err}");
+    let text = err.to_string();
+    let _ = writeln!(
+        std::io::stderr(),
+        "gmsa-reconciler: error: {}",
+        escape_controls(&text)
+    );
     ExitCode::from(EXIT_ERROR)
 }
 
@@ -92,7 +101,26 @@ fn init_logging(log: LogSettings, daemon: bool) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match log.format {
+        // JSON escapes what it quotes.
         LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
+        // The default text formatter prints messages and `%` fields as they
+        // are: each field goes through `escape_controls` instead, in the
+        // default layout (the message bare, other fields as `name=value`).
+        LogFormat::Text => builder
+            .fmt_fields(
+                tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
+                    let text = format!("{value:?}");
+                    let text = escape_controls(&text);
+                    match field.name() {
+                        "message" => writer.write_str(&text),
+                        name => {
+                            let name = name.strip_prefix("r#").unwrap_or(name);
+                            write!(writer, "{name}={text}")
+                        }
+                    }
+                })
+                .delimited(" "),
+            )
+            .try_init(),
     };
 }

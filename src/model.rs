@@ -5,9 +5,16 @@
 //! other module has to remember them: a [`Dn`] compares in normalised form
 //! but prints as it was spelled, a [`GroupPattern`] matches case-insensitively,
 //! a [`HostName`] can never name a path outside its directory.
+//!
+//! Names from the tree end up in LDIF output, comments and logs, where a
+//! line break or a terminal escape would let whoever named a file write a
+//! line of their own. So the rule about control characters lives here too
+//! ([`is_control`], [`escape_controls`]): names that hold one are refused
+//! where they are made, and text quoted for people is escaped.
 
+use std::borrow::Cow;
 use std::cmp::Ordering;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -40,6 +47,73 @@ pub enum ModelError {
     /// A host name that is not a plain file name.
     #[error("invalid host name {0:?}: must be a plain file name")]
     HostName(String),
+    /// A name or value from outside holding a control character.
+    #[error("{what} {value:?} contains a control character ({})", code_point(*found))]
+    Control {
+        /// What the text is (`host name`, `instance name`, ...).
+        what: &'static str,
+        /// The text as given (printed escaped).
+        value: String,
+        /// The first control character in it.
+        found: char,
+    },
+    /// An instance name without a proid before its first `.`.
+    #[error("not a placement: no proid")]
+    NoProid,
+}
+
+/// True for the characters SPEC section 5b calls control characters: below
+/// U+0020, and U+007F. None of them belongs in a name or a server value, and
+/// each can break a line or drive a terminal.
+pub fn is_control(c: char) -> bool {
+    c < ' ' || c == '\u{7f}'
+}
+
+/// `Err` naming `what` and the first control character in `value`, if any.
+pub fn reject_controls(what: &'static str, value: &str) -> Result<(), ModelError> {
+    match value.chars().find(|&c| is_control(c)) {
+        None => Ok(()),
+        Some(found) => Err(ModelError::Control {
+            what,
+            value: value.to_owned(),
+            found,
+        }),
+    }
+}
+
+/// `U+000A`: how messages name a character.
+fn code_point(c: char) -> String {
+    format!("U+{:04X}", u32::from(c))
+}
+
+/// True for what [`escape_controls`] escapes: control characters in the
+/// wider Unicode sense (C0, DEL and C1, where U+0085 is a line break and
+/// U+009B starts a terminal sequence) and the Unicode line and paragraph
+/// separators.
+fn needs_escape(c: char) -> bool {
+    c.is_control() || c == '\u{2028}' || c == '\u{2029}'
+}
+
+/// `text` with every character that could start a new line or drive a
+/// terminal written as an escape (`\n`, `\r`, `\t`, `\u{1b}`), for text
+/// quoted in comments and logs. Text without one is returned as it is.
+pub fn escape_controls(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(needs_escape) {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if needs_escape(c) => {
+                let _ = write!(out, "\\u{{{:x}}}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// A service account name: the part of an instance name before the first `.`.
@@ -47,13 +121,14 @@ pub enum ModelError {
 pub struct Proid(Arc<str>);
 
 impl Proid {
-    /// Wraps a proid name as given (for example on the command line).
+    /// Wraps a proid name as given (for example on the command line);
+    /// `None` for an empty name or one with a `.`, `/` or control character.
     pub fn new(name: &str) -> Option<Self> {
         Proid::is_valid(name).then(|| Proid(name.into()))
     }
 
     /// The proid of an instance name `<proid>.<app>#<id>`, or `None` when the
-    /// name has no `.` or nothing before it.
+    /// name is not a placement ([`Proid::of_instance`] says why).
     pub fn from_instance(instance: &str) -> Option<Self> {
         Proid::name_in(instance).map(|name| Proid(name.into()))
     }
@@ -62,12 +137,22 @@ impl Proid {
     /// it, without making a `Proid` of it: the tree scan and the index look
     /// at hundreds of thousands of instance names.
     pub fn name_in(instance: &str) -> Option<&str> {
-        let (proid, _) = instance.split_once('.')?;
-        Proid::is_valid(proid).then_some(proid)
+        Proid::of_instance(instance).ok()
+    }
+
+    /// The proid part of an instance name, or why the name is not a
+    /// placement: it holds a control character (anywhere: the whole name
+    /// is quoted in warnings and comments), or has no proid.
+    pub fn of_instance(instance: &str) -> Result<&str, ModelError> {
+        reject_controls("instance name", instance)?;
+        match instance.split_once('.') {
+            Some((proid, _)) if Proid::is_valid(proid) => Ok(proid),
+            _ => Err(ModelError::NoProid),
+        }
     }
 
     fn is_valid(name: &str) -> bool {
-        !name.is_empty() && !name.contains(['.', '/'])
+        !name.is_empty() && !name.contains(['.', '/']) && !name.chars().any(is_control)
     }
 
     /// The name as spelled.
@@ -102,13 +187,14 @@ impl fmt::Display for Proid {
 pub struct HostName(Arc<str>);
 
 impl HostName {
-    /// Accepts a plain, non-empty file name that is not `.` or `..` and has no `/`.
+    /// Accepts a plain, non-empty file name that is not `.` or `..` and has
+    /// no `/` and no control character.
     pub fn new(name: &str) -> Result<Self, ModelError> {
-        if name.is_empty() || name == "." || name == ".." || name.contains(['/', '\0']) {
-            Err(ModelError::HostName(name.to_owned()))
-        } else {
-            Ok(HostName(name.into()))
+        if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+            return Err(ModelError::HostName(name.to_owned()));
         }
+        reject_controls("host name", name)?;
+        Ok(HostName(name.into()))
     }
 
     /// The name as spelled.
@@ -742,6 +828,69 @@ mod tests {
         assert!(HostName::new("host1.ad.com").is_ok());
         for bad in ["", ".", "..", "a/b"] {
             assert!(HostName::new(bad).is_err());
+        }
+        for ok in [" lead", ":x", "<x", "h\u{e9}", "h\u{85}"] {
+            assert!(HostName::new(ok).is_ok(), "{ok:?}");
+        }
+    }
+
+    /// Every character below U+0020 and U+007F, in every place of a name.
+    fn with_each_control(base: &str) -> impl Iterator<Item = (char, String)> + '_ {
+        let controls = (0u8..0x20).chain([0x7f]).map(char::from);
+        controls.flat_map(move |c| {
+            (0..=base.len())
+                .filter(|&i| base.is_char_boundary(i))
+                .map(move |i| (c, format!("{}{c}{}", &base[..i], &base[i..])))
+        })
+    }
+
+    #[test]
+    fn control_characters_are_refused_in_host_names_proids_and_instances() {
+        for (c, name) in with_each_control("h1.ad") {
+            let err = HostName::new(&name).expect_err(&name);
+            let text = err.to_string();
+            assert!(
+                text.starts_with("host name") && text.contains(&code_point(c)),
+                "{text}"
+            );
+            assert!(
+                !text.chars().any(is_control),
+                "the error quotes escaped: {text:?}"
+            );
+        }
+        for (_, name) in with_each_control("proid1") {
+            assert_eq!(Proid::new(&name), None, "{name:?}");
+        }
+        for (c, name) in with_each_control("proid1.web#1") {
+            let err = Proid::of_instance(&name).expect_err(&name);
+            assert!(
+                matches!(&err, ModelError::Control { what: "instance name", found, .. } if *found == c),
+                "{name:?}: {err:?}"
+            );
+            assert_eq!(Proid::name_in(&name), None);
+            assert_eq!(Proid::from_instance(&name), None);
+        }
+        assert_eq!(Proid::of_instance("proid1.web#1"), Ok("proid1"));
+        assert_eq!(Proid::of_instance("web#1"), Err(ModelError::NoProid));
+        assert!(reject_controls("x", "tab\there").is_err());
+        assert!(reject_controls("x", " :<\u{e9}\u{85}\u{2028}").is_ok());
+    }
+
+    #[test]
+    fn escaping_leaves_no_line_break_or_terminal_control() {
+        assert!(matches!(escape_controls("CN=h1,DC=ad"), Cow::Borrowed(_)));
+        assert_eq!(
+            escape_controls("a\nb\rc\td\0e\u{1b}[2J\u{7f}\u{85}\u{2028}\u{2029}"),
+            "a\\nb\\rc\\td\\u{0}e\\u{1b}[2J\\u{7f}\\u{85}\\u{2028}\\u{2029}"
+        );
+        for c in (0..=0x3000u32).filter_map(char::from_u32) {
+            let text = format!("x{c}y");
+            let escaped = escape_controls(&text);
+            assert!(
+                !escaped.chars().any(needs_escape),
+                "{c:?} left as {escaped:?}"
+            );
+            assert!(!escaped.contains(['\n', '\r']));
         }
     }
 

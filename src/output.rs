@@ -5,13 +5,19 @@
 //! are sorted by normalised group DN, `add` comes before `delete` within a
 //! record and values are sorted; everything that is not a change (missing
 //! groups, refused deletions, failures) is a `#` comment in LDIF.
+//!
+//! Names and DNs come from the tree and the directory, so nothing is
+//! printed as it came: values go through [`write_value`] (base64 unless
+//! plainly printable) and text quoted in comments is escaped
+//! ([`escape_controls`]), so that no input can add a line, least of all a
+//! change record of its own.
 
 use std::collections::BTreeSet;
 
 use serde::Serialize;
 
 use crate::ldif::write_value;
-use crate::model::Dn;
+use crate::model::{escape_controls, Dn};
 use crate::plan::{GroupChange, MissingGroup, Plan};
 
 /// Output format of `plan` and `sync`.
@@ -94,17 +100,20 @@ impl Report {
             out.push('\n');
             out += &format!(
                 "# missing group: proid {} has placements on {} {} but no group\n",
-                missing.proid,
+                escape_controls(missing.proid.as_str()),
                 missing.desired.len(),
                 plural(missing.desired.len(), "host", "hosts"),
             );
             for dn in &missing.desired {
-                out += &format!("#   {dn}\n");
+                out += &format!("#   {}\n", escape_controls(dn.as_str()));
             }
         }
         if let Some(reason) = &self.refused {
             out.push('\n');
-            out += &format!("# refused by the mass-deletion guard: {reason}\n");
+            out += &format!(
+                "# refused by the mass-deletion guard: {}\n",
+                one_line(reason)
+            );
             out += "# these deletions were not applied:\n";
             for change in &self.refused_changes {
                 change_record(&mut out, change, "# ");
@@ -161,8 +170,11 @@ fn plural(n: usize, one: &'static str, many: &'static str) -> &'static str {
     }
 }
 
+/// Free text (a reason, a server's error message) for a comment: its line
+/// breaks and runs of space made one space, anything else that could break
+/// the line or drive a terminal escaped.
 fn one_line(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+    escape_controls(&text.split_whitespace().collect::<Vec<_>>().join(" ")).into_owned()
 }
 
 /// Appends one change record, every line prefixed (`"# "` comments it out).
@@ -319,6 +331,84 @@ member: CN=old,DC=ad
         assert_eq!(v["summary"]["groups"], 1);
         assert_eq!(v["summary"]["adds"], 2);
         assert_eq!(v["summary"]["deletes"], 1);
+    }
+
+    /// A report whose every name, DN and text tries to start a line.
+    fn hostile_report() -> Report {
+        let evil =
+            "\ndn: CN=Domain Admins,DC=ad\nchangetype: modify\nadd: member\nmember: CN=x\n-\n";
+        let group = dn(&format!("CN=g{},OU=Groups,DC=ad", evil.replace(',', "\\,")));
+        let host = dn(&format!("CN=h\r{},DC=ad", evil.replace(',', "\\,")));
+        let change = GroupChange {
+            group_dn: group,
+            proid: Proid::new("web\u{85}\u{2028}x").expect("not a control character"),
+            add: [host.clone(), dn("CN=\u{1b}[2J\u{7f},DC=ad")].into(),
+            delete: [dn("CN=old\t,DC=ad")].into(),
+        };
+        Report {
+            verb: "sync",
+            plan: Plan {
+                changes: vec![change.clone()],
+                missing_groups: vec![MissingGroup {
+                    proid: Proid::new("db\u{2029}dn: CN=y").expect("not a control character"),
+                    desired: [host].into(),
+                }],
+                groups_compared: 1,
+                managed_members: 1,
+            },
+            refused: Some(format!("too many{evil}\u{1b}]0;title\u{7}")),
+            refused_changes: vec![change.clone()],
+            not_applied: vec![NotApplied {
+                change,
+                error: format!("LDAP 80 other: {evil}\r\0"),
+            }],
+        }
+    }
+
+    #[test]
+    fn nothing_quoted_can_add_a_line() {
+        let text = hostile_report().render(Format::Ldif);
+        let bad = |c: char| (crate::model::is_control(c) && c != '\n') || c == '\u{85}';
+        assert!(!text.chars().any(bad), "{text:?}");
+        assert!(!text.contains(['\u{2028}', '\u{2029}']), "{text:?}");
+        // The only lines that are not comments are the one change record's.
+        let live: Vec<&str> = text
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect();
+        let shape: Vec<String> = live
+            .iter()
+            .map(|l| l.split(' ').next().unwrap_or_default().to_owned())
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                "dn::",
+                "changetype:",
+                "add:",
+                "member::",
+                "member::",
+                "-",
+                "delete:",
+                "member::",
+                "-"
+            ],
+            "{text}"
+        );
+        assert!(
+            text.contains("# missing group: proid db\\u{2029}dn: CN=y has"),
+            "{text}"
+        );
+        assert!(
+            text.contains("#   CN=h\\r\\ndn: CN=Domain Admins\\,DC=ad\\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("# refused by the mass-deletion guard: too many dn: CN=Domain"),
+            "{text}"
+        );
+        assert!(text.contains("\\u{1b}]0;title\\u{7}\n"), "{text}");
+        assert!(text.contains("# not applied: LDAP 80 other: dn: CN=Domain Admins,DC=ad changetype: modify add: member member: CN=x - \\u{0}\n"), "{text}");
     }
 
     #[test]

@@ -6,11 +6,15 @@
 //! directory and emits [`TreeEvent`](super::TreeEvent)s. Dot names are never
 //! data (the mirror's `.tmp*` files, `.done` and `.data` markers), so they and
 //! everything under them classify as [`PathKind::Ignored`]; the one exception
-//! is the readiness marker `.modified` at the root.
+//! is the readiness marker `.modified` at the root. A host or instance name
+//! the scan would refuse (not UTF-8, not a plain file name, a control
+//! character) is [`PathKind::Rejected`] with the same reason, so that the
+//! watcher warns about it as the scan does.
 
+use std::ffi::OsStr;
 use std::path::{Component, Path};
 
-use crate::model::HostName;
+use crate::model::{HostName, Proid};
 
 /// What a path inside the tree stands for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,8 +31,10 @@ pub enum PathKind {
     HostDir(HostName),
     /// `<root>/placement/<host>/<instance>`: an instance placed on a host.
     Placement(HostName, String),
+    /// A server, host directory or placement whose name is refused, and why.
+    Rejected(String),
     /// Anything else: dot names, other directories (`scheduled/`), paths
-    /// outside the root or deeper than a placement, names that are not UTF-8.
+    /// outside the root or deeper than a placement.
     Ignored,
 }
 
@@ -38,12 +44,9 @@ pub fn classify(root: &Path, path: &Path) -> PathKind {
     let Ok(rel) = path.strip_prefix(root) else {
         return PathKind::Ignored;
     };
-    let mut names: Vec<&str> = Vec::with_capacity(3);
+    let mut names: Vec<&OsStr> = Vec::with_capacity(3);
     for component in rel.components() {
         let Component::Normal(name) = component else {
-            return PathKind::Ignored;
-        };
-        let Some(name) = name.to_str() else {
             return PathKind::Ignored;
         };
         names.push(name);
@@ -54,20 +57,52 @@ pub fn classify(root: &Path, path: &Path) -> PathKind {
     if names == [".modified"] {
         return PathKind::Modified;
     }
-    if names.iter().any(|name| name.starts_with('.')) {
+    if names
+        .iter()
+        .any(|name| name.as_encoded_bytes().starts_with(b"."))
+    {
         return PathKind::Ignored;
     }
-    let host = |name: &str| HostName::new(name).ok();
-    match names.as_slice() {
-        ["servers"] => PathKind::ServersDir,
-        ["placement"] => PathKind::PlacementDir,
-        ["servers", name] => host(name).map_or(PathKind::Ignored, PathKind::Server),
-        ["placement", name] => host(name).map_or(PathKind::Ignored, PathKind::HostDir),
-        ["placement", name, instance] => host(name).map_or(PathKind::Ignored, |h| {
-            PathKind::Placement(h, (*instance).to_owned())
+    let Some((top, names)) = names.split_first() else {
+        return PathKind::Ignored;
+    };
+    let dir = match top.to_str() {
+        Some("servers") => Dir::Servers,
+        Some("placement") => Dir::Placement,
+        _ => return PathKind::Ignored,
+    };
+    let host = |name: &OsStr| {
+        let name = utf8(name)?;
+        HostName::new(name).map_err(|e| PathKind::Rejected(e.to_string()))
+    };
+    let kind = match (dir, names) {
+        (Dir::Servers, []) => Ok(PathKind::ServersDir),
+        (Dir::Placement, []) => Ok(PathKind::PlacementDir),
+        (Dir::Servers, [name]) => host(name).map(PathKind::Server),
+        (Dir::Placement, [name]) => host(name).map(PathKind::HostDir),
+        (Dir::Placement, [name, instance]) => host(name).and_then(|h| {
+            let instance = utf8(instance)?;
+            match Proid::of_instance(instance) {
+                Ok(_) => Ok(PathKind::Placement(h, instance.to_owned())),
+                Err(why) => Err(PathKind::Rejected(why.to_string())),
+            }
         }),
-        _ => PathKind::Ignored,
-    }
+        _ => Ok(PathKind::Ignored),
+    };
+    kind.unwrap_or_else(|rejected| rejected)
+}
+
+/// A name as text, or refused as the scan refuses it.
+fn utf8(name: &OsStr) -> Result<&str, PathKind> {
+    name.to_str()
+        .ok_or_else(|| PathKind::Rejected("name is not UTF-8".into()))
+}
+
+/// The two directories of the tree whose entries are data.
+#[derive(Clone, Copy)]
+enum Dir {
+    Servers,
+    Placement,
 }
 
 #[cfg(test)]
@@ -75,7 +110,6 @@ mod tests {
     use super::*;
     use std::ffi::OsStr;
     use std::os::unix::ffi::OsStrExt;
-    use std::path::PathBuf;
 
     const ROOT: &str = "/var/tmp/cell";
 
@@ -152,11 +186,60 @@ mod tests {
     }
 
     #[test]
-    fn non_utf8_names_are_ignored() {
-        let mut path = PathBuf::from(ROOT);
-        path.push("servers");
-        path.push(OsStr::from_bytes(b"h\xff"));
-        assert_eq!(classify(Path::new(ROOT), &path), PathKind::Ignored);
+    fn non_utf8_names_are_rejected_as_the_scan_rejects_them() {
+        for rel in [
+            &b"servers/h\xff"[..],
+            b"placement/h\xff",
+            b"placement/h1/p.w\xfe#1",
+        ] {
+            let path = Path::new(ROOT).join(OsStr::from_bytes(rel));
+            assert_eq!(
+                classify(Path::new(ROOT), &path),
+                PathKind::Rejected("name is not UTF-8".into()),
+                "{path:?}"
+            );
+        }
+        // Where no data can be, a name is not looked at.
+        for rel in [&b"scheduled/h\xff"[..], b"servers/h\xff/deeper"] {
+            let path = Path::new(ROOT).join(OsStr::from_bytes(rel));
+            assert_eq!(
+                classify(Path::new(ROOT), &path),
+                PathKind::Ignored,
+                "{path:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn names_with_control_characters_are_rejected_with_the_reason() {
+        let rejected = |rel: &str| match kind(rel) {
+            PathKind::Rejected(why) => why,
+            other => panic!("{rel:?}: {other:?}"),
+        };
+        for (rel, what) in [
+            ("servers/h1\nx", "host name"),
+            ("placement/h1\r", "host name"),
+            ("placement/h\u{1b}[2J/proid1.web#1", "host name"),
+            ("placement/h1/proid1.web\n#1", "instance name"),
+            ("placement/h1/pro\u{7f}id.web#1", "instance name"),
+            ("placement/h1/proid1\tx.web#1", "instance name"),
+        ] {
+            let why = rejected(rel);
+            assert!(
+                why.starts_with(what) && why.contains("control character"),
+                "{rel:?}: {why}"
+            );
+            assert!(!why.chars().any(crate::model::is_control), "{why:?}");
+        }
+        assert_eq!(
+            rejected("placement/h1/noproid#1"),
+            "not a placement: no proid"
+        );
+        // Not control characters: these are names like any other.
+        assert_eq!(
+            kind("placement/h :1/<p\u{e9}.web#1"),
+            PathKind::Placement(host("h :1"), "<p\u{e9}.web#1".into())
+        );
     }
 
     #[test]

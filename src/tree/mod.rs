@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 
-use crate::model::HostName;
+use crate::model::{reject_controls, Dn, HostName};
 
 /// The keys of a server file that the reconciler uses; everything else in
 /// the file is ignored.
@@ -39,16 +39,39 @@ struct RawServer {
 
 impl ServerInfo {
     /// Parses the content of a server file: a YAML (or JSON, which is YAML)
-    /// mapping. Anything else is an error naming what is wrong.
+    /// mapping. Anything else is an error naming what is wrong, and so is a
+    /// value the reconciler uses that holds a control character, or an
+    /// `nt.dn` that is not a DN: such a file is as unusable as one that
+    /// does not parse (SPEC section 5b).
     pub fn parse(content: &[u8]) -> Result<ServerInfo, String> {
         let text = std::str::from_utf8(content).map_err(|_| "not UTF-8".to_owned())?;
         // The usual case in one pass, without building a value for each of
         // the keys the reconciler ignores; when that fails, the second pass
         // says what is wrong with the file.
-        match serde_yaml::from_str::<Option<RawServer>>(text) {
-            Ok(Some(raw)) => Ok(raw.info()),
-            _ => ServerInfo::parse_checked(text),
+        let info = match serde_yaml::from_str::<Option<RawServer>>(text) {
+            Ok(Some(raw)) => raw.info(),
+            _ => ServerInfo::parse_checked(text)?,
+        };
+        info.check()?;
+        Ok(info)
+    }
+
+    /// The values' own rules, checked where the file is read so that the
+    /// scan and the watcher cannot differ on them.
+    fn check(&self) -> Result<(), String> {
+        for (key, value) in [
+            ("partition", &self.partition),
+            ("nt.dc", &self.dc),
+            ("nt.dn", &self.dn),
+        ] {
+            if let Some(value) = value {
+                reject_controls(key, value).map_err(|e| e.to_string())?;
+            }
         }
+        if let Some(dn) = &self.dn {
+            Dn::parse(dn).map_err(|e| format!("nt.dn: {e}"))?;
+        }
+        Ok(())
     }
 
     /// Parses through a whole YAML value, which tells a document that is not
@@ -266,6 +289,58 @@ mod tests {
             );
             assert!(ServerInfo::parse(text.as_bytes()).is_ok(), "{text:?}");
         }
+    }
+
+    #[test]
+    fn values_with_control_characters_make_the_file_unusable() {
+        for (text, key, code) in [
+            (
+                r#"{"nt.dn": "CN=h1,DC=ad\ndn: CN=x", "nt.dc": "dc"}"#,
+                "nt.dn",
+                "U+000A",
+            ),
+            (
+                r#"{"nt.dn": "CN=h1,DC=ad\r", "nt.dc": "dc"}"#,
+                "nt.dn",
+                "U+000D",
+            ),
+            (
+                r#"{"nt.dn": "CN=h1\u0000,DC=ad", "nt.dc": "dc"}"#,
+                "nt.dn",
+                "U+0000",
+            ),
+            ("nt.dn: CN=h1\nnt.dc: \"dc1\\x1b[2J\"\n", "nt.dc", "U+001B"),
+            (
+                "partition: \"p1\\x7f\"\nnt.dn: CN=h1\n",
+                "partition",
+                "U+007F",
+            ),
+            ("partition: |\n  p1\n  p2\n", "partition", "U+000A"),
+            ("nt.dn: \"CN=h1\\tx\"\n", "nt.dn", "U+0009"),
+        ] {
+            let err = ServerInfo::parse(text.as_bytes()).expect_err(text);
+            assert!(err.starts_with(key), "{text:?}: {err}");
+            assert!(err.contains(code), "{text:?}: {err}");
+            assert!(!err.chars().any(crate::model::is_control), "{err:?}");
+        }
+        // Spaces, `:`, `<` and letters beyond ASCII are not control characters.
+        let info =
+            ServerInfo::parse("nt.dn: ' CN=Zoë: <x>\\, j,DC=ad'\n".as_bytes()).expect("usable");
+        assert_eq!(info.dn.as_deref(), Some(" CN=Zoë: <x>\\, j,DC=ad"));
+    }
+
+    #[test]
+    fn an_nt_dn_that_is_not_a_dn_makes_the_file_unusable() {
+        for bad in ["not a dn", "CN=a,,DC=b", "CN=a\\", "=x"] {
+            let text = format!(
+                "{{\"nt.dc\": \"dc\", \"nt.dn\": {}}}",
+                serde_json::json!(bad)
+            );
+            let err = ServerInfo::parse(text.as_bytes()).expect_err(bad);
+            assert!(err.starts_with("nt.dn: invalid DN"), "{bad:?}: {err}");
+        }
+        // An empty DN is a DN; the index treats it as absent.
+        assert!(ServerInfo::parse(b"nt.dn: ''\n").is_ok());
     }
 
     fn host(name: &str) -> HostName {

@@ -381,8 +381,8 @@ fn read_host_dir(path: &Path) -> Result<Option<HostDir>, ScanError> {
                 continue;
             }
         };
-        if Proid::name_in(&instance).is_none() {
-            skip(instance.as_ref(), "not a placement: no proid");
+        if let Err(why) = Proid::of_instance(&instance) {
+            skip(instance.as_ref(), &why.to_string());
         } else if file_type.is_some_and(|t| t.is_dir()) {
             skip(instance.as_ref(), "a directory, not a placement");
         } else {

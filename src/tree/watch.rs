@@ -193,6 +193,14 @@ pub fn changes_at(root: &Path, path: &Path) -> Vec<Change> {
         PathKind::Modified if path.symlink_metadata().is_err() => {
             vec![Change::Rescan(format!("{} went away", path.display()))]
         }
+        // Warned about as the scan warns, while there is something to warn
+        // about (a refused name's removal is no news).
+        PathKind::Rejected(why) => {
+            if path.symlink_metadata().is_ok() {
+                warn!("{}: {why}; skipped", path.display());
+            }
+            Vec::new()
+        }
         PathKind::Modified | PathKind::Ignored => Vec::new(),
     }
 }
