@@ -535,7 +535,6 @@ mod tests {
     }
 
     #[test]
-    #[test]
     fn the_app_root_is_found_from_the_container_dir() {
         assert_eq!(
             app_root_of(Path::new("/srv/node/apps/p.a-1-x")),
