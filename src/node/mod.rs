@@ -522,10 +522,7 @@ impl Inner {
                 why: "not a link to a container; left alone (the node only makes links there)"
                     .to_owned(),
             }),
-            Some(unique_name)
-                if !unique_name.is_empty()
-                    && self.container_dir(&unique_name).join("data").is_dir() =>
-            {
+            Some(unique_name) if self.container_dir(&unique_name).join("data").is_dir() => {
                 Ok(Some(unique_name))
             }
             Some(_) => {

@@ -5,7 +5,9 @@
 //! afresh: which `running/` links lead somewhere, which containers
 //! `cleanup/` holds, which container directories nothing refers to (a
 //! configuration interrupted before its link was made, or a container whose
-//! link was lost).
+//! link was lost). The node makes only links in `running/`; anything else
+//! there (a plain file, a directory) belongs to someone else and is left
+//! alone, with a warning.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
