@@ -513,7 +513,11 @@ fn regression_finish_runs_through_the_binary() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.starts_with("gmsa-reconciler: error: "), "{stderr}");
-    assert!(stderr.contains("app.json"), "{stderr}");
+    // The container needs no app.json, but it does need its data/.
+    assert!(
+        stderr.contains("plain.web-0000000001-0000000000000/data: no data directory"),
+        "{stderr}"
+    );
 }
 
 #[test]

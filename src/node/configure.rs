@@ -13,6 +13,8 @@ use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, Read};
 
+use crate::safe_fs::{self, ReadError};
+
 use serde_yaml::{Mapping, Value};
 
 use super::finish::{self, TERMINATED};
@@ -48,18 +50,32 @@ impl Inner {
     ) -> Result<Result<Loaded, String>, NodeError> {
         let rel = format!("scheduled/{}", inst.name());
         let path = self.config.fs_root.join(&rel);
-        let mut file = match fs::File::open(&path) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Ok(Err(format!("{rel}: no such manifest")));
+        // Only a regular file is a manifest (the mirror writes nothing
+        // else): a FIFO must not stall the node, a link must not lead out.
+        let file = match safe_fs::open_regular(&path, safe_fs::MAX_FILE) {
+            Ok((file, _)) => file,
+            Err(ReadError::NotFound) => return Ok(Err(format!("{rel}: no such manifest"))),
+            Err(ReadError::Io(e)) => return Err(NodeError::io(&path)(e)),
+            Err(refused) => {
+                tracing::warn!(path = %path.display(), problem = %refused, "manifest refused");
+                return Ok(Err(format!("{rel}: {refused}")));
             }
-            Err(e) => return Err(NodeError::io(&path)(e)),
         };
         // The stamp comes from the file that was read, not from whatever
         // the name points to a moment later.
         let meta = file.metadata().map_err(NodeError::io(&path))?;
         let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes).map_err(NodeError::io(&path))?;
+        file.take(safe_fs::MAX_FILE + 1)
+            .read_to_end(&mut bytes)
+            .map_err(NodeError::io(&path))?;
+        if bytes.len() as u64 > safe_fs::MAX_FILE {
+            let refused = ReadError::TooLarge {
+                size: bytes.len() as u64,
+                cap: safe_fs::MAX_FILE,
+            };
+            tracing::warn!(path = %path.display(), problem = %refused, "manifest refused");
+            return Ok(Err(format!("{rel}: {refused}")));
+        }
         let Ok(text) = String::from_utf8(bytes) else {
             return Ok(Err(format!("{rel}: not UTF-8")));
         };
@@ -89,9 +105,9 @@ impl Inner {
             .join("placement")
             .join(self.config.hostname.as_str())
             .join(inst.name());
-        let text = match fs::read_to_string(&path) {
-            Ok(text) => text,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Mapping::new(),
+        let text = match safe_fs::read_regular(&path, safe_fs::MAX_FILE) {
+            Ok(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+            Err(ReadError::NotFound) => return Mapping::new(),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "placement data unreadable");
                 return Mapping::new();
@@ -170,7 +186,7 @@ impl Inner {
     pub(super) fn is_stopped(&self, unique_name: &str) -> bool {
         let dir = self.container_dir(unique_name);
         files::exists(&self.layout.cleanup.join(unique_name))
-            || files::exists(&dir.join("data").join(TERMINATED))
+            || files::marker(&dir.join("data").join(TERMINATED))
             || finish::is_finished(&dir)
     }
 
@@ -254,7 +270,8 @@ impl Inner {
                 ("container_dir", dir_str.to_owned()),
                 ("app_root", app_root.to_owned()),
             ]));
-        let finish = script::finish_script(inst.name(), dir_str, service, &finish_command);
+        let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        let finish = script::finish_script(inst.name(), dir_str, service, &names, &finish_command);
         write(dir.join("run"), run.as_bytes(), 0o755)?;
         write(dir.join("finish"), finish.as_bytes(), 0o755)?;
         write(
@@ -276,7 +293,7 @@ impl Inner {
             .container_dir(unique_name)
             .join("data")
             .join(CONFIGURED_POSTED);
-        if files::exists(&marker) {
+        if files::marker(&marker) {
             return Ok(());
         }
         let unique_id = unique_name

@@ -9,16 +9,24 @@
 //! crash may interrupt it, so the chosen event is first recorded in
 //! `data/.finish-event` (first decision wins), then posted under that same
 //! name, then `data/.finish-posted` closes the matter.
+//!
+//! Containers made by the original node agent are finished the same way:
+//! their `exitinfo` is `{"service", "return_code", "signal"}` without a
+//! timestamp, and they may have no `data/app.json`, so the instance then
+//! comes from the directory's name. An `exitinfo` that lacks a field counts
+//! it as 256, one that cannot be read or parsed counts as `{}`: a container
+//! that ended always gets its one `finished` event, whose file holds the
+//! exitinfo as it was read. Markers are only regular files (see
+//! [`super::files`]): a planted link is never followed, and counts as absent.
 
-use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
 use super::events::{self, Event, EventKind};
-use super::manifest::AppJson;
-use super::{files, NodeError, APPEVENTS_DIR, APPS_DIR};
+use super::files::{self, MarkerText};
+use super::unique::Instance;
+use super::{NodeError, APPEVENTS_DIR, APPS_DIR};
 
 /// Marker: the container was aborted; JSON `{why, payload}`.
 pub const ABORTED: &str = "aborted";
@@ -32,17 +40,41 @@ pub const EXITINFO: &str = "exitinfo";
 const FINISH_EVENT: &str = ".finish-event";
 const FINISH_POSTED: &str = ".finish-posted";
 
-/// What the `finish` script records when the container's process ends.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+/// The value of an `exitinfo` field that is missing (or not a number).
+pub const MISSING: i64 = 256;
+
+/// How a container's process ended, as its `data/exitinfo` tells it.
+#[derive(Debug, Clone, PartialEq)]
 pub struct ExitInfo {
-    /// The service that ended.
-    pub service: String,
-    /// Its exit code (256 when killed by a signal, -1 when unknown).
+    /// The exit code; [`MISSING`] when not given.
     pub return_code: i64,
-    /// The signal that killed it, or 0.
+    /// The signal that ended it, or 0; [`MISSING`] when not given.
     pub signal: i64,
-    /// Unix time of the exit.
-    pub timestamp: f64,
+    /// The file's JSON object as read; `{}` when it was not one.
+    pub as_read: serde_json::Value,
+}
+
+impl ExitInfo {
+    /// Reads `exitinfo` text: a JSON object whose `return_code` and `signal`
+    /// are integers; any other key is kept but not needed. Text that is not
+    /// a JSON object reads as `{}`.
+    pub fn parse(text: &str) -> ExitInfo {
+        let as_read = match serde_json::from_str::<serde_json::Value>(text) {
+            Ok(value @ serde_json::Value::Object(_)) => value,
+            _ => serde_json::Value::Object(serde_json::Map::new()),
+        };
+        let field = |key: &str| as_read.get(key).and_then(|v| v.as_i64()).unwrap_or(MISSING);
+        ExitInfo {
+            return_code: field("return_code"),
+            signal: field("signal"),
+            as_read: as_read.clone(),
+        }
+    }
+
+    /// The `finished` event's data: `<return code>.<signal>`.
+    pub fn data(&self) -> String {
+        format!("{}.{}", self.return_code, self.signal)
+    }
 }
 
 /// The `aborted` marker's content.
@@ -51,6 +83,12 @@ struct AbortedMarker {
     why: Option<String>,
     #[serde(default)]
     payload: serde_json::Value,
+}
+
+/// What finish needs of `data/app.json`: the instance's name.
+#[derive(Debug, Deserialize)]
+struct AppName {
+    name: String,
 }
 
 /// The decided event, kept so that a retry posts the same file.
@@ -75,24 +113,20 @@ pub fn is_finished(container_dir: &Path) -> bool {
     let data = container_dir.join("data");
     [EXITINFO, ABORTED, OOM]
         .iter()
-        .any(|marker| files::exists(&data.join(marker)))
+        .any(|marker| files::marker(&data.join(marker)))
 }
 
 /// Posts the one event the markers of `container_dir/data` call for, into
 /// `<app_root>/appevents/`. Returns the event when this call posted it;
 /// `None` when there is nothing to say or it was already said.
 pub fn finish(app_root: &Path, container_dir: &Path) -> Result<Option<Event>, NodeError> {
-    let data = container_dir.join("data");
-    if files::exists(&data.join(FINISH_POSTED)) {
+    let data =
+        files::data_dir(container_dir).map_err(NodeError::io(&container_dir.join("data")))?;
+    if files::marker(&data.join(FINISH_POSTED)) {
         return Ok(None);
     }
-    let app_json = data.join("app.json");
-    let text = fs::read_to_string(&app_json).map_err(NodeError::io(&app_json))?;
-    let app: AppJson = serde_json::from_str(&text).map_err(|e| NodeError::Data {
-        path: app_json.clone(),
-        why: e.to_string(),
-    })?;
-    let Some(event) = decide(&data, &app.name)? else {
+    let instance = instance_of(container_dir, &data)?;
+    let Some(event) = decide(&data, instance.name())? else {
         return Ok(None);
     };
     let content = event.content().map_err(|e| NodeError::Data {
@@ -113,8 +147,22 @@ pub fn finish(app_root: &Path, container_dir: &Path) -> Result<Option<Event>, No
             recorded
         } else {
             // An earlier call decided and may have posted: post that same file again.
-            let text = fs::read(&record_path).map_err(NodeError::io(&record_path))?;
-            serde_json::from_slice(&text).map_err(|e| NodeError::Data {
+            let text = match files::read_marker(&record_path) {
+                MarkerText::Text(text) => text,
+                MarkerText::Absent => {
+                    return Err(NodeError::Data {
+                        path: record_path,
+                        why: "not a regular file".to_owned(),
+                    })
+                }
+                MarkerText::Unreadable(why) => {
+                    return Err(NodeError::Data {
+                        path: record_path,
+                        why,
+                    })
+                }
+            };
+            serde_json::from_str(&text).map_err(|e| NodeError::Data {
                 path: record_path.clone(),
                 why: e.to_string(),
             })?
@@ -144,9 +192,50 @@ pub fn finish(app_root: &Path, container_dir: &Path) -> Result<Option<Event>, No
     }))
 }
 
+/// The instance a container was made for: the name in `data/app.json`, or,
+/// when that file is missing or unusable, the one the directory's name
+/// stands for.
+fn instance_of(container_dir: &Path, data: &Path) -> Result<Instance, NodeError> {
+    let app_json = data.join("app.json");
+    let from_json = match files::read_marker(&app_json) {
+        MarkerText::Absent => None,
+        MarkerText::Unreadable(why) => Some(why),
+        MarkerText::Text(text) => match serde_json::from_str::<AppName>(&text) {
+            Ok(app) => match Instance::parse(&app.name) {
+                Ok(instance) => return Ok(instance),
+                Err(why) => Some(why),
+            },
+            Err(e) => Some(e.to_string()),
+        },
+    };
+    if let Some(why) = &from_json {
+        tracing::warn!(path = %app_json.display(), %why, "app.json unusable; the instance comes from the directory's name");
+    }
+    let dir_name = container_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or_default();
+    match Instance::from_unique_name(dir_name) {
+        Ok((instance, _)) => Ok(instance),
+        Err(why) => Err(NodeError::Data {
+            path: container_dir.to_owned(),
+            why: match from_json {
+                Some(json_why) => format!("{why}; and data/app.json: {json_why}"),
+                None => format!("{why}, and there is no data/app.json"),
+            },
+        }),
+    }
+}
+
 /// The event the markers call for, by precedence.
 fn decide(data: &Path, instance: &str) -> Result<Option<Event>, NodeError> {
-    if let Some(text) = read_marker(&data.join(ABORTED))? {
+    let aborted = match files::read_marker(&data.join(ABORTED)) {
+        MarkerText::Absent => None,
+        // There, but its reason cannot be read: aborted all the same.
+        MarkerText::Unreadable(_) => Some(String::new()),
+        MarkerText::Text(text) => Some(text),
+    };
+    if let Some(text) = aborted {
         let (why, payload) = match serde_json::from_str::<AbortedMarker>(&text) {
             Ok(marker) => (
                 marker.why.filter(|w| !w.trim().is_empty()),
@@ -165,36 +254,42 @@ fn decide(data: &Path, instance: &str) -> Result<Option<Event>, NodeError> {
         event.payload = payload;
         return Ok(Some(event));
     }
-    if files::exists(&data.join(OOM)) {
+    if files::marker(&data.join(OOM)) {
         return Ok(Some(Event::now(instance, EventKind::Killed, "oom")));
     }
-    if files::exists(&data.join(TERMINATED)) {
+    if files::marker(&data.join(TERMINATED)) {
         return Ok(None);
     }
     let path = data.join(EXITINFO);
-    let Some(text) = read_marker(&path)? else {
-        return Ok(None);
+    let text = match files::read_marker(&path) {
+        MarkerText::Absent => return Ok(None),
+        MarkerText::Unreadable(why) => {
+            tracing::warn!(path = %path.display(), %why, "exitinfo unreadable; read as {{}}");
+            String::new()
+        }
+        MarkerText::Text(text) => text,
     };
-    let info: ExitInfo = serde_json::from_str(&text).map_err(|e| NodeError::Data {
-        path,
+    let info = ExitInfo::parse(&text);
+    if !matches!(
+        serde_json::from_str::<serde_json::Value>(&text),
+        Ok(serde_json::Value::Object(_))
+    ) {
+        tracing::warn!(path = %path.display(), "exitinfo is not a JSON object; read as {{}}");
+    }
+    let payload = serde_yaml::to_value(&info.as_read).map_err(|e| NodeError::Data {
+        path: path.clone(),
         why: e.to_string(),
     })?;
-    let data = format!("{}.{}", info.return_code, info.signal);
-    Ok(Some(Event::now(instance, EventKind::Finished, &data)))
-}
-
-fn read_marker(path: &Path) -> Result<Option<String>, NodeError> {
-    match fs::read(path) {
-        Ok(bytes) => Ok(Some(String::from_utf8_lossy(&bytes).into_owned())),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(NodeError::io(path)(e)),
-    }
+    Ok(Some(
+        Event::now(instance, EventKind::Finished, &info.data()).with_payload(payload),
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::node::manifest::{EphemeralPorts, Manifest, Service};
+    use crate::node::manifest::{AppJson, EphemeralPorts, Manifest, Service};
+    use std::fs;
 
     struct Fixture {
         root: tempfile::TempDir,
@@ -270,10 +365,81 @@ mod tests {
             (event.kind, event.data.as_str()),
             (EventKind::Finished, "3.9")
         );
+        let posted = f.posted();
+        assert_eq!(posted.len(), 1);
         assert_eq!(
-            f.posted(),
-            [(EventKind::Finished, "3.9".into(), String::new())]
+            (posted[0].0, posted[0].1.as_str()),
+            (EventKind::Finished, "3.9")
         );
+        let held: serde_json::Value = serde_yaml::from_str(&posted[0].2).expect("yaml");
+        let written: serde_json::Value =
+            serde_json::from_str(&EXIT.replace("\"signal\": 0", "\"signal\": 9")).expect("json");
+        assert_eq!(held, written, "the event holds the exitinfo as read");
+    }
+
+    #[test]
+    fn exitinfo_as_the_original_system_writes_it_or_worse() {
+        for (text, data) in [
+            (
+                r#"{"service": "web_server", "return_code": 0, "signal": 0}"#,
+                "0.0",
+            ),
+            (r#"{"service": "web", "return_code": 3}"#, "3.256"),
+            (r#"{"signal": 15}"#, "256.15"),
+            (r#"{"return_code": "3", "signal": null}"#, "256.256"),
+            ("{}", "256.256"),
+            ("{", "256.256"),
+            ("[1, 2]", "256.256"),
+            ("", "256.256"),
+        ] {
+            let f = Fixture::new();
+            f.marker(EXITINFO, text);
+            let event = f.finish().expect("an event");
+            assert_eq!(
+                (event.kind, event.data.as_str()),
+                (EventKind::Finished, data),
+                "{text:?}"
+            );
+            let posted = f.posted();
+            assert_eq!(posted.len(), 1, "{text:?}");
+            let held: serde_json::Value = serde_yaml::from_str(&posted[0].2).expect("yaml");
+            let expected = match serde_json::from_str::<serde_json::Value>(text) {
+                Ok(v @ serde_json::Value::Object(_)) => v,
+                _ => serde_json::json!({}),
+            };
+            assert_eq!(held, expected, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn without_app_json_the_instance_comes_from_the_directory_name() {
+        let f = Fixture::new();
+        fs::remove_file(f.container.join("data/app.json")).expect("rm");
+        f.marker(OOM, "");
+        let event = f.finish().expect("an event");
+        assert_eq!(event.instance, "proid1.web#0000000001");
+        let bad = f.root.path().join("apps/not-a-container");
+        fs::create_dir_all(bad.join("data")).expect("mkdir");
+        fs::write(bad.join("data/oom"), "").expect("write");
+        let err = finish(f.root.path(), &bad).expect_err("no instance");
+        assert!(err.to_string().contains("not-a-container"), "{err}");
+    }
+
+    #[test]
+    fn linked_markers_count_as_absent_and_are_not_read() {
+        let f = Fixture::new();
+        let outside = f.root.path().join("outside");
+        fs::write(&outside, r#"{"why": "planted"}"#).expect("write");
+        let data = f.container.join("data");
+        std::os::unix::fs::symlink(&outside, data.join(ABORTED)).expect("symlink");
+        std::os::unix::fs::symlink(&outside, data.join(TERMINATED)).expect("symlink");
+        f.marker(EXITINFO, EXIT);
+        let event = f.finish().expect("an event");
+        assert_eq!(
+            (event.kind, event.data.as_str()),
+            (EventKind::Finished, "3.0")
+        );
+        assert_eq!(f.posted().len(), 1);
     }
 
     #[test]
@@ -366,14 +532,6 @@ mod tests {
                 "{content:?}"
             );
         }
-    }
-
-    #[test]
-    fn broken_exitinfo_is_an_error_not_an_event() {
-        let f = Fixture::new();
-        f.marker(EXITINFO, "{");
-        assert!(finish(f.root.path(), &f.container).is_err());
-        assert!(f.posted().is_empty());
     }
 
     #[test]

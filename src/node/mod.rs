@@ -510,15 +510,19 @@ impl Inner {
 
     /// The unique name `running/<instance>` points to when that container
     /// directory exists; a link to nothing is removed (it would make the
-    /// supervisor fail) and counts as not running.
+    /// supervisor fail) and counts as not running. An entry that is not a
+    /// link is not the node's: it is left alone, and the instance cannot be
+    /// configured while it is there.
     fn live_running(&self, inst: &Instance) -> Result<Option<String>, NodeError> {
         let link = self.layout.running.join(inst.name());
         match running_target(&link)? {
             None => Ok(None),
-            Some(unique_name)
-                if !unique_name.is_empty()
-                    && self.container_dir(&unique_name).join("data").is_dir() =>
-            {
+            Some(unique_name) if unique_name.is_empty() => Err(NodeError::Data {
+                path: link,
+                why: "not a link to a container; left alone (the node only makes links there)"
+                    .to_owned(),
+            }),
+            Some(unique_name) if self.container_dir(&unique_name).join("data").is_dir() => {
                 Ok(Some(unique_name))
             }
             Some(_) => {

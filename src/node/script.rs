@@ -198,40 +198,67 @@ exit "$rc"
 /// The `finish` script: records `data/exitinfo` once (the first exit wins:
 /// `ln` refuses to replace an existing file), then runs the finish command.
 /// The supervisor passes the exit code and the signal number (s6 style).
+///
+/// The shell never builds JSON from a name: each service name the file can
+/// hold (`default_service`, or one of `services` when `.exited/status`
+/// names it) is encoded here, once, as a JSON string, and the script only
+/// chooses among those encoded words; the numbers it adds are checked to be
+/// digits. So no app or service name (quotes, backslashes, `%` and all) can
+/// make `exitinfo` unreadable and cost the container its `finished` event.
 pub fn finish_script(
     instance: &str,
     container_dir: &str,
-    service: &str,
+    default_service: &str,
+    services: &[&str],
     finish_command: &str,
 ) -> String {
     let mut s = header(&format!(
         "Records how the container of {instance} ended and reports it."
     ));
     let _ = writeln!(s, "data={}", shell_quote(&format!("{container_dir}/data")));
-    let _ = writeln!(s, "service={}", shell_quote(service));
-    s.push_str(FINISH_BODY);
+    let _ = writeln!(
+        s,
+        "service_json={}",
+        shell_quote(&json_string(default_service))
+    );
+    s.push_str(FINISH_NUMBERS);
+    if !services.is_empty() {
+        s.push_str("if [ -r \"$data/.exited/status\" ]; then\n");
+        s.push_str("    read -r exited _ < \"$data/.exited/status\"\n");
+        s.push_str("    case $exited in\n");
+        for service in services {
+            let _ = writeln!(
+                s,
+                "        {}) service_json={} ;;",
+                shell_quote(service),
+                shell_quote(&json_string(service))
+            );
+        }
+        s.push_str("    esac\nfi\n");
+    }
+    s.push_str(FINISH_RECORD);
     s.push_str(finish_command);
     s.push('\n');
     s
 }
 
-const FINISH_BODY: &str = r#"number() {
+/// A JSON string literal (quotes included) holding `value`.
+fn json_string(value: &str) -> String {
+    serde_json::Value::String(value.to_owned()).to_string()
+}
+
+const FINISH_NUMBERS: &str = r#"number() {
     case $1 in
         '' | *[!0-9]* | 0?* | ??????????*) echo -1 ;;
         *) echo "$1" ;;
     esac
 }
-if [ -r "$data/.exited/status" ]; then
-    read -r exited _ < "$data/.exited/status"
-    case $exited in
-        '' | *[!A-Za-z0-9_.-]*) ;;
-        *) service=$exited ;;
-    esac
-fi
-if [ ! -e "$data/exitinfo" ]; then
+"#;
+
+const FINISH_RECORD: &str = r#"if [ ! -e "$data/exitinfo" ]; then
     tmp="$data/.exitinfo.$$"
-    printf '{"service": "%s", "return_code": %s, "signal": %s, "timestamp": %s}\n' \
-        "$service" "$(number "${1-}")" "$(number "${2-0}")" "$(date +%s)" > "$tmp" &&
+    printf '{"service": %s, "return_code": %s, "signal": %s, "timestamp": %s}\n' \
+        "$service_json" "$(number "${1-}")" "$(number "${2-0}")" "$(date +%s)" > "$tmp" &&
         ln "$tmp" "$data/exitinfo" 2>/dev/null
     rm -f "$tmp"
 fi
@@ -297,6 +324,41 @@ mod tests {
         assert_eq!(t.render(&values), "run --spec=file://'' ${HOME} 'p.a#1'");
         for bad in ["x {nope}", "x {instance", "x }", ""] {
             assert!(Template::parse(bad, &["instance"]).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_finish_script_writes_valid_json_whatever_the_names() {
+        for (default, services, status, expected) in [
+            (r#"we"b\x"#, &[][..], None, r#"we"b\x"#),
+            ("%s%n", &[][..], None, "%s%n"),
+            ("app", &["a'b", r#"c"d"#][..], Some(r#"c"d"#), r#"c"d"#),
+            ("app", &["a'b"][..], Some("unknown"), "app"),
+        ] {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let root = dir.path().to_str().expect("utf-8");
+            std::fs::create_dir_all(dir.path().join("data/.exited")).expect("mkdir");
+            if let Some(status) = status {
+                std::fs::write(
+                    dir.path().join("data/.exited/status"),
+                    format!("{status} 3\n"),
+                )
+                .expect("write");
+            }
+            let script = finish_script("p.a#1", root, default, services, "true");
+            let path = dir.path().join("finish");
+            std::fs::write(&path, script).expect("write");
+            let out = std::process::Command::new("/bin/sh")
+                .arg(&path)
+                .args(["3", "0"])
+                .output()
+                .expect("run sh");
+            assert!(out.status.success(), "{out:?}");
+            let text = std::fs::read_to_string(dir.path().join("data/exitinfo")).expect("exitinfo");
+            let info: serde_json::Value = serde_json::from_str(&text).expect("valid JSON");
+            assert_eq!(info["service"], expected, "{text}");
+            assert_eq!(info["return_code"], 3);
+            assert_eq!(info["signal"], 0);
         }
     }
 

@@ -5,7 +5,9 @@
 //! afresh: which `running/` links lead somewhere, which containers
 //! `cleanup/` holds, which container directories nothing refers to (a
 //! configuration interrupted before its link was made, or a container whose
-//! link was lost).
+//! link was lost). The node makes only links in `running/`; anything else
+//! there (a plain file, a directory) belongs to someone else and is left
+//! alone, with a warning.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -22,6 +24,9 @@ use super::{files, running_target, Added, Inner, Node, NodeError};
 pub struct StartupReport {
     /// Placed instances found running: left alone.
     pub kept: Vec<String>,
+    /// `running/` entries that are not links (the node makes only links
+    /// there, so these are someone else's): left alone, not deleted.
+    pub left_alone: Vec<String>,
     /// Instances running but no longer placed: terminated.
     pub terminated: Vec<String>,
     /// `running/` entries that led to no container: removed (the instance
@@ -93,6 +98,7 @@ pub(super) async fn startup(
     }
     tracing::info!(
         kept = report.kept.len(),
+        left_alone = report.left_alone.len(),
         terminated = report.terminated.len(),
         repaired = report.repaired.len(),
         finished = report.finished.len(),
@@ -110,6 +116,15 @@ impl Inner {
     fn settle_running(&self, report: &mut StartupReport) -> Result<(), NodeError> {
         let running = &self.layout.running;
         for name in files::data_names(running).map_err(NodeError::io(running))? {
+            let path = running.join(&name);
+            if running_target(&path)?.is_some_and(|target| target.is_empty()) {
+                tracing::warn!(
+                    path = %path.display(),
+                    "not a link to a container: left alone (the node only makes links in running/)"
+                );
+                report.left_alone.push(name);
+                continue;
+            }
             let inst = Instance::parse(&name)
                 .ok()
                 .filter(|i| self.is_placed(i.name()));
@@ -156,7 +171,7 @@ impl Inner {
         for unique_name in candidates {
             let dir = self.container_dir(&unique_name);
             if !finish::is_finished(&dir)
-                || files::exists(&dir.join("data").join(finish::TERMINATED))
+                || files::marker(&dir.join("data").join(finish::TERMINATED))
             {
                 continue;
             }
@@ -206,7 +221,7 @@ impl Inner {
     /// manifest means the instance was placed again while the node was down.
     fn of_current_manifest(&self, inst: &Instance, unique_name: &str) -> bool {
         let path = self.config.fs_root.join("scheduled").join(inst.name());
-        let Ok(meta) = fs::metadata(&path) else {
+        let Ok(meta) = fs::symlink_metadata(&path) else {
             return true;
         };
         let stamp = Stamp::of(&meta);
@@ -223,11 +238,20 @@ impl Inner {
     }
 }
 
-/// The instance a container directory was made for, from its `app.json`.
+/// The instance a container directory was made for, from its `app.json`
+/// (read as a marker: a regular file only), else from its name.
 fn read_instance(dir: &std::path::Path) -> Option<Instance> {
-    let text = fs::read_to_string(dir.join("data/app.json")).ok()?;
-    let app: AppJson = serde_json::from_str(&text).ok()?;
-    Instance::parse(&app.name).ok()
+    if let files::MarkerText::Text(text) = files::read_marker(&dir.join("data/app.json")) {
+        if let Ok(app) = serde_json::from_str::<AppJson>(&text) {
+            if let Ok(instance) = Instance::parse(&app.name) {
+                return Some(instance);
+            }
+        }
+    }
+    let name = dir.file_name()?.to_str()?;
+    Instance::from_unique_name(name)
+        .ok()
+        .map(|(instance, _)| instance)
 }
 
 #[cfg(test)]

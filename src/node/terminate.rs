@@ -28,9 +28,14 @@ impl Inner {
         let link = self.layout.running.join(instance);
         let unique_name = match running_target(&link)? {
             None => return Ok(Removed::NotRunning),
-            Some(name) if name.is_empty() || name.starts_with('.') => {
-                // Not a link we made: it cannot lead to a container.
-                tracing::warn!(path = %link.display(), "removing a running entry that is not a container link");
+            Some(name) if name.is_empty() => {
+                // Not a link, so not the node's: whoever put it there owns it.
+                tracing::warn!(path = %link.display(), "a running entry that is not a link: left alone");
+                return Ok(Removed::NotRunning);
+            }
+            Some(name) if name.starts_with('.') => {
+                // A link we did not make: it cannot lead to a container.
+                tracing::warn!(path = %link.display(), "removing a running link that leads to no container");
                 files::remove_file_if_exists(&link).map_err(NodeError::io(&link))?;
                 return Ok(Removed::NotRunning);
             }
@@ -76,9 +81,16 @@ impl Inner {
             return Ok(());
         }
         let data = dir.join("data");
-        fs::create_dir_all(&data).map_err(NodeError::io(&data))?;
+        match fs::create_dir(&data) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+                return Err(NodeError::io(&data)(e));
+            }
+            _ => {}
+        }
+        // Markers are set inside data/ only, never through a link to elsewhere.
+        let data = files::data_dir(&dir).map_err(NodeError::io(&data))?;
         let since = data.join(CLEANUP_SINCE);
-        if !files::exists(&since) {
+        if !files::marker(&since) {
             files::touch(&since).map_err(NodeError::io(&since))?;
         }
         if terminated {
@@ -128,7 +140,7 @@ impl Inner {
             return Ok(true);
         }
         let marker = dir.join("data").join(CLEANUP_SINCE);
-        let since = match fs::metadata(&marker).and_then(|m| m.modified()) {
+        let since = match fs::symlink_metadata(&marker).and_then(|m| m.modified()) {
             Ok(since) => since,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // Interrupted between the move and the mark: start the clock now.
@@ -230,10 +242,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_running_entry_that_is_not_a_link_is_removed() {
+    async fn a_running_entry_that_is_not_a_link_is_left_alone() {
         let t = TestNode::new();
         let entry = t.inner().layout.running.join("proid1.web#1");
-        fs::write(&entry, "junk").expect("write");
+        fs::write(&entry, "not ours").expect("write");
         assert_eq!(
             t.node
                 .placement_removed("proid1.web#1")
@@ -241,6 +253,30 @@ mod tests {
                 .expect("remove"),
             Removed::NotRunning
         );
-        assert!(!files::exists(&entry));
+        assert_eq!(fs::read(&entry).expect("kept"), b"not ours");
+    }
+
+    #[tokio::test]
+    async fn a_marker_planted_as_a_link_is_replaced_not_followed() {
+        let t = TestNode::new();
+        t.schedule("proid1.web#1", MANIFEST);
+        let Added::Configured { container_dir, .. } = t
+            .node
+            .placement_added("proid1.web#1")
+            .await
+            .expect("configure")
+        else {
+            panic!("not configured");
+        };
+        let outside = t.tmp.path().join("outside");
+        fs::write(&outside, "keep").expect("write");
+        let marker = container_dir.join("data").join(TERMINATED);
+        std::os::unix::fs::symlink(&outside, &marker).expect("symlink");
+        t.node
+            .placement_removed("proid1.web#1")
+            .await
+            .expect("terminate");
+        assert_eq!(fs::read(&outside).expect("read"), b"keep");
+        assert!(fs::symlink_metadata(&marker).expect("lstat").is_file());
     }
 }

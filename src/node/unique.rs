@@ -109,6 +109,27 @@ impl Instance {
     pub fn unique_name(&self, unique_id: &str) -> String {
         format!("{}{unique_id}", self.unique_prefix())
     }
+
+    /// The instance and unique id a container directory's name stands for:
+    /// `<app>-<task>-<unique id>` back to `<app>#<task>`. For containers
+    /// whose `data/app.json` is missing (made by another node agent, or
+    /// lost): the name is all there is.
+    pub fn from_unique_name(unique_name: &str) -> Result<(Instance, String), String> {
+        let bad = |why: &str| Err(format!("{unique_name:?} is not a container name: {why}"));
+        let Some((rest, id)) = unique_name.rsplit_once('-') else {
+            return bad("no '-<unique id>' at the end");
+        };
+        if !is_unique_id(id) {
+            return bad("it does not end in '-' and a 13-character unique id");
+        }
+        let Some((app, task)) = rest.rsplit_once('-') else {
+            return bad("no '-<task>' before the unique id");
+        };
+        match Instance::parse(&format!("{app}#{task}")) {
+            Ok(instance) => Ok((instance, id.to_owned())),
+            Err(why) => bad(&why),
+        }
+    }
 }
 
 impl fmt::Display for Instance {
@@ -263,6 +284,36 @@ mod tests {
             "p.a#99999999999999999999999",
         ] {
             assert!(Instance::parse(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn container_names_give_back_their_instance() {
+        for (name, instance, id) in [
+            (
+                "proid.myapp-001-0000000ID1234",
+                "proid.myapp#001",
+                "0000000ID1234",
+            ),
+            (
+                "p.a-b.c-0000000042-0000000000abc",
+                "p.a-b.c#0000000042",
+                "0000000000abc",
+            ),
+        ] {
+            let (inst, unique_id) = Instance::from_unique_name(name).expect(name);
+            assert_eq!((inst.name(), unique_id.as_str()), (instance, id));
+            assert_eq!(inst.unique_name(&unique_id), name);
+        }
+        for bad in [
+            "proid.myapp-001",
+            "proid.myapp-001-0000000ID123",
+            "proid.myapp-001-0000000ID12_4",
+            "proid.myapp-0000000ID1234",
+            "proid.myapp-x1-0000000ID1234",
+            "proid-001-0000000ID1234",
+        ] {
+            assert!(Instance::from_unique_name(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Node mode seen from outside, for tests that run the daemon: manifests
 //! scheduled the way the mirror writes them, an app root read back as plain
 //! files (events, `running/` and `cleanup/` links, container directories),
-//! and `daemon::run` started in-process with a shutdown the test controls.
+//! and `daemon::run` started in-process with a shutdown the test controls,
+//! or the binary's `run` as a child process stopped with SIGTERM.
 //!
 //! Everything here reads the file system independently of the node library,
 //! so a test cannot pass because both sides share a mistake.
@@ -9,6 +10,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use gmsa_reconciler::cli::{self, Command, RunConfig};
 use gmsa_reconciler::daemon::{self, DaemonError};
@@ -248,6 +250,91 @@ impl Drop for Daemon {
         // A failed test must not leave the daemon writing into the next one.
         if let Some(handle) = self.handle.take() {
             handle.abort();
+        }
+    }
+}
+
+/// `gmsa-reconciler run` in node mode as a child process (the binary, not
+/// the library), its standard error kept in a file.
+pub struct NodeProcess {
+    child: Option<std::process::Child>,
+    stderr: PathBuf,
+    _logs: tempfile::TempDir,
+}
+
+impl NodeProcess {
+    /// Starts `run --fs-root --app-root --hostname <extra>`.
+    pub fn start(fs_root: &Path, app_root: &Path, hostname: &str, extra: &[String]) -> NodeProcess {
+        let logs = tempfile::tempdir().expect("temp dir");
+        let stderr = logs.path().join("stderr");
+        let child = super::e2e::bin()
+            .arg("run")
+            .arg(format!("--fs-root={}", fs_root.display()))
+            .arg(format!("--app-root={}", app_root.display()))
+            .arg(format!("--hostname={hostname}"))
+            .args(extra)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("start gmsa-reconciler run");
+        NodeProcess {
+            child: Some(child),
+            stderr,
+            _logs: logs,
+        }
+    }
+
+    /// What the daemon has written to standard error so far.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits until standard error holds `text`.
+    pub fn wait_for_log(&self, text: &str) {
+        super::wait_until(
+            &format!("{text:?} on the daemon's standard error"),
+            Duration::from_secs(20),
+            || self.stderr().contains(text),
+        );
+    }
+
+    /// Sends SIGTERM; the daemon must exit 0 within 30 s. Returns its
+    /// standard error.
+    pub fn stop(mut self) -> String {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: signalling our own child by its pid.
+        assert_eq!(
+            unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) },
+            0,
+            "SIGTERM"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                break status;
+            }
+            if std::time::Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "the daemon did not exit within 30 s of SIGTERM:\n{}",
+                    self.stderr()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let stderr = self.stderr();
+        assert!(status.success(), "SIGTERM exits 0, got {status}:\n{stderr}");
+        stderr
+    }
+}
+
+impl Drop for NodeProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }
