@@ -383,7 +383,10 @@ impl clap::builder::TypedValueParser for AbsolutePath {
             let what = arg.map_or_else(|| "a path".to_owned(), |a| a.to_string());
             clap::Error::raw(
                 clap::error::ErrorKind::Io,
-                format!("{what}: cannot make {} absolute: {e}\n", Path::new(value).display()),
+                format!(
+                    "{what}: cannot make {} absolute: {e}\n",
+                    Path::new(value).display()
+                ),
             )
             .with_cmd(cmd)
         })
@@ -1153,7 +1156,10 @@ mod tests {
             "credential_spec_dir",
             "container_dir",
         ] {
-            assert!(seen.contains(id), "{id} is not seen as a path option: {seen:?}");
+            assert!(
+                seen.contains(id),
+                "{id} is not seen as a path option: {seen:?}"
+            );
         }
     }
 
@@ -1169,9 +1175,8 @@ mod tests {
         )
         .expect("write");
         let config = file.to_str().expect("utf-8 path").to_owned();
-        let args = plan_args(
-            parse(["gmsa-reconciler", "plan", "--config", &config]).expect("parse"),
-        );
+        let args =
+            plan_args(parse(["gmsa-reconciler", "plan", "--config", &config]).expect("parse"));
         assert_eq!(args.common.fs_root, Some(conf_dir.join("tree")));
         assert_eq!(args.common.directory, Some(dir.path().join("data/d.ldif")));
         assert_eq!(args.common.tls_ca_file, Some(PathBuf::from("/abs/ca.pem")));
@@ -1179,8 +1184,15 @@ mod tests {
         assert_eq!(args.common.group_ou.as_deref(), Some("./not-a-path"));
         // A flag still wins, relative to the working directory.
         let args = plan_args(
-            parse(["gmsa-reconciler", "plan", "--config", &config, "--fs-root", "here"])
-                .expect("parse"),
+            parse([
+                "gmsa-reconciler",
+                "plan",
+                "--config",
+                &config,
+                "--fs-root",
+                "here",
+            ])
+            .expect("parse"),
         );
         let cwd = std::env::current_dir().expect("cwd");
         assert_eq!(args.common.fs_root, Some(cwd.join("here")));
