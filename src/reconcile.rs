@@ -404,7 +404,7 @@ async fn send(
     loop {
         result.requests += 1;
         match dir.modify_members(group, request).await {
-            Err(err) if err.is_transient() && retry + 1 < options.backoff.attempts => {
+            Err(err) if err.retry_soon() && retry + 1 < options.backoff.attempts => {
                 warn!(error = %err, retry, "transient failure; retrying");
                 tokio::time::sleep(options.backoff.delay(retry)).await;
                 retry += 1;
@@ -427,7 +427,7 @@ async fn read_group(
     let mut retry = 0;
     loop {
         match dir.read_group(group).await {
-            Err(err) if err.is_transient() && retry + 1 < options.backoff.attempts => {
+            Err(err) if err.retry_soon() && retry + 1 < options.backoff.attempts => {
                 tokio::time::sleep(options.backoff.delay(retry)).await;
                 retry += 1;
                 result.retries += 1;
