@@ -699,7 +699,35 @@ fn model_why(err: ModelError) -> String {
     err.to_string()
 }
 
+/// `url` with its userinfo (`user:password@`) replaced, when it has one:
+/// `Some(shown)` is what may be printed of it.
+fn credentials_in_url(url: &str) -> Option<String> {
+    let (scheme, rest) = match url.find("://") {
+        Some(at) => (&url[..at + 3], &url[at + 3..]),
+        None => ("", url),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let at = authority.rfind('@')?;
+    Some(format!(
+        "{scheme}<credentials removed>@{}{tail}",
+        &authority[at + 1..]
+    ))
+}
+
 fn directory_choice(common: &CommonArgs) -> Result<DirectoryChoice, CliError> {
+    // Checked before anything else quotes a URL: a password pasted into one
+    // must not be echoed by an error about something else.
+    for url in &common.ldap_url {
+        if let Some(shown) = credentials_in_url(url) {
+            return Err(invalid(
+                "--ldap-url",
+                format!(
+                    "{shown}: credentials in an LDAP URL are refused (they would show in process lists and logs); bind with --bind-dn and --bind-password-file or {PASSWORD_ENV}"
+                ),
+            ));
+        }
+    }
     let ldap_only = common.bind_dn.is_some()
         || common.bind_password_file.is_some()
         || common.sasl.is_some()
@@ -1196,6 +1224,28 @@ mod tests {
         );
         let cwd = std::env::current_dir().expect("cwd");
         assert_eq!(args.common.fs_root, Some(cwd.join("here")));
+    }
+
+    #[test]
+    fn credentials_in_urls_are_found_and_never_shown() {
+        for (url, shown) in [
+            (
+                "ldap://user:s3cret@dc1:389/",
+                "ldap://<credentials removed>@dc1:389/",
+            ),
+            ("ldaps://s3cret@dc1", "ldaps://<credentials removed>@dc1"),
+            ("http://a:s3cret@b@dc1", "http://<credentials removed>@dc1"),
+            ("a:s3cret@dc1", "<credentials removed>@dc1"),
+        ] {
+            assert_eq!(credentials_in_url(url).as_deref(), Some(shown), "{url}");
+        }
+        for url in [
+            "ldap://dc1:389",
+            "ldap://dc1/dc=x?member@x",
+            "ldaps://[::1]:636",
+        ] {
+            assert_eq!(credentials_in_url(url), None, "{url}");
+        }
     }
 
     #[test]

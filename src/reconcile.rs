@@ -632,6 +632,31 @@ mod tests {
         assert!(members(&dir).await.is_empty());
     }
 
+    /// A request not sent because the server stopped answering is not
+    /// retried within the pass: each retry would be another timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_server_is_not_retried_within_the_pass() {
+        let dir = directory(Flavour::Permissive, &[]);
+        let stalled = DirError::Stalled {
+            op: Op::Connect,
+            message: "ldap://dc1: stopped answering".into(),
+        };
+        assert!(stalled.is_transient() && !stalled.retry_soon());
+        dir.fail_next_modify(None, stalled, 100);
+        let change = group_change(&["CN=a,DC=x"], &[]);
+        let r = apply_group(
+            &dir,
+            Capabilities::default(),
+            &change,
+            &ApplyOptions::default(),
+        )
+        .await;
+        let (left, err) = r.failed.clone().expect("failed");
+        assert_eq!(left, change);
+        assert!(matches!(err, DirError::Stalled { .. }), "{err}");
+        assert_eq!((r.requests, r.retries), (1, 0));
+    }
+
     #[tokio::test]
     async fn large_changes_are_split_and_a_failed_chunk_stops_the_rest() {
         let adds: Vec<String> = (0..25).map(|i| format!("CN=h{i:02},DC=x")).collect();

@@ -132,8 +132,44 @@ impl Password {
 
     /// Reads a password file; one trailing newline (as editors and `echo`
     /// leave) is not part of the password. The error names the file only.
+    ///
+    /// The file may be a symlink (secret stores mount them so), but it must
+    /// be a regular file of at most 64 KiB, opened without blocking. A file
+    /// that group or others may read is used, with a warning naming it and
+    /// the fix: refusing it would stop a running service over a mode bit.
     pub fn from_file(path: &Path) -> std::io::Result<Self> {
-        let text = std::fs::read_to_string(path)?;
+        use std::io::Read;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        const CAP: u64 = 64 * 1024;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
+        }
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o044 != 0 {
+            tracing::warn!(
+                "{}: the bind password file is readable by group or others (mode {mode:03o}); make it private: chmod 600 {}",
+                path.display(),
+                path.display()
+            );
+        }
+        let mut bytes = Vec::new();
+        file.take(CAP + 1).read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > CAP {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("larger than {CAP} bytes: not a password"),
+            ));
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))?;
         let text = match text.strip_suffix('\n') {
             Some(rest) => rest.strip_suffix('\r').unwrap_or(rest),
             None => &text,
@@ -331,7 +367,9 @@ impl LdapDirectory {
             .stalled
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        stalled.get(url).is_some_and(|until| *until > Instant::now())
+        stalled
+            .get(url)
+            .is_some_and(|until| *until > Instant::now())
     }
 
     /// Drops connection `id` (if it is still the current one) after it
@@ -503,7 +541,10 @@ impl LdapDirectory {
                 self.mark_stalled(&url);
                 DirError::Unreachable {
                     op,
-                    message: format!("{dn}: {url} gave no answer within {:?}", self.config.timeout),
+                    message: format!(
+                        "{dn}: {url} gave no answer within {:?}",
+                        self.config.timeout
+                    ),
                 }
             }
         };
