@@ -17,7 +17,7 @@ use std::path::Path;
 use std::process::{Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use support::daemon::{computers_and_groups, host_dn, GROUP_OU};
 use support::e2e::{bin, password_file, read_groups};
@@ -208,26 +208,29 @@ fn sync(tree: &Path, urls: &[String], password: &Path) -> Output {
     for url in urls {
         cmd.arg(format!("--ldap-url={url}"));
     }
-    let mut child = cmd
+    let child = cmd
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start sync");
+    let pid = child.id() as i32;
+    let (done, output) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = done.send(child.wait_with_output().expect("sync output"));
+    });
     // A guard against hanging the suite, not a measurement: a `sync` that
     // waits out a timeout per group would take many minutes here.
-    let deadline = Instant::now() + HANG_GUARD;
-    while child.try_wait().expect("wait").is_none() {
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let out = child.wait_with_output().expect("wait");
+    match output.recv_timeout(HANG_GUARD) {
+        Ok(out) => out,
+        Err(_) => {
+            signal(pid, libc::SIGKILL);
+            let out = output.recv().expect("sync output");
             panic!(
                 "sync was still running after {HANG_GUARD:?}:\n{}",
                 String::from_utf8_lossy(&out.stderr)
             );
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    child.wait_with_output().expect("sync output")
 }
 
 /// Lines of standard error saying a server stopped answering.
