@@ -7,14 +7,14 @@
 //! 1000 entries unpaged), ranged retrieval of large `member` attributes (AD
 //! hands out at most 1500 values per read), the permissive-modify control,
 //! and the mapping of every failure onto [`DirError`] with the LDAP result
-//! code kept intact.
+//! code kept intact. Request counters ([`LdapDirectory::stats`]) make the
+//! number of round trips visible to tests and benchmarks.
 //!
 //! A server that stops answering (a frozen DC: its socket accepts, nothing
 //! answers) costs one timeout, not one per request: the connection that
 //! timed out is dropped and its URL is left alone for one more timeout, so
 //! the requests behind it go to the next URL or fail at once with
-//! [`DirError::Stalled`] instead of each waiting out a timeout of its own. Request counters ([`LdapDirectory::stats`]) make the
-//! number of round trips visible to tests and benchmarks.
+//! [`DirError::Stalled`] instead of each waiting out a timeout of its own.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
