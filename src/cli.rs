@@ -7,7 +7,7 @@
 //! option has exactly one parser and one set of checks whatever its source.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use clap::parser::ValueSource;
@@ -55,6 +55,7 @@ pub enum Command {
 #[derive(Debug, Args)]
 pub struct FinishArgs {
     /// The container directory, `<app-root>/apps/<unique name>`.
+    #[arg(value_parser = AbsolutePath)]
     pub container_dir: PathBuf,
     /// More log output (repeatable).
     #[arg(short, long, action = ArgAction::Count)]
@@ -134,7 +135,7 @@ pub struct RunArgs {
 #[derive(Debug, Args)]
 pub struct NodeArgs {
     /// Configure the containers placed on this host under DIR (node mode).
-    #[arg(long, env = "GMSA_APP_ROOT")]
+    #[arg(long, env = "GMSA_APP_ROOT", value_parser = AbsolutePath)]
     pub app_root: Option<PathBuf>,
     /// This host's name in placement/ [default: the machine's FQDN].
     #[arg(long, env = "GMSA_HOSTNAME")]
@@ -149,7 +150,7 @@ pub struct NodeArgs {
     #[arg(long, env = "GMSA_GMSA_PROIDS")]
     pub gmsa_proids: Option<String>,
     /// Where credential specs are written [default: <app-root>/credential_specs].
-    #[arg(long, env = "GMSA_CREDENTIAL_SPEC_DIR")]
+    #[arg(long, env = "GMSA_CREDENTIAL_SPEC_DIR", value_parser = AbsolutePath)]
     pub credential_spec_dir: Option<PathBuf>,
     /// Before configuring a gMSA proid's instance, wait up to this long for this host to be in its group.
     #[arg(long, env = "GMSA_WAIT_FOR_GROUP", value_parser = parse_duration)]
@@ -192,10 +193,10 @@ pub struct CheckArgs {
 #[derive(Debug, Args)]
 pub struct CommonArgs {
     /// YAML file of options: keys are long option names without `--`.
-    #[arg(long, env = "GMSA_CONFIG")]
+    #[arg(long, env = "GMSA_CONFIG", value_parser = AbsolutePath)]
     pub config: Option<PathBuf>,
     /// Root of the placement tree (holds .modified, servers/, placement/).
-    #[arg(long, env = "GMSA_FS_ROOT")]
+    #[arg(long, env = "GMSA_FS_ROOT", value_parser = AbsolutePath)]
     pub fs_root: Option<PathBuf>,
     /// Shell glob of the partitions whose servers are managed [default: *].
     #[arg(long, env = "GMSA_PARTITION")]
@@ -207,7 +208,7 @@ pub struct CommonArgs {
     #[arg(long, env = "GMSA_GROUP_PATTERN")]
     pub group_pattern: Option<String>,
     /// LDIF content file used as the directory (instead of LDAP).
-    #[arg(long, env = "GMSA_DIRECTORY")]
+    #[arg(long, env = "GMSA_DIRECTORY", value_parser = AbsolutePath)]
     pub directory: Option<PathBuf>,
     /// LDAP server URL; repeat for failover, tried in order [default: ldap://<nt.dc> of the servers].
     #[arg(long, env = "GMSA_LDAP_URL", value_delimiter = ',', action = ArgAction::Append)]
@@ -216,7 +217,7 @@ pub struct CommonArgs {
     #[arg(long, env = "GMSA_BIND_DN")]
     pub bind_dn: Option<String>,
     /// File holding the bind password.
-    #[arg(long, env = "GMSA_BIND_PASSWORD_FILE")]
+    #[arg(long, env = "GMSA_BIND_PASSWORD_FILE", value_parser = AbsolutePath)]
     pub bind_password_file: Option<PathBuf>,
     /// SASL mechanism instead of a simple bind (gssapi; needs TLS).
     #[arg(long, env = "GMSA_SASL", value_enum)]
@@ -225,7 +226,7 @@ pub struct CommonArgs {
     #[arg(long, env = "GMSA_STARTTLS")]
     pub starttls: bool,
     /// PEM file of CA certificates to trust besides the system store.
-    #[arg(long, env = "GMSA_TLS_CA_FILE")]
+    #[arg(long, env = "GMSA_TLS_CA_FILE", value_parser = AbsolutePath)]
     pub tls_ca_file: Option<PathBuf>,
     /// Do not verify the server's certificate (unsafe; for tests only).
     #[arg(long, env = "GMSA_TLS_INSECURE")]
@@ -342,6 +343,98 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     Duration::try_from_secs_f64(seconds).map_err(|e| format!("{text:?}: {e}"))
 }
 
+/// The value parser of every path option: a relative path is made absolute
+/// against the working directory and cleaned lexically (`.` dropped, `..`
+/// folded), once, while the options are parsed. Symlinks are kept as given:
+/// an operator may point `--fs-root` at a link on purpose, and the watcher
+/// reports paths under the root exactly as it was spelled. Paths from a
+/// `--config` file are resolved against the file's folder before they get
+/// here (see [`file_args`]), so they arrive absolute.
+///
+/// An absolute root matters beyond tidiness: the watcher reports absolute
+/// paths, and a relative root would match none of them.
+#[derive(Debug, Clone, Copy)]
+pub struct AbsolutePath;
+
+impl clap::builder::TypedValueParser for AbsolutePath {
+    type Value = PathBuf;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<PathBuf, clap::Error> {
+        if value.is_empty() {
+            let mut err = clap::Error::new(clap::error::ErrorKind::InvalidValue).with_cmd(cmd);
+            if let Some(arg) = arg {
+                err.insert(
+                    clap::error::ContextKind::InvalidArg,
+                    clap::error::ContextValue::String(arg.to_string()),
+                );
+            }
+            err.insert(
+                clap::error::ContextKind::InvalidValue,
+                clap::error::ContextValue::String(String::new()),
+            );
+            return Err(err);
+        }
+        absolute_from_cwd(Path::new(value)).map_err(|e| {
+            let what = arg.map_or_else(|| "a path".to_owned(), |a| a.to_string());
+            clap::Error::raw(
+                clap::error::ErrorKind::Io,
+                format!(
+                    "{what}: cannot make {} absolute: {e}\n",
+                    Path::new(value).display()
+                ),
+            )
+            .with_cmd(cmd)
+        })
+    }
+}
+
+/// `path` made absolute against the working directory, lexically clean.
+pub fn absolute_from_cwd(path: &Path) -> std::io::Result<PathBuf> {
+    if path.is_absolute() {
+        return Ok(lexically_clean(path));
+    }
+    Ok(lexically_clean(&std::env::current_dir()?.join(path)))
+}
+
+/// `path` without `.` components, repeated separators or `..` that can be
+/// folded into the component before it; nothing is looked up on disk.
+pub fn lexically_clean(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                let last = out.components().next_back();
+                match last {
+                    Some(Component::Normal(_)) => {
+                        out.pop();
+                    }
+                    // `/..` is `/`.
+                    Some(Component::RootDir) => {}
+                    _ => out.push(".."),
+                }
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    if out.as_os_str().is_empty() {
+        out.push(".");
+    }
+    out
+}
+
+/// True for the options whose values are paths: those parsed to a
+/// `PathBuf`. Read from the option definitions, so a new path option is
+/// resolved against the config file's folder without being listed here.
+fn is_path_option(arg: &clap::Arg) -> bool {
+    arg.get_value_parser().type_id() == std::any::TypeId::of::<PathBuf>()
+}
+
 /// Parses the command line, the environment and the config file.
 pub fn parse<I, T>(args: I) -> Result<Cli, CliError>
 where
@@ -381,6 +474,8 @@ fn file_args(
         why,
     };
     let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    // `path` is absolute (the option's parser made it so), so it has a folder.
+    let folder = path.parent().unwrap_or(Path::new("/"));
     let value: serde_yaml::Value =
         serde_yaml::from_str(&text).map_err(|e| err(format!("not valid YAML: {e}")))?;
     let map = match value {
@@ -437,6 +532,15 @@ fn file_args(
                         serde_yaml::Value::Bool(b) => b.to_string(),
                         _ => return Err(bad("must be a string, a number or a list of them")),
                     };
+                    if is_path_option(arg) && !text.is_empty() {
+                        // Relative to the file, wherever the program was
+                        // started from: a config file and the tree it names
+                        // move together.
+                        let mut value = OsString::from(format!("{flag}="));
+                        value.push(lexically_clean(&folder.join(&text)));
+                        out.push(value);
+                        continue;
+                    }
                     out.push(format!("{flag}={text}").into());
                 }
             }
@@ -595,7 +699,35 @@ fn model_why(err: ModelError) -> String {
     err.to_string()
 }
 
+/// `url` with its userinfo (`user:password@`) replaced, when it has one:
+/// `Some(shown)` is what may be printed of it.
+fn credentials_in_url(url: &str) -> Option<String> {
+    let (scheme, rest) = match url.find("://") {
+        Some(at) => (&url[..at + 3], &url[at + 3..]),
+        None => ("", url),
+    };
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    let at = authority.rfind('@')?;
+    Some(format!(
+        "{scheme}<credentials removed>@{}{tail}",
+        &authority[at + 1..]
+    ))
+}
+
 fn directory_choice(common: &CommonArgs) -> Result<DirectoryChoice, CliError> {
+    // Checked before anything else quotes a URL: a password pasted into one
+    // must not be echoed by an error about something else.
+    for url in &common.ldap_url {
+        if let Some(shown) = credentials_in_url(url) {
+            return Err(invalid(
+                "--ldap-url",
+                format!(
+                    "{shown}: credentials in an LDAP URL are refused (they would show in process lists and logs); bind with --bind-dn and --bind-password-file or {PASSWORD_ENV}"
+                ),
+            ));
+        }
+    }
     let ldap_only = common.bind_dn.is_some()
         || common.bind_password_file.is_some()
         || common.sasl.is_some()
@@ -900,6 +1032,7 @@ impl CheckConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     #[test]
     fn durations() {
@@ -1002,6 +1135,116 @@ mod tests {
                     );
                 }
             }
+        }
+    }
+
+    #[test]
+    fn lexical_cleaning_keeps_links_and_folds_dots() {
+        let clean = |p: &str| lexically_clean(Path::new(p));
+        assert_eq!(clean("/a/./b//c/"), PathBuf::from("/a/b/c"));
+        assert_eq!(clean("/a/b/../c"), PathBuf::from("/a/c"));
+        assert_eq!(clean("/../a"), PathBuf::from("/a"));
+        assert_eq!(clean("a/../../b"), PathBuf::from("../b"));
+        assert_eq!(clean("./"), PathBuf::from("."));
+    }
+
+    /// Every option whose value is a path, found from the definitions as
+    /// the config file's merge finds them, comes out absolute and clean.
+    #[test]
+    fn every_path_option_is_made_absolute() {
+        let cwd = std::env::current_dir().expect("cwd");
+        let command = Cli::command();
+        let mut seen = BTreeSet::new();
+        for sub in command.get_subcommands() {
+            for arg in sub.get_arguments().filter(|a| is_path_option(a)) {
+                let mut argv = vec!["gmsa-reconciler".to_owned(), sub.get_name().to_owned()];
+                match arg.get_long() {
+                    Some(long) => argv.push(format!("--{long}=rel/./x/../y")),
+                    None => argv.push("rel/./x/../y".to_owned()),
+                }
+                let matches = command
+                    .clone()
+                    .try_get_matches_from(&argv)
+                    .unwrap_or_else(|e| panic!("{argv:?}: {e}"));
+                let (_, sub_matches) = matches.subcommand().expect("a subcommand");
+                let value = sub_matches
+                    .get_one::<PathBuf>(arg.get_id().as_str())
+                    .expect("the value");
+                assert_eq!(value, &cwd.join("rel/y"), "{argv:?}");
+                seen.insert(arg.get_id().to_string());
+            }
+        }
+        for id in [
+            "config",
+            "fs_root",
+            "directory",
+            "bind_password_file",
+            "tls_ca_file",
+            "app_root",
+            "credential_spec_dir",
+            "container_dir",
+        ] {
+            assert!(
+                seen.contains(id),
+                "{id} is not seen as a path option: {seen:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn config_file_paths_are_relative_to_its_folder() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let conf_dir = dir.path().join("etc");
+        std::fs::create_dir(&conf_dir).expect("mkdir");
+        let file = conf_dir.join("gmsa.yml");
+        std::fs::write(
+            &file,
+            "fs-root: tree\ndirectory: ../data/./d.ldif\ntls-ca-file: /abs/ca.pem\ngroup-ou: ./not-a-path\n",
+        )
+        .expect("write");
+        let config = file.to_str().expect("utf-8 path").to_owned();
+        let args =
+            plan_args(parse(["gmsa-reconciler", "plan", "--config", &config]).expect("parse"));
+        assert_eq!(args.common.fs_root, Some(conf_dir.join("tree")));
+        assert_eq!(args.common.directory, Some(dir.path().join("data/d.ldif")));
+        assert_eq!(args.common.tls_ca_file, Some(PathBuf::from("/abs/ca.pem")));
+        // Not a path option: left as written.
+        assert_eq!(args.common.group_ou.as_deref(), Some("./not-a-path"));
+        // A flag still wins, relative to the working directory.
+        let args = plan_args(
+            parse([
+                "gmsa-reconciler",
+                "plan",
+                "--config",
+                &config,
+                "--fs-root",
+                "here",
+            ])
+            .expect("parse"),
+        );
+        let cwd = std::env::current_dir().expect("cwd");
+        assert_eq!(args.common.fs_root, Some(cwd.join("here")));
+    }
+
+    #[test]
+    fn credentials_in_urls_are_found_and_never_shown() {
+        for (url, shown) in [
+            (
+                "ldap://user:s3cret@dc1:389/",
+                "ldap://<credentials removed>@dc1:389/",
+            ),
+            ("ldaps://s3cret@dc1", "ldaps://<credentials removed>@dc1"),
+            ("http://a:s3cret@b@dc1", "http://<credentials removed>@dc1"),
+            ("a:s3cret@dc1", "<credentials removed>@dc1"),
+        ] {
+            assert_eq!(credentials_in_url(url).as_deref(), Some(shown), "{url}");
+        }
+        for url in [
+            "ldap://dc1:389",
+            "ldap://dc1/dc=x?member@x",
+            "ldaps://[::1]:636",
+        ] {
+            assert_eq!(credentials_in_url(url), None, "{url}");
         }
     }
 

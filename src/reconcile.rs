@@ -404,7 +404,7 @@ async fn send(
     loop {
         result.requests += 1;
         match dir.modify_members(group, request).await {
-            Err(err) if err.is_transient() && retry + 1 < options.backoff.attempts => {
+            Err(err) if err.retry_soon() && retry + 1 < options.backoff.attempts => {
                 warn!(error = %err, retry, "transient failure; retrying");
                 tokio::time::sleep(options.backoff.delay(retry)).await;
                 retry += 1;
@@ -427,7 +427,7 @@ async fn read_group(
     let mut retry = 0;
     loop {
         match dir.read_group(group).await {
-            Err(err) if err.is_transient() && retry + 1 < options.backoff.attempts => {
+            Err(err) if err.retry_soon() && retry + 1 < options.backoff.attempts => {
                 tokio::time::sleep(options.backoff.delay(retry)).await;
                 retry += 1;
                 result.retries += 1;
@@ -630,6 +630,31 @@ mod tests {
         assert!(r.applied.add.is_empty() && r.applied.delete.is_empty());
         assert_eq!(r.requests, options.backoff.attempts as usize);
         assert!(members(&dir).await.is_empty());
+    }
+
+    /// A request not sent because the server stopped answering is not
+    /// retried within the pass: each retry would be another timeout.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_server_is_not_retried_within_the_pass() {
+        let dir = directory(Flavour::Permissive, &[]);
+        let stalled = DirError::Stalled {
+            op: Op::Connect,
+            message: "ldap://dc1: stopped answering".into(),
+        };
+        assert!(stalled.is_transient() && !stalled.retry_soon());
+        dir.fail_next_modify(None, stalled, 100);
+        let change = group_change(&["CN=a,DC=x"], &[]);
+        let r = apply_group(
+            &dir,
+            Capabilities::default(),
+            &change,
+            &ApplyOptions::default(),
+        )
+        .await;
+        let (left, err) = r.failed.clone().expect("failed");
+        assert_eq!(left, change);
+        assert!(matches!(err, DirError::Stalled { .. }), "{err}");
+        assert_eq!((r.requests, r.retries), (1, 0));
     }
 
     #[tokio::test]

@@ -44,7 +44,7 @@ use crate::node::{GmsaProids, Node};
 use crate::output::Report;
 use crate::plan::{guard, plan, GroupChange, Plan, Scope};
 use crate::reconcile::{apply_plan, Backoff, GroupResult};
-use crate::tree::scan::scan;
+use crate::tree::scan::{check_ready, scan, ScanError};
 use crate::tree::watch::{watch, Change, TreeWatcher};
 use crate::tree::{Snapshot, TreeEvent};
 
@@ -496,20 +496,30 @@ impl Daemon {
 
     /// Waits for `.modified`; false when shut down meanwhile.
     async fn wait_for_tree(&mut self, shutdown: &mut Shutdown<'_>) -> bool {
-        let marker = self.root().join(".modified");
+        let root = self.root();
         let mut next_log = Instant::now();
-        while !marker.exists() {
-            if Instant::now() >= next_log {
-                info!(path = %marker.display(), "waiting for the placement tree to be ready");
+        let mut last_reason = String::new();
+        loop {
+            // A root that is not there is named as such: a wrong path must
+            // not pass for a mirror that has yet to finish.
+            let reason = match check_ready(&root) {
+                Ok(()) => return true,
+                Err(ScanError::NotReady { .. }) => {
+                    "waiting for the placement tree (.modified)".to_owned()
+                }
+                Err(err) => format!("placement tree: {err}"),
+            };
+            if Instant::now() >= next_log || reason != last_reason {
+                info!(path = %root.display(), "{reason}; waiting for the placement tree to be ready");
                 next_log = Instant::now() + READY_LOG_EVERY;
             }
-            self.set_ready(Err("waiting for the placement tree (.modified)".into()));
+            self.set_ready(Err(reason.clone()));
+            last_reason = reason;
             tokio::select! {
                 _ = &mut *shutdown => return false,
                 _ = sleep(TREE_POLL) => {}
             }
         }
-        true
     }
 
     /// Waits for the next thing to do: a change, a due batch, retry or

@@ -9,12 +9,18 @@
 //! and the mapping of every failure onto [`DirError`] with the LDAP result
 //! code kept intact. Request counters ([`LdapDirectory::stats`]) make the
 //! number of round trips visible to tests and benchmarks.
+//!
+//! A server that stops answering (a frozen DC: its socket accepts, nothing
+//! answers) costs one timeout, not one per request: the connection that
+//! timed out is dropped and its URL is left alone for one more timeout, so
+//! the requests behind it go to the next URL or fail at once with
+//! [`DirError::Stalled`] instead of each waiting out a timeout of its own.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use ldap3::asn1::{parse_tag, StructureTag};
@@ -126,8 +132,44 @@ impl Password {
 
     /// Reads a password file; one trailing newline (as editors and `echo`
     /// leave) is not part of the password. The error names the file only.
+    ///
+    /// The file may be a symlink (secret stores mount them so), but it must
+    /// be a regular file of at most 64 KiB, opened without blocking. A file
+    /// that group or others may read is used, with a warning naming it and
+    /// the fix: refusing it would stop a running service over a mode bit.
     pub fn from_file(path: &Path) -> std::io::Result<Self> {
-        let text = std::fs::read_to_string(path)?;
+        use std::io::Read;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        const CAP: u64 = 64 * 1024;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(path)?;
+        let meta = file.metadata()?;
+        if !meta.is_file() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "not a regular file",
+            ));
+        }
+        let mode = meta.permissions().mode() & 0o777;
+        if mode & 0o044 != 0 {
+            tracing::warn!(
+                "{}: the bind password file is readable by group or others (mode {mode:03o}); make it private: chmod 600 {}",
+                path.display(),
+                path.display()
+            );
+        }
+        let mut bytes = Vec::new();
+        file.take(CAP + 1).read_to_end(&mut bytes)?;
+        if bytes.len() as u64 > CAP {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("larger than {CAP} bytes: not a password"),
+            ));
+        }
+        let text = String::from_utf8(bytes)
+            .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidData, "not UTF-8 text"))?;
         let text = match text.strip_suffix('\n') {
             Some(rest) => rest.strip_suffix('\r').unwrap_or(rest),
             None => &text,
@@ -196,8 +238,11 @@ impl Drop for Conn {
 
 /// Why one URL could not be used.
 enum Attempt {
-    /// No connection: refused, reset, timed out. Another try may work.
+    /// No connection: refused, reset. Another try may work.
     Unreachable(String),
+    /// The server took the connection but did not answer within the
+    /// timeout (connect, TLS or bind): it is left alone for a while.
+    Stalled(String),
     /// TLS could not be established (certificate not trusted, StartTLS
     /// refused): retrying will not help until the configuration changes.
     Tls(String),
@@ -215,6 +260,9 @@ pub struct LdapDirectory {
     next_id: AtomicU64,
     caps: OnceCell<Capabilities>,
     counters: Counters,
+    /// URLs that left a request unanswered for a whole timeout, with when
+    /// they may be asked again.
+    stalled: std::sync::Mutex<BTreeMap<String, Instant>>,
 }
 
 impl fmt::Debug for LdapDirectory {
@@ -239,6 +287,7 @@ impl LdapDirectory {
             next_id: AtomicU64::new(1),
             caps: OnceCell::new(),
             counters: Counters::default(),
+            stalled: std::sync::Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -273,21 +322,54 @@ impl LdapDirectory {
         }
     }
 
-    /// The handle of the open connection, connecting first when there is
-    /// none or the last one was closed by the server.
-    async fn handle(&self) -> Result<(u64, Ldap), DirError> {
+    /// The handle of the open connection and its URL, connecting first
+    /// when there is none or the last one was closed by the server.
+    async fn handle(&self) -> Result<(u64, String, Ldap), DirError> {
         let mut slot = self.conn.lock().await;
         if let Some(conn) = slot.as_mut() {
             if !conn.ldap.is_closed() {
-                return Ok((conn.id, conn.ldap.clone()));
+                return Ok((conn.id, conn.url.clone(), conn.ldap.clone()));
             }
             tracing::debug!(url = %conn.url, "LDAP connection closed; reconnecting");
         }
         *slot = None;
         let conn = self.connect().await?;
-        let handle = (conn.id, conn.ldap.clone());
+        let handle = (conn.id, conn.url.clone(), conn.ldap.clone());
         *slot = Some(conn);
         Ok(handle)
+    }
+
+    /// Records that `url` gave no answer within the timeout: it is not asked
+    /// again for one more timeout. Said once per episode, however many
+    /// requests were waiting on it.
+    fn mark_stalled(&self, url: &str) {
+        let timeout = self.config.timeout;
+        let now = Instant::now();
+        let mut stalled = self
+            .stalled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let known = stalled.get(url).is_some_and(|until| *until > now);
+        stalled.insert(url.to_owned(), now + timeout);
+        drop(stalled);
+        if !known {
+            tracing::warn!(
+                %url,
+                ?timeout,
+                "LDAP server stopped answering; its connection is dropped and it is left alone for one timeout: the remaining work goes to the next --ldap-url or fails at once"
+            );
+        }
+    }
+
+    /// True while `url` is left alone after a stall.
+    fn is_stalled(&self, url: &str) -> bool {
+        let stalled = self
+            .stalled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        stalled
+            .get(url)
+            .is_some_and(|until| *until > Instant::now())
     }
 
     /// Drops connection `id` (if it is still the current one) after it
@@ -299,11 +381,22 @@ impl LdapDirectory {
         }
     }
 
-    /// Tries the URLs in order.
+    /// Tries the URLs in order, skipping those that stopped answering a
+    /// moment ago; [`DirError::Stalled`] when that is every one of them.
     async fn connect(&self) -> Result<Conn, DirError> {
         let mut failures = Vec::new();
         let mut all_tls = true;
+        let mut all_skipped = true;
         for url in &self.config.urls {
+            if self.is_stalled(url) {
+                all_tls = false;
+                failures.push(format!(
+                    "{url}: stopped answering within {:?}; not asked again yet",
+                    self.config.timeout
+                ));
+                continue;
+            }
+            all_skipped = false;
             match self.connect_one(url).await {
                 Ok(conn) => {
                     tracing::debug!(%url, "connected to LDAP server");
@@ -322,6 +415,11 @@ impl LdapDirectory {
                     all_tls = false;
                     failures.push(format!("{url}: {why}"));
                 }
+                Err(Attempt::Stalled(why)) => {
+                    self.mark_stalled(url);
+                    all_tls = false;
+                    failures.push(format!("{url}: {why}"));
+                }
                 Err(Attempt::Tls(why)) => {
                     tracing::debug!(%url, %why, "TLS with LDAP server failed");
                     failures.push(format!("{url}: {why}"));
@@ -329,6 +427,14 @@ impl LdapDirectory {
             }
         }
         let message = format!("no LDAP server usable: {}", failures.join("; "));
+        if all_skipped && !self.config.urls.is_empty() {
+            // Nothing was sent: every server is being left alone, and
+            // trying again at once would only wait out the same timeouts.
+            return Err(DirError::Stalled {
+                op: Op::Connect,
+                message,
+            });
+        }
         if all_tls {
             Err(DirError::Fatal(message))
         } else {
@@ -356,6 +462,11 @@ impl LdapDirectory {
                 return Err(Attempt::Tls(format!(
                     "StartTLS refused: LDAP result {}: {}",
                     result.rc, result.text
+                )))
+            }
+            Err(LdapError::Timeout { .. }) => {
+                return Err(Attempt::Stalled(format!(
+                    "connect: no answer within {timeout:?}"
                 )))
             }
             Err(err) => return Err(Attempt::Unreachable(err.to_string())),
@@ -393,8 +504,8 @@ impl LdapDirectory {
             ),
         };
         match result {
-            Err(_) => Err(Attempt::Unreachable(format!(
-                "bind timed out after {:?}",
+            Err(_) => Err(Attempt::Stalled(format!(
+                "bind: no answer within {:?}",
                 self.config.timeout
             ))),
             Ok(Ok(res)) if res.rc == 0 => Ok(()),
@@ -414,21 +525,28 @@ impl LdapDirectory {
     }
 
     /// Runs one request on the current connection with the timeout; a
-    /// transport failure or a timeout drops the connection.
+    /// transport failure or a timeout drops the connection, and a timeout
+    /// also leaves the server alone for a while (see [`Self::mark_stalled`]).
     async fn request<T, F, Fut>(&self, op: Op, dn: &str, f: F) -> Result<T, DirError>
     where
         F: FnOnce(Ldap) -> Fut,
         Fut: std::future::Future<Output = Result<T, LdapError>>,
     {
-        let (id, ldap) = self.handle().await?;
+        let (id, url, ldap) = self.handle().await?;
         let outcome = tokio::time::timeout(self.config.timeout, f(ldap)).await;
         let err = match outcome {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(err)) => classify(op, dn, err),
-            Err(_) => DirError::Unreachable {
-                op,
-                message: format!("{dn}: no answer within {:?}", self.config.timeout),
-            },
+            Err(_) => {
+                self.mark_stalled(&url);
+                DirError::Unreachable {
+                    op,
+                    message: format!(
+                        "{dn}: {url} gave no answer within {:?}",
+                        self.config.timeout
+                    ),
+                }
+            }
         };
         if matches!(err, DirError::Unreachable { .. }) {
             self.forget(id).await;

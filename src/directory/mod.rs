@@ -155,6 +155,16 @@ pub enum DirError {
         /// What happened.
         message: String,
     },
+    /// Not sent: every server stopped answering within the timeout a moment
+    /// ago, so asking again now would only wait out another timeout. A
+    /// later attempt may work (it is transient), but not one made at once.
+    #[error("{op}: not sent: {message}")]
+    Stalled {
+        /// The operation.
+        op: Op,
+        /// Which servers stopped answering.
+        message: String,
+    },
     /// A problem that retrying will not fix (configuration, a broken file,
     /// an answer that makes no sense).
     #[error("{0}")]
@@ -177,9 +187,16 @@ impl DirError {
             DirError::Result { code, .. } => {
                 matches!(*code, rc::BUSY | rc::UNAVAILABLE | rc::OTHER)
             }
-            DirError::Unreachable { .. } => true,
+            DirError::Unreachable { .. } | DirError::Stalled { .. } => true,
             DirError::Fatal(_) => false,
         }
+    }
+
+    /// True for transient failures worth retrying within the same pass,
+    /// after a short backoff: not [`DirError::Stalled`], whose servers are
+    /// left alone for a whole timeout.
+    pub fn retry_soon(&self) -> bool {
+        self.is_transient() && !matches!(self, DirError::Stalled { .. })
     }
 }
 

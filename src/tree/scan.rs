@@ -37,6 +37,13 @@ pub enum ScanError {
         /// The path of the missing marker.
         path: PathBuf,
     },
+    /// The root itself is missing or is not a directory: a wrong path, not a
+    /// tree the mirror has yet to finish.
+    #[error("{}: no such directory", path.display())]
+    NoSuchDirectory {
+        /// The root as configured.
+        path: PathBuf,
+    },
     /// A directory the tree must have is missing or is not a directory.
     #[error("{}: missing or not a directory", path.display())]
     Missing {
@@ -208,8 +215,21 @@ fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec
         .collect()
 }
 
-/// Fails unless the readiness marker exists.
+/// Fails unless the root is a directory holding the readiness marker.
 pub fn check_ready(root: &Path) -> Result<(), ScanError> {
+    // Followed if a link: an operator may point the root at one.
+    let is_dir = match fs::metadata(root) {
+        Ok(meta) => meta.is_dir(),
+        Err(err) if err.kind() == io::ErrorKind::NotFound => false,
+        Err(source) => {
+            let path = root.to_path_buf();
+            return Err(ScanError::Io { path, source });
+        }
+    };
+    if !is_dir {
+        let path = root.to_path_buf();
+        return Err(ScanError::NoSuchDirectory { path });
+    }
     let path = root.join(MODIFIED);
     match fs::symlink_metadata(&path) {
         Ok(_) => Ok(()),
@@ -610,6 +630,19 @@ mod tests {
             "{text}"
         );
         assert!(!text.contains('\n'));
+    }
+
+    #[test]
+    fn a_missing_root_is_no_such_directory_not_not_ready() {
+        let tree = Tree::bare();
+        let gone = tree.root().join("no-tree-here");
+        let err = scan(&gone).expect_err("no root");
+        assert!(matches!(&err, ScanError::NoSuchDirectory { path } if path == &gone));
+        let text = err.to_string();
+        assert_eq!(text, format!("{}: no such directory", gone.display()));
+        tree.write("a-file", "");
+        let err = check_ready(&tree.root().join("a-file")).expect_err("a file");
+        assert!(matches!(err, ScanError::NoSuchDirectory { .. }), "{err}");
     }
 
     #[test]

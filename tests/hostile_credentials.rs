@@ -1,0 +1,151 @@
+//! Hostile input class: credentials where they do not belong. A password
+//! pasted into an LDAP URL (from a flag, the environment or a config file)
+//! is a configuration error that never echoes it; a bind password file
+//! others may read is used with a warning naming it and the fix (SPEC
+//! section 4, last paragraph).
+
+mod support;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+use std::process::Output;
+
+use support::e2e::bin;
+use support::Slapd;
+
+const SECRET: &str = "Pa55-w0rd-in-the-url";
+
+fn text(out: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A ready, empty tree under `dir`.
+fn empty_tree(dir: &Path) -> std::path::PathBuf {
+    let root = dir.join("tree");
+    fs::create_dir_all(root.join("servers")).expect("servers/");
+    fs::create_dir_all(root.join("placement")).expect("placement/");
+    fs::write(root.join(".modified"), "").expect(".modified");
+    root
+}
+
+#[test]
+fn credentials_in_an_ldap_url_are_refused_and_never_echoed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tree = empty_tree(dir.path());
+    let urls = [
+        format!("ldap://cn=admin:{SECRET}@127.0.0.1:1/"),
+        format!("ldaps://{SECRET}@dc1.ad.com"),
+        // Not even a valid scheme: the scheme error must not quote it either.
+        format!("http://svc:{SECRET}@dc1.ad.com"),
+    ];
+    let common = [
+        format!("--fs-root={}", tree.display()),
+        "--group-ou=ou=Groups,dc=ad,dc=com".to_owned(),
+    ];
+    for url in &urls {
+        for command in ["plan", "sync", "run", "check"] {
+            for log_format in ["text", "json"] {
+                let mut cmd = bin();
+                cmd.arg(command)
+                    .args(&common)
+                    .arg(format!("--log-format={log_format}"));
+                match command {
+                    "run" => cmd.arg("--no-lock"),
+                    "check" => cmd.args(["--proid=p", "--host-dn=cn=h,dc=ad,dc=com"]),
+                    _ => &mut cmd,
+                };
+                let out = cmd.arg(format!("--ldap-url={url}")).output().expect("run");
+                check_refused(&out, &format!("{command} flag {url}"));
+            }
+        }
+        let out = bin()
+            .arg("plan")
+            .args(&common)
+            .env("GMSA_LDAP_URL", url)
+            .output()
+            .expect("run");
+        check_refused(&out, &format!("environment {url}"));
+
+        let config = dir.path().join("gmsa.yml");
+        fs::write(&config, format!("ldap-url: {url:?}\n")).expect("config");
+        let out = bin()
+            .arg("sync")
+            .args(&common)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .expect("run");
+        check_refused(&out, &format!("config file {url}"));
+    }
+}
+
+fn check_refused(out: &Output, what: &str) {
+    let (stdout, stderr) = text(out);
+    assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");
+    assert!(
+        !stdout.contains(SECRET) && !stderr.contains(SECRET),
+        "{what}: the secret was echoed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("--ldap-url") && stderr.contains("credentials in an LDAP URL are refused"),
+        "{what}: {stderr}"
+    );
+}
+
+/// `plan` against a live slapd with the password file at `mode`.
+fn plan_with_password_mode(mode: u32) -> (i32, String, String, std::path::PathBuf) {
+    let slapd = Slapd::shared();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tree = empty_tree(dir.path());
+    let password = dir.path().join("bind.pw");
+    fs::write(&password, Slapd::SVC_PASSWORD).expect("password file");
+    fs::set_permissions(&password, fs::Permissions::from_mode(mode)).expect("chmod");
+    let out = bin()
+        .arg("plan")
+        .arg(format!("--fs-root={}", tree.display()))
+        .arg("--group-ou=ou=Groups,dc=ad,dc=com")
+        .arg(format!("--ldap-url={}", slapd.url()))
+        .arg(format!("--bind-dn={}", Slapd::SVC_DN))
+        .arg("--bind-password-file")
+        .arg(&password)
+        .output()
+        .expect("plan");
+    let (stdout, stderr) = text(&out);
+    assert!(
+        !stdout.contains(Slapd::SVC_PASSWORD) && !stderr.contains(Slapd::SVC_PASSWORD),
+        "the password was echoed:\n{stdout}\n{stderr}"
+    );
+    // Kept alive until the binary is done with the file.
+    let path = password.clone();
+    drop(dir);
+    (out.status.code().unwrap_or(-1), stdout, stderr, path)
+}
+
+#[test]
+fn a_password_file_others_can_read_is_used_with_a_warning_naming_the_fix() {
+    for mode in [0o644, 0o640, 0o604] {
+        let (code, _, stderr, path) = plan_with_password_mode(mode);
+        assert_eq!(code, 0, "mode {mode:o}: {stderr}");
+        let shown = path.display();
+        assert!(
+            stderr.contains(&format!(
+                "{shown}: the bind password file is readable by group or others (mode {mode:03o})"
+            )),
+            "mode {mode:o}: {stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("chmod 600 {shown}")),
+            "mode {mode:o}: {stderr}"
+        );
+    }
+    let (code, _, stderr, _) = plan_with_password_mode(0o600);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        !stderr.contains("chmod"),
+        "a private file is not warned about: {stderr}"
+    );
+}
