@@ -61,6 +61,12 @@ enum Spec<'a> {
 
 /// Parses an LDIF content file into its records, in file order.
 pub fn parse(text: &str) -> Result<Vec<Record>, LdifError> {
+    Ok(parse_numbered(text)?.into_iter().map(|(_, r)| r).collect())
+}
+
+/// Like [`parse`], with the line each record's `dn:` starts on, for
+/// errors that concern whole records (two entries with one DN).
+pub fn parse_numbered(text: &str) -> Result<Vec<(usize, Record)>, LdifError> {
     let mut groups = group_records(unfold(text)?);
     if let Some(first) = groups.first_mut() {
         if let Some(line) = first.first() {
@@ -80,7 +86,7 @@ pub fn parse(text: &str) -> Result<Vec<Record>, LdifError> {
     groups
         .iter()
         .filter_map(|lines| lines.split_first())
-        .map(|(first, rest)| parse_record(first, rest))
+        .map(|(first, rest)| Ok((first.number, parse_record(first, rest)?)))
         .collect()
 }
 
@@ -469,6 +475,14 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn records_are_numbered_by_their_dn_line() {
+        let text = "version: 1\n\n# first\ndn: a\ncn: a\n\n\ndn:: Yg==\nmember: x\n";
+        let numbered = parse_numbered(text).expect("valid");
+        let lines: Vec<(usize, &str)> = numbered.iter().map(|(n, r)| (*n, r.dn.as_str())).collect();
+        assert_eq!(lines, [(4, "a"), (8, "b")]);
     }
 
     #[test]
