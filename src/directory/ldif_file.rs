@@ -1,39 +1,90 @@
 //! The embedded backend: a directory kept in one LDIF content file.
 //!
-//! The file is read once at [`LdifFileDirectory::open`]; reads and modifies
-//! then go to an in-memory copy that behaves like a server with permissive
-//! modify, and [`Directory::commit`] writes the whole content back, only when
-//! something changed since the last commit. The write is atomic (a
-//! dot-prefixed temp file in the same directory, fsync, rename over the
-//! target, fsync of the directory), so a crash leaves the old file or the new
-//! one, never half of one; a symlinked path updates the file it points to,
-//! and the file keeps its permission bits.
+//! The file is read at [`LdifFileDirectory::open`]; reads and modifies then
+//! go to an in-memory copy that behaves like a server with permissive
+//! modify, and each modify that changed something is also kept as a
+//! pending member change. [`Directory::commit`] saves them.
 //!
-//! Every entry and attribute is written back unchanged and in order, but the
-//! layout is ours: comments are dropped, folded lines are unfolded, and a
-//! value is base64-encoded exactly when RFC 2849 requires it. Changes made to
-//! the file by someone else after it was opened are overwritten by the next
-//! commit, and modifies that are never committed are lost.
+//! The file is shared state: an operator may edit it by hand, and two
+//! `sync` runs may work on it at once. So a commit never writes back the
+//! snapshot it read. Under an exclusive advisory lock it reads the file
+//! again; when the content differs from what this process last read or
+//! wrote, it parses the fresh content and applies the pending member
+//! changes (the adds and deletes, not whole groups) to it. Content is
+//! compared rather than inode, size and mtime, because a same-size edit
+//! within one timestamp tick, or a reused inode number, would pass an
+//! identity check. The write is atomic and durable (a temp file
+//! `.<name>.tmp.<pid>` in the same folder, fsync, rename over the target,
+//! fsync of the folder), so a crash leaves the old file or the new one.
+//! Temp files of that name found under the lock can only be left by a
+//! killed run (a live one holds the lock while its temp file exists) and
+//! are removed.
+//!
+//! The lock is `flock` on the data file itself, taken on a descriptor
+//! opened before locking; after the lock is granted the path is checked
+//! to still name that inode, and the lock is taken again on the new file
+//! if not. A rename replaces the inode, so a lock on the old one protects
+//! nothing; re-checking makes the lock follow the file without leaving a
+//! lock file beside it, and anyone who runs `flock directory.ldif ...`
+//! around a hand edit is serialised with us. A path that is a symlink is
+//! resolved first, so the file it names is locked and replaced.
+//!
+//! A failed commit (disk full, an I/O error, a file that no longer parses)
+//! leaves nothing half-applied in memory: the copy goes back to the file's
+//! content as last read, so the next pass plans the change again and its
+//! commit writes it. A file without write permission (checked from its
+//! permission bits too, since root may rename over any file) or on a
+//! read-only mount is refused, not replaced. Entries with the same DN
+//! (compared normalised) make the file invalid.
+//!
+//! Every entry and attribute is written back unchanged and in order, but
+//! the layout is ours: comments are dropped, folded lines are unfolded,
+//! and a value is base64-encoded exactly when RFC 2849 requires it. The
+//! file keeps its permission bits and, when we may, its owner.
 
-use std::fs;
-use std::io::{self, Write};
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use tracing::{info, warn};
 
 use super::memory::{Flavour, MemoryDirectory};
-use super::{Capabilities, DirError, Directory, Group, MemberChange};
-use crate::ldif;
+use super::{Capabilities, DirError, Directory, Group, MemberChange, Op};
+use crate::ldif::{self, Record};
 use crate::model::Dn;
+use crate::safe_fs;
+
+/// The largest directory file read. The file is configured by the
+/// operator, not dropped into the tree, and a large estate's is ~10 MB,
+/// so the cap is far above [`safe_fs::MAX_FILE`].
+pub const MAX_DIRECTORY_FILE: u64 = 256 << 20;
+
+/// How long a commit waits for another holder of the lock before giving
+/// up (the pass is then retried like one that met a busy server).
+const LOCK_WAIT: Duration = Duration::from_secs(60);
+
+/// A member change waiting for the next commit.
+type Pending = (Dn, MemberChange);
 
 /// A directory read from, and saved to, an LDIF content file.
 #[derive(Debug)]
 pub struct LdifFileDirectory {
     path: PathBuf,
-    memory: MemoryDirectory,
-    /// The generation last written (or read); held across the save so that
-    /// two commits never write at once.
-    saved: tokio::sync::Mutex<u64>,
+    memory: Arc<MemoryDirectory>,
+    /// The file's content as last read or written; held across a commit so
+    /// that two commits of this process never overlap.
+    base: tokio::sync::Mutex<Vec<u8>>,
+    /// The member changes applied to `memory` since the last commit, in
+    /// order.
+    pending: Mutex<Vec<Pending>>,
 }
 
 impl LdifFileDirectory {
@@ -41,21 +92,16 @@ impl LdifFileDirectory {
     /// bad content, the line.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, DirError> {
         let path = path.as_ref().to_path_buf();
-        let shown = path.display();
-        let bytes = fs::read(&path).map_err(|err| DirError::Fatal(format!("{shown}: {err}")))?;
-        let text = String::from_utf8(bytes).map_err(|err| {
-            let good = &err.as_bytes()[..err.utf8_error().valid_up_to()];
-            let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
-            DirError::Fatal(format!("{shown}: line {line}: not UTF-8 text"))
-        })?;
-        let records =
-            ldif::parse(&text).map_err(|err| DirError::Fatal(format!("{shown}: {err}")))?;
-        let memory = MemoryDirectory::new(records, Flavour::Permissive);
-        let saved = tokio::sync::Mutex::new(memory.generation());
+        let shown = path.display().to_string();
+        let target = resolve(&path).map_err(|err| fatal(&shown, err))?;
+        let (file, _) = open_regular(&target).map_err(|err| fatal(&shown, err))?;
+        let bytes = read_all(&file).map_err(|err| fatal(&shown, err))?;
+        let records = parse(&bytes).map_err(|what| fatal(&shown, what))?;
         Ok(LdifFileDirectory {
             path,
-            memory,
-            saved,
+            memory: Arc::new(MemoryDirectory::untraced(records, Flavour::Permissive)),
+            base: tokio::sync::Mutex::new(bytes),
+            pending: Mutex::new(Vec::new()),
         })
     }
 
@@ -73,34 +119,333 @@ impl LdifFileDirectory {
     pub fn warnings(&self) -> Vec<String> {
         self.memory.warnings()
     }
+
+    fn pending(&self) -> MutexGuard<'_, Vec<Pending>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Replaces the in-memory copy with `records` plus the changes made
+    /// since the commit began (none, unless passes overlap).
+    fn rebase(&self, records: Vec<Record>) {
+        let pending = self.pending();
+        self.memory.reset(records);
+        for (group, change) in pending.iter() {
+            // A change that no longer applies is dropped here and planned
+            // again from the directory's real state.
+            let _ = self.memory.change_members(group, change);
+        }
+    }
 }
 
-/// Replaces `path` with `text` atomically and durably.
-fn save(path: &Path, text: &str) -> io::Result<()> {
-    // Renaming over a symlink would replace the link, not what it names.
-    let target = match fs::symlink_metadata(path) {
-        Ok(meta) if meta.file_type().is_symlink() => fs::canonicalize(path)?,
-        _ => path.to_path_buf(),
+fn fatal(shown: &str, what: impl std::fmt::Display) -> DirError {
+    DirError::Fatal(format!("{shown}: {what}"))
+}
+
+/// The file a path names: a symlink is followed (renaming over it would
+/// replace the link, not the file it names).
+fn resolve(path: &Path) -> io::Result<PathBuf> {
+    match fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_symlink() => fs::canonicalize(path),
+        _ => Ok(path.to_path_buf()),
+    }
+}
+
+fn open_regular(target: &Path) -> Result<(File, fs::Metadata), String> {
+    let (file, _) = safe_fs::open_regular(target, MAX_DIRECTORY_FILE).map_err(|err| match err {
+        safe_fs::ReadError::NotFound => "no such file".to_owned(),
+        other => other.to_string(),
+    })?;
+    let meta = file
+        .metadata()
+        .map_err(|err| format!("cannot be read: {err}"))?;
+    Ok((file, meta))
+}
+
+fn read_all(file: &File) -> Result<Vec<u8>, String> {
+    let mut bytes = Vec::new();
+    file.take(MAX_DIRECTORY_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(|err| format!("cannot be read: {err}"))?;
+    if bytes.len() as u64 > MAX_DIRECTORY_FILE {
+        return Err(format!(
+            "too large (more than {MAX_DIRECTORY_FILE} bytes are not read)"
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Parses a directory file: UTF-8, LDIF content, and every DN once.
+fn parse(bytes: &[u8]) -> Result<Vec<Record>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|err| {
+        let good = &bytes[..err.valid_up_to()];
+        let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
+        format!("line {line}: not UTF-8 text")
+    })?;
+    let numbered = ldif::parse_numbered(text).map_err(|err| err.to_string())?;
+    let mut seen: HashMap<String, usize> = HashMap::with_capacity(numbered.len());
+    let mut records = Vec::with_capacity(numbered.len());
+    for (line, record) in numbered {
+        // An entry whose DN does not parse is kept (and skipped by reads);
+        // its spelling, lowercased, is the best key there is.
+        let key = match Dn::parse(&record.dn) {
+            Ok(dn) => dn.normalised().to_owned(),
+            Err(_) => record.dn.to_lowercase(),
+        };
+        if let Some(first) = seen.insert(key, line) {
+            return Err(format!(
+                "line {line}: the entry {:?} repeats the DN of the entry on line {first}",
+                record.dn
+            ));
+        }
+        records.push(record);
+    }
+    Ok(records)
+}
+
+/// What a commit did to the file.
+enum Saved {
+    /// Written: the new content, and the records the memory must take when
+    /// the file had changed since it was read.
+    Written {
+        content: Vec<u8>,
+        fresh: Option<Vec<Record>>,
+    },
+    /// Nothing written. The file as last read (the fresh content when it
+    /// could be read and parsed), and its records for the memory.
+    Failed {
+        err: DirError,
+        content: Vec<u8>,
+        records: Vec<Record>,
+    },
+}
+
+/// A commit's work on the file (blocking): lock, re-read, apply
+/// `changes` (to the fresh content if it changed), write, unlock.
+fn save(path: &Path, base: Vec<u8>, changes: &[Pending], memory: &MemoryDirectory) -> Saved {
+    let shown = path.display().to_string();
+    let failed = |err: DirError, content: Vec<u8>, records: Option<Vec<Record>>| {
+        let records = match records {
+            Some(records) => records,
+            // The content was parsed before; should it not parse now, the
+            // memory keeps nothing that a re-read would not give.
+            None => parse(&content).unwrap_or_default(),
+        };
+        Saved::Failed {
+            err,
+            content,
+            records,
+        }
     };
-    let dir = match target.parent() {
+    let cannot = |what: String| DirError::Fatal(format!("{shown}: cannot save: {what}"));
+
+    let target = match resolve(path) {
+        Ok(target) => target,
+        Err(err) => return failed(cannot(err.to_string()), base, None),
+    };
+    let (lock, meta) = match lock(&target, &shown) {
+        Ok(locked) => locked,
+        Err(err) => return failed(err, base, None),
+    };
+    if let Err(what) = writable(&target, &meta) {
+        return failed(
+            DirError::Fatal(format!("{shown}: {what}; the file is not replaced")),
+            base,
+            None,
+        );
+    }
+    let current = match read_all(&lock) {
+        Ok(current) => current,
+        Err(what) => return failed(cannot(what), base, None),
+    };
+    let (content, fresh) = if current == base {
+        (base, None)
+    } else {
+        match parse(&current) {
+            Ok(records) => (current, Some(records)),
+            Err(what) => {
+                let err = DirError::Fatal(format!(
+                    "{shown}: changed since it was read and is now invalid: {what}; nothing saved"
+                ));
+                return failed(err, base, None);
+            }
+        }
+    };
+    let records = match &fresh {
+        None => memory.records(),
+        Some(fresh) => {
+            let engine = MemoryDirectory::untraced(fresh.clone(), Flavour::Permissive);
+            for (group, change) in changes {
+                if let Err(err) = engine.change_members(group, change) {
+                    let err = DirError::Fatal(format!(
+                        "{shown}: changed since it was read: group {group}: {err}; nothing saved"
+                    ));
+                    return failed(err, content, fresh.clone().into());
+                }
+            }
+            info!(
+                file = %shown,
+                changes = changes.len(),
+                "the directory file changed since it was read; this commit's member changes are applied to its current content"
+            );
+            engine.records()
+        }
+    };
+    let text = ldif::write(&records).into_bytes();
+    if let Err(err) = replace(&target, &meta, &text) {
+        return failed(cannot(err.to_string()), content, fresh);
+    }
+    drop(lock);
+    Saved::Written {
+        content: text,
+        fresh: fresh.map(|_| records),
+    }
+}
+
+/// Takes the exclusive lock on the file `target` names now.
+fn lock(target: &Path, shown: &str) -> Result<(File, fs::Metadata), DirError> {
+    let deadline = Instant::now() + LOCK_WAIT;
+    loop {
+        let (file, meta) = open_regular(target).map_err(|what| fatal(shown, what))?;
+        loop {
+            // SAFETY: a valid open descriptor.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                break;
+            }
+            let err = io::Error::last_os_error();
+            if err.raw_os_error() != Some(libc::EWOULDBLOCK) {
+                return Err(fatal(shown, format!("cannot lock: {err}")));
+            }
+            if Instant::now() >= deadline {
+                return Err(DirError::Unreachable {
+                    op: Op::Save,
+                    message: format!(
+                        "{shown}: locked by another process for {} s; nothing saved",
+                        LOCK_WAIT.as_secs()
+                    ),
+                });
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        // Locked; but a writer may have renamed a new file over the one we
+        // opened while we waited.
+        match fs::metadata(target) {
+            Ok(now) if now.dev() == meta.dev() && now.ino() == meta.ino() => {
+                let meta = file.metadata().map_err(|err| fatal(shown, err))?;
+                return Ok((file, meta));
+            }
+            _ => continue,
+        }
+    }
+}
+
+/// Refuses a file we may not write: no write bit at all (root could
+/// rename over it regardless), no write access for this user, or a
+/// read-only mount; and a folder where no temp file can be made.
+fn writable(target: &Path, meta: &fs::Metadata) -> Result<(), String> {
+    if meta.mode() & 0o222 == 0 {
+        return Err("is read-only (no write permission)".to_owned());
+    }
+    access_w(target).map_err(|err| match err.raw_os_error() {
+        Some(libc::EROFS) => "is on a read-only file system".to_owned(),
+        _ => format!("is not writable: {err}"),
+    })?;
+    let dir = folder(target);
+    access_w(&dir).map_err(|err| {
+        format!(
+            "its folder {} is not writable ({err}), so it cannot be replaced atomically",
+            dir.display()
+        )
+    })
+}
+
+fn access_w(path: &Path) -> io::Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "a NUL byte in the path"))?;
+    // SAFETY: a valid NUL-terminated path.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+fn folder(target: &Path) -> PathBuf {
+    match target.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
         _ => PathBuf::from("."),
-    };
+    }
+}
+
+/// The prefix of our temp files for `target`: `.<name>.tmp.`.
+fn temp_prefix(target: &Path) -> String {
     let name = target
         .file_name()
         .map_or_else(|| "directory".into(), |n| n.to_string_lossy().into_owned());
-    let mut temp = tempfile::Builder::new()
-        .prefix(&format!(".{name}."))
-        .suffix(".tmp")
-        .tempfile_in(&dir)?;
-    if let Ok(meta) = fs::metadata(&target) {
-        temp.as_file().set_permissions(meta.permissions())?;
+    format!(".{name}.tmp.")
+}
+
+/// Removes temp files of `target` left by killed runs. Called with the
+/// lock held: a live run's temp file exists only while it holds the lock.
+fn remove_stale_temps(dir: &Path, prefix: &str, ours: &Path) {
+    let Ok(entries) = safe_fs::list_dir(dir) else {
+        return;
+    };
+    for (name, kind) in entries {
+        let Some(name) = name.to_str() else { continue };
+        let Some(pid) = name.strip_prefix(prefix) else {
+            continue;
+        };
+        let path = dir.join(name);
+        if path == ours
+            || !pid.bytes().all(|b| b.is_ascii_digit())
+            || kind.is_some_and(|k| k.is_dir())
+        {
+            continue;
+        }
+        match fs::remove_file(&path) {
+            Ok(()) => warn!(file = %path.display(), "removed a temp file left by an earlier run"),
+            Err(err) => {
+                warn!(file = %path.display(), error = %err, "cannot remove a temp file left by an earlier run")
+            }
+        }
     }
-    temp.write_all(text.as_bytes())?;
-    temp.as_file().sync_all()?;
-    // On failure the temp file is removed when `temp` is dropped.
-    temp.persist(&target).map_err(|err| err.error)?;
-    fs::File::open(&dir)?.sync_all()
+}
+
+/// Replaces `target` with `text` atomically and durably, keeping its
+/// permission bits and owner.
+fn replace(target: &Path, meta: &fs::Metadata, text: &[u8]) -> io::Result<()> {
+    let dir = folder(target);
+    let prefix = temp_prefix(target);
+    let temp = dir.join(format!("{prefix}{}", std::process::id()));
+    remove_stale_temps(&dir, &prefix, &temp);
+    // Ours from an earlier failed attempt: the lock is held, so it is stale.
+    match fs::remove_file(&temp) {
+        Ok(()) => {}
+        Err(err) if err.kind() == io::ErrorKind::NotFound => {}
+        Err(err) => return Err(err),
+    }
+    let result = write_temp(&temp, meta, text).and_then(|()| fs::rename(&temp, target));
+    if let Err(err) = result {
+        let _ = fs::remove_file(&temp);
+        return Err(err);
+    }
+    File::open(&dir)?.sync_all()
+}
+
+fn write_temp(temp: &Path, meta: &fs::Metadata, text: &[u8]) -> io::Result<()> {
+    let mut file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(temp)?;
+    // Best effort: only root may give a file away, and a group change may
+    // be refused; the permission bits then still hold.
+    // SAFETY: a valid open descriptor.
+    let _ = unsafe { libc::fchown(file.as_raw_fd(), meta.uid(), meta.gid()) };
+    file.set_permissions(meta.permissions())?;
+    file.write_all(text)?;
+    file.sync_all()
 }
 
 #[async_trait]
@@ -122,26 +467,54 @@ impl Directory for LdifFileDirectory {
     }
 
     async fn modify_members(&self, group: &Dn, change: &MemberChange) -> Result<(), DirError> {
-        self.memory.modify_members(group, change).await
+        // Held across the change so that pending changes keep the order in
+        // which they were applied.
+        let mut pending = self.pending();
+        if self.memory.change_members(group, change)? {
+            pending.push((group.clone(), change.clone()));
+        }
+        Ok(())
     }
 
     async fn commit(&self) -> Result<(), DirError> {
-        let mut saved = self.saved.lock().await;
-        let (generation, records) = self.memory.snapshot();
-        if generation == *saved {
+        let mut base = self.base.lock().await;
+        let changes = std::mem::take(&mut *self.pending());
+        if changes.is_empty() {
             return Ok(());
         }
-        let text = ldif::write(&records);
         let path = self.path.clone();
-        let shown = self.path.display().to_string();
-        let result = tokio::task::spawn_blocking(move || save(&path, &text)).await;
-        match result {
-            Ok(Ok(())) => {
-                *saved = generation;
+        let memory = Arc::clone(&self.memory);
+        let old = std::mem::take(&mut *base);
+        let work = tokio::task::spawn_blocking(move || save(&path, old, &changes, &memory));
+        match work.await {
+            Ok(Saved::Written { content, fresh }) => {
+                *base = content;
+                if let Some(records) = fresh {
+                    self.rebase(records);
+                }
                 Ok(())
             }
-            Ok(Err(err)) => Err(DirError::Fatal(format!("{shown}: cannot save: {err}"))),
-            Err(err) => Err(DirError::Fatal(format!("{shown}: cannot save: {err}"))),
+            Ok(Saved::Failed {
+                err,
+                content,
+                records,
+            }) => {
+                *base = content;
+                self.rebase(records);
+                Err(err)
+            }
+            Err(err) => {
+                // The base went with the task: take the file as it is now,
+                // so that nothing half-applied stays in memory. Should even
+                // that fail, an empty base differs from any content, and the
+                // next commit re-reads the file.
+                let shown = self.path.display().to_string();
+                if let Ok(fresh) = LdifFileDirectory::open(&self.path) {
+                    *base = std::mem::take(&mut *fresh.base.lock().await);
+                    self.rebase(fresh.memory.records());
+                }
+                Err(DirError::Fatal(format!("{shown}: cannot save: {err}")))
+            }
         }
     }
 }
@@ -149,7 +522,7 @@ impl Directory for LdifFileDirectory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    use std::os::unix::fs::PermissionsExt;
 
     const CONTENT: &str = "\
 # An export of the groups OU.
@@ -320,31 +693,224 @@ info: keep me
         assert!(text.contains(host(5).as_str()), "{text}");
     }
 
-    #[tokio::test]
-    async fn a_failed_save_is_fatal_names_the_file_and_is_retried() {
-        let tmp = tempfile::tempdir().expect("tempdir");
-        let sub = tmp.path().join("sub");
-        fs::create_dir(&sub).expect("mkdir");
-        let path = write_file(&sub, CONTENT);
-        let dir = LdifFileDirectory::open(&path).expect("open");
-        let change = MemberChange {
-            add: vec![host(6)],
+    async fn members_of(dir: &LdifFileDirectory, group: &Dn) -> Vec<String> {
+        let group = dir.read_group(group).await.expect("read").expect("group");
+        group
+            .members
+            .iter()
+            .map(|m| m.normalised().to_owned())
+            .collect()
+    }
+
+    fn file_members(path: &Path, group: &Dn) -> Vec<String> {
+        let text = fs::read_to_string(path).expect("read");
+        let record = ldif::parse(&text)
+            .expect("parses")
+            .into_iter()
+            .find(|r| dn(&r.dn) == *group)
+            .expect("group in the file");
+        let mut members: Vec<String> = record
+            .attrs
+            .iter()
+            .filter(|(a, _)| a.eq_ignore_ascii_case("member"))
+            .map(|(_, v)| dn(v).normalised().to_owned())
+            .collect();
+        members.sort();
+        members
+    }
+
+    fn norm(dns: &[Dn]) -> Vec<String> {
+        let mut out: Vec<String> = dns.iter().map(|d| d.normalised().to_owned()).collect();
+        out.sort();
+        out
+    }
+
+    fn add(n: u32) -> MemberChange {
+        MemberChange {
+            add: vec![host(n)],
             delete: vec![],
-        };
-        dir.modify_members(&g1(), &change).await.expect("modify");
-        fs::remove_dir_all(&sub).expect("remove the file's directory");
-        let err = dir.commit().await.expect_err("cannot save");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_failed_commit_leaves_nothing_half_applied_and_the_retry_writes_the_change() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = write_file(tmp.path(), CONTENT);
+        let dir = LdifFileDirectory::open(&path).expect("open");
+        dir.modify_members(&g1(), &add(6)).await.expect("modify");
+        assert_eq!(members_of(&dir, &g1()).await.len(), 3, "applied in memory");
+
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o444)).expect("chmod");
+        let err = dir.commit().await.expect_err("read-only");
         assert!(matches!(err, DirError::Fatal(_)), "{err:?}");
+        let shown = err.to_string();
         assert!(
-            err.to_string().contains(&path.display().to_string()),
-            "{err}"
+            shown.starts_with(&format!("{}: ", path.display())),
+            "{shown}"
+        );
+        assert!(shown.contains("read-only"), "{shown}");
+        assert_eq!(
+            fs::read_to_string(&path).expect("read"),
+            CONTENT,
+            "not replaced"
+        );
+        assert_eq!(
+            members_of(&dir, &g1()).await,
+            norm(&[host(1), host(2)]),
+            "the failed change is rolled back in memory"
         );
 
-        // The change is still pending: once the directory is back, it is saved.
-        fs::create_dir(&sub).expect("mkdir");
+        // The retry sees the group as it is in the file, plans the change
+        // again, and this time it is written.
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).expect("chmod");
+        dir.commit().await.expect("nothing pending");
+        assert_eq!(fs::read_to_string(&path).expect("read"), CONTENT);
+        dir.modify_members(&g1(), &add(6)).await.expect("modify");
         dir.commit().await.expect("commit");
+        assert_eq!(
+            file_members(&path, &g1()),
+            norm(&[host(1), host(2), host(6)])
+        );
+        assert_eq!(names_in(tmp.path()), ["directory.ldif"]);
+    }
+
+    #[tokio::test]
+    async fn an_edit_made_since_the_file_was_read_is_kept() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = write_file(tmp.path(), CONTENT);
+        let dir = LdifFileDirectory::open(&path).expect("open");
+        let admin = dn("CN=admin,OU=Users,DC=ad,DC=com");
+        // By hand, in place (same inode): an unmanaged member and a new group.
+        let edited = CONTENT.replace(
+            "member: CN=host2,OU=Hosts,DC=ad,DC=com\n",
+            "member: CN=host2,OU=Hosts,DC=ad,DC=com\nmember: CN=admin,OU=Users,DC=ad,DC=com\n",
+        )
+            + "\ndn: CN=new,OU=Groups,DC=ad,DC=com\nobjectClass: group\nsAMAccountName: new\n";
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .and_then(|mut f| f.write_all(edited.as_bytes()))
+            .expect("edit");
+
+        let change = MemberChange {
+            add: vec![host(3)],
+            delete: vec![host(1)],
+        };
+        dir.modify_members(&g1(), &change).await.expect("modify");
+        dir.commit().await.expect("commit");
+        assert_eq!(
+            file_members(&path, &g1()),
+            norm(&[host(2), host(3), admin.clone()])
+        );
         let text = fs::read_to_string(&path).expect("read");
-        assert!(text.contains(host(6).as_str()), "{text}");
+        assert!(text.contains("dn: CN=new,OU=Groups,DC=ad,DC=com"), "{text}");
+        // The memory follows the file: later reads see the edit.
+        assert_eq!(
+            members_of(&dir, &g1()).await,
+            norm(&[host(2), host(3), admin])
+        );
+        let groups = dir
+            .search_groups(&dn("OU=Groups,DC=ad,DC=com"))
+            .await
+            .expect("search");
+        assert_eq!(groups.len(), 3);
+    }
+
+    #[tokio::test]
+    async fn two_directories_on_one_file_both_land() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = write_file(tmp.path(), CONTENT);
+        let g2 = dn("CN=proid2-gmsa-hosts,OU=Groups,DC=ad,DC=com");
+        let a = LdifFileDirectory::open(&path).expect("open a");
+        let b = LdifFileDirectory::open(&path).expect("open b");
+        a.modify_members(&g1(), &add(7)).await.expect("modify a");
+        b.modify_members(&g2, &add(8)).await.expect("modify b");
+        b.modify_members(&g1(), &add(9)).await.expect("modify b");
+        a.commit().await.expect("commit a");
+        b.commit().await.expect("commit b");
+        assert_eq!(
+            file_members(&path, &g1()),
+            norm(&[host(1), host(2), host(7), host(9)])
+        );
+        assert_eq!(file_members(&path, &g2), norm(&[host(1), host(8)]));
+    }
+
+    #[tokio::test]
+    async fn a_group_removed_since_the_file_was_read_fails_the_commit() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = write_file(tmp.path(), CONTENT);
+        let dir = LdifFileDirectory::open(&path).expect("open");
+        dir.modify_members(&g1(), &add(3)).await.expect("modify");
+        let records: Vec<ldif::Record> = ldif::parse(CONTENT)
+            .expect("parses")
+            .into_iter()
+            .filter(|r| dn(&r.dn) != g1())
+            .collect();
+        let without = ldif::write(&records);
+        fs::write(&path, &without).expect("remove the group");
+        let err = dir.commit().await.expect_err("the group is gone");
+        let shown = err.to_string();
+        assert!(
+            shown.contains(g1().as_str()) && shown.contains("nothing saved"),
+            "{shown}"
+        );
+        assert_eq!(fs::read_to_string(&path).expect("read"), without);
+        assert_eq!(
+            dir.read_group(&g1()).await.expect("read"),
+            None,
+            "memory follows the file"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_commit_waits_for_the_lock_on_the_file() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = write_file(tmp.path(), CONTENT);
+        let dir = Arc::new(LdifFileDirectory::open(&path).expect("open"));
+        dir.modify_members(&g1(), &add(4)).await.expect("modify");
+        let held = File::open(&path).expect("open");
+        // SAFETY: a valid open descriptor.
+        assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let committing = tokio::spawn({
+            let dir = Arc::clone(&dir);
+            async move { dir.commit().await }
+        });
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!committing.is_finished(), "the commit waits");
+        assert_eq!(fs::read_to_string(&path).expect("read"), CONTENT);
+        drop(held);
+        committing.await.expect("join").expect("commit");
+        assert!(file_members(&path, &g1()).contains(&host(4).normalised().to_owned()));
+    }
+
+    #[tokio::test]
+    async fn stale_temp_files_are_removed_by_the_next_commit() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = write_file(tmp.path(), CONTENT);
+        fs::write(tmp.path().join(".directory.ldif.tmp.4000000"), "half").expect("stale");
+        fs::write(tmp.path().join(".other.ldif.tmp.1"), "not ours").expect("other");
+        let dir = LdifFileDirectory::open(&path).expect("open");
+        dir.modify_members(&g1(), &add(4)).await.expect("modify");
+        dir.commit().await.expect("commit");
+        assert_eq!(
+            names_in(tmp.path()),
+            [".other.ldif.tmp.1", "directory.ldif"]
+        );
+    }
+
+    #[test]
+    fn duplicate_dns_are_an_error_naming_both_lines() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let text = "version: 1\n\ndn: CN=a,DC=ad,DC=com\ncn: a\n\ndn: CN=b,DC=ad,DC=com\ncn: b\n\ndn: cn=A, dc=AD,dc=com\ncn: a\n";
+        let path = write_file(tmp.path(), text);
+        let err = LdifFileDirectory::open(&path).expect_err("duplicate");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: line 9: the entry \"cn=A, dc=AD,dc=com\" repeats the DN of the entry on line 3",
+                path.display()
+            )
+        );
     }
 
     #[test]
@@ -405,5 +971,6 @@ info: keep me
             .expect("find");
         assert_eq!(found.map(|g| g.members.len()), Some(1));
         assert!(dir.warnings().is_empty());
+        assert!(dir.memory.calls().is_empty(), "no per-call history");
     }
 }
