@@ -26,8 +26,11 @@
 //! if not. A rename replaces the inode, so a lock on the old one protects
 //! nothing; re-checking makes the lock follow the file without leaving a
 //! lock file beside it, and anyone who runs `flock directory.ldif ...`
-//! around a hand edit is serialised with us. A path that is a symlink is
-//! resolved first, so the file it names is locked and replaced.
+//! around a hand edit is serialised with us. An editor that takes no lock
+//! is still noticed: just before the rename the path must name the locked
+//! inode with the size and times it had when read, or the commit starts
+//! again from the new content. A path that is a symlink is resolved first,
+//! so the file it names is locked and replaced.
 //!
 //! A failed commit (disk full, an I/O error, a file that no longer parses)
 //! leaves nothing half-applied in memory: the copy goes back to the file's
@@ -70,6 +73,10 @@ pub const MAX_DIRECTORY_FILE: u64 = 256 << 20;
 /// How long a commit waits for another holder of the lock before giving
 /// up (the pass is then retried like one that met a busy server).
 const LOCK_WAIT: Duration = Duration::from_secs(60);
+
+/// How many times a commit starts again when the file is changed by
+/// someone without the lock while the new content is written.
+const RACES: usize = 5;
 
 /// A member change waiting for the next commit.
 type Pending = (Dn, MemberChange);
@@ -222,19 +229,48 @@ enum Saved {
 /// A commit's work on the file (blocking): lock, re-read, apply
 /// `changes` (to the fresh content if it changed), write, unlock.
 fn save(path: &Path, base: Vec<u8>, changes: &[Pending], memory: &MemoryDirectory) -> Saved {
+    for _ in 0..RACES {
+        if let Some(saved) = attempt(path, &base, changes, memory) {
+            return saved;
+        }
+    }
+    let err = DirError::Unreachable {
+        op: Op::Save,
+        message: format!(
+            "{}: replaced or edited during each of {RACES} attempts to save it; nothing saved",
+            path.display()
+        ),
+    };
+    let records = parse(&base).unwrap_or_default();
+    Saved::Failed {
+        err,
+        content: base,
+        records,
+    }
+}
+
+/// One try of [`save`]; `None` when someone who does not take the lock
+/// changed the file while the new content was being written.
+fn attempt(
+    path: &Path,
+    base: &[u8],
+    changes: &[Pending],
+    memory: &MemoryDirectory,
+) -> Option<Saved> {
     let shown = path.display().to_string();
-    let failed = |err: DirError, content: Vec<u8>, records: Option<Vec<Record>>| {
+    let failed = |err: DirError, content: &[u8], records: Option<Vec<Record>>| {
+        let content = content.to_vec();
         let records = match records {
             Some(records) => records,
             // The content was parsed before; should it not parse now, the
             // memory keeps nothing that a re-read would not give.
             None => parse(&content).unwrap_or_default(),
         };
-        Saved::Failed {
+        Some(Saved::Failed {
             err,
             content,
             records,
-        }
+        })
     };
     let cannot = |what: String| DirError::Fatal(format!("{shown}: cannot save: {what}"));
 
@@ -261,7 +297,7 @@ fn save(path: &Path, base: Vec<u8>, changes: &[Pending], memory: &MemoryDirector
         (base, None)
     } else {
         match parse(&current) {
-            Ok(records) => (current, Some(records)),
+            Ok(records) => (current.as_slice(), Some(records)),
             Err(what) => {
                 let err = DirError::Fatal(format!(
                     "{shown}: changed since it was read and is now invalid: {what}; nothing saved"
@@ -291,14 +327,16 @@ fn save(path: &Path, base: Vec<u8>, changes: &[Pending], memory: &MemoryDirector
         }
     };
     let text = ldif::write(&records).into_bytes();
-    if let Err(err) = replace(&target, &meta, &text) {
-        return failed(cannot(err.to_string()), content, fresh);
+    match replace(&target, &lock, &meta, &text) {
+        Ok(true) => {}
+        Ok(false) => return None,
+        Err(err) => return failed(cannot(err.to_string()), content, fresh),
     }
     drop(lock);
-    Saved::Written {
+    Some(Saved::Written {
         content: text,
         fresh: fresh.map(|_| records),
-    }
+    })
 }
 
 /// Takes the exclusive lock on the file `target` names now.
@@ -412,8 +450,10 @@ fn remove_stale_temps(dir: &Path, prefix: &str, ours: &Path) {
 }
 
 /// Replaces `target` with `text` atomically and durably, keeping its
-/// permission bits and owner.
-fn replace(target: &Path, meta: &fs::Metadata, text: &[u8]) -> io::Result<()> {
+/// permission bits and owner. `Ok(false)`, with nothing replaced, when the
+/// file was edited in place or replaced after `meta` was taken (an editor
+/// that does not take the lock): the commit then starts again.
+fn replace(target: &Path, locked: &File, meta: &fs::Metadata, text: &[u8]) -> io::Result<bool> {
     let dir = folder(target);
     let prefix = temp_prefix(target);
     let temp = dir.join(format!("{prefix}{}", std::process::id()));
@@ -424,12 +464,40 @@ fn replace(target: &Path, meta: &fs::Metadata, text: &[u8]) -> io::Result<()> {
         Err(err) if err.kind() == io::ErrorKind::NotFound => {}
         Err(err) => return Err(err),
     }
-    let result = write_temp(&temp, meta, text).and_then(|()| fs::rename(&temp, target));
-    if let Err(err) = result {
-        let _ = fs::remove_file(&temp);
-        return Err(err);
+    let result = write_temp(&temp, meta, text).and_then(|()| {
+        #[cfg(test)]
+        tests::before_rename(target);
+        if !unchanged(target, locked, meta)? {
+            return Ok(false);
+        }
+        fs::rename(&temp, target).map(|()| true)
+    });
+    match result {
+        Ok(true) => {}
+        Ok(false) => {
+            let _ = fs::remove_file(&temp);
+            return Ok(false);
+        }
+        Err(err) => {
+            let _ = fs::remove_file(&temp);
+            return Err(err);
+        }
     }
-    File::open(&dir)?.sync_all()
+    File::open(&dir)?.sync_all()?;
+    Ok(true)
+}
+
+/// Whether `target` is still the locked file, as it was when read.
+fn unchanged(target: &Path, locked: &File, meta: &fs::Metadata) -> io::Result<bool> {
+    let now = locked.metadata()?;
+    let same_content = now.len() == meta.len()
+        && (now.mtime(), now.mtime_nsec()) == (meta.mtime(), meta.mtime_nsec())
+        && (now.ctime(), now.ctime_nsec()) == (meta.ctime(), meta.ctime_nsec());
+    Ok(same_content
+        && match fs::metadata(target) {
+            Ok(path) => (path.dev(), path.ino()) == (meta.dev(), meta.ino()),
+            Err(_) => false,
+        })
 }
 
 fn write_temp(temp: &Path, meta: &fs::Metadata, text: &[u8]) -> io::Result<()> {
@@ -523,6 +591,27 @@ impl Directory for LdifFileDirectory {
 mod tests {
     use super::*;
     use std::os::unix::fs::PermissionsExt;
+
+    type Hook = Box<dyn FnMut() + Send>;
+
+    /// Work to do between writing the temp file and the rename, per target.
+    static BEFORE_RENAME: Mutex<Vec<(PathBuf, Hook)>> = Mutex::new(Vec::new());
+
+    pub(super) fn before_rename(target: &Path) {
+        let mut hooks = BEFORE_RENAME.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(at) = hooks.iter().position(|(p, _)| p == target) {
+            let (_, mut hook) = hooks.remove(at);
+            hook();
+        }
+    }
+
+    fn on_next_rename(target: &Path, hook: impl FnMut() + Send + 'static) {
+        let target = fs::canonicalize(target).expect("canonical");
+        BEFORE_RENAME
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push((target, Box::new(hook)));
+    }
 
     const CONTENT: &str = "\
 # An export of the groups OU.
@@ -896,6 +985,30 @@ info: keep me
             names_in(tmp.path()),
             [".other.ldif.tmp.1", "directory.ldif"]
         );
+    }
+
+    #[tokio::test]
+    async fn an_edit_saved_while_the_new_content_is_written_is_kept() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = write_file(tmp.path(), CONTENT);
+        let dir = LdifFileDirectory::open(&path).expect("open");
+        dir.modify_members(&g1(), &add(3)).await.expect("modify");
+        // An editor that takes no lock saves by rename during the commit.
+        let edited = CONTENT.replace("info: keep me", "info: edited meanwhile");
+        let (at, text) = (path.clone(), edited.clone());
+        on_next_rename(&path, move || {
+            let temp = at.with_file_name("editor-temp");
+            fs::write(&temp, &text).expect("editor writes");
+            fs::rename(&temp, &at).expect("editor renames");
+        });
+        dir.commit().await.expect("commit");
+        let saved = fs::read_to_string(&path).expect("read");
+        assert!(saved.contains("info: edited meanwhile"), "{saved}");
+        assert_eq!(
+            file_members(&path, &g1()),
+            norm(&[host(1), host(2), host(3)])
+        );
+        assert_eq!(names_in(tmp.path()), ["directory.ldif"]);
     }
 
     #[test]
