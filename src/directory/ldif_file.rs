@@ -59,7 +59,7 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use tracing::{info, warn};
 
-use super::memory::{Flavour, MemoryDirectory};
+use super::memory::{parse_dns, Flavour, MemoryDirectory, Parsed};
 use super::{Capabilities, DirError, Directory, Group, MemberChange, Op};
 use crate::ldif::{self, Record};
 use crate::model::Dn;
@@ -133,9 +133,9 @@ impl LdifFileDirectory {
 
     /// Replaces the in-memory copy with `records` plus the changes made
     /// since the commit began (none, unless passes overlap).
-    fn rebase(&self, records: Vec<Record>) {
+    fn rebase(&self, entries: Vec<Parsed>) {
         let pending = self.pending();
-        self.memory.reset(records);
+        self.memory.reset(entries);
         for (group, change) in pending.iter() {
             // A change that no longer applies is dropped here and planned
             // again from the directory's real state.
@@ -182,31 +182,34 @@ fn read_all(file: &File) -> Result<Vec<u8>, String> {
 }
 
 /// Parses a directory file: UTF-8, LDIF content, and every DN once.
-fn parse(bytes: &[u8]) -> Result<Vec<Record>, String> {
+fn parse(bytes: &[u8]) -> Result<Vec<Parsed>, String> {
     let text = std::str::from_utf8(bytes).map_err(|err| {
         let good = &bytes[..err.valid_up_to()];
         let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
         format!("line {line}: not UTF-8 text")
     })?;
-    let numbered = ldif::parse_numbered(text).map_err(|err| err.to_string())?;
-    let mut seen: HashMap<String, usize> = HashMap::with_capacity(numbered.len());
-    let mut records = Vec::with_capacity(numbered.len());
-    for (line, record) in numbered {
+    let (lines, records): (Vec<usize>, Vec<Record>) = ldif::parse_numbered(text)
+        .map_err(|err| err.to_string())?
+        .into_iter()
+        .unzip();
+    let entries = parse_dns(records);
+    let mut seen: HashMap<std::borrow::Cow<'_, str>, usize> = HashMap::with_capacity(entries.len());
+    for (line, (record, dn)) in lines.iter().zip(&entries) {
         // An entry whose DN does not parse is kept (and skipped by reads);
         // its spelling, lowercased, is the best key there is.
-        let key = match Dn::parse(&record.dn) {
-            Ok(dn) => dn.normalised().to_owned(),
-            Err(_) => record.dn.to_lowercase(),
+        let key = match dn {
+            Some(dn) => dn.normalised().into(),
+            None => record.dn.to_lowercase().into(),
         };
-        if let Some(first) = seen.insert(key, line) {
+        if let Some(first) = seen.insert(key, *line) {
             return Err(format!(
                 "line {line}: the entry {:?} repeats the DN of the entry on line {first}",
                 record.dn
             ));
         }
-        records.push(record);
     }
-    Ok(records)
+    drop(seen);
+    Ok(entries)
 }
 
 /// What a commit did to the file.
@@ -215,14 +218,14 @@ enum Saved {
     /// the file had changed since it was read.
     Written {
         content: Vec<u8>,
-        fresh: Option<Vec<Record>>,
+        fresh: Option<Vec<Parsed>>,
     },
     /// Nothing written. The file as last read (the fresh content when it
     /// could be read and parsed), and its records for the memory.
     Failed {
         err: DirError,
         content: Vec<u8>,
-        records: Vec<Record>,
+        records: Vec<Parsed>,
     },
 }
 
@@ -258,7 +261,7 @@ fn attempt(
     memory: &MemoryDirectory,
 ) -> Option<Saved> {
     let shown = path.display().to_string();
-    let failed = |err: DirError, content: &[u8], records: Option<Vec<Record>>| {
+    let failed = |err: DirError, content: &[u8], records: Option<Vec<Parsed>>| {
         let content = content.to_vec();
         let records = match records {
             Some(records) => records,
@@ -306,8 +309,8 @@ fn attempt(
             }
         }
     };
-    let records = match &fresh {
-        None => memory.records(),
+    let (records, written) = match &fresh {
+        None => (memory.records(), None),
         Some(fresh) => {
             let engine = MemoryDirectory::untraced(fresh.clone(), Flavour::Permissive);
             for (group, change) in changes {
@@ -323,7 +326,9 @@ fn attempt(
                 changes = changes.len(),
                 "the directory file changed since it was read; this commit's member changes are applied to its current content"
             );
-            engine.records()
+            let entries = engine.entries();
+            let records = entries.iter().map(|(r, _)| r.clone()).collect();
+            (records, Some(entries))
         }
     };
     let text = ldif::write(&records).into_bytes();
@@ -335,7 +340,7 @@ fn attempt(
     drop(lock);
     Some(Saved::Written {
         content: text,
-        fresh: fresh.map(|_| records),
+        fresh: written,
     })
 }
 
@@ -579,7 +584,7 @@ impl Directory for LdifFileDirectory {
                 let shown = self.path.display().to_string();
                 if let Ok(fresh) = LdifFileDirectory::open(&self.path) {
                     *base = std::mem::take(&mut *fresh.base.lock().await);
-                    self.rebase(fresh.memory.records());
+                    self.rebase(fresh.memory.entries());
                 }
                 Err(DirError::Fatal(format!("{shown}: cannot save: {err}")))
             }

@@ -98,6 +98,26 @@ struct Entry {
     dn: Option<Dn>,
 }
 
+/// A record and its DN, parsed by whoever read the record.
+pub(crate) type Parsed = (Record, Option<Dn>);
+
+impl From<Parsed> for Entry {
+    fn from((record, dn): Parsed) -> Entry {
+        Entry { record, dn }
+    }
+}
+
+/// Parses the records' DNs (`None` for one that does not parse).
+pub(crate) fn parse_dns(records: Vec<Record>) -> Vec<Parsed> {
+    records
+        .into_iter()
+        .map(|record| {
+            let dn = Dn::parse(&record.dn).ok();
+            (record, dn)
+        })
+        .collect()
+}
+
 #[derive(Debug, Default)]
 struct State {
     entries: Vec<Entry>,
@@ -169,20 +189,35 @@ impl MemoryDirectory {
 
     /// Like [`new`](Self::new), recording no calls: the engine of a
     /// backend, not a fake that tests inspect.
-    pub(crate) fn untraced(records: Vec<Record>, flavour: Flavour) -> Self {
+    /// The records' DNs are parsed already.
+    pub(crate) fn untraced(entries: Vec<Parsed>, flavour: Flavour) -> Self {
         MemoryDirectory {
+            flavour,
             traced: false,
-            ..Self::new(records, flavour)
+            state: Mutex::new(State {
+                entries: entries.into_iter().map(Entry::from).collect(),
+                ..State::default()
+            }),
         }
     }
 
     /// Replaces every record (the generation moves on); warnings about the
     /// old records are forgotten.
-    pub(crate) fn reset(&self, records: Vec<Record>) {
+    pub(crate) fn reset(&self, entries: Vec<Parsed>) {
         let mut state = self.lock();
-        state.entries = entries_of(records);
+        state.entries = entries.into_iter().map(Entry::from).collect();
         state.warnings.clear();
         state.generation += 1;
+    }
+
+    /// The records as they are now, with their parsed DNs.
+    pub(crate) fn entries(&self) -> Vec<Parsed> {
+        let state = self.lock();
+        state
+            .entries
+            .iter()
+            .map(|e| (e.record.clone(), e.dn.clone()))
+            .collect()
     }
 
     /// Applies one member change like [`Directory::modify_members`] without
@@ -418,13 +453,7 @@ impl MemoryDirectory {
 }
 
 fn entries_of(records: Vec<Record>) -> Vec<Entry> {
-    records
-        .into_iter()
-        .map(|record| Entry {
-            dn: Dn::parse(&record.dn).ok(),
-            record,
-        })
-        .collect()
+    parse_dns(records).into_iter().map(Entry::from).collect()
 }
 
 fn is_member(attr: &str) -> bool {
