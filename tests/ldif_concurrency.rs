@@ -105,11 +105,16 @@ struct Daemon {
 
 impl Daemon {
     fn start(tree: &Tree, directory: &Path, log: PathBuf) -> Daemon {
+        Daemon::start_with(tree, directory, log, &[])
+    }
+
+    fn start_with(tree: &Tree, directory: &Path, log: PathBuf, extra: &[&str]) -> Daemon {
         let err = fs::File::create(&log).expect("log file");
         let child = bin()
             .arg("run")
             .args(common(tree, directory))
             .args(["--no-lock", "--batch-window=20ms"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(err)
@@ -313,6 +318,38 @@ fn a_hand_edit_made_while_the_daemon_runs_is_kept() {
     eventually("h1 removed and both hand edits kept", &daemon, || {
         members(&directory, "web-gmsa-hosts") == dns(&["h2", svc, admin])
     });
+    daemon.stop();
+}
+
+#[test]
+fn a_managed_host_added_by_hand_is_removed_by_the_next_resync() {
+    // Reads see the file as it is: the periodic resync repairs a hand edit
+    // of a managed member without waiting for a write of its own.
+    let tree = Tree::new();
+    place(&tree, "h1", "web", 1);
+    tree.server("h2", "p1", &host_dn("h2"));
+    let dir = tempfile::tempdir().expect("tmp");
+    let directory = dir.path().join("directory.ldif");
+    fs::write(&directory, groups_ldif(&[("web-gmsa-hosts", &[])])).expect("write directory");
+    tree.mark_ready();
+    let daemon = Daemon::start_with(
+        &tree,
+        &directory,
+        dir.path().join("daemon.log"),
+        &["--resync-interval=300ms"],
+    );
+    eventually("the first sync", &daemon, || {
+        members(&directory, "web-gmsa-hosts") == dns(&["h1"])
+    });
+    let svc = "CN=svc-deploy,OU=Users,DC=ad,DC=com";
+    edit_in_place(&directory, |text| {
+        format!("{text}member: {}\nmember: {svc}\n", host_dn("h2"))
+    });
+    eventually(
+        "h2, in scope but not placed, removed; svc kept",
+        &daemon,
+        || members(&directory, "web-gmsa-hosts") == dns(&["h1", svc]),
+    );
     daemon.stop();
 }
 

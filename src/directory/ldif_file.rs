@@ -3,7 +3,10 @@
 //! The file is read at [`LdifFileDirectory::open`]; reads and modifies then
 //! go to an in-memory copy that behaves like a server with permissive
 //! modify, and each modify that changed something is also kept as a
-//! pending member change. [`Directory::commit`] saves them.
+//! pending member change. [`Directory::commit`] saves them. A search of
+//! all groups (the start of a pass, the daemon's periodic resync) first
+//! takes the file's content again when it changed and nothing is
+//! pending, so hand edits are seen without waiting for a write.
 //!
 //! The file is shared state: an operator may edit it by hand, and two
 //! `sync` runs may work on it at once. So a commit never writes back the
@@ -125,6 +128,45 @@ impl LdifFileDirectory {
     /// Data skipped while reading (unparsable DNs).
     pub fn warnings(&self) -> Vec<String> {
         self.memory.warnings()
+    }
+
+    /// Takes the file's content when it changed since it was last read or
+    /// written, so that a full search (the daemon's periodic resync, the
+    /// start of `sync`) sees hand edits. Not while changes are pending:
+    /// they would be lost; their commit re-reads the file anyway.
+    async fn refresh(&self) -> Result<(), DirError> {
+        let mut base = self.base.lock().await;
+        if !self.pending().is_empty() {
+            return Ok(());
+        }
+        let path = self.path.clone();
+        let old = std::mem::take(&mut *base);
+        let work = tokio::task::spawn_blocking(move || {
+            let shown = path.display().to_string();
+            let read = resolve(&path)
+                .map_err(|err| err.to_string())
+                .and_then(|target| open_regular(&target))
+                .and_then(|(file, _)| read_all(&file));
+            let current = match read {
+                Ok(current) => current,
+                Err(what) => return (old, Err(fatal(&shown, what))),
+            };
+            if current == old {
+                return (old, Ok(None));
+            }
+            match parse(&current) {
+                Ok(entries) => (current, Ok(Some(entries))),
+                Err(what) => (old, Err(fatal(&shown, what))),
+            }
+        });
+        let (content, result) = work
+            .await
+            .map_err(|err| fatal(&self.path.display().to_string(), err))?;
+        *base = content;
+        if let Some(entries) = result? {
+            self.rebase(entries);
+        }
+        Ok(())
     }
 
     fn pending(&self) -> MutexGuard<'_, Vec<Pending>> {
@@ -528,6 +570,7 @@ impl Directory for LdifFileDirectory {
     }
 
     async fn search_groups(&self, base: &Dn) -> Result<Vec<Group>, DirError> {
+        self.refresh().await?;
         self.memory.search_groups(base).await
     }
 
@@ -1014,6 +1057,42 @@ info: keep me
             norm(&[host(1), host(2), host(3)])
         );
         assert_eq!(names_in(tmp.path()), ["directory.ldif"]);
+    }
+
+    #[tokio::test]
+    async fn a_full_search_sees_hand_edits_unless_changes_are_pending() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = write_file(tmp.path(), CONTENT);
+        let dir = LdifFileDirectory::open(&path).expect("open");
+        let ou = dn("OU=Groups,DC=ad,DC=com");
+        let new_group =
+            "\ndn: CN=new,OU=Groups,DC=ad,DC=com\nobjectClass: group\nsAMAccountName: new\n";
+        fs::write(&path, format!("{CONTENT}{new_group}")).expect("edit");
+        assert_eq!(dir.search_groups(&ou).await.expect("search").len(), 3);
+
+        // With a change pending, the view stays; the commit brings both.
+        dir.modify_members(&g1(), &add(5)).await.expect("modify");
+        let another =
+            "\ndn: CN=newer,OU=Groups,DC=ad,DC=com\nobjectClass: group\nsAMAccountName: newer\n";
+        fs::write(&path, format!("{CONTENT}{new_group}{another}")).expect("edit");
+        assert_eq!(dir.search_groups(&ou).await.expect("search").len(), 3);
+        assert!(members_of(&dir, &g1())
+            .await
+            .contains(&host(5).normalised().to_owned()));
+        dir.commit().await.expect("commit");
+        assert_eq!(dir.search_groups(&ou).await.expect("search").len(), 4);
+        assert!(file_members(&path, &g1()).contains(&host(5).normalised().to_owned()));
+
+        // A broken edit is reported by the search, naming the file and line.
+        fs::write(&path, "dn: CN=x\nbroken\n").expect("break");
+        let err = dir.search_groups(&ou).await.expect_err("invalid");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: line 2: expected `attribute: value`, found \"broken\"",
+                path.display()
+            )
+        );
     }
 
     #[test]
