@@ -260,7 +260,7 @@ fn shorten(text: &str) -> String {
 /// Writes records as an LDIF content file: `version: 1`, then each record
 /// after a blank line. Attribute names are written as given and must be
 /// valid attribute descriptions.
-pub fn write(records: &[Record]) -> String {
+pub fn write<'a>(records: impl IntoIterator<Item = &'a Record>) -> String {
     let mut out = String::from("version: 1\n");
     for record in records {
         out.push('\n');

@@ -16,12 +16,14 @@
 //! changes (the adds and deletes, not whole groups) to it. Content is
 //! compared rather than inode, size and mtime, because a same-size edit
 //! within one timestamp tick, or a reused inode number, would pass an
-//! identity check. The write is atomic and durable (a temp file
-//! `.<name>.tmp.<pid>` in the same folder, fsync, rename over the target,
-//! fsync of the folder), so a crash leaves the old file or the new one.
-//! Temp files of that name found under the lock can only be left by a
-//! killed run (a live one holds the lock while its temp file exists) and
-//! are removed.
+//! identity check; what is kept of the last content is its length and a
+//! hash keyed per process (not the bytes: at ten megabytes they would
+//! weigh on the daemon's memory for nothing). The write is atomic and
+//! durable (a temp file `.<name>.tmp.<pid>` in the same folder, fsync,
+//! rename over the target, fsync of the folder), so a crash leaves the
+//! old file or the new one. Temp files of that name found under the lock
+//! can only be left by a killed run (a live one holds the lock while its
+//! temp file exists) and are removed.
 //!
 //! The lock is `flock` on the data file itself, taken on a descriptor
 //! opened before locking; after the lock is granted the path is checked
@@ -37,20 +39,24 @@
 //!
 //! A failed commit (disk full, an I/O error, a file that no longer parses)
 //! leaves nothing half-applied in memory: the copy goes back to the file's
-//! content as last read, so the next pass plans the change again and its
-//! commit writes it. A file without write permission (checked from its
-//! permission bits too, since root may rename over any file) or on a
-//! read-only mount is refused, not replaced. Entries with the same DN
-//! (compared normalised) make the file invalid.
+//! content, so the next pass plans the change again and its commit writes
+//! it. When the file could not even be read, the copy is marked unknown
+//! and every read takes the file again first (or fails while it cannot).
+//! A file without write permission (checked from its permission bits too,
+//! since root may rename over any file) or on a read-only mount is
+//! refused, not replaced. Entries with the same DN (compared normalised)
+//! make the file invalid.
 //!
 //! Every entry and attribute is written back unchanged and in order, but
 //! the layout is ours: comments are dropped, folded lines are unfolded,
 //! and a value is base64-encoded exactly when RFC 2849 requires it. The
 //! file keeps its permission bits and, when we may, its owner.
 
+use std::collections::hash_map::RandomState;
 use std::collections::HashMap;
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
+use std::hash::{BuildHasher, Hasher};
 use std::io::{self, Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
@@ -84,14 +90,38 @@ const RACES: usize = 5;
 /// A member change waiting for the next commit.
 type Pending = (Dn, MemberChange);
 
+/// What is kept of the content last read or written: enough to tell
+/// whether the file still holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Fingerprint {
+    len: usize,
+    hash: u64,
+}
+
+impl Fingerprint {
+    fn of(keys: &RandomState, bytes: &[u8]) -> Fingerprint {
+        let mut hasher = keys.build_hasher();
+        hasher.write(bytes);
+        Fingerprint {
+            len: bytes.len(),
+            hash: hasher.finish(),
+        }
+    }
+}
+
 /// A directory read from, and saved to, an LDIF content file.
 #[derive(Debug)]
 pub struct LdifFileDirectory {
     path: PathBuf,
     memory: Arc<MemoryDirectory>,
-    /// The file's content as last read or written; held across a commit so
-    /// that two commits of this process never overlap.
-    base: tokio::sync::Mutex<Vec<u8>>,
+    /// The keys of the content hash, chosen at random per process so that
+    /// no content can be made to look like another.
+    keys: RandomState,
+    /// The content the memory holds, as last read or written; `None` when
+    /// unknown (a commit failed before the file could be read), and reads
+    /// must take the file again. Held across a commit or a re-read so that
+    /// two never overlap.
+    base: tokio::sync::Mutex<Option<Fingerprint>>,
     /// The member changes applied to `memory` since the last commit, in
     /// order.
     pending: Mutex<Vec<Pending>>,
@@ -103,14 +133,16 @@ impl LdifFileDirectory {
     pub fn open(path: impl AsRef<Path>) -> Result<Self, DirError> {
         let path = path.as_ref().to_path_buf();
         let shown = path.display().to_string();
-        let target = resolve(&path).map_err(|err| fatal(&shown, err))?;
-        let (file, _) = open_regular(&target).map_err(|err| fatal(&shown, err))?;
-        let bytes = read_all(&file).map_err(|err| fatal(&shown, err))?;
-        let records = parse(&bytes).map_err(|what| fatal(&shown, what))?;
+        let bytes = read_file(&path).map_err(|what| fatal(&shown, what))?;
+        let entries = parse(&bytes).map_err(|what| fatal(&shown, what))?;
+        let keys = RandomState::new();
+        let base = Fingerprint::of(&keys, &bytes);
+        drop(bytes);
         Ok(LdifFileDirectory {
             path,
-            memory: Arc::new(MemoryDirectory::untraced(records, Flavour::Permissive)),
-            base: tokio::sync::Mutex::new(bytes),
+            memory: Arc::new(MemoryDirectory::untraced(entries, Flavour::Permissive)),
+            keys,
+            base: tokio::sync::Mutex::new(Some(base)),
             pending: Mutex::new(Vec::new()),
         })
     }
@@ -131,39 +163,29 @@ impl LdifFileDirectory {
     }
 
     /// Takes the file's content when it changed since it was last read or
-    /// written, so that a full search (the daemon's periodic resync, the
-    /// start of `sync`) sees hand edits. Not while changes are pending:
-    /// they would be lost; their commit re-reads the file anyway.
-    async fn refresh(&self) -> Result<(), DirError> {
+    /// written (`always`), or only when the memory is unknown. Never while
+    /// changes are pending: they would be lost, and their commit re-reads
+    /// the file anyway.
+    async fn refresh(&self, always: bool) -> Result<(), DirError> {
         let mut base = self.base.lock().await;
-        if !self.pending().is_empty() {
+        if (!always && base.is_some()) || !self.pending().is_empty() {
             return Ok(());
         }
         let path = self.path.clone();
-        let old = std::mem::take(&mut *base);
+        let keys = self.keys.clone();
+        let old = *base;
         let work = tokio::task::spawn_blocking(move || {
-            let shown = path.display().to_string();
-            let read = resolve(&path)
-                .map_err(|err| err.to_string())
-                .and_then(|target| open_regular(&target))
-                .and_then(|(file, _)| read_all(&file));
-            let current = match read {
-                Ok(current) => current,
-                Err(what) => return (old, Err(fatal(&shown, what))),
-            };
-            if current == old {
-                return (old, Ok(None));
+            let current = read_file(&path)?;
+            let now = Fingerprint::of(&keys, &current);
+            if Some(now) == old {
+                return Ok(None);
             }
-            match parse(&current) {
-                Ok(entries) => (current, Ok(Some(entries))),
-                Err(what) => (old, Err(fatal(&shown, what))),
-            }
+            parse(&current).map(|entries| Some((now, entries)))
         });
-        let (content, result) = work
-            .await
-            .map_err(|err| fatal(&self.path.display().to_string(), err))?;
-        *base = content;
-        if let Some(entries) = result? {
+        let shown = self.path.display().to_string();
+        let read = work.await.map_err(|err| fatal(&shown, err))?;
+        if let Some((now, entries)) = read.map_err(|what| fatal(&shown, what))? {
+            *base = Some(now);
             self.rebase(entries);
         }
         Ok(())
@@ -173,7 +195,7 @@ impl LdifFileDirectory {
         self.pending.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Replaces the in-memory copy with `records` plus the changes made
+    /// Replaces the in-memory copy with `entries` plus the changes made
     /// since the commit began (none, unless passes overlap).
     fn rebase(&self, entries: Vec<Parsed>) {
         let pending = self.pending();
@@ -223,6 +245,14 @@ fn read_all(file: &File) -> Result<Vec<u8>, String> {
     Ok(bytes)
 }
 
+/// Reads the file a path names, without the lock (the file is only ever
+/// replaced whole, so a reader sees one version).
+fn read_file(path: &Path) -> Result<Vec<u8>, String> {
+    let target = resolve(path).map_err(|err| err.to_string())?;
+    let (file, _) = open_regular(&target)?;
+    read_all(&file)
+}
+
 /// Parses a directory file: UTF-8, LDIF content, and every DN once.
 fn parse(bytes: &[u8]) -> Result<Vec<Parsed>, String> {
     let text = std::str::from_utf8(bytes).map_err(|err| {
@@ -235,15 +265,16 @@ fn parse(bytes: &[u8]) -> Result<Vec<Parsed>, String> {
         .into_iter()
         .unzip();
     let entries = parse_dns(records);
-    let mut seen: HashMap<std::borrow::Cow<'_, str>, usize> = HashMap::with_capacity(entries.len());
+    let mut seen: HashMap<&str, usize> = HashMap::with_capacity(entries.len());
+    // An entry whose DN does not parse is kept (and skipped by reads); its
+    // spelling, lowercased, is the best key there is.
+    let mut unparsed: HashMap<String, usize> = HashMap::new();
     for (line, (record, dn)) in lines.iter().zip(&entries) {
-        // An entry whose DN does not parse is kept (and skipped by reads);
-        // its spelling, lowercased, is the best key there is.
-        let key = match dn {
-            Some(dn) => dn.normalised().into(),
-            None => record.dn.to_lowercase().into(),
+        let first = match dn {
+            Some(dn) => seen.insert(dn.normalised(), *line),
+            None => unparsed.insert(record.dn.to_lowercase(), *line),
         };
-        if let Some(first) = seen.insert(key, *line) {
+        if let Some(first) = first {
             return Err(format!(
                 "line {line}: the entry {:?} repeats the DN of the entry on line {first}",
                 record.dn
@@ -256,26 +287,31 @@ fn parse(bytes: &[u8]) -> Result<Vec<Parsed>, String> {
 
 /// What a commit did to the file.
 enum Saved {
-    /// Written: the new content, and the records the memory must take when
-    /// the file had changed since it was read.
+    /// Written: the new content, and the entries the memory must take
+    /// when the file had changed since it was read.
     Written {
-        content: Vec<u8>,
+        base: Fingerprint,
         fresh: Option<Vec<Parsed>>,
     },
-    /// Nothing written. The file as last read (the fresh content when it
-    /// could be read and parsed), and its records for the memory.
+    /// Nothing written. The content the memory must now hold: the file's
+    /// as read under the lock, or unknown when it could not be read.
     Failed {
         err: DirError,
-        content: Vec<u8>,
-        records: Vec<Parsed>,
+        now: Option<(Fingerprint, Vec<Parsed>)>,
     },
 }
 
 /// A commit's work on the file (blocking): lock, re-read, apply
 /// `changes` (to the fresh content if it changed), write, unlock.
-fn save(path: &Path, base: Vec<u8>, changes: &[Pending], memory: &MemoryDirectory) -> Saved {
+fn save(
+    path: &Path,
+    keys: &RandomState,
+    base: Option<Fingerprint>,
+    changes: &[Pending],
+    memory: &MemoryDirectory,
+) -> Saved {
     for _ in 0..RACES {
-        if let Some(saved) = attempt(path, &base, changes, memory) {
+        if let Some(saved) = attempt(path, keys, base, changes, memory) {
             return saved;
         }
     }
@@ -286,81 +322,73 @@ fn save(path: &Path, base: Vec<u8>, changes: &[Pending], memory: &MemoryDirector
             path.display()
         ),
     };
-    let records = parse(&base).unwrap_or_default();
-    Saved::Failed {
-        err,
-        content: base,
-        records,
-    }
+    Saved::Failed { err, now: None }
 }
 
 /// One try of [`save`]; `None` when someone who does not take the lock
 /// changed the file while the new content was being written.
 fn attempt(
     path: &Path,
-    base: &[u8],
+    keys: &RandomState,
+    base: Option<Fingerprint>,
     changes: &[Pending],
     memory: &MemoryDirectory,
 ) -> Option<Saved> {
     let shown = path.display().to_string();
-    let failed = |err: DirError, content: &[u8], records: Option<Vec<Parsed>>| {
-        let content = content.to_vec();
-        let records = match records {
-            Some(records) => records,
-            // The content was parsed before; should it not parse now, the
-            // memory keeps nothing that a re-read would not give.
-            None => parse(&content).unwrap_or_default(),
-        };
-        Some(Saved::Failed {
-            err,
-            content,
-            records,
-        })
-    };
+    let unknown = |err: DirError| Some(Saved::Failed { err, now: None });
     let cannot = |what: String| DirError::Fatal(format!("{shown}: cannot save: {what}"));
 
     let target = match resolve(path) {
         Ok(target) => target,
-        Err(err) => return failed(cannot(err.to_string()), base, None),
+        Err(err) => return unknown(cannot(err.to_string())),
     };
     let (lock, meta) = match lock(&target, &shown) {
         Ok(locked) => locked,
-        Err(err) => return failed(err, base, None),
+        Err(err) => return unknown(err),
     };
-    if let Err(what) = writable(&target, &meta) {
-        return failed(
-            DirError::Fatal(format!("{shown}: {what}; the file is not replaced")),
-            base,
-            None,
-        );
-    }
     let current = match read_all(&lock) {
         Ok(current) => current,
-        Err(what) => return failed(cannot(what), base, None),
+        Err(what) => return unknown(cannot(what)),
     };
-    let (content, fresh) = if current == base {
-        (base, None)
+    let now = Fingerprint::of(keys, &current);
+    let fresh = if Some(now) == base {
+        None
     } else {
         match parse(&current) {
-            Ok(records) => (current.as_slice(), Some(records)),
+            Ok(entries) => Some(entries),
             Err(what) => {
                 let err = DirError::Fatal(format!(
                     "{shown}: changed since it was read and is now invalid: {what}; nothing saved"
                 ));
-                return failed(err, base, None);
+                return unknown(err);
             }
         }
     };
-    let (records, written) = match &fresh {
-        None => (memory.records(), None),
+    // From here on a failure leaves the memory as the file is now.
+    let failed = |err: DirError, fresh: Option<Vec<Parsed>>| {
+        let entries = match fresh {
+            Some(entries) => entries,
+            None => parse(&current).unwrap_or_default(),
+        };
+        Some(Saved::Failed {
+            err,
+            now: Some((now, entries)),
+        })
+    };
+    if let Err(what) = writable(&target, &meta) {
+        let err = DirError::Fatal(format!("{shown}: {what}; the file is not replaced"));
+        return failed(err, fresh);
+    }
+    let (text, written) = match fresh {
+        None => (memory.to_ldif(), None),
         Some(fresh) => {
-            let engine = MemoryDirectory::untraced(fresh.clone(), Flavour::Permissive);
+            let engine = MemoryDirectory::untraced(fresh, Flavour::Permissive);
             for (group, change) in changes {
                 if let Err(err) = engine.change_members(group, change) {
                     let err = DirError::Fatal(format!(
                         "{shown}: changed since it was read: group {group}: {err}; nothing saved"
                     ));
-                    return failed(err, content, fresh.clone().into());
+                    return failed(err, None);
                 }
             }
             info!(
@@ -368,21 +396,18 @@ fn attempt(
                 changes = changes.len(),
                 "the directory file changed since it was read; this commit's member changes are applied to its current content"
             );
-            let entries = engine.entries();
-            let records = entries.iter().map(|(r, _)| r.clone()).collect();
-            (records, Some(entries))
+            (engine.to_ldif(), Some(engine))
         }
     };
-    let text = ldif::write(&records).into_bytes();
-    match replace(&target, &lock, &meta, &text) {
+    match replace(&target, &lock, &meta, text.as_bytes()) {
         Ok(true) => {}
         Ok(false) => return None,
-        Err(err) => return failed(cannot(err.to_string()), content, fresh),
+        Err(err) => return failed(cannot(err.to_string()), None),
     }
     drop(lock);
     Some(Saved::Written {
-        content: text,
-        fresh: written,
+        base: Fingerprint::of(keys, text.as_bytes()),
+        fresh: written.map(|engine| engine.entries()),
     })
 }
 
@@ -570,15 +595,17 @@ impl Directory for LdifFileDirectory {
     }
 
     async fn search_groups(&self, base: &Dn) -> Result<Vec<Group>, DirError> {
-        self.refresh().await?;
+        self.refresh(true).await?;
         self.memory.search_groups(base).await
     }
 
     async fn find_group(&self, base: &Dn, name: &str) -> Result<Option<Group>, DirError> {
+        self.refresh(false).await?;
         self.memory.find_group(base, name).await
     }
 
     async fn read_group(&self, dn: &Dn) -> Result<Option<Group>, DirError> {
+        self.refresh(false).await?;
         self.memory.read_group(dn).await
     }
 
@@ -599,36 +626,32 @@ impl Directory for LdifFileDirectory {
             return Ok(());
         }
         let path = self.path.clone();
+        let keys = self.keys.clone();
         let memory = Arc::clone(&self.memory);
-        let old = std::mem::take(&mut *base);
-        let work = tokio::task::spawn_blocking(move || save(&path, old, &changes, &memory));
+        let old = *base;
+        let work = tokio::task::spawn_blocking(move || save(&path, &keys, old, &changes, &memory));
         match work.await {
-            Ok(Saved::Written { content, fresh }) => {
-                *base = content;
-                if let Some(records) = fresh {
-                    self.rebase(records);
+            Ok(Saved::Written { base: now, fresh }) => {
+                *base = Some(now);
+                if let Some(entries) = fresh {
+                    self.rebase(entries);
                 }
                 Ok(())
             }
-            Ok(Saved::Failed {
-                err,
-                content,
-                records,
-            }) => {
-                *base = content;
-                self.rebase(records);
+            Ok(Saved::Failed { err, now }) => {
+                match now {
+                    Some((now, entries)) => {
+                        *base = Some(now);
+                        self.rebase(entries);
+                    }
+                    // Reads take the file again before answering.
+                    None => *base = None,
+                }
                 Err(err)
             }
             Err(err) => {
-                // The base went with the task: take the file as it is now,
-                // so that nothing half-applied stays in memory. Should even
-                // that fail, an empty base differs from any content, and the
-                // next commit re-reads the file.
-                let shown = self.path.display().to_string();
-                if let Ok(fresh) = LdifFileDirectory::open(&self.path) {
-                    *base = std::mem::take(&mut *fresh.base.lock().await);
-                    self.rebase(fresh.memory.entries());
-                }
+                *base = None;
+                let shown = self.path.display();
                 Err(DirError::Fatal(format!("{shown}: cannot save: {err}")))
             }
         }
@@ -909,6 +932,30 @@ info: keep me
             norm(&[host(1), host(2), host(6)])
         );
         assert_eq!(names_in(tmp.path()), ["directory.ldif"]);
+    }
+
+    #[tokio::test]
+    async fn after_a_commit_that_could_not_read_the_file_reads_take_it_again() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = write_file(tmp.path(), CONTENT);
+        let away = tmp.path().join("away.ldif");
+        let dir = LdifFileDirectory::open(&path).expect("open");
+        dir.modify_members(&g1(), &add(6)).await.expect("modify");
+        fs::rename(&path, &away).expect("move the file away");
+        let err = dir.commit().await.expect_err("no file");
+        assert_eq!(err.to_string(), format!("{}: no such file", path.display()));
+        let err = dir.read_group(&g1()).await.expect_err("nothing to read");
+        assert_eq!(err.to_string(), format!("{}: no such file", path.display()));
+
+        // The same content back: the memory is the file's, not half-applied.
+        fs::rename(&away, &path).expect("move it back");
+        assert_eq!(members_of(&dir, &g1()).await, norm(&[host(1), host(2)]));
+        dir.modify_members(&g1(), &add(6)).await.expect("modify");
+        dir.commit().await.expect("commit");
+        assert_eq!(
+            file_members(&path, &g1()),
+            norm(&[host(1), host(2), host(6)])
+        );
     }
 
     #[tokio::test]

@@ -20,7 +20,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 
 use super::{rc, Capabilities, DirError, Directory, Group, MemberChange, Op};
-use crate::ldif::Record;
+use crate::ldif::{self, Record};
 use crate::model::{Dn, DnCache};
 
 /// objectClassViolation: what a server answers to `member` on an entry that
@@ -208,6 +208,11 @@ impl MemoryDirectory {
         state.entries = entries.into_iter().map(Entry::from).collect();
         state.warnings.clear();
         state.generation += 1;
+    }
+
+    /// The records as they are now, as an LDIF content file.
+    pub(crate) fn to_ldif(&self) -> String {
+        ldif::write(self.lock().entries.iter().map(|e| &e.record))
     }
 
     /// The records as they are now, with their parsed DNs.
