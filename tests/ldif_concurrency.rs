@@ -475,7 +475,11 @@ fn a_temp_file_left_by_a_killed_run_is_removed_by_the_next_commit() {
     let directory = dir.path().join("directory.ldif");
     fs::write(&directory, groups_ldif(&[("web-gmsa-hosts", &[])])).expect("write directory");
     // What a run killed between writing its temp file and the rename leaves.
-    let stale = dir.path().join(".directory.ldif.tmp.4194000");
+    let mut killed = Command::new("true").spawn().expect("spawn");
+    killed.wait().expect("wait");
+    let stale = dir
+        .path()
+        .join(format!(".directory.ldif.tmp.{}", killed.id()));
     fs::write(&stale, "dn: cn=half").expect("stale temp");
     let unrelated = dir.path().join(".directory.ldif.bak");
     fs::write(&unrelated, "kept").expect("unrelated");

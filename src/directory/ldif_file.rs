@@ -496,6 +496,9 @@ fn temp_prefix(target: &Path) -> String {
 
 /// Removes temp files of `target` left by killed runs. Called with the
 /// lock held: a live run's temp file exists only while it holds the lock.
+/// The file of a process that is still alive is left alone all the same:
+/// two holders can overlap when an editor without the lock renamed a new
+/// file in, and the other's commit then starts again by itself.
 fn remove_stale_temps(dir: &Path, prefix: &str, ours: &Path) {
     let Ok(entries) = safe_fs::list_dir(dir) else {
         return;
@@ -506,10 +509,10 @@ fn remove_stale_temps(dir: &Path, prefix: &str, ours: &Path) {
             continue;
         };
         let path = dir.join(name);
-        if path == ours
-            || !pid.bytes().all(|b| b.is_ascii_digit())
-            || kind.is_some_and(|k| k.is_dir())
-        {
+        let Ok(pid) = pid.parse::<libc::pid_t>() else {
+            continue;
+        };
+        if path == ours || kind.is_some_and(|k| k.is_dir()) || alive(pid) {
             continue;
         }
         match fs::remove_file(&path) {
@@ -519,6 +522,17 @@ fn remove_stale_temps(dir: &Path, prefix: &str, ours: &Path) {
             }
         }
     }
+}
+
+/// Whether a process with this id exists (it may be another's, in a PID
+/// namespace of its own: then its file is kept, the safe side).
+fn alive(pid: libc::pid_t) -> bool {
+    if pid <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let found = unsafe { libc::kill(pid, 0) } == 0;
+    found || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// Replaces `target` with `text` atomically and durably, keeping its
@@ -1071,15 +1085,31 @@ info: keep me
     async fn stale_temp_files_are_removed_by_the_next_commit() {
         let tmp = tempfile::tempdir().expect("tempdir");
         let path = write_file(tmp.path(), CONTENT);
-        fs::write(tmp.path().join(".directory.ldif.tmp.4000000"), "half").expect("stale");
+        // A run that was killed, and one that is still alive.
+        let mut dead = std::process::Command::new("true").spawn().expect("spawn");
+        dead.wait().expect("wait");
+        let mut live = std::process::Command::new("sleep")
+            .arg("60")
+            .spawn()
+            .expect("spawn");
+        let stale = format!(".directory.ldif.tmp.{}", dead.id());
+        let kept = format!(".directory.ldif.tmp.{}", live.id());
+        fs::write(tmp.path().join(&stale), "half").expect("stale");
+        fs::write(tmp.path().join(&kept), "in use").expect("live");
         fs::write(tmp.path().join(".other.ldif.tmp.1"), "not ours").expect("other");
         let dir = LdifFileDirectory::open(&path).expect("open");
         dir.modify_members(&g1(), &add(4)).await.expect("modify");
-        dir.commit().await.expect("commit");
-        assert_eq!(
-            names_in(tmp.path()),
-            [".other.ldif.tmp.1", "directory.ldif"]
-        );
+        let committed = dir.commit().await;
+        let _ = live.kill();
+        let _ = live.wait();
+        committed.expect("commit");
+        let mut want = vec![
+            kept,
+            ".other.ldif.tmp.1".to_owned(),
+            "directory.ldif".to_owned(),
+        ];
+        want.sort();
+        assert_eq!(names_in(tmp.path()), want);
     }
 
     #[tokio::test]
