@@ -23,7 +23,8 @@
 //! rename over the target, fsync of the folder), so a crash leaves the
 //! old file or the new one. Temp files of that name found under the lock
 //! can only be left by a killed run (a live one holds the lock while its
-//! temp file exists) and are removed.
+//! temp file exists) and are removed, unless a process with that id still
+//! exists.
 //!
 //! The lock is `flock` on the data file itself, taken on a descriptor
 //! opened before locking; after the lock is granted the path is checked
