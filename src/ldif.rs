@@ -61,6 +61,12 @@ enum Spec<'a> {
 
 /// Parses an LDIF content file into its records, in file order.
 pub fn parse(text: &str) -> Result<Vec<Record>, LdifError> {
+    Ok(parse_numbered(text)?.into_iter().map(|(_, r)| r).collect())
+}
+
+/// Like [`parse`], with the line each record's `dn:` starts on, for
+/// errors that concern whole records (two entries with one DN).
+pub fn parse_numbered(text: &str) -> Result<Vec<(usize, Record)>, LdifError> {
     let mut groups = group_records(unfold(text)?);
     if let Some(first) = groups.first_mut() {
         if let Some(line) = first.first() {
@@ -80,7 +86,7 @@ pub fn parse(text: &str) -> Result<Vec<Record>, LdifError> {
     groups
         .iter()
         .filter_map(|lines| lines.split_first())
-        .map(|(first, rest)| parse_record(first, rest))
+        .map(|(first, rest)| Ok((first.number, parse_record(first, rest)?)))
         .collect()
 }
 
@@ -254,7 +260,7 @@ fn shorten(text: &str) -> String {
 /// Writes records as an LDIF content file: `version: 1`, then each record
 /// after a blank line. Attribute names are written as given and must be
 /// valid attribute descriptions.
-pub fn write(records: &[Record]) -> String {
+pub fn write<'a>(records: impl IntoIterator<Item = &'a Record>) -> String {
     let mut out = String::from("version: 1\n");
     for record in records {
         out.push('\n');
@@ -471,6 +477,14 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn records_are_numbered_by_their_dn_line() {
+        let text = "version: 1\n\n# first\ndn: a\ncn: a\n\n\ndn:: Yg==\nmember: x\n";
+        let numbered = parse_numbered(text).expect("valid");
+        let lines: Vec<(usize, &str)> = numbered.iter().map(|(n, r)| (*n, r.dn.as_str())).collect();
+        assert_eq!(lines, [(4, "a"), (8, "b")]);
     }
 
     #[test]

@@ -4,9 +4,10 @@
 //! It answers like the servers we meet, chosen by [`Flavour`]: one that
 //! honours permissive modify (AD and Samba with the control), OpenLDAP
 //! (codes 20 and 16) and AD without the control (codes 68 and 53); in the
-//! last two a request applies nothing when any part of it fails. It records
-//! every call and can be told to fail the next calls, so that tests can
-//! script a busy or unreachable server without a mocking framework.
+//! last two a request applies nothing when any part of it fails. As a fake
+//! it records every call and can be told to fail the next calls, so that
+//! tests can script a busy or unreachable server without a mocking
+//! framework; as the engine under a backend it records nothing.
 //!
 //! Bad data never fails a whole search: a group whose DN does not parse, or
 //! a `member` value that does not, is skipped and remembered as a warning.
@@ -19,7 +20,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 
 use super::{rc, Capabilities, DirError, Directory, Group, MemberChange, Op};
-use crate::ldif::Record;
+use crate::ldif::{self, Record};
 use crate::model::{Dn, DnCache};
 
 /// objectClassViolation: what a server answers to `member` on an entry that
@@ -97,6 +98,26 @@ struct Entry {
     dn: Option<Dn>,
 }
 
+/// A record and its DN, parsed by whoever read the record.
+pub(crate) type Parsed = (Record, Option<Dn>);
+
+impl From<Parsed> for Entry {
+    fn from((record, dn): Parsed) -> Entry {
+        Entry { record, dn }
+    }
+}
+
+/// Parses the records' DNs (`None` for one that does not parse).
+pub(crate) fn parse_dns(records: Vec<Record>) -> Vec<Parsed> {
+    records
+        .into_iter()
+        .map(|record| {
+            let dn = Dn::parse(&record.dn).ok();
+            (record, dn)
+        })
+        .collect()
+}
+
 #[derive(Debug, Default)]
 struct State {
     entries: Vec<Entry>,
@@ -147,25 +168,108 @@ impl State {
 #[derive(Debug)]
 pub struct MemoryDirectory {
     flavour: Flavour,
+    /// Whether calls are recorded; an engine that lives as long as a
+    /// daemon must not keep a history of every call.
+    traced: bool,
     state: Mutex<State>,
 }
 
 impl MemoryDirectory {
     /// A directory holding `records`, answering like `flavour`.
     pub fn new(records: Vec<Record>, flavour: Flavour) -> Self {
-        let entries = records
-            .into_iter()
-            .map(|record| Entry {
-                dn: Dn::parse(&record.dn).ok(),
-                record,
-            })
-            .collect();
         MemoryDirectory {
             flavour,
+            traced: true,
             state: Mutex::new(State {
-                entries,
+                entries: entries_of(records),
                 ..State::default()
             }),
+        }
+    }
+
+    /// Like [`new`](Self::new), recording no calls: the engine of a
+    /// backend, not a fake that tests inspect.
+    /// The records' DNs are parsed already.
+    pub(crate) fn untraced(entries: Vec<Parsed>, flavour: Flavour) -> Self {
+        MemoryDirectory {
+            flavour,
+            traced: false,
+            state: Mutex::new(State {
+                entries: entries.into_iter().map(Entry::from).collect(),
+                ..State::default()
+            }),
+        }
+    }
+
+    /// Replaces every record (the generation moves on); warnings about the
+    /// old records are forgotten.
+    pub(crate) fn reset(&self, entries: Vec<Parsed>) {
+        let mut state = self.lock();
+        state.entries = entries.into_iter().map(Entry::from).collect();
+        state.warnings.clear();
+        state.generation += 1;
+    }
+
+    /// The records as they are now, as an LDIF content file.
+    pub(crate) fn to_ldif(&self) -> String {
+        ldif::write(self.lock().entries.iter().map(|e| &e.record))
+    }
+
+    /// The records as they are now, with their parsed DNs.
+    pub(crate) fn entries(&self) -> Vec<Parsed> {
+        let state = self.lock();
+        state
+            .entries
+            .iter()
+            .map(|e| (e.record.clone(), e.dn.clone()))
+            .collect()
+    }
+
+    /// Applies one member change like [`Directory::modify_members`] without
+    /// recording a call or using up a fault; whether anything changed.
+    pub(crate) fn change_members(
+        &self,
+        group: &Dn,
+        change: &MemberChange,
+    ) -> Result<bool, DirError> {
+        let mut state = self.lock();
+        self.change_locked(&mut state, group, change)
+    }
+
+    fn change_locked(
+        &self,
+        state: &mut State,
+        group: &Dn,
+        change: &MemberChange,
+    ) -> Result<bool, DirError> {
+        let Some(at) = state
+            .entries
+            .iter()
+            .position(|e| e.dn.as_ref() == Some(group))
+        else {
+            return Err(self.refuse(group, rc::NO_SUCH_OBJECT, "no such object".to_owned()));
+        };
+        let record = &state.entries[at].record;
+        if !is_group(record) {
+            return Err(self.refuse(
+                group,
+                OBJECT_CLASS_VIOLATION,
+                "member is not allowed: the entry is not a group".to_owned(),
+            ));
+        }
+        match self.apply(group, &record.attrs, change)? {
+            Some(attrs) => {
+                state.entries[at].record.attrs = attrs;
+                state.generation += 1;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+
+    fn note(&self, state: &mut State, call: Call) {
+        if self.traced {
+            state.calls.push(call);
         }
     }
 
@@ -237,7 +341,7 @@ impl MemoryDirectory {
     /// Records a read call and uses up a read fault, if one is pending.
     fn begin_read(&self, call: Call) -> Result<MutexGuard<'_, State>, DirError> {
         let mut state = self.lock();
-        state.calls.push(call);
+        self.note(&mut state, call);
         match state.take_fault(|t| matches!(t, Target::Read)) {
             Some(err) => Err(err),
             None => Ok(state),
@@ -353,6 +457,10 @@ impl MemoryDirectory {
     }
 }
 
+fn entries_of(records: Vec<Record>) -> Vec<Entry> {
+    parse_dns(records).into_iter().map(Entry::from).collect()
+}
+
 fn is_member(attr: &str) -> bool {
     attr.eq_ignore_ascii_case("member")
 }
@@ -395,7 +503,7 @@ fn to_group(dn: &Dn, record: &Record, dns: &mut DnCache, warnings: &mut BTreeSet
 #[async_trait]
 impl Directory for MemoryDirectory {
     async fn capabilities(&self) -> Result<Capabilities, DirError> {
-        self.lock().calls.push(Call::Capabilities);
+        self.note(&mut self.lock(), Call::Capabilities);
         Ok(Capabilities {
             permissive_modify: self.flavour == Flavour::Permissive,
         })
@@ -433,10 +541,13 @@ impl Directory for MemoryDirectory {
 
     async fn modify_members(&self, group: &Dn, change: &MemberChange) -> Result<(), DirError> {
         let mut state = self.lock();
-        state.calls.push(Call::Modify {
-            group: group.clone(),
-            change: change.clone(),
-        });
+        self.note(
+            &mut state,
+            Call::Modify {
+                group: group.clone(),
+                change: change.clone(),
+            },
+        );
         let fault = state.take_fault(|t| match t {
             Target::Modify(None) => true,
             Target::Modify(Some(dn)) => dn == group,
@@ -445,31 +556,12 @@ impl Directory for MemoryDirectory {
         if let Some(err) = fault {
             return Err(err);
         }
-        let Some(at) = state
-            .entries
-            .iter()
-            .position(|e| e.dn.as_ref() == Some(group))
-        else {
-            return Err(self.refuse(group, rc::NO_SUCH_OBJECT, "no such object".to_owned()));
-        };
-        let record = &state.entries[at].record;
-        if !is_group(record) {
-            return Err(self.refuse(
-                group,
-                OBJECT_CLASS_VIOLATION,
-                "member is not allowed: the entry is not a group".to_owned(),
-            ));
-        }
-        if let Some(attrs) = self.apply(group, &record.attrs, change)? {
-            state.entries[at].record.attrs = attrs;
-            state.generation += 1;
-        }
-        Ok(())
+        self.change_locked(&mut state, group, change).map(|_| ())
     }
 
     async fn commit(&self) -> Result<(), DirError> {
         let mut state = self.lock();
-        state.calls.push(Call::Commit);
+        self.note(&mut state, Call::Commit);
         match state.take_fault(|t| matches!(t, Target::Commit)) {
             Some(err) => Err(err),
             None => Ok(()),
