@@ -504,6 +504,9 @@ impl Daemon {
         if let Some(warning) = applied.warning {
             warn!("{warning}");
         }
+        if applied.resync {
+            self.full_sync_due = Instant::now();
+        }
         for proid in applied.dirty {
             self.mark_dirty(proid, at);
         }
@@ -562,7 +565,7 @@ impl Daemon {
                     for event in self.tree.diff(&snapshot) {
                         self.on_tree_event(&event, now);
                     }
-                    self.tree = snapshot;
+                    self.tree.replace_with(snapshot);
                     self.update_gauges();
                     if logged {
                         info!("placement tree readable again");

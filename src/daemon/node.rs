@@ -110,6 +110,14 @@ impl Daemon {
                     .map(|p| p.iter().cloned().collect())
                     .unwrap_or_default(),
             ),
+            TreeEvent::PlacementDirListed { host: h, instances } if *h == host => {
+                let empty = std::collections::BTreeSet::new();
+                let placed = placed.unwrap_or(&empty);
+                (
+                    instances.difference(placed).cloned().collect(),
+                    placed.difference(instances).cloned().collect(),
+                )
+            }
             _ => return,
         };
         self.node_chains.retain(|_, handle| !handle.is_finished());
