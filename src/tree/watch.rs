@@ -172,15 +172,11 @@ pub fn changes_at(root: &Path, path: &Path) -> Vec<Change> {
     }
 }
 
-/// A server file, read as the scan reads it.
+/// A server file, read as the scan reads it. Why an unusable one can't be
+/// used is the index's to say, together with what that means for the host.
 fn server_at(path: &Path, host: HostName) -> Option<Change> {
     let event = match load_server(path) {
-        ServerFile::Present(info) => {
-            if let Err(reason) = &info {
-                warn!("{}: unusable server file: {reason}", path.display());
-            }
-            TreeEvent::ServerUpserted { host, info }
-        }
+        ServerFile::Present(info) => TreeEvent::ServerUpserted { host, info },
         ServerFile::Absent => TreeEvent::ServerRemoved { host },
         // A directory where a server file should be is not a server.
         ServerFile::NotAFile(_) => return None,
