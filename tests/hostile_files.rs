@@ -212,9 +212,18 @@ fn warned(stderr: &str, path: &Path, what: &str) -> bool {
         .any(|line| line.contains(&path) && line.contains(what))
 }
 
+/// A character device like `/dev/null` (the tests run as root, as CI does:
+/// only root may make one).
+fn mknod_null(path: &Path) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    // SAFETY: a valid NUL-terminated path.
+    let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o644, libc::makedev(1, 3)) };
+    assert_eq!(rc, 0, "mknod {path:?}: {}", std::io::Error::last_os_error());
+}
+
 #[test]
-fn a_fifo_socket_or_symlink_is_not_a_placement() {
-    let s = Setup::new(&["h1", "h2", "h3", "h4"], &[("web-gmsa-hosts", &[])]);
+fn a_fifo_socket_device_or_symlink_is_not_a_placement() {
+    let s = Setup::new(&["h1", "h2", "h3", "h4", "h5"], &[("web-gmsa-hosts", &[])]);
     s.tree.place("h1", "web.app#1");
     let outside = tempfile::tempdir().expect("tmp");
     let real = outside.path().join("web.app#9");
@@ -222,10 +231,12 @@ fn a_fifo_socket_or_symlink_is_not_a_placement() {
     let fifo = s.placement("h2").join("web.app#2");
     let socket = s.placement("h3").join("web.app#3");
     let link = s.placement("h4").join("web.app#4");
-    for h in ["h2", "h3", "h4"] {
+    let device = s.placement("h5").join("web.app#5");
+    for h in ["h2", "h3", "h4", "h5"] {
         fs::create_dir(s.placement(h)).expect("host dir");
     }
     mkfifo(&fifo);
+    mknod_null(&device);
     let _listener = std::os::unix::net::UnixListener::bind(&socket).expect("socket");
     symlink(&real, &link).expect("symlink");
 
@@ -249,6 +260,10 @@ fn a_fifo_socket_or_symlink_is_not_a_placement() {
     );
     assert!(
         warned(&stderr, &link, "a symbolic link, not a placement"),
+        "{stderr}"
+    );
+    assert!(
+        warned(&stderr, &device, "a device, not a placement"),
         "{stderr}"
     );
 }
