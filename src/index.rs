@@ -12,6 +12,14 @@
 //! Applying an event returns the proids whose desired set changed, so that
 //! the daemon reconciles only those; a whole snapshot is applied as the
 //! events that build it, so there is one way in.
+//!
+//! Hosts whose placement directory can't be read have *unknown* placements
+//! (SPEC section 5: a source error is not an empty source). Their DNs are
+//! *held*: [`Index::held`] names them, and the plan neither adds nor
+//! deletes a held DN anywhere, so those hosts' memberships stay as they are
+//! until the directory can be read again. What was known of their
+//! placements stays counted meanwhile, so that reading the directory again
+//! changes only what really changed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -32,6 +40,8 @@ pub struct Index {
     /// Per proid: DNs that left its desired set and are not yet known to be
     /// removed from its groups. Never empty sets.
     retiring: BTreeMap<Proid, BTreeSet<Dn>>,
+    /// Hosts whose placements are unknown: their directory can't be read.
+    unknown: BTreeSet<HostName>,
 }
 
 /// What one event changed.
@@ -42,6 +52,10 @@ pub struct Applied {
     /// Something about the event an operator should know (a broken server
     /// file, an instance name without a proid), naming the path.
     pub warning: Option<String>,
+    /// A DN is no longer held ([`Index::held`]): while it was, its
+    /// memberships were left alone in whatever groups it sits, which the
+    /// index does not know, so every group needs comparing (a full sync).
+    pub resync: bool,
 }
 
 /// Sizes, for logs and metrics.
@@ -130,13 +144,20 @@ impl Index {
         let mut index = Index::new(partition);
         let mut warnings = Vec::new();
         let mut untracked = Tracker::off();
-        for (host, info) in snapshot.servers {
+        let Snapshot {
+            servers,
+            placements,
+            unknown,
+            ..
+        } = snapshot;
+        index.unknown = unknown;
+        for (host, info) in servers {
             let warning = index.upsert_server(&host, &info, &mut untracked);
             if info.is_ok() {
                 warnings.extend(warning);
             }
         }
-        for (host, instances) in snapshot.placements {
+        for (host, instances) in placements {
             index.place_all(host, instances, &mut warnings, &mut untracked);
         }
         (index, warnings)
@@ -145,6 +166,8 @@ impl Index {
     /// Applies one event and says which proids need a reconcile.
     pub fn apply(&mut self, event: &TreeEvent) -> Applied {
         let mut tracker = Tracker::on();
+        // Usually nothing is held, and nothing needs comparing.
+        let held_before = (!self.unknown.is_empty()).then(|| self.held());
         let warning = match event {
             TreeEvent::ServerUpserted { host, info } => {
                 self.upsert_server(host, info, &mut tracker)
@@ -158,6 +181,7 @@ impl Index {
                     return Applied {
                         dirty: BTreeSet::new(),
                         warning: Some(no_proid(host, instance)),
+                        resync: false,
                     };
                 };
                 let state = self.hosts.entry(host.clone()).or_default();
@@ -184,22 +208,61 @@ impl Index {
                 None
             }
             TreeEvent::PlacementDirRemoved { host } => {
-                if let Some(state) = self.hosts.get_mut(host) {
-                    let instances = std::mem::take(&mut state.instances);
-                    if let Some(dn) = state.definition.as_ref().map(|d| d.dn.clone()) {
-                        for proid in instances.iter().filter_map(|i| Proid::name_in(i)) {
-                            self.sub(proid, &dn, &mut tracker);
-                        }
-                    }
-                }
-                self.prune(host);
+                self.unknown.remove(host);
+                self.relist(host, &BTreeSet::new(), &mut tracker);
+                None
+            }
+            TreeEvent::PlacementDirListed { host, instances } => {
+                self.unknown.remove(host);
+                self.relist(host, instances, &mut tracker);
+                None
+            }
+            TreeEvent::PlacementsUnknown { host } => {
+                self.unknown.insert(host.clone());
                 None
             }
         };
+        let resync = held_before.is_some_and(|before| !before.is_subset(&self.held()));
         Applied {
             dirty: self.finish(tracker),
             warning,
+            resync,
         }
+    }
+
+    /// A host's placements are now `listed` (names without a proid are
+    /// left out: the listing has warned about them).
+    fn relist(&mut self, host: &HostName, listed: &BTreeSet<String>, tracker: &mut Tracker) {
+        let state = self.hosts.entry(host.clone()).or_default();
+        let old = std::mem::take(&mut state.instances);
+        let dn = state.definition.as_ref().map(|d| d.dn.clone());
+        let new: BTreeSet<String> = listed
+            .iter()
+            .filter(|i| Proid::name_in(i).is_some())
+            .cloned()
+            .collect();
+        if let Some(dn) = dn {
+            for gone in old.difference(&new) {
+                self.sub(proid_of(gone), &dn, tracker);
+            }
+            for came in new.difference(&old) {
+                self.add(proid_of(came), &dn, tracker);
+            }
+        }
+        if let Some(state) = self.hosts.get_mut(host) {
+            state.instances = new;
+        }
+        self.prune(host);
+    }
+
+    /// The DNs of in-scope hosts whose placements are unknown: the plan
+    /// neither adds nor deletes them in any group.
+    pub fn held(&self) -> BTreeSet<Dn> {
+        self.unknown
+            .iter()
+            .filter_map(|host| self.hosts.get(host)?.definition.as_ref())
+            .map(|def| def.dn.clone())
+            .collect()
     }
 
     /// A server file was written: its host enters, leaves or stays out of
@@ -299,9 +362,17 @@ impl Index {
     }
 
     /// DNs that left the proid's desired set and may still be in its groups:
-    /// to be deleted there even if no longer managed.
+    /// to be deleted there even if no longer managed. Held DNs are left out,
+    /// so that they stay retiring (and are not cleared as done) until they
+    /// can be deleted.
     pub fn retiring(&self, proid: &Proid) -> BTreeSet<Dn> {
-        self.retiring.get(proid).cloned().unwrap_or_default()
+        let Some(dns) = self.retiring.get(proid) else {
+            return BTreeSet::new();
+        };
+        if self.unknown.is_empty() {
+            return dns.clone();
+        }
+        dns.difference(&self.held()).cloned().collect()
     }
 
     /// Proids with retiring DNs, sorted.
@@ -907,6 +978,60 @@ mod tests {
     }
 
     #[test]
+    fn a_held_dn_stays_retiring_until_it_can_be_deleted() {
+        // h1's web placement went, then its directory became unreadable
+        // before the reconcile: the DN is held, so the reconcile must not
+        // count it as deleted, or it would be forgotten when h1 leaves.
+        let mut index = east();
+        upsert(&mut index, "h1", info("east", "dc1", D1));
+        place(&mut index, "h1", "web.a#1");
+        unplace(&mut index, "h1", "web.a#1");
+        let unknown = index.apply(&TreeEvent::PlacementsUnknown { host: host("h1") });
+        assert!(unknown.dirty.is_empty() && !unknown.resync);
+        assert_eq!(index.held(), dns(&[D1]));
+        assert!(
+            index.retiring(&proid("web")).is_empty(),
+            "held: not to delete now"
+        );
+        let planned = index.retiring(&proid("web"));
+        index.clear_retiring(&proid("web"), &planned);
+
+        let left = remove_server(&mut index, "h1");
+        assert!(left.resync, "no longer held: every group is compared");
+        assert!(index.held().is_empty());
+        assert_eq!(
+            index.retiring(&proid("web")),
+            dns(&[D1]),
+            "still ours to delete"
+        );
+    }
+
+    #[test]
+    fn a_listing_replaces_what_was_known_and_ends_the_hold() {
+        let mut index = east();
+        upsert(&mut index, "h1", info("east", "dc1", D1));
+        place(&mut index, "h1", "web.a#1");
+        place(&mut index, "h1", "db.a#1");
+        index.apply(&TreeEvent::PlacementsUnknown { host: host("h1") });
+        assert_eq!(index.desired(&proid("web")), dns(&[D1]), "last known kept");
+        let listed = index.apply(&TreeEvent::PlacementDirListed {
+            host: host("h1"),
+            instances: ["web.a#1", "x.a#1"].map(String::from).into(),
+        });
+        assert_eq!(listed.dirty, proids(&["db", "x"]));
+        assert!(listed.resync);
+        assert_eq!(index.retiring(&proid("db")), dns(&[D1]));
+        assert_eq!(index.desired(&proid("x")), dns(&[D1]));
+        // Listed while nothing was unknown: a plain replacement.
+        let again = index.apply(&TreeEvent::PlacementDirListed {
+            host: host("h1"),
+            instances: ["x.a#1"].map(String::from).into(),
+        });
+        assert_eq!(again.dirty, proids(&["web"]));
+        assert!(!again.resync);
+    }
+
+    #[test]
     fn a_placement_removed_just_before_its_host_leaves_is_still_retired() {
         // The reconcile for the removal may not have run when the host
         // leaves scope; the DN must stay deletable from the group.
@@ -1146,7 +1271,18 @@ mod property {
             3 => (host.clone(), instance).prop_map(|(host, instance)| {
                 Op::Event(TreeEvent::PlacementRemoved { host, instance })
             }),
-            1 => host.prop_map(|host| Op::Event(TreeEvent::PlacementDirRemoved { host })),
+            1 => host.clone().prop_map(|host| Op::Event(TreeEvent::PlacementDirRemoved { host })),
+            1 => (host.clone(), proptest::bits::u8::masked(0b11_1111)).prop_map(|(host, bits)| {
+                // Listings never hold names without a proid: the scan left them out.
+                let instances = INSTANCES
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, name)| bits & (1 << i) != 0 && Proid::name_in(name).is_some())
+                    .map(|(_, name)| (*name).to_owned())
+                    .collect();
+                Op::Event(TreeEvent::PlacementDirListed { host, instances })
+            }),
+            1 => host.prop_map(|host| Op::Event(TreeEvent::PlacementsUnknown { host })),
             2 => (0..PROIDS.len()).prop_map(Op::Reconcile),
         ]
     }
@@ -1161,6 +1297,8 @@ mod property {
         /// unusable file leaves the host as that one made it.
         last_usable: BTreeMap<HostName, ServerInfo>,
         placements: BTreeMap<HostName, BTreeSet<String>>,
+        /// Hosts whose directory was last found unreadable.
+        unknown: BTreeSet<HostName>,
     }
 
     impl Model {
@@ -1195,6 +1333,14 @@ mod property {
                 }
                 TreeEvent::PlacementDirRemoved { host } => {
                     self.placements.remove(host);
+                    self.unknown.remove(host);
+                }
+                TreeEvent::PlacementDirListed { host, instances } => {
+                    self.placements.insert(host.clone(), instances.clone());
+                    self.unknown.remove(host);
+                }
+                TreeEvent::PlacementsUnknown { host } => {
+                    self.unknown.insert(host.clone());
                 }
             }
         }
@@ -1216,6 +1362,7 @@ mod property {
             Snapshot {
                 servers,
                 placements: self.placements.clone(),
+                unknown: self.unknown.clone(),
                 warnings: Vec::new(),
             }
         }
@@ -1233,13 +1380,18 @@ mod property {
     }
 
     /// One step of a reconciler over fake groups: the plan rule of SPEC
-    /// section 3 with the retiring DNs, then the retiring DNs are cleared.
+    /// section 3 with the retiring DNs, held DNs left as they are, then the
+    /// retiring DNs are cleared.
     fn reconcile(index: &mut Index, groups: &mut BTreeMap<Proid, BTreeSet<Dn>>, proid: &Proid) {
         let want = index.desired(proid);
         let retiring = index.retiring(proid);
+        let held = index.held();
         let members = groups.entry(proid.clone()).or_default();
-        members.retain(|m| !((index.is_managed(m) || retiring.contains(m)) && !want.contains(m)));
-        members.extend(want);
+        members.retain(|m| {
+            held.contains(m)
+                || !((index.is_managed(m) || retiring.contains(m)) && !want.contains(m))
+        });
+        members.extend(want.difference(&held).cloned());
         index.clear_retiring(proid, &retiring);
     }
 
@@ -1288,6 +1440,10 @@ mod property {
                 }
                 prop_assert_eq!(&applied.dirty, &expected, "event {:?}", event);
                 pending.extend(applied.dirty);
+                if applied.resync {
+                    // A full sync: every proid's groups are compared.
+                    pending.extend(PROIDS.map(|p| Proid::new(p).expect("proid")));
+                }
 
                 // Never retiring what is wanted.
                 for (p, retiring) in &retiring_after {
@@ -1300,6 +1456,7 @@ mod property {
                 prop_assert_eq!(index.stats(), rebuilt.stats());
                 prop_assert_eq!(index.proids(), rebuilt.proids());
                 prop_assert_eq!(index.dcs(), rebuilt.dcs());
+                prop_assert_eq!(index.held(), rebuilt.held());
                 for dn in &dns {
                     prop_assert_eq!(index.is_managed(dn), rebuilt.is_managed(dn), "{}", dn);
                 }
@@ -1310,14 +1467,18 @@ mod property {
             }
 
             // Once every dirty proid is reconciled, each group holds exactly
-            // its desired members: nothing that ever was ours is left behind.
+            // its desired members: nothing that ever was ours is left behind,
+            // except what is held, which is left as it was.
             for p in std::mem::take(&mut pending) {
                 reconcile(&mut index, &mut groups, &p);
             }
+            let held = index.held();
             for p in PROIDS {
                 let p = Proid::new(p).expect("proid");
                 let members = groups.get(&p).cloned().unwrap_or_default();
-                prop_assert_eq!(members, index.desired(&p), "group of {}", p);
+                let members: BTreeSet<Dn> = members.difference(&held).cloned().collect();
+                let want: BTreeSet<Dn> = index.desired(&p).difference(&held).cloned().collect();
+                prop_assert_eq!(members, want, "group of {}", p);
             }
         }
     }

@@ -88,7 +88,9 @@ pub enum Scope<'a> {
 ///
 /// For each group of proid P: `add = desired(P) − members` and
 /// `delete = (members ∩ (managed ∪ retiring(P))) − desired(P)`; members the
-/// reconciler does not manage are never touched.
+/// reconciler does not manage are never touched, and neither are held DNs
+/// ([`Index::held`]: hosts whose placements are unknown), which are never
+/// added or deleted.
 pub fn plan(index: &Index, groups: &[Group], pattern: &GroupPattern, scope: Scope<'_>) -> Plan {
     let wanted: Option<BTreeSet<String>> = match scope {
         Scope::All => None,
@@ -109,6 +111,7 @@ pub fn plan(index: &Index, groups: &[Group], pattern: &GroupPattern, scope: Scop
         entry.1.extend(index.desired(&proid));
     }
 
+    let held = index.held();
     let mut plan = Plan::default();
     let mut with_group: BTreeSet<String> = BTreeSet::new();
     for group in groups {
@@ -126,11 +129,15 @@ pub fn plan(index: &Index, groups: &[Group], pattern: &GroupPattern, scope: Scop
 
         plan.groups_compared += 1;
         plan.managed_members += group.members.iter().filter(|m| managed(m)).count();
-        let add: BTreeSet<Dn> = want.difference(&group.members).cloned().collect();
+        let add: BTreeSet<Dn> = want
+            .difference(&group.members)
+            .filter(|m| !held.contains(*m))
+            .cloned()
+            .collect();
         let delete: BTreeSet<Dn> = group
             .members
             .iter()
-            .filter(|m| managed(m) && !want.contains(*m))
+            .filter(|m| managed(m) && !want.contains(*m) && !held.contains(*m))
             .cloned()
             .collect();
         with_group.insert(key);
@@ -323,6 +330,54 @@ mod tests {
         let plan = plan(&index, &groups, &pattern(), Scope::All);
         let order: Vec<&str> = plan.changes.iter().map(|c| c.proid.as_str()).collect();
         assert_eq!(order, ["A", "b", "c"]);
+    }
+
+    #[test]
+    fn held_hosts_are_neither_added_nor_deleted() {
+        // h1's directory can't be read: its placements are unknown, so its
+        // memberships stay as they are, whatever was known of them; h2 and
+        // h3 are reconciled as usual.
+        let mut index = Index::new(PartitionGlob::default());
+        for h in ["h1", "h2", "h3"] {
+            server(&mut index, h, "p");
+        }
+        place(&mut index, "h1", "web.app#1");
+        place(&mut index, "h2", "web.app#2");
+        let h1 = HostName::new("h1").expect("host");
+        let unknown = index.apply(&TreeEvent::PlacementsUnknown { host: h1.clone() });
+        assert!(unknown.dirty.is_empty() && !unknown.resync);
+        assert_eq!(index.held(), BTreeSet::from([host_dn("h1")]));
+        let groups = [
+            group("web-gmsa-hosts", &[]),
+            group(
+                "db-gmsa-hosts",
+                &["CN=h1,OU=Hosts,DC=ad,DC=com", "CN=h3,OU=Hosts,DC=ad,DC=com"],
+            ),
+        ];
+        let held = plan(&index, &groups, &pattern(), Scope::All);
+        let changes: Vec<_> = held
+            .changes
+            .iter()
+            .map(|c| (c.proid.as_str(), c.add.clone(), c.delete.clone()))
+            .collect();
+        assert_eq!(
+            changes,
+            [
+                ("db", BTreeSet::new(), BTreeSet::from([host_dn("h3")])),
+                ("web", BTreeSet::from([host_dn("h2")]), BTreeSet::new()),
+            ]
+        );
+
+        // Listed again: h1 counts as usual, and everything is compared.
+        let listed = index.apply(&TreeEvent::PlacementDirListed {
+            host: h1,
+            instances: BTreeSet::from(["web.app#1".to_owned()]),
+        });
+        assert!(listed.resync && listed.dirty.is_empty(), "{listed:?}");
+        assert!(index.held().is_empty());
+        let free = plan(&index, &groups, &pattern(), Scope::All);
+        assert_eq!(free.adds(), 2);
+        assert_eq!(free.deletes(), 2);
     }
 
     fn plan_with(deletes: usize, managed: usize) -> Plan {

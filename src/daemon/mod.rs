@@ -635,6 +635,9 @@ impl Daemon {
         if let Some(warning) = applied.warning {
             warn!("{warning}");
         }
+        if applied.resync {
+            self.full_sync_due = Instant::now();
+        }
         let dirty: Vec<Proid> = applied.dirty.into_iter().collect();
         for proid in &dirty {
             self.mark_dirty(proid.clone(), at);
@@ -707,7 +710,7 @@ impl Daemon {
                     for event in self.tree.diff(&snapshot) {
                         changed.extend(self.on_tree_event(&event, now));
                     }
-                    self.tree = snapshot;
+                    self.tree.replace_with(snapshot);
                     // What the events missed the cached groups may be
                     // wrong about too: those groups are read again, the
                     // others are not.

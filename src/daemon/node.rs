@@ -25,6 +25,19 @@ impl Daemon {
         let Some(mut config) = self.config.node.clone() else {
             return Ok(true);
         };
+        if self.tree.unknown.contains(&config.hostname) {
+            // Unknown is not none: starting now would terminate every
+            // container as no longer placed. A rescan finds out when the
+            // directory can be read.
+            let why = format!(
+                "placement/{}: this host's placements are unknown (its directory can't be read)",
+                config.hostname
+            );
+            warn!("{why}; containers are left alone until it can be read");
+            self.rescan_needed = Some(why.clone());
+            self.not_ready_for_a_while(why, shutdown).await;
+            return Ok(false);
+        }
         if config.domain.is_none() && config.gmsa_proids != GmsaProids::None {
             let dir = self.directory();
             let Some(facts) = self
@@ -110,6 +123,14 @@ impl Daemon {
                     .map(|p| p.iter().cloned().collect())
                     .unwrap_or_default(),
             ),
+            TreeEvent::PlacementDirListed { host: h, instances } if *h == host => {
+                let empty = std::collections::BTreeSet::new();
+                let placed = placed.unwrap_or(&empty);
+                (
+                    instances.difference(placed).cloned().collect(),
+                    placed.difference(instances).cloned().collect(),
+                )
+            }
             _ => return,
         };
         self.node_chains.retain(|_, handle| !handle.is_finished());

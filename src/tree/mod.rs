@@ -142,6 +142,23 @@ pub enum TreeEvent {
         /// The host.
         host: HostName,
     },
+    /// A host's placement directory was listed: these are all of its
+    /// placements now (they replace what was known, and end
+    /// [`TreeEvent::PlacementsUnknown`]).
+    PlacementDirListed {
+        /// The host.
+        host: HostName,
+        /// Every placement in the directory.
+        instances: BTreeSet<String>,
+    },
+    /// A host's placement directory is there but can't be read (a symlink,
+    /// a loop, an I/O error): its placements are unknown until it is listed
+    /// or goes away. What was known of them is kept, and the host's
+    /// memberships are left as they are meanwhile.
+    PlacementsUnknown {
+        /// The host.
+        host: HostName,
+    },
 }
 
 /// A whole tree read at one time.
@@ -151,6 +168,11 @@ pub struct Snapshot {
     pub servers: BTreeMap<HostName, Result<ServerInfo, String>>,
     /// Every placement directory and the instances in it.
     pub placements: BTreeMap<HostName, BTreeSet<String>>,
+    /// Hosts whose placement directory exists but could not be read: their
+    /// placements are unknown, which is not "none" (SPEC section 5). A scan
+    /// has no placements for them; a snapshot kept up to date by events
+    /// (the daemon's) keeps the last ones it knew.
+    pub unknown: BTreeSet<HostName>,
     /// Entries that were skipped, each naming the path and why.
     pub warnings: Vec<String>,
 }
@@ -173,7 +195,11 @@ impl Snapshot {
                     instance: instance.clone(),
                 })
         });
-        servers.chain(placements)
+        let unknown = self
+            .unknown
+            .iter()
+            .map(|host| TreeEvent::PlacementsUnknown { host: host.clone() });
+        servers.chain(placements).chain(unknown)
     }
 
     /// Updates the snapshot as the event says the tree changed.
@@ -198,8 +224,27 @@ impl Snapshot {
             }
             TreeEvent::PlacementDirRemoved { host } => {
                 self.placements.remove(host);
+                self.unknown.remove(host);
+            }
+            TreeEvent::PlacementDirListed { host, instances } => {
+                self.placements.insert(host.clone(), instances.clone());
+                self.unknown.remove(host);
+            }
+            TreeEvent::PlacementsUnknown { host } => {
+                self.unknown.insert(host.clone());
             }
         }
+    }
+
+    /// Replaces `self` with a newer scan, except for what the scan could not
+    /// know: the last known placements of hosts it found unreadable.
+    pub fn replace_with(&mut self, mut newer: Snapshot) {
+        for host in &newer.unknown {
+            if let Some(instances) = self.placements.remove(host) {
+                newer.placements.insert(host.clone(), instances);
+            }
+        }
+        *self = newer;
     }
 
     /// The events that turn `self` into `newer`: what a full rescan found
@@ -223,8 +268,13 @@ impl Snapshot {
         }
         let empty = BTreeSet::new();
         for (host, old) in &self.placements {
+            if newer.unknown.contains(host) {
+                // Unreadable now: what was known of it stays.
+                continue;
+            }
             match newer.placements.get(host) {
                 None => events.push(TreeEvent::PlacementDirRemoved { host: host.clone() }),
+                Some(_) if self.unknown.contains(host) => {}
                 Some(new) => {
                     events.extend(
                         old.difference(new)
@@ -237,6 +287,17 @@ impl Snapshot {
             }
         }
         for (host, new) in &newer.placements {
+            if newer.unknown.contains(host) {
+                continue;
+            }
+            if self.unknown.contains(host) {
+                // Readable again: the listing replaces what was kept.
+                events.push(TreeEvent::PlacementDirListed {
+                    host: host.clone(),
+                    instances: new.clone(),
+                });
+                continue;
+            }
             let old = self.placements.get(host).unwrap_or(&empty);
             events.extend(
                 new.difference(old)
@@ -245,6 +306,15 @@ impl Snapshot {
                         instance: instance.clone(),
                     }),
             );
+        }
+        for host in newer.unknown.difference(&self.unknown) {
+            events.push(TreeEvent::PlacementsUnknown { host: host.clone() });
+        }
+        for host in self.unknown.difference(&newer.unknown) {
+            if !newer.placements.contains_key(host) && !self.placements.contains_key(host) {
+                // Gone while unknown, with nothing known to take along.
+                events.push(TreeEvent::PlacementDirRemoved { host: host.clone() });
+            }
         }
         events
     }
@@ -363,6 +433,7 @@ mod tests {
                 .iter()
                 .map(|(h, i)| (host(h), i.iter().map(|s| s.to_string()).collect()))
                 .collect(),
+            unknown: BTreeSet::new(),
             warnings: vec![],
         }
     }
@@ -389,6 +460,54 @@ mod tests {
             .retain(|_, instances| !instances.is_empty());
         assert_eq!(walked, want);
         assert!(new.diff(&new).is_empty());
+    }
+
+    #[test]
+    fn unknown_hosts_keep_what_was_known_across_rescans() {
+        let old = snapshot(&[("a", "p1")], &[("a", &["x.1#1"]), ("b", &["y.1#2"])]);
+        // a's directory became unreadable: a scan has nothing for it.
+        let mut scanned = snapshot(&[("a", "p1")], &[("b", &["y.1#2"])]);
+        scanned.unknown.insert(host("a"));
+        let events = old.diff(&scanned);
+        assert_eq!(events, [TreeEvent::PlacementsUnknown { host: host("a") }]);
+        let mut tree = old.clone();
+        for event in &events {
+            tree.apply(event);
+        }
+        tree.replace_with(scanned.clone());
+        assert_eq!(tree.placements[&host("a")], ["x.1#1".to_owned()].into());
+        assert!(
+            tree.diff(&scanned).is_empty(),
+            "still unknown: nothing changes"
+        );
+
+        // Readable again, with other placements: one listing replaces them.
+        let readable = snapshot(&[("a", "p1")], &[("a", &["z.1#3"]), ("b", &["y.1#2"])]);
+        let listed = tree.diff(&readable);
+        assert_eq!(
+            listed,
+            [TreeEvent::PlacementDirListed {
+                host: host("a"),
+                instances: ["z.1#3".to_owned()].into(),
+            }]
+        );
+        let mut walked = tree.clone();
+        for event in &listed {
+            walked.apply(event);
+        }
+        assert_eq!(walked, readable);
+
+        // Gone while unknown, with nothing known of it.
+        let mut never_read = snapshot(&[], &[]);
+        never_read.unknown.insert(host("c"));
+        assert_eq!(
+            never_read.diff(&snapshot(&[], &[])),
+            [TreeEvent::PlacementDirRemoved { host: host("c") }]
+        );
+        assert_eq!(
+            never_read.events().collect::<Vec<_>>(),
+            [TreeEvent::PlacementsUnknown { host: host("c") }]
+        );
     }
 
     #[test]

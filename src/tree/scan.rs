@@ -2,17 +2,25 @@
 //! parsed, every placement directory listed.
 //!
 //! The scan is where "source error is not source empty" (SPEC section 5) is
-//! decided: a tree without `.modified`, a missing `servers/` or `placement/`
-//! directory, or a directory that cannot be listed is a [`ScanError`] and
-//! never an empty snapshot. Problems with single entries (a broken server
-//! file, a name that is not a host name or not a placement) only affect that
-//! entry and are reported as warnings naming the path.
+//! decided: a tree without `.modified`, or a missing or unlistable
+//! `servers/` or `placement/` directory, is a [`ScanError`] and never an
+//! empty snapshot. Problems with single entries (a broken server file, a
+//! name that is not a host name or not a placement) only affect that entry
+//! and are reported as warnings naming the path; a host directory that
+//! can't be listed makes that host's placements unknown
+//! ([`Snapshot::unknown`]), not empty.
+//!
+//! Every file here is read the one way tree files are read (SPEC section
+//! 5b), through [`crate::safe_fs`]: regular files only, opened without
+//! blocking and without following a link, capped in size. The watcher
+//! reads single entries through the same functions ([`load_server`],
+//! [`scan_host_dir`], [`placement_at`]), so an event and a scan never
+//! disagree about what a file is.
 
 use std::collections::BTreeSet;
 use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::io::{self, Read};
-use std::os::unix::fs::OpenOptionsExt;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -20,6 +28,7 @@ use thiserror::Error;
 
 use super::{ServerInfo, Snapshot};
 use crate::model::{HostName, Proid};
+use crate::safe_fs::{self, Kind, ReadError};
 
 /// The readiness marker written by the mirror after its first full sync.
 pub const MODIFIED: &str = ".modified";
@@ -81,13 +90,21 @@ pub fn scan(root: &Path) -> Result<Snapshot, ScanError> {
     }
 
     let hosts = list(&placement_dir)?;
-    for read in in_parallel(&hosts, |(name, file_type)| {
-        read_placement_entry(&placement_dir.join(name), name, *file_type)
+    for (warnings, read) in in_parallel(&hosts, |(name, _)| {
+        read_placement_entry(&placement_dir.join(name), name)
     }) {
-        let (warnings, placements) = read?;
         snapshot.warnings.extend(warnings);
-        if let Some((host, instances)) = placements {
-            snapshot.placements.insert(host, instances);
+        match read {
+            None | Some((_, HostListing::Absent)) => {}
+            Some((_, HostListing::NotADirectory(warning))) => snapshot.warnings.push(warning),
+            Some((host, HostListing::Unknown(warning))) => {
+                snapshot.warnings.push(warning);
+                snapshot.unknown.insert(host);
+            }
+            Some((host, HostListing::Listed(dir))) => {
+                snapshot.warnings.extend(dir.warnings);
+                snapshot.placements.insert(host, dir.instances);
+            }
         }
     }
     Ok(snapshot)
@@ -125,47 +142,16 @@ fn read_server_entry(path: &Path, name: &OsStr) -> EntryRead<Result<ServerInfo, 
     (warnings, None)
 }
 
-/// Reads the placement directory `placement/<name>`; `file_type` is what
-/// the listing said it is (a `stat` is made only when that is not a
-/// directory, for symlinks and unknown types).
-fn read_placement_entry(
-    path: &Path,
-    name: &OsStr,
-    file_type: Option<fs::FileType>,
-) -> Result<EntryRead<BTreeSet<String>>, ScanError> {
+/// What reading one host's entry in `placement/` gave.
+type PlacementRead = (Vec<String>, Option<(HostName, HostListing)>);
+
+/// Reads the placement directory `placement/<name>`.
+fn read_placement_entry(path: &Path, name: &OsStr) -> PlacementRead {
     let mut warnings = Vec::new();
     let Some(host) = host_name(name, path, &mut warnings) else {
-        return Ok((warnings, None));
+        return (warnings, None);
     };
-    let is_dir = match file_type {
-        Some(t) if t.is_dir() => Ok(true),
-        _ => fs::metadata(path).map(|meta| meta.is_dir()),
-    };
-    match is_dir {
-        Ok(true) => {}
-        Ok(false) => {
-            warnings.push(format!(
-                "{}: not a directory, not a placement directory; skipped",
-                path.display()
-            ));
-            return Ok((warnings, None));
-        }
-        // Removed between the listing and now: as if never seen.
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok((warnings, None)),
-        Err(source) => {
-            return Err(ScanError::Io {
-                path: path.to_path_buf(),
-                source,
-            })
-        }
-    }
-    Ok(match read_host_dir(path)? {
-        Some(dir) => {
-            warnings.extend(dir.warnings);
-            (warnings, Some((host, dir.instances)))
-        }
-        None => (warnings, None),
-    })
+    (warnings, Some((host, list_host_dir(path))))
 }
 
 /// Entries handed to a thread at a time.
@@ -294,51 +280,32 @@ fn host_name(name: &OsStr, path: &Path, warnings: &mut Vec<String>) -> Option<Ho
 }
 
 /// What was found at a server file's path.
-enum ServerFile {
-    /// A file: its content, or why it can't be used.
+pub enum ServerFile {
+    /// A file: its content, or why it can't be used (a FIFO, a socket, a
+    /// device or a symlink in its place, a file above
+    /// [`safe_fs::MAX_FILE`], an unreadable one). Such a file is unusable
+    /// like a broken one: a host already in scope keeps its last good
+    /// definition (SPEC section 2).
     Present(Result<ServerInfo, String>),
     /// Nothing (it was removed).
     Absent,
-    /// Something that is not a regular file, described.
+    /// A directory, which is no server file at all.
     NotAFile(&'static str),
 }
 
-/// Reads a server file with one path lookup: the file is opened first (not
-/// blocking, so that a FIFO in its place cannot stop the scan) and what it is
-/// comes from the open file, so it cannot change between the check and the
-/// read.
-fn load_server(path: &Path) -> ServerFile {
-    let file = match fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(path)
-    {
-        Ok(file) => file,
-        Err(err) if err.kind() == io::ErrorKind::NotFound => return ServerFile::Absent,
-        // A socket can't be opened at all: say what it is when that can be had.
-        Err(err) => {
-            return match fs::metadata(path) {
-                Ok(meta) if !meta.is_file() && !meta.is_dir() => {
-                    ServerFile::NotAFile("a special file")
-                }
-                _ => ServerFile::Present(Err(format!("cannot be read: {err}"))),
-            }
-        }
-    };
-    let meta = match file.metadata() {
-        Ok(meta) => meta,
-        Err(err) => return ServerFile::Present(Err(format!("cannot be read: {err}"))),
-    };
-    if meta.is_dir() {
-        return ServerFile::NotAFile("a directory");
-    }
-    if !meta.is_file() {
-        return ServerFile::NotAFile("a special file");
-    }
-    let mut content = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0) + 1);
-    match (&file).read_to_end(&mut content) {
-        Ok(_) => ServerFile::Present(ServerInfo::parse(&content)),
-        Err(err) => ServerFile::Present(Err(format!("cannot be read: {err}"))),
+/// Reads a server file the one way tree files are read, by the scan and the
+/// watcher alike: through [`safe_fs::read_regular`], so that a FIFO cannot
+/// stall the reader, a link is never followed out of the tree, and a file
+/// above the cap is not read into memory.
+pub fn load_server(path: &Path) -> ServerFile {
+    match safe_fs::read_regular(path, safe_fs::MAX_FILE) {
+        Ok(content) => ServerFile::Present(ServerInfo::parse(&content)),
+        Err(ReadError::NotFound) => ServerFile::Absent,
+        Err(ReadError::WrongType {
+            found: Kind::Directory,
+            ..
+        }) => ServerFile::NotAFile("a directory"),
+        Err(err) => ServerFile::Present(Err(err.to_string())),
     }
 }
 
@@ -362,57 +329,118 @@ pub struct HostDir {
     pub warnings: Vec<String>,
 }
 
-/// Lists `placement/<host>/` on its own, as the daemon does when such a
-/// directory is created (files may have been written into it before a watch
-/// was set). `Ok(None)` when the directory does not exist or is not a
-/// directory; an error when it exists but can't be listed, because treating
-/// it as empty would withdraw every placement on the host.
-pub fn scan_host_dir(root: &Path, host: &HostName) -> Result<Option<HostDir>, ScanError> {
-    let path = root.join(PLACEMENT).join(host.as_str());
-    match fs::metadata(&path) {
-        Ok(meta) if meta.is_dir() => read_host_dir(&path),
-        Ok(_) => Ok(None),
-        Err(err) if err.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(source) => Err(ScanError::Io { path, source }),
-    }
+/// What is at `placement/<host>`, as the scan and the watcher both read it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostListing {
+    /// Nothing: the host has no placement directory.
+    Absent,
+    /// A regular file, FIFO, socket or device: not a placement directory,
+    /// so the host has none. The warning names the path and what is there.
+    NotADirectory(String),
+    /// A directory that exists but whose entries can't be had: a symlink
+    /// (never followed, wherever it points, a loop included) or a
+    /// directory that can't be listed. Its placements are unknown, which is
+    /// not the same as none (SPEC section 5): the host's memberships are
+    /// left as they are. The warning names the path and the problem.
+    Unknown(String),
+    /// The directory was listed.
+    Listed(HostDir),
 }
 
-/// Lists a host directory known to be a directory; `None` when it vanished
-/// before it could be opened.
-fn read_host_dir(path: &Path) -> Result<Option<HostDir>, ScanError> {
-    let entries = match list(path) {
+/// Lists `placement/<host>/` on its own, as the daemon does when such a
+/// directory is created (files may have been written into it before a watch
+/// was set).
+pub fn scan_host_dir(root: &Path, host: &HostName) -> HostListing {
+    list_host_dir(&root.join(PLACEMENT).join(host.as_str()))
+}
+
+/// Lists a host's placement directory without following a link to it
+/// ([`safe_fs::list_dir`]). Only regular files are placements: the mirror
+/// writes nothing else, and a FIFO, socket, device or symlink in their
+/// place is skipped with a warning naming what it is.
+fn list_host_dir(path: &Path) -> HostListing {
+    let entries = match safe_fs::list_dir(path) {
         Ok(entries) => entries,
-        Err(ScanError::Io { source, .. }) if source.kind() == io::ErrorKind::NotFound => {
-            return Ok(None)
+        Err(ReadError::NotFound) => return HostListing::Absent,
+        Err(err @ ReadError::WrongType { found, .. }) if found != Kind::Symlink => {
+            return HostListing::NotADirectory(format!(
+                "{}: {err}, not a placement directory; skipped",
+                path.display()
+            ))
         }
-        Err(err) => return Err(err),
+        Err(err) => {
+            return HostListing::Unknown(format!(
+                "{}: {err}; its placements are unknown, so its memberships are left as they are",
+                path.display()
+            ))
+        }
     };
+    let mut entries: Vec<_> = entries
+        .into_iter()
+        .filter(|(name, _)| !is_dot_name(name))
+        .collect();
+    entries.sort_unstable_by(|a, b| a.0.cmp(&b.0));
     let mut warnings = Vec::new();
-    let mut skip = |name: &OsStr, why: &str| {
+    let mut skip = |name: &OsStr, why: &dyn std::fmt::Display| {
         warnings.push(format!("{}: {why}; skipped", path.join(name).display()));
     };
-    // Sorted by the listing, so the set is built in one pass.
+    // Sorted above, so the set is built in one pass.
     let mut instances = Vec::with_capacity(entries.len());
     for (name, file_type) in entries {
         let instance = match name.into_string() {
             Ok(instance) => instance,
             Err(name) => {
-                skip(&name, "name is not UTF-8");
+                skip(&name, &"name is not UTF-8");
                 continue;
             }
         };
         if let Err(why) = Proid::of_instance(&instance) {
             skip(instance.as_ref(), &why.to_string());
-        } else if file_type.is_some_and(|t| t.is_dir()) {
-            skip(instance.as_ref(), "a directory, not a placement");
-        } else {
-            instances.push(instance);
+            continue;
+        }
+        // The listing's type, or a look without following a link when the
+        // file system did not say.
+        let kind = match file_type {
+            Some(file_type) => Ok(Some(Kind::of(file_type))),
+            None => safe_fs::probe(&path.join(&instance)),
+        };
+        match kind {
+            Ok(Some(Kind::File)) => instances.push(instance),
+            // Removed since the listing.
+            Ok(None) => {}
+            Ok(Some(kind)) => skip(instance.as_ref(), &format_args!("{kind}, not a placement")),
+            Err(err) => skip(instance.as_ref(), &format_args!("cannot be read: {err}")),
         }
     }
-    Ok(Some(HostDir {
+    HostListing::Listed(HostDir {
         instances: instances.into_iter().collect(),
         warnings,
-    }))
+    })
+}
+
+/// What is at a placement file's path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PlacementEntry {
+    /// A regular file: a placement.
+    Placed,
+    /// Nothing.
+    Absent,
+    /// Something else (a FIFO, socket, device, symlink or directory), which
+    /// is no placement; what it is, for the warning.
+    NotAFile(Kind),
+    /// What is there cannot be told: the host's directory can't be searched.
+    Unreadable(String),
+}
+
+/// What is at `path` in a host's placement directory, judged as [`scan`]
+/// judges a listed entry: only regular files are placements.
+pub fn placement_at(path: &Path) -> PlacementEntry {
+    match safe_fs::probe(path) {
+        Ok(Some(Kind::File)) => PlacementEntry::Placed,
+        Ok(None) => PlacementEntry::Absent,
+        Ok(Some(kind)) => PlacementEntry::NotAFile(kind),
+        Err(err) => PlacementEntry::Unreadable(err.to_string()),
+    }
 }
 
 #[cfg(test)]
@@ -675,38 +703,50 @@ mod tests {
     }
 
     #[test]
-    fn unlistable_directories_are_errors() {
+    fn an_unlistable_host_dir_makes_only_that_host_unknown() {
         use std::os::unix::fs::PermissionsExt;
         let tree = Tree::new();
         tree.write("placement/h1/proid1.web#1", "{}");
+        tree.write("placement/h2/proid1.web#2", "{}");
         let dir = tree.root().join("placement/h1");
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o000)).expect("chmod");
-        // Root ignores permissions: there is nothing to test then.
+        // Root ignores permissions (the binary's tests cover root with an
+        // unprivileged run): there is nothing to test then.
         let listable = fs::read_dir(&dir).is_ok();
         let result = scan(tree.root());
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).expect("chmod back");
         if listable {
             return;
         }
-        let err = result.expect_err("an unlistable host dir must fail the scan");
-        assert!(
-            matches!(&err, ScanError::Io { path, .. } if path == &dir),
-            "{err:?}"
-        );
-        assert!(err.to_string().contains("placement/h1"), "{err}");
+        let snap = result.expect("one unlistable host dir is not a run failure");
+        assert_eq!(snap.unknown, BTreeSet::from([host("h1")]));
+        assert!(!snap.placements.contains_key(&host("h1")));
+        assert_eq!(snap.placements[&host("h2")], set(&["proid1.web#2"]));
+        assert!(warned(&snap, "placement/h1", "placements are unknown"));
     }
 
     #[test]
-    fn unreadable_entries_are_errors_not_empty() {
-        // A symlink loop can't be followed, even by root.
+    fn symlinked_host_dirs_are_unknown_not_followed() {
+        // A loop can't be followed even by root; a link out of the tree is
+        // never followed. Either way only that host is affected.
         let tree = Tree::new();
         std::os::unix::fs::symlink("h1", tree.root().join("placement/h1")).expect("symlink");
-        let err = scan(tree.root()).expect_err("an unreadable host dir must fail the scan");
-        assert!(
-            matches!(&err, ScanError::Io { path, .. } if path.ends_with("placement/h1")),
-            "{err:?}"
-        );
-        assert!(scan_host_dir(tree.root(), &host("h1")).is_err());
+        let outside = tempfile::tempdir().expect("tmp");
+        fs::write(outside.path().join("proid9.evil#1"), "{}").expect("write");
+        std::os::unix::fs::symlink(outside.path(), tree.root().join("placement/h2"))
+            .expect("symlink");
+        tree.write("placement/h3/proid1.web#3", "{}");
+        let snap = scan(tree.root()).expect("a symlinked host dir is not a run failure");
+        assert_eq!(snap.unknown, BTreeSet::from([host("h1"), host("h2")]));
+        assert_eq!(snap.placements.keys().collect::<Vec<_>>(), [&host("h3")]);
+        for h in ["placement/h1", "placement/h2"] {
+            assert!(warned(&snap, h, "a symbolic link"), "{:?}", snap.warnings);
+            assert!(warned(&snap, h, "placements are unknown"));
+        }
+        assert!(matches!(
+            scan_host_dir(tree.root(), &host("h1")),
+            HostListing::Unknown(_)
+        ));
 
         let tree = Tree::bare();
         tree.write(MODIFIED, "");
@@ -719,6 +759,85 @@ mod tests {
         );
         let text = err.to_string();
         assert!(text.contains("servers: cannot be read"), "{text}");
+    }
+
+    fn mkfifo(path: &Path) {
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).expect("path");
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o644) }, 0, "mkfifo");
+    }
+
+    fn mksock(path: &Path) -> std::os::unix::net::UnixListener {
+        std::os::unix::net::UnixListener::bind(path).expect("socket")
+    }
+
+    #[test]
+    fn only_regular_files_are_placements() {
+        let tree = Tree::new();
+        tree.write("placement/h1/proid1.web#1", "{}");
+        let dir = tree.root().join("placement/h1");
+        mkfifo(&dir.join("proid1.web#2"));
+        let _socket = mksock(&dir.join("proid1.web#3"));
+        std::os::unix::fs::symlink("proid1.web#1", dir.join("proid1.web#4")).expect("symlink");
+        std::os::unix::fs::symlink("/dev/null", dir.join("proid1.web#5")).expect("symlink");
+        let snap = scan(tree.root()).expect("scan");
+        assert_eq!(snap.placements[&host("h1")], set(&["proid1.web#1"]));
+        assert!(warned(
+            &snap,
+            "placement/h1/proid1.web#2",
+            "a FIFO, not a placement"
+        ));
+        assert!(warned(
+            &snap,
+            "placement/h1/proid1.web#3",
+            "a socket, not a placement"
+        ));
+        for link in ["proid1.web#4", "proid1.web#5"] {
+            assert!(warned(&snap, link, "a symbolic link, not a placement"));
+        }
+        assert_eq!(snap.warnings.len(), 4, "{:?}", snap.warnings);
+        assert_eq!(
+            placement_at(&dir.join("proid1.web#2")),
+            PlacementEntry::NotAFile(Kind::Fifo)
+        );
+        assert_eq!(
+            placement_at(&dir.join("proid1.web#1")),
+            PlacementEntry::Placed
+        );
+        assert_eq!(
+            placement_at(&dir.join("proid1.web#9")),
+            PlacementEntry::Absent
+        );
+    }
+
+    #[test]
+    fn special_and_large_server_files_are_unusable() {
+        let tree = Tree::new();
+        tree.server("good", "p1");
+        let servers = tree.root().join(SERVERS);
+        mkfifo(&servers.join("fifo"));
+        let _socket = mksock(&servers.join("sock"));
+        std::os::unix::fs::symlink("good", servers.join("link")).expect("symlink");
+        std::os::unix::fs::symlink("loop", servers.join("loop")).expect("symlink");
+        let mut big = b"partition: p1\nnt.dc: dc1\nnt.dn: CN=big\n#".to_vec();
+        big.resize(safe_fs::MAX_FILE as usize + 1, b'x');
+        fs::write(servers.join("big"), &big).expect("write");
+        big.truncate(safe_fs::MAX_FILE as usize);
+        fs::write(servers.join("just-fits"), &big).expect("write");
+        let snap = scan(tree.root()).expect("scan");
+        assert!(snap.servers[&host("good")].is_ok());
+        assert!(snap.servers[&host("just-fits")].is_ok());
+        for (name, what) in [
+            ("fifo", "a FIFO, not a regular file"),
+            ("sock", "a socket, not a regular file"),
+            ("link", "a symbolic link, not a regular file"),
+            ("loop", "a symbolic link, not a regular file"),
+            ("big", "too large (1048577 bytes"),
+        ] {
+            let err = snap.servers[&host(name)].as_ref().expect_err(name);
+            assert!(err.contains(what), "{name}: {err}");
+            assert!(warned(&snap, &format!("servers/{name}"), what));
+        }
     }
 
     #[test]
@@ -769,13 +888,18 @@ mod tests {
             Err("does not exist".into())
         );
 
-        let dir = scan_host_dir(tree.root(), &host("h1"))
-            .expect("listable")
-            .expect("exists");
+        let HostListing::Listed(dir) = scan_host_dir(tree.root(), &host("h1")) else {
+            panic!("h1 is listable");
+        };
         assert_eq!(dir.instances, set(&["proid1.web#1"]));
         assert_eq!(dir.warnings.len(), 1, "{:?}", dir.warnings);
         assert!(dir.warnings[0].contains("junk"));
-        assert_eq!(scan_host_dir(tree.root(), &host("h2")).expect("ok"), None);
+        assert_eq!(scan_host_dir(tree.root(), &host("h2")), HostListing::Absent);
+        tree.write("placement/h3", "");
+        assert!(matches!(
+            scan_host_dir(tree.root(), &host("h3")),
+            HostListing::NotADirectory(w) if w.contains("a regular file, not a directory")
+        ));
     }
 
     #[test]

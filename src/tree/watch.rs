@@ -15,14 +15,17 @@
 //! says so with [`Change::Failed`]: rescanning is not enough, it must be
 //! replaced.
 //!
+//! What is at a path is read exactly as the scan reads it, through the
+//! scan's own functions for one entry (and so through [`crate::safe_fs`]):
+//! a FIFO, socket, device or symlink is never data, and reading never
+//! blocks or leaves the tree.
+//!
 //! notify hands over a new directory's notification before it watches that
 //! directory, so a listing made right then can miss a file written a moment
 //! later, for good. Notifications are therefore looked at on a thread of our
 //! own, which first makes sure a new directory is watched (asking notify,
 //! which answers only once its own watch is set) and only then lists it.
 
-use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 
@@ -32,9 +35,12 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::event::{classify, PathKind};
-use super::scan::scan_host_dir;
-use super::{ServerInfo, TreeEvent};
-use crate::model::HostName;
+use super::scan::{
+    load_server, placement_at, scan_host_dir, HostListing, PlacementEntry, ServerFile,
+};
+use super::TreeEvent;
+use crate::model::{HostName, Proid};
+use crate::safe_fs::{self, Kind};
 
 /// What the watcher reports.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -133,7 +139,10 @@ fn changes_of(
                 .paths
                 .iter()
                 .flat_map(|p| {
-                    let unwatched = if appeared && p.is_dir() && p != base {
+                    // Never a symlink: a link to a directory outside the
+                    // tree must not get that directory watched.
+                    let is_dir = matches!(safe_fs::probe(p), Ok(Some(Kind::Directory)));
+                    let unwatched = if appeared && p != base && is_dir {
                         ensure_watched(watcher, p)
                     } else {
                         None
@@ -175,14 +184,7 @@ pub fn changes_at(root: &Path, path: &Path) -> Vec<Change> {
     }
     match classify(root, path) {
         PathKind::Server(host) => server_at(path, host).into_iter().collect(),
-        PathKind::Placement(host, instance) => {
-            let event = if path.symlink_metadata().is_ok() {
-                TreeEvent::PlacementAdded { host, instance }
-            } else {
-                TreeEvent::PlacementRemoved { host, instance }
-            };
-            vec![Change::Tree(event)]
-        }
+        PathKind::Placement(host, instance) => placement_changes(root, path, host, instance),
         PathKind::HostDir(host) => host_dir_at(root, host),
         PathKind::ServersDir | PathKind::PlacementDir => {
             vec![Change::Rescan(format!("{} changed", path.display()))]
@@ -205,44 +207,60 @@ pub fn changes_at(root: &Path, path: &Path) -> Vec<Change> {
     }
 }
 
+/// A server file, read as the scan reads it. Why an unusable one can't be
+/// used is the index's to say, together with what that means for the host.
 fn server_at(path: &Path, host: HostName) -> Option<Change> {
-    let event = match fs::read(path) {
-        Ok(bytes) => TreeEvent::ServerUpserted {
-            host,
-            info: ServerInfo::parse(&bytes),
-        },
-        Err(err) if err.kind() == io::ErrorKind::NotFound => TreeEvent::ServerRemoved { host },
+    let event = match load_server(path) {
+        ServerFile::Present(info) => TreeEvent::ServerUpserted { host, info },
+        ServerFile::Absent => TreeEvent::ServerRemoved { host },
         // A directory where a server file should be is not a server.
-        Err(_) if path.is_dir() => return None,
-        Err(err) => TreeEvent::ServerUpserted {
-            host,
-            info: Err(format!("cannot read: {err}")),
-        },
+        ServerFile::NotAFile(_) => return None,
     };
     Some(Change::Tree(event))
 }
 
+/// A placement file, judged as the scan judges a listed one: only a regular
+/// file is a placement, so anything else in its place removes it.
+fn placement_changes(root: &Path, path: &Path, host: HostName, instance: String) -> Vec<Change> {
+    let event = match placement_at(path) {
+        PlacementEntry::Placed => TreeEvent::PlacementAdded { host, instance },
+        PlacementEntry::Absent => TreeEvent::PlacementRemoved { host, instance },
+        PlacementEntry::NotAFile(kind) => {
+            if Proid::name_in(&instance).is_some() {
+                warn!("{}: {kind}, not a placement; skipped", path.display());
+            }
+            TreeEvent::PlacementRemoved { host, instance }
+        }
+        // The host's directory can't be searched: what the listing says.
+        PlacementEntry::Unreadable(_) => return host_dir_at(root, host),
+    };
+    vec![Change::Tree(event)]
+}
+
 /// A host directory that appeared is listed at once; one that went away
-/// takes its placements with it.
+/// takes its placements with it; one that can't be listed keeps them.
 fn host_dir_at(root: &Path, host: HostName) -> Vec<Change> {
-    match scan_host_dir(root, &host) {
-        Ok(None) => vec![Change::Tree(TreeEvent::PlacementDirRemoved { host })],
-        Ok(Some(dir)) => {
+    let event = match scan_host_dir(root, &host) {
+        HostListing::Absent => TreeEvent::PlacementDirRemoved { host },
+        HostListing::NotADirectory(warning) => {
+            warn!("{warning}");
+            TreeEvent::PlacementDirRemoved { host }
+        }
+        HostListing::Unknown(warning) => {
+            warn!("{warning}");
+            TreeEvent::PlacementsUnknown { host }
+        }
+        HostListing::Listed(dir) => {
             for warning in dir.warnings {
                 warn!("{warning}");
             }
-            dir.instances
-                .into_iter()
-                .map(|instance| {
-                    Change::Tree(TreeEvent::PlacementAdded {
-                        host: host.clone(),
-                        instance,
-                    })
-                })
-                .collect()
+            TreeEvent::PlacementDirListed {
+                host,
+                instances: dir.instances,
+            }
         }
-        Err(err) => vec![Change::Rescan(err.to_string())],
-    }
+    };
+    vec![Change::Tree(event)]
 }
 
 #[cfg(test)]
