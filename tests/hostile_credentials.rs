@@ -149,3 +149,56 @@ fn a_password_file_others_can_read_is_used_with_a_warning_naming_the_fix() {
         "a private file is not warned about: {stderr}"
     );
 }
+
+/// A server file's `nt.dc` becomes the host of `ldap://<nt.dc>` when no
+/// `--ldap-url` is given: one that smuggles credentials (or a path) into
+/// that URL makes the server file unusable, and the warning does not quote
+/// it. Without the check the reconciler would connect to `dc1` as `svc`.
+#[test]
+fn credentials_in_a_server_files_nt_dc_make_it_unusable_and_are_never_echoed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tree = empty_tree(dir.path());
+    for (host, dc) in [
+        ("h1", format!("svc:{SECRET}@dc1.ad.com")),
+        ("h2", format!("dc1.ad.com/{SECRET}")),
+    ] {
+        fs::write(
+            tree.join("servers").join(host),
+            format!("partition: p1\nnt.dc: '{dc}'\nnt.dn: CN={host},DC=ad,DC=com\n"),
+        )
+        .expect("server file");
+        fs::create_dir_all(tree.join("placement").join(host)).expect("placement dir");
+        fs::write(tree.join("placement").join(host).join("proid1.app#1"), "").expect("placement");
+    }
+    let directory = dir.path().join("directory.ldif");
+    fs::write(
+        &directory,
+        "dn: cn=proid1-gmsa-hosts,ou=Groups,dc=ad,dc=com\nobjectClass: group\nsAMAccountName: proid1-gmsa-hosts\n",
+    )
+    .expect("directory");
+    let out = bin()
+        .arg("plan")
+        .arg(format!("--fs-root={}", tree.display()))
+        .arg(format!("--directory={}", directory.display()))
+        .arg("--group-ou=ou=Groups,dc=ad,dc=com")
+        .output()
+        .expect("run plan");
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(
+        !stdout.contains(SECRET) && !stderr.contains(SECRET),
+        "{stdout}\n{stderr}"
+    );
+    for host in ["h1", "h2"] {
+        assert!(
+            stderr.contains(&format!(
+                "servers/{host}: unusable server file: nt.dc: not a host name"
+            )),
+            "{host}: {stderr}"
+        );
+    }
+    assert!(
+        stdout.starts_with("# gmsa-reconciler plan: 0 groups"),
+        "{stdout}"
+    );
+}

@@ -804,12 +804,17 @@ fn nt_dn() -> impl Strategy<Value = NtDn> {
     ]
 }
 
+/// Mostly a plain DC name, sometimes anything: `nt.dc` becomes the host of
+/// an LDAP URL, so only a host name (and port) is usable.
+fn nt_dc() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => "[a-z0-9][a-z0-9_-]{0,6}(\\.[a-z0-9-]{1,5}){0,2}(:[0-9]{1,5})?",
+        1 => hostile_text(9).prop_map(|dc| format!("dc{dc}")),
+    ]
+}
+
 fn server() -> impl Strategy<Value = Server> {
-    (hostile_text(9), hostile_text(9), nt_dn()).prop_map(|(partition, dc, dn)| Server {
-        partition,
-        dc: format!("dc{dc}"),
-        dn,
-    })
+    (hostile_text(9), nt_dc(), nt_dn()).prop_map(|(partition, dc, dn)| Server { partition, dc, dn })
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -883,6 +888,25 @@ fn has_control(text: &str) -> bool {
     text.chars().any(|c| c < ' ' || c == '\u{7f}')
 }
 
+/// A host name with an optional port, as a DC's name must be, by this
+/// test's own reading: dot-separated labels of ASCII letters, digits, `-`
+/// and `_`, then `:` and one to five digits.
+fn is_dc_name(text: &str) -> bool {
+    let (host, port) = match text.split_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (text, None),
+    };
+    let labels_ok = host.trim_end_matches('.').split('.').all(|label| {
+        !label.is_empty()
+            && label
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    });
+    let port_ok =
+        port.is_none_or(|p| (1..=5).contains(&p.len()) && p.chars().all(|c| c.is_ascii_digit()));
+    labels_ok && port_ok
+}
+
 impl Case {
     fn dn_text(&self, host: usize) -> Option<String> {
         let server = self.hosts[host].server.as_ref()?;
@@ -928,7 +952,7 @@ impl Case {
             let dn = self.dn_text(i).expect("a server has a DN");
             let usable = matches!(server.dn, NtDn::Built(_))
                 && !has_control(&server.partition)
-                && !has_control(&server.dc)
+                && is_dc_name(&server.dc)
                 && !has_control(&dn)
                 && !has_control(&host.name);
             if !usable {

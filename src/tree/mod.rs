@@ -71,6 +71,9 @@ impl ServerInfo {
         if let Some(dn) = &self.dn {
             Dn::parse(dn).map_err(|e| format!("nt.dn: {e}"))?;
         }
+        if let Some(dc) = &self.dc {
+            check_dc(dc)?;
+        }
         Ok(())
     }
 
@@ -85,6 +88,39 @@ impl ServerInfo {
         let raw: RawServer =
             serde_yaml::from_value(value).map_err(|e| format!("unexpected content: {e}"))?;
         Ok(raw.info())
+    }
+}
+
+/// `nt.dc` becomes the host of an `ldap://` URL, so it must be a host name
+/// (letters, digits, `-`, `_`, dots between labels) with an optional
+/// `:port`: a value such as `user:secret@dc` or `dc/x?y` would otherwise
+/// smuggle credentials or a path into the URL.
+fn check_dc(dc: &str) -> Result<(), String> {
+    if dc.is_empty() {
+        // Empty is absent: the index treats the host as out of scope.
+        return Ok(());
+    }
+    let (host, port) = match dc.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (dc, None),
+    };
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    };
+    let host_ok = host.len() <= 253 && host.trim_end_matches('.').split('.').all(label_ok);
+    let port_ok =
+        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
+    if host_ok && port_ok {
+        Ok(())
+    } else {
+        // The value is not quoted: it may hold a password.
+        Err(
+            "nt.dc: not a host name (letters, digits, '-', '_' and dots, with an optional :port)"
+                .to_owned(),
+        )
     }
 }
 
@@ -397,6 +433,44 @@ mod tests {
         let info =
             ServerInfo::parse("nt.dn: ' CN=Zoë: <x>\\, j,DC=ad'\n".as_bytes()).expect("usable");
         assert_eq!(info.dn.as_deref(), Some(" CN=Zoë: <x>\\, j,DC=ad"));
+    }
+
+    #[test]
+    fn an_nt_dc_that_is_not_a_host_name_makes_the_file_unusable() {
+        for bad in [
+            "user:secret@dc1",
+            "dc1/x",
+            "dc1?x",
+            "dc 1",
+            "dc1:",
+            "dc1:port",
+            "dc1..ad",
+            "[::1]",
+        ] {
+            let text = format!(
+                "{{\"nt.dn\": \"CN=h1\", \"nt.dc\": {}}}",
+                serde_json::json!(bad)
+            );
+            let err = ServerInfo::parse(text.as_bytes()).expect_err(bad);
+            assert!(err.starts_with("nt.dc: "), "{bad:?}: {err}");
+            assert!(!err.contains("secret"), "the value is never quoted: {err}");
+        }
+        for good in [
+            "dc1",
+            "dc1.ad.com",
+            "dc1.ad.com.",
+            "dc_1-a.ad",
+            "10.0.0.1",
+            "dc1:389",
+            "",
+        ] {
+            let text = format!(
+                "{{\"nt.dn\": \"CN=h1\", \"nt.dc\": {}}}",
+                serde_json::json!(good)
+            );
+            let info = ServerInfo::parse(text.as_bytes()).expect(good);
+            assert_eq!(info.dc.as_deref(), Some(good));
+        }
     }
 
     #[test]
