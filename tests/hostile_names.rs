@@ -1055,3 +1055,34 @@ proptest! {
         check(&case, &planned.stdout)?;
     }
 }
+
+/// `check` prints the group DN as the directory spells it: a DN holding a
+/// newline (legal in a DN value) is printed escaped, on the one line.
+#[test]
+fn check_prints_a_directory_dn_with_a_newline_on_one_line() {
+    let cell = Cell::new();
+    let hostile = format!("CN=g\nmember: x,{GROUP_OU}");
+    fs::write(
+        cell.directory(),
+        format!(
+            "{}\ndn:: {}\nobjectClass: group\nsAMAccountName: proid1-gmsa-hosts\nmember: CN=h1,DC=ad,DC=com\n",
+            directory_ldif(&[]),
+            STANDARD.encode(&hostile)
+        ),
+    )
+    .expect("directory");
+    let out = run_bin(
+        "check",
+        &[
+            format!("--directory={}", cell.directory().display()),
+            format!("--group-ou={GROUP_OU}"),
+            "--proid=proid1".to_owned(),
+            "--host-dn=CN=h1,DC=ad,DC=com".to_owned(),
+        ],
+    );
+    assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
+    assert_eq!(
+        out.stdout,
+        format!("CN=h1,DC=ad,DC=com is a member of CN=g\\nmember: x,{GROUP_OU}\n")
+    );
+}
