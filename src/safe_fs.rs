@@ -154,6 +154,15 @@ impl ReadError {
 /// symlink, and checks with `fstat` that it is a regular file of at most
 /// `cap` bytes.
 pub fn open_regular(path: &Path, cap: u64) -> Result<(File, u64), ReadError> {
+    // A look first, so that a device is never opened (opening one can act:
+    // a tape rewinds, a terminal becomes ours); the `fstat` below is the
+    // check that counts, since the name may change in between.
+    match probe(path) {
+        Ok(None) => return Err(ReadError::NotFound),
+        Ok(Some(Kind::File)) => {}
+        Ok(Some(found)) => return Err(ReadError::WrongType { found, want: FILE }),
+        Err(err) => return Err(ReadError::from_open(err, path, FILE)),
+    }
     let file = OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
@@ -344,6 +353,17 @@ mod tests {
             list_dir(&a),
             Err(ReadError::WrongType {
                 found: Kind::Symlink,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn a_device_is_refused() {
+        assert!(matches!(
+            read_regular(Path::new("/dev/null"), MAX_FILE),
+            Err(ReadError::WrongType {
+                found: Kind::Device,
                 ..
             })
         ));
