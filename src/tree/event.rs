@@ -254,3 +254,77 @@ mod tests {
         );
     }
 }
+
+/// Property tests of the classifier, at the cases CI can afford; the fuzz
+/// target `classify` (fuzz/) checks the same on any path.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use std::path::PathBuf;
+
+    const ROOT: &str = "/var/tmp/cell";
+
+    /// Path pieces with the names that matter: dot names, `..`, empty
+    /// pieces (a `//`), the tree's own directory names, any text.
+    fn piece() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            Just(".".to_owned()),
+            Just("..".to_owned()),
+            Just(".modified".to_owned()),
+            Just("servers".to_owned()),
+            Just("placement".to_owned()),
+            "\\.?[a-z0-9#.]{1,6}",
+            any::<String>(),
+        ]
+    }
+
+    fn plain(name: &str) -> bool {
+        !name.is_empty() && !name.contains(['/', '\0']) && !name.starts_with('.')
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn what_a_path_names_is_a_plain_name(pieces in proptest::collection::vec(piece(), 0..5)) {
+            let path = PathBuf::from(format!("{ROOT}/{}", pieces.join("/")));
+            let root = Path::new(ROOT);
+            let kind = classify(root, &path);
+            let rebuilt = match &kind {
+                PathKind::Server(host) => {
+                    prop_assert!(plain(host.as_str()), "{:?}", kind);
+                    root.join("servers").join(host.as_str())
+                }
+                PathKind::HostDir(host) => {
+                    prop_assert!(plain(host.as_str()), "{:?}", kind);
+                    root.join("placement").join(host.as_str())
+                }
+                PathKind::Placement(host, instance) => {
+                    prop_assert!(plain(host.as_str()) && plain(instance), "{:?}", kind);
+                    root.join("placement").join(host.as_str()).join(instance)
+                }
+                PathKind::Modified => root.join(".modified"),
+                PathKind::ServersDir => root.join("servers"),
+                PathKind::PlacementDir => root.join("placement"),
+                PathKind::Ignored => return Ok(()),
+            };
+            prop_assert_eq!(classify(root, &rebuilt), kind);
+        }
+
+        #[test]
+        fn every_placement_path_is_classified_as_one(
+            // No control characters: names holding them are refused
+            // before they are ever classified.
+            host in "[^./\\x00-\\x1f\\x7f][^/\\x00-\\x1f\\x7f]{0,12}",
+            instance in "[^./\\x00-\\x1f\\x7f][^/\\x00-\\x1f\\x7f]{0,12}",
+        ) {
+            let path = Path::new(ROOT).join("placement").join(&host).join(&instance);
+            prop_assert_eq!(
+                classify(Path::new(ROOT), &path),
+                PathKind::Placement(HostName::new(&host).expect("a plain name"), instance)
+            );
+        }
+    }
+}

@@ -533,3 +533,116 @@ mod tests {
         }
     }
 }
+
+/// Property tests of the server-file parser, at the cases CI can afford;
+/// the fuzz target `server_info` (fuzz/) checks the same on any bytes.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_yaml::{Mapping, Value};
+
+    /// Text a YAML reader could mistake for something else when unquoted.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-zA-Z0-9 .,=:#\\-\\[\\]{}'\"&*!|>%@`]{0,12}",
+            Just("null".to_owned()),
+            Just("~".to_owned()),
+            Just("yes".to_owned()),
+            Just("1e3".to_owned()),
+            "\\PC{0,8}",
+        ]
+    }
+
+    /// Any YAML value, nested a little: what the keys the reconciler
+    /// ignores may hold.
+    fn any_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| Value::Number(n.into())),
+            text().prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Sequence),
+                proptest::collection::vec((text(), inner), 0..4).prop_map(|pairs| {
+                    Value::Mapping(
+                        pairs
+                            .into_iter()
+                            .map(|(k, v)| (Value::String(k), v))
+                            .collect(),
+                    )
+                }),
+            ]
+        })
+    }
+
+    /// A field as a server file may write it: text, a number, a boolean,
+    /// or something the reconciler cannot use (and reads as absent).
+    fn field() -> impl Strategy<Value = Option<Value>> {
+        prop_oneof![
+            Just(None),
+            text().prop_map(|s| Some(Value::String(s))),
+            any::<u32>().prop_map(|n| Some(Value::Number(n.into()))),
+            any::<bool>().prop_map(|b| Some(Value::Bool(b))),
+            any_value().prop_map(Some),
+        ]
+    }
+
+    fn expected(field: &Option<Value>) -> Option<String> {
+        field.as_ref().and_then(scalar)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn generated_server_files_read_back(
+            partition in field(),
+            dc in field(),
+            dn in field(),
+            others in proptest::collection::vec((text(), any_value()), 0..4),
+            json in any::<bool>(),
+        ) {
+            let mut doc = Mapping::new();
+            for (key, value) in others {
+                if !matches!(key.as_str(), "partition" | "nt.dc" | "nt.dn") {
+                    doc.insert(Value::String(key), value);
+                }
+            }
+            for (key, value) in [("partition", &partition), ("nt.dc", &dc), ("nt.dn", &dn)] {
+                if let Some(value) = value {
+                    doc.insert(Value::String(key.to_owned()), value.clone());
+                }
+            }
+            let text = if json {
+                serde_json::to_string(&doc).expect("JSON")
+            } else {
+                serde_yaml::to_string(&doc).expect("YAML")
+            };
+            let want = ServerInfo {
+                partition: expected(&partition),
+                dc: expected(&dc),
+                dn: expected(&dn),
+            };
+            prop_assert_eq!(ServerInfo::parse(text.as_bytes()), Ok(want), "{}", text);
+            prop_assert_eq!(ServerInfo::parse(text.as_bytes()), ServerInfo::parse_checked(&text));
+        }
+
+        #[test]
+        fn any_bytes_parse_or_are_refused(bytes in prop_oneof![
+            any::<Vec<u8>>(),
+            "[a-z.: \\n\\-\\[\\]{}\"'&*!#]{0,40}".prop_map(String::into_bytes),
+        ]) {
+            let parsed = ServerInfo::parse(&bytes);
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                if let (Ok(info), Ok(checked)) = (&parsed, ServerInfo::parse_checked(text)) {
+                    prop_assert_eq!(info, &checked);
+                }
+            } else {
+                prop_assert!(parsed.is_err());
+            }
+        }
+    }
+}
