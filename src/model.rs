@@ -255,7 +255,9 @@ impl Dn {
     /// Builds `<attr>=<value>,<parent>`, escaping the value per RFC 4514.
     pub fn child(attr: &str, value: &str, parent: &Dn) -> Dn {
         let rdn = format!("{attr}={}", escape_dn_value(value));
-        let raw = if parent.as_str().is_empty() {
+        // A root may be spelled with spaces only; nothing may follow the
+        // comma then.
+        let raw = if parent.normalised().is_empty() {
             rdn
         } else {
             format!("{rdn},{}", parent.as_str())
@@ -784,6 +786,18 @@ mod tests {
         }
         assert_eq!(escape_dn_value(" a,b "), "\\ a\\,b\\ ");
         assert_eq!(escape_dn_value("#a#"), "\\#a#");
+    }
+
+    /// Found by the `dn` fuzz target (fuzz/corpus/dn/crash-child-of-a-blank-root):
+    /// a root spelled as spaces made `child` write `CN=x, ` and panic.
+    #[test]
+    fn child_of_a_root_spelled_with_spaces() {
+        for root in [" ", "  "] {
+            let root = dn(root);
+            let child = Dn::child("CN", "x", &root);
+            assert_eq!(child.as_str(), "CN=x");
+            assert!(child.is_within(&root));
+        }
     }
 
     #[test]
