@@ -48,8 +48,10 @@ impl ServerInfo {
         // The usual case in one pass, without building a value for each of
         // the keys the reconciler ignores; when that fails, the second pass
         // says what is wrong with the file.
-        let info = match serde_yaml::from_str::<Option<RawServer>>(text) {
-            Ok(Some(raw)) => raw.info(),
+        // A file with none of the three keys goes the long way too: the one
+        // pass reads a tag with no value (`!x`) as an empty mapping.
+        let info = match serde_yaml::from_str::<Option<MappingOnly>>(text) {
+            Ok(Some(MappingOnly(raw))) if raw.has_any() => raw.info(),
             _ => ServerInfo::parse_checked(text)?,
         };
         info.check()?;
@@ -77,8 +79,12 @@ impl ServerInfo {
     /// Parses through a whole YAML value, which tells a document that is not
     /// a mapping from one that is not YAML at all.
     fn parse_checked(text: &str) -> Result<ServerInfo, String> {
-        let value: serde_yaml::Value =
+        let mut value: serde_yaml::Value =
             serde_yaml::from_str(text).map_err(|e| format!("not YAML or JSON: {e}"))?;
+        // As in the one pass, a tag on the document is no matter.
+        if let serde_yaml::Value::Tagged(tagged) = value {
+            value = tagged.value;
+        }
         if !value.is_mapping() {
             return Err("not a mapping".to_owned());
         }
@@ -88,7 +94,35 @@ impl ServerInfo {
     }
 }
 
+/// [`RawServer`] read from a mapping only: a struct alone would also take a
+/// list, as its fields in order.
+struct MappingOnly(RawServer);
+
+impl<'de> Deserialize<'de> for MappingOnly {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Mapping;
+        impl<'de> serde::de::Visitor<'de> for Mapping {
+            type Value = MappingOnly;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a mapping")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<MappingOnly, A::Error> {
+                RawServer::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(MappingOnly)
+            }
+        }
+        deserializer.deserialize_map(Mapping)
+    }
+}
+
 impl RawServer {
+    fn has_any(&self) -> bool {
+        self.partition.is_some() || self.dc.is_some() || self.dn.is_some()
+    }
+
     fn info(&self) -> ServerInfo {
         ServerInfo {
             partition: self.partition.as_ref().and_then(scalar),
@@ -411,6 +445,31 @@ mod tests {
         }
         // An empty DN is a DN; the index treats it as absent.
         assert!(ServerInfo::parse(b"nt.dn: ''\n").is_ok());
+    }
+
+    /// Found by the `server_info` fuzz target
+    /// (fuzz/corpus/server_info/crash-a-tag-alone): the one pass took a tag
+    /// with no value (`!x`) for an empty mapping, and a list for the three
+    /// fields in order.
+    #[test]
+    fn only_a_mapping_is_a_server_file() {
+        for bad in [
+            "!x",
+            "!x\n",
+            " !e",
+            "!x []",
+            "[p1, dc.ad.com, CN=h]",
+            "- p1\n- dc\n- CN=h\n",
+        ] {
+            assert_eq!(
+                ServerInfo::parse(bad.as_bytes()),
+                Err("not a mapping".to_owned()),
+                "{bad:?}"
+            );
+        }
+        // A tag on the document says nothing about its keys.
+        let tagged = ServerInfo::parse(b"!host {partition: p1}").map(|s| s.partition);
+        assert_eq!(tagged, Ok(Some("p1".to_owned())));
     }
 
     fn host(name: &str) -> HostName {
