@@ -41,7 +41,8 @@ pub struct Manifest {
 /// One service of an app.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
-    /// Its name: letters, digits, `_`, `.`, `-`.
+    /// Its name: letters, digits, `_`, `.`, `-` in a `services` list; the
+    /// service of a `command` has the app's short name, as it is.
     pub name: String,
     /// The command, run by `/bin/sh -c`.
     pub command: String,
@@ -478,6 +479,26 @@ services:
                 command: "sleep 1000".into()
             }]
         );
+    }
+
+    /// Found by the `manifest` fuzz target
+    /// (fuzz/corpus/manifest/crash-command-named-after-any-app): the service
+    /// of a `command` is named after the app, whose name may hold what a
+    /// listed service's may not (`+`, `*`, `(`, more than 64 bytes). It
+    /// runs under that name; the scripts quote it.
+    #[test]
+    fn a_command_service_takes_the_app_name_as_it_is() {
+        let text = GOOD.replace(
+            "services:\n  - name: web\n    command: exec python3 -m http.server\n",
+            "command: sleep 1000\n",
+        );
+        let long = format!("proid1.{}#1", "a".repeat(80));
+        for name in ["proid1.a+p(*)#1", &long] {
+            let inst = Instance::parse(name).expect("valid instance");
+            let (_, m) = parse(&inst, &text).expect("valid");
+            assert_eq!(m.services[0].name, inst.app_short());
+            assert!(!is_name(inst.app_short()));
+        }
     }
 
     #[test]
