@@ -1,9 +1,11 @@
 //! The server-file parser on arbitrary bytes: it never panics, and when it
-//! accepts a file its three fields are what a plain reading of the whole
+//! accepts a file its values hold no control character, its `nt.dn` is a
+//! DN, and its three fields are what a plain reading of the whole
 //! YAML document finds under `partition`, `nt.dc` and `nt.dn` (the parser
 //! takes a one-pass shortcut; this checks the shortcut against the long way).
 #![no_main]
 
+use gmsa_reconciler::model::{is_control, Dn};
 use gmsa_reconciler::tree::ServerInfo;
 use libfuzzer_sys::fuzz_target;
 use serde_yaml::Value;
@@ -24,6 +26,13 @@ fuzz_target!(|data: &[u8]| {
     let Ok(info) = parsed else {
         return;
     };
+    // What it hands on is usable: no control characters, a DN that parses.
+    for value in [&info.partition, &info.dc, &info.dn].into_iter().flatten() {
+        assert!(!value.chars().any(is_control), "{value:?}");
+    }
+    if let Some(dn) = &info.dn {
+        assert!(Dn::parse(dn).is_ok(), "{dn:?}");
+    }
     let text = std::str::from_utf8(data).expect("an accepted server file is UTF-8");
     // A document the whole-value reader refuses (a duplicated key the
     // reconciler ignores, say) has nothing to compare with.

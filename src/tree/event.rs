@@ -281,7 +281,10 @@ mod properties {
     }
 
     fn plain(name: &str) -> bool {
-        !name.is_empty() && !name.contains(['/', '\0']) && !name.starts_with('.')
+        !name.is_empty()
+            && !name.contains('/')
+            && !name.starts_with('.')
+            && !name.chars().any(crate::model::is_control)
     }
 
     proptest! {
@@ -303,11 +306,17 @@ mod properties {
                 }
                 PathKind::Placement(host, instance) => {
                     prop_assert!(plain(host.as_str()) && plain(instance), "{:?}", kind);
+                    prop_assert!(Proid::name_in(instance).is_some(), "{:?}", kind);
                     root.join("placement").join(host.as_str()).join(instance)
                 }
                 PathKind::Modified => root.join(".modified"),
                 PathKind::ServersDir => root.join("servers"),
                 PathKind::PlacementDir => root.join("placement"),
+                // The reason goes into a warning line of its own.
+                PathKind::Rejected(why) => {
+                    prop_assert!(!why.chars().any(crate::model::is_control), "{:?}", why);
+                    return Ok(());
+                }
                 PathKind::Ignored => return Ok(()),
             };
             prop_assert_eq!(classify(root, &rebuilt), kind);
@@ -315,10 +324,10 @@ mod properties {
 
         #[test]
         fn every_placement_path_is_classified_as_one(
-            // No control characters: names holding them are refused
-            // before they are ever classified.
+            // Plain names without control characters; an instance with a
+            // proid before its first `.`.
             host in "[^./\\x00-\\x1f\\x7f][^/\\x00-\\x1f\\x7f]{0,12}",
-            instance in "[^./\\x00-\\x1f\\x7f][^/\\x00-\\x1f\\x7f]{0,12}",
+            instance in "[^./\\x00-\\x1f\\x7f]{1,6}\\.[^/\\x00-\\x1f\\x7f]{0,8}",
         ) {
             let path = Path::new(ROOT).join("placement").join(&host).join(&instance);
             prop_assert_eq!(
