@@ -255,7 +255,9 @@ impl Dn {
     /// Builds `<attr>=<value>,<parent>`, escaping the value per RFC 4514.
     pub fn child(attr: &str, value: &str, parent: &Dn) -> Dn {
         let rdn = format!("{attr}={}", escape_dn_value(value));
-        let raw = if parent.as_str().is_empty() {
+        // A root may be spelled with spaces only; nothing may follow the
+        // comma then.
+        let raw = if parent.normalised().is_empty() {
             rdn
         } else {
             format!("{rdn},{}", parent.as_str())
@@ -786,6 +788,18 @@ mod tests {
         assert_eq!(escape_dn_value("#a#"), "\\#a#");
     }
 
+    /// Found by the `dn` fuzz target (fuzz/corpus/dn/crash-child-of-a-blank-root):
+    /// a root spelled as spaces made `child` write `CN=x, ` and panic.
+    #[test]
+    fn child_of_a_root_spelled_with_spaces() {
+        for root in [" ", "  "] {
+            let root = dn(root);
+            let child = Dn::child("CN", "x", &root);
+            assert_eq!(child.as_str(), "CN=x");
+            assert!(child.is_within(&root));
+        }
+    }
+
     #[test]
     fn filter_values_are_escaped() {
         assert_eq!(escape_filter_value("a*(b)\\c\0"), "a\\2a\\28b\\29\\5cc\\00");
@@ -902,5 +916,116 @@ mod tests {
         assert!(PartitionGlob::parse("?").expect("valid").matches("x"));
         assert!(PartitionGlob::default().matches(""));
         assert!(PartitionGlob::parse("[").is_err());
+    }
+}
+
+/// Property tests of the DN parser and normaliser, at the cases CI can
+/// afford; the fuzz target `dn` (fuzz/) checks the same on any text.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Values with the characters that DNs make special, spaces where they
+    /// are insignificant, and text that changes under lower-casing.
+    fn value() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[ a-zA-Z0-9#\"+,;<>=\\\\\0\n]{0,8}",
+            "[ aZßİΣσÅ\u{fffd}\u{10000}]{0,6}",
+            any::<String>(),
+        ]
+    }
+
+    fn attr() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-zA-Z][a-zA-Z0-9-]{0,6}",
+            "[0-9]{1,3}(\\.[0-9]{1,3}){0,3}"
+        ]
+    }
+
+    /// A DN written from its parts in one of the spellings RFC 4514 allows
+    /// for the same name: attribute types in any case, spaces around `=`
+    /// and separators, `;` for `,`, escaped values.
+    fn spell(rdns: &[Vec<(String, String)>], style: u8) -> String {
+        let pad = if style & 1 == 1 { " " } else { "" };
+        let sep = if style & 2 == 2 { ";" } else { "," };
+        let rdn = |avas: &Vec<(String, String)>| {
+            avas.iter()
+                .map(|(a, v)| {
+                    let a = if style & 4 == 4 {
+                        a.to_ascii_uppercase()
+                    } else {
+                        a.clone()
+                    };
+                    format!("{a}{pad}={pad}{}", escape_dn_value(v))
+                })
+                .collect::<Vec<_>>()
+                .join(&format!("{pad}+{pad}"))
+        };
+        rdns.iter()
+            .map(rdn)
+            .collect::<Vec<_>>()
+            .join(&format!("{pad}{sep}{pad}"))
+    }
+
+    fn rdns() -> impl Strategy<Value = Vec<Vec<(String, String)>>> {
+        proptest::collection::vec(proptest::collection::vec((attr(), value()), 1..3), 1..4)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn any_text_parses_or_is_refused_and_a_normal_form_is_stable(raw in prop_oneof![
+            any::<String>(),
+            "[ a-cA-C=,;+#\"\\\\0-9]{0,16}",
+        ]) {
+            if let Ok(dn) = Dn::parse(&raw) {
+                prop_assert_eq!(dn.as_str(), raw.as_str());
+                let again = Dn::parse(dn.normalised()).expect("a normal form parses");
+                prop_assert_eq!(again.normalised(), dn.normalised());
+                prop_assert_eq!(&again, &dn);
+            }
+        }
+
+        #[test]
+        fn spellings_of_one_dn_compare_equal(rdns in rdns(), a in 0u8..8, b in 0u8..8) {
+            let (x, y) = (spell(&rdns, a), spell(&rdns, b));
+            let dx = Dn::parse(&x).expect("an escaped DN parses");
+            let dy = Dn::parse(&y).expect("an escaped DN parses");
+            prop_assert_eq!(dx.as_str(), x.as_str(), "the spelling is kept");
+            prop_assert_eq!(&dx, &dy);
+            prop_assert_eq!(dx.cmp(&dy), Ordering::Equal);
+            // The normal form, built independently: each pair lower-cased
+            // and escaped, the pairs of an RDN sorted.
+            let want = rdns
+                .iter()
+                .map(|avas| {
+                    let mut avas: Vec<String> = avas
+                        .iter()
+                        .map(|(a, v)| {
+                            format!("{}={}", a.to_ascii_lowercase(), escape_dn_value(&v.to_lowercase()))
+                        })
+                        .collect();
+                    avas.sort();
+                    avas.join("+")
+                })
+                .collect::<Vec<_>>()
+                .join(",");
+            prop_assert_eq!(dx.normalised(), want.as_str());
+            let again = Dn::parse(&want).expect("a normal form parses");
+            prop_assert_eq!(again.normalised(), want.as_str());
+        }
+
+        #[test]
+        fn a_child_from_any_value_lies_within_its_parent(rdns in rdns(), name in value()) {
+            let parent = Dn::parse(&spell(&rdns, 0)).expect("an escaped DN parses");
+            let child = Dn::child("CN", &name, &parent);
+            prop_assert!(child.is_within(&parent));
+            prop_assert_eq!(
+                child.normalised(),
+                format!("cn={},{}", escape_dn_value(&name.to_lowercase()), parent.normalised())
+            );
+        }
     }
 }

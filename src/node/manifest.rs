@@ -41,7 +41,8 @@ pub struct Manifest {
 /// One service of an app.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Service {
-    /// Its name: letters, digits, `_`, `.`, `-`.
+    /// Its name: letters, digits, `_`, `.`, `-` in a `services` list; the
+    /// service of a `command` has the app's short name, as it is.
     pub name: String,
     /// The command, run by `/bin/sh -c`.
     pub command: String,
@@ -480,6 +481,26 @@ services:
         );
     }
 
+    /// Found by the `manifest` fuzz target
+    /// (fuzz/corpus/manifest/crash-command-named-after-any-app): the service
+    /// of a `command` is named after the app, whose name may hold what a
+    /// listed service's may not (`+`, `*`, `(`, more than 64 bytes). It
+    /// runs under that name; the scripts quote it.
+    #[test]
+    fn a_command_service_takes_the_app_name_as_it_is() {
+        let text = GOOD.replace(
+            "services:\n  - name: web\n    command: exec python3 -m http.server\n",
+            "command: sleep 1000\n",
+        );
+        let long = format!("proid1.{}#1", "a".repeat(80));
+        for name in ["proid1.a+p(*)#1", &long] {
+            let inst = Instance::parse(name).expect("valid instance");
+            let (_, m) = parse(&inst, &text).expect("valid");
+            assert_eq!(m.services[0].name, inst.app_short());
+            assert!(!is_name(inst.app_short()));
+        }
+    }
+
     #[test]
     fn optional_parts_are_read() {
         let text = format!(
@@ -597,5 +618,190 @@ services:
         assert_eq!(json["services"][0]["name"], "web");
         let back: AppJson = serde_json::from_value(json).expect("read back");
         assert_eq!(back, app);
+    }
+}
+
+/// Property tests of the manifest parser, at the cases CI can afford; the
+/// fuzz target `manifest` (fuzz/) checks the same on any text.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn name() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9_-][a-zA-Z0-9_.-]{0,12}"
+    }
+
+    /// Text written into YAML through the serialiser, so any of it is fair.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof!["[ a-z0-9:#\\-'\"{}\\[\\]&*!|>%]{1,12}", "\\PC{1,8}"]
+            .prop_filter("a command is not blank", |s| !s.trim().is_empty())
+    }
+
+    /// A valid manifest for `proid1.web#1` with `services` or `command`.
+    fn manifest() -> impl Strategy<Value = Manifest> {
+        (
+            proptest::sample::select(ENVIRONMENTS),
+            1u32..1000,
+            (
+                1u64..1 << 40,
+                proptest::sample::select(&["", "K", "m", "G", "tb"][..]),
+            ),
+            proptest::collection::btree_map(name(), text(), 1..4),
+            proptest::collection::btree_map("[A-Za-z_][A-Za-z0-9_]{0,8}", "\\PC{0,8}", 0..4),
+            proptest::collection::btree_map(name(), (1u16.., any::<bool>()), 0..3),
+            (any::<u16>(), any::<u16>()),
+        )
+            .prop_map(
+                |(env, cpu, (size, unit), services, environ, endpoints, (tcp, udp))| {
+                    let size = format!("{size}{unit}");
+                    Manifest {
+                        proid: "proid1".into(),
+                        environment: env.to_string(),
+                        cpu: format!("{cpu}%"),
+                        memory: size.clone(),
+                        disk: size,
+                        services: services
+                            .into_iter()
+                            .map(|(name, command)| Service { name, command })
+                            .collect(),
+                        environ: environ
+                            .into_iter()
+                            .map(|(name, value)| EnvVar { name, value })
+                            .collect(),
+                        endpoints: endpoints
+                            .into_iter()
+                            .map(|(name, (port, udp))| Endpoint {
+                                name,
+                                port,
+                                proto: if udp { "udp" } else { "tcp" }.into(),
+                            })
+                            .collect(),
+                        ephemeral_ports: EphemeralPorts { tcp, udp },
+                    }
+                },
+            )
+    }
+
+    /// The manifest written as an operator would: YAML, `proto` left out
+    /// when it is the default, no empty lists.
+    fn write(m: &Manifest) -> String {
+        let mut doc = serde_yaml::Mapping::new();
+        let mut put = |key: &str, value: Value| {
+            doc.insert(Value::String(key.to_owned()), value);
+        };
+        let s = |text: &str| Value::String(text.to_owned());
+        put("proid", s(&m.proid));
+        put("environment", s(&m.environment));
+        put("cpu", s(&m.cpu));
+        put("memory", s(&m.memory));
+        put("disk", s(&m.disk));
+        let pair = |a: (&str, Value), b: (&str, Value)| {
+            Value::Mapping([(s(a.0), a.1), (s(b.0), b.1)].into_iter().collect())
+        };
+        put(
+            "services",
+            Value::Sequence(
+                m.services
+                    .iter()
+                    .map(|x| pair(("name", s(&x.name)), ("command", s(&x.command))))
+                    .collect(),
+            ),
+        );
+        if !m.environ.is_empty() {
+            put(
+                "environ",
+                Value::Sequence(
+                    m.environ
+                        .iter()
+                        .map(|e| pair(("name", s(&e.name)), ("value", s(&e.value))))
+                        .collect(),
+                ),
+            );
+        }
+        if !m.endpoints.is_empty() {
+            put(
+                "endpoints",
+                Value::Sequence(
+                    m.endpoints
+                        .iter()
+                        .map(|e| {
+                            let mut map = serde_yaml::Mapping::new();
+                            map.insert(s("name"), s(&e.name));
+                            map.insert(s("port"), Value::Number(e.port.into()));
+                            if e.proto != "tcp" {
+                                map.insert(s("proto"), s(&e.proto));
+                            }
+                            Value::Mapping(map)
+                        })
+                        .collect(),
+                ),
+            );
+        }
+        let ports = m.ephemeral_ports;
+        put(
+            "ephemeral_ports",
+            pair(
+                ("tcp", Value::Number(ports.tcp.into())),
+                ("udp", Value::Number(ports.udp.into())),
+            ),
+        );
+        serde_yaml::to_string(&doc).expect("YAML")
+    }
+
+    fn instance() -> Instance {
+        Instance::parse("proid1.web#1").expect("valid instance")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn a_written_manifest_reads_back(m in manifest()) {
+            let text = write(&m);
+            let (doc, read) = parse(&instance(), &text).map_err(|p| {
+                TestCaseError::fail(format!("{p:?}\n{text}"))
+            })?;
+            prop_assert_eq!(&read, &m, "{}", text);
+            prop_assert_eq!(validate(&instance(), &doc), Ok(m));
+        }
+
+        #[test]
+        fn one_broken_field_is_reported_and_nothing_accepted(
+            m in manifest(),
+            (key, bad) in proptest::sample::select(&[
+                ("proid", "proid2"),
+                ("environment", "live"),
+                ("cpu", "0%"),
+                ("memory", "1.5G"),
+                ("disk", "-1"),
+                ("services", "[]"),
+                ("environ", "[{name: 1A, value: x}]"),
+                ("endpoints", "[{name: a, port: 0}]"),
+                ("ephemeral_ports", "{tcp: 70000}"),
+            ][..]),
+        ) {
+            let mut doc: Mapping = serde_yaml::from_str(&write(&m)).expect("YAML");
+            let bad_value: Value = serde_yaml::from_str(bad).expect("YAML");
+            doc.insert(Value::String(key.to_owned()), bad_value);
+            let text = serde_yaml::to_string(&doc).expect("YAML");
+            let problems = parse(&instance(), &text).expect_err("a broken manifest");
+            prop_assert_eq!(problems.len(), 1, "{:?}", problems);
+            prop_assert!(problems[0].contains(key), "{:?} does not name {}", problems, key);
+        }
+
+        #[test]
+        fn any_text_is_validated_or_refused_with_reasons(text in prop_oneof![
+            any::<String>(),
+            "[a-z_:\\- \\n\\[\\]{}0-9%]{0,60}",
+        ]) {
+            match parse(&instance(), &text) {
+                Ok((_, m)) => {
+                    prop_assert_eq!(m.proid.as_str(), "proid1");
+                    prop_assert!(!m.services.is_empty());
+                }
+                Err(problems) => prop_assert!(!problems.is_empty()),
+            }
+        }
     }
 }

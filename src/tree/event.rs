@@ -254,3 +254,86 @@ mod tests {
         );
     }
 }
+
+/// Property tests of the classifier, at the cases CI can afford; the fuzz
+/// target `classify` (fuzz/) checks the same on any path.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use std::path::PathBuf;
+
+    const ROOT: &str = "/var/tmp/cell";
+
+    /// Path pieces with the names that matter: dot names, `..`, empty
+    /// pieces (a `//`), the tree's own directory names, any text.
+    fn piece() -> impl Strategy<Value = String> {
+        prop_oneof![
+            Just(String::new()),
+            Just(".".to_owned()),
+            Just("..".to_owned()),
+            Just(".modified".to_owned()),
+            Just("servers".to_owned()),
+            Just("placement".to_owned()),
+            "\\.?[a-z0-9#.]{1,6}",
+            any::<String>(),
+        ]
+    }
+
+    fn plain(name: &str) -> bool {
+        !name.is_empty()
+            && !name.contains('/')
+            && !name.starts_with('.')
+            && !name.chars().any(crate::model::is_control)
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn what_a_path_names_is_a_plain_name(pieces in proptest::collection::vec(piece(), 0..5)) {
+            let path = PathBuf::from(format!("{ROOT}/{}", pieces.join("/")));
+            let root = Path::new(ROOT);
+            let kind = classify(root, &path);
+            let rebuilt = match &kind {
+                PathKind::Server(host) => {
+                    prop_assert!(plain(host.as_str()), "{:?}", kind);
+                    root.join("servers").join(host.as_str())
+                }
+                PathKind::HostDir(host) => {
+                    prop_assert!(plain(host.as_str()), "{:?}", kind);
+                    root.join("placement").join(host.as_str())
+                }
+                PathKind::Placement(host, instance) => {
+                    prop_assert!(plain(host.as_str()) && plain(instance), "{:?}", kind);
+                    prop_assert!(Proid::name_in(instance).is_some(), "{:?}", kind);
+                    root.join("placement").join(host.as_str()).join(instance)
+                }
+                PathKind::Modified => root.join(".modified"),
+                PathKind::ServersDir => root.join("servers"),
+                PathKind::PlacementDir => root.join("placement"),
+                // The reason goes into a warning line of its own.
+                PathKind::Rejected(why) => {
+                    prop_assert!(!why.chars().any(crate::model::is_control), "{:?}", why);
+                    return Ok(());
+                }
+                PathKind::Ignored => return Ok(()),
+            };
+            prop_assert_eq!(classify(root, &rebuilt), kind);
+        }
+
+        #[test]
+        fn every_placement_path_is_classified_as_one(
+            // Plain names without control characters; an instance with a
+            // proid before its first `.`.
+            host in "[^./\\x00-\\x1f\\x7f][^/\\x00-\\x1f\\x7f]{0,12}",
+            instance in "[^./\\x00-\\x1f\\x7f]{1,6}\\.[^/\\x00-\\x1f\\x7f]{0,8}",
+        ) {
+            let path = Path::new(ROOT).join("placement").join(&host).join(&instance);
+            prop_assert_eq!(
+                classify(Path::new(ROOT), &path),
+                PathKind::Placement(HostName::new(&host).expect("a plain name"), instance)
+            );
+        }
+    }
+}

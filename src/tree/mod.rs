@@ -48,8 +48,10 @@ impl ServerInfo {
         // The usual case in one pass, without building a value for each of
         // the keys the reconciler ignores; when that fails, the second pass
         // says what is wrong with the file.
-        let info = match serde_yaml::from_str::<Option<RawServer>>(text) {
-            Ok(Some(raw)) => raw.info(),
+        // A file with none of the three keys goes the long way too: the one
+        // pass reads a tag with no value (`!x`) as an empty mapping.
+        let info = match serde_yaml::from_str::<Option<MappingOnly>>(text) {
+            Ok(Some(MappingOnly(raw))) if raw.has_any() => raw.info(),
             _ => ServerInfo::parse_checked(text)?,
         };
         info.check()?;
@@ -80,8 +82,12 @@ impl ServerInfo {
     /// Parses through a whole YAML value, which tells a document that is not
     /// a mapping from one that is not YAML at all.
     fn parse_checked(text: &str) -> Result<ServerInfo, String> {
-        let value: serde_yaml::Value =
+        let mut value: serde_yaml::Value =
             serde_yaml::from_str(text).map_err(|e| format!("not YAML or JSON: {e}"))?;
+        // As in the one pass, a tag on the document is no matter.
+        if let serde_yaml::Value::Tagged(tagged) = value {
+            value = tagged.value;
+        }
         if !value.is_mapping() {
             return Err("not a mapping".to_owned());
         }
@@ -124,7 +130,35 @@ fn check_dc(dc: &str) -> Result<(), String> {
     }
 }
 
+/// [`RawServer`] read from a mapping only: a struct alone would also take a
+/// list, as its fields in order.
+struct MappingOnly(RawServer);
+
+impl<'de> Deserialize<'de> for MappingOnly {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Mapping;
+        impl<'de> serde::de::Visitor<'de> for Mapping {
+            type Value = MappingOnly;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a mapping")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                map: A,
+            ) -> Result<MappingOnly, A::Error> {
+                RawServer::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+                    .map(MappingOnly)
+            }
+        }
+        deserializer.deserialize_map(Mapping)
+    }
+}
+
 impl RawServer {
+    fn has_any(&self) -> bool {
+        self.partition.is_some() || self.dc.is_some() || self.dn.is_some()
+    }
+
     fn info(&self) -> ServerInfo {
         ServerInfo {
             partition: self.partition.as_ref().and_then(scalar),
@@ -487,6 +521,31 @@ mod tests {
         assert!(ServerInfo::parse(b"nt.dn: ''\n").is_ok());
     }
 
+    /// Found by the `server_info` fuzz target
+    /// (fuzz/corpus/server_info/crash-a-tag-alone): the one pass took a tag
+    /// with no value (`!x`) for an empty mapping, and a list for the three
+    /// fields in order.
+    #[test]
+    fn only_a_mapping_is_a_server_file() {
+        for bad in [
+            "!x",
+            "!x\n",
+            " !e",
+            "!x []",
+            "[p1, dc.ad.com, CN=h]",
+            "- p1\n- dc\n- CN=h\n",
+        ] {
+            assert_eq!(
+                ServerInfo::parse(bad.as_bytes()),
+                Err("not a mapping".to_owned()),
+                "{bad:?}"
+            );
+        }
+        // A tag on the document says nothing about its keys.
+        let tagged = ServerInfo::parse(b"!host {partition: p1}").map(|s| s.partition);
+        assert_eq!(tagged, Ok(Some("p1".to_owned())));
+    }
+
     fn host(name: &str) -> HostName {
         HostName::new(name).expect("host")
     }
@@ -604,6 +663,157 @@ mod tests {
                 "{:?}",
                 String::from_utf8_lossy(bad)
             );
+        }
+    }
+}
+
+/// Property tests of the server-file parser, at the cases CI can afford;
+/// the fuzz target `server_info` (fuzz/) checks the same on any bytes.
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_yaml::{Mapping, Value};
+
+    /// Text a YAML reader could mistake for something else when unquoted.
+    fn text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-zA-Z0-9 .,=:#\\-\\[\\]{}'\"&*!|>%@`]{0,12}",
+            Just("null".to_owned()),
+            Just("~".to_owned()),
+            Just("yes".to_owned()),
+            Just("1e3".to_owned()),
+            "\\PC{0,8}",
+        ]
+    }
+
+    /// Any YAML value, nested a little: what the keys the reconciler
+    /// ignores may hold.
+    fn any_value() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| Value::Number(n.into())),
+            text().prop_map(Value::String),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..4).prop_map(Value::Sequence),
+                proptest::collection::vec((text(), inner), 0..4).prop_map(|pairs| {
+                    Value::Mapping(
+                        pairs
+                            .into_iter()
+                            .map(|(k, v)| (Value::String(k), v))
+                            .collect(),
+                    )
+                }),
+            ]
+        })
+    }
+
+    /// A field as a server file may write it: text, a number, a boolean,
+    /// or something the reconciler cannot use (and reads as absent).
+    fn field() -> impl Strategy<Value = Option<Value>> {
+        prop_oneof![
+            Just(None),
+            text().prop_map(|s| Some(Value::String(s))),
+            any::<u32>().prop_map(|n| Some(Value::Number(n.into()))),
+            any::<bool>().prop_map(|b| Some(Value::Bool(b))),
+            any_value().prop_map(Some),
+        ]
+    }
+
+    /// `nt.dn` must be a DN when it is text: one built from any value, or
+    /// something the reconciler cannot use.
+    fn dn_field() -> impl Strategy<Value = Option<Value>> {
+        prop_oneof![
+            Just(None),
+            text().prop_map(|cn| {
+                let dn = format!("CN={},OU=Hosts,DC=ad", crate::model::escape_dn_value(&cn));
+                Some(Value::String(dn))
+            }),
+            any_value()
+                .prop_filter("not a scalar", |v| v.is_sequence() || v.is_mapping())
+                .prop_map(Some),
+        ]
+    }
+
+    /// `nt.dc` must be a host name when it is text (a number or a boolean
+    /// reads as one), or something the reconciler cannot use.
+    fn dc_field() -> impl Strategy<Value = Option<Value>> {
+        prop_oneof![
+            Just(None),
+            "[a-z0-9_-]{1,8}(\\.[a-z0-9-]{1,6}){0,3}(:[0-9]{1,5})?"
+                .prop_map(|s| Some(Value::String(s))),
+            any::<u32>().prop_map(|n| Some(Value::Number(n.into()))),
+            any::<bool>().prop_map(|b| Some(Value::Bool(b))),
+            any_value()
+                .prop_filter("not a scalar", |v| v.is_sequence() || v.is_mapping())
+                .prop_map(Some),
+        ]
+    }
+
+    /// What the reconciler should make of a field, spelled out here rather
+    /// than taken from the parser.
+    fn expected(field: &Option<Value>) -> Option<String> {
+        match field.as_ref()? {
+            Value::String(s) => Some(s.clone()),
+            Value::Number(n) => Some(n.to_string()),
+            Value::Bool(true) => Some("true".to_owned()),
+            Value::Bool(false) => Some("false".to_owned()),
+            _ => None,
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(300))]
+
+        #[test]
+        fn generated_server_files_read_back(
+            partition in field(),
+            dc in dc_field(),
+            dn in dn_field(),
+            others in proptest::collection::vec((text(), any_value()), 0..4),
+            json in any::<bool>(),
+        ) {
+            let mut doc = Mapping::new();
+            for (key, value) in others {
+                if !matches!(key.as_str(), "partition" | "nt.dc" | "nt.dn") {
+                    doc.insert(Value::String(key), value);
+                }
+            }
+            for (key, value) in [("partition", &partition), ("nt.dc", &dc), ("nt.dn", &dn)] {
+                if let Some(value) = value {
+                    doc.insert(Value::String(key.to_owned()), value.clone());
+                }
+            }
+            let text = if json {
+                serde_json::to_string(&doc).expect("JSON")
+            } else {
+                serde_yaml::to_string(&doc).expect("YAML")
+            };
+            let want = ServerInfo {
+                partition: expected(&partition),
+                dc: expected(&dc),
+                dn: expected(&dn),
+            };
+            prop_assert_eq!(ServerInfo::parse(text.as_bytes()), Ok(want), "{}", text);
+            prop_assert_eq!(ServerInfo::parse(text.as_bytes()), ServerInfo::parse_checked(&text));
+        }
+
+        #[test]
+        fn any_bytes_parse_or_are_refused(bytes in prop_oneof![
+            any::<Vec<u8>>(),
+            "[a-z.: \\n\\-\\[\\]{}\"'&*!#]{0,40}".prop_map(String::into_bytes),
+        ]) {
+            let parsed = ServerInfo::parse(&bytes);
+            if let Ok(text) = std::str::from_utf8(&bytes) {
+                if let (Ok(info), Ok(checked)) = (&parsed, ServerInfo::parse_checked(text)) {
+                    prop_assert_eq!(info, &checked);
+                }
+            } else {
+                prop_assert!(parsed.is_err());
+            }
         }
     }
 }
