@@ -59,6 +59,9 @@ pub fn load_index(config: &Config) -> Result<Index, CommandError> {
     for warning in &snapshot.warnings {
         warn!("{warning}");
     }
+    if let Some(warning) = snapshot.partition_warning(&config.partition) {
+        warn!("{warning}");
+    }
     let (index, warnings) = Index::from_snapshot_with_warnings(config.partition.clone(), snapshot);
     for warning in &warnings {
         warn!("{warning}");
@@ -241,10 +244,9 @@ pub async fn plan_command(
     out: &mut dyn Write,
 ) -> Result<u8, CommandError> {
     let prepared = prepare(config).await?;
-    let changed = !prepared.plan.changes.is_empty();
     let report = planned_report("plan", prepared.plan, prepared.refused);
     out.write_all(report.render(config.format).as_bytes())?;
-    Ok(if exit_code && changed {
+    Ok(if exit_code && report.has_changes() {
         EXIT_CHANGES
     } else {
         EXIT_OK
