@@ -195,7 +195,7 @@ fn plural(n: usize, one: &'static str, many: &'static str) -> &'static str {
 /// Free text (a reason, a server's error message) for a comment: its line
 /// breaks and runs of space made one space, anything else that could break
 /// the line or drive a terminal escaped.
-fn one_line(text: &str) -> String {
+pub(crate) fn one_line(text: &str) -> String {
     escape_controls(&text.split_whitespace().collect::<Vec<_>>().join(" ")).into_owned()
 }
 

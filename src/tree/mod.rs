@@ -561,9 +561,14 @@ mod tests {
             "--partition \"eats\" matches no server file: the 2 usable server files have partitions \"east\", \"west\"; every host is out of scope"
         );
         let mut broken = snapshot(&[], &[]);
-        broken.servers.insert(host("c"), Err("not a mapping".into()));
+        broken
+            .servers
+            .insert(host("c"), Err("not a mapping".into()));
         let warning = broken.partition_warning(&glob("*")).expect("warned");
-        assert!(warning.contains("there is no usable server file"), "{warning}");
+        assert!(
+            warning.contains("there is no usable server file"),
+            "{warning}"
+        );
     }
 
     #[test]
