@@ -732,3 +732,41 @@ struct JsonSummary {
     delete: usize,
     refused_deletes: usize,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn glob(g: &str) -> PartitionGlob {
+        PartitionGlob::parse(g).expect("glob")
+    }
+
+    #[test]
+    fn every_rule_that_puts_a_host_out_of_scope_is_named() {
+        let info = |partition: Option<&str>, dc: Option<&str>, dn: Option<&str>| {
+            ServerFile::Read(ServerInfo {
+                partition: partition.map(str::to_owned),
+                dc: dc.map(str::to_owned),
+                dn: dn.map(str::to_owned),
+            })
+        };
+        assert_eq!(
+            why_out_of_scope(&info(Some("west"), Some(" "), None), &glob("east")),
+            [
+                "partition \"west\" does not match --partition \"east\"",
+                "nt.dc is missing or empty",
+                "nt.dn is missing or empty",
+            ]
+        );
+        assert_eq!(
+            why_out_of_scope(&info(None, Some("dc"), Some("CN=h")), &glob("e*")),
+            ["no partition, and --partition \"e*\" does not match an empty one"]
+        );
+        assert_eq!(
+            why_out_of_scope(&ServerFile::Missing, &glob("*")),
+            ["no server file"]
+        );
+        let unusable = why_out_of_scope(&ServerFile::Unusable("not a mapping".into()), &glob("*"));
+        assert!(unusable[0].contains("can't be used"), "{unusable:?}");
+    }
+}

@@ -299,3 +299,43 @@ pub trait Directory: Send + Sync {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_are_shown_by_number_and_name_with_the_servers_text() {
+        let err = |code, message: &str| DirError::Result {
+            op: Op::Connect,
+            dn: "cn=svc,dc=ad,dc=com".into(),
+            code,
+            message: message.into(),
+        };
+        assert_eq!(
+            err(49, "80090308: LdapErr: DSID-0C09044E, data 52e").to_string(),
+            "connect cn=svc,dc=ad,dc=com: LDAP 49 invalidCredentials: 80090308: LdapErr: DSID-0C09044E, data 52e"
+        );
+        assert_eq!(
+            err(49, "").to_string(),
+            "connect cn=svc,dc=ad,dc=com: LDAP 49 invalidCredentials (the server gave no diagnostic text)"
+        );
+        assert_eq!(
+            err(9999, "odd").to_string(),
+            "connect cn=svc,dc=ad,dc=com: LDAP 9999 (unknown result code): odd"
+        );
+        for (code, name) in [
+            (rc::NO_SUCH_ATTRIBUTE, "noSuchAttribute"),
+            (rc::ATTRIBUTE_OR_VALUE_EXISTS, "attributeOrValueExists"),
+            (rc::NO_SUCH_OBJECT, "noSuchObject"),
+            (rc::BUSY, "busy"),
+            (rc::UNAVAILABLE, "unavailable"),
+            (rc::UNWILLING_TO_PERFORM, "unwillingToPerform"),
+            (rc::ENTRY_ALREADY_EXISTS, "entryAlreadyExists"),
+            (rc::OTHER, "other"),
+            (50, "insufficientAccessRights"),
+        ] {
+            assert_eq!(rc::name(code), Some(name));
+        }
+    }
+}

@@ -230,10 +230,19 @@ impl Snapshot {
                 list.push(format!("and {} more", partitions.len() - SHOWN));
             }
             format!(
-                "the {usable} usable server {} have partitions {}",
-                if usable == 1 { "file" } else { "files" },
-                list.join(", ")
-            )
+                "the {usable} usable server {} {}",
+                if usable == 1 {
+                    "file has"
+                } else {
+                    "files have"
+                },
+                if partitions.len() == 1 {
+                    "partition"
+                } else {
+                    "partitions"
+                },
+            ) + " "
+                + &list.join(", ")
         };
         Some(format!(
             "--partition {:?} matches no server file: {seen}; every host is out of scope",
@@ -559,6 +568,12 @@ mod tests {
         assert_eq!(
             warning,
             "--partition \"eats\" matches no server file: the 2 usable server files have partitions \"east\", \"west\"; every host is out of scope"
+        );
+        let one = snapshot(&[("a", "east")], &[]);
+        let warning = one.partition_warning(&glob("west")).expect("warned");
+        assert!(
+            warning.contains("the 1 usable server file has partition \"east\";"),
+            "{warning}"
         );
         let mut broken = snapshot(&[], &[]);
         broken
