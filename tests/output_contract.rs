@@ -10,6 +10,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
+use support::daemon_bin::DaemonProcess;
 use support::e2e::{bin, password_file};
 use support::scenario::{run_bin, Output};
 use support::tree::{groups_ldif, Tree};
@@ -176,7 +177,7 @@ fn a_partition_glob_matching_no_server_file_is_a_warning_at_the_default_level() 
     assert_eq!(warnings.len(), 1, "{}", out.stderr);
     assert!(
         warnings[0].contains(
-            "--partition \"eats\" matches no server file: the 2 usable server files have partitions \"east\""
+            "--partition \"eats\" matches no server file: the 2 usable server files have partition \"east\";"
         ),
         "{}",
         warnings[0]
@@ -188,6 +189,32 @@ fn a_partition_glob_matching_no_server_file_is_a_warning_at_the_default_level() 
         "{}",
         out.stderr
     );
+}
+
+#[test]
+fn the_daemon_warns_of_a_partition_glob_matching_no_server_file() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (tree, directory) = setup(dir.path(), 1, 1, &[]);
+    let mut daemon = DaemonProcess::start(&[
+        format!("--fs-root={}", tree.root().display()),
+        format!("--directory={}", directory.display()),
+        OU.to_owned(),
+        "--partition=eats".to_owned(),
+        "--no-lock".to_owned(),
+    ]);
+    daemon.wait_ready();
+    let log = daemon.log();
+    let warnings: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains(" WARN ") && l.contains("matches no server file"))
+        .collect();
+    assert_eq!(warnings.len(), 1, "{log}");
+    assert!(
+        warnings[0].contains("--partition \"eats\" matches no server file: the 1 usable server file has partition \"east\""),
+        "{}",
+        warnings[0]
+    );
+    assert_eq!(daemon.stop(), Some(0));
 }
 
 /// A plan against slapd whose bind fails, and the one error line it prints.
