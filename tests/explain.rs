@@ -1,7 +1,7 @@
 //! `explain` through the binary, for what the scenario goldens cannot hold:
-//! a host whose placements can't be read (its memberships are held), values
-//! from the directory that try to start lines of their own, and the errors
-//! that end it with exit code 1.
+//! the groups read from a real slapd, a host whose placements can't be read
+//! (its memberships are held), values from the directory that try to start
+//! lines of their own, and the errors that end it with exit code 1.
 
 mod support;
 
@@ -11,8 +11,10 @@ use std::path::{Path, PathBuf};
 
 use base64::Engine;
 use serde_json::Value;
+use support::e2e::{bin, password_file};
 use support::scenario::{run_bin, Output};
 use support::tree::{groups_ldif, Tree};
+use support::Slapd;
 
 const OU: &str = "--group-ou=ou=Groups,dc=ad,dc=com";
 
@@ -37,6 +39,86 @@ fn json(out: &Output) -> Value {
     assert_eq!(out.code, 0, "{}{}", out.stdout, out.stderr);
     serde_json::from_str(&out.stdout)
         .unwrap_or_else(|e| panic!("not one JSON object ({e}): {}", out.stdout))
+}
+
+#[test]
+fn explains_the_groups_a_real_server_holds() {
+    let slapd = Slapd::shared();
+    slapd.add_entries(
+        "dn: ou=Explain,dc=ad,dc=com\nobjectClass: organizationalUnit\nou: Explain\n\n\
+         dn: cn=web-gmsa-hosts,ou=Explain,dc=ad,dc=com\nobjectClass: group\ncn: web-gmsa-hosts\n\
+         sAMAccountName: web-gmsa-hosts\nmember: cn=h2,ou=Computers,dc=ad,dc=com\n\
+         member: cn=h3,ou=Computers,dc=ad,dc=com\n",
+    );
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tree = Tree::new();
+    for h in ["h1", "h2", "h3"] {
+        tree.server(h, "east", &format!("CN={h},OU=Computers,DC=ad,DC=com"));
+    }
+    tree.place("h1", "web.app#0000000001");
+    tree.place("h3", "web.app#0000000003");
+    tree.mark_ready();
+    let pw = password_file(dir.path(), Slapd::SVC_PASSWORD);
+    let out = bin()
+        .arg("explain")
+        .arg(format!("--fs-root={}", tree.root().display()))
+        .arg("--group-ou=ou=Explain,dc=ad,dc=com")
+        .arg("--partition=east")
+        .arg(format!("--ldap-url={}", slapd.url()))
+        .arg(format!("--bind-dn={}", Slapd::SVC_DN))
+        .arg(format!("--bind-password-file={}", pw.display()))
+        .args(["--proid=web", "--format=json"])
+        .output()
+        .expect("run");
+    let out = Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    let v = json(&out);
+    assert_eq!(
+        v["groups"],
+        serde_json::json!(["cn=web-gmsa-hosts,ou=Explain,dc=ad,dc=com"])
+    );
+    let actions: Vec<(String, bool, String)> = v["hosts"]
+        .as_array()
+        .expect("hosts")
+        .iter()
+        .map(|h| {
+            (
+                h["host"].as_str().unwrap_or_default().to_owned(),
+                h["groups"][0]["member"].as_bool().unwrap_or_default(),
+                h["groups"][0]["action"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        actions,
+        [
+            ("h1".to_owned(), false, "add".to_owned()),
+            ("h2".to_owned(), true, "delete".to_owned()),
+            ("h3".to_owned(), true, "in-place".to_owned()),
+        ]
+    );
+    // Nothing was written: h2 is still a member.
+    let plan = bin()
+        .arg("plan")
+        .arg(format!("--fs-root={}", tree.root().display()))
+        .arg("--group-ou=ou=Explain,dc=ad,dc=com")
+        .arg("--partition=east")
+        .arg(format!("--ldap-url={}", slapd.url()))
+        .arg(format!("--bind-dn={}", Slapd::SVC_DN))
+        .arg(format!("--bind-password-file={}", pw.display()))
+        .output()
+        .expect("run");
+    let plan = String::from_utf8_lossy(&plan.stdout);
+    assert!(
+        plan.starts_with("# gmsa-reconciler plan: 1 group, 1 addition, 1 deletion"),
+        "{plan}"
+    );
 }
 
 #[test]
