@@ -47,6 +47,8 @@ pub enum Command {
     Run(RunArgs),
     /// Tell whether a host DN is a member of a proid's group.
     Check(CheckArgs),
+    /// Explain why each host is or is not in a proid's group.
+    Explain(ExplainArgs),
     /// Post the event of a container that stopped (run by its finish script).
     Finish(FinishArgs),
 }
@@ -187,6 +189,23 @@ pub struct CheckArgs {
     /// The host's computer DN.
     #[arg(long, env = "GMSA_HOST_DN")]
     pub host_dn: Option<String>,
+}
+
+/// Options of `explain`.
+#[derive(Debug, Args)]
+pub struct ExplainArgs {
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub common: CommonArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub write: WriteArgs,
+    /// The proid whose group is explained.
+    #[arg(long, env = "GMSA_PROID")]
+    pub proid: Option<String>,
+    /// Only this host (its name in servers/ and placement/).
+    #[arg(long, env = "GMSA_HOST")]
+    pub host: Option<String>,
 }
 
 /// Options every command shares.
@@ -1025,6 +1044,44 @@ impl CheckConfig {
             config,
             proid,
             host_dn,
+        })
+    }
+}
+
+/// Validated options of `explain`.
+#[derive(Debug, Clone)]
+pub struct ExplainConfig {
+    /// Shared settings (the guard's among them: `explain` judges deletions
+    /// as `sync` would).
+    pub config: Config,
+    /// The proid.
+    pub proid: Proid,
+    /// Only this host, when given.
+    pub host: Option<HostName>,
+}
+
+impl ExplainConfig {
+    /// Validates `explain`'s options.
+    pub fn from_args(args: &ExplainArgs) -> Result<ExplainConfig, CliError> {
+        let config = Config::from_args(&args.common, Some(&args.write))?;
+        config.require_fs_root()?;
+        config.require_group_ou()?;
+        let proid = args
+            .proid
+            .as_deref()
+            .ok_or_else(|| invalid("--proid", "is required"))?;
+        let proid = Proid::new(proid)
+            .ok_or_else(|| invalid("--proid", format!("{proid:?} is not a proid name")))?;
+        let host = args
+            .host
+            .as_deref()
+            .map(HostName::new)
+            .transpose()
+            .map_err(|e| invalid("--host", model_why(e)))?;
+        Ok(ExplainConfig {
+            config,
+            proid,
+            host,
         })
     }
 }

@@ -1,5 +1,5 @@
-//! The one-shot commands, `plan`, `sync` and `check`, on top of the tree
-//! scan, the index, the plan and a directory backend.
+//! The one-shot commands, `plan`, `sync`, `check` and `explain`, on top of
+//! the tree scan, the index, the plan and a directory backend.
 //!
 //! Each returns the process exit code (SPEC section 6) or an error that
 //! `main` prints on one line and turns into exit code 1. Output goes to the
@@ -11,11 +11,13 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::cli::{
-    CheckConfig, CliError, Config, DirectoryChoice, LdapChoice, PasswordSource, PASSWORD_ENV,
+    CheckConfig, CliError, Config, DirectoryChoice, ExplainConfig, LdapChoice, PasswordSource,
+    PASSWORD_ENV,
 };
 use crate::directory::ldap::{Bind, LdapConfig, LdapDirectory, Password};
 use crate::directory::ldif_file::LdifFileDirectory;
 use crate::directory::{DirError, Directory};
+use crate::explain::{explain, Facts, Question};
 use crate::index::Index;
 use crate::model::escape_controls;
 use crate::node;
@@ -23,6 +25,7 @@ use crate::output::{NotApplied, Report};
 use crate::plan::{guard, plan, GroupChange, Plan, Scope};
 use crate::reconcile::apply_plan;
 use crate::tree::scan::{scan, ScanError};
+use crate::tree::Snapshot;
 
 /// Exit code: success (and `plan --exit-code` with no changes, `check` yes).
 pub const EXIT_OK: u8 = 0;
@@ -55,11 +58,24 @@ pub enum CommandError {
 
 /// The tree read and indexed, with the warnings logged.
 pub fn load_index(config: &Config) -> Result<Index, CommandError> {
+    Ok(index_snapshot(config, read_snapshot(config)?))
+}
+
+/// The tree read, with the scan's warnings logged.
+fn read_snapshot(config: &Config) -> Result<Snapshot, CommandError> {
     let root = config.require_fs_root()?;
     let snapshot = scan(root)?;
     for warning in &snapshot.warnings {
         warn!("{warning}");
     }
+    if let Some(warning) = snapshot.partition_warning(&config.partition) {
+        warn!("{warning}");
+    }
+    Ok(snapshot)
+}
+
+/// A scanned tree indexed, with the index's warnings logged.
+fn index_snapshot(config: &Config, snapshot: Snapshot) -> Index {
     let (index, warnings) = Index::from_snapshot_with_warnings(config.partition.clone(), snapshot);
     for warning in &warnings {
         warn!("{warning}");
@@ -71,7 +87,7 @@ pub fn load_index(config: &Config) -> Result<Index, CommandError> {
         proids = stats.proids,
         "placement tree read"
     );
-    Ok(index)
+    index
 }
 
 /// Opens the configured directory; `dcs` are the servers' domain controllers
@@ -242,10 +258,9 @@ pub async fn plan_command(
     out: &mut dyn Write,
 ) -> Result<u8, CommandError> {
     let prepared = prepare(config).await?;
-    let changed = !prepared.plan.changes.is_empty();
     let report = planned_report("plan", prepared.plan, prepared.refused);
     out.write_all(report.render(config.format).as_bytes())?;
-    Ok(if exit_code && changed {
+    Ok(if exit_code && report.has_changes() {
         EXIT_CHANGES
     } else {
         EXIT_OK
@@ -332,4 +347,38 @@ pub async fn check_command(check: &CheckConfig, out: &mut dyn Write) -> Result<u
         writeln!(out, "{host} is not a member of {group_dn}")?;
         Ok(EXIT_NOT_MEMBER)
     }
+}
+
+/// `explain`: why each host that matters to the proid is or is not in its
+/// group, judged on the whole tree and directory as `plan` judges them.
+pub async fn explain_command(
+    explain_config: &ExplainConfig,
+    out: &mut dyn Write,
+) -> Result<u8, CommandError> {
+    let config = &explain_config.config;
+    let root = config.require_fs_root()?;
+    let ou = config.require_group_ou()?;
+    let snapshot = read_snapshot(config)?;
+    let index = index_snapshot(config, snapshot.clone());
+    let directory = open_directory(config, &index.dcs())?;
+    let groups = directory.search_groups(ou).await?;
+    let plan = plan(&index, &groups, &config.pattern, Scope::All);
+    let refused = guard(&plan, &config.guard);
+    let question = Question {
+        proid: &explain_config.proid,
+        host: explain_config.host.as_ref(),
+    };
+    let facts = Facts {
+        root,
+        snapshot: &snapshot,
+        index: &index,
+        groups: &groups,
+        pattern: &config.pattern,
+        partition: &config.partition,
+        plan: &plan,
+        refused: refused.as_deref(),
+    };
+    let answer = explain(&question, &facts);
+    out.write_all(answer.render(config.format).as_bytes())?;
+    Ok(EXIT_OK)
 }

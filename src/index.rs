@@ -355,6 +355,11 @@ impl Index {
             .collect()
     }
 
+    /// True when the host has an in-scope definition: its placements count.
+    pub fn in_scope(&self, host: &HostName) -> bool {
+        self.hosts.get(host).is_some_and(|s| s.definition.is_some())
+    }
+
     /// True when the DN belongs to an in-scope host: the reconciler owns its
     /// memberships.
     pub fn is_managed(&self, dn: &Dn) -> bool {

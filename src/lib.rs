@@ -13,7 +13,8 @@
 //! - [`reconcile`]: applies a plan through a directory: result codes, retries, the guard.
 //! - [`output`]: the LDIF and JSON renderings of plans and results.
 //! - [`cli`]: options from flags, environment and config file, validated into a config.
-//! - [`commands`]: `plan`, `sync` and `check` on top of the above.
+//! - [`commands`]: `plan`, `sync`, `check` and `explain` on top of the above.
+//! - [`explain`]: why each host is or is not in a proid's group.
 //! - [`daemon`]: the `run` event loop.
 //! - [`election`]: which replica writes: leader election through a ZooKeeper lock.
 //! - [`metrics`]: Prometheus metrics, health and readiness over HTTP.
@@ -25,6 +26,7 @@ pub mod commands;
 pub mod daemon;
 pub mod directory;
 pub mod election;
+pub mod explain;
 pub mod index;
 pub mod ldif;
 pub mod metrics;

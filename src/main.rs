@@ -8,7 +8,8 @@ use std::io::Write;
 use std::process::ExitCode;
 
 use gmsa_reconciler::cli::{
-    self, CheckConfig, Cli, CliError, Command, Config, LogFormat, LogSettings, RunConfig,
+    self, CheckConfig, Cli, CliError, Command, Config, ExplainConfig, LogFormat, LogSettings,
+    RunConfig,
 };
 use gmsa_reconciler::commands::{self, EXIT_ERROR};
 use gmsa_reconciler::model::escape_controls;
@@ -65,6 +66,11 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let check = CheckConfig::from_args(&args)?;
             init_logging(check.config.log, false);
             runtime.block_on(commands::check_command(&check, &mut stdout))?
+        }
+        Command::Explain(args) => {
+            let explain = ExplainConfig::from_args(&args)?;
+            init_logging(explain.config.log, false);
+            runtime.block_on(commands::explain_command(&explain, &mut stdout))?
         }
         Command::Finish(args) => {
             init_logging(

@@ -80,8 +80,7 @@ impl Report {
             line += plural(p.missing_groups.len(), " group", " groups");
         }
         if self.refused.is_some() {
-            let held: usize = self.refused_changes.iter().map(|c| c.delete.len()).sum();
-            line += &format!(", {held} refused");
+            line += &format!(", {} refused", self.refused_deletes());
         }
         if !self.not_applied.is_empty() {
             line += &format!(", {} not applied", self.not_applied.len());
@@ -127,6 +126,18 @@ impl Report {
         out
     }
 
+    /// Deletions the guard held back, counted.
+    pub fn refused_deletes(&self) -> usize {
+        self.refused_changes.iter().map(|c| c.delete.len()).sum()
+    }
+
+    /// True when the report holds anything to do: changes, or deletions
+    /// held back by the guard. `plan --exit-code` exits 2 exactly then, so
+    /// its exit code and the printed summary always agree.
+    pub fn has_changes(&self) -> bool {
+        !self.plan.changes.is_empty() || self.refused.is_some()
+    }
+
     fn json(&self) -> String {
         let json = JsonReport {
             changes: self.plan.changes.iter().map(JsonChange::from).collect(),
@@ -136,8 +147,18 @@ impl Report {
                 .iter()
                 .map(JsonMissing::from)
                 .collect(),
-            refused: self.refused.clone(),
-            refused_deletes: self.refused_changes.iter().map(JsonChange::from).collect(),
+            refused: self.refused.as_ref().map(|reason| JsonRefused {
+                reason: reason.clone(),
+                deletions: self
+                    .refused_changes
+                    .iter()
+                    .map(|c| JsonDeletion {
+                        group_dn: c.group_dn.as_str().to_owned(),
+                        proid: c.proid.to_string(),
+                        delete: strings(&c.delete),
+                    })
+                    .collect(),
+            }),
             not_applied: self
                 .not_applied
                 .iter()
@@ -150,6 +171,7 @@ impl Report {
                 groups: self.plan.changes.len(),
                 adds: self.plan.adds(),
                 deletes: self.plan.deletes(),
+                refused_deletes: self.refused_deletes(),
             },
         };
         match serde_json::to_string_pretty(&json) {
@@ -173,7 +195,7 @@ fn plural(n: usize, one: &'static str, many: &'static str) -> &'static str {
 /// Free text (a reason, a server's error message) for a comment: its line
 /// breaks and runs of space made one space, anything else that could break
 /// the line or drive a terminal escaped.
-fn one_line(text: &str) -> String {
+pub(crate) fn one_line(text: &str) -> String {
     escape_controls(&text.split_whitespace().collect::<Vec<_>>().join(" ")).into_owned()
 }
 
@@ -203,12 +225,24 @@ fn change_record(out: &mut String, change: &GroupChange, prefix: &str) {
 struct JsonReport {
     changes: Vec<JsonChange>,
     missing_groups: Vec<JsonMissing>,
-    refused: Option<String>,
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    refused_deletes: Vec<JsonChange>,
+    refused: Option<JsonRefused>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     not_applied: Vec<JsonNotApplied>,
     summary: JsonSummary,
+}
+
+/// The guard's refusal as data: why, and every deletion it held back.
+#[derive(Serialize)]
+struct JsonRefused {
+    reason: String,
+    deletions: Vec<JsonDeletion>,
+}
+
+#[derive(Serialize)]
+struct JsonDeletion {
+    group_dn: String,
+    proid: String,
+    delete: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -261,6 +295,7 @@ struct JsonSummary {
     groups: usize,
     adds: usize,
     deletes: usize,
+    refused_deletes: usize,
 }
 
 #[cfg(test)]
@@ -331,6 +366,7 @@ member: CN=old,DC=ad
         assert_eq!(v["summary"]["groups"], 1);
         assert_eq!(v["summary"]["adds"], 2);
         assert_eq!(v["summary"]["deletes"], 1);
+        assert_eq!(v["summary"]["refused_deletes"], 0);
     }
 
     /// A report whose every name, DN and text tries to start a line.
@@ -422,7 +458,14 @@ member: CN=old,DC=ad
         assert!(text.contains("# delete: member\n# member: CN=old,DC=ad\n"));
         assert!(!text.contains("\ndelete: member"), "{text}");
         let v: serde_json::Value = serde_json::from_str(&r.render(Format::Json)).expect("json");
-        assert_eq!(v["refused"], "too many");
-        assert_eq!(v["refused_deletes"][0]["delete"][0], "CN=old,DC=ad");
+        assert_eq!(v["refused"]["reason"], "too many");
+        let deletion = &v["refused"]["deletions"][0];
+        assert_eq!(deletion["group_dn"], "CN=web-gmsa-hosts,OU=Groups,DC=ad");
+        assert_eq!(deletion["proid"], "web");
+        assert_eq!(deletion["delete"], serde_json::json!(["CN=old,DC=ad"]));
+        assert!(deletion.get("add").is_none(), "{deletion}");
+        assert_eq!(v["summary"]["deletes"], 0);
+        assert_eq!(v["summary"]["refused_deletes"], 1);
+        assert!(r.has_changes());
     }
 }

@@ -2,6 +2,9 @@
 //! tree, a directory (LDIF) and the options to use; the binary's `plan` and
 //! `sync` output, exit codes, log lines and the directory after `sync` must
 //! equal the golden files beside them. A second `sync` must change nothing.
+//! A scenario with an `explain` file (one set of arguments per line) also
+//! runs `explain` with each, before anything is written, against
+//! `expected-explain`.
 //!
 //! Regenerate the golden files with `UPDATE_GOLDEN=1 cargo test --test scenarios`
 //! and review the diff.
@@ -51,6 +54,22 @@ fn check(scenario: &Scenario, failures: &mut Vec<String>) {
         directory.display().to_string(),
     ];
     args.extend(scenario.options());
+
+    if let Ok(questions) = fs::read_to_string(scenario.dir.join("explain")) {
+        let mut answers = String::new();
+        for line in questions.lines().filter(|l| !l.trim().is_empty()) {
+            let mut explain_args = args.clone();
+            explain_args.extend(line.split_whitespace().map(str::to_owned));
+            let out = run_bin("explain", &explain_args);
+            answers += &format!(
+                "## explain {line}\n## exit: {}\n{}## stderr\n{}\n",
+                out.code,
+                out.stdout,
+                normalise_stderr(&out.stderr, tmp.path())
+            );
+        }
+        scenario.golden("expected-explain", &answers, failures);
+    }
 
     let plan = run_bin("plan", &args);
     let sync = run_bin("sync", &args);

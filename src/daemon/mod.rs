@@ -701,6 +701,10 @@ impl Daemon {
                     for warning in &snapshot.warnings {
                         warn!("{warning}");
                     }
+                    if let Some(warning) = snapshot.partition_warning(&self.config.config.partition)
+                    {
+                        warn!("{warning}");
+                    }
                     // The events are the difference from `self.tree`, each
                     // about a different file, so none depends on another:
                     // the tree is replaced at the end rather than updated

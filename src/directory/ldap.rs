@@ -460,8 +460,8 @@ impl LdapDirectory {
             }
             Err(LdapError::LdapResult { result }) => {
                 return Err(Attempt::Tls(format!(
-                    "StartTLS refused: LDAP result {}: {}",
-                    result.rc, result.text
+                    "StartTLS refused: {}",
+                    super::rc::describe(result.rc, &result.text)
                 )))
             }
             Err(LdapError::Timeout { .. }) => {

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 
-use crate::model::{reject_controls, Dn, HostName};
+use crate::model::{reject_controls, Dn, HostName, PartitionGlob};
 
 /// The keys of a server file that the reconciler uses; everything else in
 /// the file is ignored.
@@ -270,6 +270,54 @@ impl Snapshot {
             .iter()
             .map(|host| TreeEvent::PlacementsUnknown { host: host.clone() });
         servers.chain(placements).chain(unknown)
+    }
+
+    /// A warning when no usable server file has a partition the glob
+    /// matches: every host is out of scope, which is most often a mistyped
+    /// `--partition` and should not pass in silence. It names the glob and
+    /// (some of) the partitions the server files do have.
+    pub fn partition_warning(&self, glob: &PartitionGlob) -> Option<String> {
+        let partitions: BTreeSet<&str> = self
+            .servers
+            .values()
+            .filter_map(|info| info.as_ref().ok())
+            .map(|info| info.partition.as_deref().unwrap_or(""))
+            .collect();
+        if partitions.iter().any(|p| glob.matches(p)) {
+            return None;
+        }
+        const SHOWN: usize = 5;
+        let usable = self.servers.values().filter(|i| i.is_ok()).count();
+        let seen = if partitions.is_empty() {
+            "there is no usable server file".to_owned()
+        } else {
+            let mut list: Vec<String> = partitions
+                .iter()
+                .take(SHOWN)
+                .map(|p| format!("{p:?}"))
+                .collect();
+            if partitions.len() > SHOWN {
+                list.push(format!("and {} more", partitions.len() - SHOWN));
+            }
+            format!(
+                "the {usable} usable server {} {}",
+                if usable == 1 {
+                    "file has"
+                } else {
+                    "files have"
+                },
+                if partitions.len() == 1 {
+                    "partition"
+                } else {
+                    "partitions"
+                },
+            ) + " "
+                + &list.join(", ")
+        };
+        Some(format!(
+            "--partition {:?} matches no server file: {seen}; every host is out of scope",
+            glob.to_string()
+        ))
     }
 
     /// Updates the snapshot as the event says the tree changed.
@@ -640,6 +688,34 @@ mod tests {
         assert_eq!(
             never_read.events().collect::<Vec<_>>(),
             [TreeEvent::PlacementsUnknown { host: host("c") }]
+        );
+    }
+
+    #[test]
+    fn a_partition_glob_matching_no_server_file_is_named() {
+        let servers = snapshot(&[("a", "east"), ("b", "west")], &[]);
+        let glob = |g: &str| PartitionGlob::parse(g).expect("glob");
+        assert_eq!(servers.partition_warning(&glob("*")), None);
+        assert_eq!(servers.partition_warning(&glob("we[s]t")), None);
+        let warning = servers.partition_warning(&glob("eats")).expect("warned");
+        assert_eq!(
+            warning,
+            "--partition \"eats\" matches no server file: the 2 usable server files have partitions \"east\", \"west\"; every host is out of scope"
+        );
+        let one = snapshot(&[("a", "east")], &[]);
+        let warning = one.partition_warning(&glob("west")).expect("warned");
+        assert!(
+            warning.contains("the 1 usable server file has partition \"east\";"),
+            "{warning}"
+        );
+        let mut broken = snapshot(&[], &[]);
+        broken
+            .servers
+            .insert(host("c"), Err("not a mapping".into()));
+        let warning = broken.partition_warning(&glob("*")).expect("warned");
+        assert!(
+            warning.contains("there is no usable server file"),
+            "{warning}"
         );
     }
 
