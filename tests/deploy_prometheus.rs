@@ -302,7 +302,10 @@ fn the_daemon_exports_every_metric_the_alerts_and_the_dashboard_use() {
         content_type, "text/plain; version=0.0.4; charset=utf-8",
         "the Prometheus text format's Content-Type"
     );
-    assert!(!scraped.contains("# EOF"), "an OpenMetrics body:\n{scraped}");
+    assert!(
+        !scraped.contains("# EOF"),
+        "an OpenMetrics body:\n{scraped}"
+    );
     promtool_check_metrics(&scraped);
 
     unsafe {

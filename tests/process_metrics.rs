@@ -48,7 +48,15 @@ fn process_metrics_hold_under_proc_subset_pid() {
                   exec \"$0\" \"$@\"";
     let started = unix_now();
     let child = Command::new(tool("unshare"))
-        .args(["--mount", "--pid", "--fork", "--kill-child", "sh", "-c", script])
+        .args([
+            "--mount",
+            "--pid",
+            "--fork",
+            "--kill-child",
+            "sh",
+            "-c",
+            script,
+        ])
         .arg(env!("CARGO_BIN_EXE_gmsa-reconciler"))
         .arg("run")
         .arg(format!("--fs-root={}", tree.root().display()))
@@ -66,7 +74,9 @@ fn process_metrics_hold_under_proc_subset_pid() {
     let mut daemon = Sandboxed(child);
     wait_until("the metrics endpoint", Duration::from_secs(20), || {
         if let Ok(Some(status)) = daemon.0.try_wait() {
-            panic!("the sandbox ended with {status} (90: cannot mount /proc, 91: /proc/stat visible)");
+            panic!(
+                "the sandbox ended with {status} (90: cannot mount /proc, 91: /proc/stat visible)"
+            );
         }
         http_get(port, "/metrics").0 == 200
     });
@@ -78,7 +88,10 @@ fn process_metrics_hold_under_proc_subset_pid() {
         start >= started.floor() - 1.0 && start <= scraped,
         "started between {started} and {scraped}, says {start}\n{body}"
     );
-    assert!(metric_sum(&body, "process_resident_memory_bytes") > 1e6, "{body}");
+    assert!(
+        metric_sum(&body, "process_resident_memory_bytes") > 1e6,
+        "{body}"
+    );
     assert!(metric_sum(&body, "process_open_fds") >= 3.0, "{body}");
     assert!(metric_sum(&body, "process_max_fds") >= 3.0, "{body}");
     assert!(metric_sum(&body, "process_threads") >= 1.0, "{body}");
