@@ -136,7 +136,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// A fresh set of metrics, registered under the `gmsa` prefix.
+    /// A fresh set of metrics: the daemon's own under the `gmsa` prefix,
+    /// and the standard process metrics.
     pub fn new() -> Metrics {
         let m = Metrics {
             servers_in_scope: Gauge::default(),
