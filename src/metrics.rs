@@ -4,7 +4,17 @@
 //!
 //! The metrics live in one [`Metrics`] value shared by the event loop and the
 //! HTTP server; the encoding is `prometheus-client`'s and the HTTP is
-//! hyper's, so nothing here parses HTTP by hand.
+//! hyper's, so nothing here parses HTTP by hand. `/metrics` is the
+//! Prometheus text format 0.0.4 under its own `Content-Type`: the format
+//! every Prometheus server and `promtool check metrics` read, where an
+//! OpenMetrics body sent as `text/plain` loses its counters' help text.
+//! Beside the daemon's own `gmsa_*` metrics it serves the standard
+//! `process_*` ones (memory, file descriptors, CPU, start time), read from
+//! `/proc` on each scrape by `metrics-process`.
+//!
+//! Readiness is also told to systemd (`Type=notify`): `READY=1` once, when
+//! the daemon first becomes ready, and `STATUS=` whenever readiness
+//! changes, so that `systemctl status` shows why a replica is not ready.
 //!
 //! The endpoint listens to anyone who can reach it, so it is bounded
 //! ([`Limits`]): a connection over the cap is closed as soon as it is
@@ -18,7 +28,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -28,18 +38,22 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use prometheus_client::encoding::text::encode;
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::{debug, warn};
+
+use crate::model::escape_controls;
 
 /// Labels of the Modify request counter.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -111,6 +125,8 @@ pub struct Metrics {
     ready: AtomicBool,
     not_ready_reason: Mutex<String>,
     current_role: Mutex<&'static str>,
+    /// What the service manager has been told of readiness.
+    notified: Mutex<Notified>,
 }
 
 impl Default for Metrics {
@@ -120,9 +136,9 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// A fresh set of metrics, registered under the `gmsa` prefix.
+    /// A fresh set of metrics: the daemon's own under the `gmsa` prefix,
+    /// and the standard process metrics.
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("gmsa");
         let m = Metrics {
             servers_in_scope: Gauge::default(),
             placements: Gauge::default(),
@@ -148,9 +164,14 @@ impl Metrics {
             ready: AtomicBool::new(false),
             not_ready_reason: Mutex::new("initial sync not done".into()),
             current_role: Mutex::new("follower"),
+            notified: Mutex::new(Notified::default()),
             registry: Registry::default(),
         };
-        let r = &mut registry;
+        process_start_fallback();
+        // The process metrics keep their standard names, without the prefix.
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(ProcessCollector));
+        let r = registry.sub_registry_with_prefix("gmsa");
         r.register(
             "servers_in_scope",
             "Servers in scope",
@@ -264,27 +285,50 @@ impl Metrics {
         Metrics { registry, ..m }
     }
 
-    /// The Prometheus text exposition of every metric.
+    /// Every metric in the Prometheus text format 0.0.4
+    /// ([`METRICS_CONTENT_TYPE`]).
     pub fn encode(&self) -> String {
         let mut text = String::new();
-        if let Err(err) = encode(&mut text, &self.registry) {
+        if let Err(err) = prometheus_text::encode(&mut text, &self.registry) {
             panic!("BUG: encoding metrics into a String cannot fail: {err}");
         }
         text
     }
 
-    /// Marks the daemon ready (or not, with the reason `/readyz` shows).
+    /// Marks the daemon ready (or not, with the reason `/readyz` shows),
+    /// and tells systemd when that changed.
     pub fn set_ready(&self, ready: Result<(), String>) {
         self.ready_gauge.set(i64::from(ready.is_ok()));
-        match ready {
+        // The flag is set before systemd hears READY=1, so that `/readyz`
+        // already answers 200 when the unit counts as started.
+        match &ready {
             Ok(()) => self.ready.store(true, Ordering::SeqCst),
             Err(reason) => {
                 self.ready.store(false, Ordering::SeqCst);
                 *self
                     .not_ready_reason
                     .lock()
-                    .unwrap_or_else(|p| p.into_inner()) = reason;
+                    .unwrap_or_else(|p| p.into_inner()) = reason.clone();
             }
+        }
+        self.notify_readiness(ready);
+    }
+
+    /// Sends the service manager what changed in readiness, if anything.
+    /// Without `NOTIFY_SOCKET` (not started by systemd) nothing is sent.
+    fn notify_readiness(&self, ready: Result<(), String>) {
+        let mut notified = self.notified.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(message) = notified.update(ready) else {
+            return;
+        };
+        let mut states = Vec::with_capacity(2);
+        if message.ready {
+            states.push(sd_notify::NotifyState::Ready);
+        }
+        states.push(sd_notify::NotifyState::Status(&message.status));
+        if let Err(err) = sd_notify::notify(&states) {
+            // Readiness still shows at /readyz; systemd alone misses it.
+            warn!(error = %err, "cannot notify systemd of readiness");
         }
     }
 
@@ -330,6 +374,127 @@ pub fn unix_now() -> f64 {
         .duration_since(UNIX_EPOCH)
         .unwrap_or(Duration::ZERO)
         .as_secs_f64()
+}
+
+/// The `Content-Type` of `/metrics`: the Prometheus text format 0.0.4,
+/// which is what [`Metrics::encode`] writes.
+pub const METRICS_CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
+
+/// Readiness as the service manager last heard it.
+#[derive(Debug, Default)]
+struct Notified {
+    /// The state last sent; `None` before the first.
+    last: Option<Result<(), String>>,
+    /// `READY=1` has gone out: systemd takes it once, as the end of startup.
+    ready_sent: bool,
+}
+
+/// One notification for the service manager.
+#[derive(Debug, PartialEq, Eq)]
+struct Notification {
+    /// Send `READY=1` (the first time the daemon is ready).
+    ready: bool,
+    /// The `STATUS=` text, one line whatever the reason holds.
+    status: String,
+}
+
+impl Notified {
+    /// What to send now that readiness is `now`; `None` when systemd
+    /// already knows it. The reason is quoted with its control characters
+    /// escaped: the protocol is one `KEY=value` per line, and a reason
+    /// quoting a name from the tree must not add a line such as `READY=1`.
+    fn update(&mut self, now: Result<(), String>) -> Option<Notification> {
+        if self.last.as_ref() == Some(&now) {
+            return None;
+        }
+        let status = match &now {
+            Ok(()) => "ready".to_owned(),
+            Err(reason) => format!("not ready: {}", escape_controls(reason)),
+        };
+        let ready = now.is_ok() && !self.ready_sent;
+        self.ready_sent |= ready;
+        self.last = Some(now);
+        Some(Notification { ready, status })
+    }
+}
+
+/// The standard `process_*` metrics of this process, read on each scrape.
+/// Help texts end in a full stop as the registry's do (it adds one).
+/// The reads are of `/proc/self`, which never waits on a disk, so they run
+/// on the thread answering the scrape.
+#[derive(Debug)]
+struct ProcessCollector;
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let now = metrics_process::collector::collect();
+        if let Some(cpu) = now.cpu_seconds_total {
+            encoder
+                .encode_descriptor(
+                    "process_cpu_seconds",
+                    "Total user and system CPU time spent in seconds.",
+                    None,
+                    MetricType::Counter,
+                )?
+                .encode_counter::<NoLabelSet, _, f64>(&cpu, None)?;
+        }
+        let gauges = [
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.",
+                now.resident_memory_bytes,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes.",
+                now.virtual_memory_bytes,
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors.",
+                now.open_fds,
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors (the soft limit).",
+                now.max_fds,
+            ),
+            (
+                "process_threads",
+                "Number of OS threads in the process.",
+                now.threads,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            if let Some(value) = value {
+                encoder
+                    .encode_descriptor(name, help, None, MetricType::Gauge)?
+                    .encode_gauge(&value)?;
+            }
+        }
+        // Under systemd's ProcSubset=pid the kernel's boot time is hidden,
+        // and the crate cannot tell the start time without it.
+        let start = now
+            .start_time_seconds
+            .map(|s| s as f64)
+            .unwrap_or_else(process_start_fallback);
+        encoder
+            .encode_descriptor(
+                "process_start_time_seconds",
+                "Start time of the process since the Unix epoch in seconds.",
+                None,
+                MetricType::Gauge,
+            )?
+            .encode_gauge(&start)?;
+        Ok(())
+    }
+}
+
+/// When this process first set up its metrics (the daemon does so as it
+/// starts): the start time when the kernel's cannot be read.
+fn process_start_fallback() -> f64 {
+    static FIRST: OnceLock<f64> = OnceLock::new();
+    *FIRST.get_or_init(unix_now)
 }
 
 /// Binds the metrics endpoint. Binding happens before the daemon starts
@@ -531,11 +696,7 @@ fn answer<B>(metrics: &Metrics, req: &Request<B>) -> Response<Full<Bytes>> {
 
 fn respond(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match path {
-        "/metrics" => (
-            StatusCode::OK,
-            "text/plain; version=0.0.4; charset=utf-8",
-            metrics.encode(),
-        ),
+        "/metrics" => (StatusCode::OK, METRICS_CONTENT_TYPE, metrics.encode()),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_owned()),
         "/readyz" => {
             let (status, body) = metrics.readiness();
@@ -746,5 +907,116 @@ mod tests {
         );
         assert!(text.contains(&line), "{text}");
         assert!(text.contains("# TYPE gmsa_build_info gauge\n"), "{text}");
+    }
+
+    #[test]
+    fn metrics_are_the_prometheus_text_format_under_its_content_type() {
+        let m = Metrics::new();
+        m.retries.inc();
+        let text = m.encode();
+        // Counters are declared under their sample's name, as Prometheus
+        // reads it; OpenMetrics would say `gmsa_retries` and lose the help.
+        assert!(
+            text.contains(
+                "# HELP gmsa_retries_total Retries after transient directory failures.\n\
+                 # TYPE gmsa_retries_total counter\n\
+                 gmsa_retries_total 1\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("# EOF"), "{text}");
+        assert!(!text.contains("# UNIT"), "{text}");
+        let response = respond(&m, "/metrics");
+        let content_type = response.headers()[hyper::header::CONTENT_TYPE].to_str();
+        assert_eq!(
+            content_type.expect("ascii"),
+            "text/plain; version=0.0.4; charset=utf-8"
+        );
+    }
+
+    /// The value of the unlabelled sample `name` in `text`.
+    fn sample(text: &str, name: &str) -> f64 {
+        let prefix = format!("{name} ");
+        let line = text
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .unwrap_or_else(|| panic!("no {name} in\n{text}"));
+        line.parse().expect("a number")
+    }
+
+    #[test]
+    fn process_metrics_describe_this_process() {
+        let m = Metrics::new();
+        // Other tests open and close files meanwhile: hold far more than
+        // the process has otherwise, so that a bound holds whatever they do.
+        let held: Vec<_> = (0..200)
+            .map(|_| tempfile::tempfile().expect("temp file"))
+            .collect();
+        let after = m.encode();
+        drop(held);
+        assert!(
+            sample(&after, "process_open_fds") >= 200.0,
+            "200 files held open:\n{after}"
+        );
+        assert!(sample(&after, "process_resident_memory_bytes") > 1e6);
+        assert!(sample(&after, "process_max_fds") >= sample(&after, "process_open_fds"));
+        assert!(sample(&after, "process_threads") >= 1.0);
+        assert!(sample(&after, "process_cpu_seconds_total") >= 0.0);
+        assert!(after.contains("# TYPE process_cpu_seconds_total counter\n"));
+        let start = sample(&after, "process_start_time_seconds");
+        let now = unix_now();
+        assert!(
+            start <= now && start > now - 86_400.0,
+            "started {start}, now {now}"
+        );
+    }
+
+    #[test]
+    fn systemd_hears_ready_once_and_every_change_of_status() {
+        let mut n = Notified::default();
+        let waiting = Err("waiting for .modified".to_owned());
+        assert_eq!(
+            n.update(waiting.clone()),
+            Some(Notification {
+                ready: false,
+                status: "not ready: waiting for .modified".into()
+            })
+        );
+        assert_eq!(n.update(waiting), None, "nothing new, nothing sent");
+        assert_eq!(
+            n.update(Ok(())),
+            Some(Notification {
+                ready: true,
+                status: "ready".into()
+            })
+        );
+        assert_eq!(n.update(Ok(())), None);
+        let lost = Err("zookeeper: connection lost".to_owned());
+        assert_eq!(
+            n.update(lost).map(|m| m.ready),
+            Some(false),
+            "a status change"
+        );
+        assert_eq!(
+            n.update(Ok(())),
+            Some(Notification {
+                ready: false,
+                status: "ready".into()
+            }),
+            "READY=1 only once"
+        );
+    }
+
+    #[test]
+    fn a_not_ready_reason_cannot_add_a_notify_line() {
+        let mut n = Notified::default();
+        let reason = "placement tree unusable: /srv/x\nREADY=1\nMAINPID=1".to_owned();
+        let message = n.update(Err(reason)).expect("a notification");
+        assert!(!message.ready);
+        assert!(!message.status.contains('\n'), "{:?}", message.status);
+        assert_eq!(
+            message.status,
+            "not ready: placement tree unusable: /srv/x\\nREADY=1\\nMAINPID=1"
+        );
     }
 }

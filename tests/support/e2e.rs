@@ -9,10 +9,12 @@ use std::process::{Child, Command, Stdio};
 
 use gmsa_reconciler::model::Dn;
 
-/// The binary, with no `GMSA_*` or `RUST_LOG` variable inherited from the
-/// environment the tests run in.
+/// The binary, with no `GMSA_*`, `RUST_LOG` or `NOTIFY_SOCKET` (a test run
+/// under systemd must not tell it of a daemon's readiness) inherited from
+/// the environment the tests run in.
 pub fn bin() -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_gmsa-reconciler"));
+    cmd.env_remove("NOTIFY_SOCKET");
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("GMSA_") || key == "RUST_LOG" {
             cmd.env_remove(key);

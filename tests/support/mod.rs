@@ -21,6 +21,7 @@ pub mod daemon;
 pub mod daemon_bin;
 pub mod e2e;
 pub mod node;
+pub mod notify;
 pub mod scenario;
 pub mod tree;
 pub mod zookeeper;
