@@ -94,13 +94,30 @@ pub enum CompletionShell {
 
 impl CompletionShell {
     /// Writes the completion script of `command` for this shell.
-    pub fn generate(self, command: &mut clap::Command, out: &mut dyn std::io::Write) {
+    pub fn generate(
+        self,
+        command: &mut clap::Command,
+        out: &mut dyn std::io::Write,
+    ) -> std::io::Result<()> {
         let shell = match self {
             CompletionShell::Bash => clap_complete::Shell::Bash,
             CompletionShell::Zsh => clap_complete::Shell::Zsh,
             CompletionShell::Fish => clap_complete::Shell::Fish,
         };
-        clap_complete::generate(shell, command, "gmsa-reconciler", out);
+        let mut script = Vec::new();
+        clap_complete::generate(shell, command, "gmsa-reconciler", &mut script);
+        if self == CompletionShell::Bash {
+            // The bash generator spells the state of a subcommand of a
+            // hyphenated program two ways: the loop that walks the words
+            // sets `gmsa__reconciler__subcmd__plan`, the arms that list
+            // its options test `gmsa__subcmd__reconciler__subcmd__plan`,
+            // so no option after a subcommand would ever complete. The
+            // arms are respelled the loop's way.
+            let text = String::from_utf8_lossy(&script)
+                .replace("gmsa__subcmd__reconciler", "gmsa__reconciler");
+            script = text.into_bytes();
+        }
+        out.write_all(&script)
     }
 }
 

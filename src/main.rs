@@ -133,7 +133,9 @@ fn run(cli: Cli, log_format: LogFormat) -> anyhow::Result<u8> {
             }
         }
         Command::Completions(args) => {
-            args.shell.generate(&mut cli::command(), &mut stdout);
+            args.shell
+                .generate(&mut cli::command(), &mut stdout)
+                .map_err(|e| anyhow::anyhow!("writing the output: {e}"))?;
             EXIT_OK
         }
     };
