@@ -1381,6 +1381,90 @@ mod tests {
     #[test]
     fn the_parser_is_well_formed() {
         Cli::command().debug_assert();
+        command().debug_assert();
+    }
+
+    /// `-h` groups options under these headings; an option without one
+    /// would be listed apart, under clap's "Options".
+    #[test]
+    fn every_option_has_a_documented_heading() {
+        const HEADINGS: &[&str] = &[
+            "Input",
+            "Directory",
+            "Safety",
+            "Output",
+            "Daemon",
+            "Replicas",
+            "Node mode",
+        ];
+        for sub in command().get_subcommands() {
+            for arg in sub.get_arguments().filter(|a| a.get_long().is_some()) {
+                let long = arg.get_long().unwrap_or_default();
+                if matches!(long, "help" | "version") {
+                    continue;
+                }
+                let heading = arg.get_help_heading();
+                assert!(
+                    heading.is_some_and(|h| HEADINGS.contains(&h)),
+                    "{} --{long}: heading {heading:?}",
+                    sub.get_name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_required_mark_names_an_option() {
+        let command = Cli::command();
+        for &(sub, id, _) in REQUIRED {
+            let sub = command.find_subcommand(sub).expect("subcommand");
+            assert!(sub.get_arguments().any(|a| a.get_id() == id), "{id}");
+        }
+    }
+
+    #[test]
+    fn the_nearest_key_is_a_likely_typo_only() {
+        let known: Vec<String> = ["partition", "max-delete", "max-delete-percent", "no-lock"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(nearest_key("partiton", &known), Some("partition"));
+        assert_eq!(nearest_key("max_delete", &known), Some("max-delete"));
+        assert_eq!(
+            nearest_key("Max-Delete-Percnt", &known),
+            Some("max-delete-percent")
+        );
+        assert_eq!(nearest_key("nolock", &known), Some("no-lock"));
+        assert_eq!(nearest_key("colour", &known), None);
+        assert_eq!(nearest_key("x", &known), None);
+    }
+
+    #[test]
+    fn the_log_format_is_found_before_the_options_parse() {
+        let args = |list: &[&str]| list.iter().map(OsString::from).collect::<Vec<_>>();
+        let found = |list: &[&str]| requested_log_format(&args(list));
+        assert_eq!(
+            found(&["g", "plan", "--log-format", "json", "--bogus"]),
+            LogFormat::Json
+        );
+        assert_eq!(
+            found(&["g", "plan", "--log-format=json", "--log-format=text"]),
+            LogFormat::Text
+        );
+        assert_eq!(
+            found(&["g", "plan", "--", "--log-format=json"]),
+            LogFormat::Text
+        );
+        let file = write_config("log-format: json\nnot: [valid\n");
+        let config = format!("--config={}", file.path().display());
+        assert_eq!(
+            found(&["g", "plan", &config]),
+            LogFormat::Text,
+            "unreadable file"
+        );
+        let file = write_config("log-format: json\npartiton: x\n");
+        let config = format!("--config={}", file.path().display());
+        assert_eq!(found(&["g", "plan", &config]), LogFormat::Json);
     }
 
     fn write_config(text: &str) -> tempfile::NamedTempFile {

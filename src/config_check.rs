@@ -152,14 +152,14 @@ pub fn check(args: &[OsString]) -> ConfigReport {
                     .map(|values| values.map(|v| v.to_owned()).collect())
                     .unwrap_or_default();
                 for value in &raw {
-                    if let Err(err) = check_value(&arg, value) {
+                    if let Err(err) = check_value(arg, value) {
                         report
                             .problems
                             .push(format!("{origin}: {}", clap_text(&err)));
                         bad.insert(arg.get_long().unwrap_or_default().to_owned());
                     }
                 }
-                let raw = if cli::is_path_option(&arg) {
+                let raw = if cli::is_path_option(arg) {
                     raw.iter()
                         .map(|v| absolute_from_cwd(Path::new(v)).map_or(v.clone(), Into::into))
                         .collect()
