@@ -532,8 +532,20 @@ const REQUIRED: &[(&str, &str, &str)] = &[
     ("check", "host_dn", "[required]"),
 ];
 
+/// The headings of `-h`, in order.
+pub const HEADINGS: &[&str] = &[
+    "Input",
+    "Directory",
+    "Safety",
+    "Output",
+    "Daemon",
+    "Replicas",
+    "Node mode",
+];
+
 /// The command-line definition: the derived one with the required options
-/// marked. Parsing, `-h`, completions and the man page all use this one.
+/// marked and the options in the order of [`HEADINGS`]. Parsing, `-h`,
+/// completions, the man page and `config` all use this one.
 pub fn command() -> clap::Command {
     let mut command = Cli::command();
     for &(sub, id, mark) in REQUIRED {
@@ -544,7 +556,35 @@ pub fn command() -> clap::Command {
             })
         });
     }
+    let subs: Vec<String> = command
+        .get_subcommands()
+        .map(|s| s.get_name().to_owned())
+        .collect();
+    for sub in subs {
+        command = command.mut_subcommand(sub, order_by_heading);
+    }
     command
+}
+
+/// clap lists headings in the order their first option was defined, and
+/// the shared options (Input, Directory, Output) are defined before the
+/// write options (Safety). Re-adding each option with a heading in heading
+/// order (`mut_arg` moves an option to the end) puts them in that order;
+/// within a heading the display order is kept. Options without a heading
+/// (help, version, positionals) are not moved.
+fn order_by_heading(sub: clap::Command) -> clap::Command {
+    let mut ids: Vec<(usize, usize, clap::Id)> = sub
+        .get_arguments()
+        .filter_map(|a| {
+            let rank = HEADINGS
+                .iter()
+                .position(|h| Some(*h) == a.get_help_heading())?;
+            Some((rank, a.get_display_order(), a.get_id().clone()))
+        })
+        .collect();
+    ids.sort();
+    ids.into_iter()
+        .fold(sub, |sub, (_, _, id)| sub.mut_arg(id, |a| a))
 }
 
 /// The log format asked for, found before (and whether or not) the options
@@ -1388,15 +1428,6 @@ mod tests {
     /// would be listed apart, under clap's "Options".
     #[test]
     fn every_option_has_a_documented_heading() {
-        const HEADINGS: &[&str] = &[
-            "Input",
-            "Directory",
-            "Safety",
-            "Output",
-            "Daemon",
-            "Replicas",
-            "Node mode",
-        ];
         for sub in command().get_subcommands() {
             for arg in sub.get_arguments().filter(|a| a.get_long().is_some()) {
                 let long = arg.get_long().unwrap_or_default();

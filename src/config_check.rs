@@ -245,14 +245,9 @@ fn empty(command: &str) -> ConfigReport {
 
 /// The options of `sub` that a config file or a flag can set.
 fn options(sub: &clap::Command) -> impl Iterator<Item = &clap::Arg> {
-    let mut args: Vec<&clap::Arg> = sub
-        .get_arguments()
+    // In the order of `-h`: `cli::command` puts them so.
+    sub.get_arguments()
         .filter(|a| !matches!(a.get_long(), None | Some("help" | "version")))
-        .collect();
-    // Marking an option required moves it to the end of the list; its
-    // place in `-h` is its display order.
-    args.sort_by_key(|a| a.get_display_order());
-    args.into_iter()
 }
 
 /// `sub` with every value taken as text, so that only the structure of the

@@ -70,6 +70,14 @@ fn help_lists_every_option_under_a_documented_heading() {
             assert!(sections.contains_key(heading), "{command}: no {heading}");
         }
     }
+    // In the documented order.
+    let text = help("run");
+    let order: Vec<&str> = text
+        .lines()
+        .filter(|l| !l.starts_with(' ') && l.ends_with(':') && *l != "Options:")
+        .map(|l| l.trim_end_matches(':'))
+        .collect();
+    assert_eq!(order, HEADINGS);
     let run = sections(&help("run"));
     assert!(run["Replicas"].contains(&"no-lock".to_owned()), "{run:?}");
     assert!(
