@@ -817,6 +817,10 @@ pub(crate) fn file_value(
                 serde_yaml::Value::Sequence(items) => items.clone(),
                 other => vec![other.clone()],
             };
+            // A second value would silently replace the first.
+            if items.len() > 1 && matches!(arg.get_action(), ArgAction::Set) {
+                return Err(bad("takes one value, not a list"));
+            }
             let mut values = Vec::new();
             for item in items {
                 let text = match item {

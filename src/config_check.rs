@@ -296,7 +296,16 @@ fn merge_file(
     for (key, value) in keys {
         let arg = match file_key_arg(path, &key, all, sub) {
             Ok(Some(arg)) => arg,
-            Ok(None) => continue,
+            Ok(None) => {
+                // A key of another command: its value is checked all the
+                // same, since that command reads this file too.
+                if let Some(why) = other_command_value(all, &key, &value, folder) {
+                    report
+                        .problems
+                        .push(cli::config_file_error(path, why).to_string());
+                }
+                continue;
+            }
             Err(err) => {
                 report.problems.push(err.to_string());
                 continue;
@@ -333,6 +342,29 @@ fn merge_file(
             source: Source::File(path.to_owned()),
             value,
         });
+    }
+}
+
+/// What is wrong with `value` for the option `key` of the first command
+/// that has it, if anything.
+fn other_command_value(
+    all: &clap::Command,
+    key: &str,
+    value: &serde_yaml::Value,
+    folder: &Path,
+) -> Option<String> {
+    let arg = all
+        .get_subcommands()
+        .flat_map(|s| s.get_arguments())
+        .find(|a| a.get_long() == Some(key))?;
+    match file_value(arg, value, folder) {
+        Err(why) => Some(why),
+        Ok(FileValue::Values(values)) => values.iter().find_map(|v| {
+            check_value(arg, v)
+                .err()
+                .map(|err| format!("key {key:?}: {}", clap_text(&err)))
+        }),
+        Ok(_) => None,
     }
 }
 

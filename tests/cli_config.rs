@@ -184,7 +184,7 @@ fn an_invalid_configuration_lists_every_problem() {
     let dir = tempfile::tempdir().expect("temp dir");
     fs::write(
         dir.path().join("gmsa.yml"),
-        "partiton: east\nmax-delete: lots\nbatch_window: 1s\nresync-interval: 0s\nzookeper: zk:2181\nstarttls: maybe\n",
+        "partiton: east\nmax-delete: lots\nbatch_window: 1s\nresync-interval: 0s\nzookeper: zk:2181\nstarttls: maybe\nexit-code: sometimes\nproid: [a, b]\n",
     )
     .expect("config");
     let out = config(
@@ -212,6 +212,10 @@ fn an_invalid_configuration_lists_every_problem() {
         format!("{file}: unknown key \"batch_window\"; did you mean \"batch-window\"?"),
         format!("{file}: unknown key \"zookeper\"; did you mean \"zookeeper\"?"),
         format!("{file}: key \"starttls\": must be true or false"),
+        // Keys of plan and check, checked for run all the same: the file
+        // serves them too.
+        format!("{file}: key \"exit-code\": must be true or false"),
+        format!("{file}: key \"proid\": takes one value, not a list"),
         "--resync-interval: must be more than zero".to_owned(),
         "--fs-root: is required".to_owned(),
     ];
