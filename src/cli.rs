@@ -5,6 +5,13 @@
 //! The file is merged by turning each of its keys that neither a flag nor
 //! the environment set into the flag it names and parsing again, so every
 //! option has exactly one parser and one set of checks whatever its source.
+//! A key no command knows is answered with the nearest known key.
+//!
+//! [`command`] is the one definition that parsing, `-h`, completions, the
+//! man pages and `config` share: options grouped under [`HEADINGS`], the
+//! ones a command cannot do without marked. The validators come in two
+//! forms: `from_args` stops at the first problem, as a command must;
+//! `validate` lists every problem, for `config`.
 
 use std::ffi::OsString;
 use std::path::{Component, Path, PathBuf};

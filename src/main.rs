@@ -2,7 +2,10 @@
 //! run the command, and turn its result into an exit code. Errors are
 //! printed on one line, without a backtrace. Text logs and the error line
 //! quote paths and names from outside with their control characters
-//! escaped, so that no file name can write a log line of its own.
+//! escaped, so that no file name can write a log line of its own. The log
+//! format is found before the options parse, so that with `--log-format
+//! json` every line on standard error is JSON: logs, clap's usage errors,
+//! the fatal error, `config`'s problems and a panic alike.
 
 use std::ffi::OsString;
 use std::io::Write;
