@@ -82,6 +82,8 @@ pub struct ConfigReport {
     pub problems: Vec<String>,
     /// Whether the report is printed as JSON (`--format json`).
     pub json: bool,
+    /// The command's help, when that is what was asked for instead.
+    pub help: Option<String>,
 }
 
 /// The option's value source and raw values after the lenient parse.
@@ -113,10 +115,15 @@ pub fn check(args: &[OsString]) -> ConfigReport {
 
     // Structure first (unknown flags, missing values), with every value
     // taken as text: the values are checked one by one below.
-    let lenient = lenient(&sub);
+    let lenient = lenient(&sub).bin_name(format!("gmsa-reconciler {target}"));
     let argv = std::iter::once(OsString::from(&target)).chain(rest.iter().cloned());
     let matches = match lenient.try_get_matches_from(argv) {
         Ok(matches) => matches,
+        // `config plan -h` asks what plan takes: its help, as `plan -h`.
+        Err(err) if !err.use_stderr() => {
+            report.help = Some(err.render().to_string());
+            return report;
+        }
         Err(err) => {
             report.problems.push(clap_problem(&target, &err));
             return report;
@@ -240,6 +247,7 @@ fn empty(command: &str) -> ConfigReport {
         notes: Vec::new(),
         problems: Vec::new(),
         json: false,
+        help: None,
     }
 }
 
@@ -476,6 +484,9 @@ impl ConfigReport {
     /// one JSON object. Values are written as JSON strings, which YAML
     /// reads back, so no value can start a line of its own.
     pub fn render(&self) -> String {
+        if let Some(help) = &self.help {
+            return help.clone();
+        }
         if self.json {
             return self.render_json();
         }

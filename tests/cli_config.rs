@@ -322,6 +322,13 @@ fn config_refuses_what_its_command_would() {
         "{}",
         unknown_flag.stderr
     );
+    let help = config(dir.path(), &["plan", "-h"], &[]);
+    assert_eq!(help.code, 0, "{}", help.stderr);
+    assert!(
+        help.stdout.contains("Usage: gmsa-reconciler plan"),
+        "{}",
+        help.stdout
+    );
     let unknown_command = config(dir.path(), &["deploy"], &[]);
     assert_eq!(unknown_command.code, 1);
     assert!(
