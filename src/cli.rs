@@ -5,6 +5,13 @@
 //! The file is merged by turning each of its keys that neither a flag nor
 //! the environment set into the flag it names and parsing again, so every
 //! option has exactly one parser and one set of checks whatever its source.
+//! A key no command knows is answered with the nearest known key.
+//!
+//! [`command`] is the one definition that parsing, `-h`, completions, the
+//! man pages and `config` share: options grouped under [`HEADINGS`], the
+//! ones a command cannot do without marked. The validators come in two
+//! forms: `from_args` stops at the first problem, as a command must;
+//! `validate` lists every problem, for `config`.
 
 use std::ffi::OsString;
 use std::path::{Component, Path, PathBuf};
@@ -51,6 +58,76 @@ pub enum Command {
     Explain(ExplainArgs),
     /// Post the event of a container that stopped (run by its finish script).
     Finish(FinishArgs),
+    /// Validate every source of options and print the effective options of a command, each with where it came from.
+    #[command(
+        override_usage = "gmsa-reconciler config [COMMAND] [OPTIONS of COMMAND]...",
+        after_help = "COMMAND is plan, sync, run, check or explain [default: run]; the options are those COMMAND takes, with --config FILE and GMSA_* variables as it would read them. Exit 0 when valid, 1 with every problem listed when not."
+    )]
+    Config(ConfigArgs),
+    /// Print a shell completion script.
+    Completions(CompletionsArgs),
+}
+
+/// Options of `config`: the command to check, then that command's options,
+/// taken as given and checked one by one (see `config_check`).
+#[derive(Debug, Args)]
+pub struct ConfigArgs {
+    /// The command whose options are checked, then its options.
+    #[arg(
+        value_name = "ARGS",
+        trailing_var_arg = true,
+        allow_hyphen_values = true,
+        num_args = 0..
+    )]
+    pub args: Vec<OsString>,
+}
+
+/// Options of `completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell the script is for.
+    #[arg(value_enum)]
+    pub shell: CompletionShell,
+}
+
+/// The shells `completions` writes scripts for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum CompletionShell {
+    /// Bash.
+    Bash,
+    /// Zsh.
+    Zsh,
+    /// Fish.
+    Fish,
+}
+
+impl CompletionShell {
+    /// Writes the completion script of `command` for this shell.
+    pub fn generate(
+        self,
+        command: &mut clap::Command,
+        out: &mut dyn std::io::Write,
+    ) -> std::io::Result<()> {
+        let shell = match self {
+            CompletionShell::Bash => clap_complete::Shell::Bash,
+            CompletionShell::Zsh => clap_complete::Shell::Zsh,
+            CompletionShell::Fish => clap_complete::Shell::Fish,
+        };
+        let mut script = Vec::new();
+        clap_complete::generate(shell, command, "gmsa-reconciler", &mut script);
+        if self == CompletionShell::Bash {
+            // The bash generator spells the state of a subcommand of a
+            // hyphenated program two ways: the loop that walks the words
+            // sets `gmsa__reconciler__subcmd__plan`, the arms that list
+            // its options test `gmsa__subcmd__reconciler__subcmd__plan`,
+            // so no option after a subcommand would ever complete. The
+            // arms are respelled the loop's way.
+            let text = String::from_utf8_lossy(&script)
+                .replace("gmsa__subcmd__reconciler", "gmsa__reconciler");
+            script = text.into_bytes();
+        }
+        out.write_all(&script)
+    }
 }
 
 /// Options of `finish`.
@@ -60,10 +137,10 @@ pub struct FinishArgs {
     #[arg(value_parser = AbsolutePath)]
     pub container_dir: PathBuf,
     /// More log output (repeatable).
-    #[arg(short, long, action = ArgAction::Count)]
+    #[arg(short, long, action = ArgAction::Count, help_heading = "Output")]
     pub verbose: u8,
     /// Less log output (repeatable).
-    #[arg(short, long, action = ArgAction::Count)]
+    #[arg(short, long, action = ArgAction::Count, help_heading = "Output")]
     pub quiet: u8,
 }
 
@@ -77,7 +154,7 @@ pub struct PlanArgs {
     #[allow(missing_docs)]
     pub write: WriteArgs,
     /// Exit 2 when there are changes, 0 when there are none.
-    #[arg(long, env = "GMSA_EXIT_CODE")]
+    #[arg(long, env = "GMSA_EXIT_CODE", help_heading = "Output")]
     pub exit_code: bool,
 }
 
@@ -91,7 +168,7 @@ pub struct SyncArgs {
     #[allow(missing_docs)]
     pub write: WriteArgs,
     /// Print what would be done; write nothing.
-    #[arg(long, env = "GMSA_DRY_RUN")]
+    #[arg(long, env = "GMSA_DRY_RUN", help_heading = "Safety")]
     pub dry_run: bool,
 }
 
@@ -105,28 +182,28 @@ pub struct RunArgs {
     #[allow(missing_docs)]
     pub write: WriteArgs,
     /// Print what would be done; write nothing.
-    #[arg(long, env = "GMSA_DRY_RUN")]
+    #[arg(long, env = "GMSA_DRY_RUN", help_heading = "Safety")]
     pub dry_run: bool,
     /// How long to gather changes before reconciling them [default: 100ms].
-    #[arg(long, env = "GMSA_BATCH_WINDOW", value_parser = parse_duration)]
+    #[arg(long, env = "GMSA_BATCH_WINDOW", value_parser = parse_duration, help_heading = "Daemon")]
     pub batch_window: Option<Duration>,
     /// Full resync period [default: 10m].
-    #[arg(long, env = "GMSA_RESYNC_INTERVAL", value_parser = parse_duration)]
+    #[arg(long, env = "GMSA_RESYNC_INTERVAL", value_parser = parse_duration, help_heading = "Daemon")]
     pub resync_interval: Option<Duration>,
     /// Serve Prometheus metrics, /healthz and /readyz on HOST:PORT.
-    #[arg(long, env = "GMSA_METRICS_ADDR")]
+    #[arg(long, env = "GMSA_METRICS_ADDR", help_heading = "Daemon")]
     pub metrics_addr: Option<std::net::SocketAddr>,
     /// ZooKeeper servers (HOST:PORT,...) for leader election between replicas.
-    #[arg(long, env = "GMSA_ZOOKEEPER")]
+    #[arg(long, env = "GMSA_ZOOKEEPER", help_heading = "Replicas")]
     pub zookeeper: Option<String>,
     /// ZooKeeper path of the replicas' lock [default: /election/gmsa-reconciler].
-    #[arg(long, env = "GMSA_LOCK_PATH")]
+    #[arg(long, env = "GMSA_LOCK_PATH", help_heading = "Replicas")]
     pub lock_path: Option<String>,
     /// ZooKeeper session timeout: how long a dead leader holds the lock [default: 10s].
-    #[arg(long, env = "GMSA_ZOOKEEPER_SESSION_TIMEOUT", value_parser = parse_duration)]
+    #[arg(long, env = "GMSA_ZOOKEEPER_SESSION_TIMEOUT", value_parser = parse_duration, help_heading = "Replicas")]
     pub zookeeper_session_timeout: Option<Duration>,
     /// Run alone, without leader election (only one replica may run).
-    #[arg(long, env = "GMSA_NO_LOCK")]
+    #[arg(long, env = "GMSA_NO_LOCK", help_heading = "Replicas")]
     pub no_lock: bool,
     #[command(flatten)]
     #[allow(missing_docs)]
@@ -135,6 +212,7 @@ pub struct RunArgs {
 
 /// Options of node mode (`run --app-root`).
 #[derive(Debug, Args)]
+#[command(next_help_heading = "Node mode")]
 pub struct NodeArgs {
     /// Configure the containers placed on this host under DIR (node mode).
     #[arg(long, env = "GMSA_APP_ROOT", value_parser = AbsolutePath)]
@@ -184,10 +262,10 @@ pub struct CheckArgs {
     #[allow(missing_docs)]
     pub common: CommonArgs,
     /// The proid whose group is looked up.
-    #[arg(long, env = "GMSA_PROID")]
+    #[arg(long, env = "GMSA_PROID", help_heading = "Input")]
     pub proid: Option<String>,
     /// The host's computer DN.
-    #[arg(long, env = "GMSA_HOST_DN")]
+    #[arg(long, env = "GMSA_HOST_DN", help_heading = "Input")]
     pub host_dn: Option<String>,
 }
 
@@ -201,10 +279,10 @@ pub struct ExplainArgs {
     #[allow(missing_docs)]
     pub write: WriteArgs,
     /// The proid whose group is explained.
-    #[arg(long, env = "GMSA_PROID")]
+    #[arg(long, env = "GMSA_PROID", help_heading = "Input")]
     pub proid: Option<String>,
     /// Only this host (its name in servers/ and placement/).
-    #[arg(long, env = "GMSA_HOST")]
+    #[arg(long, env = "GMSA_HOST", help_heading = "Input")]
     pub host: Option<String>,
 }
 
@@ -212,58 +290,58 @@ pub struct ExplainArgs {
 #[derive(Debug, Args)]
 pub struct CommonArgs {
     /// YAML file of options: keys are long option names without `--`.
-    #[arg(long, env = "GMSA_CONFIG", value_parser = AbsolutePath)]
+    #[arg(long, env = "GMSA_CONFIG", value_parser = AbsolutePath, help_heading = "Input")]
     pub config: Option<PathBuf>,
     /// Root of the placement tree (holds .modified, servers/, placement/).
-    #[arg(long, env = "GMSA_FS_ROOT", value_parser = AbsolutePath)]
+    #[arg(long, env = "GMSA_FS_ROOT", value_parser = AbsolutePath, help_heading = "Input")]
     pub fs_root: Option<PathBuf>,
     /// Shell glob of the partitions whose servers are managed [default: *].
-    #[arg(long, env = "GMSA_PARTITION")]
+    #[arg(long, env = "GMSA_PARTITION", help_heading = "Input")]
     pub partition: Option<String>,
     /// DN of the OU holding the proids' groups.
-    #[arg(long, env = "GMSA_GROUP_OU")]
+    #[arg(long, env = "GMSA_GROUP_OU", help_heading = "Directory")]
     pub group_ou: Option<String>,
     /// sAMAccountName pattern of a proid's group; `{}` is the proid [default: {}-gmsa-hosts].
-    #[arg(long, env = "GMSA_GROUP_PATTERN")]
+    #[arg(long, env = "GMSA_GROUP_PATTERN", help_heading = "Directory")]
     pub group_pattern: Option<String>,
     /// LDIF content file used as the directory (instead of LDAP).
-    #[arg(long, env = "GMSA_DIRECTORY", value_parser = AbsolutePath)]
+    #[arg(long, env = "GMSA_DIRECTORY", value_parser = AbsolutePath, help_heading = "Directory")]
     pub directory: Option<PathBuf>,
     /// LDAP server URL; repeat for failover, tried in order [default: ldap://<nt.dc> of the servers].
-    #[arg(long, env = "GMSA_LDAP_URL", value_delimiter = ',', action = ArgAction::Append)]
+    #[arg(long, env = "GMSA_LDAP_URL", value_delimiter = ',', action = ArgAction::Append, help_heading = "Directory")]
     pub ldap_url: Vec<String>,
     /// DN to bind as (simple bind); the password comes from --bind-password-file or GMSA_BIND_PASSWORD.
-    #[arg(long, env = "GMSA_BIND_DN")]
+    #[arg(long, env = "GMSA_BIND_DN", help_heading = "Directory")]
     pub bind_dn: Option<String>,
     /// File holding the bind password.
-    #[arg(long, env = "GMSA_BIND_PASSWORD_FILE", value_parser = AbsolutePath)]
+    #[arg(long, env = "GMSA_BIND_PASSWORD_FILE", value_parser = AbsolutePath, help_heading = "Directory")]
     pub bind_password_file: Option<PathBuf>,
     /// SASL mechanism instead of a simple bind (gssapi; needs TLS).
-    #[arg(long, env = "GMSA_SASL", value_enum)]
+    #[arg(long, env = "GMSA_SASL", value_enum, help_heading = "Directory")]
     pub sasl: Option<Sasl>,
     /// Upgrade ldap:// connections with StartTLS.
-    #[arg(long, env = "GMSA_STARTTLS")]
+    #[arg(long, env = "GMSA_STARTTLS", help_heading = "Directory")]
     pub starttls: bool,
     /// PEM file of CA certificates to trust besides the system store.
-    #[arg(long, env = "GMSA_TLS_CA_FILE", value_parser = AbsolutePath)]
+    #[arg(long, env = "GMSA_TLS_CA_FILE", value_parser = AbsolutePath, help_heading = "Directory")]
     pub tls_ca_file: Option<PathBuf>,
     /// Do not verify the server's certificate (unsafe; for tests only).
-    #[arg(long, env = "GMSA_TLS_INSECURE")]
+    #[arg(long, env = "GMSA_TLS_INSECURE", help_heading = "Directory")]
     pub tls_insecure: bool,
     /// Timeout of every directory operation [default: 30s].
-    #[arg(long, env = "GMSA_TIMEOUT", value_parser = parse_duration)]
+    #[arg(long, env = "GMSA_TIMEOUT", value_parser = parse_duration, help_heading = "Directory")]
     pub timeout: Option<Duration>,
     /// Output format [default: ldif].
-    #[arg(long, env = "GMSA_FORMAT", value_enum)]
+    #[arg(long, env = "GMSA_FORMAT", value_enum, help_heading = "Output")]
     pub format: Option<FormatArg>,
     /// Log format on standard error [default: text].
-    #[arg(long, env = "GMSA_LOG_FORMAT", value_enum)]
+    #[arg(long, env = "GMSA_LOG_FORMAT", value_enum, help_heading = "Output")]
     pub log_format: Option<LogFormat>,
     /// More log output (repeatable).
-    #[arg(short, long, action = ArgAction::Count)]
+    #[arg(short, long, action = ArgAction::Count, help_heading = "Output")]
     pub verbose: u8,
     /// Less log output (repeatable).
-    #[arg(short, long, action = ArgAction::Count)]
+    #[arg(short, long, action = ArgAction::Count, help_heading = "Output")]
     pub quiet: u8,
 }
 
@@ -271,16 +349,16 @@ pub struct CommonArgs {
 #[derive(Debug, Args)]
 pub struct WriteArgs {
     /// Refuse a plan deleting more values than this [default: 500].
-    #[arg(long, env = "GMSA_MAX_DELETE")]
+    #[arg(long, env = "GMSA_MAX_DELETE", help_heading = "Safety")]
     pub max_delete: Option<usize>,
     /// Refuse a plan deleting more than this percentage of the managed members (beyond 10 values) [default: 20].
-    #[arg(long, env = "GMSA_MAX_DELETE_PERCENT", value_parser = clap::value_parser!(u32).range(0..=100))]
+    #[arg(long, env = "GMSA_MAX_DELETE_PERCENT", value_parser = clap::value_parser!(u32).range(0..=100), help_heading = "Safety")]
     pub max_delete_percent: Option<u32>,
     /// Apply deletions whatever their number.
-    #[arg(long, env = "GMSA_ALLOW_MASS_DELETE")]
+    #[arg(long, env = "GMSA_ALLOW_MASS_DELETE", help_heading = "Safety")]
     pub allow_mass_delete: bool,
     /// Values per Modify request at most [default: 1000].
-    #[arg(long, env = "GMSA_MAX_VALUES_PER_MODIFY", value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "GMSA_MAX_VALUES_PER_MODIFY", value_parser = clap::value_parser!(u32).range(1..), help_heading = "Directory")]
     pub max_values_per_modify: Option<u32>,
 }
 
@@ -450,8 +528,132 @@ pub fn lexically_clean(path: &Path) -> PathBuf {
 /// True for the options whose values are paths: those parsed to a
 /// `PathBuf`. Read from the option definitions, so a new path option is
 /// resolved against the config file's folder without being listed here.
-fn is_path_option(arg: &clap::Arg) -> bool {
+pub(crate) fn is_path_option(arg: &clap::Arg) -> bool {
     arg.get_value_parser().type_id() == std::any::TypeId::of::<PathBuf>()
+}
+
+/// Options a command cannot do without, marked in its `-h`. They cannot be
+/// clap's `required`: a value may still come from the config file, which is
+/// merged after the first parse.
+const REQUIRED: &[(&str, &str, &str)] = &[
+    ("plan", "fs_root", "[required]"),
+    ("plan", "group_ou", "[required]"),
+    ("sync", "fs_root", "[required]"),
+    ("sync", "group_ou", "[required]"),
+    ("run", "fs_root", "[required]"),
+    ("run", "group_ou", "[required unless --app-root]"),
+    ("run", "app_root", "[required unless --group-ou]"),
+    (
+        "run",
+        "zookeeper",
+        "[required with --group-ou, unless --no-lock]",
+    ),
+    (
+        "run",
+        "no_lock",
+        "[required with --group-ou, unless --zookeeper]",
+    ),
+    ("check", "group_ou", "[required]"),
+    ("check", "proid", "[required]"),
+    ("check", "host_dn", "[required]"),
+    ("explain", "fs_root", "[required]"),
+    ("explain", "group_ou", "[required]"),
+    ("explain", "proid", "[required]"),
+];
+
+/// The headings of `-h`, in order.
+pub const HEADINGS: &[&str] = &[
+    "Input",
+    "Directory",
+    "Safety",
+    "Output",
+    "Daemon",
+    "Replicas",
+    "Node mode",
+];
+
+/// The command-line definition: the derived one with the required options
+/// marked and the options in the order of [`HEADINGS`]. Parsing, `-h`,
+/// completions, the man page and `config` all use this one.
+pub fn command() -> clap::Command {
+    let mut command = Cli::command();
+    for &(sub, id, mark) in REQUIRED {
+        command = command.mut_subcommand(sub, |s| {
+            s.mut_arg(id, |arg| {
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                arg.help(format!("{help} {mark}"))
+            })
+        });
+    }
+    let subs: Vec<String> = command
+        .get_subcommands()
+        .map(|s| s.get_name().to_owned())
+        .collect();
+    for sub in subs {
+        command = command.mut_subcommand(sub, order_by_heading);
+    }
+    command
+}
+
+/// clap lists headings in the order their first option was defined, and
+/// the shared options (Input, Directory, Output) are defined before the
+/// write options (Safety). Re-adding each option with a heading in heading
+/// order (`mut_arg` moves an option to the end) puts them in that order;
+/// within a heading the display order is kept. Options without a heading
+/// (help, version, positionals) are not moved.
+fn order_by_heading(sub: clap::Command) -> clap::Command {
+    let mut ids: Vec<(usize, usize, clap::Id)> = sub
+        .get_arguments()
+        .filter_map(|a| {
+            let rank = HEADINGS
+                .iter()
+                .position(|h| Some(*h) == a.get_help_heading())?;
+            Some((rank, a.get_display_order(), a.get_id().clone()))
+        })
+        .collect();
+    ids.sort();
+    ids.into_iter()
+        .fold(sub, |sub, (_, _, id)| sub.mut_arg(id, |a| a))
+}
+
+/// The log format asked for, found before (and whether or not) the options
+/// parse, so that even a usage error is reported in it: the last
+/// `--log-format` on the command line, else `GMSA_LOG_FORMAT`, else the
+/// config file's `log-format` key. Anything unreadable counts as text.
+pub fn requested_log_format(args: &[OsString]) -> LogFormat {
+    let value_of = |name: &str| {
+        let mut found = None;
+        let mut args = args.iter().filter_map(|a| a.to_str());
+        while let Some(arg) = args.next() {
+            if arg == "--" {
+                break;
+            }
+            if arg == format!("--{name}") {
+                found = args.next().map(str::to_owned);
+            } else if let Some(value) = arg.strip_prefix(&format!("--{name}=")) {
+                found = Some(value.to_owned());
+            }
+        }
+        found
+    };
+    let parse = |text: &str| LogFormat::from_str(text.trim(), true).ok();
+    if let Some(format) = value_of("log-format").as_deref().and_then(parse) {
+        return format;
+    }
+    let env = std::env::var("GMSA_LOG_FORMAT").ok();
+    if let Some(format) = env.as_deref().and_then(parse) {
+        return format;
+    }
+    let config = value_of("config").or_else(|| std::env::var("GMSA_CONFIG").ok());
+    let from_file = config.and_then(|path| {
+        let path = absolute_from_cwd(Path::new(&path)).ok()?;
+        read_config_file(&path)
+            .ok()?
+            .into_iter()
+            .find(|(key, _)| key == "log-format")
+            .and_then(|(_, value)| value.as_str().and_then(parse))
+    });
+    from_file.unwrap_or_default()
 }
 
 /// Parses the command line, the environment and the config file.
@@ -461,7 +663,7 @@ where
     T: Into<OsString> + Clone,
 {
     let mut args: Vec<OsString> = args.into_iter().map(Into::into).collect();
-    let command = Cli::command();
+    let command = command();
     let matches = command.clone().try_get_matches_from(&args)?;
     let Some((name, sub)) = matches.subcommand() else {
         return Ok(Cli::from_arg_matches(&matches)?);
@@ -480,21 +682,45 @@ where
 }
 
 /// The config file's keys as flags, for the options that neither a flag nor
-/// the environment set.
+/// the environment set. The first problem stops the merge; `config` lists
+/// them all (see `config_check`).
 fn file_args(
-    path: &PathBuf,
+    path: &Path,
     all: &clap::Command,
     command: &clap::Command,
     matches: &clap::ArgMatches,
 ) -> Result<Vec<OsString>, CliError> {
-    let shown = path.display().to_string();
-    let err = |why: String| CliError::ConfigFile {
-        path: shown.clone(),
+    let mut out = Vec::new();
+    for (key, value) in read_config_file(path)? {
+        let Some(arg) = file_key_arg(path, &key, all, command)? else {
+            continue;
+        };
+        if matches!(
+            matches.value_source(arg.get_id().as_str()),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            continue;
+        }
+        let folder = path.parent().unwrap_or(Path::new("/"));
+        let value = file_value(arg, &value, folder).map_err(|why| config_file_error(path, why))?;
+        out.extend(value.into_args(arg));
+    }
+    Ok(out)
+}
+
+pub(crate) fn config_file_error(path: &Path, why: String) -> CliError {
+    CliError::ConfigFile {
+        path: path.display().to_string(),
         why,
-    };
+    }
+}
+
+/// The keys of a config file, in its order, with their values. The file is
+/// the operator's, not the mirror's: a symlink to it is followed, as
+/// mounted configuration often is one.
+pub(crate) fn read_config_file(path: &Path) -> Result<Vec<(String, serde_yaml::Value)>, CliError> {
+    let err = |why: String| config_file_error(path, why);
     let text = std::fs::read_to_string(path).map_err(|e| err(format!("cannot read: {e}")))?;
-    // `path` is absolute (the option's parser made it so), so it has a folder.
-    let folder = path.parent().unwrap_or(Path::new("/"));
     let value: serde_yaml::Value =
         serde_yaml::from_str(&text).map_err(|e| err(format!("not valid YAML: {e}")))?;
     let map = match value {
@@ -502,70 +728,148 @@ fn file_args(
         serde_yaml::Value::Null => return Ok(Vec::new()),
         _ => return Err(err("must be a mapping of option names to values".into())),
     };
-    let mut out = Vec::new();
+    let mut keys = Vec::new();
     for (key, value) in map {
         let Some(key) = key.as_str() else {
             return Err(err(format!("key {key:?} is not a string")));
         };
-        if key == "config" {
-            return Err(err("a config file cannot name another config file".into()));
-        }
-        let Some(arg) = command.get_arguments().find(|a| a.get_long() == Some(key)) else {
-            // A key of another subcommand is fine: one file serves them all.
-            let known = all
-                .get_subcommands()
-                .any(|s| s.get_arguments().any(|a| a.get_long() == Some(key)));
-            if known {
-                continue;
-            }
-            return Err(err(format!("unknown key {key:?}")));
-        };
-        let id = arg.get_id().as_str();
-        if matches!(
-            matches.value_source(id),
-            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
-        ) {
-            continue;
-        }
-        let flag = format!("--{key}");
-        let bad = |what: &str| err(format!("key {key:?}: {what}"));
-        match arg.get_action() {
-            ArgAction::SetTrue => match value {
-                serde_yaml::Value::Bool(true) => out.push(flag.into()),
-                serde_yaml::Value::Bool(false) => {}
-                _ => return Err(bad("must be true or false")),
-            },
-            ArgAction::Count => {
-                let n = value.as_u64().ok_or_else(|| bad("must be a count"))?;
-                out.extend((0..n).map(|_| OsString::from(&flag)));
-            }
-            _ => {
-                let values = match value {
-                    serde_yaml::Value::Sequence(items) => items,
-                    other => vec![other],
-                };
-                for item in values {
-                    let text = match item {
-                        serde_yaml::Value::String(s) => s,
-                        serde_yaml::Value::Number(n) => n.to_string(),
-                        serde_yaml::Value::Bool(b) => b.to_string(),
-                        _ => return Err(bad("must be a string, a number or a list of them")),
-                    };
-                    if is_path_option(arg) && !text.is_empty() {
-                        // Relative to the file, wherever the program was
-                        // started from: a config file and the tree it names
-                        // move together.
-                        let mut value = OsString::from(format!("{flag}="));
-                        value.push(lexically_clean(&folder.join(&text)));
-                        out.push(value);
-                        continue;
-                    }
-                    out.push(format!("{flag}={text}").into());
-                }
-            }
+        keys.push((key.to_owned(), value));
+    }
+    Ok(keys)
+}
+
+/// The option of `command` a config-file key names: `None` for a key of
+/// another command (one file serves them all), an error for a key no
+/// command knows, with the nearest known key suggested.
+pub(crate) fn file_key_arg<'a>(
+    path: &Path,
+    key: &str,
+    all: &clap::Command,
+    command: &'a clap::Command,
+) -> Result<Option<&'a clap::Arg>, CliError> {
+    let err = |why: String| config_file_error(path, why);
+    if key == "config" {
+        return Err(err("a config file cannot name another config file".into()));
+    }
+    if let Some(arg) = command.get_arguments().find(|a| a.get_long() == Some(key)) {
+        return Ok(Some(arg));
+    }
+    let known = file_keys(all);
+    if known.iter().any(|k| k == key) {
+        return Ok(None);
+    }
+    let why = match nearest_key(key, &known) {
+        Some(near) => format!("unknown key {key:?}; did you mean {near:?}?"),
+        None => format!("unknown key {key:?}"),
+    };
+    Err(err(why))
+}
+
+/// Every key a config file may hold: the long options of all commands.
+fn file_keys(all: &clap::Command) -> Vec<String> {
+    let mut keys: Vec<String> = all
+        .get_subcommands()
+        .flat_map(|s| s.get_arguments())
+        .filter_map(|a| a.get_long())
+        .filter(|long| !matches!(*long, "help" | "version" | "config"))
+        .map(str::to_owned)
+        .collect();
+    keys.sort();
+    keys.dedup();
+    keys
+}
+
+/// The known key closest to `key` by edit distance, when it is close enough
+/// to be a typo (at most a third of the key's length, and at most 3 edits);
+/// `_` for `-` counts as no edit, since YAML habits differ.
+fn nearest_key<'a>(key: &str, known: &'a [String]) -> Option<&'a str> {
+    let key = key.replace('_', "-").to_ascii_lowercase();
+    let limit = (key.chars().count() / 3).clamp(1, 3);
+    known
+        .iter()
+        .map(|k| (strsim::levenshtein(&key, k), k))
+        .filter(|(distance, _)| *distance <= limit)
+        .min()
+        .map(|(_, k)| k.as_str())
+}
+
+/// A config-file value, checked against the kind of option it is for.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum FileValue {
+    /// An on/off option.
+    Flag(bool),
+    /// A repeatable option (`verbose: 2`).
+    Count(u64),
+    /// One or more values, paths already resolved against the file's folder.
+    Values(Vec<OsString>),
+}
+
+impl FileValue {
+    /// The flags that give the option this value.
+    pub(crate) fn into_args(self, arg: &clap::Arg) -> Vec<OsString> {
+        let flag = format!("--{}", arg.get_long().unwrap_or_default());
+        match self {
+            FileValue::Flag(on) => on.then(|| flag.into()).into_iter().collect(),
+            FileValue::Count(n) => (0..n).map(|_| OsString::from(&flag)).collect(),
+            FileValue::Values(values) => values
+                .into_iter()
+                .map(|v| {
+                    let mut arg = OsString::from(format!("{flag}="));
+                    arg.push(v);
+                    arg
+                })
+                .collect(),
         }
     }
-    Ok(out)
+}
+
+/// Converts one config-file value for `arg`; the error says what is wrong
+/// with the key.
+pub(crate) fn file_value(
+    arg: &clap::Arg,
+    value: &serde_yaml::Value,
+    folder: &Path,
+) -> Result<FileValue, String> {
+    let key = arg.get_long().unwrap_or_default();
+    let bad = |what: &str| format!("key {key:?}: {what}");
+    match arg.get_action() {
+        ArgAction::SetTrue => match value {
+            serde_yaml::Value::Bool(on) => Ok(FileValue::Flag(*on)),
+            _ => Err(bad("must be true or false")),
+        },
+        ArgAction::Count => value
+            .as_u64()
+            .map(FileValue::Count)
+            .ok_or_else(|| bad("must be a count")),
+        _ => {
+            let items = match value {
+                serde_yaml::Value::Sequence(items) => items.clone(),
+                other => vec![other.clone()],
+            };
+            // A second value would silently replace the first.
+            if items.len() > 1 && matches!(arg.get_action(), ArgAction::Set) {
+                return Err(bad("takes one value, not a list"));
+            }
+            let mut values = Vec::new();
+            for item in items {
+                let text = match item {
+                    serde_yaml::Value::String(s) => s,
+                    serde_yaml::Value::Number(n) => n.to_string(),
+                    serde_yaml::Value::Bool(b) => b.to_string(),
+                    _ => return Err(bad("must be a string, a number or a list of them")),
+                };
+                if is_path_option(arg) && !text.is_empty() {
+                    // Relative to the file, wherever the program was
+                    // started from: a config file and the tree it names
+                    // move together.
+                    values.push(lexically_clean(&folder.join(&text)).into_os_string());
+                } else {
+                    values.push(text.into());
+                }
+            }
+            Ok(FileValue::Values(values))
+        }
+    }
 }
 
 /// Where the groups are read and written.
@@ -641,21 +945,57 @@ pub struct LogSettings {
     pub verbosity: i8,
 }
 
+/// Every problem found in a set of options, in the order they were found.
+pub type Problems = Vec<CliError>;
+
+/// The value of a check, with its problem (if any) kept in `problems`.
+fn keep<T>(problems: &mut Problems, result: Result<T, CliError>) -> Option<T> {
+    result.map_err(|e| problems.push(e)).ok()
+}
+
+/// The first problem: what the commands stop on.
+fn first(mut problems: Problems) -> CliError {
+    if problems.is_empty() {
+        panic!("BUG: a validation failed without a problem");
+    }
+    problems.swap_remove(0)
+}
+
 impl Config {
     /// Validates the shared options (and the write options when given).
     pub fn from_args(common: &CommonArgs, write: Option<&WriteArgs>) -> Result<Config, CliError> {
-        let partition = PartitionGlob::parse(common.partition.as_deref().unwrap_or("*"))
-            .map_err(|e| invalid("--partition", model_why(e)))?;
-        let group_ou = common
-            .group_ou
-            .as_deref()
-            .map(Dn::parse)
-            .transpose()
-            .map_err(|e| invalid("--group-ou", model_why(e)))?;
-        let pattern =
+        Config::validate(common, write).map_err(first)
+    }
+
+    /// Validates the shared options (and the write options when given),
+    /// listing every problem of the options that can be checked apart.
+    pub fn validate(common: &CommonArgs, write: Option<&WriteArgs>) -> Result<Config, Problems> {
+        let mut problems = Problems::new();
+        let partition = keep(
+            &mut problems,
+            PartitionGlob::parse(common.partition.as_deref().unwrap_or("*"))
+                .map_err(|e| invalid("--partition", model_why(e))),
+        );
+        let group_ou = keep(
+            &mut problems,
+            common
+                .group_ou
+                .as_deref()
+                .map(Dn::parse)
+                .transpose()
+                .map_err(|e| invalid("--group-ou", model_why(e))),
+        );
+        let pattern = keep(
+            &mut problems,
             GroupPattern::parse(common.group_pattern.as_deref().unwrap_or("{}-gmsa-hosts"))
-                .map_err(|e| invalid("--group-pattern", model_why(e)))?;
-        let directory = directory_choice(common)?;
+                .map_err(|e| invalid("--group-pattern", model_why(e))),
+        );
+        let directory = keep(&mut problems, directory_choice(common));
+        let (Some(partition), Some(group_ou), Some(pattern), Some(directory)) =
+            (partition, group_ou, pattern, directory)
+        else {
+            return Err(problems);
+        };
         let format = match common.format {
             Some(FormatArg::Json) => Format::Json,
             Some(FormatArg::Ldif) | None => Format::Ldif,
@@ -720,7 +1060,7 @@ fn model_why(err: ModelError) -> String {
 
 /// `url` with its userinfo (`user:password@`) replaced, when it has one:
 /// `Some(shown)` is what may be printed of it.
-fn credentials_in_url(url: &str) -> Option<String> {
+pub(crate) fn credentials_in_url(url: &str) -> Option<String> {
     let (scheme, rest) = match url.find("://") {
         Some(at) => (&url[..at + 3], &url[at + 3..]),
         None => ("", url),
@@ -842,21 +1182,47 @@ pub struct RunConfig {
 impl RunConfig {
     /// Validates `run`'s options.
     pub fn from_args(args: &RunArgs) -> Result<RunConfig, CliError> {
-        let config = Config::from_args(&args.common, Some(&args.write))?;
-        config.require_fs_root()?;
-        let groups = config.group_ou.is_some();
-        let node = node_config(&args.node, &config)?;
-        if !groups && node.is_none() {
-            return Err(invalid(
+        RunConfig::validate(args).map_err(first)
+    }
+
+    /// Validates `run`'s options, listing every problem of the options that
+    /// can be checked apart (node mode is checked once the shared options
+    /// are valid: it depends on them).
+    pub fn validate(args: &RunArgs) -> Result<RunConfig, Problems> {
+        let mut problems = Problems::new();
+        let config = match Config::validate(&args.common, Some(&args.write)) {
+            Ok(config) => Some(config),
+            Err(mut p) => {
+                problems.append(&mut p);
+                None
+            }
+        };
+        if args.common.fs_root.is_none() {
+            problems.push(invalid(
+                "--fs-root",
+                "is required (the placement tree's root directory)",
+            ));
+        }
+        let groups = args.common.group_ou.is_some();
+        let node = config
+            .as_ref()
+            .and_then(|config| keep(&mut problems, node_config(&args.node, config)));
+        if !groups && args.node.app_root.is_none() {
+            problems.push(invalid(
                 "--group-ou",
                 "or --app-root is required: run reconciles groups, configures containers, or both",
             ));
         }
         let resync_interval = args.resync_interval.unwrap_or(Duration::from_secs(600));
         if resync_interval.is_zero() {
-            return Err(invalid("--resync-interval", "must be more than zero"));
+            problems.push(invalid("--resync-interval", "must be more than zero"));
         }
-        let election = election_config(args, groups)?;
+        let election = keep(&mut problems, election_config(args, groups));
+        let (Some(config), Some(node), Some(election), true) =
+            (config, node, election, problems.is_empty())
+        else {
+            return Err(problems);
+        };
         Ok(RunConfig {
             config,
             groups,
@@ -1027,19 +1393,41 @@ pub struct CheckConfig {
 impl CheckConfig {
     /// Validates `check`'s options.
     pub fn from_args(args: &CheckArgs) -> Result<CheckConfig, CliError> {
-        let config = Config::from_args(&args.common, None)?;
-        config.require_group_ou()?;
-        let proid = args
-            .proid
-            .as_deref()
-            .ok_or_else(|| invalid("--proid", "is required"))?;
-        let proid = Proid::new(proid)
-            .ok_or_else(|| invalid("--proid", format!("{proid:?} is not a proid name")))?;
-        let host_dn = args
-            .host_dn
-            .as_deref()
-            .ok_or_else(|| invalid("--host-dn", "is required"))?;
-        let host_dn = Dn::parse(host_dn).map_err(|e| invalid("--host-dn", model_why(e)))?;
+        CheckConfig::validate(args).map_err(first)
+    }
+
+    /// Validates `check`'s options, listing every problem.
+    pub fn validate(args: &CheckArgs) -> Result<CheckConfig, Problems> {
+        let mut problems = Problems::new();
+        let config = match Config::validate(&args.common, None) {
+            Ok(config) => {
+                keep(&mut problems, config.require_group_ou().map(|_| ())).map(|()| config)
+            }
+            Err(mut p) => {
+                problems.append(&mut p);
+                None
+            }
+        };
+        let proid = keep(
+            &mut problems,
+            args.proid
+                .as_deref()
+                .ok_or_else(|| invalid("--proid", "is required"))
+                .and_then(|proid| {
+                    Proid::new(proid)
+                        .ok_or_else(|| invalid("--proid", format!("{proid:?} is not a proid name")))
+                }),
+        );
+        let host_dn = keep(
+            &mut problems,
+            args.host_dn
+                .as_deref()
+                .ok_or_else(|| invalid("--host-dn", "is required"))
+                .and_then(|dn| Dn::parse(dn).map_err(|e| invalid("--host-dn", model_why(e)))),
+        );
+        let (Some(config), Some(proid), Some(host_dn)) = (config, proid, host_dn) else {
+            return Err(problems);
+        };
         Ok(CheckConfig {
             config,
             proid,
@@ -1061,23 +1449,45 @@ pub struct ExplainConfig {
 }
 
 impl ExplainConfig {
-    /// Validates `explain`'s options.
+    /// Validates `explain`'s options: the first problem.
     pub fn from_args(args: &ExplainArgs) -> Result<ExplainConfig, CliError> {
-        let config = Config::from_args(&args.common, Some(&args.write))?;
-        config.require_fs_root()?;
-        config.require_group_ou()?;
-        let proid = args
-            .proid
-            .as_deref()
-            .ok_or_else(|| invalid("--proid", "is required"))?;
-        let proid = Proid::new(proid)
-            .ok_or_else(|| invalid("--proid", format!("{proid:?} is not a proid name")))?;
-        let host = args
-            .host
-            .as_deref()
-            .map(HostName::new)
-            .transpose()
-            .map_err(|e| invalid("--host", model_why(e)))?;
+        ExplainConfig::validate(args).map_err(first)
+    }
+
+    /// Validates `explain`'s options, every problem listed.
+    pub fn validate(args: &ExplainArgs) -> Result<ExplainConfig, Problems> {
+        let mut problems = Problems::new();
+        let config = match Config::validate(&args.common, Some(&args.write)) {
+            Ok(config) => {
+                let required = config.require_fs_root().and(config.require_group_ou());
+                keep(&mut problems, required.map(|_| ())).map(|()| config)
+            }
+            Err(mut p) => {
+                problems.append(&mut p);
+                None
+            }
+        };
+        let proid = keep(
+            &mut problems,
+            args.proid
+                .as_deref()
+                .ok_or_else(|| invalid("--proid", "is required"))
+                .and_then(|proid| {
+                    Proid::new(proid)
+                        .ok_or_else(|| invalid("--proid", format!("{proid:?} is not a proid name")))
+                }),
+        );
+        let host = keep(
+            &mut problems,
+            args.host
+                .as_deref()
+                .map(HostName::new)
+                .transpose()
+                .map_err(|e| invalid("--host", model_why(e))),
+        );
+        let (Some(config), Some(proid), Some(host)) = (config, proid, host) else {
+            return Err(problems);
+        };
         Ok(ExplainConfig {
             config,
             proid,
@@ -1104,6 +1514,81 @@ mod tests {
     #[test]
     fn the_parser_is_well_formed() {
         Cli::command().debug_assert();
+        command().debug_assert();
+    }
+
+    /// `-h` groups options under these headings; an option without one
+    /// would be listed apart, under clap's "Options".
+    #[test]
+    fn every_option_has_a_documented_heading() {
+        for sub in command().get_subcommands() {
+            for arg in sub.get_arguments().filter(|a| a.get_long().is_some()) {
+                let long = arg.get_long().unwrap_or_default();
+                if matches!(long, "help" | "version") {
+                    continue;
+                }
+                let heading = arg.get_help_heading();
+                assert!(
+                    heading.is_some_and(|h| HEADINGS.contains(&h)),
+                    "{} --{long}: heading {heading:?}",
+                    sub.get_name()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_required_mark_names_an_option() {
+        let command = Cli::command();
+        for &(sub, id, _) in REQUIRED {
+            let sub = command.find_subcommand(sub).expect("subcommand");
+            assert!(sub.get_arguments().any(|a| a.get_id() == id), "{id}");
+        }
+    }
+
+    #[test]
+    fn the_nearest_key_is_a_likely_typo_only() {
+        let known: Vec<String> = ["partition", "max-delete", "max-delete-percent", "no-lock"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(nearest_key("partiton", &known), Some("partition"));
+        assert_eq!(nearest_key("max_delete", &known), Some("max-delete"));
+        assert_eq!(
+            nearest_key("Max-Delete-Percnt", &known),
+            Some("max-delete-percent")
+        );
+        assert_eq!(nearest_key("nolock", &known), Some("no-lock"));
+        assert_eq!(nearest_key("colour", &known), None);
+        assert_eq!(nearest_key("x", &known), None);
+    }
+
+    #[test]
+    fn the_log_format_is_found_before_the_options_parse() {
+        let args = |list: &[&str]| list.iter().map(OsString::from).collect::<Vec<_>>();
+        let found = |list: &[&str]| requested_log_format(&args(list));
+        assert_eq!(
+            found(&["g", "plan", "--log-format", "json", "--bogus"]),
+            LogFormat::Json
+        );
+        assert_eq!(
+            found(&["g", "plan", "--log-format=json", "--log-format=text"]),
+            LogFormat::Text
+        );
+        assert_eq!(
+            found(&["g", "plan", "--", "--log-format=json"]),
+            LogFormat::Text
+        );
+        let file = write_config("log-format: json\nnot: [valid\n");
+        let config = format!("--config={}", file.path().display());
+        assert_eq!(
+            found(&["g", "plan", &config]),
+            LogFormat::Text,
+            "unreadable file"
+        );
+        let file = write_config("log-format: json\npartiton: x\n");
+        let config = format!("--config={}", file.path().display());
+        assert_eq!(found(&["g", "plan", &config]), LogFormat::Json);
     }
 
     fn write_config(text: &str) -> tempfile::NamedTempFile {

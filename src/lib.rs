@@ -14,6 +14,7 @@
 //! - [`output`]: the LDIF and JSON renderings of plans and results.
 //! - [`cli`]: options from flags, environment and config file, validated into a config.
 //! - [`commands`]: `plan`, `sync`, `check` and `explain` on top of the above.
+//! - [`config_check`]: `config`: every source of options checked, the effective options with their origin.
 //! - [`explain`]: why each host is or is not in a proid's group.
 //! - [`daemon`]: the `run` event loop.
 //! - [`election`]: which replica writes: leader election through a ZooKeeper lock.
@@ -23,6 +24,7 @@
 
 pub mod cli;
 pub mod commands;
+pub mod config_check;
 pub mod daemon;
 pub mod directory;
 pub mod election;

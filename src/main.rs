@@ -2,8 +2,12 @@
 //! run the command, and turn its result into an exit code. Errors are
 //! printed on one line, without a backtrace. Text logs and the error line
 //! quote paths and names from outside with their control characters
-//! escaped, so that no file name can write a log line of its own.
+//! escaped, so that no file name can write a log line of its own. The log
+//! format is found before the options parse, so that with `--log-format
+//! json` every line on standard error is JSON: logs, clap's usage errors,
+//! the fatal error, `config`'s problems and a panic alike.
 
+use std::ffi::OsString;
 use std::io::Write;
 use std::process::ExitCode;
 
@@ -11,41 +15,79 @@ use gmsa_reconciler::cli::{
     self, CheckConfig, Cli, CliError, Command, Config, ExplainConfig, LogFormat, LogSettings,
     RunConfig,
 };
-use gmsa_reconciler::commands::{self, EXIT_ERROR};
+use gmsa_reconciler::commands::{self, EXIT_ERROR, EXIT_OK};
+use gmsa_reconciler::config_check;
 use gmsa_reconciler::model::escape_controls;
 use tracing_subscriber::field::MakeExt;
+use tracing_subscriber::fmt::time::FormatTime;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
-    let cli = match cli::parse(std::env::args_os()) {
+    let args: Vec<OsString> = std::env::args_os().collect();
+    // Known before the options parse, so that every line on standard
+    // error, the usage error and a panic included, is in this format.
+    let log_format = cli::requested_log_format(&args);
+    if log_format == LogFormat::Json {
+        std::panic::set_hook(Box::new(|info| {
+            error_line(LogFormat::Json, &format!("panic: {info}"));
+        }));
+    }
+    let cli = match cli::parse(args) {
         Ok(cli) => cli,
         Err(CliError::Usage(err)) => {
             // Help and version are not errors; usage errors exit 1, not
             // clap's 2, which `plan --exit-code` uses for "changes".
-            let code = if err.use_stderr() { EXIT_ERROR } else { 0 };
-            let _ = err.print();
-            return ExitCode::from(code);
+            if !err.use_stderr() {
+                let _ = err.print();
+                return ExitCode::from(0);
+            }
+            match log_format {
+                LogFormat::Json => error_line(log_format, err.render().to_string().trim_end()),
+                LogFormat::Text => {
+                    let _ = err.print();
+                }
+            }
+            return ExitCode::from(EXIT_ERROR);
         }
-        Err(err) => return fail(&anyhow::Error::new(err)),
+        Err(err) => return fail(&anyhow::Error::new(err), log_format),
     };
-    match run(cli) {
+    match run(cli, log_format) {
         Ok(code) => ExitCode::from(code),
-        Err(err) => fail(&err),
+        Err(err) => fail(&err, log_format),
     }
 }
 
-fn fail(err: &anyhow::Error) -> ExitCode {
+fn fail(err: &anyhow::Error, format: LogFormat) -> ExitCode {
     // Our errors carry their causes in their own message.
-    let text = err.to_string();
-    let _ = writeln!(
-        std::io::stderr(),
-        "gmsa-reconciler: error: {}",
-        escape_controls(&text)
-    );
+    error_line(format, &err.to_string());
     ExitCode::from(EXIT_ERROR)
 }
 
-fn run(cli: Cli) -> anyhow::Result<u8> {
+/// One error line on standard error: `gmsa-reconciler: error: ...` with
+/// control characters escaped, or a JSON object shaped like the JSON log
+/// lines (`timestamp`, `level`, `fields.message`, `target`). Written
+/// directly, not through `tracing`, so that no filter can hide it.
+fn error_line(format: LogFormat, text: &str) {
+    let line = match format {
+        LogFormat::Text => format!("gmsa-reconciler: error: {}", escape_controls(text)),
+        LogFormat::Json => {
+            let mut timestamp = String::new();
+            let _ = tracing_subscriber::fmt::time::SystemTime.format_time(
+                &mut tracing_subscriber::fmt::format::Writer::new(&mut timestamp),
+            );
+            serde_json::json!({
+                "timestamp": timestamp,
+                "level": "ERROR",
+                "fields": { "message": text },
+                "target": "gmsa_reconciler",
+            })
+            .to_string()
+        }
+    };
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+fn run(cli: Cli, log_format: LogFormat) -> anyhow::Result<u8> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -86,6 +128,24 @@ fn run(cli: Cli) -> anyhow::Result<u8> {
             let run = RunConfig::from_args(&args)?;
             init_logging(run.config.log, true);
             runtime.block_on(gmsa_reconciler::daemon::run_until_signalled(run))?
+        }
+        Command::Config(args) => {
+            let report = config_check::check(&args.args);
+            stdout.write_all(report.render().as_bytes())?;
+            for problem in &report.problems {
+                error_line(log_format, problem);
+            }
+            if report.is_valid() {
+                EXIT_OK
+            } else {
+                EXIT_ERROR
+            }
+        }
+        Command::Completions(args) => {
+            args.shell
+                .generate(&mut cli::command(), &mut stdout)
+                .map_err(|e| anyhow::anyhow!("writing the output: {e}"))?;
+            EXIT_OK
         }
     };
     stdout
