@@ -187,6 +187,12 @@ pub struct CheckArgs {
     /// The host's computer DN.
     #[arg(long, env = "GMSA_HOST_DN")]
     pub host_dn: Option<String>,
+    /// Check this host instead: its DN and domain controller come from servers/<--hostname> under --fs-root, and the membership is read from that controller (unless --ldap-url names one).
+    #[arg(long = "self", env = "GMSA_SELF", conflicts_with = "host_dn")]
+    pub this_host: bool,
+    /// This host's name in servers/, with --self [default: the machine's FQDN].
+    #[arg(long, env = "GMSA_HOSTNAME")]
+    pub hostname: Option<String>,
 }
 
 /// Options every command shares.
@@ -207,6 +213,9 @@ pub struct CommonArgs {
     /// sAMAccountName pattern of a proid's group; `{}` is the proid [default: {}-gmsa-hosts].
     #[arg(long, env = "GMSA_GROUP_PATTERN")]
     pub group_pattern: Option<String>,
+    /// DN of a subtree holding the hosts' computer objects (repeatable): its members in the groups are managed even when no server file names them [default: none].
+    #[arg(long, env = "GMSA_HOST_OU", action = ArgAction::Append)]
+    pub host_ou: Vec<String>,
     /// LDIF content file used as the directory (instead of LDAP).
     #[arg(long, env = "GMSA_DIRECTORY", value_parser = AbsolutePath)]
     pub directory: Option<PathBuf>,
@@ -601,6 +610,8 @@ pub struct Config {
     pub group_ou: Option<Dn>,
     /// The group name pattern.
     pub pattern: GroupPattern,
+    /// Subtrees whose members are managed (`--host-ou`).
+    pub host_ous: Vec<Dn>,
     /// The directory backend.
     pub directory: DirectoryChoice,
     /// Output format.
@@ -636,6 +647,7 @@ impl Config {
         let pattern =
             GroupPattern::parse(common.group_pattern.as_deref().unwrap_or("{}-gmsa-hosts"))
                 .map_err(|e| invalid("--group-pattern", model_why(e)))?;
+        let host_ous = host_ous(&common.host_ou)?;
         let directory = directory_choice(common)?;
         let format = match common.format {
             Some(FormatArg::Json) => Format::Json,
@@ -663,6 +675,7 @@ impl Config {
             partition,
             group_ou,
             pattern,
+            host_ous,
             directory,
             format,
             log: LogSettings {
@@ -693,6 +706,24 @@ impl Config {
             )
         })
     }
+}
+
+/// `--host-ou` values as DNs. The root DN is refused: it would make every
+/// member of every group the reconciler's to delete.
+fn host_ous(values: &[String]) -> Result<Vec<Dn>, CliError> {
+    values
+        .iter()
+        .map(|value| {
+            let dn = Dn::parse(value).map_err(|e| invalid("--host-ou", model_why(e)))?;
+            if dn.normalised().is_empty() {
+                return Err(invalid(
+                    "--host-ou",
+                    "the root DN would manage every member of every group; name the OU of the hosts' computer objects",
+                ));
+            }
+            Ok(dn)
+        })
+        .collect()
 }
 
 fn model_why(err: ModelError) -> String {
@@ -1001,8 +1032,18 @@ pub struct CheckConfig {
     pub config: Config,
     /// The proid.
     pub proid: Proid,
-    /// The host DN.
-    pub host_dn: Dn,
+    /// Whose membership is checked.
+    pub host: CheckHost,
+}
+
+/// The host `check` asks about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckHost {
+    /// A computer DN given on the command line (`--host-dn`).
+    Dn(Dn),
+    /// This host (`--self`): its DN and domain controller are read from
+    /// `servers/<name>` when the check runs.
+    This(HostName),
 }
 
 impl CheckConfig {
@@ -1016,15 +1057,34 @@ impl CheckConfig {
             .ok_or_else(|| invalid("--proid", "is required"))?;
         let proid = Proid::new(proid)
             .ok_or_else(|| invalid("--proid", format!("{proid:?} is not a proid name")))?;
-        let host_dn = args
-            .host_dn
-            .as_deref()
-            .ok_or_else(|| invalid("--host-dn", "is required"))?;
-        let host_dn = Dn::parse(host_dn).map_err(|e| invalid("--host-dn", model_why(e)))?;
+        let host = if args.this_host {
+            config.require_fs_root().map_err(|_| {
+                invalid(
+                    "--fs-root",
+                    "is required by --self (this host's server file is read from it)",
+                )
+            })?;
+            let name = match &args.hostname {
+                Some(name) => name.clone(),
+                None => machine_fqdn().ok_or_else(|| {
+                    invalid(
+                        "--hostname",
+                        "is required: the machine's name could not be found",
+                    )
+                })?,
+            };
+            CheckHost::This(HostName::new(&name).map_err(|e| invalid("--hostname", model_why(e)))?)
+        } else {
+            let host_dn = args
+                .host_dn
+                .as_deref()
+                .ok_or_else(|| invalid("--host-dn", "or --self is required"))?;
+            CheckHost::Dn(Dn::parse(host_dn).map_err(|e| invalid("--host-dn", model_why(e)))?)
+        };
         Ok(CheckConfig {
             config,
             proid,
-            host_dn,
+            host,
         })
     }
 }
@@ -1246,6 +1306,67 @@ mod tests {
         ] {
             assert_eq!(credentials_in_url(url), None, "{url}");
         }
+    }
+
+    #[test]
+    fn host_ous_are_repeatable_dns_and_never_the_root() {
+        let config = |extra: &[&str]| {
+            let mut argv = vec!["gmsa-reconciler", "plan", "--directory", "d.ldif"];
+            argv.extend_from_slice(extra);
+            let args = plan_args(parse(argv).expect("parse"));
+            Config::from_args(&args.common, Some(&args.write))
+        };
+        let two = config(&[
+            "--host-ou",
+            "OU=Cell Hosts,OU=Computers,DC=ad,DC=com",
+            "--host-ou=OU=Smith\\, John,DC=ad,DC=com",
+        ])
+        .expect("valid");
+        let shown: Vec<&str> = two.host_ous.iter().map(Dn::as_str).collect();
+        assert_eq!(
+            shown,
+            [
+                "OU=Cell Hosts,OU=Computers,DC=ad,DC=com",
+                "OU=Smith\\, John,DC=ad,DC=com"
+            ],
+            "commas in a DN do not split the value"
+        );
+        assert!(config(&[]).expect("valid").host_ous.is_empty());
+        let root = config(&["--host-ou="]).expect_err("the root DN");
+        assert!(root.to_string().starts_with("--host-ou:"), "{root}");
+        let bad = config(&["--host-ou=not a dn"]).expect_err("not a DN");
+        assert!(bad.to_string().starts_with("--host-ou:"), "{bad}");
+    }
+
+    #[test]
+    fn check_asks_about_a_dn_or_this_host() {
+        let check = |extra: &[&str]| {
+            let mut argv = vec!["gmsa-reconciler", "check", "--group-ou=OU=G,DC=ad,DC=com"];
+            argv.extend_from_slice(extra);
+            match parse(argv)?.command {
+                Command::Check(args) => CheckConfig::from_args(&args),
+                other => panic!("expected check, got {other:?}"),
+            }
+        };
+        let this = check(&[
+            "--proid=web",
+            "--self",
+            "--fs-root=/t",
+            "--hostname=h1.ad.com",
+        ])
+        .expect("valid");
+        assert_eq!(
+            this.host,
+            CheckHost::This(HostName::new("h1.ad.com").expect("name"))
+        );
+        let dn = check(&["--proid=web", "--host-dn=CN=h1,DC=ad,DC=com"]).expect("valid");
+        assert!(matches!(dn.host, CheckHost::Dn(_)));
+        let neither = check(&["--proid=web"]).expect_err("no host");
+        assert!(neither.to_string().contains("--self"), "{neither}");
+        let no_root = check(&["--proid=web", "--self", "--hostname=h1"]).expect_err("no tree");
+        assert!(no_root.to_string().starts_with("--fs-root:"), "{no_root}");
+        let both = check(&["--proid=web", "--self", "--host-dn=CN=h,DC=ad,DC=com"]);
+        assert!(both.is_err(), "--self and --host-dn are one or the other");
     }
 
     #[test]

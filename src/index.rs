@@ -4,7 +4,9 @@
 //! For every proid the index counts, per host DN, the instances of that proid
 //! on in-scope hosts; `desired(proid)` is the DNs with a count above zero
 //! (SPEC section 3). It also knows which DNs are *managed* (belong to an
-//! in-scope host) and which DNs are *retiring* for a proid: they left its
+//! in-scope host, or lie under one of the `--host-ou` subtrees, whose every
+//! member the reconciler owns whether or not a host still names it: that is
+//! how ownership outlives a restart) and which DNs are *retiring* for a proid: they left its
 //! desired set and may still sit in its groups, so the reconciler must delete
 //! them there even when they are no longer managed (a host that left scope is
 //! not managed any more, but its membership is still ours to remove).
@@ -42,6 +44,9 @@ pub struct Index {
     retiring: BTreeMap<Proid, BTreeSet<Dn>>,
     /// Hosts whose placements are unknown: their directory can't be read.
     unknown: BTreeSet<HostName>,
+    /// Subtrees whose members are managed even when no in-scope host has
+    /// them (`--host-ou`).
+    host_ous: Vec<Dn>,
 }
 
 /// What one event changed.
@@ -120,6 +125,12 @@ impl Index {
             partition,
             ..Index::default()
         }
+    }
+
+    /// The same index, also managing every DN under `host_ous` (`--host-ou`).
+    pub fn with_host_ous(mut self, host_ous: Vec<Dn>) -> Self {
+        self.host_ous = host_ous;
+        self
     }
 
     /// An index holding a whole snapshot, without its warnings (see
@@ -355,10 +366,10 @@ impl Index {
             .collect()
     }
 
-    /// True when the DN belongs to an in-scope host: the reconciler owns its
-    /// memberships.
+    /// True when the DN belongs to an in-scope host or lies under a
+    /// `--host-ou` subtree: the reconciler owns its memberships.
     pub fn is_managed(&self, dn: &Dn) -> bool {
-        self.managed.contains_key(dn)
+        self.managed.contains_key(dn) || self.host_ous.iter().any(|ou| dn.is_within(ou))
     }
 
     /// DNs that left the proid's desired set and may still be in its groups:
