@@ -257,7 +257,7 @@ fn two_replicas_remove_a_host_deleted_just_before_the_leader_is_killed() {
         &pw,
         &[&zookeeper, "--zookeeper-session-timeout=4s", &host_ou],
     );
-    let mut a = DaemonProcess::start(&args);
+    let a = DaemonProcess::start(&args);
     let b = DaemonProcess::start(&args);
     wait_until("a leader and a follower", Duration::from_secs(30), || {
         matches!(
