@@ -243,6 +243,9 @@ pub struct CommonArgs {
     /// Timeout of every directory operation [default: 30s].
     #[arg(long, env = "GMSA_TIMEOUT", value_parser = parse_duration)]
     pub timeout: Option<Duration>,
+    /// Read a group's members this many values at a time (`member;range=...`), for servers that range only on request [default: as the server sends them; AD ranges at 1500].
+    #[arg(long, env = "GMSA_RANGE_WINDOW", value_parser = clap::value_parser!(u32).range(1..))]
+    pub range_window: Option<u32>,
     /// Output format [default: ldif].
     #[arg(long, env = "GMSA_FORMAT", value_enum)]
     pub format: Option<FormatArg>,
@@ -586,6 +589,8 @@ pub struct LdapChoice {
     pub tls_insecure: bool,
     /// Timeout of each operation.
     pub timeout: Duration,
+    /// Values of `member` asked for per read, when forced.
+    pub range_window: Option<u32>,
 }
 
 /// Where the bind password is read from when it is needed.
@@ -764,7 +769,8 @@ fn directory_choice(common: &CommonArgs) -> Result<DirectoryChoice, CliError> {
         || common.sasl.is_some()
         || common.starttls
         || common.tls_ca_file.is_some()
-        || common.tls_insecure;
+        || common.tls_insecure
+        || common.range_window.is_some();
     if let Some(path) = &common.directory {
         if !common.ldap_url.is_empty() {
             return Err(invalid(
@@ -775,7 +781,7 @@ fn directory_choice(common: &CommonArgs) -> Result<DirectoryChoice, CliError> {
         if ldap_only {
             return Err(invalid(
                 "--directory",
-                "is an LDIF file; LDAP options (--bind-dn, --sasl, TLS) do not apply to it",
+                "is an LDIF file; LDAP options (--bind-dn, --sasl, TLS, --range-window) do not apply to it",
             ));
         }
         return Ok(DirectoryChoice::LdifFile(path.clone()));
@@ -827,6 +833,7 @@ fn directory_choice(common: &CommonArgs) -> Result<DirectoryChoice, CliError> {
         tls_ca_file: common.tls_ca_file.clone(),
         tls_insecure: common.tls_insecure,
         timeout: common.timeout.unwrap_or(Duration::from_secs(30)),
+        range_window: common.range_window,
     }))
 }
 
@@ -1390,6 +1397,17 @@ mod tests {
             no_pw.to_string().contains("--bind-password-file"),
             "{no_pw}"
         );
+        let window = args(&["--ldap-url", "ldap://x", "--range-window", "500"]).expect("ok");
+        assert!(matches!(
+            window.directory,
+            DirectoryChoice::Ldap(LdapChoice {
+                range_window: Some(500),
+                ..
+            })
+        ));
+        let ldif =
+            args(&["--directory", "d.ldif", "--range-window", "500"]).expect_err("LDAP only");
+        assert!(ldif.to_string().starts_with("--directory:"), "{ldif}");
         let pattern = args(&["--directory", "d", "--group-pattern", "x"]).expect_err("pattern");
         assert!(
             pattern.to_string().starts_with("--group-pattern:"),

@@ -120,6 +120,7 @@ fn ldap_config(choice: &LdapChoice, dcs: &[String]) -> Result<LdapConfig, Comman
     config.tls_ca_file = choice.tls_ca_file.clone();
     config.tls_insecure = choice.tls_insecure;
     config.timeout = choice.timeout;
+    config.range_window = choice.range_window;
     Ok(config)
 }
 
