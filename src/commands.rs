@@ -63,6 +63,9 @@ pub fn load_index(config: &Config) -> Result<Index, CommandError> {
     }
     let (index, warnings) = Index::from_snapshot_with_warnings(config.partition.clone(), snapshot);
     let index = index.with_host_ous(config.host_ous.clone());
+    if index.host_ous_suspended() {
+        warn!("--host-ou: a server file above can't be used and its host's DN is unknown; members under --host-ou that no server file names are not removed until it can be used");
+    }
     for warning in &warnings {
         warn!("{warning}");
     }

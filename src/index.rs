@@ -47,6 +47,9 @@ pub struct Index {
     /// Subtrees whose members are managed even when no in-scope host has
     /// them (`--host-ou`).
     host_ous: Vec<Dn>,
+    /// Hosts never in scope whose server file can't be used: their DN is
+    /// unknown, so it may be any member under a `--host-ou`.
+    unusable: BTreeSet<HostName>,
 }
 
 /// What one event changed.
@@ -179,11 +182,13 @@ impl Index {
         let mut tracker = Tracker::on();
         // Usually nothing is held, and nothing needs comparing.
         let held_before = (!self.unknown.is_empty()).then(|| self.held());
+        let host_ous_suspended = self.host_ous_suspended();
         let warning = match event {
             TreeEvent::ServerUpserted { host, info } => {
                 self.upsert_server(host, info, &mut tracker)
             }
             TreeEvent::ServerRemoved { host } => {
+                self.unusable.remove(host);
                 self.set_definition(host, None, &mut tracker);
                 None
             }
@@ -233,7 +238,10 @@ impl Index {
                 None
             }
         };
-        let resync = held_before.is_some_and(|before| !before.is_subset(&self.held()));
+        // The host OUs manage their members again: which of those are in
+        // which groups, the index does not know.
+        let resync = held_before.is_some_and(|before| !before.is_subset(&self.held()))
+            || (host_ous_suspended && !self.host_ous_suspended());
         Applied {
             dirty: self.finish(tracker),
             warning,
@@ -287,10 +295,12 @@ impl Index {
     ) -> Option<String> {
         match self.judge(info) {
             Verdict::InScope(def) => {
+                self.unusable.remove(host);
                 self.set_definition(host, Some(def), tracker);
                 None
             }
             Verdict::OutOfScope => {
+                self.unusable.remove(host);
                 self.set_definition(host, None, tracker);
                 None
             }
@@ -301,7 +311,15 @@ impl Index {
                         "servers/{host}: {reason}; keeping its last good definition ({})",
                         def.dn
                     ),
-                    None => format!("servers/{host}: {reason}; the host stays out of scope"),
+                    None => {
+                        self.unusable.insert(host.clone());
+                        let held = if self.host_ous.is_empty() {
+                            ""
+                        } else {
+                            "; members under --host-ou are not removed until it can be used"
+                        };
+                        format!("servers/{host}: {reason}; the host stays out of scope{held}")
+                    }
                 })
             }
         }
@@ -367,9 +385,19 @@ impl Index {
     }
 
     /// True when the DN belongs to an in-scope host or lies under a
-    /// `--host-ou` subtree: the reconciler owns its memberships.
+    /// `--host-ou` subtree: the reconciler owns its memberships. While a
+    /// server file that was never usable is in the tree, the subtrees
+    /// manage nothing: that host's DN is unknown and may be any of their
+    /// members, and a doubt is no reason to remove a host from its groups.
     pub fn is_managed(&self, dn: &Dn) -> bool {
-        self.managed.contains_key(dn) || self.host_ous.iter().any(|ou| dn.is_within(ou))
+        self.managed.contains_key(dn)
+            || (self.unusable.is_empty() && self.host_ous.iter().any(|ou| dn.is_within(ou)))
+    }
+
+    /// True when `--host-ou` subtrees are given but manage nothing for now:
+    /// a server file never usable is in the tree (see [`Index::is_managed`]).
+    pub fn host_ous_suspended(&self) -> bool {
+        !self.host_ous.is_empty() && !self.unusable.is_empty()
     }
 
     /// DNs that left the proid's desired set and may still be in its groups:

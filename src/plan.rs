@@ -309,6 +309,22 @@ mod tests {
         let without = Index::new(PartitionGlob::default());
         let plan = super::plan(&without, &groups, &pattern(), Scope::All);
         assert!(plan.changes.is_empty(), "{plan:?}");
+
+        // A server file that can't be used hides a DN that may be any of
+        // the OU's members: the OU manages nothing until it can be used.
+        let broken = HostName::new("h2").expect("host");
+        let applied = index.apply(&TreeEvent::ServerUpserted {
+            host: broken.clone(),
+            info: Err("not YAML or JSON".into()),
+        });
+        assert!(index.host_ous_suspended());
+        assert!(applied.warning.is_some_and(|w| w.contains("--host-ou")));
+        let plan = super::plan(&index, &groups, &pattern(), Scope::All);
+        assert!(plan.changes.is_empty(), "{plan:?}");
+        let applied = index.apply(&TreeEvent::ServerRemoved { host: broken });
+        assert!(applied.resync, "every group is compared again");
+        let plan = super::plan(&index, &groups, &pattern(), Scope::All);
+        assert_eq!(plan.deletes(), 1, "{plan:?}");
     }
 
     #[test]

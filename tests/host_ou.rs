@@ -3,7 +3,8 @@
 //! file is deleted while no daemon runs, or just before the leader of two
 //! replicas (real ZooKeeper) is SIGKILLed, is removed from its groups by
 //! the next full sync; members outside every `--host-ou` are never touched;
-//! the mass-deletion guard still holds. Each case also shows what happens
+//! the mass-deletion guard still holds; a server file that can't be used
+//! (its host's DN unknown) suspends the removals until it can. Each case also shows what happens
 //! without the option where that differs, so the option is what is tested.
 
 mod support;
@@ -292,4 +293,41 @@ fn two_replicas_remove_a_host_deleted_just_before_the_leader_is_killed() {
     });
     other.wait_for("the other replica is ready", |d| role(d).is_some());
     assert_eq!(members(&slapd, "web-gmsa-hosts"), want);
+}
+
+#[test]
+fn an_unusable_server_file_suspends_the_host_ou_until_it_can_be_used() {
+    let mut initial = hosts(&["h1", "h2"]);
+    initial.push(OUTSIDE.to_owned());
+    let slapd = slapd_with_members(&["h1", "h2"], &initial);
+    let tree = Tree::new();
+    tree.server("h1", "p1", &host_dn("h1"));
+    tree.place("h1", "web.app#1");
+    // h2's file can't be read: its DN may well be the member cn=h2.
+    tree.server_raw("h2", "partition: p1\nnt.dn: [unclosed\n");
+    tree.place("h2", "web.app#2");
+    tree.mark_ready();
+    let pw = password_file(tree.root(), Slapd::SVC_PASSWORD);
+    let host_ou = format!("--host-ou={HOST_OU}");
+
+    let (code, out, err) = sync(&tree, &slapd, &pw, &[&host_ou]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        err.contains("servers/h2") && err.contains("--host-ou"),
+        "{err}"
+    );
+    assert_eq!(
+        members(&slapd, "web-gmsa-hosts"),
+        norm(&[&host_dn("h1"), &host_dn("h2"), OUTSIDE]),
+        "nothing removed while a host's DN is unknown"
+    );
+
+    // The file is fixed (out of the partition now): h2 goes.
+    tree.server("h2", "p2", &host_dn("h2"));
+    let (code, out, err) = sync(&tree, &slapd, &pw, &[&host_ou]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert_eq!(
+        members(&slapd, "web-gmsa-hosts"),
+        norm(&[&host_dn("h1"), OUTSIDE])
+    );
 }
