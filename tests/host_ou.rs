@@ -247,7 +247,7 @@ fn signal(d: &DaemonProcess, signal: libc::c_int) {
 }
 
 #[test]
-fn two_replicas_remove_a_host_deleted_just_before_the_leader_is_killed() {
+fn replicas_that_never_saw_the_server_file_remove_the_host_after_the_leader_is_killed() {
     let (tree, slapd, pw) = two_hosts();
     let zk = ZooKeeper::start();
     let host_ou = format!("--host-ou={HOST_OU}");
@@ -330,4 +330,43 @@ fn an_unusable_server_file_suspends_the_host_ou_until_it_can_be_used() {
         members(&slapd, "web-gmsa-hosts"),
         norm(&[&host_dn("h1"), OUTSIDE])
     );
+}
+
+#[test]
+fn a_warm_follower_removes_a_host_deleted_just_before_the_leader_is_killed() {
+    let (tree, slapd, pw) = two_hosts();
+    let zk = ZooKeeper::start();
+    let host_ou = format!("--host-ou={HOST_OU}");
+    let zookeeper = format!("--zookeeper={}", zk.servers());
+    let args = run_args(
+        &tree,
+        &slapd,
+        &pw,
+        &[&zookeeper, "--zookeeper-session-timeout=4s", &host_ou],
+    );
+    let a = DaemonProcess::start(&args);
+    let b = DaemonProcess::start(&args);
+    wait_until("a leader and a follower", Duration::from_secs(30), || {
+        matches!(
+            (role(&a), role(&b)),
+            (Some(true), Some(false)) | (Some(false), Some(true))
+        )
+    });
+    let (leader, mut follower) = if role(&a) == Some(true) {
+        (a, b)
+    } else {
+        (b, a)
+    };
+
+    // The leader is stopped before the deletion and killed after it: it
+    // never acts on it. The follower sees the deletion itself.
+    signal(&leader, libc::SIGSTOP);
+    tree.remove_server("h2");
+    tree.mark_ready();
+    signal(&leader, libc::SIGKILL);
+    drop(leader);
+    let want = norm(&[&host_dn("h1"), OUTSIDE]);
+    follower.wait_for("the follower leads and removes h2", |d| {
+        role(d) == Some(true) && members(&slapd, "web-gmsa-hosts") == want
+    });
 }
