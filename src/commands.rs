@@ -18,7 +18,7 @@ use crate::directory::ldap::{Bind, LdapConfig, LdapDirectory, Password};
 use crate::directory::ldif_file::LdifFileDirectory;
 use crate::directory::{DirError, Directory};
 use crate::index::Index;
-use crate::model::{Dn, HostName};
+use crate::model::{escape_controls, Dn, HostName};
 use crate::node;
 use crate::output::{NotApplied, Report};
 use crate::plan::{guard, plan, GroupChange, Plan, Scope};
@@ -342,11 +342,15 @@ pub async fn check_command(check: &CheckConfig, out: &mut dyn Write) -> Result<u
             "no group with sAMAccountName {name:?} under {ou}"
         )));
     };
+    // The directory's spelling of the group DN is printed escaped: no
+    // value from outside adds a line.
+    let host = escape_controls(host_dn.as_str());
+    let group_dn = escape_controls(group.dn.as_str());
     if group.members.contains(&host_dn) {
-        writeln!(out, "{host_dn} is a member of {}", group.dn)?;
+        writeln!(out, "{host} is a member of {group_dn}")?;
         Ok(EXIT_OK)
     } else {
-        writeln!(out, "{host_dn} is not a member of {}", group.dn)?;
+        writeln!(out, "{host} is not a member of {group_dn}")?;
         Ok(EXIT_NOT_MEMBER)
     }
 }
