@@ -267,6 +267,17 @@ pub struct CheckArgs {
     /// The host's computer DN.
     #[arg(long, env = "GMSA_HOST_DN", help_heading = "Input")]
     pub host_dn: Option<String>,
+    /// Check this host instead: its DN and domain controller come from servers/<--hostname> under --fs-root, and the membership is read from that controller (unless --ldap-url names one).
+    #[arg(
+        long = "self",
+        env = "GMSA_SELF",
+        conflicts_with = "host_dn",
+        help_heading = "Input"
+    )]
+    pub this_host: bool,
+    /// This host's name in servers/, with --self [default: the machine's FQDN].
+    #[arg(long, env = "GMSA_HOSTNAME", help_heading = "Input")]
+    pub hostname: Option<String>,
 }
 
 /// Options of `explain`.
@@ -304,6 +315,9 @@ pub struct CommonArgs {
     /// sAMAccountName pattern of a proid's group; `{}` is the proid [default: {}-gmsa-hosts].
     #[arg(long, env = "GMSA_GROUP_PATTERN", help_heading = "Directory")]
     pub group_pattern: Option<String>,
+    /// DN of a subtree holding the hosts' computer objects (repeatable): its members in the groups are managed even when no server file names them [default: none].
+    #[arg(long, env = "GMSA_HOST_OU", action = ArgAction::Append, help_heading = "Directory")]
+    pub host_ou: Vec<String>,
     /// LDIF content file used as the directory (instead of LDAP).
     #[arg(long, env = "GMSA_DIRECTORY", value_parser = AbsolutePath, help_heading = "Directory")]
     pub directory: Option<PathBuf>,
@@ -331,6 +345,9 @@ pub struct CommonArgs {
     /// Timeout of every directory operation [default: 30s].
     #[arg(long, env = "GMSA_TIMEOUT", value_parser = parse_duration, help_heading = "Directory")]
     pub timeout: Option<Duration>,
+    /// Read a group's members this many values at a time (`member;range=...`), for servers that range only on request [default: as the server sends them; AD ranges at 1500].
+    #[arg(long, env = "GMSA_RANGE_WINDOW", value_parser = clap::value_parser!(u32).range(1..), help_heading = "Directory")]
+    pub range_window: Option<u32>,
     /// Output format [default: ldif].
     #[arg(long, env = "GMSA_FORMAT", value_enum, help_heading = "Output")]
     pub format: Option<FormatArg>,
@@ -555,7 +572,7 @@ const REQUIRED: &[(&str, &str, &str)] = &[
     ),
     ("check", "group_ou", "[required]"),
     ("check", "proid", "[required]"),
-    ("check", "host_dn", "[required]"),
+    ("check", "host_dn", "[required unless --self]"),
     ("explain", "fs_root", "[required]"),
     ("explain", "group_ou", "[required]"),
     ("explain", "proid", "[required]"),
@@ -900,6 +917,8 @@ pub struct LdapChoice {
     pub tls_insecure: bool,
     /// Timeout of each operation.
     pub timeout: Duration,
+    /// Values of `member` asked for per read, when forced.
+    pub range_window: Option<u32>,
 }
 
 /// Where the bind password is read from when it is needed.
@@ -924,6 +943,8 @@ pub struct Config {
     pub group_ou: Option<Dn>,
     /// The group name pattern.
     pub pattern: GroupPattern,
+    /// Subtrees whose members are managed (`--host-ou`).
+    pub host_ous: Vec<Dn>,
     /// The directory backend.
     pub directory: DirectoryChoice,
     /// Output format.
@@ -990,9 +1011,10 @@ impl Config {
             GroupPattern::parse(common.group_pattern.as_deref().unwrap_or("{}-gmsa-hosts"))
                 .map_err(|e| invalid("--group-pattern", model_why(e))),
         );
+        let host_ous = keep(&mut problems, host_ous(&common.host_ou));
         let directory = keep(&mut problems, directory_choice(common));
-        let (Some(partition), Some(group_ou), Some(pattern), Some(directory)) =
-            (partition, group_ou, pattern, directory)
+        let (Some(partition), Some(group_ou), Some(pattern), Some(host_ous), Some(directory)) =
+            (partition, group_ou, pattern, host_ous, directory)
         else {
             return Err(problems);
         };
@@ -1022,6 +1044,7 @@ impl Config {
             partition,
             group_ou,
             pattern,
+            host_ous,
             directory,
             format,
             log: LogSettings {
@@ -1052,6 +1075,24 @@ impl Config {
             )
         })
     }
+}
+
+/// `--host-ou` values as DNs. The root DN is refused: it would make every
+/// member of every group the reconciler's to delete.
+fn host_ous(values: &[String]) -> Result<Vec<Dn>, CliError> {
+    values
+        .iter()
+        .map(|value| {
+            let dn = Dn::parse(value).map_err(|e| invalid("--host-ou", model_why(e)))?;
+            if dn.normalised().is_empty() {
+                return Err(invalid(
+                    "--host-ou",
+                    "the root DN would manage every member of every group; name the OU of the hosts' computer objects",
+                ));
+            }
+            Ok(dn)
+        })
+        .collect()
 }
 
 fn model_why(err: ModelError) -> String {
@@ -1092,7 +1133,8 @@ fn directory_choice(common: &CommonArgs) -> Result<DirectoryChoice, CliError> {
         || common.sasl.is_some()
         || common.starttls
         || common.tls_ca_file.is_some()
-        || common.tls_insecure;
+        || common.tls_insecure
+        || common.range_window.is_some();
     if let Some(path) = &common.directory {
         if !common.ldap_url.is_empty() {
             return Err(invalid(
@@ -1103,7 +1145,7 @@ fn directory_choice(common: &CommonArgs) -> Result<DirectoryChoice, CliError> {
         if ldap_only {
             return Err(invalid(
                 "--directory",
-                "is an LDIF file; LDAP options (--bind-dn, --sasl, TLS) do not apply to it",
+                "is an LDIF file; LDAP options (--bind-dn, --sasl, TLS, --range-window) do not apply to it",
             ));
         }
         return Ok(DirectoryChoice::LdifFile(path.clone()));
@@ -1155,6 +1197,7 @@ fn directory_choice(common: &CommonArgs) -> Result<DirectoryChoice, CliError> {
         tls_ca_file: common.tls_ca_file.clone(),
         tls_insecure: common.tls_insecure,
         timeout: common.timeout.unwrap_or(Duration::from_secs(30)),
+        range_window: common.range_window,
     }))
 }
 
@@ -1386,8 +1429,18 @@ pub struct CheckConfig {
     pub config: Config,
     /// The proid.
     pub proid: Proid,
-    /// The host DN.
-    pub host_dn: Dn,
+    /// Whose membership is checked.
+    pub host: CheckHost,
+}
+
+/// The host `check` asks about.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CheckHost {
+    /// A computer DN given on the command line (`--host-dn`).
+    Dn(Dn),
+    /// This host (`--self`): its DN and domain controller are read from
+    /// `servers/<name>` when the check runs.
+    This(HostName),
 }
 
 impl CheckConfig {
@@ -1401,7 +1454,15 @@ impl CheckConfig {
         let mut problems = Problems::new();
         let config = match Config::validate(&args.common, None) {
             Ok(config) => {
-                keep(&mut problems, config.require_group_ou().map(|_| ())).map(|()| config)
+                let mut usable = keep(&mut problems, config.require_group_ou().map(|_| ()));
+                if args.this_host && config.require_fs_root().is_err() {
+                    problems.push(invalid(
+                        "--fs-root",
+                        "is required by --self (this host's server file is read from it)",
+                    ));
+                    usable = None;
+                }
+                usable.map(|()| config)
             }
             Err(mut p) => {
                 problems.append(&mut p);
@@ -1418,20 +1479,44 @@ impl CheckConfig {
                         .ok_or_else(|| invalid("--proid", format!("{proid:?} is not a proid name")))
                 }),
         );
-        let host_dn = keep(
-            &mut problems,
-            args.host_dn
-                .as_deref()
-                .ok_or_else(|| invalid("--host-dn", "is required"))
-                .and_then(|dn| Dn::parse(dn).map_err(|e| invalid("--host-dn", model_why(e)))),
-        );
-        let (Some(config), Some(proid), Some(host_dn)) = (config, proid, host_dn) else {
+        let host = if args.this_host {
+            let name = match &args.hostname {
+                Some(name) => Ok(name.clone()),
+                None => machine_fqdn().ok_or_else(|| {
+                    invalid(
+                        "--hostname",
+                        "is required: the machine's name could not be found",
+                    )
+                }),
+            };
+            keep(
+                &mut problems,
+                name.and_then(|name| {
+                    HostName::new(&name)
+                        .map(CheckHost::This)
+                        .map_err(|e| invalid("--hostname", model_why(e)))
+                }),
+            )
+        } else {
+            keep(
+                &mut problems,
+                args.host_dn
+                    .as_deref()
+                    .ok_or_else(|| invalid("--host-dn", "or --self is required"))
+                    .and_then(|dn| {
+                        Dn::parse(dn)
+                            .map(CheckHost::Dn)
+                            .map_err(|e| invalid("--host-dn", model_why(e)))
+                    }),
+            )
+        };
+        let (Some(config), Some(proid), Some(host)) = (config, proid, host) else {
             return Err(problems);
         };
         Ok(CheckConfig {
             config,
             proid,
-            host_dn,
+            host,
         })
     }
 }
@@ -1791,6 +1876,67 @@ mod tests {
     }
 
     #[test]
+    fn host_ous_are_repeatable_dns_and_never_the_root() {
+        let config = |extra: &[&str]| {
+            let mut argv = vec!["gmsa-reconciler", "plan", "--directory", "d.ldif"];
+            argv.extend_from_slice(extra);
+            let args = plan_args(parse(argv).expect("parse"));
+            Config::from_args(&args.common, Some(&args.write))
+        };
+        let two = config(&[
+            "--host-ou",
+            "OU=Cell Hosts,OU=Computers,DC=ad,DC=com",
+            "--host-ou=OU=Smith\\, John,DC=ad,DC=com",
+        ])
+        .expect("valid");
+        let shown: Vec<&str> = two.host_ous.iter().map(Dn::as_str).collect();
+        assert_eq!(
+            shown,
+            [
+                "OU=Cell Hosts,OU=Computers,DC=ad,DC=com",
+                "OU=Smith\\, John,DC=ad,DC=com"
+            ],
+            "commas in a DN do not split the value"
+        );
+        assert!(config(&[]).expect("valid").host_ous.is_empty());
+        let root = config(&["--host-ou="]).expect_err("the root DN");
+        assert!(root.to_string().starts_with("--host-ou:"), "{root}");
+        let bad = config(&["--host-ou=not a dn"]).expect_err("not a DN");
+        assert!(bad.to_string().starts_with("--host-ou:"), "{bad}");
+    }
+
+    #[test]
+    fn check_asks_about_a_dn_or_this_host() {
+        let check = |extra: &[&str]| {
+            let mut argv = vec!["gmsa-reconciler", "check", "--group-ou=OU=G,DC=ad,DC=com"];
+            argv.extend_from_slice(extra);
+            match parse(argv)?.command {
+                Command::Check(args) => CheckConfig::from_args(&args),
+                other => panic!("expected check, got {other:?}"),
+            }
+        };
+        let this = check(&[
+            "--proid=web",
+            "--self",
+            "--fs-root=/t",
+            "--hostname=h1.ad.com",
+        ])
+        .expect("valid");
+        assert_eq!(
+            this.host,
+            CheckHost::This(HostName::new("h1.ad.com").expect("name"))
+        );
+        let dn = check(&["--proid=web", "--host-dn=CN=h1,DC=ad,DC=com"]).expect("valid");
+        assert!(matches!(dn.host, CheckHost::Dn(_)));
+        let neither = check(&["--proid=web"]).expect_err("no host");
+        assert!(neither.to_string().contains("--self"), "{neither}");
+        let no_root = check(&["--proid=web", "--self", "--hostname=h1"]).expect_err("no tree");
+        assert!(no_root.to_string().starts_with("--fs-root:"), "{no_root}");
+        let both = check(&["--proid=web", "--self", "--host-dn=CN=h,DC=ad,DC=com"]);
+        assert!(both.is_err(), "--self and --host-dn are one or the other");
+    }
+
+    #[test]
     fn backend_choice_is_validated() {
         let args = |extra: &[&str]| {
             let mut argv = vec!["gmsa-reconciler", "plan"];
@@ -1811,6 +1957,17 @@ mod tests {
             no_pw.to_string().contains("--bind-password-file"),
             "{no_pw}"
         );
+        let window = args(&["--ldap-url", "ldap://x", "--range-window", "500"]).expect("ok");
+        assert!(matches!(
+            window.directory,
+            DirectoryChoice::Ldap(LdapChoice {
+                range_window: Some(500),
+                ..
+            })
+        ));
+        let ldif =
+            args(&["--directory", "d.ldif", "--range-window", "500"]).expect_err("LDAP only");
+        assert!(ldif.to_string().starts_with("--directory:"), "{ldif}");
         let pattern = args(&["--directory", "d", "--group-pattern", "x"]).expect_err("pattern");
         assert!(
             pattern.to_string().starts_with("--group-pattern:"),

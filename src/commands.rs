@@ -11,20 +11,20 @@ use thiserror::Error;
 use tracing::{info, warn};
 
 use crate::cli::{
-    CheckConfig, CliError, Config, DirectoryChoice, ExplainConfig, LdapChoice, PasswordSource,
-    PASSWORD_ENV,
+    CheckConfig, CheckHost, CliError, Config, DirectoryChoice, ExplainConfig, LdapChoice,
+    PasswordSource, PASSWORD_ENV,
 };
 use crate::directory::ldap::{Bind, LdapConfig, LdapDirectory, Password};
 use crate::directory::ldif_file::LdifFileDirectory;
 use crate::directory::{DirError, Directory};
 use crate::explain::{explain, Facts, Question};
 use crate::index::Index;
-use crate::model::escape_controls;
+use crate::model::{escape_controls, Dn, HostName};
 use crate::node;
 use crate::output::{NotApplied, Report};
 use crate::plan::{guard, plan, GroupChange, Plan, Scope};
 use crate::reconcile::apply_plan;
-use crate::tree::scan::{scan, ScanError};
+use crate::tree::scan::{read_server, scan, ScanError, SERVERS};
 use crate::tree::Snapshot;
 
 /// Exit code: success (and `plan --exit-code` with no changes, `check` yes).
@@ -77,6 +77,10 @@ fn read_snapshot(config: &Config) -> Result<Snapshot, CommandError> {
 /// A scanned tree indexed, with the index's warnings logged.
 fn index_snapshot(config: &Config, snapshot: Snapshot) -> Index {
     let (index, warnings) = Index::from_snapshot_with_warnings(config.partition.clone(), snapshot);
+    let index = index.with_host_ous(config.host_ous.clone());
+    if index.host_ous_suspended() {
+        warn!("--host-ou: a server file above can't be used and its host's DN is unknown; members under --host-ou that no server file names are not removed until it can be used");
+    }
     for warning in &warnings {
         warn!("{warning}");
     }
@@ -134,6 +138,7 @@ fn ldap_config(choice: &LdapChoice, dcs: &[String]) -> Result<LdapConfig, Comman
     config.tls_ca_file = choice.tls_ca_file.clone();
     config.tls_insecure = choice.tls_insecure;
     config.timeout = choice.timeout;
+    config.range_window = choice.range_window;
     Ok(config)
 }
 
@@ -320,14 +325,29 @@ pub async fn sync_command(
 }
 
 /// `check`: exit 0 when the host DN is a member of the proid's group, 3 when not.
+///
+/// With `--self` the host is this one: its DN and domain controller come
+/// from its server file, and without `--ldap-url` the group is read from
+/// that controller, because that is where the host asks for the gMSA's
+/// password; the writer's controller may know of the membership before
+/// replication brings it there.
 pub async fn check_command(check: &CheckConfig, out: &mut dyn Write) -> Result<u8, CommandError> {
     let config = &check.config;
     let ou = config.require_group_ou()?;
-    let dcs = match (&config.directory, &config.fs_root) {
-        (DirectoryChoice::Ldap(choice), Some(_)) if choice.urls.is_empty() => {
-            load_index(config)?.dcs()
+    let (host_dn, dcs) = match &check.host {
+        CheckHost::Dn(dn) => {
+            let dcs = match (&config.directory, &config.fs_root) {
+                (DirectoryChoice::Ldap(choice), Some(_)) if choice.urls.is_empty() => {
+                    load_index(config)?.dcs()
+                }
+                _ => Vec::new(),
+            };
+            (dn.clone(), dcs)
         }
-        _ => Vec::new(),
+        CheckHost::This(host) => {
+            let (dn, dc) = own_server(config, host)?;
+            (dn, vec![dc])
+        }
     };
     let directory = open_directory(config, &dcs)?;
     let name = config.pattern.render(&check.proid);
@@ -338,9 +358,9 @@ pub async fn check_command(check: &CheckConfig, out: &mut dyn Write) -> Result<u
     };
     // The directory's spelling of the group DN is printed escaped: no
     // value from outside adds a line.
-    let host = escape_controls(check.host_dn.as_str());
+    let host = escape_controls(host_dn.as_str());
     let group_dn = escape_controls(group.dn.as_str());
-    if group.members.contains(&check.host_dn) {
+    if group.members.contains(&host_dn) {
         writeln!(out, "{host} is a member of {group_dn}")?;
         Ok(EXIT_OK)
     } else {
@@ -381,4 +401,27 @@ pub async fn explain_command(
     let answer = explain(&question, &facts);
     out.write_all(answer.render(config.format).as_bytes())?;
     Ok(EXIT_OK)
+}
+
+/// This host's computer DN and domain controller (lower-cased), from
+/// `servers/<host>`, read the one way tree files are read. Errors name the
+/// file and what is wrong with it.
+fn own_server(config: &Config, host: &HostName) -> Result<(Dn, String), CommandError> {
+    let root = config.require_fs_root()?;
+    let path = root.join(SERVERS).join(host.as_str());
+    let bad = |why: &str| CommandError::Other(format!("{}: {why}", path.display()));
+    let info = read_server(root, host).map_err(|why| bad(&why))?;
+    let dn = match info.dn.as_deref().map(str::trim) {
+        Some(dn) if !dn.is_empty() => Dn::parse(dn).map_err(|e| bad(&format!("nt.dn: {e}")))?,
+        _ => return Err(bad("no nt.dn: this host's computer DN is unknown")),
+    };
+    let dc = info.dc.as_deref().map(str::trim).unwrap_or_default();
+    let named =
+        matches!(&config.directory, DirectoryChoice::Ldap(choice) if !choice.urls.is_empty());
+    if dc.is_empty() && !named && !matches!(config.directory, DirectoryChoice::LdifFile(_)) {
+        return Err(bad(
+            "no nt.dc: this host's domain controller is unknown (or give --ldap-url)",
+        ));
+    }
+    Ok((dn, dc.to_lowercase()))
 }

@@ -4,7 +4,9 @@
 //! For every proid the index counts, per host DN, the instances of that proid
 //! on in-scope hosts; `desired(proid)` is the DNs with a count above zero
 //! (SPEC section 3). It also knows which DNs are *managed* (belong to an
-//! in-scope host) and which DNs are *retiring* for a proid: they left its
+//! in-scope host, or lie under one of the `--host-ou` subtrees, whose every
+//! member the reconciler owns whether or not a host still names it: that is
+//! how ownership outlives a restart) and which DNs are *retiring* for a proid: they left its
 //! desired set and may still sit in its groups, so the reconciler must delete
 //! them there even when they are no longer managed (a host that left scope is
 //! not managed any more, but its membership is still ours to remove).
@@ -42,6 +44,12 @@ pub struct Index {
     retiring: BTreeMap<Proid, BTreeSet<Dn>>,
     /// Hosts whose placements are unknown: their directory can't be read.
     unknown: BTreeSet<HostName>,
+    /// Subtrees whose members are managed even when no in-scope host has
+    /// them (`--host-ou`).
+    host_ous: Vec<Dn>,
+    /// Hosts never in scope whose server file can't be used: their DN is
+    /// unknown, so it may be any member under a `--host-ou`.
+    unusable: BTreeSet<HostName>,
 }
 
 /// What one event changed.
@@ -122,6 +130,12 @@ impl Index {
         }
     }
 
+    /// The same index, also managing every DN under `host_ous` (`--host-ou`).
+    pub fn with_host_ous(mut self, host_ous: Vec<Dn>) -> Self {
+        self.host_ous = host_ous;
+        self
+    }
+
     /// An index holding a whole snapshot, without its warnings (see
     /// [`Index::from_snapshot_with_warnings`]).
     pub fn from_snapshot(partition: PartitionGlob, snapshot: Snapshot) -> Self {
@@ -168,11 +182,13 @@ impl Index {
         let mut tracker = Tracker::on();
         // Usually nothing is held, and nothing needs comparing.
         let held_before = (!self.unknown.is_empty()).then(|| self.held());
+        let host_ous_suspended = self.host_ous_suspended();
         let warning = match event {
             TreeEvent::ServerUpserted { host, info } => {
                 self.upsert_server(host, info, &mut tracker)
             }
             TreeEvent::ServerRemoved { host } => {
+                self.unusable.remove(host);
                 self.set_definition(host, None, &mut tracker);
                 None
             }
@@ -222,7 +238,10 @@ impl Index {
                 None
             }
         };
-        let resync = held_before.is_some_and(|before| !before.is_subset(&self.held()));
+        // The host OUs manage their members again: which of those are in
+        // which groups, the index does not know.
+        let resync = held_before.is_some_and(|before| !before.is_subset(&self.held()))
+            || (host_ous_suspended && !self.host_ous_suspended());
         Applied {
             dirty: self.finish(tracker),
             warning,
@@ -276,10 +295,12 @@ impl Index {
     ) -> Option<String> {
         match self.judge(info) {
             Verdict::InScope(def) => {
+                self.unusable.remove(host);
                 self.set_definition(host, Some(def), tracker);
                 None
             }
             Verdict::OutOfScope => {
+                self.unusable.remove(host);
                 self.set_definition(host, None, tracker);
                 None
             }
@@ -290,7 +311,15 @@ impl Index {
                         "servers/{host}: {reason}; keeping its last good definition ({})",
                         def.dn
                     ),
-                    None => format!("servers/{host}: {reason}; the host stays out of scope"),
+                    None => {
+                        self.unusable.insert(host.clone());
+                        let held = if self.host_ous.is_empty() {
+                            ""
+                        } else {
+                            "; members under --host-ou are not removed until it can be used"
+                        };
+                        format!("servers/{host}: {reason}; the host stays out of scope{held}")
+                    }
                 })
             }
         }
@@ -360,10 +389,20 @@ impl Index {
         self.hosts.get(host).is_some_and(|s| s.definition.is_some())
     }
 
-    /// True when the DN belongs to an in-scope host: the reconciler owns its
-    /// memberships.
+    /// True when the DN belongs to an in-scope host or lies under a
+    /// `--host-ou` subtree: the reconciler owns its memberships. While a
+    /// server file that was never usable is in the tree, the subtrees
+    /// manage nothing: that host's DN is unknown and may be any of their
+    /// members, and a doubt is no reason to remove a host from its groups.
     pub fn is_managed(&self, dn: &Dn) -> bool {
         self.managed.contains_key(dn)
+            || (self.unusable.is_empty() && self.host_ous.iter().any(|ou| dn.is_within(ou)))
+    }
+
+    /// True when `--host-ou` subtrees are given but manage nothing for now:
+    /// a server file never usable is in the tree (see [`Index::is_managed`]).
+    pub fn host_ous_suspended(&self) -> bool {
+        !self.host_ous.is_empty() && !self.unusable.is_empty()
     }
 
     /// DNs that left the proid's desired set and may still be in its groups:

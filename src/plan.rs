@@ -283,6 +283,51 @@ mod tests {
     }
 
     #[test]
+    fn members_under_a_host_ou_are_managed_without_a_server_file() {
+        let mut index =
+            Index::new(PartitionGlob::default()).with_host_ous(vec![dn("OU=Hosts,DC=ad,DC=com")]);
+        server(&mut index, "h1", "p");
+        place(&mut index, "h1", "web.app#1");
+        let groups = [group(
+            "web-gmsa-hosts",
+            &[
+                "CN=h1,OU=Hosts,DC=ad,DC=com",
+                // A host whose server file went while nothing was running.
+                "cn=gone, ou=Sub,ou=HOSTS,dc=ad,dc=com",
+                // Not under the OU (a look-alike suffix, and another OU).
+                "CN=x,OU=OtherHosts,DC=ad,DC=com",
+                "CN=someone-else,OU=Users,DC=ad,DC=com",
+            ],
+        )];
+        let plan = plan(&index, &groups, &pattern(), Scope::All);
+        assert_eq!(plan.changes.len(), 1, "{plan:?}");
+        let deleted: Vec<&str> = plan.changes[0].delete.iter().map(Dn::as_str).collect();
+        assert_eq!(deleted, ["cn=gone, ou=Sub,ou=HOSTS,dc=ad,dc=com"]);
+        assert!(plan.changes[0].add.is_empty());
+        assert_eq!(plan.managed_members, 2, "the guard's base counts both");
+
+        let without = Index::new(PartitionGlob::default());
+        let plan = super::plan(&without, &groups, &pattern(), Scope::All);
+        assert!(plan.changes.is_empty(), "{plan:?}");
+
+        // A server file that can't be used hides a DN that may be any of
+        // the OU's members: the OU manages nothing until it can be used.
+        let broken = HostName::new("h2").expect("host");
+        let applied = index.apply(&TreeEvent::ServerUpserted {
+            host: broken.clone(),
+            info: Err("not YAML or JSON".into()),
+        });
+        assert!(index.host_ous_suspended());
+        assert!(applied.warning.is_some_and(|w| w.contains("--host-ou")));
+        let plan = super::plan(&index, &groups, &pattern(), Scope::All);
+        assert!(plan.changes.is_empty(), "{plan:?}");
+        let applied = index.apply(&TreeEvent::ServerRemoved { host: broken });
+        assert!(applied.resync, "every group is compared again");
+        let plan = super::plan(&index, &groups, &pattern(), Scope::All);
+        assert_eq!(plan.deletes(), 1, "{plan:?}");
+    }
+
+    #[test]
     fn spelling_differences_do_not_churn() {
         let mut index = Index::new(PartitionGlob::default());
         server(&mut index, "h1", "p");

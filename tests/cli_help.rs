@@ -126,12 +126,13 @@ fn required_options_are_marked() {
         );
     }
     let check = help("check");
-    for long in ["proid", "host-dn", "group-ou"] {
+    for long in ["proid", "group-ou"] {
         assert!(
             option_text(&check, long).contains("[required]"),
             "check --{long}"
         );
     }
+    assert!(option_text(&check, "host-dn").contains("[required unless --self]"));
     // check reads the tree only for the DCs: not required there.
     assert!(!option_text(&check, "fs-root").contains("[required"));
     let run = help("run");

@@ -232,7 +232,8 @@ struct Daemon {
 
 impl Daemon {
     fn new(config: RunConfig, metrics: Arc<Metrics>) -> Daemon {
-        let index = Index::new(config.config.partition.clone());
+        let index = Index::new(config.config.partition.clone())
+            .with_host_ous(config.config.host_ous.clone());
         Daemon {
             config,
             metrics,
