@@ -1,8 +1,9 @@
 //! The `gmsa-reconciler` binary: parse the command line, set up logging,
 //! run the command, and turn its result into an exit code. Errors are
-//! printed on one line, without a backtrace. Text logs and the error line
-//! quote paths and names from outside with their control characters
-//! escaped, so that no file name can write a log line of its own.
+//! printed on one line, without a backtrace; with JSON logs that line is a
+//! JSON object like every other. Text logs and the error line quote paths
+//! and names from outside with their control characters escaped, so that no
+//! file name can write a log line of its own.
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -16,6 +17,7 @@ use tracing_subscriber::field::MakeExt;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    let json = json_requested(std::env::args_os());
     let cli = match cli::parse(std::env::args_os()) {
         Ok(cli) => cli,
         Err(CliError::Usage(err)) => {
@@ -25,22 +27,60 @@ fn main() -> ExitCode {
             let _ = err.print();
             return ExitCode::from(code);
         }
-        Err(err) => return fail(&anyhow::Error::new(err)),
+        Err(err) => return fail(&anyhow::Error::new(err), json),
     };
+    let json = json || log_format(&cli) == Some(LogFormat::Json);
     match run(cli) {
         Ok(code) => ExitCode::from(code),
-        Err(err) => fail(&err),
+        Err(err) => fail(&err, json),
     }
 }
 
-fn fail(err: &anyhow::Error) -> ExitCode {
+/// Whether JSON logs were asked for on the command line or in the
+/// environment, looked at before parsing so that an error in the rest of
+/// the command line is JSON too.
+fn json_requested(args: impl Iterator<Item = std::ffi::OsString>) -> bool {
+    let args: Vec<_> = args.collect();
+    let flag = args.iter().enumerate().any(|(i, arg)| {
+        arg == "--log-format=json"
+            || (arg == "--log-format" && args.get(i + 1).is_some_and(|v| v == "json"))
+    });
+    flag || std::env::var_os("GMSA_LOG_FORMAT").is_some_and(|v| v == "json")
+}
+
+/// The log format the parsed command line settled on, if it has one.
+fn log_format(cli: &Cli) -> Option<LogFormat> {
+    match &cli.command {
+        Command::Plan(args) => args.common.log_format,
+        Command::Sync(args) => args.common.log_format,
+        Command::Check(args) => args.common.log_format,
+        Command::Run(args) => args.common.log_format,
+        Command::Finish(_) => None,
+    }
+}
+
+fn fail(err: &anyhow::Error, json: bool) -> ExitCode {
     // Our errors carry their causes in their own message.
     let text = err.to_string();
-    let _ = writeln!(
-        std::io::stderr(),
-        "gmsa-reconciler: error: {}",
-        escape_controls(&text)
-    );
+    let line = if json {
+        // With JSON logs every line on standard error is JSON, this one too,
+        // in the shape of the log lines before it.
+        let mut timestamp = String::new();
+        let _ = tracing_subscriber::fmt::time::FormatTime::format_time(
+            &tracing_subscriber::fmt::time::SystemTime,
+            &mut tracing_subscriber::fmt::format::Writer::new(&mut timestamp),
+        );
+        serde_json::json!({
+            "timestamp": timestamp,
+            "level": "ERROR",
+            "fields": { "message": format!("gmsa-reconciler: error: {text}") },
+            "target": "gmsa_reconciler",
+        })
+        .to_string()
+    } else {
+        format!("gmsa-reconciler: error: {}", escape_controls(&text))
+    };
+    let _ = writeln!(std::io::stderr(), "{line}");
     ExitCode::from(EXIT_ERROR)
 }
 
