@@ -499,7 +499,13 @@ fn file_args(
             if known {
                 continue;
             }
-            return Err(err(format!("unknown key {key:?}")));
+            let longs = all
+                .get_subcommands()
+                .flat_map(|s| s.get_arguments().filter_map(|a| a.get_long()));
+            let hint = nearest(key, longs)
+                .map(|near| format!("; did you mean {near:?}?"))
+                .unwrap_or_default();
+            return Err(err(format!("unknown key {key:?}{hint}")));
         };
         let id = arg.get_id().as_str();
         if matches!(
@@ -547,6 +553,33 @@ fn file_args(
         }
     }
     Ok(out)
+}
+
+/// The known key nearest to `key` by edit distance, when it is near enough
+/// to be a typo (at most a third of the key's length, and at least one).
+fn nearest<'a>(key: &str, known: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+    let distance = |a: &str, b: &str| {
+        let b: Vec<char> = b.chars().collect();
+        let mut row: Vec<usize> = (0..=b.len()).collect();
+        for (i, ca) in a.chars().enumerate() {
+            let mut diagonal = row[0];
+            row[0] = i + 1;
+            for (j, cb) in b.iter().enumerate() {
+                let above = row[j + 1];
+                row[j + 1] = (above + 1)
+                    .min(row[j] + 1)
+                    .min(diagonal + usize::from(ca != *cb));
+                diagonal = above;
+            }
+        }
+        row[b.len()]
+    };
+    let limit = (key.chars().count() / 3).max(1);
+    known
+        .map(|k| (distance(key, k), k))
+        .filter(|(d, _)| *d <= limit)
+        .min()
+        .map(|(_, k)| k)
 }
 
 /// Where the groups are read and written.
