@@ -1109,10 +1109,45 @@ pub(crate) fn credentials_in_url(url: &str) -> Option<String> {
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
     let at = authority.rfind('@')?;
+    // The rest is not shown either: its extensions can carry a password too.
+    let more = if tail.is_empty() || tail == "/" {
+        ""
+    } else {
+        "/<rest not shown>"
+    };
     Some(format!(
-        "{scheme}<credentials removed>@{}{tail}",
+        "{scheme}<credentials removed>@{}{more}",
         &authority[at + 1..]
     ))
+}
+
+/// Why `url` is not `ldap://HOST[:PORT]` or `ldaps://HOST[:PORT]` (a final
+/// `/` allowed), if it is not. Only the scheme and the authority are ever
+/// quoted: a DN, query, extension (`x-bindpw=...`) or fragment may hold a
+/// secret, and the connection would use none of them anyway.
+fn ldap_url_problem(url: &str) -> Option<String> {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return Some("a value without ldap:// or ldaps:// (not shown: it may hold a secret); expected ldap://HOST[:PORT] or ldaps://HOST[:PORT]".into());
+    };
+    if !(scheme.eq_ignore_ascii_case("ldap") || scheme.eq_ignore_ascii_case("ldaps")) {
+        return Some(format!(
+            "the scheme {scheme:?} is not ldap or ldaps; expected ldap://HOST[:PORT] or ldaps://HOST[:PORT]"
+        ));
+    }
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(authority_end);
+    if authority.is_empty() {
+        return Some(format!(
+            "{scheme}:// names no host; expected {scheme}://HOST[:PORT]"
+        ));
+    }
+    if !(tail.is_empty() || tail == "/") {
+        return Some(format!(
+            "{:?}: only {scheme}://HOST[:PORT] is accepted; the DN, query, extensions or fragment after it are refused (not shown: they may hold a secret)",
+            format!("{scheme}://{authority}")
+        ));
+    }
+    None
 }
 
 fn directory_choice(common: &CommonArgs) -> Result<DirectoryChoice, CliError> {
@@ -1151,11 +1186,8 @@ fn directory_choice(common: &CommonArgs) -> Result<DirectoryChoice, CliError> {
         return Ok(DirectoryChoice::LdifFile(path.clone()));
     }
     for url in &common.ldap_url {
-        if !(url.starts_with("ldap://") || url.starts_with("ldaps://")) {
-            return Err(invalid(
-                "--ldap-url",
-                format!("{url:?} must start with ldap:// or ldaps://"),
-            ));
+        if let Some(why) = ldap_url_problem(url) {
+            return Err(invalid("--ldap-url", why));
         }
     }
     let gssapi = common.sasl == Some(Sasl::Gssapi);
@@ -1858,7 +1890,11 @@ mod tests {
         for (url, shown) in [
             (
                 "ldap://user:s3cret@dc1:389/",
-                "ldap://<credentials removed>@dc1:389/",
+                "ldap://<credentials removed>@dc1:389",
+            ),
+            (
+                "ldap://u:s3cret@dc1/????x-bindpw=s3cret",
+                "ldap://<credentials removed>@dc1/<rest not shown>",
             ),
             ("ldaps://s3cret@dc1", "ldaps://<credentials removed>@dc1"),
             ("http://a:s3cret@b@dc1", "http://<credentials removed>@dc1"),

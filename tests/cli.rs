@@ -183,3 +183,29 @@ fn options_come_from_the_environment_and_a_flag_beats_it() {
         "{west}"
     );
 }
+
+#[test]
+fn an_unknown_config_key_is_an_error_that_suggests_the_nearest_key() {
+    let q = QuickStart::new();
+    let config = q.dir.path().join("typo.yml");
+    fs::write(&config, "fs-rot: tree\ngroup-ou: OU=Groups,DC=ad,DC=com\n").expect("config");
+    let out = run_bin("plan", &args(&[&format!("--config={}", config.display())]));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    let lines: Vec<&str> = out.stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{}", out.stderr);
+    assert!(
+        lines[0].contains("unknown key \"fs-rot\"")
+            && lines[0].contains("did you mean \"fs-root\""),
+        "{}",
+        lines[0]
+    );
+    // Nothing near: no suggestion at all.
+    fs::write(&config, "zzzzzzzz: 1\n").expect("config");
+    let out = run_bin("plan", &args(&[&format!("--config={}", config.display())]));
+    assert_eq!(out.code, 1, "{}", out.stderr);
+    assert!(
+        out.stderr.contains("unknown key \"zzzzzzzz\"") && !out.stderr.contains("did you mean"),
+        "{}",
+        out.stderr
+    );
+}

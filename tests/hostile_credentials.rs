@@ -83,6 +83,48 @@ fn credentials_in_an_ldap_url_are_refused_and_never_echoed() {
     }
 }
 
+#[test]
+fn a_password_in_an_ldap_urls_extensions_query_or_fragment_is_refused_and_never_echoed() {
+    // RFC 4516 URLs carry a bind DN and password as extensions
+    // (`!bindname=...,x-bindpw=...`), after the authority; a comma also
+    // splits the value into two URLs. None of it is ever quoted.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let tree = empty_tree(dir.path());
+    let urls = [
+        format!("ldap://127.0.0.1:1/????x-bindpw={SECRET}"),
+        format!("ldap://127.0.0.1:1/??base?(x)?!bindname=cn=a,!x-bindpw={SECRET}"),
+        format!("LDAPS://127.0.0.1:1/dc=ad,dc=com?member?sub?(cn={SECRET})"),
+        format!("ldap://127.0.0.1:1#{SECRET}"),
+        format!("ldap:///?u:{SECRET}@127.0.0.1"),
+        format!("ldapi://%2Frun%2F{SECRET}"),
+        format!("x-bindpw={SECRET}"),
+    ];
+    for url in &urls {
+        for log_format in ["text", "json"] {
+            let out = bin()
+                .arg("plan")
+                .arg(format!("--fs-root={}", tree.display()))
+                .arg("--group-ou=ou=Groups,dc=ad,dc=com")
+                .arg("--timeout=2s")
+                .arg(format!("--log-format={log_format}"))
+                .arg(format!("--ldap-url={url}"))
+                .output()
+                .expect("run");
+            let (stdout, stderr) = text(&out);
+            assert_eq!(out.status.code(), Some(1), "{url}: {stderr}");
+            assert!(
+                !stdout.contains(SECRET) && !stderr.contains(SECRET),
+                "{url}: the secret was echoed:\n{stdout}\n{stderr}"
+            );
+            assert!(stderr.contains("--ldap-url"), "{url}: {stderr}");
+            assert!(
+                !stderr.contains("connect"),
+                "{url}: refused before any connection: {stderr}"
+            );
+        }
+    }
+}
+
 fn check_refused(out: &Output, what: &str) {
     let (stdout, stderr) = text(out);
     assert_eq!(out.status.code(), Some(1), "{what}: {stderr}");

@@ -706,3 +706,49 @@ async fn node_mode_leaves_containers_alone_while_its_host_directory_is_a_link() 
     assert!(!app.container(&container).join("data/terminated").exists());
     daemon.stop().await;
 }
+
+#[test]
+fn a_servers_or_placement_directory_linked_out_of_the_tree_is_not_followed() {
+    // The mirror never makes servers/ or placement/ a link. One that points
+    // outside the tree must not make the hosts defined there managed (an
+    // outside servers/h1 says h1 is CN=evil), nor the placements found
+    // there count: the tree cannot be read, so nothing is written.
+    for linked in ["servers", "placement"] {
+        let s = Setup::new(&["h1"], &[("web-gmsa-hosts", &[])]);
+        s.tree.place("h1", "web.app#1");
+        let outside = tempfile::tempdir().expect("tmp");
+        let elsewhere = outside.path().join(linked);
+        fs::rename(s.tree.root().join(linked), &elsewhere).expect("move out");
+        if linked == "servers" {
+            fs::write(
+                elsewhere.join("h1"),
+                "partition: p1\nnt.dc: dc1.ad.com\nnt.dn: cn=evil,ou=Computers,dc=ad,dc=com\n",
+            )
+            .expect("outside server file");
+        }
+        symlink(&elsewhere, s.tree.root().join(linked)).expect("symlink");
+
+        let mut args = s.args();
+        args.push("--format=json".into());
+        let ran = run(binary("plan", &args));
+        assert_eq!(
+            ran.code,
+            Some(1),
+            "{linked}: {}\n{}",
+            ran.stdout,
+            ran.stderr
+        );
+        let path = s.tree.root().join(linked);
+        assert!(
+            warned(&ran.stderr, &path, "a symbolic link"),
+            "{linked}: {}",
+            ran.stderr
+        );
+        let sync = run(binary("sync", &s.args()));
+        assert_eq!(sync.code, Some(1), "{linked}: {}", sync.stderr);
+        assert!(
+            !s.is_member("web-gmsa-hosts", "h1"),
+            "{linked}: nothing from outside the tree is written"
+        );
+    }
+}

@@ -1086,3 +1086,49 @@ fn check_prints_a_directory_dn_with_a_newline_on_one_line() {
         format!("CN=h1,DC=ad,DC=com is a member of CN=g\\nmember: x,{GROUP_OU}\n")
     );
 }
+
+#[test]
+fn the_fatal_error_is_one_json_line_with_json_logs() {
+    // A root whose name holds a newline and an escape does not exist: the
+    // error quoting it is, like every other line, one JSON object, whether
+    // JSON logs were asked for by flag, environment or config file.
+    let dir = tempfile::tempdir().expect("tmp");
+    let root = dir.path().join("no\nsuch\u{1b}[2Jtree");
+    let directory = dir.path().join("directory.ldif");
+    fs::write(&directory, directory_ldif(&[])).expect("directory");
+    let config = dir.path().join("gmsa.yml");
+    fs::write(&config, "log-format: json\n").expect("config");
+    let common = [
+        format!("--fs-root={}", root.display()),
+        format!("--directory={}", directory.display()),
+        format!("--group-ou={GROUP_OU}"),
+    ];
+    let ways: [(&[&str], Option<&str>); 3] = [
+        (&["--log-format=json"], None),
+        (&[], Some("json")),
+        (&["--config", config.to_str().expect("path")], None),
+    ];
+    for (extra, env) in ways {
+        for command in ["plan", "sync"] {
+            let mut cmd = e2e::bin();
+            cmd.arg(command).args(&common).args(extra);
+            if let Some(format) = env {
+                cmd.env("GMSA_LOG_FORMAT", format);
+            }
+            let out = cmd.output().expect("run");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(1), "{command} {extra:?}: {stderr}");
+            let lines: Vec<&str> = stderr.lines().collect();
+            assert_eq!(lines.len(), 1, "{command} {extra:?}: {stderr}");
+            let v: serde_json::Value = serde_json::from_str(lines[0])
+                .unwrap_or_else(|e| panic!("{command} {extra:?}: not JSON: {:?}: {e}", lines[0]));
+            assert_eq!(v["level"], "ERROR", "{}", lines[0]);
+            let message = v["fields"]["message"].as_str().expect("message");
+            assert!(
+                message.contains("no such directory")
+                    && message.contains(root.to_str().expect("path")),
+                "{message}"
+            );
+        }
+    }
+}

@@ -541,3 +541,44 @@ fn duplicate_dns_in_the_file_are_an_error_naming_both_lines() {
     }
     assert_eq!(fs::read_to_string(&directory).expect("read"), content);
 }
+
+#[test]
+fn a_change_that_met_a_broken_hand_edit_lands_once_the_file_is_valid_again() {
+    // An operator's edit leaves the file unparsable just as a placement
+    // change is committed: the commit is refused, and the change must stay
+    // pending (not be taken as applied by the retry) until the file parses
+    // again, then land next to the repaired edit.
+    let tree = Tree::new();
+    place(&tree, "h1", "web", 1);
+    tree.server("h2", "p1", &host_dn("h2"));
+    let dir = tempfile::tempdir().expect("tmp");
+    let directory = dir.path().join("directory.ldif");
+    fs::write(&directory, groups_ldif(&[("web-gmsa-hosts", &[])])).expect("write directory");
+    tree.mark_ready();
+    let daemon = Daemon::start(&tree, &directory, dir.path().join("daemon.log"));
+    eventually("the first sync", &daemon, || {
+        members(&directory, "web-gmsa-hosts") == dns(&["h1"])
+    });
+
+    let svc = "CN=svc-deploy,OU=Users,DC=ad,DC=com";
+    edit_in_place(&directory, |text| format!("{text}member {svc}\n"));
+    tree.place("h2", "web.app#2");
+    eventually("the commit refused", &daemon, || {
+        daemon.log().contains("is now invalid")
+    });
+    // Time for a retry to run while the file is still broken.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        fs::read_to_string(&directory)
+            .expect("read")
+            .contains(&format!("member {svc}")),
+        "a file that does not parse is not replaced"
+    );
+    edit_in_place(&directory, |text| {
+        text.replace(&format!("member {svc}"), &format!("member: {svc}"))
+    });
+    eventually("h2 added next to the repaired edit", &daemon, || {
+        members(&directory, "web-gmsa-hosts") == dns(&["h1", "h2", svc])
+    });
+    daemon.stop();
+}

@@ -625,10 +625,16 @@ impl Directory for LdifFileDirectory {
     }
 
     async fn modify_members(&self, group: &Dn, change: &MemberChange) -> Result<(), DirError> {
+        // When a commit failed before it could read the file and the file
+        // could not be read since, the memory may still hold that commit's
+        // changes: one it calls a no-op may be missing from the file, so it
+        // is kept all the same and the commit applies it to the fresh
+        // content (where a no-op costs nothing).
+        let known = self.base.lock().await.is_some();
         // Held across the change so that pending changes keep the order in
         // which they were applied.
         let mut pending = self.pending();
-        if self.memory.change_members(group, change)? {
+        if self.memory.change_members(group, change)? || !known {
             pending.push((group.clone(), change.clone()));
         }
         Ok(())
@@ -965,6 +971,27 @@ info: keep me
         // The same content back: the memory is the file's, not half-applied.
         fs::rename(&away, &path).expect("move it back");
         assert_eq!(members_of(&dir, &g1()).await, norm(&[host(1), host(2)]));
+        dir.modify_members(&g1(), &add(6)).await.expect("modify");
+        dir.commit().await.expect("commit");
+        assert_eq!(
+            file_members(&path, &g1()),
+            norm(&[host(1), host(2), host(6)])
+        );
+    }
+
+    #[tokio::test]
+    async fn a_change_retried_while_the_file_is_unparsable_is_saved_once_it_parses() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = write_file(tmp.path(), CONTENT);
+        let dir = LdifFileDirectory::open(&path).expect("open");
+        dir.modify_members(&g1(), &add(6)).await.expect("modify");
+        fs::write(&path, format!("{CONTENT}garbage\n")).expect("break the file");
+        dir.commit().await.expect_err("the file does not parse");
+        dir.read_group(&g1()).await.expect_err("nor can it be read");
+        // The retry plans from what it knew: the memory holds host 6 already.
+        dir.modify_members(&g1(), &add(6)).await.expect("modify");
+        dir.commit().await.expect_err("still broken");
+        fs::write(&path, CONTENT).expect("repair the file");
         dir.modify_members(&g1(), &add(6)).await.expect("modify");
         dir.commit().await.expect("commit");
         assert_eq!(

@@ -224,11 +224,17 @@ pub fn check_ready(root: &Path) -> Result<(), ScanError> {
     }
 }
 
-/// The path of `root/<name>`, which must be a directory.
+/// The path of `root/<name>`, which must be a directory and not a link:
+/// the mirror never makes one, and following it would read server files and
+/// placements from outside the tree.
 fn required_dir(root: &Path, name: &str) -> Result<PathBuf, ScanError> {
     let path = root.join(name);
-    match fs::metadata(&path) {
+    match fs::symlink_metadata(&path) {
         Ok(meta) if meta.is_dir() => Ok(path),
+        Ok(meta) if meta.file_type().is_symlink() => Err(ScanError::Io {
+            path,
+            source: io::Error::other("a symbolic link, not a directory (never followed)"),
+        }),
         Ok(_) => Err(ScanError::Missing { path }),
         Err(err) if err.kind() == io::ErrorKind::NotFound => Err(ScanError::Missing { path }),
         Err(source) => Err(ScanError::Io { path, source }),
