@@ -86,6 +86,25 @@ impl Drop for Thaw {
     }
 }
 
+/// Returns once the process is stopped (`T` in /proc/<pid>/stat), so that
+/// nothing forwarded after it can be served. Bounded: a process that does
+/// not stop within 10 s fails the test.
+fn wait_stopped(pid: i32) {
+    let stat = format!("/proc/{pid}/stat");
+    for _ in 0..10_000 {
+        let text = std::fs::read_to_string(&stat).unwrap_or_default();
+        // The state follows the command name, which is in parentheses.
+        let state = text
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        if matches!(state, Some('T' | 't')) {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    panic!("slapd (pid {pid}) did not stop after SIGSTOP");
+}
+
 /// A TCP relay in front of slapd that sends slapd SIGSTOP just before it
 /// forwards the first LDAP Modify request (protocolOp tag [APPLICATION 6],
 /// 0x66), then forwards everything as before.
@@ -130,6 +149,11 @@ impl FreezingRelay {
                             if !flag.swap(true, Ordering::SeqCst) {
                                 signal(pid, libc::SIGSTOP);
                             }
+                            // Every Modify, on every connection, waits until
+                            // the stop has taken effect: a signal is only
+                            // queued when kill returns, and another
+                            // connection's Modify may come first.
+                            wait_stopped(pid);
                         }
                         if s_out.write_all(&message).is_err() {
                             break;
