@@ -34,16 +34,17 @@ use tokio::time::{sleep, sleep_until, Instant};
 use tracing::{debug, error, info, warn};
 
 use crate::cli::RunConfig;
-use crate::commands::{open_directory, CommandError, EXIT_OK};
+use crate::commands::{CommandError, EXIT_OK};
+use crate::directory;
 use crate::directory::{Directory, Group};
 use crate::election::{self, Election, Role, RoleState};
 use crate::index::Index;
-use crate::metrics::{self, Metrics, OutcomeLabels};
+use crate::metrics::{self, Metrics};
 use crate::model::{Dn, Proid};
 use crate::node::{GmsaProids, Node};
 use crate::output::Report;
-use crate::plan::{guard, plan, GroupChange, Plan, Scope};
-use crate::reconcile::{apply_plan, Backoff, GroupResult};
+use crate::plan::Scope;
+use crate::reconcile::{Backoff, Cause, GroupResult, Pass};
 use crate::tree::scan::{check_ready, scan, ScanError};
 use crate::tree::watch::{watch, Change, TreeWatcher};
 use crate::tree::{Snapshot, TreeEvent};
@@ -754,7 +755,7 @@ impl Daemon {
 
     async fn open_directory(&mut self, shutdown: &mut Shutdown<'_>) -> bool {
         let dcs = self.index.dcs();
-        match open_directory(&self.config.config, &dcs) {
+        match directory::open(&self.config.config.directory, &dcs) {
             Ok(dir) => {
                 self.directory = Some(Arc::from(dir));
                 true
@@ -812,11 +813,13 @@ impl Daemon {
         };
         // Planned from the groups as read, before they move into the cache,
         // rather than from a copy of the whole cache (MBs at cluster scale).
-        let plan = plan(
+        let pass = Pass::prepare(
+            Cause::FullSync,
             &self.index,
             &groups,
             &self.config.config.pattern,
             Scope::All,
+            &self.config.config.guard,
         );
         self.replace_groups(groups);
         self.synced_once = true;
@@ -828,10 +831,12 @@ impl Daemon {
         self.batch_due = None;
         self.batch_opened = None;
         self.retries.clear();
-        self.missing = plan.missing_groups.iter().map(|m| m.proid.key()).collect();
-        for m in &plan.missing_groups {
-            warn!(proid = %m.proid, hosts = m.desired.len(), "proid has placements but no group");
-        }
+        self.missing = pass
+            .plan
+            .missing_groups
+            .iter()
+            .map(|m| m.proid.key())
+            .collect();
         self.refused.clear();
         let retiring = self
             .index
@@ -842,7 +847,7 @@ impl Daemon {
                 (p, dns)
             })
             .collect();
-        let complete = self.apply(plan, &clocks, retiring, shutdown).await;
+        let complete = self.apply(pass, &clocks, retiring, shutdown).await;
         if complete.is_some() {
             self.metrics.last_full_sync.set(metrics::unix_now());
             if self.ready_state.is_err() {
@@ -1010,20 +1015,19 @@ impl Daemon {
             .flat_map(|k| self.by_proid.get(k).into_iter().flatten())
             .filter_map(|dn| self.groups.get(dn).cloned())
             .collect();
-        let plan = plan(
+        let pass = Pass::prepare(
+            Cause::Event,
             &self.index,
             &groups,
             &self.config.config.pattern,
             Scope::Only(&proids),
+            &self.config.config.guard,
         );
         for key in &keys {
             self.missing.remove(key);
         }
-        for m in &plan.missing_groups {
-            if self.missing.insert(m.proid.key()) {
-                warn!(proid = %m.proid, hosts = m.desired.len(), "proid has placements but no group");
-            }
-        }
+        self.missing
+            .extend(pass.plan.missing_groups.iter().map(|m| m.proid.key()));
         for proid in &proids {
             self.refused.remove(proid);
         }
@@ -1031,7 +1035,7 @@ impl Daemon {
             .iter()
             .map(|p| (p.clone(), self.index.retiring(p)))
             .collect();
-        self.apply(plan, &clocks, retiring, shutdown).await;
+        self.apply(pass, &clocks, retiring, shutdown).await;
         self.update_gauges();
     }
 
@@ -1041,12 +1045,12 @@ impl Daemon {
     /// shutdown, otherwise whether everything was applied.
     async fn apply(
         &mut self,
-        plan: Plan,
+        pass: Pass,
         clocks: &Dirty,
         retiring: BTreeMap<Proid, BTreeSet<Dn>>,
         shutdown: &mut Shutdown<'_>,
     ) -> Option<bool> {
-        let unfinished = self.apply_plan(plan, clocks, shutdown).await?;
+        let unfinished = self.apply_pass(pass, clocks, shutdown).await?;
         for (proid, dns) in retiring {
             if unfinished.contains(&proid) {
                 continue;
@@ -1060,44 +1064,47 @@ impl Daemon {
         Some(unfinished.is_empty())
     }
 
-    /// Applies a plan; `None` when abandoned, otherwise the proids not fully applied.
-    async fn apply_plan(
+    /// Applies a pass; `None` when abandoned, otherwise the proids not fully applied.
+    async fn apply_pass(
         &mut self,
-        plan: Plan,
+        mut pass: Pass,
         clocks: &Dirty,
         shutdown: &mut Shutdown<'_>,
     ) -> Option<BTreeSet<Proid>> {
-        let mut plan = plan;
-        if let Some(reason) = guard(&plan, &self.config.config.guard) {
-            warn!("mass-deletion guard: {reason}; additions are applied, deletions stay pending");
+        if let Some(refusal) = &pass.refused {
             self.metrics.guard_refusals.inc();
-            for change in plan.changes.iter().filter(|c| !c.delete.is_empty()) {
+            info!("additions are applied; the refused deletions stay pending");
+            for change in &refusal.changes {
                 self.refused
                     .insert(change.proid.clone(), change.delete.len());
             }
-            plan = plan.without_deletions();
         }
-        if plan.changes.is_empty() {
+        if pass.plan.changes.is_empty() {
             return Some(BTreeSet::new());
         }
-        if self.config.dry_run {
+        let dry_run = self.config.dry_run;
+        if dry_run {
             let report = Report {
                 verb: "run --dry-run",
-                plan: plan.clone(),
+                plan: pass.plan.clone(),
                 ..Report::default()
             };
             print!("{}", report.render(self.config.config.format));
-            let results = plan.changes.iter().map(simulated).collect();
-            return Some(self.record(results, clocks));
         }
         let dir = self.directory();
         let options = self.config.config.apply;
-        let io = async move { apply_plan(dir.as_ref(), &plan, &options).await };
-        let results = self.drive(io, shutdown).await?;
-        Some(self.record(results, clocks))
+        let recorder = self.metrics.clone();
+        let io = async move {
+            pass.apply(dir.as_ref(), &options, dry_run, recorder.as_ref())
+                .await;
+            pass
+        };
+        let pass = self.drive(io, shutdown).await?;
+        Some(self.record(pass.results, clocks))
     }
 
-    /// Updates the cache, retries and metrics from a batch's results;
+    /// Updates the cache and retries from a batch's results (the pass
+    /// recorded them in the metrics);
     /// returns the proids not fully applied.
     fn record(&mut self, results: Vec<GroupResult>, clocks: &Dirty) -> BTreeSet<Proid> {
         let now = Instant::now();
@@ -1105,18 +1112,6 @@ impl Daemon {
         for result in results {
             let dn = result.planned.group_dn.clone();
             let proid = result.planned.proid.clone();
-            let outcome = if result.vanished {
-                "vanished"
-            } else if result.failed.is_some() {
-                "failure"
-            } else {
-                "success"
-            };
-            self.metrics
-                .modify_requests
-                .get_or_create(&OutcomeLabels { outcome })
-                .inc_by(result.requests as u64);
-            self.metrics.retries.inc_by(result.retries as u64);
             if result.vanished {
                 self.forget_group(&dn);
                 continue;
@@ -1154,18 +1149,6 @@ impl Daemon {
             }
         }
         unfinished
-    }
-}
-
-/// The result a dry run pretends to have had.
-fn simulated(change: &GroupChange) -> GroupResult {
-    GroupResult {
-        planned: change.clone(),
-        applied: change.clone(),
-        failed: None,
-        vanished: false,
-        requests: 0,
-        retries: 0,
     }
 }
 

@@ -10,6 +10,9 @@
 pub mod ldap;
 pub mod ldif_file;
 pub mod memory;
+mod open;
+
+pub use open::{open, OpenError};
 
 use std::collections::BTreeSet;
 use std::fmt;
