@@ -50,15 +50,14 @@ use crate::tree::watch::{watch, Change, TreeWatcher};
 use crate::tree::{Snapshot, TreeEvent};
 
 mod node;
+mod schedule;
+
+use schedule::{Dirty, Schedule};
 
 /// How long in-flight writes may take to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How often the wait for `.modified` is logged.
 const READY_LOG_EVERY: Duration = Duration::from_secs(30);
-/// How often the group of a proid without one is looked up between full syncs.
-const MISSING_LOOKUP_EVERY: Duration = Duration::from_secs(60);
-/// A batch waits for quiet, but at most this many batch windows.
-const MAX_BATCH_WAITS: u32 = 10;
 /// How often containers kept past `--retain` are looked for.
 const CLEANUP_EVERY: Duration = Duration::from_secs(60);
 /// How often the tree is polled while it is not usable.
@@ -173,9 +172,6 @@ pub async fn run(
     result
 }
 
-/// Where one proid's latency clock started.
-type Dirty = BTreeMap<Proid, Instant>;
-
 struct Daemon {
     config: RunConfig,
     metrics: Arc<Metrics>,
@@ -188,20 +184,14 @@ struct Daemon {
     groups: BTreeMap<Dn, Group>,
     /// Group DNs by proid key.
     by_proid: HashMap<String, Vec<Dn>>,
-    dirty: Dirty,
-    /// When the first change of the pending batch came.
-    batch_opened: Option<Instant>,
-    batch_due: Option<Instant>,
-    /// Failed proids: when to try again and how many times it failed.
-    retries: BTreeMap<Proid, (Instant, u32)>,
+    /// What is due when: batches, retries, full syncs, lookups.
+    schedule: Schedule,
     /// Groups to re-read before they are planned again.
     stale: BTreeSet<Dn>,
     /// Proids whose deletions the guard holds back, with how many.
     refused: BTreeMap<Proid, usize>,
     /// Proid keys reported without a group.
     missing: BTreeSet<String>,
-    /// When a missing group was last looked up, by proid key.
-    looked_up: HashMap<String, Instant>,
     rescan_needed: Option<String>,
     /// No rescan starts before this.
     next_rescan: Instant,
@@ -220,7 +210,6 @@ struct Daemon {
     /// The last operation queued per instance, so the next one waits for it.
     node_chains: HashMap<String, JoinHandle<()>>,
     next_cleanup: Instant,
-    full_sync_due: Instant,
     /// A full sync has read every group at least once in this leadership.
     synced_once: bool,
     /// Leader election, when replicas coordinate.
@@ -234,6 +223,12 @@ struct Daemon {
 impl Daemon {
     fn new(config: RunConfig, metrics: Arc<Metrics>) -> Daemon {
         let index = Index::new(config.config.partition.clone());
+        let schedule = Schedule::new(
+            config.batch_window,
+            config.resync_interval,
+            config.config.apply.backoff,
+            Instant::now(),
+        );
         Daemon {
             config,
             metrics,
@@ -244,14 +239,10 @@ impl Daemon {
             directory: None,
             groups: BTreeMap::new(),
             by_proid: HashMap::new(),
-            dirty: Dirty::new(),
-            batch_opened: None,
-            batch_due: None,
-            retries: BTreeMap::new(),
+            schedule,
             stale: BTreeSet::new(),
             refused: BTreeMap::new(),
             missing: BTreeSet::new(),
-            looked_up: HashMap::new(),
             rescan_needed: None,
             next_rescan: Instant::now(),
             tree_fresh: false,
@@ -262,7 +253,6 @@ impl Daemon {
             node_tasks: JoinSet::new(),
             node_chains: HashMap::new(),
             next_cleanup: Instant::now(),
-            full_sync_due: Instant::now(),
             synced_once: false,
             election: None,
             roles: None,
@@ -310,7 +300,10 @@ impl Daemon {
             if self.node.is_some() && Instant::now() >= self.next_cleanup {
                 self.cleanup_containers();
             }
-            if self.config.groups && self.is_leader() && Instant::now() >= self.full_sync_due {
+            if self.config.groups
+                && self.is_leader()
+                && self.schedule.full_sync_ready(Instant::now())
+            {
                 // A full sync compares the directory with the tree as it
                 // is, not only as the events told it.
                 if !self.tree_fresh {
@@ -320,12 +313,14 @@ impl Daemon {
                 self.full_sync(&mut shutdown).await;
                 continue;
             }
-            self.promote_due_retries();
+            if self.is_leader() {
+                self.schedule.promote_due_retries(Instant::now());
+            }
             // Nothing is reconciled piecemeal before one full sync has read
             // every group.
             let batch_ready = self.synced_once
                 && self.is_leader()
-                && self.batch_due.is_some_and(|due| due <= Instant::now());
+                && self.schedule.batch_ready(Instant::now());
             if batch_ready {
                 self.batch(&mut shutdown).await;
                 continue;
@@ -379,7 +374,7 @@ impl Daemon {
             match state.role {
                 Role::Leader => {
                     info!(term = state.term, why = %state.why, "leader: writing from now on, starting with a full sync");
-                    self.full_sync_due = Instant::now();
+                    self.schedule.full_sync_now(Instant::now());
                     // A follower followed events only; the startup scan is
                     // fresh enough for a replica that leads from the start.
                     if !first {
@@ -388,9 +383,7 @@ impl Daemon {
                 }
                 Role::Follower => {
                     info!(why = %state.why, "follower: following the tree, writing nothing");
-                    self.batch_due = None;
-                    self.batch_opened = None;
-                    self.retries.clear();
+                    self.schedule.stop_writing();
                 }
             }
             self.synced_once = false;
@@ -526,18 +519,11 @@ impl Daemon {
     /// Waits for the next thing to do: a change, a due batch, retry or
     /// resync, or shutdown.
     async fn wait(&mut self, shutdown: &mut Shutdown<'_>) {
-        let leader = self.is_leader();
-        let next_retry = self
-            .retries
-            .values()
-            .map(|(due, _)| *due)
-            .min()
-            .filter(|_| leader);
-        let full_sync = Some(self.full_sync_due).filter(|_| self.config.groups && leader);
-        let batch_due = self.batch_due.filter(|_| self.synced_once && leader);
+        let writing = self.config.groups && self.is_leader();
+        let groups = self.schedule.next_wake(writing, self.synced_once);
         let cleanup = Some(self.next_cleanup).filter(|_| self.node.is_some());
         let rescan = self.rescan_needed.as_ref().map(|_| self.next_rescan);
-        let wake = [full_sync, batch_due, next_retry, cleanup, rescan]
+        let wake = [groups, cleanup, rescan]
             .into_iter()
             .flatten()
             .min()
@@ -637,7 +623,7 @@ impl Daemon {
             warn!("{warning}");
         }
         if applied.resync {
-            self.full_sync_due = Instant::now();
+            self.schedule.full_sync_now(Instant::now());
         }
         let dirty: Vec<Proid> = applied.dirty.into_iter().collect();
         for proid in &dirty {
@@ -646,18 +632,12 @@ impl Daemon {
         dirty
     }
 
-    /// Marks a proid for the next batch. The batch waits until changes
-    /// have been quiet for the batch window, so a burst becomes one Modify
-    /// per group, but never longer than [`MAX_BATCH_WAITS`] windows after
-    /// its first change, so a steady stream still gets applied.
+    /// Marks a proid for the next batch (the schedule says when).
     fn mark_dirty(&mut self, proid: Proid, at: Instant) {
-        self.dirty.entry(proid).or_insert(at);
-        let now = Instant::now();
-        let window = self.config.batch_window;
-        let first = *self.batch_opened.get_or_insert(now);
-        let latest = first + window * MAX_BATCH_WAITS;
-        self.batch_due = Some((now + window).min(latest));
-        self.metrics.dirty_groups.set(self.dirty.len() as i64);
+        self.schedule.mark_dirty(proid, at, Instant::now());
+        self.metrics
+            .dirty_groups
+            .set(self.schedule.dirty_len() as i64);
     }
 
     fn update_gauges(&self) {
@@ -667,7 +647,9 @@ impl Daemon {
             .set(stats.servers_in_scope as i64);
         self.metrics.placements.set(stats.placements as i64);
         self.metrics.proids.set(stats.proids as i64);
-        self.metrics.dirty_groups.set(self.dirty.len() as i64);
+        self.metrics
+            .dirty_groups
+            .set(self.schedule.dirty_len() as i64);
         self.metrics.missing_groups.set(self.missing.len() as i64);
         self.metrics
             .refused_deletions_pending
@@ -729,7 +711,7 @@ impl Daemon {
                     if logged {
                         info!("placement tree readable again");
                         // Nothing was compared while it was not: compare everything.
-                        self.full_sync_due = Instant::now();
+                        self.schedule.full_sync_now(Instant::now());
                     }
                     if self.watcher_fault.take().is_some() {
                         info!("tree watcher running again");
@@ -804,7 +786,7 @@ impl Daemon {
                 } else {
                     self.config.resync_interval.min(Duration::from_secs(60))
                 };
-                self.full_sync_due = Instant::now() + delay;
+                self.schedule.full_sync_failed(Instant::now(), delay);
                 if self.ready_state.is_err() {
                     self.set_ready(Err(format!("reading the groups: {err}")));
                 }
@@ -824,13 +806,9 @@ impl Daemon {
         self.replace_groups(groups);
         self.synced_once = true;
         self.stale.clear();
-        self.looked_up.clear();
         // Every proid is compared now; what was dirty is covered, but keep
         // the latency clocks of those that change.
-        let clocks = std::mem::take(&mut self.dirty);
-        self.batch_due = None;
-        self.batch_opened = None;
-        self.retries.clear();
+        let clocks = self.schedule.full_sync_started();
         self.missing = pass
             .plan
             .missing_groups
@@ -855,7 +833,7 @@ impl Daemon {
             }
             self.set_ready(Ok(()));
         }
-        self.full_sync_due = Instant::now() + self.config.resync_interval;
+        self.schedule.full_sync_done(Instant::now());
         self.update_gauges();
     }
 
@@ -887,27 +865,6 @@ impl Daemon {
         }
     }
 
-    fn promote_due_retries(&mut self) {
-        if self.retries.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        let due: Vec<Proid> = self
-            .retries
-            .iter()
-            .filter(|(_, (at, _))| *at <= now)
-            .map(|(p, _)| p.clone())
-            .collect();
-        for proid in due {
-            // The attempt count stays until the proid succeeds; park the
-            // retry until the batch says how it went.
-            if let Some((at, _)) = self.retries.get_mut(&proid) {
-                *at = now + Duration::from_secs(24 * 3600);
-            }
-            self.mark_dirty(proid, now);
-        }
-    }
-
     /// Before planning these proids: re-reads their groups that failed
     /// before (the cache may be wrong about them), and looks up the group of
     /// a proid that has none yet (it may have been created since the last
@@ -928,12 +885,7 @@ impl Daemon {
                     reads.extend(dns.iter().filter(|dn| self.stale.contains(*dn)).cloned())
                 }
                 None if !self.index.desired(proid).is_empty() => {
-                    let due = self
-                        .looked_up
-                        .get(&key)
-                        .is_none_or(|at| now >= *at + MISSING_LOOKUP_EVERY);
-                    if due {
-                        self.looked_up.insert(key.clone(), now);
+                    if self.schedule.lookup_due(&key, now) {
                         lookups.push((key, self.config.config.pattern.render(proid)));
                     }
                 }
@@ -981,7 +933,7 @@ impl Daemon {
             match result {
                 Ok(Some(group)) => {
                     info!(group = %group.dn, "found a group created since the last full sync");
-                    self.looked_up.remove(&key);
+                    self.schedule.found(&key);
                     self.insert_group(group);
                 }
                 Ok(None) => {}
@@ -1000,13 +952,12 @@ impl Daemon {
 
     /// Reconciles the dirty proids.
     async fn batch(&mut self, shutdown: &mut Shutdown<'_>) {
-        self.batch_due = None;
-        self.batch_opened = None;
-        let clocks = std::mem::take(&mut self.dirty);
+        let clocks = self.schedule.take_batch();
         let proids: BTreeSet<Proid> = clocks.keys().cloned().collect();
         let keys: BTreeSet<String> = proids.iter().map(Proid::key).collect();
 
         if !self.refresh_groups(&proids, shutdown).await {
+            self.schedule.finished();
             return;
         }
 
@@ -1036,6 +987,7 @@ impl Daemon {
             .map(|p| (p.clone(), self.index.retiring(p)))
             .collect();
         self.apply(pass, &clocks, retiring, shutdown).await;
+        self.schedule.finished();
         self.update_gauges();
     }
 
@@ -1056,7 +1008,7 @@ impl Daemon {
                 continue;
             }
             // Reconciled (or nothing to do): no retry pending any more.
-            self.retries.remove(&proid);
+            self.schedule.succeeded(&proid);
             if !self.refused.contains_key(&proid) {
                 self.index.clear_retiring(&proid, &dns);
             }
@@ -1125,17 +1077,9 @@ impl Daemon {
             if result.failed.is_some() {
                 unfinished.insert(proid.clone());
                 self.stale.insert(dn);
-                let attempt = self.retries.get(&proid).map_or(0, |(_, n)| *n);
-                let delay = self
-                    .config
-                    .config
-                    .apply
-                    .backoff
-                    .delay(attempt)
-                    .max(Duration::from_millis(50));
-                self.retries.insert(proid, (now + delay, attempt + 1));
+                self.schedule.failed(proid, now);
             } else {
-                self.retries.remove(&proid);
+                self.schedule.succeeded(&proid);
                 if let Some(started) = clocks.get(&proid) {
                     let latency = now.saturating_duration_since(*started);
                     self.metrics.event_to_applied.observe(latency.as_secs_f64());
