@@ -318,9 +318,8 @@ impl Daemon {
             }
             // Nothing is reconciled piecemeal before one full sync has read
             // every group.
-            let batch_ready = self.synced_once
-                && self.is_leader()
-                && self.schedule.batch_ready(Instant::now());
+            let batch_ready =
+                self.synced_once && self.is_leader() && self.schedule.batch_ready(Instant::now());
             if batch_ready {
                 self.batch(&mut shutdown).await;
                 continue;

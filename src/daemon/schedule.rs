@@ -387,7 +387,10 @@ mod tests {
         s.failed(web.clone(), now);
         assert_eq!(s.failures(&web), 2, "the count grows");
         let second = s.next_retry().expect("retry");
-        assert!(second <= now + Duration::from_millis(400), "ceiling doubles");
+        assert!(
+            second <= now + Duration::from_millis(400),
+            "ceiling doubles"
+        );
         s.succeeded(&web);
         assert_eq!((s.failures(&web), s.next_retry()), (0, None));
     }
@@ -403,7 +406,10 @@ mod tests {
         advance(Duration::from_secs(1)).await;
         assert!(s.lookup_due("web", Instant::now()), "a minute later");
         s.found("web");
-        assert!(s.lookup_due("web", Instant::now()), "found, then gone again");
+        assert!(
+            s.lookup_due("web", Instant::now()),
+            "found, then gone again"
+        );
         // A full sync reads every group: lookups start afresh.
         s.full_sync_started();
         assert!(s.lookup_due("web", Instant::now()));
@@ -413,7 +419,10 @@ mod tests {
     async fn a_resync_is_due_one_interval_after_the_last() {
         let mut s = schedule();
         let start = Instant::now();
-        assert!(s.full_sync_ready(start), "the first full sync is due at once");
+        assert!(
+            s.full_sync_ready(start),
+            "the first full sync is due at once"
+        );
         s.full_sync_started();
         s.full_sync_done(start);
         assert!(!s.full_sync_ready(start));
@@ -435,7 +444,10 @@ mod tests {
         advance(Duration::from_millis(5)).await;
         let clocks = s.full_sync_started();
         assert_eq!(clocks.get(&proid("web")), Some(&at));
-        assert_eq!((s.dirty_len(), s.batch_due(), s.next_retry()), (0, None, None));
+        assert_eq!(
+            (s.dirty_len(), s.batch_due(), s.next_retry()),
+            (0, None, None)
+        );
     }
 
     #[tokio::test(start_paused = true)]
@@ -451,7 +463,11 @@ mod tests {
         s.finished();
         assert_eq!(s.batch_due(), None);
         assert_eq!(s.next_retry(), None);
-        assert_eq!(s.next_wake(false, true), None, "a follower waits for nothing");
+        assert_eq!(
+            s.next_wake(false, true),
+            None,
+            "a follower waits for nothing"
+        );
         // A new leadership starts with a full sync.
         s.full_sync_now(Instant::now());
         assert!(s.full_sync_ready(Instant::now()));
