@@ -36,7 +36,7 @@ use tracing::{debug, error, info, warn};
 use crate::cli::RunConfig;
 use crate::commands::{CommandError, EXIT_OK};
 use crate::directory;
-use crate::directory::{Directory, Group};
+use crate::directory::Directory;
 use crate::election::{self, Election, Role, RoleState};
 use crate::index::Index;
 use crate::metrics::{self, Metrics};
@@ -49,9 +49,13 @@ use crate::tree::scan::{check_ready, scan, ScanError};
 use crate::tree::watch::{watch, Change, TreeWatcher};
 use crate::tree::{Snapshot, TreeEvent};
 
+mod groups;
+mod leadership;
 mod node;
 mod schedule;
 
+use groups::GroupCache;
+use leadership::{readiness, Health, Leadership, RoleChange};
 use schedule::{Dirty, Schedule};
 
 /// How long in-flight writes may take to finish after a shutdown signal.
@@ -160,7 +164,7 @@ pub async fn run(
     };
     let mut daemon = Daemon::new(config, metrics);
     if let Some(election) = election {
-        daemon.roles = Some(election.subscribe());
+        daemon.leadership = Leadership::new(Some(election.subscribe()));
         daemon.election = Some(election);
     } else {
         daemon.metrics.set_role(Role::Leader.as_str());
@@ -180,14 +184,10 @@ struct Daemon {
     changes: Option<mpsc::UnboundedReceiver<Change>>,
     watcher: Option<TreeWatcher>,
     directory: Option<Arc<dyn Directory>>,
-    /// Groups by DN, as last read or written.
-    groups: BTreeMap<Dn, Group>,
-    /// Group DNs by proid key.
-    by_proid: HashMap<String, Vec<Dn>>,
+    /// The groups as last read or written.
+    groups: GroupCache,
     /// What is due when: batches, retries, full syncs, lookups.
     schedule: Schedule,
-    /// Groups to re-read before they are planned again.
-    stale: BTreeSet<Dn>,
     /// Proids whose deletions the guard holds back, with how many.
     refused: BTreeMap<Proid, usize>,
     /// Proid keys reported without a group.
@@ -199,10 +199,8 @@ struct Daemon {
     tree_fresh: bool,
     /// A watcher ran once already (so a failure to start one is retried).
     watcher_started: bool,
-    /// Why the tree watcher cannot be trusted right now.
-    watcher_fault: Option<String>,
-    /// Readiness as the rest of the daemon sees it; a watcher fault hides it.
-    ready_state: Result<(), String>,
+    /// The facts readiness is derived from.
+    health: Health,
     /// Node mode, once started.
     node: Option<Node>,
     /// Node start-up and other untracked container work.
@@ -210,19 +208,17 @@ struct Daemon {
     /// The last operation queued per instance, so the next one waits for it.
     node_chains: HashMap<String, JoinHandle<()>>,
     next_cleanup: Instant,
-    /// A full sync has read every group at least once in this leadership.
-    synced_once: bool,
     /// Leader election, when replicas coordinate.
     election: Option<Election>,
-    roles: Option<watch::Receiver<RoleState>>,
-    /// The role (and leadership term) last acted on.
-    role_seen: Option<(Role, u64, bool)>,
+    /// The role and term last acted on.
+    leadership: Leadership,
     stopping: bool,
 }
 
 impl Daemon {
     fn new(config: RunConfig, metrics: Arc<Metrics>) -> Daemon {
         let index = Index::new(config.config.partition.clone());
+        let groups = GroupCache::new(config.config.pattern.clone());
         let schedule = Schedule::new(
             config.batch_window,
             config.resync_interval,
@@ -237,26 +233,21 @@ impl Daemon {
             changes: None,
             watcher: None,
             directory: None,
-            groups: BTreeMap::new(),
-            by_proid: HashMap::new(),
+            groups,
             schedule,
-            stale: BTreeSet::new(),
             refused: BTreeMap::new(),
             missing: BTreeSet::new(),
             rescan_needed: None,
             next_rescan: Instant::now(),
             tree_fresh: false,
             watcher_started: false,
-            watcher_fault: None,
-            ready_state: Err("initial sync not done".into()),
+            health: Health::default(),
             node: None,
             node_tasks: JoinSet::new(),
             node_chains: HashMap::new(),
             next_cleanup: Instant::now(),
-            synced_once: false,
             election: None,
-            roles: None,
-            role_seen: None,
+            leadership: Leadership::default(),
             stopping: false,
         }
     }
@@ -319,7 +310,7 @@ impl Daemon {
             // Nothing is reconciled piecemeal before one full sync has read
             // every group.
             let batch_ready =
-                self.synced_once && self.is_leader() && self.schedule.batch_ready(Instant::now());
+                self.health.synced && self.is_leader() && self.schedule.batch_ready(Instant::now());
             if batch_ready {
                 self.batch(&mut shutdown).await;
                 continue;
@@ -331,69 +322,46 @@ impl Daemon {
         Ok(())
     }
 
-    /// True when this replica may write: the lock is held (or there is no
-    /// election).
+    /// True when this replica may write.
     fn is_leader(&self) -> bool {
-        self.roles.as_ref().is_none_or(|r| r.borrow().is_leader())
+        self.leadership.is_leader()
     }
 
-    /// True while the leadership this replica last acted on lasts: a lost
-    /// and regained lock is a new leadership, which starts afresh.
+    /// True while the leadership this replica last acted on lasts.
     fn still_leading(&self) -> bool {
-        match (&self.roles, self.role_seen) {
-            (None, _) => true,
-            (Some(roles), Some((Role::Leader, term, _))) => {
-                let now = roles.borrow();
-                now.is_leader() && now.term == term
-            }
-            (Some(_), _) => false,
-        }
+        self.leadership.still_leading()
     }
 
     /// Acts on a change of role or of the ZooKeeper connection: a new
     /// leadership starts with a full sync; a follower keeps its index warm
     /// and writes nothing; a replica cut off from ZooKeeper is not ready.
     fn observe_role(&mut self) {
-        let Some(roles) = self.roles.as_mut() else {
+        let Some(change) = self.leadership.observe() else {
             return;
         };
-        // Marks the state seen, so that waiting for the next change waits.
-        let state = roles.borrow_and_update().clone();
-        let seen = (state.role, state.term, state.connected);
-        if self.role_seen == Some(seen) {
-            return;
-        }
-        let first = self.role_seen.is_none();
-        let role_changed = self
-            .role_seen
-            .is_none_or(|(role, term, _)| (role, term) != (state.role, state.term));
-        self.role_seen = Some(seen);
-        if role_changed {
-            self.metrics.set_role(state.role.as_str());
-            match state.role {
-                Role::Leader => {
-                    info!(term = state.term, why = %state.why, "leader: writing from now on, starting with a full sync");
-                    self.schedule.full_sync_now(Instant::now());
-                    // A follower followed events only; the startup scan is
-                    // fresh enough for a replica that leads from the start.
-                    if !first {
-                        self.tree_fresh = false;
-                    }
+        match change {
+            RoleChange::Leader { term, why, first } => {
+                self.metrics.set_role(Role::Leader.as_str());
+                info!(term, why = %why, "leader: writing from now on, starting with a full sync");
+                self.schedule.full_sync_now(Instant::now());
+                // A follower followed events only; the startup scan is
+                // fresh enough for a replica that leads from the start.
+                if !first {
+                    self.tree_fresh = false;
                 }
-                Role::Follower => {
-                    info!(why = %state.why, "follower: following the tree, writing nothing");
-                    self.schedule.stop_writing();
-                }
+                self.health.synced = false;
+                self.health.applied = false;
             }
-            self.synced_once = false;
+            RoleChange::Follower { why } => {
+                self.metrics.set_role(Role::Follower.as_str());
+                info!(why = %why, "follower: following the tree, writing nothing");
+                self.schedule.stop_writing();
+                self.health.synced = false;
+                self.health.applied = false;
+            }
+            RoleChange::Connection => {}
         }
-        let ready = match (state.connected, state.role) {
-            (false, _) => Err(format!("zookeeper: {}", state.why)),
-            (true, Role::Follower) => Ok(()),
-            (true, Role::Leader) if self.synced_once => Ok(()),
-            (true, Role::Leader) => Err("leader: initial sync not applied yet".into()),
-        };
-        self.set_ready(ready);
+        self.publish_ready();
     }
 
     /// Starts the tree watcher. The first start failing is a startup
@@ -417,9 +385,9 @@ impl Daemon {
             Err(err) if !self.watcher_started => Err(DaemonError::Startup(err.to_string())),
             Err(err) => {
                 let fault = format!("cannot restart it: {err}");
-                if self.watcher_fault.as_deref() != Some(fault.as_str()) {
+                if self.health.watcher.as_deref() != Some(fault.as_str()) {
                     warn!(error = %err, "cannot restart the tree watcher; retrying");
-                    self.watcher_fault = Some(fault);
+                    self.health.watcher = Some(fault);
                     self.publish_ready();
                 }
                 tokio::select! {
@@ -439,24 +407,14 @@ impl Daemon {
         self.watcher = None;
         self.rescan_needed = Some(format!("the watcher failed: {why}"));
         self.next_rescan = Instant::now();
-        self.watcher_fault = Some(why);
+        self.health.watcher = Some(why);
         self.publish_ready();
     }
 
-    /// Records readiness as the daemon's state makes it.
-    fn set_ready(&mut self, ready: Result<(), String>) {
-        self.ready_state = ready;
-        self.publish_ready();
-    }
-
-    /// What `/readyz` says: not ready while the watcher cannot be trusted,
-    /// whatever else holds.
+    /// Shows on `/readyz` the readiness the daemon's state makes.
     fn publish_ready(&self) {
-        let shown = match &self.watcher_fault {
-            Some(fault) => Err(format!("tree watcher: {fault}")),
-            None => self.ready_state.clone(),
-        };
-        self.metrics.set_ready(shown);
+        let ready = readiness(&self.health, &self.leadership, self.config.groups);
+        self.metrics.set_ready(ready);
     }
 
     /// Takes the changes already queued (at most [`DRAIN_BEFORE_RESCAN`]).
@@ -496,7 +454,11 @@ impl Daemon {
             // A root that is not there is named as such: a wrong path must
             // not pass for a mirror that has yet to finish.
             let reason = match check_ready(&root) {
-                Ok(()) => return true,
+                Ok(()) => {
+                    self.health.tree = None;
+                    self.publish_ready();
+                    return true;
+                }
                 Err(ScanError::NotReady { .. }) => {
                     "waiting for the placement tree (.modified)".to_owned()
                 }
@@ -506,7 +468,8 @@ impl Daemon {
                 info!(path = %root.display(), "{reason}; waiting for the placement tree to be ready");
                 next_log = Instant::now() + READY_LOG_EVERY;
             }
-            self.set_ready(Err(reason.clone()));
+            self.health.tree = Some(reason.clone());
+            self.publish_ready();
             last_reason = reason;
             tokio::select! {
                 _ = &mut *shutdown => return false,
@@ -519,7 +482,7 @@ impl Daemon {
     /// resync, or shutdown.
     async fn wait(&mut self, shutdown: &mut Shutdown<'_>) {
         let writing = self.config.groups && self.is_leader();
-        let groups = self.schedule.next_wake(writing, self.synced_once);
+        let groups = self.schedule.next_wake(writing, self.health.synced);
         let cleanup = Some(self.next_cleanup).filter(|_| self.node.is_some());
         let rescan = self.rescan_needed.as_ref().map(|_| self.next_rescan);
         let wake = [groups, cleanup, rescan]
@@ -530,7 +493,7 @@ impl Daemon {
         let Some(rx) = self.changes.as_mut() else {
             panic!("BUG: the watcher is set up before the loop waits on it");
         };
-        let roles = self.roles.as_mut();
+        let roles = self.leadership.receiver();
         tokio::select! {
             _ = &mut *shutdown => self.stopping = true,
             change = rx.recv() => match change {
@@ -551,7 +514,7 @@ impl Daemon {
             let Some(rx) = self.changes.as_mut() else {
                 return Some(fut.await);
             };
-            let roles = self.roles.as_mut();
+            let roles = self.leadership.receiver();
             tokio::select! {
                 out = &mut fut => return Some(out),
                 change = rx.recv(), if !self.stopping => match change {
@@ -697,9 +660,7 @@ impl Daemon {
                     // wrong about too: those groups are read again, the
                     // others are not.
                     for proid in &changed {
-                        if let Some(dns) = self.by_proid.get(&proid.key()) {
-                            self.stale.extend(dns.iter().cloned());
-                        }
+                        self.groups.mark_proid_stale(&proid.key());
                     }
                     self.update_gauges();
                     if why != "startup" {
@@ -712,10 +673,10 @@ impl Daemon {
                         // Nothing was compared while it was not: compare everything.
                         self.schedule.full_sync_now(Instant::now());
                     }
-                    if self.watcher_fault.take().is_some() {
+                    if self.health.watcher.take().is_some() {
                         info!("tree watcher running again");
-                        self.publish_ready();
                     }
+                    self.publish_ready();
                     return true;
                 }
                 Ok(Err(err)) => {
@@ -723,7 +684,8 @@ impl Daemon {
                         error!(error = %err, "placement tree unusable; not writing until it is");
                         logged = true;
                     }
-                    self.set_ready(Err(format!("placement tree unusable: {err}")));
+                    self.health.tree = Some(format!("placement tree unusable: {err}"));
+                    self.publish_ready();
                 }
                 Err(join) => panic!("BUG: the tree scan panicked: {join}"),
             }
@@ -739,6 +701,8 @@ impl Daemon {
         match directory::open(&self.config.config.directory, &dcs) {
             Ok(dir) => {
                 self.directory = Some(Arc::from(dir));
+                self.health.waiting = None;
+                self.publish_ready();
                 true
             }
             Err(err) => {
@@ -752,7 +716,8 @@ impl Daemon {
 
     /// Reports not ready and waits before the caller tries again.
     async fn not_ready_for_a_while(&mut self, reason: String, shutdown: &mut Shutdown<'_>) {
-        self.set_ready(Err(reason));
+        self.health.waiting = Some(reason);
+        self.publish_ready();
         tokio::select! {
             _ = &mut *shutdown => self.stopping = true,
             _ = sleep(Backoff::default().max) => {}
@@ -777,7 +742,10 @@ impl Daemon {
             return;
         };
         let groups = match found {
-            Ok(groups) => groups,
+            Ok(groups) => {
+                self.health.groups_read = None;
+                groups
+            }
             Err(err) => {
                 warn!(error = %err, "reading the groups failed; retrying");
                 let delay = if err.is_transient() {
@@ -786,9 +754,8 @@ impl Daemon {
                     self.config.resync_interval.min(Duration::from_secs(60))
                 };
                 self.schedule.full_sync_failed(Instant::now(), delay);
-                if self.ready_state.is_err() {
-                    self.set_ready(Err(format!("reading the groups: {err}")));
-                }
+                self.health.groups_read = Some(err.to_string());
+                self.publish_ready();
                 return;
             }
         };
@@ -802,9 +769,8 @@ impl Daemon {
             Scope::All,
             &self.config.config.guard,
         );
-        self.replace_groups(groups);
-        self.synced_once = true;
-        self.stale.clear();
+        self.groups.reset(groups);
+        self.health.synced = true;
         // Every proid is compared now; what was dirty is covered, but keep
         // the latency clocks of those that change.
         let clocks = self.schedule.full_sync_started();
@@ -827,41 +793,16 @@ impl Daemon {
         let complete = self.apply(pass, &clocks, retiring, shutdown).await;
         if complete.is_some() {
             self.metrics.last_full_sync.set(metrics::unix_now());
-            if self.ready_state.is_err() {
+            if !self.health.applied || self.health.tree.is_some() {
                 info!("initial sync applied; ready");
             }
-            self.set_ready(Ok(()));
+            self.health.applied = true;
+            // A tree that was unusable is trusted again once compared in full.
+            self.health.tree = None;
+            self.publish_ready();
         }
         self.schedule.full_sync_done(Instant::now());
         self.update_gauges();
-    }
-
-    fn replace_groups(&mut self, groups: Vec<Group>) {
-        self.groups.clear();
-        self.by_proid.clear();
-        for group in groups {
-            self.insert_group(group);
-        }
-    }
-
-    fn insert_group(&mut self, group: Group) {
-        if let Some(proid) = self.config.config.pattern.proid_of(&group.sam_account_name) {
-            let dns = self.by_proid.entry(proid.key()).or_default();
-            if !dns.contains(&group.dn) {
-                dns.push(group.dn.clone());
-            }
-        }
-        self.groups.insert(group.dn.clone(), group);
-    }
-
-    fn forget_group(&mut self, dn: &Dn) {
-        if let Some(group) = self.groups.remove(dn) {
-            if let Some(proid) = self.config.config.pattern.proid_of(&group.sam_account_name) {
-                if let Some(dns) = self.by_proid.get_mut(&proid.key()) {
-                    dns.retain(|d| d != dn);
-                }
-            }
-        }
     }
 
     /// Before planning these proids: re-reads their groups that failed
@@ -879,16 +820,14 @@ impl Daemon {
         let mut lookups: Vec<(String, String)> = Vec::new();
         for proid in proids {
             let key = proid.key();
-            match self.by_proid.get(&key).filter(|dns| !dns.is_empty()) {
-                Some(dns) => {
-                    reads.extend(dns.iter().filter(|dn| self.stale.contains(*dn)).cloned())
-                }
-                None if !self.index.desired(proid).is_empty() => {
+            match self.groups.dns_of(&key) {
+                [] if !self.index.desired(proid).is_empty() => {
                     if self.schedule.lookup_due(&key, now) {
                         lookups.push((key, self.config.config.pattern.render(proid)));
                     }
                 }
-                None => {}
+                [] => {}
+                _ => reads.extend(self.groups.stale_of(&key)),
             }
         }
         if reads.is_empty() && lookups.is_empty() {
@@ -915,15 +854,10 @@ impl Daemon {
         };
         for (dn, result) in read {
             match result {
-                Ok(Some(group)) => {
-                    self.stale.remove(&dn);
-                    self.forget_group(&dn);
-                    self.insert_group(group);
-                }
+                Ok(Some(group)) => self.groups.insert(group),
                 Ok(None) => {
                     warn!(group = %dn, "group vanished");
-                    self.stale.remove(&dn);
-                    self.forget_group(&dn);
+                    self.groups.forget(&dn);
                 }
                 Err(err) => warn!(group = %dn, error = %err, "re-reading the group failed"),
             }
@@ -933,7 +867,7 @@ impl Daemon {
                 Ok(Some(group)) => {
                     info!(group = %group.dn, "found a group created since the last full sync");
                     self.schedule.found(&key);
-                    self.insert_group(group);
+                    self.groups.insert(group);
                 }
                 Ok(None) => {}
                 Err(err) => warn!(error = %err, "looking up a missing group failed"),
@@ -960,11 +894,7 @@ impl Daemon {
             return;
         }
 
-        let groups: Vec<Group> = keys
-            .iter()
-            .flat_map(|k| self.by_proid.get(k).into_iter().flatten())
-            .filter_map(|dn| self.groups.get(dn).cloned())
-            .collect();
+        let groups = self.groups.groups_of(&keys);
         let pass = Pass::prepare(
             Cause::Event,
             &self.index,
@@ -1064,18 +994,13 @@ impl Daemon {
             let dn = result.planned.group_dn.clone();
             let proid = result.planned.proid.clone();
             if result.vanished {
-                self.forget_group(&dn);
+                self.groups.forget(&dn);
                 continue;
             }
-            if let Some(group) = self.groups.get_mut(&dn) {
-                group.members.extend(result.applied.add.iter().cloned());
-                for gone in &result.applied.delete {
-                    group.members.remove(gone);
-                }
-            }
+            self.groups.applied(&result.applied);
             if result.failed.is_some() {
                 unfinished.insert(proid.clone());
-                self.stale.insert(dn);
+                self.groups.mark_stale(dn);
                 self.schedule.failed(proid, now);
             } else {
                 self.schedule.succeeded(&proid);
@@ -1111,6 +1036,7 @@ async fn role_changed(roles: Option<&mut watch::Receiver<RoleState>>) {
 mod tests {
     use super::*;
     use crate::cli::{self, Command};
+    use crate::directory::Group;
 
     /// A daemon on `root`; the directory file beside the tree is never opened.
     fn daemon(root: &std::path::Path) -> Daemon {
@@ -1176,7 +1102,9 @@ mod tests {
     fn a_watcher_whose_thread_ended_is_a_failed_watcher() {
         let (_guard, root) = tree();
         let mut d = daemon(&root);
-        d.set_ready(Ok(()));
+        d.health.synced = true;
+        d.health.applied = true;
+        d.publish_ready();
         let (tx, rx) = mpsc::unbounded_channel();
         d.changes = Some(rx);
         tx.send(Change::Rescan("overflow".into())).expect("send");
@@ -1198,16 +1126,18 @@ mod tests {
         let (_guard, root) = tree();
         fill(&root);
         let mut d = daemon(&root);
-        d.insert_group(group("web-gmsa-hosts"));
-        d.insert_group(group("db-gmsa-hosts"));
-        d.set_ready(Ok(()));
+        d.groups.insert(group("web-gmsa-hosts"));
+        d.groups.insert(group("db-gmsa-hosts"));
+        d.health.synced = true;
+        d.health.applied = true;
+        d.publish_ready();
         assert!(d.metrics.is_ready());
 
         d.on_change(Change::Failed("the notifier failed: boom".into()));
         assert!(d.changes.is_none(), "the failed watcher is dropped");
         assert!(d.rescan_needed.is_some(), "a rescan follows the restart");
         // Whatever else says ready, the watcher fault holds.
-        d.set_ready(Ok(()));
+        d.publish_ready();
         assert!(!d.metrics.is_ready());
         let (_, body) = d.metrics.readiness();
         assert!(
@@ -1225,7 +1155,7 @@ mod tests {
         assert_eq!(d.metrics.rescans.get(), 1);
         let web = group("web-gmsa-hosts").dn;
         assert_eq!(
-            d.stale.iter().collect::<Vec<_>>(),
+            d.groups.stale(),
             vec![&web],
             "only the group of the proid the rescan changed is re-read"
         );

@@ -90,9 +90,9 @@ impl Daemon {
             }
         });
         self.node = Some(node);
-        if !self.config.groups {
-            self.set_ready(Ok(()));
-        }
+        self.health.node_started = true;
+        self.health.waiting = None;
+        self.publish_ready();
         Ok(true)
     }
 
