@@ -46,6 +46,9 @@ pub enum CommandError {
     /// The output could not be written.
     #[error("writing the output: {0}")]
     Output(#[from] std::io::Error),
+    /// The daemon stopped on something the operator must fix.
+    #[error(transparent)]
+    Daemon(#[from] crate::daemon::DaemonError),
     /// Something the operator must fix, described in full.
     #[error("{0}")]
     Other(String),

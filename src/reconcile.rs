@@ -197,16 +197,14 @@ impl Recorder for NoRecorder {
 }
 
 /// The daemon's metrics count every Modify request by the outcome of its
-/// group, and the retries.
+/// group (a failure by its LDAP result code's name), and the retries.
 impl Recorder for Metrics {
     fn record(&self, record: Record<'_>) {
         let result = record.result;
-        let outcome = if result.vanished {
-            "vanished"
-        } else if result.failed.is_some() {
-            "failure"
-        } else {
-            "success"
+        let outcome = match &result.failed {
+            _ if result.vanished => "vanished",
+            Some((_, err)) => err.kind(),
+            None => "success",
         };
         self.modify_requests
             .get_or_create(&OutcomeLabels { outcome })
@@ -974,6 +972,37 @@ mod tests {
         let now = members(&dir).await;
         assert!(now.contains(&dn("CN=new,DC=x")));
         assert_eq!(now.len(), 13, "nothing deleted");
+    }
+
+    #[tokio::test]
+    async fn a_refused_modify_is_counted_under_its_result_code_name() {
+        let dir = directory(Flavour::Permissive, &[]);
+        let refused = DirError::Result {
+            op: Op::Modify,
+            dn: GROUP.into(),
+            code: 50,
+            message: "no write access".into(),
+        };
+        dir.fail_next_modify(None, refused, 1000);
+        let plan = Plan {
+            changes: vec![group_change(&["CN=a,DC=x"], &[])],
+            ..Plan::default()
+        };
+        let mut pass = Pass::from_plan(Cause::Event, plan, &pattern(), &GuardOptions::default());
+        let metrics = Metrics::new();
+        pass.apply(&dir, &ApplyOptions::default(), false, &metrics)
+            .await;
+        let (_, err) = pass.results[0].failed.clone().expect("not applied");
+        assert_eq!(err.code(), Some(50), "the code is kept");
+        assert!(
+            err.to_string().contains("LDAP 50 insufficientAccessRights"),
+            "{err}"
+        );
+        let text = metrics.encode();
+        assert!(
+            text.contains("gmsa_modify_requests_total{outcome=\"insufficientAccessRights\"}"),
+            "{text}"
+        );
     }
 
     #[test]

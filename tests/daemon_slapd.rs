@@ -253,10 +253,11 @@ async fn converges_after_slapd_is_killed_and_restarted() {
     tree.place("h2", "web.app#2");
     tree.place("h3", "db.app#1");
     tree.unplace("h1", "web.app#1");
-    // The failed writes are retried and counted while slapd is away.
+    // The failed writes are retried and counted while slapd is away,
+    // under what failed: no server answered.
     eventually("failed writes", || {
         daemon.metric("gmsa_modify_requests_total") > 0.0
-            && daemon.get("/metrics").1.contains("outcome=\"failure\"")
+            && daemon.get("/metrics").1.contains("outcome=\"unreachable\"")
     })
     .await;
     slapd.restart();

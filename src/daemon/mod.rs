@@ -76,12 +76,27 @@ const WATCHER_RETRY: Duration = Duration::from_secs(2);
 /// rest wait for the rescan, which sees them anyway.
 const DRAIN_BEFORE_RESCAN: usize = 100_000;
 
-/// Why the daemon stopped with an error.
+/// Why the daemon stopped with an error: each is something the operator
+/// must fix before it can run. Everything else is retried.
 #[derive(Debug, Error)]
 pub enum DaemonError {
-    /// A startup problem (configuration, metrics address, watcher).
-    #[error("{0}")]
-    Startup(String),
+    /// The metrics address cannot be listened on.
+    #[error("--metrics-addr {addr}: {source}")]
+    MetricsAddr {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// Why it cannot be bound.
+        source: std::io::Error,
+    },
+    /// The election cannot start.
+    #[error(transparent)]
+    Election(#[from] election::ElectionError),
+    /// The first tree watcher cannot start (a later one is retried).
+    #[error(transparent)]
+    Watcher(#[from] crate::tree::watch::WatchError),
+    /// Node mode's configuration is unusable.
+    #[error(transparent)]
+    Node(#[from] crate::node::NodeError),
 }
 
 type Shutdown<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send)>;
@@ -106,9 +121,7 @@ pub async fn run_until_signalled(config: RunConfig) -> Result<u8, CommandError> 
     let shutdown = async move {
         let _ = rx.recv().await;
     };
-    run(config, Arc::new(Metrics::new()), shutdown)
-        .await
-        .map_err(|e| CommandError::Other(e.to_string()))?;
+    run(config, Arc::new(Metrics::new()), shutdown).await?;
     Ok(EXIT_OK)
 }
 
@@ -148,17 +161,14 @@ pub async fn run(
     if let Some(addr) = config.metrics_addr {
         let listener = metrics::bind(addr)
             .await
-            .map_err(|e| DaemonError::Startup(format!("--metrics-addr {addr}: {e}")))?;
+            .map_err(|source| DaemonError::MetricsAddr { addr, source })?;
         info!(%addr, "serving metrics");
         tokio::spawn(metrics::serve(listener, metrics.clone()));
     }
     let election = match &config.election {
         Some(election) => {
             info!(zookeeper = %election.servers, lock = %election.lock_path, "competing for the writer's lock");
-            Some(
-                election::start(election.clone())
-                    .map_err(|e| DaemonError::Startup(e.to_string()))?,
-            )
+            Some(election::start(election.clone())?)
         }
         None => None,
     };
@@ -382,7 +392,7 @@ impl Daemon {
                 self.changes = Some(rx);
                 Ok(true)
             }
-            Err(err) if !self.watcher_started => Err(DaemonError::Startup(err.to_string())),
+            Err(err) if !self.watcher_started => Err(DaemonError::Watcher(err)),
             Err(err) => {
                 let fault = format!("cannot restart it: {err}");
                 if self.health.watcher.as_deref() != Some(fault.as_str()) {

@@ -10,6 +10,7 @@ use tracing::{error, info, warn};
 use super::{Daemon, DaemonError, Shutdown, CLEANUP_EVERY, SHUTDOWN_GRACE};
 use crate::directory::{Directory, DomainFacts, Group};
 use crate::model::{Dn, GroupPattern, HostName, Proid};
+use crate::node::CheckError;
 use crate::node::{guid_to_string, sid_to_string, DomainInfo, GmsaProids, MembershipCheck, Node};
 use crate::tree::scan::read_server;
 use crate::tree::TreeEvent;
@@ -74,7 +75,7 @@ impl Daemon {
                 _ => None,
             };
         let hostname = config.hostname.clone();
-        let node = Node::new(config, check).map_err(|e| DaemonError::Startup(e.to_string()))?;
+        let node = Node::new(config, check)?;
         let placed = self
             .tree
             .placements
@@ -223,27 +224,25 @@ struct DirectoryCheck {
 
 impl DirectoryCheck {
     /// The proid's group, if it exists.
-    async fn group(&self, proid: &Proid) -> Result<Option<Group>, String> {
+    async fn group(&self, proid: &Proid) -> Result<Option<Group>, CheckError> {
         let name = self.pattern.render(proid);
-        self.dir
-            .find_group(&self.ou, &name)
-            .await
-            .map_err(|e| e.to_string())
+        Ok(self.dir.find_group(&self.ou, &name).await?)
     }
 }
 
 #[async_trait::async_trait]
 impl MembershipCheck for DirectoryCheck {
-    async fn group_exists(&self, proid: &Proid) -> Result<bool, String> {
+    async fn group_exists(&self, proid: &Proid) -> Result<bool, CheckError> {
         Ok(self.group(proid).await?.is_some())
     }
 
-    async fn is_member(&self, proid: &Proid) -> Result<bool, String> {
-        let server = read_server(&self.fs_root, &self.hostname)?;
+    async fn is_member(&self, proid: &Proid) -> Result<bool, CheckError> {
+        let server = read_server(&self.fs_root, &self.hostname).map_err(CheckError::Host)?;
         let dn = server
             .dn
-            .ok_or_else(|| format!("servers/{}: no nt.dn", self.hostname))?;
-        let dn = Dn::parse(&dn).map_err(|e| e.to_string())?;
+            .ok_or_else(|| CheckError::Host(format!("servers/{}: no nt.dn", self.hostname)))?;
+        let dn = Dn::parse(&dn)
+            .map_err(|e| CheckError::Host(format!("servers/{}: nt.dn: {e}", self.hostname)))?;
         let group = self.group(proid).await?;
         Ok(group.is_some_and(|g| g.members.contains(&dn)))
     }

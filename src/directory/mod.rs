@@ -133,13 +133,80 @@ pub mod rc {
     pub const ENTRY_ALREADY_EXISTS: u32 = 68;
     /// other.
     pub const OTHER: u32 = 80;
+
+    /// The name RFC 4511 (and the RFCs that add codes) gives a result code,
+    /// as errors show it next to the number.
+    pub fn name(code: u32) -> Option<&'static str> {
+        Some(match code {
+            0 => "success",
+            1 => "operationsError",
+            2 => "protocolError",
+            3 => "timeLimitExceeded",
+            4 => "sizeLimitExceeded",
+            5 => "compareFalse",
+            6 => "compareTrue",
+            7 => "authMethodNotSupported",
+            8 => "strongerAuthRequired",
+            10 => "referral",
+            11 => "adminLimitExceeded",
+            12 => "unavailableCriticalExtension",
+            13 => "confidentialityRequired",
+            14 => "saslBindInProgress",
+            16 => "noSuchAttribute",
+            17 => "undefinedAttributeType",
+            18 => "inappropriateMatching",
+            19 => "constraintViolation",
+            20 => "attributeOrValueExists",
+            21 => "invalidAttributeSyntax",
+            32 => "noSuchObject",
+            33 => "aliasProblem",
+            34 => "invalidDNSyntax",
+            36 => "aliasDereferencingProblem",
+            48 => "inappropriateAuthentication",
+            49 => "invalidCredentials",
+            50 => "insufficientAccessRights",
+            51 => "busy",
+            52 => "unavailable",
+            53 => "unwillingToPerform",
+            54 => "loopDetect",
+            64 => "namingViolation",
+            65 => "objectClassViolation",
+            66 => "notAllowedOnNonLeaf",
+            67 => "notAllowedOnRDN",
+            68 => "entryAlreadyExists",
+            69 => "objectClassModsProhibited",
+            71 => "affectsMultipleDSAs",
+            80 => "other",
+            118 => "canceled",
+            119 => "noSuchOperation",
+            120 => "tooLate",
+            121 => "cannotCancel",
+            122 => "assertionFailed",
+            123 => "authorizationDenied",
+            4096 => "e-syncRefreshRequired",
+            _ => return None,
+        })
+    }
+
+    /// `LDAP 49 invalidCredentials: <the server's text>`: how every error
+    /// shows a result, so that an operator can look the code up and read
+    /// what the server said (or that it said nothing).
+    pub fn describe(code: u32, message: &str) -> String {
+        let name = name(code).unwrap_or("(unknown result code)");
+        let message = message.trim();
+        if message.is_empty() {
+            format!("LDAP {code} {name} (the server gave no diagnostic text)")
+        } else {
+            format!("LDAP {code} {name}: {message}")
+        }
+    }
 }
 
 /// A directory failure, classified by what happens next.
 #[derive(Debug, Clone, Error)]
 pub enum DirError {
     /// The server answered with a result code.
-    #[error("{op} {dn}: LDAP result {code}: {message}")]
+    #[error("{op} {dn}: {}", rc::describe(*code, message))]
     Result {
         /// The operation.
         op: Op,
@@ -180,6 +247,18 @@ impl DirError {
         match self {
             DirError::Result { code, .. } => Some(*code),
             _ => None,
+        }
+    }
+
+    /// What a failure is called where only a word fits (the outcome label
+    /// of the Modify counter): the result code's name, or the kind of
+    /// failure when the server gave no code.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DirError::Result { code, .. } => rc::name(*code).unwrap_or("unknownResultCode"),
+            DirError::Unreachable { .. } => "unreachable",
+            DirError::Stalled { .. } => "stalled",
+            DirError::Fatal(_) => "failure",
         }
     }
 
@@ -233,5 +312,45 @@ pub trait Directory: Send + Sync {
     /// a server has already made them durable).
     async fn commit(&self) -> Result<(), DirError> {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn results_are_shown_by_number_and_name_with_the_servers_text() {
+        let err = |code, message: &str| DirError::Result {
+            op: Op::Connect,
+            dn: "cn=svc,dc=ad,dc=com".into(),
+            code,
+            message: message.into(),
+        };
+        assert_eq!(
+            err(49, "80090308: LdapErr: DSID-0C09044E, data 52e").to_string(),
+            "connect cn=svc,dc=ad,dc=com: LDAP 49 invalidCredentials: 80090308: LdapErr: DSID-0C09044E, data 52e"
+        );
+        assert_eq!(
+            err(49, "").to_string(),
+            "connect cn=svc,dc=ad,dc=com: LDAP 49 invalidCredentials (the server gave no diagnostic text)"
+        );
+        assert_eq!(
+            err(9999, "odd").to_string(),
+            "connect cn=svc,dc=ad,dc=com: LDAP 9999 (unknown result code): odd"
+        );
+        for (code, name) in [
+            (rc::NO_SUCH_ATTRIBUTE, "noSuchAttribute"),
+            (rc::ATTRIBUTE_OR_VALUE_EXISTS, "attributeOrValueExists"),
+            (rc::NO_SUCH_OBJECT, "noSuchObject"),
+            (rc::BUSY, "busy"),
+            (rc::UNAVAILABLE, "unavailable"),
+            (rc::UNWILLING_TO_PERFORM, "unwillingToPerform"),
+            (rc::ENTRY_ALREADY_EXISTS, "entryAlreadyExists"),
+            (rc::OTHER, "other"),
+            (50, "insufficientAccessRights"),
+        ] {
+            assert_eq!(rc::name(code), Some(name));
+        }
     }
 }
