@@ -1,7 +1,7 @@
 //! The one-shot commands, `plan`, `sync` and `check`, on top of the tree
 //! scan, the index, the plan and a directory backend.
 //!
-//! Each returns the process exit code (SPEC section 6) or an error that
+//! Each returns the process exit code (the README lists them) or an error that
 //! `main` prints on one line and turns into exit code 1. Output goes to the
 //! writer given, so tests and the binary share the same path.
 

@@ -10,8 +10,8 @@
 //!
 //! Applying one group: one Modify per changed group, result codes read for
 //! what they mean, transient failures retried with backoff, and an honest
-//! account of what was and was not applied. The ladder for one request
-//! (SPEC section 4): send it; a transient failure (busy, unavailable,
+//! account of what was and was not applied. The ladder for one request:
+//! send it; a transient failure (busy, unavailable,
 //! other, no answer) is retried with exponential backoff and jitter; any
 //! other failure re-reads the group and re-plans the request against what
 //! is really there (a vanished group is dropped with a warning); if the

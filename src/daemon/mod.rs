@@ -1,15 +1,18 @@
 //! The `run` event loop: wait for the tree, sync everything once, then
 //! follow the tree and keep the groups right.
 //!
-//! One task owns all state (the tree as last seen, the index, the cached
-//! groups, what is dirty). Tree changes only update the index and mark
-//! proids dirty; after the batch window the dirty proids are planned from
-//! the index and the cached groups and applied, one Modify per group. Only
-//! one batch is in flight at a time, so a group is never written by two
-//! reconciles at once, and while a batch waits on the directory the loop
-//! keeps taking tree changes. Failed groups are retried with backoff and
-//! re-read first; a periodic full resync re-reads every group and repairs
-//! whatever was edited by hand or missed.
+//! One task owns all state; this module only wires the parts. The index
+//! turns tree changes into dirty proids; `schedule` says when a batch,
+//! a retry or a full sync is due (an isolated change at once, a burst
+//! coalesced for the batch window); `groups` caches the groups a batch
+//! plans from; every batch and full sync is one pass of
+//! [`crate::reconcile`], one Modify per group. Only one batch is in flight
+//! at a time, so a group is never written by two reconciles at once, and
+//! while a batch waits on the directory the loop keeps taking tree
+//! changes. `leadership` follows the election and derives readiness from
+//! the daemon's state. Failed groups are retried with backoff and re-read
+//! first; a periodic full resync re-reads every group and repairs whatever
+//! was edited by hand or missed.
 //!
 //! The tree watcher is trusted only while it works. Requests for a rescan
 //! (queue overflows, doubts) are coalesced: one rescan at a time, the next

@@ -3,7 +3,7 @@
 //! due and when a missing group may be looked up again.
 //!
 //! Pure timing, no I/O: every decision takes the current [`Instant`] and
-//! returns what is due, so the rules of SPEC section 7 are tested in paused
+//! returns what is due, so the daemon's timing rules are tested in paused
 //! time. The loop asks [`Schedule::next_wake`] how long it may sleep.
 //!
 //! The batch window adapts: when the daemon is idle (no batch in flight,
