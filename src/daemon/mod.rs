@@ -153,10 +153,33 @@ async fn wait_for_signal() {
     }
 }
 
+/// What the daemon runs on in place of what the configuration opens: a
+/// test hands it a directory and the tree's changes; the binary gives
+/// none, and the daemon opens the configured directory and watches
+/// `--fs-root`.
+#[derive(Default)]
+pub struct Parts {
+    /// The directory the groups live in.
+    pub directory: Option<Arc<dyn Directory>>,
+    /// The tree's changes, in place of the first watcher (a later one,
+    /// after this stream ends, watches `--fs-root`).
+    pub changes: Option<mpsc::UnboundedReceiver<Change>>,
+}
+
 /// Runs the daemon until `shutdown` completes; returns `Ok` on a clean stop.
 pub async fn run(
     config: RunConfig,
     metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), DaemonError> {
+    run_on(config, metrics, Parts::default(), shutdown).await
+}
+
+/// [`run`] on the parts given.
+pub async fn run_on(
+    config: RunConfig,
+    metrics: Arc<Metrics>,
+    parts: Parts,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), DaemonError> {
     let mut shutdown = std::pin::pin!(shutdown);
@@ -176,6 +199,8 @@ pub async fn run(
         None => None,
     };
     let mut daemon = Daemon::new(config, metrics);
+    daemon.directory = parts.directory;
+    daemon.given_changes = parts.changes;
     if let Some(election) = election {
         daemon.leadership = Leadership::new(Some(election.subscribe()));
         daemon.election = Some(election);
@@ -195,6 +220,8 @@ struct Daemon {
     tree: Snapshot,
     index: Index,
     changes: Option<mpsc::UnboundedReceiver<Change>>,
+    /// Changes handed in to follow in place of the first watcher.
+    given_changes: Option<mpsc::UnboundedReceiver<Change>>,
     watcher: Option<TreeWatcher>,
     directory: Option<Arc<dyn Directory>>,
     /// The groups as last read or written.
@@ -244,6 +271,7 @@ impl Daemon {
             tree: Snapshot::default(),
             index,
             changes: None,
+            given_changes: None,
             watcher: None,
             directory: None,
             groups,
@@ -381,6 +409,11 @@ impl Daemon {
     /// error; a restart failing is retried, not ready meanwhile. False when
     /// the caller should loop (no watcher yet, or shut down).
     async fn start_watcher(&mut self, shutdown: &mut Shutdown<'_>) -> Result<bool, DaemonError> {
+        if let Some(rx) = self.given_changes.take() {
+            self.watcher_started = true;
+            self.changes = Some(rx);
+            return Ok(true);
+        }
         match watch(&self.root()) {
             Ok((watcher, rx)) => {
                 if self.watcher_started {
@@ -1049,12 +1082,16 @@ async fn role_changed(roles: Option<&mut watch::Receiver<RoleState>>) {
 mod tests {
     use super::*;
     use crate::cli::{self, Command};
+    use crate::directory::memory::{Flavour, MemoryDirectory};
     use crate::directory::Group;
+    use crate::ldif::Record;
+    use crate::model::HostName;
 
-    /// A daemon on `root`; the directory file beside the tree is never opened.
-    fn daemon(root: &std::path::Path) -> Daemon {
+    /// The configuration of a daemon on `root`, with `extra` options; the
+    /// directory file beside the tree is never opened.
+    fn run_config(root: &std::path::Path, extra: &[&str]) -> RunConfig {
         let directory = root.with_extension("ldif");
-        let argv = [
+        let mut argv = vec![
             "gmsa-reconciler".to_owned(),
             "run".to_owned(),
             format!("--fs-root={}", root.display()),
@@ -1063,11 +1100,180 @@ mod tests {
             "--partition=p1".to_owned(),
             "--no-lock".to_owned(),
         ];
-        let config = match cli::parse(argv).expect("parse").command {
+        argv.extend(extra.iter().map(|s| (*s).to_owned()));
+        match cli::parse(argv).expect("parse").command {
             Command::Run(args) => RunConfig::from_args(&args).expect("valid"),
             other => panic!("expected run, got {other:?}"),
+        }
+    }
+
+    fn daemon(root: &std::path::Path) -> Daemon {
+        Daemon::new(run_config(root, &[]), Arc::new(Metrics::new()))
+    }
+
+    const WEB: &str = "CN=web-gmsa-hosts,OU=Groups,DC=ad,DC=com";
+    const DB: &str = "CN=db-gmsa-hosts,OU=Groups,DC=ad,DC=com";
+    const H1: &str = "CN=h1,DC=ad,DC=com";
+
+    /// An in-memory directory holding the `web` and `db` groups, empty.
+    fn memory_directory() -> Arc<MemoryDirectory> {
+        let record = |dn: &str, name: &str| Record {
+            dn: dn.into(),
+            attrs: vec![
+                ("objectClass".to_owned(), "group".to_owned()),
+                ("sAMAccountName".to_owned(), name.to_owned()),
+            ],
         };
-        Daemon::new(config, Arc::new(Metrics::new()))
+        Arc::new(MemoryDirectory::new(
+            vec![record(WEB, "web-gmsa-hosts"), record(DB, "db-gmsa-hosts")],
+            Flavour::Permissive,
+        ))
+    }
+
+    async fn members(dir: &MemoryDirectory, group: &str) -> BTreeSet<Dn> {
+        dir.read_group(&Dn::parse(group).expect("dn"))
+            .await
+            .expect("read")
+            .expect("group")
+            .members
+    }
+
+    /// Waits (in real time, at most a minute) until `done` holds.
+    async fn until<F: std::future::Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F) {
+        for _ in 0..600 {
+            if done().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("timed out waiting for: {what}");
+    }
+
+    /// A daemon running on the in-memory directory and a channel standing
+    /// for the watcher.
+    struct Harness {
+        dir: Arc<MemoryDirectory>,
+        metrics: Arc<Metrics>,
+        changes: mpsc::UnboundedSender<Change>,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        task: JoinHandle<Result<(), DaemonError>>,
+    }
+
+    impl Harness {
+        fn start(root: &std::path::Path, extra: &[&str]) -> Harness {
+            let dir = memory_directory();
+            let metrics = Arc::new(Metrics::new());
+            let (changes, rx) = mpsc::unbounded_channel();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let parts = Parts {
+                directory: Some(dir.clone()),
+                changes: Some(rx),
+            };
+            let task = tokio::spawn(run_on(
+                run_config(root, extra),
+                metrics.clone(),
+                parts,
+                async move {
+                    let _ = stopped.await;
+                },
+            ));
+            Harness {
+                dir,
+                metrics,
+                changes,
+                stop: Some(stop),
+                task,
+            }
+        }
+
+        async fn stop(mut self) {
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+            self.task.await.expect("joined").expect("clean stop");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_isolated_change_is_applied_at_once_not_after_the_window() {
+        let (_guard, root) = tree();
+        fill(&root);
+        // A window far longer than the test may take: only the idle fast
+        // path can apply the change in time.
+        let h = Harness::start(&root, &["--batch-window=1h"]);
+        until("the initial sync", || async { h.metrics.is_ready() }).await;
+        assert_eq!(
+            members(&h.dir, WEB).await,
+            [Dn::parse(H1).expect("dn")].into()
+        );
+
+        h.changes
+            .send(Change::Tree(TreeEvent::PlacementAdded {
+                host: HostName::new("h1").expect("host"),
+                instance: "db.app#1".into(),
+            }))
+            .expect("send");
+        until("the isolated change applied", || async {
+            !members(&h.dir, DB).await.is_empty()
+        })
+        .await;
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_resync_finds_drift_and_repairs_it() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let h = Harness::start(&root, &["--resync-interval=1s"]);
+        until("the initial sync", || async { h.metrics.is_ready() }).await;
+        let h1 = Dn::parse(H1).expect("dn");
+        // Someone removes the host by hand; no tree change says so.
+        h.dir
+            .modify_members(
+                &Dn::parse(WEB).expect("dn"),
+                &crate::directory::MemberChange {
+                    add: vec![],
+                    delete: vec![h1.clone()],
+                },
+            )
+            .await
+            .expect("manual edit");
+        assert!(members(&h.dir, WEB).await.is_empty());
+        until("the resync repaired the drift", || async {
+            members(&h.dir, WEB).await.contains(&h1)
+        })
+        .await;
+        assert!(h.metrics.resyncs.get() >= 2);
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn modified_going_away_stops_writes_until_it_is_back() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let h = Harness::start(&root, &[]);
+        until("the initial sync", || async { h.metrics.is_ready() }).await;
+
+        std::fs::remove_file(root.join(".modified")).expect("rm .modified");
+        std::fs::write(root.join("placement/h1/db.app#1"), "{}").expect("placement");
+        h.changes
+            .send(Change::Rescan("doubt".into()))
+            .expect("send");
+        until("not ready", || async { !h.metrics.is_ready() }).await;
+        let (_, body) = h.metrics.readiness();
+        assert!(body.contains("placement tree unusable"), "{body}");
+        assert!(
+            members(&h.dir, DB).await.is_empty(),
+            "nothing written from a tree that is not ready"
+        );
+
+        std::fs::write(root.join(".modified"), "").expect(".modified");
+        until("the change applied once the tree is back", || async {
+            !members(&h.dir, DB).await.is_empty()
+        })
+        .await;
+        until("ready again", || async { h.metrics.is_ready() }).await;
+        h.stop().await;
     }
 
     /// A tree with one host in scope running `web`, and an empty directory

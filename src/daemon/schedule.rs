@@ -199,6 +199,9 @@ impl Schedule {
     pub fn full_sync_started(&mut self) -> Dirty {
         self.looked_up.clear();
         self.retries.clear();
+        // The changes so far are part of this full sync, so they do not
+        // make the next one wait for a window.
+        self.last_change = None;
         self.take_batch()
     }
 
@@ -291,6 +294,18 @@ mod tests {
         // applied at once.
         advance(WINDOW).await;
         let now = Instant::now();
+        s.mark_dirty(proid("db"), now, now);
+        assert!(s.batch_ready(now));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_first_change_after_a_full_sync_is_applied_at_once() {
+        let mut s = schedule();
+        let now = Instant::now();
+        // The startup scan's changes, then the full sync that covers them.
+        s.mark_dirty(proid("web"), now, now);
+        s.full_sync_started();
+        s.full_sync_done(now);
         s.mark_dirty(proid("db"), now, now);
         assert!(s.batch_ready(now));
     }
