@@ -147,20 +147,31 @@ impl Daemon {
                 if let Some(previous) = previous {
                     let _ = previous.await;
                 }
-                if add {
-                    match node.placement_added(&name).await {
-                        Ok(done) => info!(instance = %name, ?done, "placement added"),
-                        Err(err) => {
-                            error!(instance = %name, error = %err, "configuring the container failed")
+                // The operation reads and writes files (manifests, fsyncs,
+                // renames): it runs on the blocking pool, so that a slow
+                // disk holds up this instance only, never the event loop.
+                let runtime = tokio::runtime::Handle::current();
+                let work = tokio::task::spawn_blocking(move || {
+                    runtime.block_on(async {
+                        if add {
+                            match node.placement_added(&name).await {
+                                Ok(done) => info!(instance = %name, ?done, "placement added"),
+                                Err(err) => {
+                                    error!(instance = %name, error = %err, "configuring the container failed")
+                                }
+                            }
+                        } else {
+                            match node.placement_removed(&name).await {
+                                Ok(done) => info!(instance = %name, ?done, "placement removed"),
+                                Err(err) => {
+                                    error!(instance = %name, error = %err, "terminating the container failed")
+                                }
+                            }
                         }
-                    }
-                } else {
-                    match node.placement_removed(&name).await {
-                        Ok(done) => info!(instance = %name, ?done, "placement removed"),
-                        Err(err) => {
-                            error!(instance = %name, error = %err, "terminating the container failed")
-                        }
-                    }
+                    })
+                });
+                if let Err(err) = work.await {
+                    error!(error = %err, "a container operation panicked");
                 }
             });
             self.node_chains.insert(instance, handle);
@@ -168,14 +179,23 @@ impl Daemon {
     }
 
     pub(super) fn cleanup_containers(&mut self) {
-        if let Some(node) = &self.node {
-            let removed = node.cleanup_expired(std::time::SystemTime::now());
-            if !removed.is_empty() {
-                info!(
-                    containers = removed.len(),
-                    "removed containers kept past --retain"
-                );
-            }
+        if let Some(node) = self.node.clone() {
+            // Removing container directories is disk work: the blocking
+            // pool does it while the loop goes on.
+            self.node_tasks.spawn(async move {
+                let removed = tokio::task::spawn_blocking(move || {
+                    node.cleanup_expired(std::time::SystemTime::now())
+                })
+                .await;
+                match removed {
+                    Ok(removed) if !removed.is_empty() => info!(
+                        containers = removed.len(),
+                        "removed containers kept past --retain"
+                    ),
+                    Ok(_) => {}
+                    Err(err) => error!(error = %err, "removing old containers panicked"),
+                }
+            });
         }
         self.next_cleanup = Instant::now() + CLEANUP_EVERY;
     }
