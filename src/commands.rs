@@ -1,7 +1,7 @@
 //! The one-shot commands, `plan`, `sync`, `check` and `explain`, on top of
 //! the tree scan, the index, the plan and a directory backend.
 //!
-//! Each returns the process exit code (SPEC section 6) or an error that
+//! Each returns the process exit code (the README lists them) or an error that
 //! `main` prints on one line and turns into exit code 1. Output goes to the
 //! writer given, so tests and the binary share the same path.
 
@@ -10,20 +10,15 @@ use std::io::Write;
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::cli::{
-    CheckConfig, CheckHost, CliError, Config, DirectoryChoice, ExplainConfig, LdapChoice,
-    PasswordSource, PASSWORD_ENV,
-};
-use crate::directory::ldap::{Bind, LdapConfig, LdapDirectory, Password};
-use crate::directory::ldif_file::LdifFileDirectory;
-use crate::directory::{DirError, Directory};
+use crate::cli::{CheckConfig, CheckHost, CliError, Config, DirectoryChoice, ExplainConfig};
+use crate::directory::{self, DirError, Directory, OpenError};
 use crate::explain::{explain, Facts, Question};
 use crate::index::Index;
 use crate::model::{escape_controls, Dn, HostName};
 use crate::node;
 use crate::output::{NotApplied, Report};
-use crate::plan::{guard, plan, GroupChange, Plan, Scope};
-use crate::reconcile::apply_plan;
+use crate::plan::{guard, plan, Plan, Scope};
+use crate::reconcile::{Cause, NoRecorder, Pass};
 use crate::tree::scan::{read_server, scan, ScanError, SERVERS};
 use crate::tree::Snapshot;
 
@@ -48,12 +43,27 @@ pub enum CommandError {
     /// The directory failed.
     #[error("directory: {0}")]
     Directory(#[from] DirError),
+    /// The directory could not be opened as configured.
+    #[error(transparent)]
+    Open(OpenError),
     /// The output could not be written.
     #[error("writing the output: {0}")]
     Output(#[from] std::io::Error),
+    /// The daemon stopped on something the operator must fix.
+    #[error(transparent)]
+    Daemon(#[from] crate::daemon::DaemonError),
     /// Something the operator must fix, described in full.
     #[error("{0}")]
     Other(String),
+}
+
+impl From<OpenError> for CommandError {
+    fn from(err: OpenError) -> Self {
+        match err {
+            OpenError::Directory(err) => CommandError::Directory(err),
+            other => CommandError::Open(other),
+        }
+    }
 }
 
 /// The tree read and indexed, with the warnings logged.
@@ -97,49 +107,7 @@ fn index_snapshot(config: &Config, snapshot: Snapshot) -> Index {
 /// Opens the configured directory; `dcs` are the servers' domain controllers
 /// (used when no `--ldap-url` is given).
 pub fn open_directory(config: &Config, dcs: &[String]) -> Result<Box<dyn Directory>, CommandError> {
-    match &config.directory {
-        DirectoryChoice::LdifFile(path) => Ok(Box::new(LdifFileDirectory::open(path)?)),
-        DirectoryChoice::Ldap(choice) => {
-            Ok(Box::new(LdapDirectory::new(ldap_config(choice, dcs)?)?))
-        }
-    }
-}
-
-/// The LDAP settings with the URLs resolved (the servers' DCs when none
-/// were given) and the password read.
-fn ldap_config(choice: &LdapChoice, dcs: &[String]) -> Result<LdapConfig, CommandError> {
-    let urls = if choice.urls.is_empty() {
-        dcs.iter().map(|dc| format!("ldap://{dc}")).collect()
-    } else {
-        choice.urls.clone()
-    };
-    if urls.is_empty() {
-        return Err(CommandError::Other(
-            "--ldap-url: no LDAP server: give --ldap-url, or --directory, or servers with nt.dc in the tree".into(),
-        ));
-    }
-    let password = match &choice.password {
-        PasswordSource::None => None,
-        PasswordSource::File(path) => Some(Password::from_file(path).map_err(|e| {
-            CommandError::Other(format!("--bind-password-file {}: {e}", path.display()))
-        })?),
-        PasswordSource::Env => std::env::var(PASSWORD_ENV).ok().map(Password::new),
-    };
-    let bind = match (&choice.bind_dn, password) {
-        _ if choice.gssapi => Bind::Gssapi,
-        (Some(dn), Some(password)) => Bind::Simple {
-            dn: dn.clone(),
-            password,
-        },
-        _ => Bind::Anonymous,
-    };
-    let mut config = LdapConfig::new(urls, bind);
-    config.starttls = choice.starttls;
-    config.tls_ca_file = choice.tls_ca_file.clone();
-    config.tls_insecure = choice.tls_insecure;
-    config.timeout = choice.timeout;
-    config.range_window = choice.range_window;
-    Ok(config)
+    Ok(directory::open(&config.directory, dcs)?)
 }
 
 /// `finish`: posts the one event a stopped container's markers call for.
@@ -162,8 +130,7 @@ pub fn finish_command(
 
 struct Prepared {
     directory: Box<dyn Directory>,
-    plan: Plan,
-    refused: Option<String>,
+    pass: Pass,
 }
 
 async fn prepare(config: &Config) -> Result<Prepared, CommandError> {
@@ -203,57 +170,37 @@ async fn prepare(config: &Config) -> Result<Prepared, CommandError> {
             (index, directory, groups)
         }
     };
-    let plan = plan(&index, &groups, &config.pattern, Scope::All);
+    let pass = Pass::prepare(
+        Cause::FullSync,
+        &index,
+        &groups,
+        &config.pattern,
+        Scope::All,
+        &config.guard,
+    );
     // Freeing the tree's index and the groups (hundreds of thousands of
     // small allocations at cluster scale) takes a tenth of a second that
     // the first write need not wait for.
     tokio::task::spawn_blocking(move || drop((index, groups)));
-    for missing in &plan.missing_groups {
-        warn!(
-            proid = %missing.proid,
-            group = %config.pattern.render(&missing.proid),
-            hosts = missing.desired.len(),
-            "proid has placements but no group"
-        );
-    }
-    let refused = guard(&plan, &config.guard);
-    if let Some(reason) = &refused {
-        warn!("mass-deletion guard: {reason}");
-    }
-    Ok(Prepared {
-        directory,
-        plan,
-        refused,
-    })
+    Ok(Prepared { directory, pass })
 }
 
-/// The report of a plan as it would be applied: refused deletions set apart.
-fn planned_report(verb: &'static str, plan: Plan, refused: Option<String>) -> Report {
-    match refused {
+/// The report of a pass as it would be applied: refused deletions set apart.
+fn planned_report(verb: &'static str, pass: Pass) -> Report {
+    match pass.refused {
         None => Report {
             verb,
-            plan,
+            plan: pass.plan,
             ..Report::default()
         },
-        Some(reason) => Report {
+        Some(refusal) => Report {
             verb,
-            refused_changes: refused_changes(&plan),
-            plan: plan.without_deletions(),
-            refused: Some(reason),
+            refused_changes: refusal.changes,
+            plan: pass.plan,
+            refused: Some(refusal.reason),
             ..Report::default()
         },
     }
-}
-
-fn refused_changes(plan: &Plan) -> Vec<GroupChange> {
-    plan.changes
-        .iter()
-        .filter(|c| !c.delete.is_empty())
-        .map(|c| GroupChange {
-            add: Default::default(),
-            ..c.clone()
-        })
-        .collect()
 }
 
 /// `plan`: print the changes; with `exit_code`, exit 2 when there are any.
@@ -263,7 +210,7 @@ pub async fn plan_command(
     out: &mut dyn Write,
 ) -> Result<u8, CommandError> {
     let prepared = prepare(config).await?;
-    let report = planned_report("plan", prepared.plan, prepared.refused);
+    let report = planned_report("plan", prepared.pass);
     out.write_all(report.render(config.format).as_bytes())?;
     Ok(if exit_code && report.has_changes() {
         EXIT_CHANGES
@@ -279,15 +226,20 @@ pub async fn sync_command(
     dry_run: bool,
     out: &mut dyn Write,
 ) -> Result<u8, CommandError> {
-    let prepared = prepare(config).await?;
-    let refused = prepared.refused.is_some();
+    let Prepared {
+        directory,
+        mut pass,
+    } = prepare(config).await?;
+    let refused = pass.refused.is_some();
+    pass.apply(directory.as_ref(), &config.apply, dry_run, &NoRecorder)
+        .await;
     if dry_run {
-        let report = planned_report("sync --dry-run", prepared.plan, prepared.refused);
+        let report = planned_report("sync --dry-run", pass);
         out.write_all(report.render(config.format).as_bytes())?;
         return Ok(if refused { EXIT_ERROR } else { EXIT_OK });
     }
-    let planned = planned_report("sync", prepared.plan, prepared.refused);
-    let results = apply_plan(prepared.directory.as_ref(), &planned.plan, &config.apply).await;
+    let results = std::mem::take(&mut pass.results);
+    let planned = planned_report("sync", pass);
     let mut applied = Plan {
         changes: Vec::new(),
         ..planned.plan.clone()

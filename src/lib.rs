@@ -9,14 +9,14 @@
 //! - [`index`]: per-proid, per-host reference counts, updated event by event.
 //! - [`plan`]: desired state against the directory's groups, as a deterministic plan.
 //! - [`ldif`]: the LDIF reader and writer (RFC 2849).
-//! - [`directory`]: the directory trait and its LDAP, LDIF-file and in-memory backends.
-//! - [`reconcile`]: applies a plan through a directory: result codes, retries, the guard.
+//! - [`directory`]: the directory trait, its LDAP, LDIF-file and in-memory backends, and opening the configured one.
+//! - [`reconcile`]: one reconcile pass (plan, guard, missing groups, apply, record), shared by `sync` and the daemon; result codes, retries, backoff.
 //! - [`output`]: the LDIF and JSON renderings of plans and results.
 //! - [`cli`]: options from flags, environment and config file, validated into a config.
 //! - [`commands`]: `plan`, `sync`, `check` and `explain` on top of the above.
 //! - [`config_check`]: `config`: every source of options checked, the effective options with their origin.
 //! - [`explain`]: why each host is or is not in a proid's group.
-//! - [`daemon`]: the `run` event loop.
+//! - [`daemon`]: `run`: the event loop wiring a schedule (pure timing), a group cache, leadership and readiness, and node mode.
 //! - [`election`]: which replica writes: leader election through a ZooKeeper lock.
 //! - [`metrics`]: Prometheus metrics, health and readiness over HTTP.
 //! - [`safe_fs`]: the one way files from outside are opened: regular files only, no links followed, sizes capped.

@@ -58,7 +58,8 @@ use crate::model::escape_controls;
 /// Labels of the Modify request counter.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    /// `success`, `failure` or `vanished`.
+    /// `success`, `vanished`, or what failed: an LDAP result code's name,
+    /// `unreachable`, `stalled` or `failure`.
     pub outcome: &'static str,
 }
 

@@ -1,15 +1,24 @@
-//! Applies a plan through a [`Directory`]: one Modify per changed group,
-//! result codes read for what they mean, transient failures retried with
-//! backoff, and an honest account of what was and was not applied.
+//! One reconcile pass, shared by `sync` and the daemon: plan, guard,
+//! report missing groups, apply, record.
 //!
-//! The ladder for one request (SPEC section 4): send it; a transient failure
-//! (busy, unavailable, other, no answer) is retried with exponential backoff
-//! and jitter; any other failure re-reads the group and re-plans the request
-//! against what is really there (a vanished group is dropped with a
-//! warning); if the re-planned request fails too, values are sent one by
-//! one, where "already there" and "already gone" answers count as success.
-//! A value is only reported as applied when the directory said so or a
-//! re-read shows it in the desired state.
+//! [`Pass::prepare`] compares the desired state with the groups, holds
+//! back deletions the mass-deletion guard refuses and reports the proids
+//! without a group; [`Pass::apply`] writes what is left through a
+//! [`Directory`] and hands every group's result to a [`Recorder`], the one
+//! place where a change counts as applied. The two halves are separate
+//! because the daemon keeps taking tree changes while the directory works.
+//!
+//! Applying one group: one Modify per changed group, result codes read for
+//! what they mean, transient failures retried with backoff, and an honest
+//! account of what was and was not applied. The ladder for one request:
+//! send it; a transient failure (busy, unavailable,
+//! other, no answer) is retried with exponential backoff and jitter; any
+//! other failure re-reads the group and re-plans the request against what
+//! is really there (a vanished group is dropped with a warning); if the
+//! re-planned request fails too, values are sent one by one, where
+//! "already there" and "already gone" answers count as success. A value is
+//! only reported as applied when the directory said so or a re-read shows
+//! it in the desired state.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -17,9 +26,11 @@ use std::time::Duration;
 use futures::stream::{self, StreamExt};
 use tracing::{debug, info_span, warn, Instrument};
 
-use crate::directory::{rc, Capabilities, DirError, Directory, MemberChange};
-use crate::model::Dn;
-use crate::plan::{GroupChange, Plan};
+use crate::directory::{rc, Capabilities, DirError, Directory, Group, MemberChange};
+use crate::index::Index;
+use crate::metrics::{Metrics, OutcomeLabels};
+use crate::model::{Dn, GroupPattern};
+use crate::plan::{guard, plan, GroupChange, GuardOptions, Plan, Scope};
 
 /// Exponential backoff with full jitter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,6 +145,186 @@ impl GroupResult {
             ..self.planned.clone()
         };
         self.failed = Some((change, err));
+    }
+}
+
+/// Why a pass runs; every record carries it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// Tree changes (a batch of dirty proids).
+    Event,
+    /// A full sync: every group read and compared.
+    FullSync,
+    /// A retry of changes that failed before.
+    Retry,
+}
+
+impl Cause {
+    /// The name records and logs use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Cause::Event => "event",
+            Cause::FullSync => "full-sync",
+            Cause::Retry => "retry",
+        }
+    }
+}
+
+/// One group's outcome as the pass records it.
+#[derive(Debug, Clone, Copy)]
+pub struct Record<'a> {
+    /// Why the pass ran.
+    pub cause: Cause,
+    /// Nothing was written: the result is what would have been done.
+    pub dry_run: bool,
+    /// What happened to the group.
+    pub result: &'a GroupResult,
+}
+
+/// Takes the records of a pass: the one place where an applied (or
+/// failed) change is accounted for, whoever ran the pass.
+pub trait Recorder: Send + Sync {
+    /// Called once per group the pass wrote or tried to write.
+    fn record(&self, record: Record<'_>);
+}
+
+/// A recorder that keeps nothing.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoRecorder;
+
+impl Recorder for NoRecorder {
+    fn record(&self, _: Record<'_>) {}
+}
+
+/// The daemon's metrics count every Modify request by the outcome of its
+/// group (a failure by its LDAP result code's name), and the retries.
+impl Recorder for Metrics {
+    fn record(&self, record: Record<'_>) {
+        let result = record.result;
+        let outcome = match &result.failed {
+            _ if result.vanished => "vanished",
+            Some((_, err)) => err.kind(),
+            None => "success",
+        };
+        self.modify_requests
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc_by(result.requests as u64);
+        self.retries.inc_by(result.retries as u64);
+    }
+}
+
+/// Deletions the mass-deletion guard held back.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    /// Why, as shown to the operator.
+    pub reason: String,
+    /// The held-back deletions, one entry per group (no additions).
+    pub changes: Vec<GroupChange>,
+}
+
+/// One reconcile pass: what it will write, what the guard held back, and
+/// once applied what happened.
+#[derive(Debug, Clone)]
+pub struct Pass {
+    /// Why the pass runs.
+    pub cause: Cause,
+    /// What is to be written: the plan without refused deletions. Its
+    /// `missing_groups` are the proids with placements and no group.
+    pub plan: Plan,
+    /// Deletions refused by the guard, if it refused any.
+    pub refused: Option<Refusal>,
+    /// One result per change of `plan`, in plan order, once applied.
+    pub results: Vec<GroupResult>,
+}
+
+impl Pass {
+    /// Plans `scope` from the index and `groups`, lets the guard hold back
+    /// deletions, and reports the proids that have placements but no group.
+    pub fn prepare(
+        cause: Cause,
+        index: &Index,
+        groups: &[Group],
+        pattern: &GroupPattern,
+        scope: Scope<'_>,
+        limits: &GuardOptions,
+    ) -> Pass {
+        Pass::from_plan(cause, plan(index, groups, pattern, scope), pattern, limits)
+    }
+
+    /// [`Pass::prepare`] for a plan already made.
+    pub fn from_plan(
+        cause: Cause,
+        plan: Plan,
+        pattern: &GroupPattern,
+        limits: &GuardOptions,
+    ) -> Pass {
+        for missing in &plan.missing_groups {
+            warn!(
+                proid = %missing.proid,
+                group = %pattern.render(&missing.proid),
+                hosts = missing.desired.len(),
+                "proid has placements but no group"
+            );
+        }
+        let (plan, refused) = match guard(&plan, limits) {
+            None => (plan, None),
+            Some(reason) => {
+                warn!("mass-deletion guard: {reason}");
+                let changes = plan
+                    .changes
+                    .iter()
+                    .filter(|c| !c.delete.is_empty())
+                    .map(|c| GroupChange {
+                        add: BTreeSet::new(),
+                        ..c.clone()
+                    })
+                    .collect();
+                (plan.without_deletions(), Some(Refusal { reason, changes }))
+            }
+        };
+        Pass {
+            cause,
+            plan,
+            refused,
+            results: Vec::new(),
+        }
+    }
+
+    /// Writes the plan (with `dry_run`, pretends to) and records every
+    /// group's result.
+    pub async fn apply(
+        &mut self,
+        dir: &dyn Directory,
+        options: &ApplyOptions,
+        dry_run: bool,
+        recorder: &dyn Recorder,
+    ) {
+        self.results = if dry_run {
+            self.plan.changes.iter().map(simulated).collect()
+        } else if self.plan.changes.is_empty() {
+            Vec::new()
+        } else {
+            apply_plan(dir, &self.plan, options).await
+        };
+        for result in &self.results {
+            recorder.record(Record {
+                cause: self.cause,
+                dry_run,
+                result,
+            });
+        }
+    }
+}
+
+/// The result a dry run pretends to have had.
+fn simulated(change: &GroupChange) -> GroupResult {
+    GroupResult {
+        planned: change.clone(),
+        applied: change.clone(),
+        failed: None,
+        vanished: false,
+        requests: 0,
+        retries: 0,
     }
 }
 
@@ -703,6 +894,114 @@ mod tests {
         assert_eq!(
             results[0].failed.as_ref().map(|(c, _)| c.add.len()),
             Some(1)
+        );
+    }
+
+    /// Keeps what the pass recorded.
+    #[derive(Default)]
+    struct Kept(std::sync::Mutex<Vec<(Cause, bool, GroupChange)>>);
+
+    impl Recorder for Kept {
+        fn record(&self, record: super::Record<'_>) {
+            if let Ok(mut kept) = self.0.lock() {
+                kept.push((record.cause, record.dry_run, record.result.applied.clone()));
+            }
+        }
+    }
+
+    fn pattern() -> GroupPattern {
+        GroupPattern::parse("{}").expect("pattern")
+    }
+
+    #[tokio::test]
+    async fn a_pass_records_every_applied_group() {
+        let dir = directory(Flavour::Permissive, &[]);
+        let change = group_change(&["CN=a,DC=x"], &[]);
+        let plan = Plan {
+            changes: vec![change.clone()],
+            ..Plan::default()
+        };
+        let mut pass = Pass::from_plan(Cause::Event, plan, &pattern(), &GuardOptions::default());
+        let kept = Kept::default();
+        pass.apply(&dir, &ApplyOptions::default(), false, &kept)
+            .await;
+        let kept = kept.0.into_inner().expect("lock");
+        assert_eq!(kept, vec![(Cause::Event, false, change.clone())]);
+        assert_eq!(members(&dir).await, change.add);
+    }
+
+    #[tokio::test]
+    async fn a_dry_pass_records_without_writing() {
+        let dir = directory(Flavour::Permissive, &[]);
+        let change = group_change(&["CN=a,DC=x"], &[]);
+        let plan = Plan {
+            changes: vec![change.clone()],
+            ..Plan::default()
+        };
+        let mut pass = Pass::from_plan(Cause::FullSync, plan, &pattern(), &GuardOptions::default());
+        let kept = Kept::default();
+        pass.apply(&dir, &ApplyOptions::default(), true, &kept)
+            .await;
+        assert_eq!(
+            kept.0.into_inner().expect("lock"),
+            vec![(Cause::FullSync, true, change)]
+        );
+        assert_eq!(modifies(&dir), 0);
+        assert!(members(&dir).await.is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_pass_holds_back_the_deletions_the_guard_refuses() {
+        let old: Vec<String> = (0..12).map(|i| format!("CN=o{i:02},DC=x")).collect();
+        let refs: Vec<&str> = old.iter().map(String::as_str).collect();
+        let dir = directory(Flavour::Permissive, &refs);
+        let plan = Plan {
+            changes: vec![group_change(&["CN=new,DC=x"], &refs)],
+            groups_compared: 1,
+            managed_members: 12,
+            ..Plan::default()
+        };
+        let mut pass = Pass::from_plan(Cause::Event, plan, &pattern(), &GuardOptions::default());
+        let refusal = pass.refused.clone().expect("refused");
+        assert_eq!(refusal.changes.len(), 1);
+        assert_eq!(refusal.changes[0].delete.len(), 12);
+        assert!(refusal.changes[0].add.is_empty());
+        assert!(pass.plan.changes.iter().all(|c| c.delete.is_empty()));
+        pass.apply(&dir, &ApplyOptions::default(), false, &NoRecorder)
+            .await;
+        let now = members(&dir).await;
+        assert!(now.contains(&dn("CN=new,DC=x")));
+        assert_eq!(now.len(), 13, "nothing deleted");
+    }
+
+    #[tokio::test]
+    async fn a_refused_modify_is_counted_under_its_result_code_name() {
+        let dir = directory(Flavour::Permissive, &[]);
+        let refused = DirError::Result {
+            op: Op::Modify,
+            dn: GROUP.into(),
+            code: 50,
+            message: "no write access".into(),
+        };
+        dir.fail_next_modify(None, refused, 1000);
+        let plan = Plan {
+            changes: vec![group_change(&["CN=a,DC=x"], &[])],
+            ..Plan::default()
+        };
+        let mut pass = Pass::from_plan(Cause::Event, plan, &pattern(), &GuardOptions::default());
+        let metrics = Metrics::new();
+        pass.apply(&dir, &ApplyOptions::default(), false, &metrics)
+            .await;
+        let (_, err) = pass.results[0].failed.clone().expect("not applied");
+        assert_eq!(err.code(), Some(50), "the code is kept");
+        assert!(
+            err.to_string().contains("LDAP 50 insufficientAccessRights"),
+            "{err}"
+        );
+        let text = metrics.encode();
+        assert!(
+            text.contains("gmsa_modify_requests_total{outcome=\"insufficientAccessRights\"}"),
+            "{text}"
         );
     }
 

@@ -253,10 +253,11 @@ async fn converges_after_slapd_is_killed_and_restarted() {
     tree.place("h2", "web.app#2");
     tree.place("h3", "db.app#1");
     tree.unplace("h1", "web.app#1");
-    // The failed writes are retried and counted while slapd is away.
+    // The failed writes are retried and counted while slapd is away,
+    // under what failed: no server answered.
     eventually("failed writes", || {
         daemon.metric("gmsa_modify_requests_total") > 0.0
-            && daemon.get("/metrics").1.contains("outcome=\"failure\"")
+            && daemon.get("/metrics").1.contains("outcome=\"unreachable\"")
     })
     .await;
     slapd.restart();
@@ -363,7 +364,7 @@ fn the_binary_dry_runs_and_exits_zero_on_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_deletions_stay_pending_and_visible() {
     init_logs();
-    let hosts = ["g1", "g2", "g3", "g4", "g5"];
+    let hosts = ["g1", "g2", "g3", "g4", "g5", "g6", "g7"];
     let slapd = Slapd::start_with(&[&computers_and_groups(
         &hosts,
         &["web-gmsa-hosts", "db-gmsa-hosts"],
@@ -379,8 +380,12 @@ async fn refused_deletions_stay_pending_and_visible() {
     let daemon = Running::start(&daemon_args(&tree, &slapd, &pw, &["--max-delete=2"]));
     converge(&reader, "web-gmsa-hosts", &hosts, "initial sync").await;
 
-    // Three deletions and one addition in one batch: the deletions are refused.
-    for h in ["g1", "g2", "g3"] {
+    // Six deletions and one addition at once. An idle daemon applies the
+    // first change at once, so the first batch may carry a deletion or two
+    // (within --max-delete); the rest coalesce into a batch whose
+    // deletions the guard refuses.
+    let leaving = ["g1", "g2", "g3", "g4", "g5", "g6"];
+    for h in leaving {
         tree.unplace(h, &format!("web.app#{h}"));
     }
     tree.place("g1", "db.app#1");
@@ -393,25 +398,19 @@ async fn refused_deletions_stay_pending_and_visible() {
     .await;
     eventually("refusal visible", || {
         daemon.metric("gmsa_guard_refusals_total") >= 1.0
-            && daemon.metric("gmsa_refused_deletions_pending") == 3.0
+            && daemon.metric("gmsa_refused_deletions_pending") >= 4.0
     })
     .await;
-    assert_eq!(
-        reader.members("web-gmsa-hosts").await,
-        set(&hosts),
-        "nothing deleted"
+    let members = reader.members("web-gmsa-hosts").await;
+    assert!(
+        members.len() >= hosts.len() - 2,
+        "no more deletions than --max-delete allows: {members:?}"
     );
     daemon.stop().await;
 
     // Restarted with the guard lifted, the pending deletions are applied.
     let daemon = Running::start(&daemon_args(&tree, &slapd, &pw, &["--allow-mass-delete"]));
-    converge(
-        &reader,
-        "web-gmsa-hosts",
-        &["g4", "g5"],
-        "deletions once allowed",
-    )
-    .await;
+    converge(&reader, "web-gmsa-hosts", &["g7"], "deletions once allowed").await;
     daemon.stop().await;
 }
 

@@ -15,7 +15,8 @@ use async_trait::async_trait;
 use gmsa_reconciler::model::{HostName, Proid};
 use gmsa_reconciler::node::events::parse_file_name;
 use gmsa_reconciler::node::{
-    Added, DomainInfo, EventKind, GmsaProids, MembershipCheck, Node, NodeConfig, Removed,
+    Added, CheckError, DomainInfo, EventKind, GmsaProids, MembershipCheck, Node, NodeConfig,
+    Removed,
 };
 
 const HOST: &str = "host1.ad.test";
@@ -510,10 +511,10 @@ struct FakeDirectory {
 
 #[async_trait]
 impl MembershipCheck for FakeDirectory {
-    async fn group_exists(&self, proid: &Proid) -> Result<bool, String> {
+    async fn group_exists(&self, proid: &Proid) -> Result<bool, CheckError> {
         Ok(self.groups.contains(proid.as_str()))
     }
-    async fn is_member(&self, proid: &Proid) -> Result<bool, String> {
+    async fn is_member(&self, proid: &Proid) -> Result<bool, CheckError> {
         assert!(
             self.groups.contains(proid.as_str()),
             "asked about {proid}, which has no group"

@@ -1,15 +1,18 @@
 //! The `run` event loop: wait for the tree, sync everything once, then
 //! follow the tree and keep the groups right.
 //!
-//! One task owns all state (the tree as last seen, the index, the cached
-//! groups, what is dirty). Tree changes only update the index and mark
-//! proids dirty; after the batch window the dirty proids are planned from
-//! the index and the cached groups and applied, one Modify per group. Only
-//! one batch is in flight at a time, so a group is never written by two
-//! reconciles at once, and while a batch waits on the directory the loop
-//! keeps taking tree changes. Failed groups are retried with backoff and
-//! re-read first; a periodic full resync re-reads every group and repairs
-//! whatever was edited by hand or missed.
+//! One task owns all state; this module only wires the parts. The index
+//! turns tree changes into dirty proids; `schedule` says when a batch,
+//! a retry or a full sync is due (an isolated change at once, a burst
+//! coalesced for the batch window); `groups` caches the groups a batch
+//! plans from; every batch and full sync is one pass of
+//! [`crate::reconcile`], one Modify per group. Only one batch is in flight
+//! at a time, so a group is never written by two reconciles at once, and
+//! while a batch waits on the directory the loop keeps taking tree
+//! changes. `leadership` follows the election and derives readiness from
+//! the daemon's state. Failed groups are retried with backoff and re-read
+//! first; a periodic full resync re-reads every group and repairs whatever
+//! was edited by hand or missed.
 //!
 //! The tree watcher is trusted only while it works. Requests for a rescan
 //! (queue overflows, doubts) are coalesced: one rescan at a time, the next
@@ -34,30 +37,34 @@ use tokio::time::{sleep, sleep_until, Instant};
 use tracing::{debug, error, info, warn};
 
 use crate::cli::RunConfig;
-use crate::commands::{open_directory, CommandError, EXIT_OK};
-use crate::directory::{Directory, Group};
+use crate::commands::{CommandError, EXIT_OK};
+use crate::directory;
+use crate::directory::Directory;
 use crate::election::{self, Election, Role, RoleState};
 use crate::index::Index;
-use crate::metrics::{self, Metrics, OutcomeLabels};
+use crate::metrics::{self, Metrics};
 use crate::model::{Dn, Proid};
 use crate::node::{GmsaProids, Node};
 use crate::output::Report;
-use crate::plan::{guard, plan, GroupChange, Plan, Scope};
-use crate::reconcile::{apply_plan, Backoff, GroupResult};
+use crate::plan::Scope;
+use crate::reconcile::{Backoff, Cause, GroupResult, Pass};
 use crate::tree::scan::{check_ready, scan, ScanError};
 use crate::tree::watch::{watch, Change, TreeWatcher};
 use crate::tree::{Snapshot, TreeEvent};
 
+mod groups;
+mod leadership;
 mod node;
+mod schedule;
+
+use groups::GroupCache;
+use leadership::{readiness, Health, Leadership, RoleChange};
+use schedule::{Dirty, Schedule};
 
 /// How long in-flight writes may take to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// How often the wait for `.modified` is logged.
 const READY_LOG_EVERY: Duration = Duration::from_secs(30);
-/// How often the group of a proid without one is looked up between full syncs.
-const MISSING_LOOKUP_EVERY: Duration = Duration::from_secs(60);
-/// A batch waits for quiet, but at most this many batch windows.
-const MAX_BATCH_WAITS: u32 = 10;
 /// How often containers kept past `--retain` are looked for.
 const CLEANUP_EVERY: Duration = Duration::from_secs(60);
 /// How often the tree is polled while it is not usable.
@@ -72,12 +79,27 @@ const WATCHER_RETRY: Duration = Duration::from_secs(2);
 /// rest wait for the rescan, which sees them anyway.
 const DRAIN_BEFORE_RESCAN: usize = 100_000;
 
-/// Why the daemon stopped with an error.
+/// Why the daemon stopped with an error: each is something the operator
+/// must fix before it can run. Everything else is retried.
 #[derive(Debug, Error)]
 pub enum DaemonError {
-    /// A startup problem (configuration, metrics address, watcher).
-    #[error("{0}")]
-    Startup(String),
+    /// The metrics address cannot be listened on.
+    #[error("--metrics-addr {addr}: {source}")]
+    MetricsAddr {
+        /// The address asked for.
+        addr: std::net::SocketAddr,
+        /// Why it cannot be bound.
+        source: std::io::Error,
+    },
+    /// The election cannot start.
+    #[error(transparent)]
+    Election(#[from] election::ElectionError),
+    /// The first tree watcher cannot start (a later one is retried).
+    #[error(transparent)]
+    Watcher(#[from] crate::tree::watch::WatchError),
+    /// Node mode's configuration is unusable.
+    #[error(transparent)]
+    Node(#[from] crate::node::NodeError),
 }
 
 type Shutdown<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send)>;
@@ -102,9 +124,7 @@ pub async fn run_until_signalled(config: RunConfig) -> Result<u8, CommandError> 
     let shutdown = async move {
         let _ = rx.recv().await;
     };
-    run(config, Arc::new(Metrics::new()), shutdown)
-        .await
-        .map_err(|e| CommandError::Other(e.to_string()))?;
+    run(config, Arc::new(Metrics::new()), shutdown).await?;
     Ok(EXIT_OK)
 }
 
@@ -133,10 +153,33 @@ async fn wait_for_signal() {
     }
 }
 
+/// What the daemon runs on in place of what the configuration opens: a
+/// test hands it a directory and the tree's changes; the binary gives
+/// none, and the daemon opens the configured directory and watches
+/// `--fs-root`.
+#[derive(Default)]
+pub struct Parts {
+    /// The directory the groups live in.
+    pub directory: Option<Arc<dyn Directory>>,
+    /// The tree's changes, in place of the first watcher (a later one,
+    /// after this stream ends, watches `--fs-root`).
+    pub changes: Option<mpsc::UnboundedReceiver<Change>>,
+}
+
 /// Runs the daemon until `shutdown` completes; returns `Ok` on a clean stop.
 pub async fn run(
     config: RunConfig,
     metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), DaemonError> {
+    run_on(config, metrics, Parts::default(), shutdown).await
+}
+
+/// [`run`] on the parts given.
+pub async fn run_on(
+    config: RunConfig,
+    metrics: Arc<Metrics>,
+    parts: Parts,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), DaemonError> {
     let mut shutdown = std::pin::pin!(shutdown);
@@ -144,23 +187,22 @@ pub async fn run(
     if let Some(addr) = config.metrics_addr {
         let listener = metrics::bind(addr)
             .await
-            .map_err(|e| DaemonError::Startup(format!("--metrics-addr {addr}: {e}")))?;
+            .map_err(|source| DaemonError::MetricsAddr { addr, source })?;
         info!(%addr, "serving metrics");
         tokio::spawn(metrics::serve(listener, metrics.clone()));
     }
     let election = match &config.election {
         Some(election) => {
             info!(zookeeper = %election.servers, lock = %election.lock_path, "competing for the writer's lock");
-            Some(
-                election::start(election.clone())
-                    .map_err(|e| DaemonError::Startup(e.to_string()))?,
-            )
+            Some(election::start(election.clone())?)
         }
         None => None,
     };
     let mut daemon = Daemon::new(config, metrics);
+    daemon.directory = parts.directory;
+    daemon.given_changes = parts.changes;
     if let Some(election) = election {
-        daemon.roles = Some(election.subscribe());
+        daemon.leadership = Leadership::new(Some(election.subscribe()));
         daemon.election = Some(election);
     } else {
         daemon.metrics.set_role(Role::Leader.as_str());
@@ -172,35 +214,24 @@ pub async fn run(
     result
 }
 
-/// Where one proid's latency clock started.
-type Dirty = BTreeMap<Proid, Instant>;
-
 struct Daemon {
     config: RunConfig,
     metrics: Arc<Metrics>,
     tree: Snapshot,
     index: Index,
     changes: Option<mpsc::UnboundedReceiver<Change>>,
+    /// Changes handed in to follow in place of the first watcher.
+    given_changes: Option<mpsc::UnboundedReceiver<Change>>,
     watcher: Option<TreeWatcher>,
     directory: Option<Arc<dyn Directory>>,
-    /// Groups by DN, as last read or written.
-    groups: BTreeMap<Dn, Group>,
-    /// Group DNs by proid key.
-    by_proid: HashMap<String, Vec<Dn>>,
-    dirty: Dirty,
-    /// When the first change of the pending batch came.
-    batch_opened: Option<Instant>,
-    batch_due: Option<Instant>,
-    /// Failed proids: when to try again and how many times it failed.
-    retries: BTreeMap<Proid, (Instant, u32)>,
-    /// Groups to re-read before they are planned again.
-    stale: BTreeSet<Dn>,
+    /// The groups as last read or written.
+    groups: GroupCache,
+    /// What is due when: batches, retries, full syncs, lookups.
+    schedule: Schedule,
     /// Proids whose deletions the guard holds back, with how many.
     refused: BTreeMap<Proid, usize>,
     /// Proid keys reported without a group.
     missing: BTreeSet<String>,
-    /// When a missing group was last looked up, by proid key.
-    looked_up: HashMap<String, Instant>,
     rescan_needed: Option<String>,
     /// No rescan starts before this.
     next_rescan: Instant,
@@ -208,10 +239,8 @@ struct Daemon {
     tree_fresh: bool,
     /// A watcher ran once already (so a failure to start one is retried).
     watcher_started: bool,
-    /// Why the tree watcher cannot be trusted right now.
-    watcher_fault: Option<String>,
-    /// Readiness as the rest of the daemon sees it; a watcher fault hides it.
-    ready_state: Result<(), String>,
+    /// The facts readiness is derived from.
+    health: Health,
     /// Node mode, once started.
     node: Option<Node>,
     /// Node start-up and other untracked container work.
@@ -219,14 +248,10 @@ struct Daemon {
     /// The last operation queued per instance, so the next one waits for it.
     node_chains: HashMap<String, JoinHandle<()>>,
     next_cleanup: Instant,
-    full_sync_due: Instant,
-    /// A full sync has read every group at least once in this leadership.
-    synced_once: bool,
     /// Leader election, when replicas coordinate.
     election: Option<Election>,
-    roles: Option<watch::Receiver<RoleState>>,
-    /// The role (and leadership term) last acted on.
-    role_seen: Option<(Role, u64, bool)>,
+    /// The role and term last acted on.
+    leadership: Leadership,
     stopping: bool,
 }
 
@@ -234,39 +259,37 @@ impl Daemon {
     fn new(config: RunConfig, metrics: Arc<Metrics>) -> Daemon {
         let index = Index::new(config.config.partition.clone())
             .with_host_ous(config.config.host_ous.clone());
+        let groups = GroupCache::new(config.config.pattern.clone());
+        let schedule = Schedule::new(
+            config.batch_window,
+            config.resync_interval,
+            config.config.apply.backoff,
+            Instant::now(),
+        );
         Daemon {
             config,
             metrics,
             tree: Snapshot::default(),
             index,
             changes: None,
+            given_changes: None,
             watcher: None,
             directory: None,
-            groups: BTreeMap::new(),
-            by_proid: HashMap::new(),
-            dirty: Dirty::new(),
-            batch_opened: None,
-            batch_due: None,
-            retries: BTreeMap::new(),
-            stale: BTreeSet::new(),
+            groups,
+            schedule,
             refused: BTreeMap::new(),
             missing: BTreeSet::new(),
-            looked_up: HashMap::new(),
             rescan_needed: None,
             next_rescan: Instant::now(),
             tree_fresh: false,
             watcher_started: false,
-            watcher_fault: None,
-            ready_state: Err("initial sync not done".into()),
+            health: Health::default(),
             node: None,
             node_tasks: JoinSet::new(),
             node_chains: HashMap::new(),
             next_cleanup: Instant::now(),
-            full_sync_due: Instant::now(),
-            synced_once: false,
             election: None,
-            roles: None,
-            role_seen: None,
+            leadership: Leadership::default(),
             stopping: false,
         }
     }
@@ -310,7 +333,10 @@ impl Daemon {
             if self.node.is_some() && Instant::now() >= self.next_cleanup {
                 self.cleanup_containers();
             }
-            if self.config.groups && self.is_leader() && Instant::now() >= self.full_sync_due {
+            if self.config.groups
+                && self.is_leader()
+                && self.schedule.full_sync_ready(Instant::now())
+            {
                 // A full sync compares the directory with the tree as it
                 // is, not only as the events told it.
                 if !self.tree_fresh {
@@ -320,12 +346,13 @@ impl Daemon {
                 self.full_sync(&mut shutdown).await;
                 continue;
             }
-            self.promote_due_retries();
+            if self.is_leader() {
+                self.schedule.promote_due_retries(Instant::now());
+            }
             // Nothing is reconciled piecemeal before one full sync has read
             // every group.
-            let batch_ready = self.synced_once
-                && self.is_leader()
-                && self.batch_due.is_some_and(|due| due <= Instant::now());
+            let batch_ready =
+                self.health.synced && self.is_leader() && self.schedule.batch_ready(Instant::now());
             if batch_ready {
                 self.batch(&mut shutdown).await;
                 continue;
@@ -337,77 +364,57 @@ impl Daemon {
         Ok(())
     }
 
-    /// True when this replica may write: the lock is held (or there is no
-    /// election).
+    /// True when this replica may write.
     fn is_leader(&self) -> bool {
-        self.roles.as_ref().is_none_or(|r| r.borrow().is_leader())
+        self.leadership.is_leader()
     }
 
-    /// True while the leadership this replica last acted on lasts: a lost
-    /// and regained lock is a new leadership, which starts afresh.
+    /// True while the leadership this replica last acted on lasts.
     fn still_leading(&self) -> bool {
-        match (&self.roles, self.role_seen) {
-            (None, _) => true,
-            (Some(roles), Some((Role::Leader, term, _))) => {
-                let now = roles.borrow();
-                now.is_leader() && now.term == term
-            }
-            (Some(_), _) => false,
-        }
+        self.leadership.still_leading()
     }
 
     /// Acts on a change of role or of the ZooKeeper connection: a new
     /// leadership starts with a full sync; a follower keeps its index warm
     /// and writes nothing; a replica cut off from ZooKeeper is not ready.
     fn observe_role(&mut self) {
-        let Some(roles) = self.roles.as_mut() else {
+        let Some(change) = self.leadership.observe() else {
             return;
         };
-        // Marks the state seen, so that waiting for the next change waits.
-        let state = roles.borrow_and_update().clone();
-        let seen = (state.role, state.term, state.connected);
-        if self.role_seen == Some(seen) {
-            return;
-        }
-        let first = self.role_seen.is_none();
-        let role_changed = self
-            .role_seen
-            .is_none_or(|(role, term, _)| (role, term) != (state.role, state.term));
-        self.role_seen = Some(seen);
-        if role_changed {
-            self.metrics.set_role(state.role.as_str());
-            match state.role {
-                Role::Leader => {
-                    info!(term = state.term, why = %state.why, "leader: writing from now on, starting with a full sync");
-                    self.full_sync_due = Instant::now();
-                    // A follower followed events only; the startup scan is
-                    // fresh enough for a replica that leads from the start.
-                    if !first {
-                        self.tree_fresh = false;
-                    }
+        match change {
+            RoleChange::Leader { term, why, first } => {
+                self.metrics.set_role(Role::Leader.as_str());
+                info!(term, why = %why, "leader: writing from now on, starting with a full sync");
+                self.schedule.full_sync_now(Instant::now());
+                // A follower followed events only; the startup scan is
+                // fresh enough for a replica that leads from the start.
+                if !first {
+                    self.tree_fresh = false;
                 }
-                Role::Follower => {
-                    info!(why = %state.why, "follower: following the tree, writing nothing");
-                    self.batch_due = None;
-                    self.batch_opened = None;
-                    self.retries.clear();
-                }
+                self.health.synced = false;
+                self.health.applied = false;
             }
-            self.synced_once = false;
+            RoleChange::Follower { why } => {
+                self.metrics.set_role(Role::Follower.as_str());
+                info!(why = %why, "follower: following the tree, writing nothing");
+                self.schedule.stop_writing();
+                self.health.synced = false;
+                self.health.applied = false;
+            }
+            RoleChange::Connection => {}
         }
-        let ready = match (state.connected, state.role) {
-            (false, _) => Err(format!("zookeeper: {}", state.why)),
-            (true, Role::Follower) => Ok(()),
-            (true, Role::Leader) if self.synced_once => Ok(()),
-            (true, Role::Leader) => Err("leader: initial sync not applied yet".into()),
-        };
-        self.set_ready(ready);
+        self.publish_ready();
     }
 
     /// Starts the tree watcher. The first start failing is a startup
     /// error; a restart failing is retried, not ready meanwhile. False when
     /// the caller should loop (no watcher yet, or shut down).
     async fn start_watcher(&mut self, shutdown: &mut Shutdown<'_>) -> Result<bool, DaemonError> {
+        if let Some(rx) = self.given_changes.take() {
+            self.watcher_started = true;
+            self.changes = Some(rx);
+            return Ok(true);
+        }
         match watch(&self.root()) {
             Ok((watcher, rx)) => {
                 if self.watcher_started {
@@ -422,12 +429,12 @@ impl Daemon {
                 self.changes = Some(rx);
                 Ok(true)
             }
-            Err(err) if !self.watcher_started => Err(DaemonError::Startup(err.to_string())),
+            Err(err) if !self.watcher_started => Err(DaemonError::Watcher(err)),
             Err(err) => {
                 let fault = format!("cannot restart it: {err}");
-                if self.watcher_fault.as_deref() != Some(fault.as_str()) {
+                if self.health.watcher.as_deref() != Some(fault.as_str()) {
                     warn!(error = %err, "cannot restart the tree watcher; retrying");
-                    self.watcher_fault = Some(fault);
+                    self.health.watcher = Some(fault);
                     self.publish_ready();
                 }
                 tokio::select! {
@@ -447,24 +454,14 @@ impl Daemon {
         self.watcher = None;
         self.rescan_needed = Some(format!("the watcher failed: {why}"));
         self.next_rescan = Instant::now();
-        self.watcher_fault = Some(why);
+        self.health.watcher = Some(why);
         self.publish_ready();
     }
 
-    /// Records readiness as the daemon's state makes it.
-    fn set_ready(&mut self, ready: Result<(), String>) {
-        self.ready_state = ready;
-        self.publish_ready();
-    }
-
-    /// What `/readyz` says: not ready while the watcher cannot be trusted,
-    /// whatever else holds.
+    /// Shows on `/readyz` the readiness the daemon's state makes.
     fn publish_ready(&self) {
-        let shown = match &self.watcher_fault {
-            Some(fault) => Err(format!("tree watcher: {fault}")),
-            None => self.ready_state.clone(),
-        };
-        self.metrics.set_ready(shown);
+        let ready = readiness(&self.health, &self.leadership, self.config.groups);
+        self.metrics.set_ready(ready);
     }
 
     /// Takes the changes already queued (at most [`DRAIN_BEFORE_RESCAN`]).
@@ -504,7 +501,11 @@ impl Daemon {
             // A root that is not there is named as such: a wrong path must
             // not pass for a mirror that has yet to finish.
             let reason = match check_ready(&root) {
-                Ok(()) => return true,
+                Ok(()) => {
+                    self.health.tree = None;
+                    self.publish_ready();
+                    return true;
+                }
                 Err(ScanError::NotReady { .. }) => {
                     "waiting for the placement tree (.modified)".to_owned()
                 }
@@ -514,7 +515,8 @@ impl Daemon {
                 info!(path = %root.display(), "{reason}; waiting for the placement tree to be ready");
                 next_log = Instant::now() + READY_LOG_EVERY;
             }
-            self.set_ready(Err(reason.clone()));
+            self.health.tree = Some(reason.clone());
+            self.publish_ready();
             last_reason = reason;
             tokio::select! {
                 _ = &mut *shutdown => return false,
@@ -526,18 +528,11 @@ impl Daemon {
     /// Waits for the next thing to do: a change, a due batch, retry or
     /// resync, or shutdown.
     async fn wait(&mut self, shutdown: &mut Shutdown<'_>) {
-        let leader = self.is_leader();
-        let next_retry = self
-            .retries
-            .values()
-            .map(|(due, _)| *due)
-            .min()
-            .filter(|_| leader);
-        let full_sync = Some(self.full_sync_due).filter(|_| self.config.groups && leader);
-        let batch_due = self.batch_due.filter(|_| self.synced_once && leader);
+        let writing = self.config.groups && self.is_leader();
+        let groups = self.schedule.next_wake(writing, self.health.synced);
         let cleanup = Some(self.next_cleanup).filter(|_| self.node.is_some());
         let rescan = self.rescan_needed.as_ref().map(|_| self.next_rescan);
-        let wake = [full_sync, batch_due, next_retry, cleanup, rescan]
+        let wake = [groups, cleanup, rescan]
             .into_iter()
             .flatten()
             .min()
@@ -545,7 +540,7 @@ impl Daemon {
         let Some(rx) = self.changes.as_mut() else {
             panic!("BUG: the watcher is set up before the loop waits on it");
         };
-        let roles = self.roles.as_mut();
+        let roles = self.leadership.receiver();
         tokio::select! {
             _ = &mut *shutdown => self.stopping = true,
             change = rx.recv() => match change {
@@ -566,7 +561,7 @@ impl Daemon {
             let Some(rx) = self.changes.as_mut() else {
                 return Some(fut.await);
             };
-            let roles = self.roles.as_mut();
+            let roles = self.leadership.receiver();
             tokio::select! {
                 out = &mut fut => return Some(out),
                 change = rx.recv(), if !self.stopping => match change {
@@ -637,7 +632,7 @@ impl Daemon {
             warn!("{warning}");
         }
         if applied.resync {
-            self.full_sync_due = Instant::now();
+            self.schedule.full_sync_now(Instant::now());
         }
         let dirty: Vec<Proid> = applied.dirty.into_iter().collect();
         for proid in &dirty {
@@ -646,18 +641,12 @@ impl Daemon {
         dirty
     }
 
-    /// Marks a proid for the next batch. The batch waits until changes
-    /// have been quiet for the batch window, so a burst becomes one Modify
-    /// per group, but never longer than [`MAX_BATCH_WAITS`] windows after
-    /// its first change, so a steady stream still gets applied.
+    /// Marks a proid for the next batch (the schedule says when).
     fn mark_dirty(&mut self, proid: Proid, at: Instant) {
-        self.dirty.entry(proid).or_insert(at);
-        let now = Instant::now();
-        let window = self.config.batch_window;
-        let first = *self.batch_opened.get_or_insert(now);
-        let latest = first + window * MAX_BATCH_WAITS;
-        self.batch_due = Some((now + window).min(latest));
-        self.metrics.dirty_groups.set(self.dirty.len() as i64);
+        self.schedule.mark_dirty(proid, at, Instant::now());
+        self.metrics
+            .dirty_groups
+            .set(self.schedule.dirty_len() as i64);
     }
 
     fn update_gauges(&self) {
@@ -667,7 +656,9 @@ impl Daemon {
             .set(stats.servers_in_scope as i64);
         self.metrics.placements.set(stats.placements as i64);
         self.metrics.proids.set(stats.proids as i64);
-        self.metrics.dirty_groups.set(self.dirty.len() as i64);
+        self.metrics
+            .dirty_groups
+            .set(self.schedule.dirty_len() as i64);
         self.metrics.missing_groups.set(self.missing.len() as i64);
         self.metrics
             .refused_deletions_pending
@@ -720,9 +711,7 @@ impl Daemon {
                     // wrong about too: those groups are read again, the
                     // others are not.
                     for proid in &changed {
-                        if let Some(dns) = self.by_proid.get(&proid.key()) {
-                            self.stale.extend(dns.iter().cloned());
-                        }
+                        self.groups.mark_proid_stale(&proid.key());
                     }
                     self.update_gauges();
                     if why != "startup" {
@@ -733,12 +722,12 @@ impl Daemon {
                     if logged {
                         info!("placement tree readable again");
                         // Nothing was compared while it was not: compare everything.
-                        self.full_sync_due = Instant::now();
+                        self.schedule.full_sync_now(Instant::now());
                     }
-                    if self.watcher_fault.take().is_some() {
+                    if self.health.watcher.take().is_some() {
                         info!("tree watcher running again");
-                        self.publish_ready();
                     }
+                    self.publish_ready();
                     return true;
                 }
                 Ok(Err(err)) => {
@@ -746,7 +735,8 @@ impl Daemon {
                         error!(error = %err, "placement tree unusable; not writing until it is");
                         logged = true;
                     }
-                    self.set_ready(Err(format!("placement tree unusable: {err}")));
+                    self.health.tree = Some(format!("placement tree unusable: {err}"));
+                    self.publish_ready();
                 }
                 Err(join) => panic!("BUG: the tree scan panicked: {join}"),
             }
@@ -759,9 +749,11 @@ impl Daemon {
 
     async fn open_directory(&mut self, shutdown: &mut Shutdown<'_>) -> bool {
         let dcs = self.index.dcs();
-        match open_directory(&self.config.config, &dcs) {
+        match directory::open(&self.config.config.directory, &dcs) {
             Ok(dir) => {
                 self.directory = Some(Arc::from(dir));
+                self.health.waiting = None;
+                self.publish_ready();
                 true
             }
             Err(err) => {
@@ -775,7 +767,8 @@ impl Daemon {
 
     /// Reports not ready and waits before the caller tries again.
     async fn not_ready_for_a_while(&mut self, reason: String, shutdown: &mut Shutdown<'_>) {
-        self.set_ready(Err(reason));
+        self.health.waiting = Some(reason);
+        self.publish_ready();
         tokio::select! {
             _ = &mut *shutdown => self.stopping = true,
             _ = sleep(Backoff::default().max) => {}
@@ -800,7 +793,10 @@ impl Daemon {
             return;
         };
         let groups = match found {
-            Ok(groups) => groups,
+            Ok(groups) => {
+                self.health.groups_read = None;
+                groups
+            }
             Err(err) => {
                 warn!(error = %err, "reading the groups failed; retrying");
                 let delay = if err.is_transient() {
@@ -808,35 +804,33 @@ impl Daemon {
                 } else {
                     self.config.resync_interval.min(Duration::from_secs(60))
                 };
-                self.full_sync_due = Instant::now() + delay;
-                if self.ready_state.is_err() {
-                    self.set_ready(Err(format!("reading the groups: {err}")));
-                }
+                self.schedule.full_sync_failed(Instant::now(), delay);
+                self.health.groups_read = Some(err.to_string());
+                self.publish_ready();
                 return;
             }
         };
         // Planned from the groups as read, before they move into the cache,
         // rather than from a copy of the whole cache (MBs at cluster scale).
-        let plan = plan(
+        let pass = Pass::prepare(
+            Cause::FullSync,
             &self.index,
             &groups,
             &self.config.config.pattern,
             Scope::All,
+            &self.config.config.guard,
         );
-        self.replace_groups(groups);
-        self.synced_once = true;
-        self.stale.clear();
-        self.looked_up.clear();
+        self.groups.reset(groups);
+        self.health.synced = true;
         // Every proid is compared now; what was dirty is covered, but keep
         // the latency clocks of those that change.
-        let clocks = std::mem::take(&mut self.dirty);
-        self.batch_due = None;
-        self.batch_opened = None;
-        self.retries.clear();
-        self.missing = plan.missing_groups.iter().map(|m| m.proid.key()).collect();
-        for m in &plan.missing_groups {
-            warn!(proid = %m.proid, hosts = m.desired.len(), "proid has placements but no group");
-        }
+        let clocks = self.schedule.full_sync_started();
+        self.missing = pass
+            .plan
+            .missing_groups
+            .iter()
+            .map(|m| m.proid.key())
+            .collect();
         self.refused.clear();
         let retiring = self
             .index
@@ -847,65 +841,19 @@ impl Daemon {
                 (p, dns)
             })
             .collect();
-        let complete = self.apply(plan, &clocks, retiring, shutdown).await;
+        let complete = self.apply(pass, &clocks, retiring, shutdown).await;
         if complete.is_some() {
             self.metrics.last_full_sync.set(metrics::unix_now());
-            if self.ready_state.is_err() {
+            if !self.health.applied || self.health.tree.is_some() {
                 info!("initial sync applied; ready");
             }
-            self.set_ready(Ok(()));
+            self.health.applied = true;
+            // A tree that was unusable is trusted again once compared in full.
+            self.health.tree = None;
+            self.publish_ready();
         }
-        self.full_sync_due = Instant::now() + self.config.resync_interval;
+        self.schedule.full_sync_done(Instant::now());
         self.update_gauges();
-    }
-
-    fn replace_groups(&mut self, groups: Vec<Group>) {
-        self.groups.clear();
-        self.by_proid.clear();
-        for group in groups {
-            self.insert_group(group);
-        }
-    }
-
-    fn insert_group(&mut self, group: Group) {
-        if let Some(proid) = self.config.config.pattern.proid_of(&group.sam_account_name) {
-            let dns = self.by_proid.entry(proid.key()).or_default();
-            if !dns.contains(&group.dn) {
-                dns.push(group.dn.clone());
-            }
-        }
-        self.groups.insert(group.dn.clone(), group);
-    }
-
-    fn forget_group(&mut self, dn: &Dn) {
-        if let Some(group) = self.groups.remove(dn) {
-            if let Some(proid) = self.config.config.pattern.proid_of(&group.sam_account_name) {
-                if let Some(dns) = self.by_proid.get_mut(&proid.key()) {
-                    dns.retain(|d| d != dn);
-                }
-            }
-        }
-    }
-
-    fn promote_due_retries(&mut self) {
-        if self.retries.is_empty() {
-            return;
-        }
-        let now = Instant::now();
-        let due: Vec<Proid> = self
-            .retries
-            .iter()
-            .filter(|(_, (at, _))| *at <= now)
-            .map(|(p, _)| p.clone())
-            .collect();
-        for proid in due {
-            // The attempt count stays until the proid succeeds; park the
-            // retry until the batch says how it went.
-            if let Some((at, _)) = self.retries.get_mut(&proid) {
-                *at = now + Duration::from_secs(24 * 3600);
-            }
-            self.mark_dirty(proid, now);
-        }
     }
 
     /// Before planning these proids: re-reads their groups that failed
@@ -923,21 +871,14 @@ impl Daemon {
         let mut lookups: Vec<(String, String)> = Vec::new();
         for proid in proids {
             let key = proid.key();
-            match self.by_proid.get(&key).filter(|dns| !dns.is_empty()) {
-                Some(dns) => {
-                    reads.extend(dns.iter().filter(|dn| self.stale.contains(*dn)).cloned())
-                }
-                None if !self.index.desired(proid).is_empty() => {
-                    let due = self
-                        .looked_up
-                        .get(&key)
-                        .is_none_or(|at| now >= *at + MISSING_LOOKUP_EVERY);
-                    if due {
-                        self.looked_up.insert(key.clone(), now);
+            match self.groups.dns_of(&key) {
+                [] if !self.index.desired(proid).is_empty() => {
+                    if self.schedule.lookup_due(&key, now) {
                         lookups.push((key, self.config.config.pattern.render(proid)));
                     }
                 }
-                None => {}
+                [] => {}
+                _ => reads.extend(self.groups.stale_of(&key)),
             }
         }
         if reads.is_empty() && lookups.is_empty() {
@@ -964,15 +905,10 @@ impl Daemon {
         };
         for (dn, result) in read {
             match result {
-                Ok(Some(group)) => {
-                    self.stale.remove(&dn);
-                    self.forget_group(&dn);
-                    self.insert_group(group);
-                }
+                Ok(Some(group)) => self.groups.insert(group),
                 Ok(None) => {
                     warn!(group = %dn, "group vanished");
-                    self.stale.remove(&dn);
-                    self.forget_group(&dn);
+                    self.groups.forget(&dn);
                 }
                 Err(err) => warn!(group = %dn, error = %err, "re-reading the group failed"),
             }
@@ -981,8 +917,8 @@ impl Daemon {
             match result {
                 Ok(Some(group)) => {
                     info!(group = %group.dn, "found a group created since the last full sync");
-                    self.looked_up.remove(&key);
-                    self.insert_group(group);
+                    self.schedule.found(&key);
+                    self.groups.insert(group);
                 }
                 Ok(None) => {}
                 Err(err) => warn!(error = %err, "looking up a missing group failed"),
@@ -1000,35 +936,29 @@ impl Daemon {
 
     /// Reconciles the dirty proids.
     async fn batch(&mut self, shutdown: &mut Shutdown<'_>) {
-        self.batch_due = None;
-        self.batch_opened = None;
-        let clocks = std::mem::take(&mut self.dirty);
+        let clocks = self.schedule.take_batch();
         let proids: BTreeSet<Proid> = clocks.keys().cloned().collect();
         let keys: BTreeSet<String> = proids.iter().map(Proid::key).collect();
 
         if !self.refresh_groups(&proids, shutdown).await {
+            self.schedule.finished();
             return;
         }
 
-        let groups: Vec<Group> = keys
-            .iter()
-            .flat_map(|k| self.by_proid.get(k).into_iter().flatten())
-            .filter_map(|dn| self.groups.get(dn).cloned())
-            .collect();
-        let plan = plan(
+        let groups = self.groups.groups_of(&keys);
+        let pass = Pass::prepare(
+            Cause::Event,
             &self.index,
             &groups,
             &self.config.config.pattern,
             Scope::Only(&proids),
+            &self.config.config.guard,
         );
         for key in &keys {
             self.missing.remove(key);
         }
-        for m in &plan.missing_groups {
-            if self.missing.insert(m.proid.key()) {
-                warn!(proid = %m.proid, hosts = m.desired.len(), "proid has placements but no group");
-            }
-        }
+        self.missing
+            .extend(pass.plan.missing_groups.iter().map(|m| m.proid.key()));
         for proid in &proids {
             self.refused.remove(proid);
         }
@@ -1036,7 +966,8 @@ impl Daemon {
             .iter()
             .map(|p| (p.clone(), self.index.retiring(p)))
             .collect();
-        self.apply(plan, &clocks, retiring, shutdown).await;
+        self.apply(pass, &clocks, retiring, shutdown).await;
+        self.schedule.finished();
         self.update_gauges();
     }
 
@@ -1046,18 +977,18 @@ impl Daemon {
     /// shutdown, otherwise whether everything was applied.
     async fn apply(
         &mut self,
-        plan: Plan,
+        pass: Pass,
         clocks: &Dirty,
         retiring: BTreeMap<Proid, BTreeSet<Dn>>,
         shutdown: &mut Shutdown<'_>,
     ) -> Option<bool> {
-        let unfinished = self.apply_plan(plan, clocks, shutdown).await?;
+        let unfinished = self.apply_pass(pass, clocks, shutdown).await?;
         for (proid, dns) in retiring {
             if unfinished.contains(&proid) {
                 continue;
             }
             // Reconciled (or nothing to do): no retry pending any more.
-            self.retries.remove(&proid);
+            self.schedule.succeeded(&proid);
             if !self.refused.contains_key(&proid) {
                 self.index.clear_retiring(&proid, &dns);
             }
@@ -1065,44 +996,47 @@ impl Daemon {
         Some(unfinished.is_empty())
     }
 
-    /// Applies a plan; `None` when abandoned, otherwise the proids not fully applied.
-    async fn apply_plan(
+    /// Applies a pass; `None` when abandoned, otherwise the proids not fully applied.
+    async fn apply_pass(
         &mut self,
-        plan: Plan,
+        mut pass: Pass,
         clocks: &Dirty,
         shutdown: &mut Shutdown<'_>,
     ) -> Option<BTreeSet<Proid>> {
-        let mut plan = plan;
-        if let Some(reason) = guard(&plan, &self.config.config.guard) {
-            warn!("mass-deletion guard: {reason}; additions are applied, deletions stay pending");
+        if let Some(refusal) = &pass.refused {
             self.metrics.guard_refusals.inc();
-            for change in plan.changes.iter().filter(|c| !c.delete.is_empty()) {
+            info!("additions are applied; the refused deletions stay pending");
+            for change in &refusal.changes {
                 self.refused
                     .insert(change.proid.clone(), change.delete.len());
             }
-            plan = plan.without_deletions();
         }
-        if plan.changes.is_empty() {
+        if pass.plan.changes.is_empty() {
             return Some(BTreeSet::new());
         }
-        if self.config.dry_run {
+        let dry_run = self.config.dry_run;
+        if dry_run {
             let report = Report {
                 verb: "run --dry-run",
-                plan: plan.clone(),
+                plan: pass.plan.clone(),
                 ..Report::default()
             };
             print!("{}", report.render(self.config.config.format));
-            let results = plan.changes.iter().map(simulated).collect();
-            return Some(self.record(results, clocks));
         }
         let dir = self.directory();
         let options = self.config.config.apply;
-        let io = async move { apply_plan(dir.as_ref(), &plan, &options).await };
-        let results = self.drive(io, shutdown).await?;
-        Some(self.record(results, clocks))
+        let recorder = self.metrics.clone();
+        let io = async move {
+            pass.apply(dir.as_ref(), &options, dry_run, recorder.as_ref())
+                .await;
+            pass
+        };
+        let pass = self.drive(io, shutdown).await?;
+        Some(self.record(pass.results, clocks))
     }
 
-    /// Updates the cache, retries and metrics from a batch's results;
+    /// Updates the cache and retries from a batch's results (the pass
+    /// recorded them in the metrics);
     /// returns the proids not fully applied.
     fn record(&mut self, results: Vec<GroupResult>, clocks: &Dirty) -> BTreeSet<Proid> {
         let now = Instant::now();
@@ -1110,42 +1044,17 @@ impl Daemon {
         for result in results {
             let dn = result.planned.group_dn.clone();
             let proid = result.planned.proid.clone();
-            let outcome = if result.vanished {
-                "vanished"
-            } else if result.failed.is_some() {
-                "failure"
-            } else {
-                "success"
-            };
-            self.metrics
-                .modify_requests
-                .get_or_create(&OutcomeLabels { outcome })
-                .inc_by(result.requests as u64);
-            self.metrics.retries.inc_by(result.retries as u64);
             if result.vanished {
-                self.forget_group(&dn);
+                self.groups.forget(&dn);
                 continue;
             }
-            if let Some(group) = self.groups.get_mut(&dn) {
-                group.members.extend(result.applied.add.iter().cloned());
-                for gone in &result.applied.delete {
-                    group.members.remove(gone);
-                }
-            }
+            self.groups.applied(&result.applied);
             if result.failed.is_some() {
                 unfinished.insert(proid.clone());
-                self.stale.insert(dn);
-                let attempt = self.retries.get(&proid).map_or(0, |(_, n)| *n);
-                let delay = self
-                    .config
-                    .config
-                    .apply
-                    .backoff
-                    .delay(attempt)
-                    .max(Duration::from_millis(50));
-                self.retries.insert(proid, (now + delay, attempt + 1));
+                self.groups.mark_stale(dn);
+                self.schedule.failed(proid, now);
             } else {
-                self.retries.remove(&proid);
+                self.schedule.succeeded(&proid);
                 if let Some(started) = clocks.get(&proid) {
                     let latency = now.saturating_duration_since(*started);
                     self.metrics.event_to_applied.observe(latency.as_secs_f64());
@@ -1159,18 +1068,6 @@ impl Daemon {
             }
         }
         unfinished
-    }
-}
-
-/// The result a dry run pretends to have had.
-fn simulated(change: &GroupChange) -> GroupResult {
-    GroupResult {
-        planned: change.clone(),
-        applied: change.clone(),
-        failed: None,
-        vanished: false,
-        requests: 0,
-        retries: 0,
     }
 }
 
@@ -1190,11 +1087,16 @@ async fn role_changed(roles: Option<&mut watch::Receiver<RoleState>>) {
 mod tests {
     use super::*;
     use crate::cli::{self, Command};
+    use crate::directory::memory::{Flavour, MemoryDirectory};
+    use crate::directory::Group;
+    use crate::ldif::Record;
+    use crate::model::HostName;
 
-    /// A daemon on `root`; the directory file beside the tree is never opened.
-    fn daemon(root: &std::path::Path) -> Daemon {
+    /// The configuration of a daemon on `root`, with `extra` options; the
+    /// directory file beside the tree is never opened.
+    fn run_config(root: &std::path::Path, extra: &[&str]) -> RunConfig {
         let directory = root.with_extension("ldif");
-        let argv = [
+        let mut argv = vec![
             "gmsa-reconciler".to_owned(),
             "run".to_owned(),
             format!("--fs-root={}", root.display()),
@@ -1203,11 +1105,180 @@ mod tests {
             "--partition=p1".to_owned(),
             "--no-lock".to_owned(),
         ];
-        let config = match cli::parse(argv).expect("parse").command {
+        argv.extend(extra.iter().map(|s| (*s).to_owned()));
+        match cli::parse(argv).expect("parse").command {
             Command::Run(args) => RunConfig::from_args(&args).expect("valid"),
             other => panic!("expected run, got {other:?}"),
+        }
+    }
+
+    fn daemon(root: &std::path::Path) -> Daemon {
+        Daemon::new(run_config(root, &[]), Arc::new(Metrics::new()))
+    }
+
+    const WEB: &str = "CN=web-gmsa-hosts,OU=Groups,DC=ad,DC=com";
+    const DB: &str = "CN=db-gmsa-hosts,OU=Groups,DC=ad,DC=com";
+    const H1: &str = "CN=h1,DC=ad,DC=com";
+
+    /// An in-memory directory holding the `web` and `db` groups, empty.
+    fn memory_directory() -> Arc<MemoryDirectory> {
+        let record = |dn: &str, name: &str| Record {
+            dn: dn.into(),
+            attrs: vec![
+                ("objectClass".to_owned(), "group".to_owned()),
+                ("sAMAccountName".to_owned(), name.to_owned()),
+            ],
         };
-        Daemon::new(config, Arc::new(Metrics::new()))
+        Arc::new(MemoryDirectory::new(
+            vec![record(WEB, "web-gmsa-hosts"), record(DB, "db-gmsa-hosts")],
+            Flavour::Permissive,
+        ))
+    }
+
+    async fn members(dir: &MemoryDirectory, group: &str) -> BTreeSet<Dn> {
+        dir.read_group(&Dn::parse(group).expect("dn"))
+            .await
+            .expect("read")
+            .expect("group")
+            .members
+    }
+
+    /// Waits (in real time, at most a minute) until `done` holds.
+    async fn until<F: std::future::Future<Output = bool>>(what: &str, mut done: impl FnMut() -> F) {
+        for _ in 0..600 {
+            if done().await {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("timed out waiting for: {what}");
+    }
+
+    /// A daemon running on the in-memory directory and a channel standing
+    /// for the watcher.
+    struct Harness {
+        dir: Arc<MemoryDirectory>,
+        metrics: Arc<Metrics>,
+        changes: mpsc::UnboundedSender<Change>,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        task: JoinHandle<Result<(), DaemonError>>,
+    }
+
+    impl Harness {
+        fn start(root: &std::path::Path, extra: &[&str]) -> Harness {
+            let dir = memory_directory();
+            let metrics = Arc::new(Metrics::new());
+            let (changes, rx) = mpsc::unbounded_channel();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let parts = Parts {
+                directory: Some(dir.clone()),
+                changes: Some(rx),
+            };
+            let task = tokio::spawn(run_on(
+                run_config(root, extra),
+                metrics.clone(),
+                parts,
+                async move {
+                    let _ = stopped.await;
+                },
+            ));
+            Harness {
+                dir,
+                metrics,
+                changes,
+                stop: Some(stop),
+                task,
+            }
+        }
+
+        async fn stop(mut self) {
+            if let Some(stop) = self.stop.take() {
+                let _ = stop.send(());
+            }
+            self.task.await.expect("joined").expect("clean stop");
+        }
+    }
+
+    #[tokio::test]
+    async fn an_isolated_change_is_applied_at_once_not_after_the_window() {
+        let (_guard, root) = tree();
+        fill(&root);
+        // A window far longer than the test may take: only the idle fast
+        // path can apply the change in time.
+        let h = Harness::start(&root, &["--batch-window=1h"]);
+        until("the initial sync", || async { h.metrics.is_ready() }).await;
+        assert_eq!(
+            members(&h.dir, WEB).await,
+            [Dn::parse(H1).expect("dn")].into()
+        );
+
+        h.changes
+            .send(Change::Tree(TreeEvent::PlacementAdded {
+                host: HostName::new("h1").expect("host"),
+                instance: "db.app#1".into(),
+            }))
+            .expect("send");
+        until("the isolated change applied", || async {
+            !members(&h.dir, DB).await.is_empty()
+        })
+        .await;
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_resync_finds_drift_and_repairs_it() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let h = Harness::start(&root, &["--resync-interval=1s"]);
+        until("the initial sync", || async { h.metrics.is_ready() }).await;
+        let h1 = Dn::parse(H1).expect("dn");
+        // Someone removes the host by hand; no tree change says so.
+        h.dir
+            .modify_members(
+                &Dn::parse(WEB).expect("dn"),
+                &crate::directory::MemberChange {
+                    add: vec![],
+                    delete: vec![h1.clone()],
+                },
+            )
+            .await
+            .expect("manual edit");
+        assert!(members(&h.dir, WEB).await.is_empty());
+        until("the resync repaired the drift", || async {
+            members(&h.dir, WEB).await.contains(&h1)
+        })
+        .await;
+        assert!(h.metrics.resyncs.get() >= 2);
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn modified_going_away_stops_writes_until_it_is_back() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let h = Harness::start(&root, &[]);
+        until("the initial sync", || async { h.metrics.is_ready() }).await;
+
+        std::fs::remove_file(root.join(".modified")).expect("rm .modified");
+        std::fs::write(root.join("placement/h1/db.app#1"), "{}").expect("placement");
+        h.changes
+            .send(Change::Rescan("doubt".into()))
+            .expect("send");
+        until("not ready", || async { !h.metrics.is_ready() }).await;
+        let (_, body) = h.metrics.readiness();
+        assert!(body.contains("placement tree unusable"), "{body}");
+        assert!(
+            members(&h.dir, DB).await.is_empty(),
+            "nothing written from a tree that is not ready"
+        );
+
+        std::fs::write(root.join(".modified"), "").expect(".modified");
+        until("the change applied once the tree is back", || async {
+            !members(&h.dir, DB).await.is_empty()
+        })
+        .await;
+        until("ready again", || async { h.metrics.is_ready() }).await;
+        h.stop().await;
     }
 
     /// A tree with one host in scope running `web`, and an empty directory
@@ -1255,7 +1326,9 @@ mod tests {
     fn a_watcher_whose_thread_ended_is_a_failed_watcher() {
         let (_guard, root) = tree();
         let mut d = daemon(&root);
-        d.set_ready(Ok(()));
+        d.health.synced = true;
+        d.health.applied = true;
+        d.publish_ready();
         let (tx, rx) = mpsc::unbounded_channel();
         d.changes = Some(rx);
         tx.send(Change::Rescan("overflow".into())).expect("send");
@@ -1277,16 +1350,18 @@ mod tests {
         let (_guard, root) = tree();
         fill(&root);
         let mut d = daemon(&root);
-        d.insert_group(group("web-gmsa-hosts"));
-        d.insert_group(group("db-gmsa-hosts"));
-        d.set_ready(Ok(()));
+        d.groups.insert(group("web-gmsa-hosts"));
+        d.groups.insert(group("db-gmsa-hosts"));
+        d.health.synced = true;
+        d.health.applied = true;
+        d.publish_ready();
         assert!(d.metrics.is_ready());
 
         d.on_change(Change::Failed("the notifier failed: boom".into()));
         assert!(d.changes.is_none(), "the failed watcher is dropped");
         assert!(d.rescan_needed.is_some(), "a rescan follows the restart");
         // Whatever else says ready, the watcher fault holds.
-        d.set_ready(Ok(()));
+        d.publish_ready();
         assert!(!d.metrics.is_ready());
         let (_, body) = d.metrics.readiness();
         assert!(
@@ -1304,7 +1379,7 @@ mod tests {
         assert_eq!(d.metrics.rescans.get(), 1);
         let web = group("web-gmsa-hosts").dn;
         assert_eq!(
-            d.stale.iter().collect::<Vec<_>>(),
+            d.groups.stale(),
             vec![&web],
             "only the group of the proid the rescan changed is re-read"
         );

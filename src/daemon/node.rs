@@ -10,6 +10,7 @@ use tracing::{error, info, warn};
 use super::{Daemon, DaemonError, Shutdown, CLEANUP_EVERY, SHUTDOWN_GRACE};
 use crate::directory::{Directory, DomainFacts, Group};
 use crate::model::{Dn, GroupPattern, HostName, Proid};
+use crate::node::CheckError;
 use crate::node::{guid_to_string, sid_to_string, DomainInfo, GmsaProids, MembershipCheck, Node};
 use crate::tree::scan::read_server;
 use crate::tree::TreeEvent;
@@ -74,7 +75,7 @@ impl Daemon {
                 _ => None,
             };
         let hostname = config.hostname.clone();
-        let node = Node::new(config, check).map_err(|e| DaemonError::Startup(e.to_string()))?;
+        let node = Node::new(config, check)?;
         let placed = self
             .tree
             .placements
@@ -90,9 +91,9 @@ impl Daemon {
             }
         });
         self.node = Some(node);
-        if !self.config.groups {
-            self.set_ready(Ok(()));
-        }
+        self.health.node_started = true;
+        self.health.waiting = None;
+        self.publish_ready();
         Ok(true)
     }
 
@@ -146,20 +147,31 @@ impl Daemon {
                 if let Some(previous) = previous {
                     let _ = previous.await;
                 }
-                if add {
-                    match node.placement_added(&name).await {
-                        Ok(done) => info!(instance = %name, ?done, "placement added"),
-                        Err(err) => {
-                            error!(instance = %name, error = %err, "configuring the container failed")
+                // The operation reads and writes files (manifests, fsyncs,
+                // renames): it runs on the blocking pool, so that a slow
+                // disk holds up this instance only, never the event loop.
+                let runtime = tokio::runtime::Handle::current();
+                let work = tokio::task::spawn_blocking(move || {
+                    runtime.block_on(async {
+                        if add {
+                            match node.placement_added(&name).await {
+                                Ok(done) => info!(instance = %name, ?done, "placement added"),
+                                Err(err) => {
+                                    error!(instance = %name, error = %err, "configuring the container failed")
+                                }
+                            }
+                        } else {
+                            match node.placement_removed(&name).await {
+                                Ok(done) => info!(instance = %name, ?done, "placement removed"),
+                                Err(err) => {
+                                    error!(instance = %name, error = %err, "terminating the container failed")
+                                }
+                            }
                         }
-                    }
-                } else {
-                    match node.placement_removed(&name).await {
-                        Ok(done) => info!(instance = %name, ?done, "placement removed"),
-                        Err(err) => {
-                            error!(instance = %name, error = %err, "terminating the container failed")
-                        }
-                    }
+                    })
+                });
+                if let Err(err) = work.await {
+                    error!(error = %err, "a container operation panicked");
                 }
             });
             self.node_chains.insert(instance, handle);
@@ -167,14 +179,23 @@ impl Daemon {
     }
 
     pub(super) fn cleanup_containers(&mut self) {
-        if let Some(node) = &self.node {
-            let removed = node.cleanup_expired(std::time::SystemTime::now());
-            if !removed.is_empty() {
-                info!(
-                    containers = removed.len(),
-                    "removed containers kept past --retain"
-                );
-            }
+        if let Some(node) = self.node.clone() {
+            // Removing container directories is disk work: the blocking
+            // pool does it while the loop goes on.
+            self.node_tasks.spawn(async move {
+                let removed = tokio::task::spawn_blocking(move || {
+                    node.cleanup_expired(std::time::SystemTime::now())
+                })
+                .await;
+                match removed {
+                    Ok(removed) if !removed.is_empty() => info!(
+                        containers = removed.len(),
+                        "removed containers kept past --retain"
+                    ),
+                    Ok(_) => {}
+                    Err(err) => error!(error = %err, "removing old containers panicked"),
+                }
+            });
         }
         self.next_cleanup = Instant::now() + CLEANUP_EVERY;
     }
@@ -223,27 +244,25 @@ struct DirectoryCheck {
 
 impl DirectoryCheck {
     /// The proid's group, if it exists.
-    async fn group(&self, proid: &Proid) -> Result<Option<Group>, String> {
+    async fn group(&self, proid: &Proid) -> Result<Option<Group>, CheckError> {
         let name = self.pattern.render(proid);
-        self.dir
-            .find_group(&self.ou, &name)
-            .await
-            .map_err(|e| e.to_string())
+        Ok(self.dir.find_group(&self.ou, &name).await?)
     }
 }
 
 #[async_trait::async_trait]
 impl MembershipCheck for DirectoryCheck {
-    async fn group_exists(&self, proid: &Proid) -> Result<bool, String> {
+    async fn group_exists(&self, proid: &Proid) -> Result<bool, CheckError> {
         Ok(self.group(proid).await?.is_some())
     }
 
-    async fn is_member(&self, proid: &Proid) -> Result<bool, String> {
-        let server = read_server(&self.fs_root, &self.hostname)?;
+    async fn is_member(&self, proid: &Proid) -> Result<bool, CheckError> {
+        let server = read_server(&self.fs_root, &self.hostname).map_err(CheckError::Host)?;
         let dn = server
             .dn
-            .ok_or_else(|| format!("servers/{}: no nt.dn", self.hostname))?;
-        let dn = Dn::parse(&dn).map_err(|e| e.to_string())?;
+            .ok_or_else(|| CheckError::Host(format!("servers/{}: no nt.dn", self.hostname)))?;
+        let dn = Dn::parse(&dn)
+            .map_err(|e| CheckError::Host(format!("servers/{}: nt.dn: {e}", self.hostname)))?;
         let group = self.group(proid).await?;
         Ok(group.is_some_and(|g| g.members.contains(&dn)))
     }

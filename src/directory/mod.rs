@@ -10,6 +10,9 @@
 pub mod ldap;
 pub mod ldif_file;
 pub mod memory;
+mod open;
+
+pub use open::{open, OpenError};
 
 use std::collections::BTreeSet;
 use std::fmt;
@@ -244,6 +247,18 @@ impl DirError {
         match self {
             DirError::Result { code, .. } => Some(*code),
             _ => None,
+        }
+    }
+
+    /// What a failure is called where only a word fits (the outcome label
+    /// of the Modify counter): the result code's name, or the kind of
+    /// failure when the server gave no code.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DirError::Result { code, .. } => rc::name(*code).unwrap_or("unknownResultCode"),
+            DirError::Unreachable { .. } => "unreachable",
+            DirError::Stalled { .. } => "stalled",
+            DirError::Fatal(_) => "failure",
         }
     }
 

@@ -44,7 +44,7 @@ pub use events::{Event, EventKind};
 pub use finish::{app_root_of, finish};
 pub use startup::StartupReport;
 pub use unique::Instance;
-pub use wait::{MembershipCheck, WaitOutcome};
+pub use wait::{CheckError, MembershipCheck, WaitOutcome};
 
 use script::Template;
 
@@ -387,7 +387,9 @@ impl Node {
             {
                 WaitOutcome::Member => {}
                 WaitOutcome::Cancelled => return Ok(Added::NoLongerPlaced),
-                WaitOutcome::TimedOut(why) => return self.inner.abort(&inst, "gmsa", why),
+                WaitOutcome::TimedOut(why) | WaitOutcome::Failed(why) => {
+                    return self.inner.abort(&inst, "gmsa", why)
+                }
             }
         }
         let _guard = self.inner.fs_lock.lock().await;
@@ -467,7 +469,7 @@ impl Inner {
             (GmsaProids::GroupExists, Some(check)) => check
                 .group_exists(proid)
                 .await
-                .map_err(NodeError::Directory),
+                .map_err(|e| NodeError::Directory(e.to_string())),
             (GmsaProids::GroupExists, None) => {
                 panic!("BUG: Node::new accepts GroupExists only with a check")
             }
@@ -613,11 +615,15 @@ mod tests {
 
     #[async_trait::async_trait]
     impl MembershipCheck for NoDirectory {
-        async fn group_exists(&self, _: &Proid) -> Result<bool, String> {
-            Err("no directory".into())
+        async fn group_exists(&self, _: &Proid) -> Result<bool, CheckError> {
+            Err(CheckError::Directory(crate::directory::DirError::Fatal(
+                "no directory".into(),
+            )))
         }
-        async fn is_member(&self, _: &Proid) -> Result<bool, String> {
-            Err("no directory".into())
+        async fn is_member(&self, _: &Proid) -> Result<bool, CheckError> {
+            Err(CheckError::Directory(crate::directory::DirError::Fatal(
+                "no directory".into(),
+            )))
         }
     }
 

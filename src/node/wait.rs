@@ -11,7 +11,30 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+use crate::directory::DirError;
 use crate::model::Proid;
+
+/// Why a membership check got no answer, by what happens next.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CheckError {
+    /// The directory failed; a transient failure is asked again.
+    #[error(transparent)]
+    Directory(#[from] DirError),
+    /// This host's server file gives no usable `nt.dn` right now; the
+    /// mirror may still fix it, so it is asked again.
+    #[error("{0}")]
+    Host(String),
+}
+
+impl CheckError {
+    /// True when asking again may get an answer.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            CheckError::Directory(err) => err.is_transient(),
+            CheckError::Host(_) => true,
+        }
+    }
+}
 
 /// First pause between two membership checks.
 pub const INITIAL_DELAY: Duration = Duration::from_secs(1);
@@ -23,10 +46,10 @@ pub const MAX_DELAY: Duration = Duration::from_secs(30);
 pub trait MembershipCheck: Send + Sync {
     /// Whether the proid has a group at all: with the default gMSA
     /// selection, exactly those proids have a gMSA.
-    async fn group_exists(&self, proid: &Proid) -> Result<bool, String>;
+    async fn group_exists(&self, proid: &Proid) -> Result<bool, CheckError>;
 
     /// Whether this host's computer DN is a member of the proid's group.
-    async fn is_member(&self, proid: &Proid) -> Result<bool, String>;
+    async fn is_member(&self, proid: &Proid) -> Result<bool, CheckError>;
 }
 
 /// How a wait ended.
@@ -38,11 +61,14 @@ pub enum WaitOutcome {
     Cancelled,
     /// The time ran out; the last answer or error, for the operator.
     TimedOut(String),
+    /// The check failed in a way that asking again will not fix.
+    Failed(String),
 }
 
 /// Asks `check` until this host is a member of `proid`'s group, `still_wanted`
-/// turns false, or `wait` has passed. Errors from the check count as "not
-/// yet": the directory may be briefly unreachable.
+/// turns false, or `wait` has passed. Transient errors from the check count
+/// as "not yet" (the directory may be briefly unreachable); any other error
+/// ends the wait.
 pub async fn wait_until_member(
     check: &dyn MembershipCheck,
     proid: &Proid,
@@ -58,7 +84,10 @@ pub async fn wait_until_member(
         let last = match tokio::time::timeout_at(deadline, check.is_member(proid)).await {
             Ok(Ok(true)) => return WaitOutcome::Member,
             Ok(Ok(false)) => "not a member".to_owned(),
-            Ok(Err(err)) => format!("check failed: {err}"),
+            Ok(Err(err)) if err.is_transient() => format!("check failed: {err}"),
+            Ok(Err(err)) => {
+                return WaitOutcome::Failed(format!("checking the group of {proid}: {err}"))
+            }
             Err(_) => "check did not answer".to_owned(),
         };
         let now = Instant::now();
@@ -89,14 +118,19 @@ mod tests {
 
     #[async_trait]
     impl MembershipCheck for Fake {
-        async fn group_exists(&self, _: &Proid) -> Result<bool, String> {
+        async fn group_exists(&self, _: &Proid) -> Result<bool, CheckError> {
             Ok(true)
         }
-        async fn is_member(&self, _: &Proid) -> Result<bool, String> {
+        async fn is_member(&self, _: &Proid) -> Result<bool, CheckError> {
             let mut asked = self.asked.lock().expect("lock");
             asked.push(Instant::now());
             match asked.len() {
-                n if n <= self.noes && n % 2 == 0 => Err("unreachable".into()),
+                n if n <= self.noes && n % 2 == 0 => {
+                    Err(CheckError::Directory(DirError::Unreachable {
+                        op: crate::directory::Op::Search,
+                        message: "unreachable".into(),
+                    }))
+                }
                 n if n <= self.noes => Ok(false),
                 _ => Ok(true),
             }
@@ -168,10 +202,10 @@ mod tests {
 
     #[async_trait]
     impl MembershipCheck for Hangs {
-        async fn group_exists(&self, _: &Proid) -> Result<bool, String> {
+        async fn group_exists(&self, _: &Proid) -> Result<bool, CheckError> {
             Ok(true)
         }
-        async fn is_member(&self, _: &Proid) -> Result<bool, String> {
+        async fn is_member(&self, _: &Proid) -> Result<bool, CheckError> {
             std::future::pending().await
         }
     }
@@ -183,5 +217,34 @@ mod tests {
             matches!(out, WaitOutcome::TimedOut(ref why) if why.contains("did not answer")),
             "{out:?}"
         );
+    }
+
+    /// A check refused for good (no right to read the group).
+    struct Refused;
+
+    #[async_trait]
+    impl MembershipCheck for Refused {
+        async fn group_exists(&self, _: &Proid) -> Result<bool, CheckError> {
+            Ok(true)
+        }
+        async fn is_member(&self, _: &Proid) -> Result<bool, CheckError> {
+            Err(CheckError::Directory(DirError::Result {
+                op: crate::directory::Op::Search,
+                dn: "OU=Groups,DC=x".into(),
+                code: 50,
+                message: "no read access".into(),
+            }))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_check_that_can_never_answer_ends_the_wait_at_once() {
+        let start = Instant::now();
+        let out = wait_until_member(&Refused, &proid(), Duration::from_secs(600), || true).await;
+        assert!(
+            matches!(out, WaitOutcome::Failed(ref why) if why.contains("insufficientAccessRights")),
+            "{out:?}"
+        );
+        assert_eq!(Instant::now(), start, "not polled until the deadline");
     }
 }

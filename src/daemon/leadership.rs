@@ -1,0 +1,260 @@
+//! Who may write, and whether the daemon is ready.
+//!
+//! [`Leadership`] follows the election: the role and term this replica
+//! last acted on, whether that leadership still lasts, and what changed.
+//! [`Health`] holds the facts readiness depends on; [`readiness`] derives
+//! from them and the role what `/readyz` says, with the reason, in one
+//! place, so no part of the daemon sets or reads back a ready flag.
+
+use tokio::sync::watch;
+
+use crate::election::{Role, RoleState};
+
+/// The replica's role as last acted on.
+#[derive(Debug, Default)]
+pub struct Leadership {
+    /// The election's state; `None` when this replica runs alone.
+    roles: Option<watch::Receiver<RoleState>>,
+    /// The role, term and connection last acted on.
+    seen: Option<(Role, u64, bool)>,
+}
+
+/// What changed since the state was last observed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RoleChange {
+    /// Leader from now on, for this term; `first` when it is the first role
+    /// this replica takes.
+    Leader {
+        /// The leadership term.
+        term: u64,
+        /// Why, as the election says.
+        why: String,
+        /// No role was held before.
+        first: bool,
+    },
+    /// Follower from now on.
+    Follower {
+        /// Why, as the election says.
+        why: String,
+    },
+    /// Only the connection to ZooKeeper changed.
+    Connection,
+}
+
+impl Leadership {
+    /// Follows `roles`, or without an election always leads.
+    pub fn new(roles: Option<watch::Receiver<RoleState>>) -> Self {
+        Leadership { roles, seen: None }
+    }
+
+    /// True when this replica may write: the lock is held (or there is no
+    /// election).
+    pub fn is_leader(&self) -> bool {
+        self.roles.as_ref().is_none_or(|r| r.borrow().is_leader())
+    }
+
+    /// True while the leadership this replica last acted on lasts: a lost
+    /// and regained lock is a new leadership, which starts afresh.
+    pub fn still_leading(&self) -> bool {
+        match (&self.roles, self.seen) {
+            (None, _) => true,
+            (Some(roles), Some((Role::Leader, term, _))) => {
+                let now = roles.borrow();
+                now.is_leader() && now.term == term
+            }
+            (Some(_), _) => false,
+        }
+    }
+
+    /// Takes the election's state, marking it seen; `None` when nothing
+    /// changed since the last call (or there is no election).
+    pub fn observe(&mut self) -> Option<RoleChange> {
+        let roles = self.roles.as_mut()?;
+        let state = roles.borrow_and_update().clone();
+        let seen = (state.role, state.term, state.connected);
+        if self.seen == Some(seen) {
+            return None;
+        }
+        let first = self.seen.is_none();
+        let role_changed = self
+            .seen
+            .is_none_or(|(role, term, _)| (role, term) != (state.role, state.term));
+        self.seen = Some(seen);
+        if !role_changed {
+            return Some(RoleChange::Connection);
+        }
+        Some(match state.role {
+            Role::Leader => RoleChange::Leader {
+                term: state.term,
+                why: state.why,
+                first,
+            },
+            Role::Follower => RoleChange::Follower { why: state.why },
+        })
+    }
+
+    /// Why ZooKeeper cannot be trusted right now, if it cannot.
+    fn disconnected(&self) -> Option<String> {
+        let roles = self.roles.as_ref()?;
+        let state = roles.borrow();
+        (!state.connected).then(|| format!("zookeeper: {}", state.why))
+    }
+
+    /// Whether an election runs.
+    fn elected(&self) -> bool {
+        self.roles.is_some()
+    }
+
+    /// The election's receiver, for waiting on its next change.
+    pub fn receiver(&mut self) -> Option<&mut watch::Receiver<RoleState>> {
+        self.roles.as_mut()
+    }
+}
+
+/// The facts readiness is derived from, each set where it is learned.
+#[derive(Debug, Default)]
+pub struct Health {
+    /// Why the placement tree cannot be used (not ready, unreadable).
+    pub tree: Option<String>,
+    /// Why the tree watcher cannot be trusted.
+    pub watcher: Option<String>,
+    /// What the daemon waits for before it can work (the directory, the
+    /// domain's facts, node mode's tree).
+    pub waiting: Option<String>,
+    /// Why the last read of every group failed, until one works.
+    pub groups_read: Option<String>,
+    /// A full sync has read every group in this leadership: batches may
+    /// plan from the cache.
+    pub synced: bool,
+    /// That full sync's plan was applied: ready.
+    pub applied: bool,
+    /// Node mode has started.
+    pub node_started: bool,
+}
+
+/// What `/readyz` says: `Ok` when ready, otherwise the most basic reason
+/// first (the watcher, the tree, what the daemon waits for, ZooKeeper,
+/// then the first full sync).
+pub fn readiness(health: &Health, leadership: &Leadership, groups: bool) -> Result<(), String> {
+    if let Some(fault) = &health.watcher {
+        return Err(format!("tree watcher: {fault}"));
+    }
+    if let Some(why) = health.tree.as_ref().or(health.waiting.as_ref()) {
+        return Err(why.clone());
+    }
+    if let Some(why) = leadership.disconnected() {
+        return Err(why);
+    }
+    if !groups {
+        return if health.node_started {
+            Ok(())
+        } else {
+            Err("node mode not started yet".into())
+        };
+    }
+    if leadership.elected() && !leadership.is_leader() {
+        return Ok(());
+    }
+    if health.applied {
+        return Ok(());
+    }
+    Err(match (&health.groups_read, leadership.elected()) {
+        (Some(err), _) => format!("reading the groups: {err}"),
+        (None, true) => "leader: initial sync not applied yet".into(),
+        (None, false) => "initial sync not done".into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(role: Role, term: u64, connected: bool) -> RoleState {
+        RoleState {
+            role,
+            since: std::time::SystemTime::now(),
+            term,
+            connected,
+            why: "test".into(),
+        }
+    }
+
+    #[test]
+    fn alone_the_daemon_is_ready_once_the_first_full_sync_applied() {
+        let alone = Leadership::new(None);
+        let mut health = Health::default();
+        assert_eq!(
+            readiness(&health, &alone, true),
+            Err("initial sync not done".into())
+        );
+        health.groups_read = Some("LDAP result 52: unavailable".into());
+        assert_eq!(
+            readiness(&health, &alone, true),
+            Err("reading the groups: LDAP result 52: unavailable".into())
+        );
+        health.synced = true;
+        assert!(
+            readiness(&health, &alone, true).is_err(),
+            "read, not applied"
+        );
+        health.applied = true;
+        assert_eq!(readiness(&health, &alone, true), Ok(()));
+        health.tree = Some("placement tree unusable: gone".into());
+        assert_eq!(
+            readiness(&health, &alone, true),
+            Err("placement tree unusable: gone".into())
+        );
+        health.watcher = Some("the watcher stopped".into());
+        assert_eq!(
+            readiness(&health, &alone, true),
+            Err("tree watcher: the watcher stopped".into()),
+            "a watcher fault comes first"
+        );
+    }
+
+    #[test]
+    fn a_follower_is_ready_and_a_new_leader_is_not_until_it_synced() {
+        let (tx, rx) = watch::channel(state(Role::Follower, 0, true));
+        let mut l = Leadership::new(Some(rx));
+        let health = Health::default();
+        assert_eq!(
+            l.observe(),
+            Some(RoleChange::Follower { why: "test".into() })
+        );
+        assert_eq!(l.observe(), None, "seen");
+        assert_eq!(readiness(&health, &l, true), Ok(()));
+
+        tx.send_replace(state(Role::Leader, 1, true));
+        assert!(matches!(
+            l.observe(),
+            Some(RoleChange::Leader {
+                term: 1,
+                first: false,
+                ..
+            })
+        ));
+        assert!(l.still_leading());
+        assert_eq!(
+            readiness(&health, &l, true),
+            Err("leader: initial sync not applied yet".into())
+        );
+
+        // The session is lost mid-batch: the leadership the batch started
+        // in is over, whatever comes next.
+        tx.send_replace(state(Role::Leader, 1, false));
+        assert!(l.still_leading(), "still the same term until it changes");
+        assert_eq!(l.observe(), Some(RoleChange::Connection));
+        assert_eq!(readiness(&health, &l, true), Err("zookeeper: test".into()));
+        tx.send_replace(state(Role::Leader, 2, true));
+        assert!(!l.still_leading(), "a new term is a new leadership");
+    }
+
+    #[test]
+    fn node_mode_alone_is_ready_once_started() {
+        let alone = Leadership::new(None);
+        let mut health = Health::default();
+        assert!(readiness(&health, &alone, false).is_err());
+        health.node_started = true;
+        assert_eq!(readiness(&health, &alone, false), Ok(()));
+    }
+}
