@@ -1501,16 +1501,7 @@ impl CheckConfig {
                 None
             }
         };
-        let proid = keep(
-            &mut problems,
-            args.proid
-                .as_deref()
-                .ok_or_else(|| invalid("--proid", "is required"))
-                .and_then(|proid| {
-                    Proid::new(proid)
-                        .ok_or_else(|| invalid("--proid", format!("{proid:?} is not a proid name")))
-                }),
-        );
+        let proid = keep(&mut problems, required_proid(args.proid.as_deref()));
         let host = if args.this_host {
             let name = match &args.hostname {
                 Some(name) => Ok(name.clone()),
@@ -1553,6 +1544,12 @@ impl CheckConfig {
     }
 }
 
+/// `--proid`, which `check` and `explain` require.
+fn required_proid(proid: Option<&str>) -> Result<Proid, CliError> {
+    let proid = proid.ok_or_else(|| invalid("--proid", "is required"))?;
+    Proid::new(proid).ok_or_else(|| invalid("--proid", format!("{proid:?} is not a proid name")))
+}
+
 /// Validated options of `explain`.
 #[derive(Debug, Clone)]
 pub struct ExplainConfig {
@@ -1584,16 +1581,7 @@ impl ExplainConfig {
                 None
             }
         };
-        let proid = keep(
-            &mut problems,
-            args.proid
-                .as_deref()
-                .ok_or_else(|| invalid("--proid", "is required"))
-                .and_then(|proid| {
-                    Proid::new(proid)
-                        .ok_or_else(|| invalid("--proid", format!("{proid:?} is not a proid name")))
-                }),
-        );
+        let proid = keep(&mut problems, required_proid(args.proid.as_deref()));
         let host = keep(
             &mut problems,
             args.host
