@@ -377,6 +377,9 @@ pub struct WriteArgs {
     /// Values per Modify request at most [default: 1000].
     #[arg(long, env = "GMSA_MAX_VALUES_PER_MODIFY", value_parser = clap::value_parser!(u32).range(1..), help_heading = "Directory")]
     pub max_values_per_modify: Option<u32>,
+    /// Append every applied membership change to FILE as a JSON line (created 0600).
+    #[arg(long, env = "GMSA_AUDIT_LOG", value_parser = AbsolutePath, value_name = "FILE", help_heading = "Output")]
+    pub audit_log: Option<PathBuf>,
 }
 
 /// `--format`.
@@ -955,6 +958,8 @@ pub struct Config {
     pub guard: GuardOptions,
     /// How plans are applied.
     pub apply: ApplyOptions,
+    /// Where applied changes are appended (`--audit-log`).
+    pub audit_log: Option<PathBuf>,
 }
 
 /// Log settings.
@@ -1024,6 +1029,7 @@ impl Config {
         };
         let mut guard = GuardOptions::default();
         let mut apply = ApplyOptions::default();
+        let audit_log = write.and_then(|w| w.audit_log.clone());
         if let Some(w) = write {
             guard.max_delete = w.max_delete.unwrap_or(guard.max_delete);
             guard.max_delete_percent = w.max_delete_percent.unwrap_or(guard.max_delete_percent);
@@ -1053,6 +1059,7 @@ impl Config {
             },
             guard,
             apply,
+            audit_log,
         })
     }
 
@@ -1433,6 +1440,15 @@ fn domain_info(args: &NodeArgs) -> Result<Option<DomainInfo>, CliError> {
     };
     domain.validate().map_err(|e| invalid("--domain-*", e))?;
     Ok(Some(domain))
+}
+
+/// This replica's name in audit records: `--hostname` when given, else the
+/// machine's fully qualified name.
+pub fn replica_name(hostname: Option<&str>) -> String {
+    match hostname {
+        Some(name) => name.to_owned(),
+        None => machine_fqdn().unwrap_or_else(|| "unknown".to_owned()),
+    }
 }
 
 /// The machine's fully qualified name: `hostname --fqdn`, or the kernel's
@@ -1830,6 +1846,7 @@ mod tests {
             "app_root",
             "credential_spec_dir",
             "container_dir",
+            "audit_log",
         ] {
             assert!(
                 seen.contains(id),

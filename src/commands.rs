@@ -10,6 +10,7 @@ use std::io::Write;
 use thiserror::Error;
 use tracing::{info, warn};
 
+use crate::audit::Audit;
 use crate::cli::{CheckConfig, CheckHost, CliError, Config, DirectoryChoice, ExplainConfig};
 use crate::directory::{self, DirError, Directory, OpenError};
 use crate::explain::{explain, Facts, Question};
@@ -18,7 +19,7 @@ use crate::model::{escape_controls, Dn, HostName};
 use crate::node;
 use crate::output::{NotApplied, Report};
 use crate::plan::{guard, plan, Plan, Scope};
-use crate::reconcile::{Cause, NoRecorder, Pass};
+use crate::reconcile::{Cause, Pass};
 use crate::tree::scan::{read_server, scan, ScanError, SERVERS};
 use crate::tree::Snapshot;
 
@@ -203,6 +204,17 @@ fn planned_report(verb: &'static str, pass: Pass) -> Report {
     }
 }
 
+/// The audit trail of a command that writes: `--audit-log` opened (named
+/// after `hostname`, or this machine) when given.
+pub fn open_audit(config: &Config, hostname: Option<&str>) -> Result<Audit, CommandError> {
+    let replica = match config.audit_log {
+        Some(_) => crate::cli::replica_name(hostname),
+        None => String::new(),
+    };
+    Audit::open(config.audit_log.as_deref(), replica)
+        .map_err(|err| CommandError::Other(err.to_string()))
+}
+
 /// `plan`: print the changes; with `exit_code`, exit 2 when there are any.
 pub async fn plan_command(
     config: &Config,
@@ -226,12 +238,14 @@ pub async fn sync_command(
     dry_run: bool,
     out: &mut dyn Write,
 ) -> Result<u8, CommandError> {
+    // Opened first: a bad audit log stops the run before anything is written.
+    let audit = open_audit(config, None)?;
     let Prepared {
         directory,
         mut pass,
     } = prepare(config).await?;
     let refused = pass.refused.is_some();
-    pass.apply(directory.as_ref(), &config.apply, dry_run, &NoRecorder)
+    pass.apply(directory.as_ref(), &config.apply, dry_run, &audit)
         .await;
     if dry_run {
         let report = planned_report("sync --dry-run", pass);

@@ -22,6 +22,7 @@
 //! - [`safe_fs`]: the one way files from outside are opened: regular files only, no links followed, sizes capped.
 //! - [`node`]: node mode: container directories, credential specs and app events for this host's placements.
 
+pub mod audit;
 pub mod cli;
 pub mod commands;
 pub mod config_check;

@@ -20,7 +20,7 @@
 //! only reported as applied when the directory said so or a re-read shows
 //! it in the desired state.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use futures::stream::{self, StreamExt};
@@ -29,7 +29,7 @@ use tracing::{debug, info_span, warn, Instrument};
 use crate::directory::{rc, Capabilities, DirError, Directory, Group, MemberChange};
 use crate::index::Index;
 use crate::metrics::{Metrics, OutcomeLabels};
-use crate::model::{Dn, GroupPattern};
+use crate::model::{Dn, GroupPattern, Proid};
 use crate::plan::{guard, plan, GroupChange, GuardOptions, Plan, Scope};
 
 /// Exponential backoff with full jitter.
@@ -155,8 +155,11 @@ pub enum Cause {
     Event,
     /// A full sync: every group read and compared.
     FullSync,
-    /// A retry of changes that failed before.
+    /// A batch re-applying changes that failed before.
     Retry,
+    /// A full sync that found a group differing from what the daemon last
+    /// knew it held: an edit made by hand.
+    Drift,
 }
 
 impl Cause {
@@ -166,6 +169,7 @@ impl Cause {
             Cause::Event => "event",
             Cause::FullSync => "full-sync",
             Cause::Retry => "retry",
+            Cause::Drift => "drift",
         }
     }
 }
@@ -194,6 +198,14 @@ pub struct NoRecorder;
 
 impl Recorder for NoRecorder {
     fn record(&self, _: Record<'_>) {}
+}
+
+/// Two recorders in turn (the daemon's metrics and its audit trail).
+impl<A: Recorder + ?Sized, B: Recorder + ?Sized> Recorder for (&A, &B) {
+    fn record(&self, record: Record<'_>) {
+        self.0.record(record);
+        self.1.record(record);
+    }
 }
 
 /// The daemon's metrics count every Modify request by the outcome of its
@@ -228,6 +240,9 @@ pub struct Refusal {
 pub struct Pass {
     /// Why the pass runs.
     pub cause: Cause,
+    /// Proids whose groups are written for another reason than `cause`
+    /// (a retry within an event batch, drift found by a full sync).
+    pub causes: BTreeMap<Proid, Cause>,
     /// What is to be written: the plan without refused deletions. Its
     /// `missing_groups` are the proids with placements and no group.
     pub plan: Plan,
@@ -284,6 +299,7 @@ impl Pass {
         };
         Pass {
             cause,
+            causes: BTreeMap::new(),
             plan,
             refused,
             results: Vec::new(),
@@ -307,8 +323,9 @@ impl Pass {
             apply_plan(dir, &self.plan, options).await
         };
         for result in &self.results {
+            let proid = &result.planned.proid;
             recorder.record(Record {
-                cause: self.cause,
+                cause: self.causes.get(proid).copied().unwrap_or(self.cause),
                 dry_run,
                 result,
             });

@@ -226,6 +226,24 @@ pub fn touch(path: &Path) -> Result<(), ReadError> {
     }
 }
 
+/// Opens `path` for appending, creating it with mode 0600 when absent, and
+/// never through a final symlink: a log planted as a link to another file
+/// is refused, not written through. Only a regular file is accepted.
+pub fn open_append(path: &Path) -> Result<File, ReadError> {
+    let file = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|err| ReadError::from_open(err, path, FILE))?;
+    let meta = file.metadata().map_err(ReadError::Io)?;
+    match Kind::of(meta.file_type()) {
+        Kind::File => Ok(file),
+        found => Err(ReadError::WrongType { found, want: FILE }),
+    }
+}
+
 /// An entry of a directory read with [`list_dir`]: its name and its type
 /// as the listing gave it (`None` when the listing could not tell).
 pub type Entry = (OsString, Option<fs::FileType>);

@@ -110,6 +110,16 @@ impl GroupCache {
         self.stale.iter().collect()
     }
 
+    /// Whether `read` differs from what the cache knew of it (a group it
+    /// does not know, or one whose cached members are in doubt, is not).
+    pub fn drifted(&self, read: &Group) -> bool {
+        !self.stale.contains(&read.dn)
+            && self
+                .groups
+                .get(&read.dn)
+                .is_some_and(|known| known.members != read.members)
+    }
+
     /// Records what a write applied, so the next plan starts from it.
     pub fn applied(&mut self, change: &GroupChange) {
         if let Some(group) = self.groups.get_mut(&change.group_dn) {

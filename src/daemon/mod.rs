@@ -36,6 +36,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{sleep, sleep_until, Instant};
 use tracing::{debug, error, info, warn};
 
+use crate::audit::Audit;
 use crate::cli::RunConfig;
 use crate::commands::{CommandError, EXIT_OK};
 use crate::directory;
@@ -83,6 +84,9 @@ const DRAIN_BEFORE_RESCAN: usize = 100_000;
 /// must fix before it can run. Everything else is retried.
 #[derive(Debug, Error)]
 pub enum DaemonError {
+    /// The audit log cannot be opened.
+    #[error(transparent)]
+    Audit(#[from] crate::audit::AuditError),
     /// The metrics address cannot be listened on.
     #[error("--metrics-addr {addr}: {source}")]
     MetricsAddr {
@@ -198,7 +202,16 @@ pub async fn run_on(
         }
         None => None,
     };
+    let replica = config
+        .node
+        .as_ref()
+        .map(|node| node.hostname.as_str().to_owned());
+    let audit = match &config.config.audit_log {
+        Some(path) => Audit::open(Some(path), crate::cli::replica_name(replica.as_deref()))?,
+        None => Audit::log_only(),
+    };
     let mut daemon = Daemon::new(config, metrics);
+    daemon.audit = Arc::new(audit);
     daemon.directory = parts.directory;
     daemon.given_changes = parts.changes;
     if let Some(election) = election {
@@ -217,6 +230,8 @@ pub async fn run_on(
 struct Daemon {
     config: RunConfig,
     metrics: Arc<Metrics>,
+    /// Where applied changes are recorded.
+    audit: Arc<Audit>,
     tree: Snapshot,
     index: Index,
     changes: Option<mpsc::UnboundedReceiver<Change>>,
@@ -269,6 +284,7 @@ impl Daemon {
         Daemon {
             config,
             metrics,
+            audit: Arc::new(Audit::log_only()),
             tree: Snapshot::default(),
             index,
             changes: None,
@@ -812,7 +828,7 @@ impl Daemon {
         };
         // Planned from the groups as read, before they move into the cache,
         // rather than from a copy of the whole cache (MBs at cluster scale).
-        let pass = Pass::prepare(
+        let mut pass = Pass::prepare(
             Cause::FullSync,
             &self.index,
             &groups,
@@ -820,6 +836,14 @@ impl Daemon {
             Scope::All,
             &self.config.config.guard,
         );
+        // A group whose members moved since the daemon last wrote or read
+        // it was edited by someone else: its repair is drift.
+        for change in &pass.plan.changes {
+            let read = groups.iter().find(|g| g.dn == change.group_dn);
+            if read.is_some_and(|group| self.groups.drifted(group)) {
+                pass.causes.insert(change.proid.clone(), Cause::Drift);
+            }
+        }
         self.groups.reset(groups);
         self.health.synced = true;
         // Every proid is compared now; what was dirty is covered, but keep
@@ -946,7 +970,7 @@ impl Daemon {
         }
 
         let groups = self.groups.groups_of(&keys);
-        let pass = Pass::prepare(
+        let mut pass = Pass::prepare(
             Cause::Event,
             &self.index,
             &groups,
@@ -954,6 +978,11 @@ impl Daemon {
             Scope::Only(&proids),
             &self.config.config.guard,
         );
+        for proid in &proids {
+            if self.schedule.failures(proid) > 0 {
+                pass.causes.insert(proid.clone(), Cause::Retry);
+            }
+        }
         for key in &keys {
             self.missing.remove(key);
         }
@@ -1025,10 +1054,11 @@ impl Daemon {
         }
         let dir = self.directory();
         let options = self.config.config.apply;
-        let recorder = self.metrics.clone();
+        let metrics = self.metrics.clone();
+        let audit = self.audit.clone();
         let io = async move {
-            pass.apply(dir.as_ref(), &options, dry_run, recorder.as_ref())
-                .await;
+            let recorder = (metrics.as_ref(), audit.as_ref());
+            pass.apply(dir.as_ref(), &options, dry_run, &recorder).await;
             pass
         };
         let pass = self.drive(io, shutdown).await?;

@@ -149,7 +149,6 @@ impl Schedule {
     }
 
     /// How many times a proid has failed since it last succeeded.
-    #[cfg(test)]
     pub fn failures(&self, proid: &Proid) -> u32 {
         self.retries.get(proid).map_or(0, |(_, n)| *n)
     }

@@ -1,0 +1,298 @@
+//! The audit trail: who changed which group's members, when and why.
+//!
+//! Every group change a pass applied (or, in a dry run, would have
+//! applied) is logged at INFO as one line naming the group, the added and
+//! removed member DNs (the first [`LOG_LIMIT`] of each, then a count) and
+//! the cause. With `--audit-log FILE` the same record, with every member,
+//! is appended to FILE as one JSON line and synced to disk before the
+//! pass returns, so a batch only counts as done once its record is on
+//! disk. The file is opened once, append-only, created 0600 and never
+//! through a symlink ([`safe_fs::open_append`]). A refused deletion is not
+//! in the plan a pass applies, so it is never recorded as applied.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tracing::{error, info};
+
+use crate::model::Dn;
+use crate::reconcile::{Record, Recorder};
+use crate::safe_fs::{self, ReadError};
+
+/// Member DNs shown per list in the log line; the file has all of them.
+pub const LOG_LIMIT: usize = 20;
+
+/// The audit log could not be opened.
+#[derive(Debug, thiserror::Error)]
+#[error("--audit-log {}: {source}", path.display())]
+pub struct AuditError {
+    /// The file named.
+    pub path: PathBuf,
+    /// What is wrong with it.
+    pub source: ReadError,
+}
+
+/// Records applied membership changes in the log and, when asked, a file.
+#[derive(Debug)]
+pub struct Audit {
+    /// This replica's name, in every file record.
+    replica: String,
+    /// The open `--audit-log`, with its path for error messages.
+    file: Option<(PathBuf, Mutex<File>)>,
+}
+
+/// One line of the audit file.
+#[derive(Debug, Serialize)]
+struct Line<'a> {
+    time: String,
+    replica: &'a str,
+    group: &'a str,
+    added: Vec<&'a str>,
+    removed: Vec<&'a str>,
+    cause: &'static str,
+    dry_run: bool,
+}
+
+impl Audit {
+    /// An audit trail in the log only.
+    pub fn log_only() -> Audit {
+        Audit {
+            replica: String::new(),
+            file: None,
+        }
+    }
+
+    /// An audit trail for `replica`, appending to `path` when given.
+    pub fn open(path: Option<&Path>, replica: String) -> Result<Audit, AuditError> {
+        let file = match path {
+            None => None,
+            Some(path) => {
+                let file = safe_fs::open_append(path).map_err(|source| AuditError {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Some((path.to_owned(), Mutex::new(file)))
+            }
+        };
+        Ok(Audit { replica, file })
+    }
+
+    fn append(&self, line: &str) {
+        let Some((path, file)) = &self.file else {
+            return;
+        };
+        let mut file = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // One write per line: with O_APPEND the line lands whole at the end.
+        let result = file
+            .write_all(line.as_bytes())
+            .and_then(|()| file.sync_data());
+        if let Err(err) = result {
+            error!(file = %path.display(), error = %err, "cannot write the audit log");
+        }
+    }
+}
+
+impl Recorder for Audit {
+    fn record(&self, record: Record<'_>) {
+        let change = &record.result.applied;
+        if change.add.is_empty() && change.delete.is_empty() {
+            return;
+        }
+        info!(
+            group = %change.group_dn,
+            added = %listed(&change.add),
+            removed = %listed(&change.delete),
+            cause = record.cause.as_str(),
+            dry_run = record.dry_run,
+            "audit: members changed"
+        );
+        if self.file.is_some() {
+            self.append(&json_line(&self.replica, &record, now_rfc3339()));
+        }
+    }
+}
+
+/// The first [`LOG_LIMIT`] DNs, `; `-separated, then "and N more".
+pub fn listed<'a>(dns: impl IntoIterator<Item = &'a Dn>) -> String {
+    let dns: Vec<&Dn> = dns.into_iter().collect();
+    let mut out = dns
+        .iter()
+        .take(LOG_LIMIT)
+        .map(|dn| dn.as_str())
+        .collect::<Vec<_>>()
+        .join("; ");
+    if dns.len() > LOG_LIMIT {
+        out.push_str(&format!(" and {} more", dns.len() - LOG_LIMIT));
+    }
+    out
+}
+
+/// The audit file's line for one record, newline included.
+pub fn json_line(replica: &str, record: &Record<'_>, time: String) -> String {
+    let change = &record.result.applied;
+    let line = Line {
+        time,
+        replica,
+        group: change.group_dn.as_str(),
+        added: change.add.iter().map(Dn::as_str).collect(),
+        removed: change.delete.iter().map(Dn::as_str).collect(),
+        cause: record.cause.as_str(),
+        dry_run: record.dry_run,
+    };
+    let mut text = serde_json::to_string(&line).expect("BUG: an audit line always serialises");
+    text.push('\n');
+    text
+}
+
+/// Now as RFC 3339 in UTC with milliseconds.
+pub fn now_rfc3339() -> String {
+    let since = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339(since.as_secs() as i64, since.subsec_millis())
+}
+
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
+fn rfc3339(secs: i64, millis: u32) -> String {
+    let days = secs.div_euclid(86_400);
+    let rest = secs.rem_euclid(86_400);
+    // Days to a civil date in the proleptic Gregorian calendar, counted in
+    // 400-year eras starting on 1 March so leap days fall at an era's end.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::Proid;
+    use crate::plan::GroupChange;
+    use crate::reconcile::{Cause, GroupResult};
+    use std::collections::BTreeSet;
+
+    fn hosts(n: usize) -> BTreeSet<Dn> {
+        (0..n)
+            .map(|i| Dn::parse(&format!("CN=h{i:02},OU=Servers,DC=ad,DC=com")).expect("dn"))
+            .collect()
+    }
+
+    fn result(add: usize, delete: usize) -> GroupResult {
+        let change = GroupChange {
+            group_dn: Dn::parse("CN=web-gmsa-hosts,OU=Groups,DC=ad,DC=com").expect("dn"),
+            proid: Proid::new("web").expect("proid"),
+            add: hosts(add),
+            delete: hosts(delete + 50).into_iter().skip(50).collect(),
+        };
+        GroupResult {
+            planned: change.clone(),
+            applied: change,
+            failed: None,
+            vanished: false,
+            requests: 1,
+            retries: 0,
+        }
+    }
+
+    #[test]
+    fn the_log_line_lists_twenty_then_a_count() {
+        assert_eq!(listed(&hosts(0)), "");
+        let two = listed(&hosts(2));
+        assert_eq!(
+            two,
+            "CN=h00,OU=Servers,DC=ad,DC=com; CN=h01,OU=Servers,DC=ad,DC=com"
+        );
+        let twenty = listed(&hosts(20));
+        assert_eq!(twenty.matches("CN=").count(), 20);
+        assert!(!twenty.contains("more"));
+        let many = listed(&hosts(23));
+        assert_eq!(many.matches("CN=").count(), 20);
+        assert!(
+            many.ends_with("CN=h19,OU=Servers,DC=ad,DC=com and 3 more"),
+            "{many}"
+        );
+    }
+
+    #[test]
+    fn the_file_line_is_one_json_object_with_every_member() {
+        let result = result(23, 1);
+        let record = Record {
+            cause: Cause::Drift,
+            dry_run: true,
+            result: &result,
+        };
+        let line = json_line("r1.ad.com", &record, "2026-01-02T03:04:05.006Z".into());
+        assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
+        let value: serde_json::Value = serde_json::from_str(&line).expect("json");
+        assert_eq!(value["time"], "2026-01-02T03:04:05.006Z");
+        assert_eq!(value["replica"], "r1.ad.com");
+        assert_eq!(value["group"], "CN=web-gmsa-hosts,OU=Groups,DC=ad,DC=com");
+        assert_eq!(value["added"].as_array().expect("added").len(), 23);
+        assert_eq!(value["removed"][0], "CN=h50,OU=Servers,DC=ad,DC=com");
+        assert_eq!(value["cause"], "drift");
+        assert_eq!(value["dry_run"], true);
+    }
+
+    #[test]
+    fn a_quoted_control_character_cannot_break_the_line() {
+        let json = serde_json::to_string(&Line {
+            time: String::new(),
+            replica: "a\nb",
+            group: "g",
+            added: vec![],
+            removed: vec![],
+            cause: "event",
+            dry_run: false,
+        })
+        .expect("json");
+        assert!(!json.contains('\n'), "{json}");
+    }
+
+    #[test]
+    fn times_are_rfc3339_utc() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(rfc3339(951_782_400, 7), "2000-02-29T00:00:00.007Z");
+        assert_eq!(rfc3339(1_798_761_599, 999), "2026-12-31T23:59:59.999Z");
+    }
+
+    #[test]
+    fn the_file_is_created_0600_appended_and_never_a_symlink() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let audit = Audit::open(Some(&path), "r1".into()).expect("open");
+        let result = result(1, 0);
+        let record = Record {
+            cause: Cause::Event,
+            dry_run: false,
+            result: &result,
+        };
+        audit.record(record);
+        audit.record(record);
+        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text.lines().count(), 2);
+
+        let link = dir.path().join("link.jsonl");
+        std::os::unix::fs::symlink(&path, &link).expect("symlink");
+        let err = Audit::open(Some(&link), "r1".into()).expect_err("a link is refused");
+        assert!(err.to_string().contains("symbolic link"), "{err}");
+    }
+}
