@@ -82,8 +82,14 @@ impl ServerInfo {
     /// Parses through a whole YAML value, which tells a document that is not
     /// a mapping from one that is not YAML at all.
     fn parse_checked(text: &str) -> Result<ServerInfo, String> {
-        let mut value: serde_yaml::Value =
-            serde_yaml::from_str(text).map_err(|e| format!("not YAML or JSON: {e}"))?;
+        let mut value: serde_yaml::Value = match serde_yaml::from_str(text) {
+            Ok(value) => value,
+            // A JSON document is read as JSON when YAML refuses it: YAML
+            // takes a raw U+2028 or U+2029 in a string for a line break.
+            Err(yaml) => {
+                serde_json::from_str(text).map_err(|_| format!("not YAML or JSON: {yaml}"))?
+            }
+        };
         // As in the one pass, a tag on the document is no matter.
         if let serde_yaml::Value::Tagged(tagged) = value {
             value = tagged.value;
@@ -458,6 +464,24 @@ mod tests {
             ServerInfo::parse(b"partition: 7").map(|s| s.partition),
             Ok(Some("7".into()))
         );
+    }
+
+    #[test]
+    fn json_with_a_raw_line_separator_in_a_string_reads_as_json() {
+        // Valid JSON that YAML refuses: U+2028 and U+2029 are line breaks
+        // to YAML, and plain characters inside a JSON string.
+        for sep in ['\u{2028}', '\u{2029}'] {
+            let text = format!(r#"{{"partition": "a{sep}b", "labels": {{"{sep}": null}}}}"#);
+            assert!(serde_yaml::from_str::<serde_yaml::Value>(&text).is_err());
+            assert_eq!(
+                ServerInfo::parse(text.as_bytes()).map(|s| s.partition),
+                Ok(Some(format!("a{sep}b"))),
+                "{text:?}"
+            );
+        }
+        // Neither YAML nor JSON is still the YAML error.
+        let err = ServerInfo::parse(b"{\"partition\": [\n").unwrap_err();
+        assert!(err.starts_with("not YAML or JSON: "), "{err}");
     }
 
     #[test]
