@@ -3,7 +3,8 @@
 //! repaired by the resync, and whose mass deletion is refused, gives
 //! exactly the expected records in `--audit-log` and in its INFO log, and
 //! leaves the file whole after SIGTERM; `sync` and `sync --dry-run` record
-//! the same changes marked apart; `--audit-log` belongs to `sync` and `run`
+//! the same changes marked apart, and `run --dry-run` marks its records
+//! too; `--audit-log` belongs to `sync` and `run`
 //! only; a record that cannot be written (a full tmpfs) is logged in full,
 //! counted and, for `sync`, an error naming the file; an elected leader's
 //! records carry its term.
@@ -749,4 +750,34 @@ fn an_elected_leaders_records_carry_its_term() {
     assert_eq!(logged.len(), 1, "{}", daemon.log());
     assert_eq!(logged[0]["fields"]["term"], 1, "{}", logged[0]);
     assert_eq!(daemon.stop(), Some(0));
+}
+
+#[test]
+fn a_dry_run_daemon_records_what_it_would_do_marked_so() {
+    let slapd = Slapd::start_with(&[&computers_and_groups(&["h1"], &["web-gmsa-hosts"])]);
+    let tree = Tree::new();
+    let pw = password_file(tree.root(), Slapd::SVC_PASSWORD);
+    tree.server("h1", "p1", &host_dn("h1"));
+    tree.place("h1", "web.app#1");
+    tree.mark_ready();
+    let dir = tempfile::tempdir().expect("tmp");
+    let audit = dir.path().join("audit.jsonl");
+    let mut args = common(&tree, &slapd, &pw);
+    args.extend([
+        format!("--audit-log={}", audit.display()),
+        "--dry-run".to_owned(),
+        "--no-lock".to_owned(),
+    ]);
+    let mut daemon = DaemonProcess::start(&args);
+    wait_records(&mut daemon, &audit, 1, "the dry run's record");
+    daemon.wait_ready();
+    let log = daemon.log();
+    assert_eq!(daemon.stop(), Some(0));
+    let want = [rec("web-gmsa-hosts", &["h1"], &[], "full-sync", true)];
+    assert_eq!(file_records(&audit), want);
+    assert_eq!(log_records(&log), want, "{log}");
+    assert!(
+        members(&slapd, "web-gmsa-hosts").is_empty(),
+        "a dry run writes nothing"
+    );
 }
