@@ -4,10 +4,10 @@
 //! exactly the expected records in `--audit-log` and in its INFO log, and
 //! leaves the file whole after SIGTERM; `sync` and `sync --dry-run` record
 //! the same changes marked apart, and `run --dry-run` marks its records
-//! too; `--audit-log` belongs to `sync` and `run`
-//! only; a record that cannot be written (a full tmpfs) is logged in full,
-//! counted and, for `sync`, an error naming the file; an elected leader's
-//! records carry its term.
+//! too; `--audit-log` belongs to `sync` and `run` only; a record that
+//! cannot be written (a full tmpfs) is logged in full, counted and, for
+//! `sync`, an error naming the file; an elected leader's records carry its
+//! term.
 //!
 //! The tmpfs tests mount file systems, so these tests run as root (as CI
 //! does); every mount is unmounted when its test ends, failed or not.
