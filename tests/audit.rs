@@ -6,8 +6,8 @@
 //! the same changes marked apart, and `run --dry-run` marks its records
 //! too; `--audit-log` belongs to `sync` and `run` only; a record that
 //! cannot be written (a full tmpfs) is logged in full, counted and, for
-//! `sync`, an error naming the file; an elected leader's records carry its
-//! term.
+//! `sync`, an error naming the file; a change applied after a failure is
+//! recorded once, as a retry; an elected leader's records carry its term.
 //!
 //! The tmpfs tests mount file systems, so these tests run as root (as CI
 //! does); every mount is unmounted when its test ends, failed or not.
@@ -780,4 +780,51 @@ fn a_dry_run_daemon_records_what_it_would_do_marked_so() {
         members(&slapd, "web-gmsa-hosts").is_empty(),
         "a dry run writes nothing"
     );
+}
+
+#[test]
+fn a_change_that_failed_is_recorded_once_applied_as_a_retry() {
+    let mut slapd = Slapd::start_with(&[&computers_and_groups(&["h1", "h2"], &["web-gmsa-hosts"])]);
+    let tree = Tree::new();
+    let pw = password_file(tree.root(), Slapd::SVC_PASSWORD);
+    tree.server("h1", "p1", &host_dn("h1"));
+    tree.server("h2", "p1", &host_dn("h2"));
+    tree.place("h1", "web.app#1");
+    tree.mark_ready();
+    let dir = tempfile::tempdir().expect("tmp");
+    let audit = dir.path().join("audit.jsonl");
+    let mut args = common(&tree, &slapd, &pw);
+    args.extend([
+        format!("--audit-log={}", audit.display()),
+        "--batch-window=50ms".to_owned(),
+        "--no-lock".to_owned(),
+    ]);
+    let mut daemon = DaemonProcess::start(&args);
+    wait_records(&mut daemon, &audit, 1, "the initial sync's record");
+    daemon.wait_ready();
+
+    // The change's pass fails: no server answers. Its requests are counted
+    // when the pass records its results, so once they are, the pass is
+    // over and nothing it tried is in the file.
+    slapd.stop();
+    tree.place("h2", "web.app#2");
+    daemon.wait_for("the failed pass", |d| {
+        d.get("/metrics").1.contains("outcome=\"unreachable\"")
+    });
+    assert_eq!(
+        file_lines(&audit).len(),
+        1,
+        "a failed change is not recorded"
+    );
+    slapd.restart();
+    wait_records(&mut daemon, &audit, 2, "the retry's record");
+    assert_eq!(daemon.stop(), Some(0));
+    assert_eq!(
+        file_records(&audit),
+        [
+            rec("web-gmsa-hosts", &["h1"], &[], "full-sync", false),
+            rec("web-gmsa-hosts", &["h2"], &[], "retry", false),
+        ]
+    );
+    assert_eq!(members(&slapd, "web-gmsa-hosts"), hosts_set(&["h1", "h2"]));
 }
