@@ -9,6 +9,20 @@
 //! disk. The file is opened once, append-only, created 0600 and never
 //! through a symlink ([`safe_fs::open_append`]). A refused deletion is not
 //! in the plan a pass applies, so it is never recorded as applied.
+//!
+//! Each file record names the replica that wrote (and its process id, as
+//! replicas on one machine share a name), the time to the microsecond and,
+//! when replicas elect a writer, the leadership term the write was made in
+//! ([`InTerm`]): enough to tell from the files of all replicas that no two
+//! wrote at once.
+//!
+//! A record that cannot be written (a full disk, an I/O error) describes a
+//! change that is already in the directory and cannot be taken back, so it
+//! is neither dropped nor allowed to pass unnoticed: the whole record is
+//! logged at ERROR, a partial line is cut off again so the file stays
+//! whole lines, the failure is counted (`gmsa_audit_write_failures_total`
+//! in the daemon) and kept for the caller: `sync` exits non-zero naming
+//! the file ([`Audit::write_failures`]).
 
 use std::fs::File;
 use std::io::Write;
@@ -16,6 +30,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
 use tracing::{error, info};
 
@@ -36,6 +51,22 @@ pub struct AuditError {
     pub source: ReadError,
 }
 
+/// Records that could not be written to the audit log.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "--audit-log {}: {count} record(s) could not be written ({last_error}); \
+     each is logged in full at ERROR",
+    path.display()
+)]
+pub struct WriteFailures {
+    /// The file.
+    pub path: PathBuf,
+    /// How many records were not written.
+    pub count: u64,
+    /// The last error.
+    pub last_error: String,
+}
+
 /// Records applied membership changes in the log and, when asked, a file.
 #[derive(Debug)]
 pub struct Audit {
@@ -43,6 +74,10 @@ pub struct Audit {
     replica: String,
     /// The open `--audit-log`, with its path for error messages.
     file: Option<(PathBuf, Mutex<File>)>,
+    /// Records not written so far, with the last error.
+    failed: Mutex<Option<(u64, String)>>,
+    /// Counts the records not written (the daemon's metric).
+    failure_counter: Option<Counter>,
 }
 
 /// One line of the audit file.
@@ -50,6 +85,8 @@ pub struct Audit {
 struct Line<'a> {
     time: String,
     replica: &'a str,
+    pid: u32,
+    term: Option<u64>,
     group: &'a str,
     added: Vec<&'a str>,
     removed: Vec<&'a str>,
@@ -63,6 +100,8 @@ impl Audit {
         Audit {
             replica: String::new(),
             file: None,
+            failed: Mutex::new(None),
+            failure_counter: None,
         }
     }
 
@@ -78,26 +117,75 @@ impl Audit {
                 Some((path.to_owned(), Mutex::new(file)))
             }
         };
-        Ok(Audit { replica, file })
+        Ok(Audit {
+            file,
+            replica,
+            ..Audit::log_only()
+        })
     }
 
+    /// Counts every record that could not be written in `counter` too.
+    pub fn counting_failures(mut self, counter: Counter) -> Audit {
+        self.failure_counter = Some(counter);
+        self
+    }
+
+    /// This trail as the recorder of writes made in leadership `term`
+    /// (`None` when no election runs).
+    pub fn in_term(&self, term: Option<u64>) -> InTerm<'_> {
+        InTerm { audit: self, term }
+    }
+
+    /// The records that could not be written so far, if any.
+    pub fn write_failures(&self) -> Option<WriteFailures> {
+        let (path, _) = self.file.as_ref()?;
+        let failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        failed.as_ref().map(|(count, last_error)| WriteFailures {
+            path: path.clone(),
+            count: *count,
+            last_error: last_error.clone(),
+        })
+    }
+
+    /// Appends one line; on failure the line is logged in full at ERROR
+    /// and counted.
     fn append(&self, line: &str) {
         let Some((path, file)) = &self.file else {
             return;
         };
         let mut file = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let before = file.metadata().map(|meta| meta.len());
         // One write per line: with O_APPEND the line lands whole at the end.
         let result = file
             .write_all(line.as_bytes())
             .and_then(|()| file.sync_data());
-        if let Err(err) = result {
-            error!(file = %path.display(), error = %err, "cannot write the audit log");
+        let Err(err) = result else {
+            return;
+        };
+        // A full disk can take part of a line: cut it off again, so that
+        // every line of the file stays a whole record. (The file has one
+        // writer: the process that holds it open.)
+        if let Ok(before) = before {
+            if file.metadata().is_ok_and(|meta| meta.len() > before) {
+                let _ = file.set_len(before).and_then(|()| file.sync_data());
+            }
         }
+        drop(file);
+        error!(
+            file = %path.display(),
+            error = %err,
+            record = line.trim_end(),
+            "cannot write the audit log: this record is missing from it"
+        );
+        if let Some(counter) = &self.failure_counter {
+            counter.inc();
+        }
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        let count = failed.as_ref().map_or(0, |(count, _)| *count);
+        *failed = Some((count + 1, err.to_string()));
     }
-}
 
-impl Recorder for Audit {
-    fn record(&self, record: Record<'_>) {
+    fn record_in(&self, record: Record<'_>, term: Option<u64>) {
         let change = &record.result.applied;
         if change.add.is_empty() && change.delete.is_empty() {
             return;
@@ -108,11 +196,31 @@ impl Recorder for Audit {
             removed = %listed(&change.delete),
             cause = record.cause.as_str(),
             dry_run = record.dry_run,
+            term,
             "audit: members changed"
         );
         if self.file.is_some() {
-            self.append(&json_line(&self.replica, &record, now_rfc3339()));
+            self.append(&json_line(&self.replica, term, &record, now_rfc3339()));
         }
+    }
+}
+
+impl Recorder for Audit {
+    fn record(&self, record: Record<'_>) {
+        self.record_in(record, None);
+    }
+}
+
+/// An [`Audit`] recording writes made in one leadership term.
+#[derive(Debug, Clone, Copy)]
+pub struct InTerm<'a> {
+    audit: &'a Audit,
+    term: Option<u64>,
+}
+
+impl Recorder for InTerm<'_> {
+    fn record(&self, record: Record<'_>) {
+        self.audit.record_in(record, self.term);
     }
 }
 
@@ -132,11 +240,13 @@ pub fn listed<'a>(dns: impl IntoIterator<Item = &'a Dn>) -> String {
 }
 
 /// The audit file's line for one record, newline included.
-pub fn json_line(replica: &str, record: &Record<'_>, time: String) -> String {
+pub fn json_line(replica: &str, term: Option<u64>, record: &Record<'_>, time: String) -> String {
     let change = &record.result.applied;
     let line = Line {
         time,
         replica,
+        pid: std::process::id(),
+        term,
         group: change.group_dn.as_str(),
         added: change.add.iter().map(Dn::as_str).collect(),
         removed: change.delete.iter().map(Dn::as_str).collect(),
@@ -148,16 +258,16 @@ pub fn json_line(replica: &str, record: &Record<'_>, time: String) -> String {
     text
 }
 
-/// Now as RFC 3339 in UTC with milliseconds.
+/// Now as RFC 3339 in UTC with microseconds.
 pub fn now_rfc3339() -> String {
     let since = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default();
-    rfc3339(since.as_secs() as i64, since.subsec_millis())
+    rfc3339(since.as_secs() as i64, since.subsec_micros())
 }
 
-/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
-fn rfc3339(secs: i64, millis: u32) -> String {
+/// Seconds since the epoch as `YYYY-MM-DDTHH:MM:SS.ffffffZ`.
+fn rfc3339(secs: i64, micros: u32) -> String {
     let days = secs.div_euclid(86_400);
     let rest = secs.rem_euclid(86_400);
     // Days to a civil date in the proleptic Gregorian calendar, counted in
@@ -172,7 +282,7 @@ fn rfc3339(secs: i64, millis: u32) -> String {
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
     format!(
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{millis:03}Z",
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{micros:06}Z",
         rest / 3600,
         rest % 3600 / 60,
         rest % 60
@@ -237,11 +347,18 @@ mod tests {
             dry_run: true,
             result: &result,
         };
-        let line = json_line("r1.ad.com", &record, "2026-01-02T03:04:05.006Z".into());
+        let line = json_line(
+            "r1.ad.com",
+            Some(3),
+            &record,
+            "2026-01-02T03:04:05.006007Z".into(),
+        );
         assert!(line.ends_with('\n') && line.matches('\n').count() == 1);
         let value: serde_json::Value = serde_json::from_str(&line).expect("json");
-        assert_eq!(value["time"], "2026-01-02T03:04:05.006Z");
+        assert_eq!(value["time"], "2026-01-02T03:04:05.006007Z");
         assert_eq!(value["replica"], "r1.ad.com");
+        assert_eq!(value["pid"], std::process::id());
+        assert_eq!(value["term"], 3);
         assert_eq!(value["group"], "CN=web-gmsa-hosts,OU=Groups,DC=ad,DC=com");
         assert_eq!(value["added"].as_array().expect("added").len(), 23);
         assert_eq!(value["removed"][0], "CN=h50,OU=Servers,DC=ad,DC=com");
@@ -254,6 +371,8 @@ mod tests {
         let json = serde_json::to_string(&Line {
             time: String::new(),
             replica: "a\nb",
+            pid: 1,
+            term: None,
             group: "g",
             added: vec![],
             removed: vec![],
@@ -266,9 +385,12 @@ mod tests {
 
     #[test]
     fn times_are_rfc3339_utc() {
-        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000Z");
-        assert_eq!(rfc3339(951_782_400, 7), "2000-02-29T00:00:00.007Z");
-        assert_eq!(rfc3339(1_798_761_599, 999), "2026-12-31T23:59:59.999Z");
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339(951_782_400, 7), "2000-02-29T00:00:00.000007Z");
+        assert_eq!(
+            rfc3339(1_798_761_599, 999_999),
+            "2026-12-31T23:59:59.999999Z"
+        );
     }
 
     #[test]
@@ -294,5 +416,27 @@ mod tests {
         std::os::unix::fs::symlink(&path, &link).expect("symlink");
         let err = Audit::open(Some(&link), "r1".into()).expect_err("a link is refused");
         assert!(err.to_string().contains("symbolic link"), "{err}");
+    }
+
+    #[test]
+    fn a_record_carries_the_term_it_was_written_in_and_null_without_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let audit = Audit::open(Some(&path), "r1".into()).expect("open");
+        let result = result(1, 1);
+        let record = Record {
+            cause: Cause::FullSync,
+            dry_run: false,
+            result: &result,
+        };
+        audit.in_term(Some(7)).record(record);
+        audit.record(record);
+        let text = std::fs::read_to_string(&path).expect("read");
+        let terms: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json")["term"].clone())
+            .collect();
+        assert_eq!(terms, [serde_json::json!(7), serde_json::Value::Null]);
+        assert_eq!(audit.write_failures(), None);
     }
 }

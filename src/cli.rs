@@ -167,6 +167,9 @@ pub struct SyncArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub write: WriteArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub audit: AuditArgs,
     /// Print what would be done; write nothing.
     #[arg(long, env = "GMSA_DRY_RUN", help_heading = "Safety")]
     pub dry_run: bool,
@@ -181,6 +184,9 @@ pub struct RunArgs {
     #[command(flatten)]
     #[allow(missing_docs)]
     pub write: WriteArgs,
+    #[command(flatten)]
+    #[allow(missing_docs)]
+    pub audit: AuditArgs,
     /// Print what would be done; write nothing.
     #[arg(long, env = "GMSA_DRY_RUN", help_heading = "Safety")]
     pub dry_run: bool,
@@ -377,6 +383,12 @@ pub struct WriteArgs {
     /// Values per Modify request at most [default: 1000].
     #[arg(long, env = "GMSA_MAX_VALUES_PER_MODIFY", value_parser = clap::value_parser!(u32).range(1..), help_heading = "Directory")]
     pub max_values_per_modify: Option<u32>,
+}
+
+/// The audit option of the commands that apply changes (`sync` and `run`;
+/// `plan` and `explain` write nothing to record).
+#[derive(Debug, Args)]
+pub struct AuditArgs {
     /// Append every applied membership change to FILE as a JSON line (created 0600).
     #[arg(long, env = "GMSA_AUDIT_LOG", value_parser = AbsolutePath, value_name = "FILE", help_heading = "Output")]
     pub audit_log: Option<PathBuf>,
@@ -958,7 +970,7 @@ pub struct Config {
     pub guard: GuardOptions,
     /// How plans are applied.
     pub apply: ApplyOptions,
-    /// Where applied changes are appended (`--audit-log`).
+    /// Where applied changes are appended (`--audit-log` of `sync` and `run`).
     pub audit_log: Option<PathBuf>,
 }
 
@@ -1029,7 +1041,6 @@ impl Config {
         };
         let mut guard = GuardOptions::default();
         let mut apply = ApplyOptions::default();
-        let audit_log = write.and_then(|w| w.audit_log.clone());
         if let Some(w) = write {
             guard.max_delete = w.max_delete.unwrap_or(guard.max_delete);
             guard.max_delete_percent = w.max_delete_percent.unwrap_or(guard.max_delete_percent);
@@ -1059,8 +1070,16 @@ impl Config {
             },
             guard,
             apply,
-            audit_log,
+            audit_log: None,
         })
+    }
+
+    /// These settings with `sync`'s or `run`'s `--audit-log`.
+    pub fn with_audit(self, audit: &AuditArgs) -> Config {
+        Config {
+            audit_log: audit.audit_log.clone(),
+            ..self
+        }
     }
 
     /// The tree root, required by the commands that read the tree.
@@ -1273,7 +1292,7 @@ impl RunConfig {
     pub fn validate(args: &RunArgs) -> Result<RunConfig, Problems> {
         let mut problems = Problems::new();
         let config = match Config::validate(&args.common, Some(&args.write)) {
-            Ok(config) => Some(config),
+            Ok(config) => Some(config.with_audit(&args.audit)),
             Err(mut p) => {
                 problems.append(&mut p);
                 None

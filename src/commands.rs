@@ -215,6 +215,16 @@ pub fn open_audit(config: &Config, hostname: Option<&str>) -> Result<Audit, Comm
         .map_err(|err| CommandError::Other(err.to_string()))
 }
 
+/// An error naming the audit log when some of its records could not be
+/// written. The report is printed before: the changes are applied, and the
+/// operator needs both what was done and that its record is incomplete.
+fn audit_written(audit: &Audit) -> Result<(), CommandError> {
+    match audit.write_failures() {
+        Some(failures) => Err(CommandError::Other(failures.to_string())),
+        None => Ok(()),
+    }
+}
+
 /// `plan`: print the changes; with `exit_code`, exit 2 when there are any.
 pub async fn plan_command(
     config: &Config,
@@ -250,6 +260,7 @@ pub async fn sync_command(
     if dry_run {
         let report = planned_report("sync --dry-run", pass);
         out.write_all(report.render(config.format).as_bytes())?;
+        audit_written(&audit)?;
         return Ok(if refused { EXIT_ERROR } else { EXIT_OK });
     }
     let results = std::mem::take(&mut pass.results);
@@ -283,6 +294,7 @@ pub async fn sync_command(
         "sync finished"
     );
     out.write_all(report.render(config.format).as_bytes())?;
+    audit_written(&audit)?;
     Ok(if refused || !report.not_applied.is_empty() {
         EXIT_ERROR
     } else {

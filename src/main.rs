@@ -100,7 +100,8 @@ fn run(cli: Cli, log_format: LogFormat) -> anyhow::Result<u8> {
             runtime.block_on(commands::plan_command(&config, args.exit_code, &mut stdout))?
         }
         Command::Sync(args) => {
-            let config = Config::from_args(&args.common, Some(&args.write))?;
+            let config =
+                Config::from_args(&args.common, Some(&args.write))?.with_audit(&args.audit);
             init_logging(config.log, false);
             runtime.block_on(commands::sync_command(&config, args.dry_run, &mut stdout))?
         }

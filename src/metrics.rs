@@ -102,6 +102,8 @@ pub struct Metrics {
     pub refused_deletions_pending: Gauge,
     /// Server files that could not be read or parsed.
     pub server_file_errors: Counter,
+    /// Audit records of applied changes that `--audit-log` could not take.
+    pub audit_write_failures: Counter,
     /// Rescans of the tree after the startup scan (overflow, doubt, watcher
     /// restart, periodic resync).
     pub rescans: Counter,
@@ -152,6 +154,7 @@ impl Metrics {
             guard_refusals: Counter::default(),
             refused_deletions_pending: Gauge::default(),
             server_file_errors: Counter::default(),
+            audit_write_failures: Counter::default(),
             rescans: Counter::default(),
             rescan_requests: Counter::default(),
             group_reads: Counter::default(),
@@ -223,6 +226,11 @@ impl Metrics {
             "server_file_errors",
             "Server files that could not be read or parsed",
             m.server_file_errors.clone(),
+        );
+        r.register(
+            "audit_write_failures",
+            "Audit records of applied membership changes that could not be written to --audit-log (each is logged in full at ERROR)",
+            m.audit_write_failures.clone(),
         );
         r.register(
             "rescans",

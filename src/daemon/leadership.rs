@@ -66,6 +66,12 @@ impl Leadership {
         }
     }
 
+    /// The term of the leadership last acted on, for the audit trail;
+    /// `None` when this replica runs alone.
+    pub fn term(&self) -> Option<u64> {
+        self.roles.as_ref().and(self.seen).map(|(_, term, _)| term)
+    }
+
     /// Takes the election's state, marking it seen; `None` when nothing
     /// changed since the last call (or there is no election).
     pub fn observe(&mut self) -> Option<RoleChange> {

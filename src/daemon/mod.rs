@@ -209,7 +209,8 @@ pub async fn run_on(
     let audit = match &config.config.audit_log {
         Some(path) => Audit::open(Some(path), crate::cli::replica_name(replica.as_deref()))?,
         None => Audit::log_only(),
-    };
+    }
+    .counting_failures(metrics.audit_write_failures.clone());
     let mut daemon = Daemon::new(config, metrics);
     daemon.audit = Arc::new(audit);
     daemon.directory = parts.directory;
@@ -1056,8 +1057,10 @@ impl Daemon {
         let options = self.config.config.apply;
         let metrics = self.metrics.clone();
         let audit = self.audit.clone();
+        let term = self.leadership.term();
         let io = async move {
-            let recorder = (metrics.as_ref(), audit.as_ref());
+            let audit = audit.in_term(term);
+            let recorder = (metrics.as_ref(), &audit);
             pass.apply(dir.as_ref(), &options, dry_run, &recorder).await;
             pass
         };
