@@ -252,6 +252,23 @@ enum Attempt {
     Refused(DirError),
 }
 
+/// How a request failed.
+enum Failed {
+    /// The connection broke under it (closed or reset by the server): a
+    /// new connection may succeed at once.
+    Closed(DirError),
+    /// Anything else, a timeout included.
+    Other(DirError),
+}
+
+impl Failed {
+    fn into_error(self) -> DirError {
+        match self {
+            Failed::Closed(err) | Failed::Other(err) => err,
+        }
+    }
+}
+
 /// A [`Directory`] on an LDAP server.
 pub struct LdapDirectory {
     config: LdapConfig,
@@ -519,6 +536,15 @@ impl LdapDirectory {
                 DirError::Unreachable { message, .. } => {
                     Err(Attempt::Unreachable(format!("bind: {message}")))
                 }
+                DirError::Fatal(message) if matches!(self.config.bind, Bind::Gssapi) => {
+                    Err(Attempt::Refused(DirError::Fatal(format!(
+                        "{message} (Kerberos: KRB5_CLIENT_KTNAME must name a keytab the service \
+                         can read holding the account's current keys, or KRB5CCNAME a cache with \
+                         a valid ticket; KRB5_CONFIG must reach the realm's KDC; and {url} must \
+                         name the DC as its SPN does, ldap/{host})",
+                        host = url_host(url).unwrap_or_default()
+                    ))))
+                }
                 other => Err(Attempt::Refused(other)),
             },
         }
@@ -527,18 +553,73 @@ impl LdapDirectory {
     /// Runs one request on the current connection with the timeout; a
     /// transport failure or a timeout drops the connection, and a timeout
     /// also leaves the server alone for a while (see [`Self::mark_stalled`]).
+    ///
+    /// With a Kerberos bind, a connection the server closed under the
+    /// request is bound again at once, with fresh credentials, and the
+    /// request sent once more. Samba (and, reportedly, AD) keeps a
+    /// GSSAPI-bound connection open past its service ticket's end, then
+    /// closes it when the next request arrives, after a Notice of
+    /// Disconnection (message id 0, result 52) and without answering the
+    /// request; the Kerberos library gets a new ticket, from the client
+    /// keytab, for the new bind. A request that timed out is not repeated,
+    /// and the repeat is not counted in [`LdapStats`].
     async fn request<T, F, Fut>(&self, op: Op, dn: &str, f: F) -> Result<T, DirError>
     where
-        F: FnOnce(Ldap) -> Fut,
+        F: Fn(Ldap) -> Fut,
         Fut: std::future::Future<Output = Result<T, LdapError>>,
     {
-        let (id, url, ldap) = self.handle().await?;
+        match self.request_once(op, dn, &f).await {
+            Err(Failed::Closed(err)) if matches!(self.config.bind, Bind::Gssapi) => {
+                let (id, url, ldap) = self.handle().await?;
+                tracing::info!(
+                    %url,
+                    why = %err,
+                    "the LDAP server closed the Kerberos-authenticated connection (Samba and AD do \
+                     once its ticket has expired); re-bound with fresh credentials, sending the request again"
+                );
+                self.request_on(op, dn, &f, id, url, ldap)
+                    .await
+                    .map_err(Failed::into_error)
+            }
+            other => other.map_err(Failed::into_error),
+        }
+    }
+
+    async fn request_once<T, F, Fut>(&self, op: Op, dn: &str, f: &F) -> Result<T, Failed>
+    where
+        F: Fn(Ldap) -> Fut,
+        Fut: std::future::Future<Output = Result<T, LdapError>>,
+    {
+        let (id, url, ldap) = self.handle().await.map_err(Failed::Other)?;
+        self.request_on(op, dn, f, id, url, ldap).await
+    }
+
+    async fn request_on<T, F, Fut>(
+        &self,
+        op: Op,
+        dn: &str,
+        f: &F,
+        id: u64,
+        url: String,
+        ldap: Ldap,
+    ) -> Result<T, Failed>
+    where
+        F: Fn(Ldap) -> Fut,
+        Fut: std::future::Future<Output = Result<T, LdapError>>,
+    {
         let outcome = tokio::time::timeout(self.config.timeout, f(ldap)).await;
         let err = match outcome {
             Ok(Ok(value)) => return Ok(value),
-            Ok(Err(err)) => classify(op, dn, err),
+            Ok(Err(err)) => match classify(op, dn, err) {
+                err @ DirError::Unreachable { .. } => {
+                    self.forget(id).await;
+                    return Err(Failed::Closed(err));
+                }
+                other => other,
+            },
             Err(_) => {
                 self.mark_stalled(&url);
+                self.forget(id).await;
                 DirError::Unreachable {
                     op,
                     message: format!(
@@ -548,10 +629,7 @@ impl LdapDirectory {
                 }
             }
         };
-        if matches!(err, DirError::Unreachable { .. }) {
-            self.forget(id).await;
-        }
-        Err(err)
+        Err(Failed::Other(err))
     }
 
     /// One search request (one page when `cookie` is given); returns the
@@ -567,19 +645,23 @@ impl LdapDirectory {
     ) -> Result<(Vec<RawEntry>, LdapResult), DirError> {
         let attrs = attrs.to_vec();
         let (entries, result) = self
-            .request(op, base, |mut ldap| async move {
-                // An empty control list would still go out as an (empty)
-                // controls field.
-                if !controls.is_empty() {
-                    ldap.with_controls(controls);
+            .request(op, base, |mut ldap| {
+                let controls = controls.clone();
+                let attrs = attrs.clone();
+                async move {
+                    // An empty control list would still go out as an (empty)
+                    // controls field.
+                    if !controls.is_empty() {
+                        ldap.with_controls(controls);
+                    }
+                    let mut stream = ldap.streaming_search(base, scope, filter, attrs).await?;
+                    let mut entries = Vec::new();
+                    while let Some(entry) = stream.next().await? {
+                        entries.push(entry);
+                    }
+                    let result = stream.finish().await;
+                    Ok((entries, result))
                 }
-                let mut stream = ldap.streaming_search(base, scope, filter, attrs).await?;
-                let mut entries = Vec::new();
-                while let Some(entry) = stream.next().await? {
-                    entries.push(entry);
-                }
-                let result = stream.finish().await;
-                Ok((entries, result))
             })
             .await?;
         let entries = entries
@@ -875,11 +957,15 @@ impl Directory for LdapDirectory {
         bump(&self.counters.modifies);
         let dn = group.as_str();
         let result = self
-            .request(Op::Modify, dn, |mut ldap| async move {
-                if !controls.is_empty() {
-                    ldap.with_controls(controls);
+            .request(Op::Modify, dn, |mut ldap| {
+                let controls = controls.clone();
+                let mods = mods.clone();
+                async move {
+                    if !controls.is_empty() {
+                        ldap.with_controls(controls);
+                    }
+                    ldap.modify(dn, mods).await
                 }
-                ldap.modify(dn, mods).await
             })
             .await?;
         if result.rc != 0 {

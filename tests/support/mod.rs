@@ -732,6 +732,81 @@ impl SambaDc {
         path
     }
 
+    /// A `krb5.conf` like [`Self::krb5_conf`] that also asks the KDC for
+    /// tickets of `lifetime` (a krb5.conf duration such as `130s`), in a
+    /// file of its own.
+    pub fn krb5_conf_with_lifetime(&self, lifetime: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("krb5-{lifetime}.conf"));
+        let text = std::fs::read_to_string(self.krb5_conf())
+            .expect("read krb5.conf")
+            .replace(
+                "[libdefaults]\n",
+                &format!("[libdefaults]\n\tticket_lifetime = {lifetime}\n"),
+            );
+        assert!(
+            text.contains("ticket_lifetime"),
+            "unexpected krb5.conf:\n{text}"
+        );
+        std::fs::write(&path, text).expect("write krb5.conf");
+        path
+    }
+
+    /// Creates user `name` with a random password nobody knows (a service
+    /// account) and returns its SID.
+    pub fn add_service_account(&self, name: &str) -> String {
+        self.samba_tool(&["user", "add", name, "--random-password"]);
+        let out = self.samba_tool(&["user", "show", name, "--attributes=objectSid"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .find_map(|l| l.strip_prefix("objectSid: "))
+            .map(|sid| sid.trim().to_owned())
+            .unwrap_or_else(|| panic!("no objectSid for {name}"))
+    }
+
+    /// Exports the current keys of `name` (a user of the realm) into the
+    /// keytab `path`, as an administrator would with `samba-tool domain
+    /// exportkeytab`. An existing file is replaced.
+    pub fn export_keytab(&self, name: &str, path: &Path) {
+        let _ = std::fs::remove_file(path);
+        let path = path.to_str().expect("UTF-8 keytab path");
+        let principal = format!("--principal={name}@{}", SambaDc::REALM);
+        self.samba_tool(&["domain", "exportkeytab", path, &principal]);
+    }
+
+    /// Gives `sid` "Write Members" on the group objects below `ou`, the
+    /// one right the reconciler's account needs (OPERATIONS.md).
+    pub fn grant_write_members(&self, ou: &str, sid: &str) {
+        // member (bf9679c0-...) of group objects (bf967a9c-...), inherited.
+        let sddl = format!(
+            "(OA;CI;WP;bf9679c0-0de6-11d0-a285-00aa003049e2;bf967a9c-0de6-11d0-a285-00aa003049e2;{sid})"
+        );
+        self.samba_tool(&[
+            "dsacl",
+            "set",
+            &format!("--objectdn={ou}"),
+            &format!("--sddl={sddl}"),
+        ]);
+    }
+
+    /// The values of `member` of the entry `dn`, read with `ldapsearch` as
+    /// the administrator (not through the reconciler's code).
+    pub fn members_of(&self, dn: &str) -> std::collections::BTreeSet<String> {
+        let out = run(
+            Command::new(tool("ldapsearch"))
+                .args(["-x", "-LLL", "-o", "ldif-wrap=no", "-H", &self.url()])
+                .args(["-D", SambaDc::ADMIN, "-y"])
+                .arg(self.admin_password_file())
+                .args(["-s", "base", "-b", dn, "member"]),
+            b"",
+            "ldapsearch member",
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|l| l.strip_prefix("member: "))
+            .map(str::to_owned)
+            .collect()
+    }
+
     /// Gets a ticket for the administrator into a private ticket cache
     /// (password on stdin); returns `(krb5.conf, ccache)` for
     /// `KRB5_CONFIG` and `KRB5CCNAME`.
