@@ -75,7 +75,7 @@ impl Daemon {
                 _ => None,
             };
         let hostname = config.hostname.clone();
-        let node = Node::new(config, check)?;
+        let node = Node::with_metrics(config, check, Some(self.metrics.clone()))?;
         let placed = self
             .tree
             .placements
