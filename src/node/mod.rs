@@ -13,7 +13,8 @@
 //! [`script`] writes the supervisor scripts, [`credspec`] the gMSA credential
 //! specs, [`events`] posts events, [`mod@finish`] turns a stopped container into
 //! its one event, [`wait`] waits for gMSA group membership, [`join`] runs
-//! the operator's command when this host joins a group. This file holds
+//! the operator's command when this host joins a group, [`own_dc`] says
+//! which domain controller the wait reads. This file holds
 //! the configuration and the per-host state machine; `configure.rs`,
 //! `terminate.rs` and `startup.rs` hold its steps.
 
@@ -22,6 +23,7 @@ pub mod events;
 pub mod finish;
 pub mod join;
 pub mod manifest;
+pub mod own_dc;
 pub mod script;
 pub mod unique;
 pub mod wait;
@@ -46,6 +48,7 @@ pub use credspec::{guid_to_string, sid_to_string, DomainInfo};
 pub use events::{Event, EventKind};
 pub use finish::{app_root_of, finish};
 pub use join::{HookOutcome, JoinHook, JOIN_PLACEHOLDERS};
+pub use own_dc::OwnDc;
 pub use startup::StartupReport;
 pub use unique::Instance;
 pub use wait::{CheckError, MembershipCheck, WaitOutcome};
@@ -117,7 +120,7 @@ pub struct NodeConfig {
     /// instances are configured; needs `wait_for_group`.
     pub join_hook: Option<JoinHook>,
     /// Where the membership wait reads from instead of this host's own
-    /// domain controller (`nt.dc`); see `src/node/own_dc.rs`.
+    /// domain controller (`nt.dc`); see [`own_dc`].
     pub check_ldap_url: Option<String>,
 }
 
