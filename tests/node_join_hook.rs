@@ -135,6 +135,16 @@ impl Setup {
     }
 
     fn start(&self, slapd: &Slapd, extra: &[String]) -> NodeProcess {
+        NodeProcess::start(
+            self.tree.root(),
+            self.app.path(),
+            HOST,
+            &self.args(slapd, extra),
+        )
+    }
+
+    /// `run`'s options after `--fs-root`, `--app-root` and `--hostname`.
+    fn args(&self, slapd: &Slapd, extra: &[String]) -> Vec<String> {
         self.tree.mark_ready();
         let mut args = vec![
             format!(
@@ -160,7 +170,7 @@ impl Setup {
             format!("--metrics-addr=127.0.0.1:{}", self.metrics_port),
         ];
         args.extend(extra.iter().cloned());
-        NodeProcess::start(self.tree.root(), self.app.path(), HOST, &args)
+        args
     }
 
     /// `gmsa_join_hook_runs_total{outcome="<outcome>"}` as served.
@@ -341,4 +351,62 @@ fn the_join_options_are_checked() {
     assert!(err.contains("--on-join-at-startup"), "{err}");
     let err = run(&["--wait-for-group=1s", "--on-join-command=kinit {nope}"]);
     assert!(err.contains("{nope}") && err.contains("{proid}"), "{err}");
+}
+
+#[test]
+fn the_hook_never_sees_the_bind_password() {
+    let slapd = Slapd::start_with(&[&entries("gmsa4-gmsa-hosts", &[])]);
+    let s = Setup::new(&slapd);
+    let hook = format!(
+        "printf 'password=%s\\n' \"${{{{GMSA_BIND_PASSWORD-unset}}}}\" >> '{}'",
+        s.marker().display()
+    );
+    // The daemon binds with the password from its environment, not a file.
+    let args: Vec<String> = s
+        .args(&slapd, &[format!("--on-join-command={hook}")])
+        .into_iter()
+        .filter(|a| !a.starts_with("--bind-password-file="))
+        .collect();
+    let logs = tempfile::tempdir().expect("temp dir");
+    let mut child = support::e2e::bin()
+        .arg("run")
+        .arg(format!("--fs-root={}", s.tree.root().display()))
+        .arg(format!("--app-root={}", s.app.path().display()))
+        .arg(format!("--hostname={HOST}"))
+        .args(&args)
+        .env("GMSA_BIND_PASSWORD", Slapd::SVC_PASSWORD)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(logs.path().join("stderr")).expect("stderr"))
+        .spawn()
+        .expect("start the daemon");
+    let instance = "gmsa4.web#0000000001";
+    s.place(instance, "gmsa4");
+    let configured =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.wait_configured(instance)));
+    let _ = child.kill();
+    let _ = child.wait();
+    let stderr = fs::read_to_string(logs.path().join("stderr")).unwrap_or_default();
+    assert!(configured.is_ok(), "not configured: {stderr}");
+    // The bind worked (the reconciler wrote the membership with it) ...
+    assert_eq!(members(&slapd, "gmsa4-gmsa-hosts"), [computer("node1")]);
+    // ... and the hook ran without it.
+    assert_eq!(s.runs(), ["password=unset"], "{stderr}");
+    assert!(!stderr.contains(Slapd::SVC_PASSWORD), "{stderr}");
+}
+
+#[test]
+fn a_host_added_by_the_reconcilers_startup_sync_has_joined() {
+    // Placed while the daemon was down, not yet a member: the full sync of
+    // the same process adds the host as it starts. That is a join, even
+    // if the node's first check comes after the write.
+    let slapd = Slapd::start_with(&[&entries("gmsa5-gmsa-hosts", &[])]);
+    let s = Setup::new(&slapd);
+    let instance = "gmsa5.web#0000000001";
+    s.place(instance, "gmsa5");
+    let node = s.start(&slapd, &[format!("--on-join-command={}", s.hook("true"))]);
+    s.wait_configured(instance);
+    assert_eq!(s.runs(), [expected_line("gmsa5", 0)], "{}", node.stderr());
+    assert_eq!(members(&slapd, "gmsa5-gmsa-hosts"), [computer("node1")]);
+    node.stop();
 }

@@ -81,6 +81,17 @@ impl Daemon {
             };
         let hostname = config.hostname.clone();
         let node = Node::with_metrics(config, check, Some(self.metrics.clone()))?;
+        // Which groups this host is in before this process writes any.
+        let noting = node.clone();
+        let before = self.tree.placements.get(&hostname).cloned();
+        let noted = async move {
+            noting
+                .note_startup_membership(&before.unwrap_or_default())
+                .await
+        };
+        if self.drive(noted, shutdown).await.is_none() {
+            return Ok(false);
+        }
         let placed = self
             .tree
             .placements

@@ -13,9 +13,10 @@
 //! seen outside of (a check said "not a member", or the host has had no
 //! instance of it since the node started or since its last one left)
 //! joins when a check says "member". Membership found for the proids
-//! placed on the host when the node started is taken as already there
-//! (the host had it before this process), unless the operator asks
-//! otherwise (`--on-join-at-startup`).
+//! placed on the host when the node starts, read before anything else
+//! runs (so before this process's own reconciler can add the host), is
+//! taken as already there, unless the operator asks otherwise
+//! (`--on-join-at-startup`).
 //!
 //! The command is the operator's text; the proid, the group and the host
 //! name reach it only as positional parameters (`{proid}` is written as
@@ -37,6 +38,9 @@ pub const JOIN_PLACEHOLDERS: &[&str] = &["proid", "group", "hostname"];
 /// How long a join command may run before it is killed (and counts as
 /// failed): a hung `kinit` must not hold a proid's instances for ever.
 pub const JOIN_HOOK_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long the start-up look at this host's groups may take in all.
+pub const STARTUP_CHECK_LIMIT: Duration = Duration::from_secs(30);
 
 /// How much of a command's output is kept for the log, per stream.
 const OUTPUT_KEPT: u64 = 2048;
@@ -69,8 +73,10 @@ pub(super) struct Joins {
     /// Per proid.
     pub groups: BTreeMap<Proid, Join>,
     /// Proids placed on the host when the node started whose membership
-    /// has not been checked yet: a first "member" for them is not a join.
+    /// could not be read then: a first "member" for them is not a join.
     pub at_startup: std::collections::BTreeSet<Proid>,
+    /// The start-up look at the groups was taken.
+    pub startup_noted: bool,
 }
 
 impl Joins {

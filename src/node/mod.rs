@@ -497,6 +497,61 @@ impl Node {
         startup::startup(self, placed).await
     }
 
+    /// Notes which proids placed at start-up already have this host in their
+    /// group, before anything else runs: for those, membership is not a
+    /// join and the join command does not run (unless asked to, with
+    /// [`JoinHook::at_startup`]). A proid whose membership cannot be read
+    /// in time is decided by its first check instead. Done once; a no-op
+    /// without a join command. [`Node::startup`] calls it; a caller that
+    /// may write memberships itself calls it first.
+    pub async fn note_startup_membership(&self, placed: &BTreeSet<String>) {
+        let inner = &self.inner;
+        let (Some(hook), Some(check)) = (&inner.config.join_hook, &inner.check) else {
+            return;
+        };
+        if hook.at_startup || std::mem::replace(&mut inner.state().joins.startup_noted, true) {
+            return;
+        }
+        let proids: BTreeSet<Proid> = placed
+            .iter()
+            .filter_map(|instance| Instance::parse(instance).ok())
+            .map(|inst| inst.proid().clone())
+            .collect();
+        let deadline = tokio::time::Instant::now() + join::STARTUP_CHECK_LIMIT;
+        for proid in proids {
+            let answer = tokio::time::timeout_at(deadline, async {
+                match inner.is_gmsa(&proid).await {
+                    Ok(false) => Ok(None),
+                    Ok(true) => check
+                        .is_member(&proid)
+                        .await
+                        .map(Some)
+                        .map_err(|e| e.to_string()),
+                    Err(err) => Err(err.to_string()),
+                }
+            })
+            .await
+            .unwrap_or_else(|_| Err("no answer in time".to_owned()));
+            let mut state = inner.state();
+            match answer {
+                Ok(None) | Ok(Some(false)) => {}
+                Ok(Some(true)) => {
+                    state
+                        .joins
+                        .groups
+                        .entry(proid.clone())
+                        .or_default()
+                        .in_group = true;
+                    tracing::info!(%proid, "this host was in the group when the node started; no join command for it");
+                }
+                Err(why) => {
+                    tracing::warn!(%proid, %why, "membership at start-up unknown: the first check decides whether it is a join");
+                    state.joins.at_startup.insert(proid);
+                }
+            }
+        }
+    }
+
     /// Deletes the containers that have been in `cleanup/` longer than the
     /// retention time, with their credential specs. Returns their unique
     /// names. A container that cannot be deleted is logged and tried again
@@ -581,7 +636,7 @@ impl Inner {
             }
             if first_at_startup && !hook.at_startup {
                 join.in_group = true;
-                tracing::info!(%proid, "this host was in the group when the node started; join command not run");
+                tracing::info!(%proid, "this host was in the group when the node started (as first checked); no join command for it");
                 return None;
             }
         }

@@ -49,17 +49,12 @@ pub(super) async fn startup(
     placed: &BTreeSet<String>,
 ) -> Result<StartupReport, NodeError> {
     let inner = &node.inner;
+    // Before anything is configured: which groups the host is in already.
+    node.note_startup_membership(placed).await;
     {
         let mut state = inner.state();
         state.placed = placed.clone();
         state.done.retain(|instance| placed.contains(instance));
-        // The host's groups at start-up: membership found for these proids
-        // was there before this process, so it is not a join.
-        state.joins.at_startup = placed
-            .iter()
-            .filter_map(|instance| Instance::parse(instance).ok())
-            .map(|inst| inst.proid().clone())
-            .collect();
     }
     let mut report = StartupReport::default();
     let to_configure = {
