@@ -9,7 +9,7 @@
 //! host keytab on Linux); the hook is where the operator does that.
 //!
 //! What counts as a join is decided here, from what the node has seen of
-//! the membership (the [`Joins`] record): a proid whose group the host was
+//! the membership (the `Joins` record): a proid whose group the host was
 //! seen outside of (a check said "not a member", or the host has had no
 //! instance of it since the node started or since its last one left)
 //! joins when a check says "member". Membership found for the proids
