@@ -241,6 +241,15 @@ pub struct NodeArgs {
     /// Before configuring a gMSA proid's instance, wait up to this long for this host to be in its group.
     #[arg(long, env = "GMSA_WAIT_FOR_GROUP", value_parser = parse_duration)]
     pub wait_for_group: Option<Duration>,
+    /// The LDAP server --wait-for-group reads, with --ldap-url's bind and TLS settings [default: this host's DC, nt.dc of servers/<--hostname>, with --ldap-url's scheme].
+    #[arg(long, env = "GMSA_CHECK_LDAP_URL")]
+    pub check_ldap_url: Option<String>,
+    /// Command run (by /bin/sh) each time the wait sees this host join a proid's group, before that proid's instances are configured, e.g. to renew Kerberos tickets; placeholders {proid}, {group}, {hostname}; a failure aborts them with `join-hook`. Needs --wait-for-group.
+    #[arg(long, env = "GMSA_ON_JOIN_COMMAND")]
+    pub on_join_command: Option<String>,
+    /// Run --on-join-command also for groups this host is already in when the node starts.
+    #[arg(long, env = "GMSA_ON_JOIN_AT_STARTUP")]
+    pub on_join_at_startup: bool,
     /// How long stopped containers stay in cleanup/ [default: 1h].
     #[arg(long, env = "GMSA_RETAIN", value_parser = parse_duration)]
     pub retain: Option<Duration>,
@@ -1372,6 +1381,9 @@ fn node_config(args: &NodeArgs, config: &Config) -> Result<Option<NodeConfig>, C
             || args.run_command.is_some()
             || args.gmsa_proids.is_some()
             || args.wait_for_group.is_some()
+            || args.on_join_command.is_some()
+            || args.on_join_at_startup
+            || args.check_ldap_url.is_some()
             || args.credential_spec_dir.is_some();
         if stray {
             return Err(invalid(
@@ -1424,6 +1436,57 @@ fn node_config(args: &NodeArgs, config: &Config) -> Result<Option<NodeConfig>, C
         node.credential_spec_dir = dir.clone();
     }
     node.wait_for_group = args.wait_for_group;
+    node.group_pattern = config.pattern.clone();
+    node.check_ldap_url = match &args.check_ldap_url {
+        None => None,
+        Some(url) => {
+            if let Some(shown) = credentials_in_url(url) {
+                return Err(invalid(
+                    "--check-ldap-url",
+                    format!("{shown}: credentials in an LDAP URL are refused; the bind of --ldap-url is used"),
+                ));
+            }
+            if let Some(problem) = ldap_url_problem(url) {
+                return Err(invalid("--check-ldap-url", problem));
+            }
+            if args.wait_for_group.is_none() {
+                return Err(invalid(
+                    "--check-ldap-url",
+                    "needs --wait-for-group (it is the server that wait reads)",
+                ));
+            }
+            if matches!(config.directory, DirectoryChoice::LdifFile(_)) {
+                return Err(invalid(
+                    "--check-ldap-url",
+                    "needs LDAP: with --directory the wait reads that file",
+                ));
+            }
+            Some(url.clone())
+        }
+    };
+    node.join_hook = match (&args.on_join_command, args.on_join_at_startup) {
+        (None, true) => {
+            return Err(invalid(
+                "--on-join-at-startup",
+                "needs --on-join-command (the command it runs)",
+            ))
+        }
+        (None, false) => None,
+        (Some(_), _) if args.wait_for_group.is_none() => {
+            return Err(invalid(
+                "--on-join-command",
+                "needs --wait-for-group: a join is seen by that wait, before the instances are configured",
+            ))
+        }
+        (Some(command), at_startup) => {
+            crate::node::script::Template::parse(command, crate::node::JOIN_PLACEHOLDERS)
+                .map_err(|e| invalid("--on-join-command", e))?;
+            Some(crate::node::JoinHook {
+                command: command.clone(),
+                at_startup,
+            })
+        }
+    };
     if let Some(retain) = args.retain {
         node.retain = retain;
     }

@@ -55,11 +55,12 @@ use tracing::{debug, warn};
 
 use crate::model::escape_controls;
 
-/// Labels of the Modify request counter.
+/// Labels of the Modify request counter and of the join command counter.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    /// `success`, `vanished`, or what failed: an LDAP result code's name,
-    /// `unreachable`, `stalled` or `failure`.
+    /// Modify requests: `success`, `vanished`, or what failed: an LDAP
+    /// result code's name, `unreachable`, `stalled` or `failure`. Join
+    /// commands: `success`, `failure`, `timeout` or `error`.
     pub outcome: &'static str,
 }
 
@@ -92,6 +93,8 @@ pub struct Metrics {
     pub missing_groups: Gauge,
     /// Modify requests sent, by the outcome of their group.
     pub modify_requests: Family<OutcomeLabels, Counter>,
+    /// Runs of the node's join command, by how they ended.
+    pub join_hook_runs: Family<OutcomeLabels, Counter>,
     /// Retries after transient directory failures.
     pub retries: Counter,
     /// Full resyncs started.
@@ -149,6 +152,7 @@ impl Metrics {
             dirty_groups: Gauge::default(),
             missing_groups: Gauge::default(),
             modify_requests: Family::default(),
+            join_hook_runs: Family::default(),
             retries: Counter::default(),
             resyncs: Counter::default(),
             guard_refusals: Counter::default(),
@@ -205,6 +209,11 @@ impl Metrics {
             "modify_requests",
             "Modify requests sent, by the outcome of their group",
             m.modify_requests.clone(),
+        );
+        r.register(
+            "join_hook_runs",
+            "Runs of the node's join command (--on-join-command), by outcome: success, failure, timeout, error",
+            m.join_hook_runs.clone(),
         );
         r.register(
             "retries",

@@ -614,6 +614,9 @@ fn both_modes_args(s: &Setup, slapd: &Slapd, password_file: &Path, wait: &str) -
         "--timeout=10s".to_owned(),
         "--partition=p1".to_owned(),
         format!("--wait-for-group={wait}"),
+        // The server file's nt.dc is a name of no server: the wait reads
+        // this slapd instead.
+        format!("--check-ldap-url={}", slapd.url()),
     ]);
     args
 }
@@ -858,6 +861,7 @@ async fn against_samba_the_credential_spec_has_the_domains_own_facts() {
         ),
         "--timeout=30s".to_owned(),
         "--wait-for-group=60s".to_owned(),
+        format!("--check-ldap-url={}", dc.url()),
     ]);
     let daemon = Daemon::start(&args);
     daemon.ready().await;

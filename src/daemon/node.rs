@@ -9,10 +9,11 @@ use tracing::{error, info, warn};
 
 use super::{Daemon, DaemonError, Shutdown, CLEANUP_EVERY, SHUTDOWN_GRACE};
 use crate::directory::{Directory, DomainFacts, Group};
-use crate::model::{Dn, GroupPattern, HostName, Proid};
+use crate::model::{Dn, GroupPattern, Proid};
 use crate::node::CheckError;
-use crate::node::{guid_to_string, sid_to_string, DomainInfo, GmsaProids, MembershipCheck, Node};
-use crate::tree::scan::read_server;
+use crate::node::{
+    guid_to_string, sid_to_string, DomainInfo, GmsaProids, MembershipCheck, Node, OwnDc,
+};
 use crate::tree::TreeEvent;
 
 impl Daemon {
@@ -69,13 +70,28 @@ impl Daemon {
                     dir: dir.clone(),
                     ou: ou.clone(),
                     pattern: self.config.config.pattern.clone(),
-                    fs_root: config.fs_root.clone(),
-                    hostname: config.hostname.clone(),
+                    own_dc: OwnDc::new(
+                        &self.config.config.directory,
+                        config.check_ldap_url.clone(),
+                        config.fs_root.clone(),
+                        config.hostname.clone(),
+                    ),
                 })),
                 _ => None,
             };
         let hostname = config.hostname.clone();
-        let node = Node::new(config, check)?;
+        let node = Node::with_metrics(config, check, Some(self.metrics.clone()))?;
+        // Which groups this host is in before this process writes any.
+        let noting = node.clone();
+        let before = self.tree.placements.get(&hostname).cloned();
+        let noted = async move {
+            noting
+                .note_startup_membership(&before.unwrap_or_default())
+                .await
+        };
+        if self.drive(noted, shutdown).await.is_none() {
+            return Ok(false);
+        }
         let placed = self
             .tree
             .placements
@@ -232,38 +248,33 @@ fn domain_info(facts: &DomainFacts) -> Result<DomainInfo, crate::node::credspec:
     })
 }
 
-/// Node mode's view of the groups: the `check` logic against the daemon's
-/// directory, with this host's DN taken from its own server file.
+/// Node mode's view of the groups: the `check` logic, whether a group
+/// exists read from the daemon's directory, membership from this host's
+/// own domain controller, with its DN taken from its own server file.
 struct DirectoryCheck {
     dir: Arc<dyn Directory>,
     ou: Dn,
     pattern: GroupPattern,
-    fs_root: std::path::PathBuf,
-    hostname: HostName,
+    own_dc: OwnDc,
 }
 
 impl DirectoryCheck {
-    /// The proid's group, if it exists.
-    async fn group(&self, proid: &Proid) -> Result<Option<Group>, CheckError> {
+    /// The proid's group in `dir`, if it exists.
+    async fn group(&self, dir: &dyn Directory, proid: &Proid) -> Result<Option<Group>, CheckError> {
         let name = self.pattern.render(proid);
-        Ok(self.dir.find_group(&self.ou, &name).await?)
+        Ok(dir.find_group(&self.ou, &name).await?)
     }
 }
 
 #[async_trait::async_trait]
 impl MembershipCheck for DirectoryCheck {
     async fn group_exists(&self, proid: &Proid) -> Result<bool, CheckError> {
-        Ok(self.group(proid).await?.is_some())
+        Ok(self.group(self.dir.as_ref(), proid).await?.is_some())
     }
 
     async fn is_member(&self, proid: &Proid) -> Result<bool, CheckError> {
-        let server = read_server(&self.fs_root, &self.hostname).map_err(CheckError::Host)?;
-        let dn = server
-            .dn
-            .ok_or_else(|| CheckError::Host(format!("servers/{}: no nt.dn", self.hostname)))?;
-        let dn = Dn::parse(&dn)
-            .map_err(|e| CheckError::Host(format!("servers/{}: nt.dn: {e}", self.hostname)))?;
-        let group = self.group(proid).await?;
+        let (dn, dir) = self.own_dc.host(&self.dir)?;
+        let group = self.group(dir.as_ref(), proid).await?;
         Ok(group.is_some_and(|g| g.members.contains(&dn)))
     }
 }

@@ -12,14 +12,18 @@
 //! The pieces: [`manifest`] checks manifests, [`unique`] names containers,
 //! [`script`] writes the supervisor scripts, [`credspec`] the gMSA credential
 //! specs, [`events`] posts events, [`mod@finish`] turns a stopped container into
-//! its one event, [`wait`] waits for gMSA group membership. This file holds
+//! its one event, [`wait`] waits for gMSA group membership, [`join`] runs
+//! the operator's command when this host joins a group, [`own_dc`] says
+//! which domain controller the wait reads. This file holds
 //! the configuration and the per-host state machine; `configure.rs`,
 //! `terminate.rs` and `startup.rs` hold its steps.
 
 pub mod credspec;
 pub mod events;
 pub mod finish;
+pub mod join;
 pub mod manifest;
+pub mod own_dc;
 pub mod script;
 pub mod unique;
 pub mod wait;
@@ -37,11 +41,14 @@ use std::time::{Duration, SystemTime};
 
 use thiserror::Error;
 
-use crate::model::{HostName, Proid};
+use crate::metrics::Metrics;
+use crate::model::{GroupPattern, HostName, Proid};
 
 pub use credspec::{guid_to_string, sid_to_string, DomainInfo};
 pub use events::{Event, EventKind};
 pub use finish::{app_root_of, finish};
+pub use join::{HookOutcome, JoinHook, JOIN_PLACEHOLDERS};
+pub use own_dc::OwnDc;
 pub use startup::StartupReport;
 pub use unique::Instance;
 pub use wait::{CheckError, MembershipCheck, WaitOutcome};
@@ -106,6 +113,15 @@ pub struct NodeConfig {
     pub wait_for_group: Option<Duration>,
     /// How long stopped containers stay in `cleanup/`.
     pub retain: Duration,
+    /// The sAMAccountName pattern of the proids' groups (for the join
+    /// command's `{group}`).
+    pub group_pattern: GroupPattern,
+    /// Run when this host is seen to join a gMSA proid's group, before its
+    /// instances are configured; needs `wait_for_group`.
+    pub join_hook: Option<JoinHook>,
+    /// Where the membership wait reads from instead of this host's own
+    /// domain controller (`nt.dc`); see [`own_dc`].
+    pub check_ldap_url: Option<String>,
 }
 
 impl NodeConfig {
@@ -130,6 +146,10 @@ impl NodeConfig {
             domain: None,
             wait_for_group: None,
             retain: DEFAULT_RETAIN,
+            group_pattern: GroupPattern::parse("{}-gmsa-hosts")
+                .unwrap_or_else(|e| panic!("BUG: the default group pattern: {e}")),
+            join_hook: None,
+            check_ldap_url: None,
         }
     }
 }
@@ -195,7 +215,7 @@ pub enum Added {
     },
     /// The instance cannot run; an `aborted` event says why.
     Aborted {
-        /// The event's data: `invalid-manifest` or `gmsa`.
+        /// The event's data: `invalid-manifest`, `gmsa` or `join-hook`.
         why: String,
     },
     /// The instance was aborted or has finished earlier in this placement;
@@ -256,10 +276,15 @@ struct Inner {
     layout: Layout,
     run_template: Option<Template>,
     finish_template: Template,
+    join_template: Option<Template>,
     check: Option<Arc<dyn MembershipCheck>>,
+    metrics: Option<Arc<Metrics>>,
     state: Mutex<State>,
     /// Held for every change under the app root, never across a wait.
     fs_lock: tokio::sync::Mutex<()>,
+    /// One per proid, held while its join is decided and its command runs,
+    /// so that instances placed together run the command once.
+    join_locks: Mutex<std::collections::BTreeMap<Proid, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 #[derive(Default)]
@@ -269,6 +294,8 @@ struct State {
     /// Placed instances that aborted or finished: not configured again
     /// until their placement is removed.
     done: BTreeSet<String>,
+    /// What has been seen of this host's membership, for the join hook.
+    joins: join::Joins,
 }
 
 impl Node {
@@ -278,6 +305,15 @@ impl Node {
     pub fn new(
         config: NodeConfig,
         check: Option<Arc<dyn MembershipCheck>>,
+    ) -> Result<Node, NodeError> {
+        Node::with_metrics(config, check, None)
+    }
+
+    /// [`Node::new`], counting the join command's runs in `metrics`.
+    pub fn with_metrics(
+        config: NodeConfig,
+        check: Option<Arc<dyn MembershipCheck>>,
+        metrics: Option<Arc<Metrics>>,
     ) -> Result<Node, NodeError> {
         for (what, path) in [
             ("fs root", &config.fs_root),
@@ -297,6 +333,18 @@ impl Node {
         };
         let finish_template = Template::parse(&config.finish_command, FINISH_PLACEHOLDERS)
             .map_err(NodeError::Config)?;
+        let join_template = match &config.join_hook {
+            Some(hook) => {
+                if config.wait_for_group.is_none() || config.gmsa_proids == GmsaProids::None {
+                    return Err(NodeError::Config(
+                        "the join command needs the wait for group membership (and gMSA proids): joins are seen by that wait"
+                            .to_owned(),
+                    ));
+                }
+                Some(Template::parse(&hook.command, JOIN_PLACEHOLDERS).map_err(NodeError::Config)?)
+            }
+            None => None,
+        };
         if config.gmsa_proids != GmsaProids::None {
             let Some(domain) = &config.domain else {
                 return Err(NodeError::Config(
@@ -331,9 +379,12 @@ impl Node {
                 layout,
                 run_template,
                 finish_template,
+                join_template,
                 check,
+                metrics,
                 state: Mutex::new(State::default()),
                 fs_lock: tokio::sync::Mutex::new(()),
+                join_locks: Mutex::new(std::collections::BTreeMap::new()),
             }),
         })
     }
@@ -380,7 +431,13 @@ impl Node {
                 return self.inner.abort(&inst, "invalid-manifest", problem);
             }
             let inner = &self.inner;
-            match wait::wait_until_member(check.as_ref(), inst.proid(), wait, || {
+            // Instances that wait for the same join share its command's run.
+            let runs_before = inner.join_runs(inst.proid());
+            let observed = Observed {
+                inner,
+                check: check.as_ref(),
+            };
+            match wait::wait_until_member(&observed, inst.proid(), wait, || {
                 inner.is_placed(inst.name())
             })
             .await
@@ -390,6 +447,9 @@ impl Node {
                 WaitOutcome::TimedOut(why) | WaitOutcome::Failed(why) => {
                     return self.inner.abort(&inst, "gmsa", why)
                 }
+            }
+            if let Some(problem) = self.inner.after_join(&inst, runs_before).await {
+                return self.inner.abort(&inst, "join-hook", problem);
             }
         }
         let _guard = self.inner.fs_lock.lock().await;
@@ -415,6 +475,13 @@ impl Node {
             let mut state = self.inner.state();
             state.placed.remove(instance);
             state.done.remove(instance);
+            if let Ok(inst) = Instance::parse(instance) {
+                let proid = inst.proid();
+                let prefix = format!("{proid}.");
+                if !state.placed.iter().any(|i| i.starts_with(&prefix)) {
+                    state.joins.left(proid);
+                }
+            }
         }
         let _guard = self.inner.fs_lock.lock().await;
         self.inner.terminate(instance)
@@ -430,12 +497,89 @@ impl Node {
         startup::startup(self, placed).await
     }
 
+    /// Notes which proids placed at start-up already have this host in their
+    /// group, before anything else runs: for those, membership is not a
+    /// join and the join command does not run (unless asked to, with
+    /// [`JoinHook::at_startup`]). A proid whose membership cannot be read
+    /// in time is decided by its first check instead. Done once; a no-op
+    /// without a join command. [`Node::startup`] calls it; a caller that
+    /// may write memberships itself calls it first.
+    pub async fn note_startup_membership(&self, placed: &BTreeSet<String>) {
+        let inner = &self.inner;
+        let (Some(hook), Some(check)) = (&inner.config.join_hook, &inner.check) else {
+            return;
+        };
+        if hook.at_startup || std::mem::replace(&mut inner.state().joins.startup_noted, true) {
+            return;
+        }
+        let proids: BTreeSet<Proid> = placed
+            .iter()
+            .filter_map(|instance| Instance::parse(instance).ok())
+            .map(|inst| inst.proid().clone())
+            .collect();
+        let deadline = tokio::time::Instant::now() + join::STARTUP_CHECK_LIMIT;
+        for proid in proids {
+            let answer = tokio::time::timeout_at(deadline, async {
+                match inner.is_gmsa(&proid).await {
+                    Ok(false) => Ok(None),
+                    Ok(true) => check
+                        .is_member(&proid)
+                        .await
+                        .map(Some)
+                        .map_err(|e| e.to_string()),
+                    Err(err) => Err(err.to_string()),
+                }
+            })
+            .await
+            .unwrap_or_else(|_| Err("no answer in time".to_owned()));
+            let mut state = inner.state();
+            match answer {
+                Ok(None) | Ok(Some(false)) => {}
+                Ok(Some(true)) => {
+                    state
+                        .joins
+                        .groups
+                        .entry(proid.clone())
+                        .or_default()
+                        .in_group = true;
+                    tracing::info!(%proid, "this host was in the group when the node started; no join command for it");
+                }
+                Err(why) => {
+                    tracing::warn!(%proid, %why, "membership at start-up unknown: the first check decides whether it is a join");
+                    state.joins.at_startup.insert(proid);
+                }
+            }
+        }
+    }
+
     /// Deletes the containers that have been in `cleanup/` longer than the
     /// retention time, with their credential specs. Returns their unique
     /// names. A container that cannot be deleted is logged and tried again
     /// next time.
     pub fn cleanup_expired(&self, now: SystemTime) -> Vec<String> {
         self.inner.cleanup_expired(now)
+    }
+}
+
+/// The node's check as the membership wait uses it: every "not a member"
+/// is noted, so that the next "member" counts as a join.
+struct Observed<'a> {
+    inner: &'a Inner,
+    check: &'a dyn MembershipCheck,
+}
+
+#[async_trait::async_trait]
+impl MembershipCheck for Observed<'_> {
+    async fn group_exists(&self, proid: &Proid) -> Result<bool, CheckError> {
+        self.check.group_exists(proid).await
+    }
+
+    async fn is_member(&self, proid: &Proid) -> Result<bool, CheckError> {
+        let answer = self.check.is_member(proid).await;
+        if let Ok(false) = answer {
+            self.inner.state().joins.saw_not_member(proid);
+        }
+        answer
     }
 }
 
@@ -459,6 +603,78 @@ impl Inner {
         self.config
             .credential_spec_dir
             .join(format!("{unique_name}.json"))
+    }
+
+    /// This host is in the proid's group (the wait said so): runs the join
+    /// command if this is a join and it has not run for it yet. `Some(why)`
+    /// when the command failed for this join: the instance is aborted.
+    /// Instances that were already waiting when the command ran (`runs_before`
+    /// is [`Inner::join_runs`] when they began) share its result.
+    async fn after_join(&self, inst: &Instance, runs_before: u64) -> Option<String> {
+        let (Some(template), Some(hook)) = (&self.join_template, &self.config.join_hook) else {
+            return None;
+        };
+        let proid = inst.proid();
+        let lock = self
+            .join_locks
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .entry(proid.clone())
+            .or_default()
+            .clone();
+        let _held = lock.lock().await;
+        {
+            let mut state = self.state();
+            let first_at_startup = state.joins.at_startup.remove(proid);
+            let join = state.joins.groups.entry(proid.clone()).or_default();
+            if join.in_group {
+                return None;
+            }
+            if join.runs > runs_before {
+                // The command ran for this join while this instance waited.
+                return join.failure.clone();
+            }
+            if first_at_startup && !hook.at_startup {
+                join.in_group = true;
+                tracing::info!(%proid, "this host was in the group when the node started (as first checked); no join command for it");
+                return None;
+            }
+        }
+        let group = self.config.group_pattern.render(proid);
+        tracing::info!(%proid, %group, instance = %inst, "this host joined the group; running the join command");
+        let outcome = join::run(
+            template,
+            proid,
+            &group,
+            self.config.hostname.as_str(),
+            join::JOIN_HOOK_TIMEOUT,
+        )
+        .await;
+        if let Some(metrics) = &self.metrics {
+            metrics
+                .join_hook_runs
+                .get_or_create(&crate::metrics::OutcomeLabels {
+                    outcome: outcome.label(),
+                })
+                .inc();
+        }
+        let mut state = self.state();
+        let join = state.joins.groups.entry(proid.clone()).or_default();
+        join.runs += 1;
+        if outcome == HookOutcome::Success {
+            join.in_group = true;
+            join.failure = None;
+            None
+        } else {
+            let why = outcome.describe(proid);
+            join.failure = Some(why.clone());
+            Some(why)
+        }
+    }
+
+    /// How many times the join command has run for the proid.
+    fn join_runs(&self, proid: &Proid) -> u64 {
+        self.state().joins.groups.get(proid).map_or(0, |j| j.runs)
     }
 
     /// Whether the proid runs under a gMSA.

@@ -108,6 +108,28 @@ impl Template {
     }
 }
 
+impl Template {
+    /// The command for `/bin/sh -c` with each placeholder replaced by a
+    /// reference to a positional parameter: the placeholder `order[i]`
+    /// becomes `"${i+1}"`. The values themselves never enter the command:
+    /// they are passed to the shell as arguments after it.
+    pub fn render_positional(&self, order: &[&str]) -> String {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Text(text) => out.push_str(text),
+                Part::Placeholder(name) => match order.iter().position(|o| o == name) {
+                    Some(i) => {
+                        let _ = write!(out, "\"${{{}}}\"", i + 1);
+                    }
+                    None => out.push_str("''"),
+                },
+            }
+        }
+        out
+    }
+}
+
 /// What the container's `run` starts.
 pub enum RunWhat<'a> {
     /// The operator's command, already rendered; run from the container directory.
@@ -325,6 +347,28 @@ mod tests {
         for bad in ["x {nope}", "x {instance", "x }", ""] {
             assert!(Template::parse(bad, &["instance"]).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn positional_templates_pass_values_as_arguments() {
+        let t = Template::parse(
+            "printf '%s|' {group} {proid} ${{HOME+x}}",
+            &["proid", "group"],
+        )
+        .expect("valid");
+        let command = t.render_positional(&["proid", "group"]);
+        assert_eq!(command, "printf '%s|' \"${2}\" \"${1}\" ${HOME+x}");
+        let hostile = "a'b; $(touch x) \"c\"";
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&command)
+            .args(["hook", hostile, "g r"])
+            .output()
+            .expect("run sh");
+        assert_eq!(
+            String::from_utf8(out.stdout).expect("utf-8"),
+            format!("g r|{hostile}|x|")
+        );
     }
 
     #[test]

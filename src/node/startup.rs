@@ -49,6 +49,8 @@ pub(super) async fn startup(
     placed: &BTreeSet<String>,
 ) -> Result<StartupReport, NodeError> {
     let inner = &node.inner;
+    // Before anything is configured: which groups the host is in already.
+    node.note_startup_membership(placed).await;
     {
         let mut state = inner.state();
         state.placed = placed.clone();
