@@ -167,6 +167,44 @@ fn has_member(url: &str) -> bool {
     })
 }
 
+/// Writes a marker on the provider and waits until the consumer has it,
+/// which it has right after one of its refreshes.
+fn just_after_a_refresh(provider: &Server, consumer: &Server) {
+    let marker = format!("refresh-{}", std::process::id());
+    let mut child = Command::new(tool("ldapmodify"))
+        .args([
+            "-x",
+            "-H",
+            &provider.url(),
+            "-D",
+            "cn=admin,dc=ad,dc=com",
+            "-w",
+            "secret",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("run ldapmodify");
+    let change = format!(
+        "dn: dc=ad,dc=com\nchangetype: modify\nreplace: description\ndescription: {marker}\n"
+    );
+    std::io::Write::write_all(child.stdin.as_mut().expect("stdin"), change.as_bytes())
+        .expect("write the marker");
+    drop(child.stdin.take());
+    assert!(
+        child.wait().expect("ldapmodify").success(),
+        "the marker was not written"
+    );
+    wait_until(
+        "the consumer's refresh with the marker",
+        Duration::from_secs(30),
+        || {
+            search(&consumer.url(), "dc=ad,dc=com", "base", "description")
+                .is_some_and(|text| text.contains(&marker))
+        },
+    );
+}
+
 fn entries() -> String {
     let mut ldif = fs::read_to_string(fixtures().join("base.ldif")).expect("base.ldif");
     ldif += &format!(
@@ -262,6 +300,11 @@ fn the_container_waits_for_the_replica_this_host_reads() {
     let instance = "rgmsa.web#0000000001";
     let prefix = "rgmsa.web-0000000001-";
     schedule(tree.root(), instance, &manifest("rgmsa", "x"));
+    // Place the instance just after the consumer has refreshed: its next
+    // refresh is then a whole interval away, long after the reconciler's
+    // write, so the moment when only the provider has the member is seconds
+    // long rather than a matter of chance.
+    just_after_a_refresh(&provider, &consumer);
     let start = Instant::now();
     tree.place(HOST, instance);
     let container = || app.names("apps").iter().any(|n| n.starts_with(prefix));
