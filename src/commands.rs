@@ -20,7 +20,8 @@ use crate::node;
 use crate::output::{NotApplied, Report};
 use crate::plan::{guard, plan, Plan, Scope};
 use crate::reconcile::{Cause, Pass};
-use crate::tree::scan::{read_server, scan, ScanError, SERVERS};
+use crate::tree::names::SERVERS;
+use crate::tree::scan::{read_server, scan, ScanError};
 use crate::tree::Snapshot;
 
 /// Exit code: success (and `plan --exit-code` with no changes, `check` yes).

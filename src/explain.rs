@@ -23,7 +23,7 @@ use crate::index::Index;
 use crate::model::{escape_controls, Dn, GroupPattern, HostName, PartitionGlob, Proid};
 use crate::output::{one_line, Format};
 use crate::plan::Plan;
-use crate::tree::scan::{PLACEMENT, SERVERS};
+use crate::tree::names::{PLACEMENT, SERVERS};
 use crate::tree::{ServerInfo, Snapshot};
 
 /// What was asked: one proid, optionally one host.

@@ -26,6 +26,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::model::{Dn, HostName, PartitionGlob, Proid};
+use crate::tree::names::{PLACEMENT, SERVERS};
 use crate::tree::{ServerInfo, Snapshot, TreeEvent};
 
 /// The reference counts for one partition glob.
@@ -308,7 +309,7 @@ impl Index {
                 let current = self.hosts.get(host).and_then(|s| s.definition.as_ref());
                 Some(match current {
                     Some(def) => format!(
-                        "servers/{host}: {reason}; keeping its last good definition ({})",
+                        "{SERVERS}/{host}: {reason}; keeping its last good definition ({})",
                         def.dn
                     ),
                     None => {
@@ -318,7 +319,7 @@ impl Index {
                         } else {
                             "; members under --host-ou are not removed until it can be used"
                         };
-                        format!("servers/{host}: {reason}; the host stays out of scope{held}")
+                        format!("{SERVERS}/{host}: {reason}; the host stays out of scope{held}")
                     }
                 })
             }
@@ -648,7 +649,7 @@ fn no_proid(host: &HostName, instance: &str) -> String {
         Err(why) => why.to_string(),
         Ok(_) => "not a placement".to_owned(),
     };
-    format!("placement/{host}/{instance}: {why}; ignored")
+    format!("{PLACEMENT}/{host}/{instance}: {why}; ignored")
 }
 
 /// The proid of an instance name already known to have one.

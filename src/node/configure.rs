@@ -14,6 +14,7 @@ use std::fs;
 use std::io::{self, Read};
 
 use crate::safe_fs::{self, ReadError};
+use crate::tree::names::{PLACEMENT, SCHEDULED};
 
 use serde_yaml::{Mapping, Value};
 
@@ -48,7 +49,7 @@ impl Inner {
         &self,
         inst: &Instance,
     ) -> Result<Result<Loaded, String>, NodeError> {
-        let rel = format!("scheduled/{}", inst.name());
+        let rel = format!("{SCHEDULED}/{}", inst.name());
         let path = self.config.fs_root.join(&rel);
         // Only a regular file is a manifest (the mirror writes nothing
         // else): a FIFO must not stall the node, a link must not lead out.
@@ -102,7 +103,7 @@ impl Inner {
         let path = self
             .config
             .fs_root
-            .join("placement")
+            .join(PLACEMENT)
             .join(self.config.hostname.as_str())
             .join(inst.name());
         let text = match safe_fs::read_regular(&path, safe_fs::MAX_FILE) {

@@ -14,6 +14,8 @@ use std::fs;
 
 use tokio::task::JoinSet;
 
+use crate::tree::names::SCHEDULED;
+
 use super::finish;
 use super::manifest::AppJson;
 use super::unique::{self, Instance, Stamp};
@@ -220,7 +222,7 @@ impl Inner {
     /// be told because the manifest is gone. A container of an older
     /// manifest means the instance was placed again while the node was down.
     fn of_current_manifest(&self, inst: &Instance, unique_name: &str) -> bool {
-        let path = self.config.fs_root.join("scheduled").join(inst.name());
+        let path = self.config.fs_root.join(SCHEDULED).join(inst.name());
         let Ok(meta) = fs::symlink_metadata(&path) else {
             return true;
         };

@@ -7,6 +7,7 @@
 //! sequence of events, so the index has one way in.
 
 pub mod event;
+pub mod names;
 pub mod scan;
 pub mod watch;
 

@@ -26,16 +26,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use thiserror::Error;
 
+use super::names::{MODIFIED, PLACEMENT, SERVERS};
 use super::{ServerInfo, Snapshot};
 use crate::model::{HostName, Proid};
 use crate::safe_fs::{self, Kind, ReadError};
-
-/// The readiness marker written by the mirror after its first full sync.
-pub const MODIFIED: &str = ".modified";
-/// The directory of server files.
-pub const SERVERS: &str = "servers";
-/// The directory of per-host placement directories.
-pub const PLACEMENT: &str = "placement";
 
 /// Why a tree cannot be acted on at all.
 #[derive(Debug, Error)]
