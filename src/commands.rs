@@ -1,5 +1,6 @@
-//! The one-shot commands, `plan`, `sync`, `check` and `explain`, on top of
-//! the tree scan, the index, the plan and a directory backend.
+//! The one-shot commands, `plan`, `sync`, `check`, `explain` and `finish`,
+//! on top of the tree scan, the index, the plan, a directory backend and
+//! (for `finish`) node mode.
 //!
 //! Each returns the process exit code (the README lists them) or an error that
 //! `main` prints on one line and turns into exit code 1. Output goes to the

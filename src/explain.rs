@@ -380,7 +380,10 @@ fn action(
     }
 }
 
-/// Why a host is out of scope, rule by rule (SPEC section 2).
+/// Why a host is out of scope, rule by rule: a host is in scope only when
+/// its server file parses to a mapping, its partition matches the
+/// `--partition` glob, and both `nt.dc` and `nt.dn` are present and not
+/// empty; each rule it breaks is one line here.
 fn why_out_of_scope(server: &ServerFile, glob: &PartitionGlob) -> Vec<String> {
     let info = match server {
         ServerFile::Missing => return vec!["no server file".to_owned()],

@@ -2,8 +2,9 @@
 //! one [`TreeEvent`] at a time.
 //!
 //! For every proid the index counts, per host DN, the instances of that proid
-//! on in-scope hosts; `desired(proid)` is the DNs with a count above zero
-//! (SPEC section 3). It also knows which DNs are *managed* (belong to an
+//! on in-scope hosts; `desired(proid)` is the DNs of the in-scope hosts
+//! that run at least one instance of the proid (a count above zero). It
+//! also knows which DNs are *managed* (belong to an
 //! in-scope host, or lie under one of the `--host-ou` subtrees, whose every
 //! member the reconciler owns whether or not a host still names it: that is
 //! how ownership outlives a restart) and which DNs are *retiring* for a proid: they left its
@@ -12,11 +13,15 @@
 //! not managed any more, but its membership is still ours to remove).
 //!
 //! Applying an event returns the proids whose desired set changed, so that
-//! the daemon reconciles only those; a whole snapshot is applied as the
-//! events that build it, so there is one way in.
+//! the daemon reconciles only those. A whole snapshot is taken in one go
+//! ([`Index::from_snapshot_with_warnings`]), more cheaply than event by
+//! event but to the same result: a property test checks the two against
+//! each other after every event.
 //!
-//! Hosts whose placement directory can't be read have *unknown* placements
-//! (SPEC section 5: a source error is not an empty source). Their DNs are
+//! Hosts whose placement directory can't be read have *unknown* placements,
+//! which is not the same as none: a source that can't be read is never
+//! taken for an empty one, or its hosts would be removed from every group.
+//! Their DNs are
 //! *held*: [`Index::held`] names them, and the plan neither adds nor
 //! deletes a held DN anywhere, so those hosts' memberships stay as they are
 //! until the directory can be read again. What was known of their
@@ -1424,9 +1429,9 @@ mod property {
         index.retiring.clone()
     }
 
-    /// One step of a reconciler over fake groups: the plan rule of SPEC
-    /// section 3 with the retiring DNs, held DNs left as they are, then the
-    /// retiring DNs are cleared.
+    /// One step of a reconciler over fake groups: managed members that are
+    /// not desired, and retiring DNs, are removed and desired DNs added,
+    /// held DNs left as they are; then the retiring DNs are cleared.
     fn reconcile(index: &mut Index, groups: &mut BTreeMap<Proid, BTreeSet<Dn>>, proid: &Proid) {
         let want = index.desired(proid);
         let retiring = index.retiring(proid);

@@ -6,7 +6,7 @@
 //! (codes 20 and 16) and AD without the control (codes 68 and 53); in the
 //! last two a request applies nothing when any part of it fails.
 //!
-//! In the tests it is also the fake server: [`MemoryDirectory::new`] makes
+//! In the tests it is also the fake server: `MemoryDirectory::new` makes
 //! one that records every call and can be told to fail the next calls, so
 //! that tests can script a busy or unreachable server without a mocking
 //! framework. The call log and the fault injection are compiled into test

@@ -1,10 +1,12 @@
 //! The placement tree mirrored from the cluster's coordination store: the
 //! server definitions and placements the reconciler works from.
 //!
-//! [`scan`] reads a whole tree into a [`Snapshot`]; [`event`] turns file
-//! system notifications into [`TreeEvent`]s; [`watch`] is the only place that
-//! talks to the file system notifier. A snapshot is itself expressed as a
-//! sequence of events, so the index has one way in.
+//! [`names`] holds the tree's names; [`scan`] reads a whole tree into a
+//! [`Snapshot`]; [`event`] classifies the path of a file system
+//! notification; [`watch`] is the only place that talks to the file system
+//! notifier, and turns what it reports into [`TreeEvent`]s. A snapshot can
+//! also be expressed as the events that build it ([`Snapshot::events`]);
+//! the index takes a snapshot in one go and later changes event by event.
 
 pub mod event;
 pub mod names;
@@ -43,7 +45,8 @@ impl ServerInfo {
     /// mapping. Anything else is an error naming what is wrong, and so is a
     /// value the reconciler uses that holds a control character, or an
     /// `nt.dn` that is not a DN: such a file is as unusable as one that
-    /// does not parse (SPEC section 5b).
+    /// does not parse, so that no value read from the tree can break a
+    /// line of output or a log.
     pub fn parse(content: &[u8]) -> Result<ServerInfo, String> {
         let text = std::str::from_utf8(content).map_err(|_| "not UTF-8".to_owned())?;
         // The usual case in one pass, without building a value for each of
@@ -240,7 +243,8 @@ pub struct Snapshot {
     /// Every placement directory and the instances in it.
     pub placements: BTreeMap<HostName, BTreeSet<String>>,
     /// Hosts whose placement directory exists but could not be read: their
-    /// placements are unknown, which is not "none" (SPEC section 5). A scan
+    /// placements are unknown, which is not "none": their memberships are
+    /// left as they are, never removed. A scan
     /// has no placements for them; a snapshot kept up to date by events
     /// (the daemon's) keeps the last ones it knew.
     pub unknown: BTreeSet<HostName>,

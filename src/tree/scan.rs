@@ -1,8 +1,8 @@
 //! Reads a whole placement tree into a [`Snapshot`]: every server file
 //! parsed, every placement directory listed.
 //!
-//! The scan is where "source error is not source empty" (SPEC section 5) is
-//! decided: a tree without `.modified`, or a missing or unlistable
+//! The scan is where a source that can't be read is kept from looking
+//! empty (which would remove every member): a tree without `.modified`, or a missing or unlistable
 //! `servers/` or `placement/` directory, is a [`ScanError`] and never an
 //! empty snapshot. Problems with single entries (a broken server file, a
 //! name that is not a host name or not a placement) only affect that entry
@@ -10,8 +10,9 @@
 //! can't be listed makes that host's placements unknown
 //! ([`Snapshot::unknown`]), not empty.
 //!
-//! Every file here is read the one way tree files are read (SPEC section
-//! 5b), through [`crate::safe_fs`]: regular files only, opened without
+//! Every file here is read the one way tree files are read, through
+//! [`crate::safe_fs`], because whoever can write into the tree may put
+//! anything there: regular files only, opened without
 //! blocking and without following a link, capped in size. The watcher
 //! reads single entries through the same functions ([`load_server`],
 //! [`scan_host_dir`], [`placement_at`]), so an event and a scan never
@@ -285,7 +286,8 @@ pub enum ServerFile {
     /// device or a symlink in its place, a file above
     /// [`safe_fs::MAX_FILE`], an unreadable one). Such a file is unusable
     /// like a broken one: a host already in scope keeps its last good
-    /// definition (SPEC section 2).
+    /// definition until the file is valid again or deleted, and one that
+    /// never was stays out of scope.
     Present(Result<ServerInfo, String>),
     /// Nothing (it was removed).
     Absent,
@@ -340,7 +342,7 @@ pub enum HostListing {
     /// A directory that exists but whose entries can't be had: a symlink
     /// (never followed, wherever it points, a loop included) or a
     /// directory that can't be listed. Its placements are unknown, which is
-    /// not the same as none (SPEC section 5): the host's memberships are
+    /// not the same as none: the host's memberships are
     /// left as they are. The warning names the path and the problem.
     Unknown(String),
     /// The directory was listed.
