@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::model::{Dn, HostName, PartitionGlob, Proid};
 use crate::tree::names::{PLACEMENT, SERVERS};
-use crate::tree::{ServerInfo, Snapshot, TreeEvent};
+use crate::tree::{ServerError, ServerInfo, Snapshot, TreeEvent};
 
 /// The reference counts for one partition glob.
 #[derive(Debug, Clone, Default)]
@@ -115,7 +115,7 @@ enum Verdict {
     /// A valid file that puts the host out of scope.
     OutOfScope,
     /// A file that can't be used; the host keeps what it had.
-    Invalid(String),
+    Invalid(ServerError),
 }
 
 /// Presence of (proid, DN) pairs before an event touched them, to tell which
@@ -296,7 +296,7 @@ impl Index {
     fn upsert_server(
         &mut self,
         host: &HostName,
-        info: &Result<ServerInfo, String>,
+        info: &Result<ServerInfo, ServerError>,
         tracker: &mut Tracker,
     ) -> Option<String> {
         match self.judge(info) {
@@ -499,7 +499,7 @@ impl Index {
     }
 
     /// Decides what a server file's content means for its host.
-    fn judge(&self, info: &Result<ServerInfo, String>) -> Verdict {
+    fn judge(&self, info: &Result<ServerInfo, ServerError>) -> Verdict {
         let info = match info {
             Ok(info) => info,
             Err(reason) => return Verdict::Invalid(reason.clone()),
@@ -518,7 +518,7 @@ impl Index {
                 dn,
                 dc: dc.to_lowercase(),
             }),
-            Err(err) => Verdict::Invalid(format!("nt.dn: {err}")),
+            Err(err) => Verdict::Invalid(ServerError::Dn(err)),
         }
     }
 
@@ -714,7 +714,7 @@ mod tests {
         items.iter().map(|s| proid(s)).collect()
     }
 
-    fn info(partition: &str, dc: &str, dn: &str) -> Result<ServerInfo, String> {
+    fn info(partition: &str, dc: &str, dn: &str) -> Result<ServerInfo, ServerError> {
         Ok(ServerInfo {
             partition: Some(partition.into()),
             dc: Some(dc.into()),
@@ -722,7 +722,7 @@ mod tests {
         })
     }
 
-    fn upsert(index: &mut Index, h: &str, info: Result<ServerInfo, String>) -> Applied {
+    fn upsert(index: &mut Index, h: &str, info: Result<ServerInfo, ServerError>) -> Applied {
         index.apply(&TreeEvent::ServerUpserted {
             host: host(h),
             info,
@@ -870,7 +870,7 @@ mod tests {
             f(&mut i);
             Ok(i)
         };
-        let cases: [Result<ServerInfo, String>; 5] = [
+        let cases: [Result<ServerInfo, ServerError>; 5] = [
             without(|i| i.dn = None),
             without(|i| i.dc = None),
             without(|i| i.dn = Some("  ".into())),
@@ -916,7 +916,10 @@ mod tests {
         upsert(&mut index, "h1", info("east", "dc1", D1));
         place(&mut index, "h1", "web.app#1");
         let broken_dn = info("east", "dc1", "CN=h1\\");
-        for bad in [Err("not YAML or JSON: oops".to_owned()), broken_dn.clone()] {
+        for bad in [
+            Err(ServerError::NotYaml("oops".to_owned())),
+            broken_dn.clone(),
+        ] {
             let applied = upsert(&mut index, "h1", bad);
             assert!(applied.dirty.is_empty());
             let warning = applied.warning.expect("warned");
@@ -944,7 +947,11 @@ mod tests {
             "{warning}"
         );
         assert!(index.proids().is_empty());
-        let applied = upsert(&mut index, "h2", Err("cannot be read: denied".into()));
+        let applied = upsert(
+            &mut index,
+            "h2",
+            Err(ServerError::Unreadable("cannot be read: denied".into())),
+        );
         assert!(applied.warning.expect("warned").contains("servers/h2"));
         assert_eq!(index.stats(), IndexStats::default());
     }
@@ -1112,7 +1119,9 @@ mod tests {
         let mut snapshot = Snapshot::default();
         snapshot.servers.insert(host("h1"), info("east", "dc1", D1));
         snapshot.servers.insert(host("h2"), info("east", "dc1", D3));
-        snapshot.servers.insert(host("h3"), Err("broken".into()));
+        snapshot
+            .servers
+            .insert(host("h3"), Err(ServerError::NotAMapping));
         snapshot
             .placements
             .insert(host("h1"), ["web.a#1", "db.a#1"].map(String::from).into());
@@ -1208,7 +1217,7 @@ mod tests {
         let mut snapshot = Snapshot::default();
         snapshot
             .servers
-            .insert(host("h1"), Err("not YAML or JSON: truncated".into()));
+            .insert(host("h1"), Err(ServerError::NotYaml("truncated".into())));
         snapshot
             .placements
             .insert(host("h1"), ["web.a#1"].map(String::from).into());
@@ -1252,7 +1261,7 @@ mod property {
 
     /// The server files a host may have: in and out of scope, an alternative
     /// spelling of the same DN, a DN shared by hosts, and unusable files.
-    fn server_file(host: &str, kind: u8) -> Result<ServerInfo, String> {
+    fn server_file(host: &str, kind: u8) -> Result<ServerInfo, ServerError> {
         let make = |partition: Option<&str>, dc: Option<&str>, dn: Option<String>| {
             Ok(ServerInfo {
                 partition: partition.map(String::from),
@@ -1273,7 +1282,7 @@ mod property {
             4 => make(Some("west"), Some("dc1"), Some(dn_a(host))),
             5 => make(Some("east"), Some("dc1"), Some(format!("CN={host}\\"))),
             6 => make(Some("east"), Some("dc1"), None),
-            7 => Err("not YAML or JSON: truncated".into()),
+            7 => Err(ServerError::NotYaml("truncated".into())),
             8 => make(None, Some("dc1"), Some(dn_a(host))),
             9 => make(Some("east-3"), Some("dc3"), Some(dn_a(host))),
             _ => make(Some("west"), Some("dc1"), Some("CN=\\".into())),
@@ -1342,7 +1351,7 @@ mod property {
     #[derive(Default)]
     struct Model {
         /// The server files as they are now.
-        files: BTreeMap<HostName, Result<ServerInfo, String>>,
+        files: BTreeMap<HostName, Result<ServerInfo, ServerError>>,
         /// Per host, the last file that was usable (in scope or not): an
         /// unusable file leaves the host as that one made it.
         last_usable: BTreeMap<HostName, ServerInfo>,

@@ -318,7 +318,7 @@ mod tests {
         let broken = HostName::new("h2").expect("host");
         let applied = index.apply(&TreeEvent::ServerUpserted {
             host: broken.clone(),
-            info: Err("not YAML or JSON".into()),
+            info: Err(crate::tree::ServerError::NotYaml("truncated".into())),
         });
         assert!(index.host_ous_suspended());
         assert!(applied.warning.is_some_and(|w| w.contains("--host-ou")));

@@ -28,7 +28,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use thiserror::Error;
 
 use super::names::{MODIFIED, PLACEMENT, SERVERS};
-use super::{ServerInfo, Snapshot};
+use super::{ServerError, ServerInfo, Snapshot};
 use crate::model::{HostName, Proid};
 use crate::safe_fs::{self, Kind, ReadError};
 
@@ -110,7 +110,7 @@ pub fn scan(root: &Path) -> Result<Snapshot, ScanError> {
 type EntryRead<T> = (Vec<String>, Option<(HostName, T)>);
 
 /// Reads the server file `servers/<name>`.
-fn read_server_entry(path: &Path, name: &OsStr) -> EntryRead<Result<ServerInfo, String>> {
+fn read_server_entry(path: &Path, name: &OsStr) -> EntryRead<Result<ServerInfo, ServerError>> {
     let mut warnings = Vec::new();
     let Some(host) = host_name(name, path, &mut warnings) else {
         return (warnings, None);
@@ -288,7 +288,7 @@ pub enum ServerFile {
     /// like a broken one: a host already in scope keeps its last good
     /// definition until the file is valid again or deleted, and one that
     /// never was stays out of scope.
-    Present(Result<ServerInfo, String>),
+    Present(Result<ServerInfo, ServerError>),
     /// Nothing (it was removed).
     Absent,
     /// A directory, which is no server file at all.
@@ -307,19 +307,25 @@ pub fn load_server(path: &Path) -> ServerFile {
             found: Kind::Directory,
             ..
         }) => ServerFile::NotAFile("a directory"),
-        Err(err) => ServerFile::Present(Err(err.to_string())),
+        Err(err) => ServerFile::Present(Err(ServerError::Unreadable(err.to_string()))),
     }
 }
 
-/// Reads `servers/<host>` on its own, as the daemon does when a server file
-/// is written. The error says why the file can't be used (including that it
-/// does not exist), without the path.
-pub fn read_server(root: &Path, host: &HostName) -> Result<ServerInfo, String> {
+/// Reads `servers/<host>` on its own, as `check --self` and node mode do.
+/// The error says why the file can't be used (including that it does not
+/// exist), without the path.
+pub fn server_of(root: &Path, host: &HostName) -> Result<ServerInfo, ServerError> {
     match load_server(&root.join(SERVERS).join(host.as_str())) {
         ServerFile::Present(info) => info,
-        ServerFile::Absent => Err("does not exist".to_owned()),
-        ServerFile::NotAFile(what) => Err(format!("{what}, not a server file")),
+        ServerFile::Absent => Err(ServerError::Missing),
+        ServerFile::NotAFile(what) => Err(ServerError::NotAFile(what)),
     }
+}
+
+/// [`server_of`] with the reason as text, for the daemon's membership
+/// check, whose error keeps it so.
+pub fn read_server(root: &Path, host: &HostName) -> Result<ServerInfo, String> {
+    server_of(root, host).map_err(|err| err.to_string())
 }
 
 /// The instances found in one host's placement directory.
@@ -563,8 +569,9 @@ mod tests {
         let snap = scan(tree.root()).expect("a broken file is not a run failure");
         assert!(snap.servers[&host("good")].is_ok());
         let broken = snap.servers[&host("broken")].as_ref().expect_err("broken");
-        assert!(broken.contains("YAML"), "{broken}");
-        assert_eq!(snap.servers[&host("list")], Err("not a mapping".to_owned()));
+        assert!(matches!(broken, ServerError::NotYaml(_)), "{broken:?}");
+        assert!(broken.to_string().contains("YAML"), "{broken}");
+        assert_eq!(snap.servers[&host("list")], Err(ServerError::NotAMapping));
         assert!(warned(&snap, "servers/broken", "unusable server file"));
         assert!(warned(&snap, "servers/list", "not a mapping"));
     }
@@ -837,7 +844,8 @@ mod tests {
             ("big", "too large (1048577 bytes"),
         ] {
             let err = snap.servers[&host(name)].as_ref().expect_err(name);
-            assert!(err.contains(what), "{name}: {err}");
+            assert!(matches!(err, ServerError::Unreadable(_)), "{name}: {err:?}");
+            assert!(err.to_string().contains(what), "{name}: {err}");
             assert!(warned(&snap, &format!("servers/{name}"), what));
         }
     }
@@ -882,12 +890,20 @@ mod tests {
         tree.write("placement/h1/proid1.web#1", "{}");
         tree.write("placement/h1/.tmp1", "{}");
         tree.write("placement/h1/junk", "{}");
-        let info = read_server(tree.root(), &host("h1")).expect("readable");
+        let info = server_of(tree.root(), &host("h1")).expect("readable");
         assert_eq!(info.dc.as_deref(), Some("dc1.ad.com"));
-        assert!(read_server(tree.root(), &host("bad")).is_err());
+        assert!(matches!(
+            server_of(tree.root(), &host("bad")),
+            Err(ServerError::NotYaml(_))
+        ));
         assert_eq!(
-            read_server(tree.root(), &host("nope")),
-            Err("does not exist".into())
+            server_of(tree.root(), &host("nope")),
+            Err(ServerError::Missing)
+        );
+        tree.mkdir("servers/adir");
+        assert_eq!(
+            read_server(tree.root(), &host("adir")),
+            Err("a directory, not a server file".to_owned())
         );
 
         let HostListing::Listed(dir) = scan_host_dir(tree.root(), &host("h1")) else {
