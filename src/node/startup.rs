@@ -22,7 +22,7 @@ use super::unique::{self, Instance, Stamp};
 use super::{files, running_target, Added, Inner, Node, NodeError};
 
 /// What [`Node::startup`] found and did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct StartupReport {
     /// Placed instances found running: left alone.
     pub kept: Vec<String>,
@@ -40,8 +40,9 @@ pub struct StartupReport {
     pub finished: Vec<String>,
     /// Containers nothing referred to: moved to cleanup (unique names).
     pub orphaned: Vec<String>,
-    /// What configuring each placed instance that was not running did.
-    pub configured: BTreeMap<String, Result<Added, String>>,
+    /// What configuring each placed instance that was not running did
+    /// (a failure is retried by the next start-up or event).
+    pub configured: BTreeMap<String, Result<Added, NodeError>>,
     /// Steps that failed (they are retried by the next start-up or event).
     pub errors: Vec<String>,
 }
@@ -83,9 +84,7 @@ pub(super) async fn startup(
     while let Some(joined) = tasks.join_next().await {
         match joined {
             Ok((instance, result)) => {
-                report
-                    .configured
-                    .insert(instance, result.map_err(|e| e.to_string()));
+                report.configured.insert(instance, result);
             }
             Err(err) => std::panic::resume_unwind(err.into_panic()),
         }
