@@ -63,8 +63,8 @@ pub enum ModelError {
 }
 
 /// True for the characters refused in names and server values as control
-/// characters: below U+0020, and U+007F. None of them belongs in a name or a server value, and
-/// each can break a line or drive a terminal.
+/// characters: below U+0020, and U+007F. None of them belongs in a name or
+/// a server value, and each can break a line or drive a terminal.
 pub fn is_control(c: char) -> bool {
     c < ' ' || c == '\u{7f}'
 }
