@@ -1,27 +1,30 @@
-//! The one-shot commands, `plan`, `sync`, `check` and `explain`, on top of
-//! the tree scan, the index, the plan and a directory backend.
+//! The one-shot commands, `plan`, `sync`, `check`, `explain` and `finish`,
+//! on top of the tree scan, the index, the plan, a directory backend and
+//! (for `finish`) node mode.
 //!
 //! Each returns the process exit code (the README lists them) or an error that
 //! `main` prints on one line and turns into exit code 1. Output goes to the
 //! writer given, so tests and the binary share the same path.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use thiserror::Error;
 use tracing::{info, warn};
 
-use crate::audit::Audit;
+use crate::audit::{Audit, AuditError};
 use crate::cli::{CheckConfig, CheckHost, CliError, Config, DirectoryChoice, ExplainConfig};
 use crate::directory::{self, DirError, Directory, OpenError};
 use crate::explain::{explain, Facts, Question};
 use crate::index::Index;
-use crate::model::{escape_controls, Dn, HostName};
-use crate::node;
+use crate::model::{escape_controls, Dn, HostName, ModelError};
+use crate::node::{self, NodeError};
 use crate::output::{NotApplied, Report};
 use crate::plan::{guard, plan, Plan, Scope};
 use crate::reconcile::{Cause, Pass};
-use crate::tree::scan::{read_server, scan, ScanError, SERVERS};
-use crate::tree::Snapshot;
+use crate::tree::names::SERVERS;
+use crate::tree::scan::{scan, server_of, ScanError};
+use crate::tree::{ServerError, Snapshot};
 
 /// Exit code: success (and `plan --exit-code` with no changes, `check` yes).
 pub const EXIT_OK: u8 = 0;
@@ -53,9 +56,56 @@ pub enum CommandError {
     /// The daemon stopped on something the operator must fix.
     #[error(transparent)]
     Daemon(#[from] crate::daemon::DaemonError),
-    /// Something the operator must fix, described in full.
-    #[error("{0}")]
-    Other(String),
+    /// The audit log cannot be opened; nothing was written.
+    #[error(transparent)]
+    Audit(#[from] AuditError),
+    /// Changes were applied but some of their audit records could not be
+    /// written (each is in the log in full).
+    #[error(transparent)]
+    AuditIncomplete(#[from] crate::audit::WriteFailures),
+    /// `finish` was given a directory that is not a container's.
+    #[error("{}: not a container directory (<app-root>/apps/<unique name>)", path.display())]
+    NotAContainer {
+        /// The directory as given.
+        path: PathBuf,
+    },
+    /// `finish` could not read the container's markers or post its event.
+    #[error(transparent)]
+    Node(#[from] NodeError),
+    /// `check`: the proid has no group to be a member of.
+    #[error("no group with sAMAccountName {name:?} under {ou}")]
+    NoGroup {
+        /// The group name the pattern gives for the proid.
+        name: String,
+        /// Where it was looked for.
+        ou: Dn,
+    },
+    /// `check --self`: this host's server file does not tell what the
+    /// check needs.
+    #[error("{}: {problem}", path.display())]
+    OwnServer {
+        /// `<fs-root>/servers/<host>`.
+        path: PathBuf,
+        /// What it does not tell.
+        problem: OwnServerError,
+    },
+}
+
+/// What this host's server file lacks for `check --self`.
+#[derive(Debug, Error)]
+pub enum OwnServerError {
+    /// The file can't be used at all.
+    #[error(transparent)]
+    Unusable(#[from] ServerError),
+    /// It has no `nt.dn`.
+    #[error("no nt.dn: this host's computer DN is unknown")]
+    NoDn,
+    /// Its `nt.dn` is not a DN.
+    #[error("nt.dn: {0}")]
+    BadDn(ModelError),
+    /// It has no `nt.dc`, and no server to ask was named.
+    #[error("no nt.dc: this host's domain controller is unknown (or give --ldap-url)")]
+    NoDc,
 }
 
 impl From<OpenError> for CommandError {
@@ -112,17 +162,11 @@ pub fn open_directory(config: &Config, dcs: &[String]) -> Result<Box<dyn Directo
 }
 
 /// `finish`: posts the one event a stopped container's markers call for.
-pub fn finish_command(
-    container_dir: &std::path::Path,
-    out: &mut dyn Write,
-) -> Result<u8, CommandError> {
-    let app_root = node::app_root_of(container_dir).ok_or_else(|| {
-        CommandError::Other(format!(
-            "{}: not a container directory (<app-root>/apps/<unique name>)",
-            container_dir.display()
-        ))
+pub fn finish_command(container_dir: &Path, out: &mut dyn Write) -> Result<u8, CommandError> {
+    let app_root = node::app_root_of(container_dir).ok_or_else(|| CommandError::NotAContainer {
+        path: container_dir.to_path_buf(),
     })?;
-    match node::finish(&app_root, container_dir).map_err(|e| CommandError::Other(e.to_string()))? {
+    match node::finish(&app_root, container_dir)? {
         Some(event) => writeln!(out, "posted {}", event.file_name())?,
         None => writeln!(out, "no event to post")?,
     }
@@ -211,8 +255,7 @@ pub fn open_audit(config: &Config, hostname: Option<&str>) -> Result<Audit, Comm
         Some(_) => crate::cli::replica_name(hostname),
         None => String::new(),
     };
-    Audit::open(config.audit_log.as_deref(), replica)
-        .map_err(|err| CommandError::Other(err.to_string()))
+    Ok(Audit::open(config.audit_log.as_deref(), replica)?)
 }
 
 /// An error naming the audit log when some of its records could not be
@@ -220,7 +263,7 @@ pub fn open_audit(config: &Config, hostname: Option<&str>) -> Result<Audit, Comm
 /// operator needs both what was done and that its record is incomplete.
 fn audit_written(audit: &Audit) -> Result<(), CommandError> {
     match audit.write_failures() {
-        Some(failures) => Err(CommandError::Other(failures.to_string())),
+        Some(failures) => Err(failures.into()),
         None => Ok(()),
     }
 }
@@ -330,9 +373,10 @@ pub async fn check_command(check: &CheckConfig, out: &mut dyn Write) -> Result<u
     let directory = open_directory(config, &dcs)?;
     let name = config.pattern.render(&check.proid);
     let Some(group) = directory.find_group(ou, &name).await? else {
-        return Err(CommandError::Other(format!(
-            "no group with sAMAccountName {name:?} under {ou}"
-        )));
+        return Err(CommandError::NoGroup {
+            name,
+            ou: ou.clone(),
+        });
     };
     // The directory's spelling of the group DN is printed escaped: no
     // value from outside adds a line.
@@ -386,20 +430,73 @@ pub async fn explain_command(
 /// file and what is wrong with it.
 fn own_server(config: &Config, host: &HostName) -> Result<(Dn, String), CommandError> {
     let root = config.require_fs_root()?;
-    let path = root.join(SERVERS).join(host.as_str());
-    let bad = |why: &str| CommandError::Other(format!("{}: {why}", path.display()));
-    let info = read_server(root, host).map_err(|why| bad(&why))?;
+    let bad = |problem: OwnServerError| CommandError::OwnServer {
+        path: root.join(SERVERS).join(host.as_str()),
+        problem,
+    };
+    let info = server_of(root, host).map_err(|why| bad(why.into()))?;
     let dn = match info.dn.as_deref().map(str::trim) {
-        Some(dn) if !dn.is_empty() => Dn::parse(dn).map_err(|e| bad(&format!("nt.dn: {e}")))?,
-        _ => return Err(bad("no nt.dn: this host's computer DN is unknown")),
+        Some(dn) if !dn.is_empty() => Dn::parse(dn).map_err(|e| bad(OwnServerError::BadDn(e)))?,
+        _ => return Err(bad(OwnServerError::NoDn)),
     };
     let dc = info.dc.as_deref().map(str::trim).unwrap_or_default();
     let named =
         matches!(&config.directory, DirectoryChoice::Ldap(choice) if !choice.urls.is_empty());
     if dc.is_empty() && !named && !matches!(config.directory, DirectoryChoice::LdifFile(_)) {
-        return Err(bad(
-            "no nt.dc: this host's domain controller is unknown (or give --ldap-url)",
-        ));
+        return Err(bad(OwnServerError::NoDc));
     }
     Ok((dn, dc.to_lowercase()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each error says what went wrong and names the file or group it is
+    /// about, in the words the commands used before they were typed.
+    #[test]
+    fn command_errors_name_what_went_wrong() {
+        let path = PathBuf::from("/cell/servers/h1");
+        let own = |problem| CommandError::OwnServer {
+            path: path.clone(),
+            problem,
+        };
+        let cases = [
+            (
+                own(OwnServerError::NoDn),
+                "/cell/servers/h1: no nt.dn: this host's computer DN is unknown",
+            ),
+            (
+                own(OwnServerError::NoDc),
+                "/cell/servers/h1: no nt.dc: this host's domain controller is unknown (or give --ldap-url)",
+            ),
+            (
+                own(ServerError::Missing.into()),
+                "/cell/servers/h1: does not exist",
+            ),
+            (
+                own(OwnServerError::BadDn(
+                    Dn::parse("CN=a,,DC=b").expect_err("not a DN"),
+                )),
+                "/cell/servers/h1: nt.dn: invalid DN",
+            ),
+            (
+                CommandError::NotAContainer {
+                    path: PathBuf::from("/srv/apps"),
+                },
+                "/srv/apps: not a container directory (<app-root>/apps/<unique name>)",
+            ),
+            (
+                CommandError::NoGroup {
+                    name: "proid1-gmsa-hosts".to_owned(),
+                    ou: Dn::parse("OU=Groups,DC=ad,DC=com").expect("DN"),
+                },
+                "no group with sAMAccountName \"proid1-gmsa-hosts\" under OU=Groups,DC=ad,DC=com",
+            ),
+        ];
+        for (err, text) in cases {
+            let shown = err.to_string();
+            assert!(shown.starts_with(text), "{shown:?} is not {text:?}");
+        }
+    }
 }

@@ -23,8 +23,8 @@ use crate::index::Index;
 use crate::model::{escape_controls, Dn, GroupPattern, HostName, PartitionGlob, Proid};
 use crate::output::{one_line, Format};
 use crate::plan::Plan;
-use crate::tree::scan::{PLACEMENT, SERVERS};
-use crate::tree::{ServerInfo, Snapshot};
+use crate::tree::names::{PLACEMENT, SERVERS};
+use crate::tree::{ServerError, ServerInfo, Snapshot};
 
 /// What was asked: one proid, optionally one host.
 #[derive(Debug, Clone)]
@@ -105,7 +105,7 @@ pub enum ServerFile {
     /// There is none.
     Missing,
     /// It can't be used, and why.
-    Unusable(String),
+    Unusable(ServerError),
     /// Its values.
     Read(ServerInfo),
 }
@@ -339,7 +339,7 @@ pub fn explain(question: &Question<'_>, facts: &Facts<'_>) -> Explanation {
 }
 
 /// The DN a server file gives, when it gives one.
-fn server_dn(info: &Result<ServerInfo, String>) -> Option<Dn> {
+fn server_dn(info: &Result<ServerInfo, ServerError>) -> Option<Dn> {
     let dn = info.as_ref().ok()?.dn.as_deref()?.trim();
     if dn.is_empty() {
         return None;
@@ -380,7 +380,10 @@ fn action(
     }
 }
 
-/// Why a host is out of scope, rule by rule (SPEC section 2).
+/// Why a host is out of scope, rule by rule: a host is in scope only when
+/// its server file parses to a mapping, its partition matches the
+/// `--partition` glob, and both `nt.dc` and `nt.dn` are present and not
+/// empty; each rule it breaks is one line here.
 fn why_out_of_scope(server: &ServerFile, glob: &PartitionGlob) -> Vec<String> {
     let info = match server {
         ServerFile::Missing => return vec!["no server file".to_owned()],
@@ -568,7 +571,12 @@ impl HostReport {
         *out += &format!("# host {}\n", q(self.host.as_str()));
         *out += &match &self.server {
             ServerFile::Missing => "#   server file: none\n".to_owned(),
-            ServerFile::Unusable(why) => format!("#   server file: unusable: {}\n", one_line(why)),
+            ServerFile::Unusable(why) => {
+                format!(
+                    "#   server file: unusable: {}\n",
+                    one_line(&why.to_string())
+                )
+            }
             ServerFile::Read(info) => {
                 let value = |v: &Option<String>| match v {
                     None => "none".to_owned(),
@@ -632,7 +640,7 @@ impl HostReport {
     fn json(&self) -> JsonHost {
         let (status, error, values) = match &self.server {
             ServerFile::Missing => ("missing", None, ServerInfo::default()),
-            ServerFile::Unusable(why) => ("unusable", Some(why.clone()), ServerInfo::default()),
+            ServerFile::Unusable(why) => ("unusable", Some(why.to_string()), ServerInfo::default()),
             ServerFile::Read(info) => ("ok", None, info.clone()),
         };
         JsonHost {
@@ -766,7 +774,8 @@ mod tests {
             why_out_of_scope(&ServerFile::Missing, &glob("*")),
             ["no server file"]
         );
-        let unusable = why_out_of_scope(&ServerFile::Unusable("not a mapping".into()), &glob("*"));
+        let unusable =
+            why_out_of_scope(&ServerFile::Unusable(ServerError::NotAMapping), &glob("*"));
         assert!(unusable[0].contains("can't be used"), "{unusable:?}");
     }
 }

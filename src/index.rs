@@ -2,8 +2,9 @@
 //! one [`TreeEvent`] at a time.
 //!
 //! For every proid the index counts, per host DN, the instances of that proid
-//! on in-scope hosts; `desired(proid)` is the DNs with a count above zero
-//! (SPEC section 3). It also knows which DNs are *managed* (belong to an
+//! on in-scope hosts; `desired(proid)` is the DNs of the in-scope hosts
+//! that run at least one instance of the proid (a count above zero). It
+//! also knows which DNs are *managed* (belong to an
 //! in-scope host, or lie under one of the `--host-ou` subtrees, whose every
 //! member the reconciler owns whether or not a host still names it: that is
 //! how ownership outlives a restart) and which DNs are *retiring* for a proid: they left its
@@ -12,11 +13,15 @@
 //! not managed any more, but its membership is still ours to remove).
 //!
 //! Applying an event returns the proids whose desired set changed, so that
-//! the daemon reconciles only those; a whole snapshot is applied as the
-//! events that build it, so there is one way in.
+//! the daemon reconciles only those. A whole snapshot is taken in one go
+//! ([`Index::from_snapshot_with_warnings`]), more cheaply than event by
+//! event but to the same result: a property test checks the two against
+//! each other after every event.
 //!
-//! Hosts whose placement directory can't be read have *unknown* placements
-//! (SPEC section 5: a source error is not an empty source). Their DNs are
+//! Hosts whose placement directory can't be read have *unknown* placements,
+//! which is not the same as none: a source that can't be read is never
+//! taken for an empty one, or its hosts would be removed from every group.
+//! Their DNs are
 //! *held*: [`Index::held`] names them, and the plan neither adds nor
 //! deletes a held DN anywhere, so those hosts' memberships stay as they are
 //! until the directory can be read again. What was known of their
@@ -26,7 +31,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::model::{Dn, HostName, PartitionGlob, Proid};
-use crate::tree::{ServerInfo, Snapshot, TreeEvent};
+use crate::tree::names::{PLACEMENT, SERVERS};
+use crate::tree::{ServerError, ServerInfo, Snapshot, TreeEvent};
 
 /// The reference counts for one partition glob.
 #[derive(Debug, Clone, Default)]
@@ -109,7 +115,7 @@ enum Verdict {
     /// A valid file that puts the host out of scope.
     OutOfScope,
     /// A file that can't be used; the host keeps what it had.
-    Invalid(String),
+    Invalid(ServerError),
 }
 
 /// Presence of (proid, DN) pairs before an event touched them, to tell which
@@ -290,7 +296,7 @@ impl Index {
     fn upsert_server(
         &mut self,
         host: &HostName,
-        info: &Result<ServerInfo, String>,
+        info: &Result<ServerInfo, ServerError>,
         tracker: &mut Tracker,
     ) -> Option<String> {
         match self.judge(info) {
@@ -308,7 +314,7 @@ impl Index {
                 let current = self.hosts.get(host).and_then(|s| s.definition.as_ref());
                 Some(match current {
                     Some(def) => format!(
-                        "servers/{host}: {reason}; keeping its last good definition ({})",
+                        "{SERVERS}/{host}: {reason}; keeping its last good definition ({})",
                         def.dn
                     ),
                     None => {
@@ -318,7 +324,7 @@ impl Index {
                         } else {
                             "; members under --host-ou are not removed until it can be used"
                         };
-                        format!("servers/{host}: {reason}; the host stays out of scope{held}")
+                        format!("{SERVERS}/{host}: {reason}; the host stays out of scope{held}")
                     }
                 })
             }
@@ -493,7 +499,7 @@ impl Index {
     }
 
     /// Decides what a server file's content means for its host.
-    fn judge(&self, info: &Result<ServerInfo, String>) -> Verdict {
+    fn judge(&self, info: &Result<ServerInfo, ServerError>) -> Verdict {
         let info = match info {
             Ok(info) => info,
             Err(reason) => return Verdict::Invalid(reason.clone()),
@@ -512,7 +518,7 @@ impl Index {
                 dn,
                 dc: dc.to_lowercase(),
             }),
-            Err(err) => Verdict::Invalid(format!("nt.dn: {err}")),
+            Err(err) => Verdict::Invalid(ServerError::Dn(err)),
         }
     }
 
@@ -648,7 +654,7 @@ fn no_proid(host: &HostName, instance: &str) -> String {
         Err(why) => why.to_string(),
         Ok(_) => "not a placement".to_owned(),
     };
-    format!("placement/{host}/{instance}: {why}; ignored")
+    format!("{PLACEMENT}/{host}/{instance}: {why}; ignored")
 }
 
 /// The proid of an instance name already known to have one.
@@ -708,7 +714,7 @@ mod tests {
         items.iter().map(|s| proid(s)).collect()
     }
 
-    fn info(partition: &str, dc: &str, dn: &str) -> Result<ServerInfo, String> {
+    fn info(partition: &str, dc: &str, dn: &str) -> Result<ServerInfo, ServerError> {
         Ok(ServerInfo {
             partition: Some(partition.into()),
             dc: Some(dc.into()),
@@ -716,7 +722,7 @@ mod tests {
         })
     }
 
-    fn upsert(index: &mut Index, h: &str, info: Result<ServerInfo, String>) -> Applied {
+    fn upsert(index: &mut Index, h: &str, info: Result<ServerInfo, ServerError>) -> Applied {
         index.apply(&TreeEvent::ServerUpserted {
             host: host(h),
             info,
@@ -864,7 +870,7 @@ mod tests {
             f(&mut i);
             Ok(i)
         };
-        let cases: [Result<ServerInfo, String>; 5] = [
+        let cases: [Result<ServerInfo, ServerError>; 5] = [
             without(|i| i.dn = None),
             without(|i| i.dc = None),
             without(|i| i.dn = Some("  ".into())),
@@ -910,7 +916,10 @@ mod tests {
         upsert(&mut index, "h1", info("east", "dc1", D1));
         place(&mut index, "h1", "web.app#1");
         let broken_dn = info("east", "dc1", "CN=h1\\");
-        for bad in [Err("not YAML or JSON: oops".to_owned()), broken_dn.clone()] {
+        for bad in [
+            Err(ServerError::NotYaml("oops".to_owned())),
+            broken_dn.clone(),
+        ] {
             let applied = upsert(&mut index, "h1", bad);
             assert!(applied.dirty.is_empty());
             let warning = applied.warning.expect("warned");
@@ -938,7 +947,11 @@ mod tests {
             "{warning}"
         );
         assert!(index.proids().is_empty());
-        let applied = upsert(&mut index, "h2", Err("cannot be read: denied".into()));
+        let applied = upsert(
+            &mut index,
+            "h2",
+            Err(ServerError::Unreadable("cannot be read: denied".into())),
+        );
         assert!(applied.warning.expect("warned").contains("servers/h2"));
         assert_eq!(index.stats(), IndexStats::default());
     }
@@ -1106,7 +1119,9 @@ mod tests {
         let mut snapshot = Snapshot::default();
         snapshot.servers.insert(host("h1"), info("east", "dc1", D1));
         snapshot.servers.insert(host("h2"), info("east", "dc1", D3));
-        snapshot.servers.insert(host("h3"), Err("broken".into()));
+        snapshot
+            .servers
+            .insert(host("h3"), Err(ServerError::NotAMapping));
         snapshot
             .placements
             .insert(host("h1"), ["web.a#1", "db.a#1"].map(String::from).into());
@@ -1202,7 +1217,7 @@ mod tests {
         let mut snapshot = Snapshot::default();
         snapshot
             .servers
-            .insert(host("h1"), Err("not YAML or JSON: truncated".into()));
+            .insert(host("h1"), Err(ServerError::NotYaml("truncated".into())));
         snapshot
             .placements
             .insert(host("h1"), ["web.a#1"].map(String::from).into());
@@ -1246,7 +1261,7 @@ mod property {
 
     /// The server files a host may have: in and out of scope, an alternative
     /// spelling of the same DN, a DN shared by hosts, and unusable files.
-    fn server_file(host: &str, kind: u8) -> Result<ServerInfo, String> {
+    fn server_file(host: &str, kind: u8) -> Result<ServerInfo, ServerError> {
         let make = |partition: Option<&str>, dc: Option<&str>, dn: Option<String>| {
             Ok(ServerInfo {
                 partition: partition.map(String::from),
@@ -1267,7 +1282,7 @@ mod property {
             4 => make(Some("west"), Some("dc1"), Some(dn_a(host))),
             5 => make(Some("east"), Some("dc1"), Some(format!("CN={host}\\"))),
             6 => make(Some("east"), Some("dc1"), None),
-            7 => Err("not YAML or JSON: truncated".into()),
+            7 => Err(ServerError::NotYaml("truncated".into())),
             8 => make(None, Some("dc1"), Some(dn_a(host))),
             9 => make(Some("east-3"), Some("dc3"), Some(dn_a(host))),
             _ => make(Some("west"), Some("dc1"), Some("CN=\\".into())),
@@ -1336,7 +1351,7 @@ mod property {
     #[derive(Default)]
     struct Model {
         /// The server files as they are now.
-        files: BTreeMap<HostName, Result<ServerInfo, String>>,
+        files: BTreeMap<HostName, Result<ServerInfo, ServerError>>,
         /// Per host, the last file that was usable (in scope or not): an
         /// unusable file leaves the host as that one made it.
         last_usable: BTreeMap<HostName, ServerInfo>,
@@ -1423,9 +1438,9 @@ mod property {
         index.retiring.clone()
     }
 
-    /// One step of a reconciler over fake groups: the plan rule of SPEC
-    /// section 3 with the retiring DNs, held DNs left as they are, then the
-    /// retiring DNs are cleared.
+    /// One step of a reconciler over fake groups: managed members that are
+    /// not desired, and retiring DNs, are removed and desired DNs added,
+    /// held DNs left as they are; then the retiring DNs are cleared.
     fn reconcile(index: &mut Index, groups: &mut BTreeMap<Proid, BTreeSet<Dn>>, proid: &Proid) {
         let want = index.desired(proid);
         let retiring = index.retiring(proid);

@@ -5,21 +5,22 @@
 //!
 //! # Layout
 //! - [`model`]: proids, host names, normalised DNs, the group pattern, partition globs.
-//! - [`tree`]: the placement tree: whole-tree scan, event classification, the watcher.
+//! - [`tree`]: the placement tree: its names, the server-file parser, whole-tree scan, path classification, the watcher.
 //! - [`index`]: per-proid, per-host reference counts, updated event by event.
-//! - [`plan`]: desired state against the directory's groups, as a deterministic plan.
+//! - [`plan`]: desired state against the directory's groups, as a deterministic plan, and the mass-deletion guard that judges it.
 //! - [`ldif`]: the LDIF reader and writer (RFC 2849).
-//! - [`directory`]: the directory trait, its LDAP, LDIF-file and in-memory backends, and opening the configured one.
-//! - [`reconcile`]: one reconcile pass (plan, guard, missing groups, apply, record), shared by `sync` and the daemon; result codes, retries, backoff.
+//! - [`directory`]: the directory trait, its LDAP and LDIF-file backends, the in-memory engine under the LDIF one (the tests' recording fake in test builds), and opening the configured one.
+//! - [`reconcile`]: one reconcile pass (plan and guard, missing groups, apply, record), shared by `sync` and the daemon; result codes, retries, backoff.
+//! - [`audit`]: the audit trail of applied membership changes: one INFO line per group, and JSON lines in `--audit-log`.
 //! - [`output`]: the LDIF and JSON renderings of plans and results.
 //! - [`cli`]: options from flags, environment and config file, validated into a config.
-//! - [`commands`]: `plan`, `sync`, `check` and `explain` on top of the above.
+//! - [`commands`]: `plan`, `sync`, `check`, `explain` and `finish` on top of the above.
 //! - [`config_check`]: `config`: every source of options checked, the effective options with their origin.
 //! - [`explain`]: why each host is or is not in a proid's group.
 //! - [`daemon`]: `run`: the event loop wiring a schedule (pure timing), a group cache, leadership and readiness, and node mode.
 //! - [`election`]: which replica writes: leader election through a ZooKeeper lock.
 //! - [`metrics`]: Prometheus metrics, health and readiness over HTTP.
-//! - [`safe_fs`]: the one way files from outside are opened: regular files only, no links followed, sizes capped.
+//! - [`safe_fs`]: how the files other processes write are opened (the tree, manifests, container markers, the LDIF directory file, the audit log): regular files only, no links followed, sizes capped.
 //! - [`node`]: node mode: container directories, credential specs and app events for this host's placements.
 
 pub mod audit;

@@ -1,8 +1,8 @@
 //! The vocabulary of the product: proids, host names, distinguished names,
 //! the group-name pattern and the partition glob.
 //!
-//! These newtypes carry the comparison rules of the specification so that no
-//! other module has to remember them: a [`Dn`] compares in normalised form
+//! These newtypes carry the comparison rules so that no other module has
+//! to remember them: a [`Dn`] compares in normalised form
 //! but prints as it was spelled, a [`GroupPattern`] matches case-insensitively,
 //! a [`HostName`] can never name a path outside its directory.
 //!
@@ -62,9 +62,9 @@ pub enum ModelError {
     NoProid,
 }
 
-/// True for the characters SPEC section 5b calls control characters: below
-/// U+0020, and U+007F. None of them belongs in a name or a server value, and
-/// each can break a line or drive a terminal.
+/// True for the characters refused in names and server values as control
+/// characters: below U+0020, and U+007F. None of them belongs in a name or
+/// a server value, and each can break a line or drive a terminal.
 pub fn is_control(c: char) -> bool {
     c < ' ' || c == '\u{7f}'
 }

@@ -159,7 +159,10 @@ pub fn plan(index: &Index, groups: &[Group], pattern: &GroupPattern, scope: Scop
     plan
 }
 
-/// Limits on deletions (SPEC section 5).
+/// Limits on deletions: a plan whose deletions exceed `max_delete`
+/// values, or exceed [`SMALL`](Self::SMALL) values and `max_delete_percent` of the managed
+/// members now in the groups, has them refused unless `allow_mass_delete`
+/// (additions are still applied).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuardOptions {
     /// Refuse more deletions than this.
@@ -315,7 +318,7 @@ mod tests {
         let broken = HostName::new("h2").expect("host");
         let applied = index.apply(&TreeEvent::ServerUpserted {
             host: broken.clone(),
-            info: Err("not YAML or JSON".into()),
+            info: Err(crate::tree::ServerError::NotYaml("truncated".into())),
         });
         assert!(index.host_ous_suspended());
         assert!(applied.warning.is_some_and(|w| w.contains("--host-ou")));

@@ -1,8 +1,7 @@
 //! Hostile input class: credentials where they do not belong. A password
 //! pasted into an LDAP URL (from a flag, the environment or a config file)
 //! is a configuration error that never echoes it; a bind password file
-//! others may read is used with a warning naming it and the fix (SPEC
-//! section 4, last paragraph).
+//! others may read is used with a warning naming it and the fix.
 
 mod support;
 

@@ -2,7 +2,8 @@
 //! (SIGSTOP: its socket still accepts and takes requests, nothing comes
 //! back) must cost `sync` one `--timeout`, not one per group: the
 //! connection is dropped, and the remaining work goes to the next
-//! `--ldap-url` or fails at once (SPEC section 4, last paragraph).
+//! `--ldap-url` or fails at once, so that `sync` against a frozen DC ends
+//! within about two timeouts.
 //!
 //! The moment of the freeze decides what the test proves, so it is not left
 //! to a race: the binary talks to slapd through a relay that stops slapd

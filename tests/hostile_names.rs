@@ -247,8 +247,9 @@ fn read_plan(text: &str) -> PlanText {
     PlanText { records, comments }
 }
 
-/// A control character as SPEC section 5b defines it, plus C1 and the
-/// Unicode line separators, which no output line should carry either.
+/// A control character as names and server values are refused for it
+/// (below U+0020, and U+007F), plus C1 and the Unicode line separators,
+/// which no output line should carry either.
 fn is_control(c: char) -> bool {
     c.is_control() || c == '\u{2028}' || c == '\u{2029}'
 }

@@ -1,6 +1,10 @@
 //! Hostile input class: paths. Relative, symlinked and missing path options
 //! given to the binary, from flags and from a config file in another folder
-//! than the working directory (SPEC section 5b, "Paths").
+//! than the working directory. Path options are made absolute once at
+//! startup: relative to the working directory from flags and the
+//! environment, relative to the file's folder from a `--config` file; a
+//! path that does not exist is reported as such, not as a tree that is
+//! not ready.
 //!
 //! The watcher reports absolute paths; a root left relative matched none of
 //! them and `run` ignored every change after its first scan. These tests run

@@ -1,4 +1,7 @@
-//! The apply ladder of SPEC section 4 on real servers: `reconcile::apply_plan`
+//! The apply ladder on real servers (send the request; retry a transient
+//! failure with backoff; on any other, re-read the group and re-plan; then
+//! send values one by one, where "already there" and "already gone" count
+//! as success): `reconcile::apply_plan`
 //! through an `LdapDirectory` against slapd (result codes 20, 16, 32) and
 //! Samba (68, 53, 32), with the permissive-modify control on and off; the
 //! transient path with slapd stopped while a change is being applied; and

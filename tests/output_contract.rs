@@ -1,6 +1,6 @@
-//! What `plan` and `sync` say is what they did or would do (SPEC section
-//! 6): deletions the guard refused are data in the JSON, the summary counts
-//! agree with `plan --exit-code`, LDAP errors name the result code by number
+//! What `plan` and `sync` say is what they did or would do: deletions the
+//! guard refused are data in the JSON, the summary counts agree with
+//! `plan --exit-code`, LDAP errors name the result code by number
 //! and name with the server's own text, and a `--partition` that matches no
 //! server file is a warning at the default log level.
 

@@ -642,7 +642,7 @@ impl Daemon {
         } = event
         {
             self.metrics.server_file_errors.inc();
-            debug!(%host, why, "server file not usable");
+            debug!(%host, why = why.to_string(), "server file not usable");
         }
         let applied = self.index.apply(event);
         if let Some(warning) = applied.warning {

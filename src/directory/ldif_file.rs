@@ -141,7 +141,7 @@ impl LdifFileDirectory {
         drop(bytes);
         Ok(LdifFileDirectory {
             path,
-            memory: Arc::new(MemoryDirectory::untraced(entries, Flavour::Permissive)),
+            memory: Arc::new(MemoryDirectory::engine(entries, Flavour::Permissive)),
             keys,
             base: tokio::sync::Mutex::new(Some(base)),
             pending: Mutex::new(Vec::new()),
@@ -383,7 +383,7 @@ fn attempt(
     let (text, written) = match fresh {
         None => (memory.to_ldif(), None),
         Some(fresh) => {
-            let engine = MemoryDirectory::untraced(fresh, Flavour::Permissive);
+            let engine = MemoryDirectory::engine(fresh, Flavour::Permissive);
             for (group, change) in changes {
                 if let Err(err) = engine.change_members(group, change) {
                     let err = DirError::Fatal(format!(
@@ -1273,6 +1273,124 @@ info: keep me
             .expect("find");
         assert_eq!(found.map(|g| g.members.len()), Some(1));
         assert!(dir.warnings().is_empty());
-        assert!(dir.memory.calls().is_empty(), "no per-call history");
+    }
+
+    /// The bytes of heap that each thread holds, counted by the allocator of
+    /// this test binary (every unit test runs on it; the count is one
+    /// thread-local addition per allocation).
+    mod heap {
+        use std::alloc::{GlobalAlloc, Layout, System};
+        use std::cell::Cell;
+
+        thread_local! {
+            static HELD: Cell<isize> = const { Cell::new(0) };
+        }
+
+        fn count(bytes: usize, sign: isize) {
+            // During a thread's teardown the count is gone; nothing to do.
+            let _ = HELD.try_with(|held| held.set(held.get() + sign * bytes as isize));
+        }
+
+        /// The bytes allocated and not yet freed by this thread.
+        pub fn held() -> isize {
+            HELD.with(Cell::get)
+        }
+
+        struct Counting;
+
+        // SAFETY: every call is passed on to the system allocator as is.
+        unsafe impl GlobalAlloc for Counting {
+            unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+                count(layout.size(), 1);
+                // SAFETY: the caller's layout, as given.
+                unsafe { System.alloc(layout) }
+            }
+
+            unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+                count(layout.size(), -1);
+                // SAFETY: `ptr` came from `alloc` with this layout.
+                unsafe { System.dealloc(ptr, layout) }
+            }
+
+            unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+                count(layout.size(), 1);
+                // SAFETY: the caller's layout, as given.
+                unsafe { System.alloc_zeroed(layout) }
+            }
+
+            unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+                // SAFETY: the caller's pointer, layout and size, as given.
+                let new = unsafe { System.realloc(ptr, layout, new_size) };
+                if !new.is_null() {
+                    count(layout.size(), -1);
+                    count(new_size, 1);
+                }
+                new
+            }
+        }
+
+        #[global_allocator]
+        static COUNTING: Counting = Counting;
+    }
+
+    /// One round of the calls a daemon makes again and again, none of which
+    /// changes the file: the capabilities, a group found and read, and a
+    /// member change that is already so.
+    async fn round(dir: &dyn Directory) {
+        dir.capabilities().await.expect("caps");
+        let base = dn("OU=Groups,DC=ad,DC=com");
+        let found = dir.find_group(&base, "proid1-gmsa-hosts").await;
+        assert!(found.expect("find").is_some());
+        assert!(dir.read_group(&g1()).await.expect("read").is_some());
+        let already = MemberChange {
+            add: vec![host(1)],
+            delete: Vec::new(),
+        };
+        dir.modify_members(&g1(), &already).await.expect("modify");
+    }
+
+    /// The heap this thread holds after `rounds` more rounds than after one:
+    /// what the directory keeps per call. Every call here completes on this
+    /// thread (none reads or writes the file), so the count sees it all.
+    async fn kept_over(dir: &dyn Directory, rounds: usize) -> isize {
+        round(dir).await;
+        let before = heap::held();
+        for _ in 0..rounds {
+            round(dir).await;
+        }
+        heap::held() - before
+    }
+
+    /// A long `run --directory FILE` makes the same calls for as long as it
+    /// runs: the backend must keep nothing per call (the in-memory fake's
+    /// call log is not part of its engine).
+    #[tokio::test]
+    async fn the_backend_keeps_no_history_of_its_calls() {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let path = write_file(tmp.path(), CONTENT);
+        let dir = LdifFileDirectory::open(&path).expect("open");
+        let rounds = 1000;
+        let kept = kept_over(&dir, rounds).await;
+        assert!(
+            kept < rounds as isize,
+            "{kept} bytes kept over {rounds} rounds of calls"
+        );
+        assert!(dir.pending().is_empty(), "no change was needed");
+    }
+
+    /// The same measure on the tests' fake, which does record every call:
+    /// it sees a history when there is one, so the test above can fail.
+    #[tokio::test]
+    async fn the_measure_sees_the_fakes_call_log() {
+        let records = ldif::parse(CONTENT).expect("parse");
+        let fake = MemoryDirectory::new(records, Flavour::Permissive);
+        let rounds = 1000;
+        let kept = kept_over(&fake, rounds).await;
+        let logged = std::mem::size_of::<super::super::memory::Call>() * 4 * rounds;
+        assert!(
+            kept >= logged as isize,
+            "{kept} bytes kept, {logged} expected for the log alone"
+        );
+        assert_eq!(fake.calls().len(), 4 * (rounds + 1));
     }
 }

@@ -4,10 +4,15 @@
 //! It answers like the servers we meet, chosen by [`Flavour`]: one that
 //! honours permissive modify (AD and Samba with the control), OpenLDAP
 //! (codes 20 and 16) and AD without the control (codes 68 and 53); in the
-//! last two a request applies nothing when any part of it fails. As a fake
-//! it records every call and can be told to fail the next calls, so that
-//! tests can script a busy or unreachable server without a mocking
-//! framework; as the engine under a backend it records nothing.
+//! last two a request applies nothing when any part of it fails.
+//!
+//! In the tests it is also the fake server: `MemoryDirectory::new` makes
+//! one that records every call and can be told to fail the next calls, so
+//! that tests can script a busy or unreachable server without a mocking
+//! framework. The call log and the fault injection are compiled into test
+//! builds only: the release binary has just the engine, which keeps nothing
+//! per call, so a backend built on it (the LDIF file's) does not grow with
+//! the number of calls a long-running daemon makes.
 //!
 //! Bad data never fails a whole search: a group whose DN does not parse, or
 //! a `member` value that does not, is skipped and remembered as a warning.
@@ -40,56 +45,8 @@ pub enum Flavour {
     ActiveDirectory,
 }
 
-/// One call made to the directory, in the order made.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Call {
-    /// [`Directory::capabilities`].
-    Capabilities,
-    /// [`Directory::search_groups`].
-    SearchGroups {
-        /// The search base.
-        base: Dn,
-    },
-    /// [`Directory::find_group`].
-    FindGroup {
-        /// The search base.
-        base: Dn,
-        /// The `sAMAccountName` asked for.
-        name: String,
-    },
-    /// [`Directory::read_group`].
-    ReadGroup {
-        /// The group asked for.
-        dn: Dn,
-    },
-    /// [`Directory::modify_members`].
-    Modify {
-        /// The group.
-        group: Dn,
-        /// The change as asked.
-        change: MemberChange,
-    },
-    /// [`Directory::commit`].
-    Commit,
-}
-
-/// Which calls an injected fault hits.
-#[derive(Debug)]
-enum Target {
-    /// `search_groups`, `find_group` and `read_group`.
-    Read,
-    /// `modify_members`, of one group or of any.
-    Modify(Option<Dn>),
-    /// `commit`.
-    Commit,
-}
-
-#[derive(Debug)]
-struct Fault {
-    target: Target,
-    err: DirError,
-    remaining: usize,
-}
+#[cfg(test)]
+pub use fake::Call;
 
 /// A record with its DN parsed once (`None` when it does not parse).
 #[derive(Debug)]
@@ -121,25 +78,15 @@ pub(crate) fn parse_dns(records: Vec<Record>) -> Vec<Parsed> {
 #[derive(Debug, Default)]
 struct State {
     entries: Vec<Entry>,
-    calls: Vec<Call>,
-    faults: Vec<Fault>,
     warnings: BTreeSet<String>,
     generation: u64,
+    /// The fake's call log and pending faults; `None` for the engine under
+    /// a backend, which records nothing even in a test build.
+    #[cfg(test)]
+    fake: Option<fake::Fake>,
 }
 
 impl State {
-    /// Uses up one injected failure for this call, oldest first.
-    fn take_fault(&mut self, hits: impl Fn(&Target) -> bool) -> Option<DirError> {
-        let at = self.faults.iter().position(|f| hits(&f.target))?;
-        let fault = &mut self.faults[at];
-        let err = fault.err.clone();
-        fault.remaining -= 1;
-        if fault.remaining == 0 {
-            self.faults.remove(at);
-        }
-        Some(err)
-    }
-
     /// The groups at or below `base`, in record order.
     fn groups(&mut self, base: &Dn) -> Vec<Group> {
         let mut groups = Vec::new();
@@ -168,32 +115,16 @@ impl State {
 #[derive(Debug)]
 pub struct MemoryDirectory {
     flavour: Flavour,
-    /// Whether calls are recorded; an engine that lives as long as a
-    /// daemon must not keep a history of every call.
-    traced: bool,
     state: Mutex<State>,
 }
 
 impl MemoryDirectory {
-    /// A directory holding `records`, answering like `flavour`.
-    pub fn new(records: Vec<Record>, flavour: Flavour) -> Self {
+    /// The engine of a backend, holding `entries` (their DNs parsed
+    /// already) and answering like `flavour`. It keeps no record of the
+    /// calls made to it.
+    pub(crate) fn engine(entries: Vec<Parsed>, flavour: Flavour) -> Self {
         MemoryDirectory {
             flavour,
-            traced: true,
-            state: Mutex::new(State {
-                entries: entries_of(records),
-                ..State::default()
-            }),
-        }
-    }
-
-    /// Like [`new`](Self::new), recording no calls: the engine of a
-    /// backend, not a fake that tests inspect.
-    /// The records' DNs are parsed already.
-    pub(crate) fn untraced(entries: Vec<Parsed>, flavour: Flavour) -> Self {
-        MemoryDirectory {
-            flavour,
-            traced: false,
             state: Mutex::new(State {
                 entries: entries.into_iter().map(Entry::from).collect(),
                 ..State::default()
@@ -225,8 +156,9 @@ impl MemoryDirectory {
             .collect()
     }
 
-    /// Applies one member change like [`Directory::modify_members`] without
-    /// recording a call or using up a fault; whether anything changed.
+    /// Applies one member change like [`Directory::modify_members`] (but,
+    /// in a fake, without recording a call or using up a fault); whether
+    /// anything changed.
     pub(crate) fn change_members(
         &self,
         group: &Dn,
@@ -267,12 +199,6 @@ impl MemoryDirectory {
         }
     }
 
-    fn note(&self, state: &mut State, call: Call) {
-        if self.traced {
-            state.calls.push(call);
-        }
-    }
-
     /// The server this directory behaves like.
     pub fn flavour(&self) -> Flavour {
         self.flavour
@@ -295,57 +221,15 @@ impl MemoryDirectory {
         (state.generation, records)
     }
 
-    /// Every call made so far, oldest first.
-    pub fn calls(&self) -> Vec<Call> {
-        self.lock().calls.clone()
-    }
-
     /// Data skipped while reading (unparsable DNs), sorted and without repeats.
     pub fn warnings(&self) -> Vec<String> {
         self.lock().warnings.iter().cloned().collect()
-    }
-
-    /// Makes the next `times` modifies of `group` (of any group when `None`)
-    /// fail with `err` before touching anything.
-    pub fn fail_next_modify(&self, group: Option<Dn>, err: DirError, times: usize) {
-        self.add_fault(Target::Modify(group), err, times);
-    }
-
-    /// Makes the next `times` reads (`search_groups`, `find_group`,
-    /// `read_group`) fail with `err`.
-    pub fn fail_next_read(&self, err: DirError, times: usize) {
-        self.add_fault(Target::Read, err, times);
-    }
-
-    /// Makes the next `times` commits fail with `err`.
-    pub fn fail_next_commit(&self, err: DirError, times: usize) {
-        self.add_fault(Target::Commit, err, times);
-    }
-
-    fn add_fault(&self, target: Target, err: DirError, times: usize) {
-        if times > 0 {
-            self.lock().faults.push(Fault {
-                target,
-                err,
-                remaining: times,
-            });
-        }
     }
 
     /// The state stays consistent at every point a panic could occur (it is
     /// only changed by whole assignments), so a poisoned lock is still good.
     fn lock(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    /// Records a read call and uses up a read fault, if one is pending.
-    fn begin_read(&self, call: Call) -> Result<MutexGuard<'_, State>, DirError> {
-        let mut state = self.lock();
-        self.note(&mut state, call);
-        match state.take_fault(|t| matches!(t, Target::Read)) {
-            Some(err) => Err(err),
-            None => Ok(state),
-        }
     }
 
     fn refuse(&self, group: &Dn, code: u32, message: String) -> DirError {
@@ -457,10 +341,6 @@ impl MemoryDirectory {
     }
 }
 
-fn entries_of(records: Vec<Record>) -> Vec<Entry> {
-    parse_dns(records).into_iter().map(Entry::from).collect()
-}
-
 fn is_member(attr: &str) -> bool {
     attr.eq_ignore_ascii_case("member")
 }
@@ -503,19 +383,24 @@ fn to_group(dn: &Dn, record: &Record, dns: &mut DnCache, warnings: &mut BTreeSet
 #[async_trait]
 impl Directory for MemoryDirectory {
     async fn capabilities(&self) -> Result<Capabilities, DirError> {
-        self.note(&mut self.lock(), Call::Capabilities);
+        #[cfg(test)]
+        self.lock().fake_call(Call::Capabilities)?;
         Ok(Capabilities {
             permissive_modify: self.flavour == Flavour::Permissive,
         })
     }
 
     async fn search_groups(&self, base: &Dn) -> Result<Vec<Group>, DirError> {
-        let mut state = self.begin_read(Call::SearchGroups { base: base.clone() })?;
+        let mut state = self.lock();
+        #[cfg(test)]
+        state.fake_call(Call::SearchGroups { base: base.clone() })?;
         Ok(state.groups(base))
     }
 
     async fn find_group(&self, base: &Dn, name: &str) -> Result<Option<Group>, DirError> {
-        let mut state = self.begin_read(Call::FindGroup {
+        let mut state = self.lock();
+        #[cfg(test)]
+        state.fake_call(Call::FindGroup {
             base: base.clone(),
             name: name.to_owned(),
         })?;
@@ -527,7 +412,9 @@ impl Directory for MemoryDirectory {
     }
 
     async fn read_group(&self, dn: &Dn) -> Result<Option<Group>, DirError> {
-        let mut state = self.begin_read(Call::ReadGroup { dn: dn.clone() })?;
+        let mut state = self.lock();
+        #[cfg(test)]
+        state.fake_call(Call::ReadGroup { dn: dn.clone() })?;
         let state = &mut *state;
         Ok(state
             .entries
@@ -541,30 +428,175 @@ impl Directory for MemoryDirectory {
 
     async fn modify_members(&self, group: &Dn, change: &MemberChange) -> Result<(), DirError> {
         let mut state = self.lock();
-        self.note(
-            &mut state,
-            Call::Modify {
-                group: group.clone(),
-                change: change.clone(),
-            },
-        );
-        let fault = state.take_fault(|t| match t {
-            Target::Modify(None) => true,
-            Target::Modify(Some(dn)) => dn == group,
-            _ => false,
-        });
-        if let Some(err) = fault {
-            return Err(err);
-        }
+        #[cfg(test)]
+        state.fake_call(Call::Modify {
+            group: group.clone(),
+            change: change.clone(),
+        })?;
         self.change_locked(&mut state, group, change).map(|_| ())
     }
 
     async fn commit(&self) -> Result<(), DirError> {
-        let mut state = self.lock();
-        self.note(&mut state, Call::Commit);
-        match state.take_fault(|t| matches!(t, Target::Commit)) {
-            Some(err) => Err(err),
-            None => Ok(()),
+        #[cfg(test)]
+        self.lock().fake_call(Call::Commit)?;
+        Ok(())
+    }
+}
+
+/// The fake's side: the call log and injected faults. Test builds only.
+#[cfg(test)]
+mod fake {
+    use super::*;
+
+    /// One call made to the directory, in the order made.
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    pub enum Call {
+        /// [`Directory::capabilities`].
+        Capabilities,
+        /// [`Directory::search_groups`].
+        SearchGroups {
+            /// The search base.
+            base: Dn,
+        },
+        /// [`Directory::find_group`].
+        FindGroup {
+            /// The search base.
+            base: Dn,
+            /// The `sAMAccountName` asked for.
+            name: String,
+        },
+        /// [`Directory::read_group`].
+        ReadGroup {
+            /// The group asked for.
+            dn: Dn,
+        },
+        /// [`Directory::modify_members`].
+        Modify {
+            /// The group.
+            group: Dn,
+            /// The change as asked.
+            change: MemberChange,
+        },
+        /// [`Directory::commit`].
+        Commit,
+    }
+
+    /// Which calls an injected fault hits.
+    #[derive(Debug)]
+    enum Target {
+        /// `search_groups`, `find_group` and `read_group`.
+        Read,
+        /// `modify_members`, of one group or of any.
+        Modify(Option<Dn>),
+        /// `commit`.
+        Commit,
+    }
+
+    impl Target {
+        fn hits(&self, call: &Call) -> bool {
+            match (self, call) {
+                (
+                    Target::Read,
+                    Call::SearchGroups { .. } | Call::FindGroup { .. } | Call::ReadGroup { .. },
+                ) => true,
+                (Target::Modify(None), Call::Modify { .. }) => true,
+                (Target::Modify(Some(dn)), Call::Modify { group, .. }) => dn == group,
+                (Target::Commit, Call::Commit) => true,
+                _ => false,
+            }
+        }
+    }
+
+    #[derive(Debug)]
+    struct Fault {
+        target: Target,
+        err: DirError,
+        remaining: usize,
+    }
+
+    /// What a fake keeps besides the records.
+    #[derive(Debug, Default)]
+    pub(super) struct Fake {
+        calls: Vec<Call>,
+        faults: Vec<Fault>,
+    }
+
+    impl State {
+        /// In a fake: records `call`, then uses up the oldest injected
+        /// fault that hits it (a failed call is recorded too). Nothing in
+        /// the engine under a backend.
+        pub(super) fn fake_call(&mut self, call: Call) -> Result<(), DirError> {
+            let Some(fake) = &mut self.fake else {
+                return Ok(());
+            };
+            let at = fake.faults.iter().position(|f| f.target.hits(&call));
+            fake.calls.push(call);
+            let Some(at) = at else {
+                return Ok(());
+            };
+            let fault = &mut fake.faults[at];
+            let err = fault.err.clone();
+            fault.remaining -= 1;
+            if fault.remaining == 0 {
+                fake.faults.remove(at);
+            }
+            Err(err)
+        }
+    }
+
+    impl MemoryDirectory {
+        /// A fake directory holding `records`, answering like `flavour`,
+        /// that records every call.
+        pub fn new(records: Vec<Record>, flavour: Flavour) -> Self {
+            MemoryDirectory {
+                flavour,
+                state: Mutex::new(State {
+                    entries: parse_dns(records).into_iter().map(Entry::from).collect(),
+                    fake: Some(Fake::default()),
+                    ..State::default()
+                }),
+            }
+        }
+
+        /// Every call made so far, oldest first (none for an engine).
+        pub fn calls(&self) -> Vec<Call> {
+            let state = self.lock();
+            state
+                .fake
+                .as_ref()
+                .map_or_else(Vec::new, |f| f.calls.clone())
+        }
+
+        /// Makes the next `times` modifies of `group` (of any group when
+        /// `None`) fail with `err` before touching anything.
+        pub fn fail_next_modify(&self, group: Option<Dn>, err: DirError, times: usize) {
+            self.add_fault(Target::Modify(group), err, times);
+        }
+
+        /// Makes the next `times` reads (`search_groups`, `find_group`,
+        /// `read_group`) fail with `err`.
+        pub fn fail_next_read(&self, err: DirError, times: usize) {
+            self.add_fault(Target::Read, err, times);
+        }
+
+        /// Makes the next `times` commits fail with `err`.
+        pub fn fail_next_commit(&self, err: DirError, times: usize) {
+            self.add_fault(Target::Commit, err, times);
+        }
+
+        fn add_fault(&self, target: Target, err: DirError, times: usize) {
+            let mut state = self.lock();
+            let fake = state
+                .fake
+                .as_mut()
+                .unwrap_or_else(|| panic!("BUG: a fault injected into a backend's engine"));
+            if times > 0 {
+                fake.faults.push(Fault {
+                    target,
+                    err,
+                    remaining: times,
+                });
+            }
         }
     }
 }

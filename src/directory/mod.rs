@@ -4,8 +4,9 @@
 //! more: find the proids' groups, read one group, change one group's members
 //! in one request. Implementations: [`ldap`] (a real server, the only module
 //! that speaks LDAP), [`ldif_file`] (an LDIF content file, for quick starts,
-//! offline planning and scenario tests) and [`memory`] (in-memory, records
-//! every call and can be told to fail, for tests).
+//! offline planning and scenario tests) and [`memory`] (the in-memory engine
+//! under the LDIF file; in test builds also the fake server that records
+//! every call and can be told to fail).
 
 pub mod ldap;
 pub mod ldif_file;

@@ -14,8 +14,10 @@ use std::fs;
 use std::io::{self, Read};
 
 use crate::safe_fs::{self, ReadError};
+use crate::tree::names::{PLACEMENT, SCHEDULED};
 
 use serde_yaml::{Mapping, Value};
+use thiserror::Error;
 
 use super::finish::{self, TERMINATED};
 use super::manifest::{self, AppJson, Manifest};
@@ -40,6 +42,24 @@ pub(super) struct Loaded {
     pub stamp: Stamp,
 }
 
+/// What is wrong with an instance's manifest (`rel` is its path under the
+/// tree): the instance is aborted with reason `invalid-manifest`.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub(super) enum ManifestError {
+    /// There is no manifest.
+    #[error("{rel}: no such manifest")]
+    Missing { rel: String },
+    /// It is not a regular file, or is too large; what was found.
+    #[error("{rel}: {refused}")]
+    Refused { rel: String, refused: String },
+    /// It is not UTF-8 text.
+    #[error("{rel}: not UTF-8")]
+    NotUtf8 { rel: String },
+    /// It does not validate; every problem found.
+    #[error("{rel}: {}", problems.join("; "))]
+    Invalid { rel: String, problems: Vec<String> },
+}
+
 impl Inner {
     /// Reads and validates `scheduled/<instance>`. The inner `Err` is a
     /// problem with the manifest itself, for an `aborted` event; the outer
@@ -47,18 +67,19 @@ impl Inner {
     pub(super) fn load_manifest(
         &self,
         inst: &Instance,
-    ) -> Result<Result<Loaded, String>, NodeError> {
-        let rel = format!("scheduled/{}", inst.name());
+    ) -> Result<Result<Loaded, ManifestError>, NodeError> {
+        let rel = format!("{SCHEDULED}/{}", inst.name());
         let path = self.config.fs_root.join(&rel);
         // Only a regular file is a manifest (the mirror writes nothing
         // else): a FIFO must not stall the node, a link must not lead out.
         let file = match safe_fs::open_regular(&path, safe_fs::MAX_FILE) {
             Ok((file, _)) => file,
-            Err(ReadError::NotFound) => return Ok(Err(format!("{rel}: no such manifest"))),
+            Err(ReadError::NotFound) => return Ok(Err(ManifestError::Missing { rel })),
             Err(ReadError::Io(e)) => return Err(NodeError::io(&path)(e)),
             Err(refused) => {
                 tracing::warn!(path = %path.display(), problem = %refused, "manifest refused");
-                return Ok(Err(format!("{rel}: {refused}")));
+                let refused = refused.to_string();
+                return Ok(Err(ManifestError::Refused { rel, refused }));
             }
         };
         // The stamp comes from the file that was read, not from whatever
@@ -74,14 +95,15 @@ impl Inner {
                 cap: safe_fs::MAX_FILE,
             };
             tracing::warn!(path = %path.display(), problem = %refused, "manifest refused");
-            return Ok(Err(format!("{rel}: {refused}")));
+            let refused = refused.to_string();
+            return Ok(Err(ManifestError::Refused { rel, refused }));
         }
         let Ok(text) = String::from_utf8(bytes) else {
-            return Ok(Err(format!("{rel}: not UTF-8")));
+            return Ok(Err(ManifestError::NotUtf8 { rel }));
         };
         let (mut doc, manifest) = match manifest::parse(inst, &text) {
             Ok(parsed) => parsed,
-            Err(problems) => return Ok(Err(format!("{rel}: {}", problems.join("; ")))),
+            Err(problems) => return Ok(Err(ManifestError::Invalid { rel, problems })),
         };
         for (key, value) in self.placement_data(inst) {
             // The manifest was validated as it is: placement data only adds.
@@ -102,7 +124,7 @@ impl Inner {
         let path = self
             .config
             .fs_root
-            .join("placement")
+            .join(PLACEMENT)
             .join(self.config.hostname.as_str())
             .join(inst.name());
         let text = match safe_fs::read_regular(&path, safe_fs::MAX_FILE) {

@@ -4,7 +4,7 @@
 //! The domain facts come in a [`DomainInfo`], from configuration or read
 //! from the directory by the caller; [`sid_to_string`] and
 //! [`guid_to_string`] turn AD's binary `objectSid` and `objectGUID` into the
-//! string forms the spec wants. Nothing here touches the network.
+//! string forms a credential spec holds. Nothing here touches the network.
 
 use std::fmt::Write as _;
 

@@ -203,7 +203,7 @@ fn instance_of(container_dir: &Path, data: &Path) -> Result<Instance, NodeError>
         MarkerText::Text(text) => match serde_json::from_str::<AppName>(&text) {
             Ok(app) => match Instance::parse(&app.name) {
                 Ok(instance) => return Ok(instance),
-                Err(why) => Some(why),
+                Err(why) => Some(why.to_string()),
             },
             Err(e) => Some(e.to_string()),
         },

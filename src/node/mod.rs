@@ -328,11 +328,14 @@ impl Node {
             }
         }
         let run_template = match &config.run_command {
-            Some(text) => Some(Template::parse(text, RUN_PLACEHOLDERS).map_err(NodeError::Config)?),
+            Some(text) => Some(
+                Template::parse(text, RUN_PLACEHOLDERS)
+                    .map_err(|e| NodeError::Config(e.to_string()))?,
+            ),
             None => None,
         };
         let finish_template = Template::parse(&config.finish_command, FINISH_PLACEHOLDERS)
-            .map_err(NodeError::Config)?;
+            .map_err(|e| NodeError::Config(e.to_string()))?;
         let join_template = match &config.join_hook {
             Some(hook) => {
                 if config.wait_for_group.is_none() || config.gmsa_proids == GmsaProids::None {
@@ -341,7 +344,10 @@ impl Node {
                             .to_owned(),
                     ));
                 }
-                Some(Template::parse(&hook.command, JOIN_PLACEHOLDERS).map_err(NodeError::Config)?)
+                Some(
+                    Template::parse(&hook.command, JOIN_PLACEHOLDERS)
+                        .map_err(|e| NodeError::Config(e.to_string()))?,
+                )
             }
             None => None,
         };
@@ -408,7 +414,7 @@ impl Node {
     /// `configured`. Repeating the call is harmless: a running instance is
     /// left alone, an interrupted configuration is completed.
     pub async fn placement_added(&self, instance: &str) -> Result<Added, NodeError> {
-        let inst = Instance::parse(instance).map_err(NodeError::Instance)?;
+        let inst = Instance::parse(instance).map_err(|e| NodeError::Instance(e.to_string()))?;
         {
             let mut state = self.inner.state();
             state.placed.insert(inst.name().to_owned());
@@ -470,7 +476,7 @@ impl Node {
     /// stops it and its finish reports nothing.
     pub async fn placement_removed(&self, instance: &str) -> Result<Removed, NodeError> {
         // The name becomes a path: only names a container can have.
-        Instance::parse(instance).map_err(NodeError::Instance)?;
+        Instance::parse(instance).map_err(|e| NodeError::Instance(e.to_string()))?;
         {
             let mut state = self.inner.state();
             state.placed.remove(instance);
@@ -694,7 +700,12 @@ impl Inner {
 
     /// Posts `aborted` for an instance and remembers it until it is removed;
     /// posts nothing for one no longer placed, or already aborted.
-    fn abort(&self, inst: &Instance, why: &str, problem: String) -> Result<Added, NodeError> {
+    fn abort(
+        &self,
+        inst: &Instance,
+        why: &str,
+        problem: impl std::fmt::Display,
+    ) -> Result<Added, NodeError> {
         {
             let mut state = self.state();
             if !state.placed.contains(inst.name()) {
@@ -706,7 +717,7 @@ impl Inner {
         }
         tracing::warn!(instance = %inst, why, %problem, "instance aborted");
         let event = Event::now(inst.name(), EventKind::Aborted, why)
-            .with_payload(serde_yaml::Value::String(problem));
+            .with_payload(serde_yaml::Value::String(problem.to_string()));
         if let Err(err) = events::post(&self.layout.appevents, &event) {
             self.state().done.remove(inst.name());
             return Err(NodeError::io(&self.layout.appevents)(err));

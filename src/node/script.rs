@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 
+use thiserror::Error;
+
 use super::manifest::{EnvVar, Service};
 
 /// Quotes a value as one shell word: inside single quotes, with each `'`
@@ -39,9 +41,52 @@ enum Part {
     Placeholder(String),
 }
 
+/// Why a command template was refused: a configuration error, fixed by
+/// the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum TemplateError {
+    /// A `{` without its `}`.
+    #[error("unclosed '{{' in {text:?}")]
+    Unclosed {
+        /// The template.
+        text: String,
+    },
+    /// A placeholder the command cannot have.
+    #[error(
+        "unknown placeholder {{{name}}} in {text:?}; known: {}",
+        known(allowed)
+    )]
+    Unknown {
+        /// The placeholder's name.
+        name: String,
+        /// The template.
+        text: String,
+        /// The names it may use.
+        allowed: Vec<String>,
+    },
+    /// A `}` that closes nothing.
+    #[error("unmatched '}}' in {text:?}; write '}}}}'")]
+    Unmatched {
+        /// The template.
+        text: String,
+    },
+    /// Nothing to run.
+    #[error("an empty command")]
+    Empty,
+}
+
+/// The allowed placeholders as a template writes them.
+fn known(allowed: &[String]) -> String {
+    allowed
+        .iter()
+        .map(|a| format!("{{{a}}}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 impl Template {
     /// Parses a template, accepting only the given placeholder names.
-    pub fn parse(text: &str, allowed: &[&str]) -> Result<Template, String> {
+    pub fn parse(text: &str, allowed: &[&str]) -> Result<Template, TemplateError> {
         let mut parts = Vec::new();
         let mut literal = String::new();
         let mut chars = text.chars().peekable();
@@ -61,25 +106,30 @@ impl Template {
                         match chars.next() {
                             Some('}') => break,
                             Some(c) => name.push(c),
-                            None => return Err(format!("unclosed '{{' in {text:?}")),
+                            None => {
+                                return Err(TemplateError::Unclosed {
+                                    text: text.to_owned(),
+                                })
+                            }
                         }
                     }
                     if !allowed.contains(&name.as_str()) {
-                        return Err(format!(
-                            "unknown placeholder {{{name}}} in {text:?}; known: {}",
-                            allowed
-                                .iter()
-                                .map(|a| format!("{{{a}}}"))
-                                .collect::<Vec<_>>()
-                                .join(", ")
-                        ));
+                        return Err(TemplateError::Unknown {
+                            name,
+                            text: text.to_owned(),
+                            allowed: allowed.iter().map(|a| a.to_string()).collect(),
+                        });
                     }
                     if !literal.is_empty() {
                         parts.push(Part::Text(std::mem::take(&mut literal)));
                     }
                     parts.push(Part::Placeholder(name));
                 }
-                '}' => return Err(format!("unmatched '}}' in {text:?}; write '}}}}'")),
+                '}' => {
+                    return Err(TemplateError::Unmatched {
+                        text: text.to_owned(),
+                    })
+                }
                 c => literal.push(c),
             }
         }
@@ -87,7 +137,7 @@ impl Template {
             parts.push(Part::Text(literal));
         }
         if parts.is_empty() {
-            return Err("an empty command".to_owned());
+            return Err(TemplateError::Empty);
         }
         Ok(Template { parts })
     }
@@ -344,8 +394,17 @@ mod tests {
         .expect("valid");
         let values = BTreeMap::from([("instance", "p.a#1".to_owned())]);
         assert_eq!(t.render(&values), "run --spec=file://'' ${HOME} 'p.a#1'");
-        for bad in ["x {nope}", "x {instance", "x }", ""] {
-            assert!(Template::parse(bad, &["instance"]).is_err(), "{bad:?}");
+        for (bad, message) in [
+            (
+                "x {nope}",
+                r#"unknown placeholder {nope} in "x {nope}"; known: {instance}, {proid}"#,
+            ),
+            ("x {instance", r#"unclosed '{' in "x {instance""#),
+            ("x }", r#"unmatched '}' in "x }"; write '}}'"#),
+            ("", "an empty command"),
+        ] {
+            let err = Template::parse(bad, &["instance", "proid"]).expect_err(bad);
+            assert_eq!(err.to_string(), message, "{err:?}");
         }
     }
 

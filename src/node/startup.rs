@@ -14,13 +14,15 @@ use std::fs;
 
 use tokio::task::JoinSet;
 
+use crate::tree::names::SCHEDULED;
+
 use super::finish;
 use super::manifest::AppJson;
 use super::unique::{self, Instance, Stamp};
 use super::{files, running_target, Added, Inner, Node, NodeError};
 
 /// What [`Node::startup`] found and did.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct StartupReport {
     /// Placed instances found running: left alone.
     pub kept: Vec<String>,
@@ -38,8 +40,9 @@ pub struct StartupReport {
     pub finished: Vec<String>,
     /// Containers nothing referred to: moved to cleanup (unique names).
     pub orphaned: Vec<String>,
-    /// What configuring each placed instance that was not running did.
-    pub configured: BTreeMap<String, Result<Added, String>>,
+    /// What configuring each placed instance that was not running did
+    /// (a failure is retried by the next start-up or event).
+    pub configured: BTreeMap<String, Result<Added, NodeError>>,
     /// Steps that failed (they are retried by the next start-up or event).
     pub errors: Vec<String>,
 }
@@ -83,9 +86,7 @@ pub(super) async fn startup(
     while let Some(joined) = tasks.join_next().await {
         match joined {
             Ok((instance, result)) => {
-                report
-                    .configured
-                    .insert(instance, result.map_err(|e| e.to_string()));
+                report.configured.insert(instance, result);
             }
             Err(err) => std::panic::resume_unwind(err.into_panic()),
         }
@@ -222,7 +223,7 @@ impl Inner {
     /// be told because the manifest is gone. A container of an older
     /// manifest means the instance was placed again while the node was down.
     fn of_current_manifest(&self, inst: &Instance, unique_name: &str) -> bool {
-        let path = self.config.fs_root.join("scheduled").join(inst.name());
+        let path = self.config.fs_root.join(SCHEDULED).join(inst.name());
         let Ok(meta) = fs::symlink_metadata(&path) else {
             return true;
         };

@@ -14,12 +14,77 @@ use std::fmt;
 use std::fs::Metadata;
 use std::os::unix::fs::MetadataExt;
 
+use thiserror::Error;
+
 use crate::model::Proid;
 
 /// The number of base-62 characters in a unique id.
 pub const UNIQUE_ID_LEN: usize = 13;
 
 const BASE62: &[u8; 62] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+
+/// A name refused as an instance name, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("invalid instance name {name:?}: {why}")]
+pub struct InstanceError {
+    /// The name as given.
+    pub name: String,
+    /// What is wrong with it.
+    pub why: InstanceProblem,
+}
+
+/// What is wrong with an instance name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum InstanceProblem {
+    /// It would be a hidden file.
+    #[error("starts with '.'")]
+    Dot,
+    /// It would not be one file name, one event-file field or one word.
+    #[error("contains '/', ',', whitespace or a control character")]
+    Character,
+    /// There is no `#<task>`.
+    #[error("no '#<task>'")]
+    NoTask,
+    /// The task is not digits.
+    #[error("the task after '#' must be digits")]
+    TaskNotDigits,
+    /// The task does not fit a number.
+    #[error("the task number is too large")]
+    TaskTooLarge,
+    /// There is no proid.
+    #[error("no proid before the first '.'")]
+    NoProid,
+    /// The app name is empty or holds a `#`.
+    #[error("the app name after the proid is empty or holds '#'")]
+    App,
+}
+
+/// A directory name refused as a container's unique name, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{unique_name:?} is not a container name: {why}")]
+pub struct UniqueNameError {
+    /// The name as given.
+    pub unique_name: String,
+    /// What is wrong with it.
+    pub why: UniqueNameProblem,
+}
+
+/// What is wrong with a container's unique name.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum UniqueNameProblem {
+    /// There is no `-` at all.
+    #[error("no '-<unique id>' at the end")]
+    NoId,
+    /// What follows the last `-` is not a unique id.
+    #[error("it does not end in '-' and a 13-character unique id")]
+    BadId,
+    /// There is no `-<task>` before the id.
+    #[error("no '-<task>' before the unique id")]
+    NoTask,
+    /// The instance it stands for is not a valid instance name.
+    #[error(transparent)]
+    Instance(InstanceError),
+}
 
 /// A validated instance name, `<proid>.<app>#<task>` with a numeric task.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -34,32 +99,38 @@ impl Instance {
     /// Accepts a name that can be a file name, an event-file field and a
     /// container name: no `/`, `,`, whitespace or control characters, not
     /// starting with `.`, with a proid, an app and a numeric task.
-    pub fn parse(name: &str) -> Result<Instance, String> {
-        let bad = |why: &str| Err(format!("invalid instance name {name:?}: {why}"));
+    pub fn parse(name: &str) -> Result<Instance, InstanceError> {
+        use InstanceProblem::*;
+        let bad = |why| {
+            Err(InstanceError {
+                name: name.to_owned(),
+                why,
+            })
+        };
         if name.starts_with('.') {
-            return bad("starts with '.'");
+            return bad(Dot);
         }
         if name
             .chars()
             .any(|c| c == '/' || c == ',' || c.is_whitespace() || c.is_control())
         {
-            return bad("contains '/', ',', whitespace or a control character");
+            return bad(Character);
         }
         let Some(hash) = name.rfind('#') else {
-            return bad("no '#<task>'");
+            return bad(NoTask);
         };
         let (app, task) = (&name[..hash], &name[hash + 1..]);
         if task.is_empty() || !task.bytes().all(|b| b.is_ascii_digit()) {
-            return bad("the task after '#' must be digits");
+            return bad(TaskNotDigits);
         }
         let Ok(number) = task.parse::<u64>() else {
-            return bad("the task number is too large");
+            return bad(TaskTooLarge);
         };
         let Some(proid) = Proid::from_instance(app) else {
-            return bad("no proid before the first '.'");
+            return bad(NoProid);
         };
         if app.len() == proid.as_str().len() + 1 || app.contains('#') {
-            return bad("the app name after the proid is empty or holds '#'");
+            return bad(App);
         }
         Ok(Instance {
             name: name.to_owned(),
@@ -114,20 +185,25 @@ impl Instance {
     /// `<app>-<task>-<unique id>` back to `<app>#<task>`. For containers
     /// whose `data/app.json` is missing (made by another node agent, or
     /// lost): the name is all there is.
-    pub fn from_unique_name(unique_name: &str) -> Result<(Instance, String), String> {
-        let bad = |why: &str| Err(format!("{unique_name:?} is not a container name: {why}"));
+    pub fn from_unique_name(unique_name: &str) -> Result<(Instance, String), UniqueNameError> {
+        let bad = |why| {
+            Err(UniqueNameError {
+                unique_name: unique_name.to_owned(),
+                why,
+            })
+        };
         let Some((rest, id)) = unique_name.rsplit_once('-') else {
-            return bad("no '-<unique id>' at the end");
+            return bad(UniqueNameProblem::NoId);
         };
         if !is_unique_id(id) {
-            return bad("it does not end in '-' and a 13-character unique id");
+            return bad(UniqueNameProblem::BadId);
         }
         let Some((app, task)) = rest.rsplit_once('-') else {
-            return bad("no '-<task>' before the unique id");
+            return bad(UniqueNameProblem::NoTask);
         };
         match Instance::parse(&format!("{app}#{task}")) {
             Ok(instance) => Ok((instance, id.to_owned())),
-            Err(why) => bad(&why),
+            Err(why) => bad(UniqueNameProblem::Instance(why)),
         }
     }
 }
@@ -269,21 +345,27 @@ mod tests {
             i.unique_name("0000000000abc"),
             "proid1.web.x-0000000042-0000000000abc"
         );
-        for bad in [
-            "proid1.web",
-            "proid1.web#",
-            "proid1.web#12a",
-            "proid1#1",
-            "proid1.#1",
-            ".web#1",
-            ".proid.web#1",
-            "p.a#b#1",
-            "p.a/b#1",
-            "p.a,b#1",
-            "p.a b#1",
-            "p.a#99999999999999999999999",
+        use InstanceProblem::*;
+        for (bad, problem) in [
+            ("proid1.web", NoTask),
+            ("proid1.web#", TaskNotDigits),
+            ("proid1.web#12a", TaskNotDigits),
+            ("proid1#1", NoProid),
+            ("proid1.#1", App),
+            (".web#1", Dot),
+            (".proid.web#1", Dot),
+            ("p.a#b#1", App),
+            ("p.a/b#1", Character),
+            ("p.a,b#1", Character),
+            ("p.a b#1", Character),
+            ("p.a#99999999999999999999999", TaskTooLarge),
         ] {
-            assert!(Instance::parse(bad).is_err(), "{bad:?} should be rejected");
+            let err = Instance::parse(bad).expect_err(bad);
+            assert_eq!(err.why, problem, "{bad:?}");
+            assert_eq!(
+                err.to_string(),
+                format!("invalid instance name {bad:?}: {problem}")
+            );
         }
     }
 
@@ -305,15 +387,26 @@ mod tests {
             assert_eq!((inst.name(), unique_id.as_str()), (instance, id));
             assert_eq!(inst.unique_name(&unique_id), name);
         }
-        for bad in [
-            "proid.myapp-001",
-            "proid.myapp-001-0000000ID123",
-            "proid.myapp-001-0000000ID12_4",
-            "proid.myapp-0000000ID1234",
-            "proid.myapp-x1-0000000ID1234",
-            "proid-001-0000000ID1234",
+        for (bad, problem) in [
+            ("proid.myapp-001", UniqueNameProblem::BadId),
+            ("proid.myapp-001-0000000ID123", UniqueNameProblem::BadId),
+            ("proid.myapp-001-0000000ID12_4", UniqueNameProblem::BadId),
+            ("proid.myapp-0000000ID1234", UniqueNameProblem::NoTask),
+            ("proidmyapp", UniqueNameProblem::NoId),
         ] {
-            assert!(Instance::from_unique_name(bad).is_err(), "{bad:?}");
+            let err = Instance::from_unique_name(bad).expect_err(bad);
+            assert_eq!(err.why, problem, "{bad:?}");
+            assert!(err
+                .to_string()
+                .starts_with(&format!("{bad:?} is not a container name: ")));
+        }
+        for bad in ["proid.myapp-x1-0000000ID1234", "proid-001-0000000ID1234"] {
+            let err = Instance::from_unique_name(bad).expect_err(bad);
+            assert!(
+                matches!(err.why, UniqueNameProblem::Instance(_)),
+                "{bad:?}: {err}"
+            );
+            assert!(err.to_string().contains("invalid instance name"), "{err}");
         }
     }
 }

@@ -14,6 +14,7 @@
 use std::ffi::OsStr;
 use std::path::{Component, Path};
 
+use super::names::{MODIFIED, PLACEMENT, SERVERS};
 use crate::model::{HostName, Proid};
 
 /// What a path inside the tree stands for.
@@ -54,7 +55,7 @@ pub fn classify(root: &Path, path: &Path) -> PathKind {
             return PathKind::Ignored;
         }
     }
-    if names == [".modified"] {
+    if names == [OsStr::new(MODIFIED)] {
         return PathKind::Modified;
     }
     if names
@@ -67,8 +68,8 @@ pub fn classify(root: &Path, path: &Path) -> PathKind {
         return PathKind::Ignored;
     };
     let dir = match top.to_str() {
-        Some("servers") => Dir::Servers,
-        Some("placement") => Dir::Placement,
+        Some(SERVERS) => Dir::Servers,
+        Some(PLACEMENT) => Dir::Placement,
         _ => return PathKind::Ignored,
     };
     let host = |name: &OsStr| {

@@ -1,20 +1,24 @@
 //! The placement tree mirrored from the cluster's coordination store: the
 //! server definitions and placements the reconciler works from.
 //!
-//! [`scan`] reads a whole tree into a [`Snapshot`]; [`event`] turns file
-//! system notifications into [`TreeEvent`]s; [`watch`] is the only place that
-//! talks to the file system notifier. A snapshot is itself expressed as a
-//! sequence of events, so the index has one way in.
+//! [`names`] holds the tree's names; [`scan`] reads a whole tree into a
+//! [`Snapshot`]; [`event`] classifies the path of a file system
+//! notification; [`watch`] is the only place that talks to the file system
+//! notifier, and turns what it reports into [`TreeEvent`]s. A snapshot can
+//! also be expressed as the events that build it ([`Snapshot::events`]);
+//! the index takes a snapshot in one go and later changes event by event.
 
 pub mod event;
+pub mod names;
 pub mod scan;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
+use thiserror::Error;
 
-use crate::model::{reject_controls, Dn, HostName, PartitionGlob};
+use crate::model::{reject_controls, Dn, HostName, ModelError, PartitionGlob};
 
 /// The keys of a server file that the reconciler uses; everything else in
 /// the file is ignored.
@@ -26,6 +30,48 @@ pub struct ServerInfo {
     pub dc: Option<String>,
     /// DN of the host's AD computer object (`nt.dn`), as spelled in the file.
     pub dn: Option<String>,
+}
+
+/// Why a server file can't be used. It is a problem for that host only: a
+/// host already in scope keeps its last good definition until the file is
+/// valid again or deleted, and one that never was stays out of scope.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ServerError {
+    /// The file could not be read: not a regular file (a FIFO, a socket, a
+    /// device or a symlink in its place), above the size cap, or an I/O
+    /// error. What the read found, without the path.
+    #[error("{0}")]
+    Unreadable(String),
+    /// The content is not UTF-8 text.
+    #[error("not UTF-8")]
+    NotUtf8,
+    /// The content is neither YAML nor JSON; the parser's message.
+    #[error("not YAML or JSON: {0}")]
+    NotYaml(String),
+    /// The document is not a mapping.
+    #[error("not a mapping")]
+    NotAMapping,
+    /// A mapping whose keys hold what no server file holds; the parser's
+    /// message.
+    #[error("unexpected content: {0}")]
+    UnexpectedContent(String),
+    /// A value the reconciler uses holds a control character.
+    #[error(transparent)]
+    Control(ModelError),
+    /// `nt.dn` is not a DN.
+    #[error("nt.dn: {0}")]
+    Dn(ModelError),
+    /// `nt.dc` is not a host name with an optional port. The value is not
+    /// quoted: it may hold a password.
+    #[error("nt.dc: not a host name (letters, digits, '-', '_' and dots, with an optional :port)")]
+    Dc,
+    /// There is no server file for the host asked about.
+    #[error("does not exist")]
+    Missing,
+    /// Something that is not a file (what it is) stands where the server
+    /// file of the host asked about should be.
+    #[error("{0}, not a server file")]
+    NotAFile(&'static str),
 }
 
 #[derive(Deserialize)]
@@ -42,9 +88,10 @@ impl ServerInfo {
     /// mapping. Anything else is an error naming what is wrong, and so is a
     /// value the reconciler uses that holds a control character, or an
     /// `nt.dn` that is not a DN: such a file is as unusable as one that
-    /// does not parse (SPEC section 5b).
-    pub fn parse(content: &[u8]) -> Result<ServerInfo, String> {
-        let text = std::str::from_utf8(content).map_err(|_| "not UTF-8".to_owned())?;
+    /// does not parse, so that no value read from the tree can break a
+    /// line of output or a log.
+    pub fn parse(content: &[u8]) -> Result<ServerInfo, ServerError> {
+        let text = std::str::from_utf8(content).map_err(|_| ServerError::NotUtf8)?;
         // The usual case in one pass, without building a value for each of
         // the keys the reconciler ignores; when that fails, the second pass
         // says what is wrong with the file.
@@ -60,18 +107,18 @@ impl ServerInfo {
 
     /// The values' own rules, checked where the file is read so that the
     /// scan and the watcher cannot differ on them.
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), ServerError> {
         for (key, value) in [
             ("partition", &self.partition),
             ("nt.dc", &self.dc),
             ("nt.dn", &self.dn),
         ] {
             if let Some(value) = value {
-                reject_controls(key, value).map_err(|e| e.to_string())?;
+                reject_controls(key, value).map_err(ServerError::Control)?;
             }
         }
         if let Some(dn) = &self.dn {
-            Dn::parse(dn).map_err(|e| format!("nt.dn: {e}"))?;
+            Dn::parse(dn).map_err(ServerError::Dn)?;
         }
         if let Some(dc) = &self.dc {
             check_dc(dc)?;
@@ -81,13 +128,13 @@ impl ServerInfo {
 
     /// Parses through a whole YAML value, which tells a document that is not
     /// a mapping from one that is not YAML at all.
-    fn parse_checked(text: &str) -> Result<ServerInfo, String> {
+    fn parse_checked(text: &str) -> Result<ServerInfo, ServerError> {
         let mut value: serde_yaml::Value = match serde_yaml::from_str(text) {
             Ok(value) => value,
             // A JSON document is read as JSON when YAML refuses it: YAML
             // takes a raw U+2028 or U+2029 in a string for a line break.
             Err(yaml) => {
-                serde_json::from_str(text).map_err(|_| format!("not YAML or JSON: {yaml}"))?
+                serde_json::from_str(text).map_err(|_| ServerError::NotYaml(yaml.to_string()))?
             }
         };
         // As in the one pass, a tag on the document is no matter.
@@ -95,10 +142,10 @@ impl ServerInfo {
             value = tagged.value;
         }
         if !value.is_mapping() {
-            return Err("not a mapping".to_owned());
+            return Err(ServerError::NotAMapping);
         }
-        let raw: RawServer =
-            serde_yaml::from_value(value).map_err(|e| format!("unexpected content: {e}"))?;
+        let raw: RawServer = serde_yaml::from_value(value)
+            .map_err(|e| ServerError::UnexpectedContent(e.to_string()))?;
         Ok(raw.info())
     }
 }
@@ -107,7 +154,7 @@ impl ServerInfo {
 /// (letters, digits, `-`, `_`, dots between labels) with an optional
 /// `:port`: a value such as `user:secret@dc` or `dc/x?y` would otherwise
 /// smuggle credentials or a path into the URL.
-fn check_dc(dc: &str) -> Result<(), String> {
+fn check_dc(dc: &str) -> Result<(), ServerError> {
     if dc.is_empty() {
         // Empty is absent: the index treats the host as out of scope.
         return Ok(());
@@ -128,11 +175,7 @@ fn check_dc(dc: &str) -> Result<(), String> {
     if host_ok && port_ok {
         Ok(())
     } else {
-        // The value is not quoted: it may hold a password.
-        Err(
-            "nt.dc: not a host name (letters, digits, '-', '_' and dots, with an optional :port)"
-                .to_owned(),
-        )
+        Err(ServerError::Dc)
     }
 }
 
@@ -192,7 +235,7 @@ pub enum TreeEvent {
         /// The host the file describes.
         host: HostName,
         /// Its parsed content, or why it could not be read or parsed.
-        info: Result<ServerInfo, String>,
+        info: Result<ServerInfo, ServerError>,
     },
     /// A server file was deleted.
     ServerRemoved {
@@ -241,11 +284,12 @@ pub enum TreeEvent {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
     /// Every server file, parsed or with the reason it could not be used.
-    pub servers: BTreeMap<HostName, Result<ServerInfo, String>>,
+    pub servers: BTreeMap<HostName, Result<ServerInfo, ServerError>>,
     /// Every placement directory and the instances in it.
     pub placements: BTreeMap<HostName, BTreeSet<String>>,
     /// Hosts whose placement directory exists but could not be read: their
-    /// placements are unknown, which is not "none" (SPEC section 5). A scan
+    /// placements are unknown, which is not "none": their memberships are
+    /// left as they are, never removed. A scan
     /// has no placements for them; a snapshot kept up to date by events
     /// (the daemon's) keeps the last ones it knew.
     pub unknown: BTreeSet<HostName>,
@@ -480,8 +524,11 @@ mod tests {
             );
         }
         // Neither YAML nor JSON is still the YAML error.
-        let err = ServerInfo::parse(b"{\"partition\": [\n").unwrap_err();
-        assert!(err.starts_with("not YAML or JSON: "), "{err}");
+        let result = ServerInfo::parse(b"{\"partition\": [\n");
+        assert!(
+            matches!(&result, Err(ServerError::NotYaml(_))),
+            "{result:?}"
+        );
     }
 
     #[test]
@@ -531,6 +578,8 @@ mod tests {
             ("nt.dn: \"CN=h1\\tx\"\n", "nt.dn", "U+0009"),
         ] {
             let err = ServerInfo::parse(text.as_bytes()).expect_err(text);
+            assert!(matches!(err, ServerError::Control(_)), "{text:?}: {err:?}");
+            let err = err.to_string();
             assert!(err.starts_with(key), "{text:?}: {err}");
             assert!(err.contains(code), "{text:?}: {err}");
             assert!(!err.chars().any(crate::model::is_control), "{err:?}");
@@ -558,6 +607,8 @@ mod tests {
                 serde_json::json!(bad)
             );
             let err = ServerInfo::parse(text.as_bytes()).expect_err(bad);
+            assert_eq!(err, ServerError::Dc, "{bad:?}");
+            let err = err.to_string();
             assert!(err.starts_with("nt.dc: "), "{bad:?}: {err}");
             assert!(!err.contains("secret"), "the value is never quoted: {err}");
         }
@@ -587,7 +638,11 @@ mod tests {
                 serde_json::json!(bad)
             );
             let err = ServerInfo::parse(text.as_bytes()).expect_err(bad);
-            assert!(err.starts_with("nt.dn: invalid DN"), "{bad:?}: {err}");
+            assert!(matches!(err, ServerError::Dn(_)), "{bad:?}: {err:?}");
+            assert!(
+                err.to_string().starts_with("nt.dn: invalid DN"),
+                "{bad:?}: {err}"
+            );
         }
         // An empty DN is a DN; the index treats it as absent.
         assert!(ServerInfo::parse(b"nt.dn: ''\n").is_ok());
@@ -609,7 +664,7 @@ mod tests {
         ] {
             assert_eq!(
                 ServerInfo::parse(bad.as_bytes()),
-                Err("not a mapping".to_owned()),
+                Err(ServerError::NotAMapping),
                 "{bad:?}"
             );
         }
@@ -735,7 +790,7 @@ mod tests {
         let mut broken = snapshot(&[], &[]);
         broken
             .servers
-            .insert(host("c"), Err("not a mapping".into()));
+            .insert(host("c"), Err(ServerError::NotAMapping));
         let warning = broken.partition_warning(&glob("*")).expect("warned");
         assert!(
             warning.contains("there is no usable server file"),

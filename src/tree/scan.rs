@@ -1,8 +1,8 @@
 //! Reads a whole placement tree into a [`Snapshot`]: every server file
 //! parsed, every placement directory listed.
 //!
-//! The scan is where "source error is not source empty" (SPEC section 5) is
-//! decided: a tree without `.modified`, or a missing or unlistable
+//! The scan is where a source that can't be read is kept from looking
+//! empty (which would remove every member): a tree without `.modified`, or a missing or unlistable
 //! `servers/` or `placement/` directory, is a [`ScanError`] and never an
 //! empty snapshot. Problems with single entries (a broken server file, a
 //! name that is not a host name or not a placement) only affect that entry
@@ -10,8 +10,9 @@
 //! can't be listed makes that host's placements unknown
 //! ([`Snapshot::unknown`]), not empty.
 //!
-//! Every file here is read the one way tree files are read (SPEC section
-//! 5b), through [`crate::safe_fs`]: regular files only, opened without
+//! Every file here is read the one way tree files are read, through
+//! [`crate::safe_fs`], because whoever can write into the tree may put
+//! anything there: regular files only, opened without
 //! blocking and without following a link, capped in size. The watcher
 //! reads single entries through the same functions ([`load_server`],
 //! [`scan_host_dir`], [`placement_at`]), so an event and a scan never
@@ -26,16 +27,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use thiserror::Error;
 
-use super::{ServerInfo, Snapshot};
+use super::names::{MODIFIED, PLACEMENT, SERVERS};
+use super::{ServerError, ServerInfo, Snapshot};
 use crate::model::{HostName, Proid};
 use crate::safe_fs::{self, Kind, ReadError};
-
-/// The readiness marker written by the mirror after its first full sync.
-pub const MODIFIED: &str = ".modified";
-/// The directory of server files.
-pub const SERVERS: &str = "servers";
-/// The directory of per-host placement directories.
-pub const PLACEMENT: &str = "placement";
 
 /// Why a tree cannot be acted on at all.
 #[derive(Debug, Error)]
@@ -115,7 +110,7 @@ pub fn scan(root: &Path) -> Result<Snapshot, ScanError> {
 type EntryRead<T> = (Vec<String>, Option<(HostName, T)>);
 
 /// Reads the server file `servers/<name>`.
-fn read_server_entry(path: &Path, name: &OsStr) -> EntryRead<Result<ServerInfo, String>> {
+fn read_server_entry(path: &Path, name: &OsStr) -> EntryRead<Result<ServerInfo, ServerError>> {
     let mut warnings = Vec::new();
     let Some(host) = host_name(name, path, &mut warnings) else {
         return (warnings, None);
@@ -291,8 +286,9 @@ pub enum ServerFile {
     /// device or a symlink in its place, a file above
     /// [`safe_fs::MAX_FILE`], an unreadable one). Such a file is unusable
     /// like a broken one: a host already in scope keeps its last good
-    /// definition (SPEC section 2).
-    Present(Result<ServerInfo, String>),
+    /// definition until the file is valid again or deleted, and one that
+    /// never was stays out of scope.
+    Present(Result<ServerInfo, ServerError>),
     /// Nothing (it was removed).
     Absent,
     /// A directory, which is no server file at all.
@@ -311,19 +307,25 @@ pub fn load_server(path: &Path) -> ServerFile {
             found: Kind::Directory,
             ..
         }) => ServerFile::NotAFile("a directory"),
-        Err(err) => ServerFile::Present(Err(err.to_string())),
+        Err(err) => ServerFile::Present(Err(ServerError::Unreadable(err.to_string()))),
     }
 }
 
-/// Reads `servers/<host>` on its own, as the daemon does when a server file
-/// is written. The error says why the file can't be used (including that it
-/// does not exist), without the path.
-pub fn read_server(root: &Path, host: &HostName) -> Result<ServerInfo, String> {
+/// Reads `servers/<host>` on its own, as `check --self` and node mode do.
+/// The error says why the file can't be used (including that it does not
+/// exist), without the path.
+pub fn server_of(root: &Path, host: &HostName) -> Result<ServerInfo, ServerError> {
     match load_server(&root.join(SERVERS).join(host.as_str())) {
         ServerFile::Present(info) => info,
-        ServerFile::Absent => Err("does not exist".to_owned()),
-        ServerFile::NotAFile(what) => Err(format!("{what}, not a server file")),
+        ServerFile::Absent => Err(ServerError::Missing),
+        ServerFile::NotAFile(what) => Err(ServerError::NotAFile(what)),
     }
+}
+
+/// [`server_of`] with the reason as text, for the daemon's membership
+/// check, whose error keeps it so.
+pub fn read_server(root: &Path, host: &HostName) -> Result<ServerInfo, String> {
+    server_of(root, host).map_err(|err| err.to_string())
 }
 
 /// The instances found in one host's placement directory.
@@ -346,7 +348,7 @@ pub enum HostListing {
     /// A directory that exists but whose entries can't be had: a symlink
     /// (never followed, wherever it points, a loop included) or a
     /// directory that can't be listed. Its placements are unknown, which is
-    /// not the same as none (SPEC section 5): the host's memberships are
+    /// not the same as none: the host's memberships are
     /// left as they are. The warning names the path and the problem.
     Unknown(String),
     /// The directory was listed.
@@ -567,8 +569,9 @@ mod tests {
         let snap = scan(tree.root()).expect("a broken file is not a run failure");
         assert!(snap.servers[&host("good")].is_ok());
         let broken = snap.servers[&host("broken")].as_ref().expect_err("broken");
-        assert!(broken.contains("YAML"), "{broken}");
-        assert_eq!(snap.servers[&host("list")], Err("not a mapping".to_owned()));
+        assert!(matches!(broken, ServerError::NotYaml(_)), "{broken:?}");
+        assert!(broken.to_string().contains("YAML"), "{broken}");
+        assert_eq!(snap.servers[&host("list")], Err(ServerError::NotAMapping));
         assert!(warned(&snap, "servers/broken", "unusable server file"));
         assert!(warned(&snap, "servers/list", "not a mapping"));
     }
@@ -841,7 +844,8 @@ mod tests {
             ("big", "too large (1048577 bytes"),
         ] {
             let err = snap.servers[&host(name)].as_ref().expect_err(name);
-            assert!(err.contains(what), "{name}: {err}");
+            assert!(matches!(err, ServerError::Unreadable(_)), "{name}: {err:?}");
+            assert!(err.to_string().contains(what), "{name}: {err}");
             assert!(warned(&snap, &format!("servers/{name}"), what));
         }
     }
@@ -886,12 +890,20 @@ mod tests {
         tree.write("placement/h1/proid1.web#1", "{}");
         tree.write("placement/h1/.tmp1", "{}");
         tree.write("placement/h1/junk", "{}");
-        let info = read_server(tree.root(), &host("h1")).expect("readable");
+        let info = server_of(tree.root(), &host("h1")).expect("readable");
         assert_eq!(info.dc.as_deref(), Some("dc1.ad.com"));
-        assert!(read_server(tree.root(), &host("bad")).is_err());
+        assert!(matches!(
+            server_of(tree.root(), &host("bad")),
+            Err(ServerError::NotYaml(_))
+        ));
         assert_eq!(
-            read_server(tree.root(), &host("nope")),
-            Err("does not exist".into())
+            server_of(tree.root(), &host("nope")),
+            Err(ServerError::Missing)
+        );
+        tree.mkdir("servers/adir");
+        assert_eq!(
+            read_server(tree.root(), &host("adir")),
+            Err("a directory, not a server file".to_owned())
         );
 
         let HostListing::Listed(dir) = scan_host_dir(tree.root(), &host("h1")) else {
