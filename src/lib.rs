@@ -10,7 +10,8 @@
 //! - [`plan`]: desired state against the directory's groups, as a deterministic plan.
 //! - [`ldif`]: the LDIF reader and writer (RFC 2849).
 //! - [`directory`]: the directory trait, its LDAP, LDIF-file and in-memory backends, and opening the configured one.
-//! - [`reconcile`]: one reconcile pass (plan, guard, missing groups, apply, record), shared by `sync` and the daemon; result codes, retries, backoff.
+//! - [`reconcile`]: one reconcile pass (plan, guard, missing groups, apply, record), shared by `sync` and the daemon; result codes, retries.
+//! - [`backoff`]: how long to wait before trying again, for every retry and poll.
 //! - [`output`]: the LDIF and JSON renderings of plans and results.
 //! - [`cli`]: options from flags, environment and config file, validated into a config.
 //! - [`commands`]: `plan`, `sync`, `check` and `explain` on top of the above.
@@ -23,6 +24,7 @@
 //! - [`node`]: node mode: container directories, credential specs and app events for this host's placements.
 
 pub mod audit;
+pub mod backoff;
 pub mod cli;
 pub mod commands;
 pub mod config_check;

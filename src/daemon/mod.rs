@@ -37,6 +37,7 @@ use tokio::time::{sleep, sleep_until, Instant};
 use tracing::{debug, error, info, warn};
 
 use crate::audit::Audit;
+use crate::backoff::Backoff;
 use crate::cli::RunConfig;
 use crate::commands::{CommandError, EXIT_OK};
 use crate::directory;
@@ -48,7 +49,7 @@ use crate::model::{Dn, Proid};
 use crate::node::{GmsaProids, Node};
 use crate::output::Report;
 use crate::plan::Scope;
-use crate::reconcile::{Backoff, Cause, GroupResult, Pass};
+use crate::reconcile::{Cause, GroupResult, Pass};
 use crate::tree::scan::{check_ready, scan, ScanError};
 use crate::tree::watch::{watch, Change, TreeWatcher};
 use crate::tree::{Snapshot, TreeEvent};
@@ -69,13 +70,16 @@ const READY_LOG_EVERY: Duration = Duration::from_secs(30);
 /// How often containers kept past `--retain` are looked for.
 const CLEANUP_EVERY: Duration = Duration::from_secs(60);
 /// How often the tree is polled while it is not usable.
-const TREE_POLL: Duration = Duration::from_millis(500);
+const TREE_POLL: Backoff = Backoff::fixed(Duration::from_millis(500));
 /// A rescan starts at least this long after the last one finished, so a
 /// storm of overflows costs a rescan a second at most while the events
 /// that were not lost keep flowing.
 const RESCAN_SPACING: Duration = Duration::from_secs(1);
 /// How long to wait before trying again to start a watcher that failed.
-const WATCHER_RETRY: Duration = Duration::from_secs(2);
+const WATCHER_RETRY: Backoff = Backoff::fixed(Duration::from_secs(2));
+/// How long to wait before trying again to open the directory, read the
+/// domain's facts or read every group after a transient failure.
+const RETRY_LATER: Backoff = Backoff::fixed(Duration::from_secs(10));
 /// At most this many queued changes are taken before a rescan starts; the
 /// rest wait for the rescan, which sees them anyway.
 const DRAIN_BEFORE_RESCAN: usize = 100_000;
@@ -455,7 +459,7 @@ impl Daemon {
                 }
                 tokio::select! {
                     _ = &mut *shutdown => self.stopping = true,
-                    _ = sleep(WATCHER_RETRY) => {}
+                    _ = sleep(WATCHER_RETRY.delay(0)) => {}
                 }
                 Ok(false)
             }
@@ -536,7 +540,7 @@ impl Daemon {
             last_reason = reason;
             tokio::select! {
                 _ = &mut *shutdown => return false,
-                _ = sleep(TREE_POLL) => {}
+                _ = sleep(TREE_POLL.delay(0)) => {}
             }
         }
     }
@@ -758,7 +762,7 @@ impl Daemon {
             }
             tokio::select! {
                 _ = &mut *shutdown => { self.stopping = true; return false; }
-                _ = sleep(TREE_POLL) => {}
+                _ = sleep(TREE_POLL.delay(0)) => {}
             }
         }
     }
@@ -787,7 +791,7 @@ impl Daemon {
         self.publish_ready();
         tokio::select! {
             _ = &mut *shutdown => self.stopping = true,
-            _ = sleep(Backoff::default().max) => {}
+            _ = sleep(RETRY_LATER.delay(0)) => {}
         }
     }
 
@@ -816,7 +820,7 @@ impl Daemon {
             Err(err) => {
                 warn!(error = %err, "reading the groups failed; retrying");
                 let delay = if err.is_transient() {
-                    Backoff::default().max
+                    RETRY_LATER.delay(0)
                 } else {
                     self.config.resync_interval.min(Duration::from_secs(60))
                 };
