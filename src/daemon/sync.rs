@@ -1,0 +1,465 @@
+//! The directory side of the daemon: opening the directory, full syncs,
+//! batches of dirty proids (with the groups they need read first), and
+//! recording what each pass applied.
+//!
+//! Every batch and full sync is one [`Pass`]: plan, guard, missing
+//! groups, apply, record, as `sync` does. Deletions the guard refuses stay
+//! pending: the proid keeps its retiring hosts until a later pass of it
+//! (a batch or a full sync) applies them. Groups that failed are read
+//! again before they are planned; the group of a proid that has none is
+//! looked up again at most once a minute.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::{sleep, Instant};
+use tracing::{debug, error, info, warn};
+
+use super::schedule::Dirty;
+use super::{Daemon, Shutdown};
+use crate::backoff::Backoff;
+use crate::directory;
+use crate::directory::Directory;
+use crate::metrics;
+use crate::model::{Dn, Proid};
+use crate::node::GmsaProids;
+use crate::output::Report;
+use crate::plan::Scope;
+use crate::reconcile::{Cause, GroupResult, Pass};
+
+/// How long to wait before trying again to open the directory, read the
+/// domain's facts or read every group after a transient failure.
+const RETRY_LATER: Backoff = Backoff::fixed(Duration::from_secs(10));
+
+impl Daemon {
+    /// The directory is needed for groups, and in node mode for membership
+    /// checks and domain facts.
+    pub(super) fn needs_directory(&self) -> bool {
+        self.config.groups
+            || self.config.node.as_ref().is_some_and(|n| {
+                n.gmsa_proids == GmsaProids::GroupExists
+                    || n.wait_for_group.is_some()
+                    || (n.domain.is_none() && n.gmsa_proids != GmsaProids::None)
+            })
+    }
+
+    pub(super) async fn open_directory(&mut self, shutdown: &mut Shutdown<'_>) -> bool {
+        let dcs = self.index.dcs();
+        match directory::open(&self.config.config.directory, &dcs) {
+            Ok(dir) => {
+                self.directory = Some(Arc::from(dir));
+                self.health.waiting = None;
+                self.publish_ready();
+                true
+            }
+            Err(err) => {
+                error!(error = %err, "cannot open the directory; retrying");
+                self.not_ready_for_a_while(format!("directory: {err}"), shutdown)
+                    .await;
+                false
+            }
+        }
+    }
+
+    /// Reports not ready and waits before the caller tries again.
+    pub(super) async fn not_ready_for_a_while(
+        &mut self,
+        reason: String,
+        shutdown: &mut Shutdown<'_>,
+    ) {
+        self.health.waiting = Some(reason);
+        self.publish_ready();
+        tokio::select! {
+            _ = &mut *shutdown => self.stopping = true,
+            _ = sleep(RETRY_LATER.delay(0)) => {}
+        }
+    }
+
+    pub(super) fn directory(&self) -> Arc<dyn Directory> {
+        match &self.directory {
+            Some(dir) => dir.clone(),
+            None => panic!("BUG: the directory is opened before any batch"),
+        }
+    }
+
+    /// Re-reads every group and reconciles every proid.
+    pub(super) async fn full_sync(&mut self, shutdown: &mut Shutdown<'_>) {
+        self.metrics.resyncs.inc();
+        self.tree_fresh = false;
+        let ou = self.group_ou();
+        let dir = self.directory();
+        let search = async move { dir.search_groups(&ou).await };
+        let Some(found) = self.drive(search, shutdown).await else {
+            return;
+        };
+        let groups = match found {
+            Ok(groups) => {
+                self.health.groups_read = None;
+                groups
+            }
+            Err(err) => {
+                warn!(error = %err, "reading the groups failed; retrying");
+                let delay = if err.is_transient() {
+                    RETRY_LATER.delay(0)
+                } else {
+                    self.config.resync_interval.min(Duration::from_secs(60))
+                };
+                self.schedule.full_sync_failed(Instant::now(), delay);
+                self.health.groups_read = Some(err.to_string());
+                self.publish_ready();
+                return;
+            }
+        };
+        // Planned from the groups as read, before they move into the cache,
+        // rather than from a copy of the whole cache (MBs at cluster scale).
+        let mut pass = Pass::prepare(
+            Cause::FullSync,
+            &self.index,
+            &groups,
+            &self.config.config.pattern,
+            Scope::All,
+            &self.config.config.guard,
+        );
+        // A group whose members moved since the daemon last wrote or read
+        // it was edited by someone else: its repair is drift.
+        for change in &pass.plan.changes {
+            let read = groups.iter().find(|g| g.dn == change.group_dn);
+            if read.is_some_and(|group| self.groups.drifted(group)) {
+                pass.causes.insert(change.proid.clone(), Cause::Drift);
+            }
+        }
+        self.groups.reset(groups);
+        self.health.synced = true;
+        // Every proid is compared now; what was dirty is covered, but keep
+        // the latency clocks of those that change.
+        let clocks = self.schedule.full_sync_started();
+        self.missing = pass
+            .plan
+            .missing_groups
+            .iter()
+            .map(|m| m.proid.key())
+            .collect();
+        self.refused.clear();
+        let retiring = self
+            .index
+            .retiring_proids()
+            .into_iter()
+            .map(|p| {
+                let dns = self.index.retiring(&p);
+                (p, dns)
+            })
+            .collect();
+        let complete = self.apply(pass, &clocks, retiring, shutdown).await;
+        if complete.is_some() {
+            self.metrics.last_full_sync.set(metrics::unix_now());
+            if !self.health.applied || self.health.tree.is_some() {
+                info!("initial sync applied; ready");
+            }
+            self.health.applied = true;
+            // A tree that was unusable is trusted again once compared in full.
+            self.health.tree = None;
+            self.publish_ready();
+        }
+        self.schedule.full_sync_done(Instant::now());
+        self.update_gauges();
+    }
+
+    /// Before planning these proids: re-reads their groups that failed
+    /// before (the cache may be wrong about them), and looks up the group of
+    /// a proid that has none yet (it may have been created since the last
+    /// full sync; looked up at most once a minute per proid). False when
+    /// abandoned at shutdown.
+    pub(super) async fn refresh_groups(
+        &mut self,
+        proids: &BTreeSet<Proid>,
+        shutdown: &mut Shutdown<'_>,
+    ) -> bool {
+        let now = Instant::now();
+        let mut reads: Vec<Dn> = Vec::new();
+        let mut lookups: Vec<(String, String)> = Vec::new();
+        for proid in proids {
+            let key = proid.key();
+            match self.groups.dns_of(&key) {
+                [] if !self.index.desired(proid).is_empty() => {
+                    if self.schedule.lookup_due(&key, now) {
+                        lookups.push((key, self.config.config.pattern.render(proid)));
+                    }
+                }
+                [] => {}
+                _ => reads.extend(self.groups.stale_of(&key)),
+            }
+        }
+        if reads.is_empty() && lookups.is_empty() {
+            return true;
+        }
+        self.metrics.group_reads.inc_by(reads.len() as u64);
+        let dir = self.directory();
+        let ou = self.group_ou();
+        let io = async move {
+            let mut read = Vec::new();
+            for dn in reads {
+                let result = dir.read_group(&dn).await;
+                read.push((dn, result));
+            }
+            let mut found = Vec::new();
+            for (key, name) in lookups {
+                let result = dir.find_group(&ou, &name).await;
+                found.push((key, result));
+            }
+            (read, found)
+        };
+        let Some((read, found)) = self.drive(io, shutdown).await else {
+            return false;
+        };
+        for (dn, result) in read {
+            match result {
+                Ok(Some(group)) => self.groups.insert(group),
+                Ok(None) => {
+                    warn!(group = %dn, "group vanished");
+                    self.groups.forget(&dn);
+                }
+                Err(err) => warn!(group = %dn, error = %err, "re-reading the group failed"),
+            }
+        }
+        for (key, result) in found {
+            match result {
+                Ok(Some(group)) => {
+                    info!(group = %group.dn, "found a group created since the last full sync");
+                    self.schedule.found(&key);
+                    self.groups.insert(group);
+                }
+                Ok(None) => {}
+                Err(err) => warn!(error = %err, "looking up a missing group failed"),
+            }
+        }
+        true
+    }
+
+    pub(super) fn group_ou(&self) -> Dn {
+        match self.config.config.require_group_ou() {
+            Ok(ou) => ou.clone(),
+            Err(err) => panic!("BUG: RunConfig is validated to have --group-ou: {err}"),
+        }
+    }
+
+    /// Reconciles the dirty proids.
+    pub(super) async fn batch(&mut self, shutdown: &mut Shutdown<'_>) {
+        let clocks = self.schedule.take_batch();
+        let proids: BTreeSet<Proid> = clocks.keys().cloned().collect();
+        let keys: BTreeSet<String> = proids.iter().map(Proid::key).collect();
+
+        if !self.refresh_groups(&proids, shutdown).await {
+            self.schedule.finished();
+            return;
+        }
+
+        let groups = self.groups.groups_of(&keys);
+        let mut pass = Pass::prepare(
+            Cause::Event,
+            &self.index,
+            &groups,
+            &self.config.config.pattern,
+            Scope::Only(&proids),
+            &self.config.config.guard,
+        );
+        for proid in &proids {
+            if self.schedule.failures(proid) > 0 {
+                pass.causes.insert(proid.clone(), Cause::Retry);
+            }
+        }
+        for key in &keys {
+            self.missing.remove(key);
+        }
+        self.missing
+            .extend(pass.plan.missing_groups.iter().map(|m| m.proid.key()));
+        for proid in &proids {
+            self.refused.remove(proid);
+        }
+        let retiring = proids
+            .iter()
+            .map(|p| (p.clone(), self.index.retiring(p)))
+            .collect();
+        self.apply(pass, &clocks, retiring, shutdown).await;
+        self.schedule.finished();
+        self.update_gauges();
+    }
+
+    /// Applies a plan (deletions held back when the guard refuses them),
+    /// records the results, and forgets the retiring DNs of the proids in
+    /// `retiring` that are now fully reconciled. `None` when abandoned at
+    /// shutdown, otherwise whether everything was applied.
+    pub(super) async fn apply(
+        &mut self,
+        pass: Pass,
+        clocks: &Dirty,
+        retiring: BTreeMap<Proid, BTreeSet<Dn>>,
+        shutdown: &mut Shutdown<'_>,
+    ) -> Option<bool> {
+        let unfinished = self.apply_pass(pass, clocks, shutdown).await?;
+        for (proid, dns) in retiring {
+            if unfinished.contains(&proid) {
+                continue;
+            }
+            // Reconciled (or nothing to do): no retry pending any more.
+            self.schedule.succeeded(&proid);
+            if !self.refused.contains_key(&proid) {
+                self.index.clear_retiring(&proid, &dns);
+            }
+        }
+        Some(unfinished.is_empty())
+    }
+
+    /// Applies a pass; `None` when abandoned, otherwise the proids not fully applied.
+    pub(super) async fn apply_pass(
+        &mut self,
+        mut pass: Pass,
+        clocks: &Dirty,
+        shutdown: &mut Shutdown<'_>,
+    ) -> Option<BTreeSet<Proid>> {
+        if let Some(refusal) = &pass.refused {
+            self.metrics.guard_refusals.inc();
+            info!("additions are applied; the refused deletions stay pending");
+            for change in &refusal.changes {
+                self.refused
+                    .insert(change.proid.clone(), change.delete.len());
+            }
+        }
+        if pass.plan.changes.is_empty() {
+            return Some(BTreeSet::new());
+        }
+        let dry_run = self.config.dry_run;
+        if dry_run {
+            let report = Report {
+                verb: "run --dry-run",
+                plan: pass.plan.clone(),
+                ..Report::default()
+            };
+            print!("{}", report.render(self.config.config.format));
+        }
+        let dir = self.directory();
+        let options = self.config.config.apply;
+        let metrics = self.metrics.clone();
+        let audit = self.audit.clone();
+        let io = async move {
+            let recorder = (metrics.as_ref(), audit.as_ref());
+            pass.apply(dir.as_ref(), &options, dry_run, &recorder).await;
+            pass
+        };
+        let pass = self.drive(io, shutdown).await?;
+        Some(self.record(pass.results, clocks))
+    }
+
+    /// Updates the cache and retries from a batch's results (the pass
+    /// recorded them in the metrics);
+    /// returns the proids not fully applied.
+    pub(super) fn record(&mut self, results: Vec<GroupResult>, clocks: &Dirty) -> BTreeSet<Proid> {
+        let now = Instant::now();
+        let mut unfinished = BTreeSet::new();
+        for result in results {
+            let dn = result.planned.group_dn.clone();
+            let proid = result.planned.proid.clone();
+            if result.vanished {
+                self.groups.forget(&dn);
+                continue;
+            }
+            self.groups.applied(&result.applied);
+            if result.failed.is_some() {
+                unfinished.insert(proid.clone());
+                self.groups.mark_stale(dn);
+                self.schedule.failed(proid, now);
+            } else {
+                self.schedule.succeeded(&proid);
+                if let Some(started) = clocks.get(&proid) {
+                    let latency = now.saturating_duration_since(*started);
+                    self.metrics.event_to_applied.observe(latency.as_secs_f64());
+                    debug!(
+                        proid = %proid,
+                        group = %dn,
+                        latency_ms = latency.as_secs_f64() * 1000.0,
+                        "change applied"
+                    );
+                }
+            }
+        }
+        unfinished
+    }
+
+    pub(super) fn update_gauges(&self) {
+        let stats = self.index.stats();
+        self.metrics
+            .servers_in_scope
+            .set(stats.servers_in_scope as i64);
+        self.metrics.placements.set(stats.placements as i64);
+        self.metrics.proids.set(stats.proids as i64);
+        self.metrics
+            .dirty_groups
+            .set(self.schedule.dirty_len() as i64);
+        self.metrics.missing_groups.set(self.missing.len() as i64);
+        self.metrics
+            .refused_deletions_pending
+            .set(self.refused.values().sum::<usize>() as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use super::*;
+    use crate::model::HostName;
+    use crate::tree::watch::Change;
+    use crate::tree::TreeEvent;
+
+    #[tokio::test]
+    async fn an_isolated_change_is_applied_at_once_not_after_the_window() {
+        let (_guard, root) = tree();
+        fill(&root);
+        // A window far longer than the test may take: only the idle fast
+        // path can apply the change in time.
+        let h = Harness::start(&root, &["--batch-window=1h"]);
+        until("the initial sync", || async { h.metrics.is_ready() }).await;
+        assert_eq!(
+            members(&h.dir, WEB).await,
+            [Dn::parse(H1).expect("dn")].into()
+        );
+
+        h.changes
+            .send(Change::Tree(TreeEvent::PlacementAdded {
+                host: HostName::new("h1").expect("host"),
+                instance: "db.app#1".into(),
+            }))
+            .expect("send");
+        until("the isolated change applied", || async {
+            !members(&h.dir, DB).await.is_empty()
+        })
+        .await;
+        h.stop().await;
+    }
+
+    #[tokio::test]
+    async fn a_resync_finds_drift_and_repairs_it() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let h = Harness::start(&root, &["--resync-interval=1s"]);
+        until("the initial sync", || async { h.metrics.is_ready() }).await;
+        let h1 = Dn::parse(H1).expect("dn");
+        // Someone removes the host by hand; no tree change says so.
+        h.dir
+            .modify_members(
+                &Dn::parse(WEB).expect("dn"),
+                &crate::directory::MemberChange {
+                    add: vec![],
+                    delete: vec![h1.clone()],
+                },
+            )
+            .await
+            .expect("manual edit");
+        assert!(members(&h.dir, WEB).await.is_empty());
+        until("the resync repaired the drift", || async {
+            members(&h.dir, WEB).await.contains(&h1)
+        })
+        .await;
+        assert!(h.metrics.resyncs.get() >= 2);
+        h.stop().await;
+    }
+}
