@@ -17,7 +17,7 @@
 //! - [`commands`]: `plan`, `sync`, `check` and `explain` on top of the above.
 //! - [`config_check`]: `config`: every source of options checked, the effective options with their origin.
 //! - [`explain`]: why each host is or is not in a proid's group.
-//! - [`daemon`]: `run`: the event loop wiring a schedule (pure timing), a group cache, leadership and readiness, and node mode.
+//! - [`daemon`]: `run`: the event loop (`mod.rs`) wiring the tree side (`tree`), the directory side (`sync`), a schedule (pure timing), a group cache, leadership and readiness, signals, and node mode.
 //! - [`election`]: which replica writes: leader election through a ZooKeeper lock.
 //! - [`metrics`]: Prometheus metrics, health and readiness over HTTP.
 //! - [`safe_fs`]: the one way files from outside are opened: regular files only, no links followed, sizes capped.
