@@ -50,6 +50,8 @@ mod signals;
 mod sync;
 #[cfg(test)]
 mod testing;
+#[cfg(test)]
+mod tests;
 mod tree;
 
 pub use signals::run_until_signalled;
@@ -102,7 +104,18 @@ pub struct Parts {
     /// The tree's changes, in place of the first watcher (a later one,
     /// after this stream ends, watches `--fs-root`).
     pub changes: Option<mpsc::UnboundedReceiver<Change>>,
+    /// The role to follow, in place of competing for the lock in
+    /// ZooKeeper (ignored when the configuration starts an election).
+    pub roles: Option<watch::Receiver<RoleState>>,
+    /// Runs on the blocking pool before each node operation (by instance
+    /// name), where its file work would; a test makes it block.
+    #[cfg(test)]
+    pub(crate) before_node_work: Option<NodeHook>,
 }
+
+/// A test's stand-in for a node operation's file work.
+#[cfg(test)]
+pub(crate) type NodeHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Runs the daemon until `shutdown` completes; returns `Ok` on a clean stop.
 pub async fn run(
@@ -148,9 +161,15 @@ pub async fn run_on(
     daemon.audit = Arc::new(audit);
     daemon.directory = parts.directory;
     daemon.given_changes = parts.changes;
+    #[cfg(test)]
+    {
+        daemon.before_node_work = parts.before_node_work;
+    }
     if let Some(election) = election {
         daemon.leadership = Leadership::new(Some(election.subscribe()));
         daemon.election = Some(election);
+    } else if let Some(roles) = parts.roles {
+        daemon.leadership = Leadership::new(Some(roles));
     } else {
         daemon.metrics.set_role(Role::Leader.as_str());
     }
@@ -202,6 +221,9 @@ struct Daemon {
     /// The role and term last acted on.
     leadership: Leadership,
     stopping: bool,
+    /// See [`Parts`].
+    #[cfg(test)]
+    before_node_work: Option<NodeHook>,
 }
 
 impl Daemon {
@@ -241,6 +263,8 @@ impl Daemon {
             election: None,
             leadership: Leadership::default(),
             stopping: false,
+            #[cfg(test)]
+            before_node_work: None,
         }
     }
 

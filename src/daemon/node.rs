@@ -143,6 +143,8 @@ impl Daemon {
             let node = node.clone();
             let previous = self.node_chains.remove(&instance);
             let name = instance.clone();
+            #[cfg(test)]
+            let hook = self.before_node_work.clone();
             let handle = tokio::spawn(async move {
                 if let Some(previous) = previous {
                     let _ = previous.await;
@@ -152,6 +154,10 @@ impl Daemon {
                 // disk holds up this instance only, never the event loop.
                 let runtime = tokio::runtime::Handle::current();
                 let work = tokio::task::spawn_blocking(move || {
+                    #[cfg(test)]
+                    if let Some(hook) = hook {
+                        hook(&name);
+                    }
                     runtime.block_on(async {
                         if add {
                             match node.placement_added(&name).await {

@@ -405,58 +405,266 @@ impl Daemon {
 #[cfg(test)]
 mod tests {
     use super::super::testing::*;
-    use super::*;
-    use crate::model::HostName;
+    use crate::directory::memory::{parse_dns, Call};
+    use crate::directory::{rc, DirError, Directory, MemberChange, Op};
+    use crate::ldif::Record;
+    use crate::model::Dn;
     use crate::tree::watch::Change;
-    use crate::tree::TreeEvent;
+    use crate::tree::{ServerInfo, TreeEvent};
+    use std::time::Duration;
+    use tokio::time::sleep;
 
-    #[tokio::test]
-    async fn an_isolated_change_is_applied_at_once_not_after_the_window() {
+    fn dn(s: &str) -> Dn {
+        Dn::parse(s).expect("dn")
+    }
+
+    fn dns(hosts: &[&str]) -> std::collections::BTreeSet<Dn> {
+        hosts.iter().map(|h| dn(&host_dn(h))).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_isolated_change_is_applied_at_once() {
         let (_guard, root) = tree();
         fill(&root);
         // A window far longer than the test may take: only the idle fast
         // path can apply the change in time.
         let h = Harness::start(&root, &["--batch-window=1h"]);
-        until("the initial sync", || async { h.metrics.is_ready() }).await;
-        assert_eq!(
-            members(&h.dir, WEB).await,
-            [Dn::parse(H1).expect("dn")].into()
-        );
+        h.ready().await;
+        assert_eq!(h.members(WEB).await, dns(&["h1"]));
 
-        h.changes
-            .send(Change::Tree(TreeEvent::PlacementAdded {
-                host: HostName::new("h1").expect("host"),
-                instance: "db.app#1".into(),
-            }))
-            .expect("send");
+        h.place("h1", "db.app#1");
         until("the isolated change applied", || async {
-            !members(&h.dir, DB).await.is_empty()
+            h.members(DB).await == dns(&["h1"])
         })
         .await;
         h.stop().await;
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_costs_one_modify_per_changed_group() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let hosts = ["h2", "h3", "h4", "h5", "h6"];
+        for host in hosts {
+            write_server(&root, host);
+        }
+        let h = Harness::start(&root, &["--batch-window=1s"]);
+        h.ready().await;
+        let before = h.modifies(WEB);
+
+        for host in hosts {
+            h.place(host, "db.app#1");
+            h.place(host, "web.app#2");
+        }
+        until("the burst applied", || async {
+            h.members(DB).await == dns(&hosts) && h.members(WEB).await.len() == 6
+        })
+        .await;
+        // The first change may go alone (the daemon was idle); the other
+        // nine are coalesced into one Modify per group.
+        let modifies = h.modifies(DB) + h.modifies(WEB) - before;
+        assert!(
+            (2..=3).contains(&modifies),
+            "{modifies} Modify requests for 10 changes in 2 groups"
+        );
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_stream_is_applied_after_at_most_ten_windows() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let hosts: Vec<String> = (2..42).map(|i| format!("h{i}")).collect();
+        for host in &hosts {
+            write_server(&root, host);
+        }
+        let h = Harness::start(&root, &["--batch-window=100ms"]);
+        h.ready().await;
+
+        // The first change goes at once; the stream right behind it never
+        // leaves a quiet window, so it is held back, but not for longer
+        // than ten windows (one second).
+        h.place("h1", "db.app#1");
+        for (i, host) in hosts.iter().enumerate() {
+            h.place(host, "web.app#2");
+            sleep(Duration::from_millis(50)).await;
+            let applied = h.members(WEB).await.contains(&dn(&host_dn("h2")));
+            if i == 10 {
+                assert!(!applied, "coalesced while changes keep coming");
+            }
+            if i == 30 {
+                assert!(applied, "applied at the max wait, mid-stream");
+            }
+        }
+        assert_eq!(h.members(DB).await, dns(&["h1"]));
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_write_is_retried_with_backoff_until_it_succeeds() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let h = Harness::start(&root, &[]);
+        h.ready().await;
+        // More failures than one pass tries (5): the daemon's own retry
+        // with backoff has to come back for it.
+        let busy = DirError::Result {
+            op: Op::Modify,
+            dn: DB.into(),
+            code: rc::BUSY,
+            message: "busy".into(),
+        };
+        h.dir.fail_next_modify(Some(dn(DB)), busy, 7);
+        h.place("h1", "db.app#1");
+        until("applied after the retries", || async {
+            h.members(DB).await == dns(&["h1"])
+        })
+        .await;
+        assert_eq!(h.modifies(DB), 8, "7 refused, then applied");
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deletions_the_guard_refuses_stay_pending_until_a_pass_allows_them() {
+        let (_guard, root) = tree();
+        fill(&root);
+        std::fs::write(root.join("placement/h1/db.app#1"), "{}").expect("placement");
+        write_server(&root, "h2");
+        let h = Harness::start(&root, &["--max-delete=1", "--resync-interval=1m"]);
+        h.ready().await;
+        assert_eq!(h.members(DB).await, dns(&["h1"]));
+
+        // One event, two deletions (h1 leaves web and db): more than
+        // --max-delete allows in one batch.
+        h.remove_server("h1");
+        until("the deletions refused", || async {
+            h.metrics.refused_deletions_pending.get() == 2
+        })
+        .await;
+        assert!(h.metrics.guard_refusals.get() >= 1);
+        assert_eq!(h.members(WEB).await, dns(&["h1"]), "kept, not forgotten");
+        assert_eq!(h.members(DB).await, dns(&["h1"]));
+
+        // A batch of web alone deletes one value: within the guard, so
+        // web's pending deletion goes with it.
+        h.place("h2", "web.app#2");
+        until("web's deletion applied", || async {
+            h.members(WEB).await == dns(&["h2"])
+        })
+        .await;
+        assert_eq!(h.metrics.refused_deletions_pending.get(), 1);
+        assert_eq!(h.members(DB).await, dns(&["h1"]), "db's still pending");
+
+        // The next full sync plans one deletion: allowed, applied.
+        until("db's deletion applied by the resync", || async {
+            h.members(DB).await.is_empty()
+        })
+        .await;
+        assert_eq!(h.metrics.refused_deletions_pending.get(), 0);
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_missing_group_is_looked_up_later_at_most_once_a_minute() {
+        let (_guard, root) = tree();
+        fill(&root);
+        std::fs::write(root.join("placement/h1/api.app#1"), "{}").expect("placement");
+        for host in ["h2", "h3", "h4"] {
+            write_server(&root, host);
+        }
+        let h = Harness::start(&root, &[]);
+        h.ready().await;
+        assert_eq!(h.metrics.missing_groups.get(), 1, "api has no group");
+        let lookups = || {
+            h.dir
+                .calls()
+                .iter()
+                .filter(|c| matches!(c, Call::FindGroup { name, .. } if name == "api-gmsa-hosts"))
+                .count()
+        };
+
+        // A change of api looks its group up: still missing.
+        h.place("h2", "api.app#2");
+        until("looked up", || async { lookups() == 1 }).await;
+
+        // The group is created; a change within the minute does not look
+        // again.
+        let api = "CN=api-gmsa-hosts,OU=Groups,DC=ad,DC=com";
+        let mut records = h.dir.records();
+        records.push(Record {
+            dn: api.into(),
+            attrs: vec![
+                ("objectClass".to_owned(), "group".to_owned()),
+                ("sAMAccountName".to_owned(), "api-gmsa-hosts".to_owned()),
+            ],
+        });
+        h.dir.reset(parse_dns(records));
+        h.place("h3", "api.app#3");
+        sleep(Duration::from_secs(5)).await;
+        assert_eq!(lookups(), 1, "not again within the minute");
+        assert!(h.members(api).await.is_empty());
+
+        // A minute later the next change finds it, and the group gets
+        // every host api runs on.
+        sleep(Duration::from_secs(60)).await;
+        h.place("h4", "api.app#4");
+        until("found and applied", || async {
+            h.members(api).await == dns(&["h1", "h2", "h3", "h4"])
+        })
+        .await;
+        assert_eq!(lookups(), 2);
+        assert_eq!(h.metrics.missing_groups.get(), 0);
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_leaving_scope_removes_every_contribution() {
+        let (_guard, root) = tree();
+        fill(&root);
+        for instance in ["web.app#2", "db.app#1"] {
+            std::fs::write(root.join("placement/h1").join(instance), "{}").expect("placement");
+        }
+        let h = Harness::start(&root, &[]);
+        h.ready().await;
+        assert_eq!(h.members(DB).await, dns(&["h1"]));
+
+        // Its partition changes: out of scope, whatever its counts.
+        h.send(Change::Tree(TreeEvent::ServerUpserted {
+            host: crate::model::HostName::new("h1").expect("host"),
+            info: Ok(ServerInfo {
+                partition: Some("p2".into()),
+                dc: Some("dc".into()),
+                dn: Some(host_dn("h1")),
+            }),
+        }));
+        until("removed from both groups", || async {
+            h.members(WEB).await.is_empty() && h.members(DB).await.is_empty()
+        })
+        .await;
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_resync_finds_drift_and_repairs_it() {
         let (_guard, root) = tree();
         fill(&root);
         let h = Harness::start(&root, &["--resync-interval=1s"]);
-        until("the initial sync", || async { h.metrics.is_ready() }).await;
-        let h1 = Dn::parse(H1).expect("dn");
+        h.ready().await;
+        let h1 = dn(H1);
         // Someone removes the host by hand; no tree change says so.
         h.dir
             .modify_members(
-                &Dn::parse(WEB).expect("dn"),
-                &crate::directory::MemberChange {
+                &dn(WEB),
+                &MemberChange {
                     add: vec![],
                     delete: vec![h1.clone()],
                 },
             )
             .await
             .expect("manual edit");
-        assert!(members(&h.dir, WEB).await.is_empty());
+        assert!(h.members(WEB).await.is_empty());
         until("the resync repaired the drift", || async {
-            members(&h.dir, WEB).await.contains(&h1)
+            h.members(WEB).await.contains(&h1)
         })
         .await;
         assert!(h.metrics.resyncs.get() >= 2);

@@ -289,6 +289,7 @@ impl Daemon {
 mod tests {
     use super::super::testing::*;
     use super::*;
+    use crate::model::Dn;
     use tokio::sync::mpsc;
 
     #[test]
@@ -369,32 +370,73 @@ mod tests {
         );
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
+    async fn the_daemon_waits_for_modified_before_it_writes() {
+        let (_guard, root) = tree();
+        fill(&root);
+        std::fs::remove_file(root.join(".modified")).expect("rm .modified");
+        let h = Harness::start(&root, &[]);
+        until("waiting, and saying so", || async {
+            let (_, body) = h.metrics.readiness();
+            body.contains("waiting for the placement tree (.modified)")
+        })
+        .await;
+        sleep(Duration::from_secs(30)).await;
+        assert!(!h.metrics.is_ready());
+        assert!(
+            h.members(WEB).await.is_empty(),
+            "nothing written before the tree is ready"
+        );
+
+        std::fs::write(root.join(".modified"), "").expect(".modified");
+        h.ready().await;
+        assert!(h.members(WEB).await.contains(&Dn::parse(H1).expect("dn")));
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn modified_going_away_stops_writes_until_it_is_back() {
         let (_guard, root) = tree();
         fill(&root);
         let h = Harness::start(&root, &[]);
-        until("the initial sync", || async { h.metrics.is_ready() }).await;
+        h.ready().await;
 
         std::fs::remove_file(root.join(".modified")).expect("rm .modified");
         std::fs::write(root.join("placement/h1/db.app#1"), "{}").expect("placement");
-        h.changes
-            .send(Change::Rescan("doubt".into()))
-            .expect("send");
+        h.send(Change::Rescan("doubt".into()));
         until("not ready", || async { !h.metrics.is_ready() }).await;
         let (_, body) = h.metrics.readiness();
         assert!(body.contains("placement tree unusable"), "{body}");
+        sleep(Duration::from_secs(5)).await;
         assert!(
-            members(&h.dir, DB).await.is_empty(),
+            h.members(DB).await.is_empty(),
             "nothing written from a tree that is not ready"
         );
 
         std::fs::write(root.join(".modified"), "").expect(".modified");
         until("the change applied once the tree is back", || async {
-            !members(&h.dir, DB).await.is_empty()
+            !h.members(DB).await.is_empty()
         })
         .await;
-        until("ready again", || async { h.metrics.is_ready() }).await;
+        h.ready().await;
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_event_is_repaired_by_the_next_resync() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let h = Harness::start(&root, &["--resync-interval=30s"]);
+        h.ready().await;
+        // The watcher never reports this placement.
+        std::fs::write(root.join("placement/h1/db.app#1"), "{}").expect("placement");
+        sleep(Duration::from_secs(5)).await;
+        assert!(h.members(DB).await.is_empty(), "no event, no change yet");
+        until("the resync's rescan found it", || async {
+            h.members(DB).await.contains(&Dn::parse(H1).expect("dn"))
+        })
+        .await;
+        assert!(h.metrics.rescans.get() >= 1);
         h.stop().await;
     }
 }
