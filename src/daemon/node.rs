@@ -273,3 +273,112 @@ impl MembershipCheck for DirectoryCheck {
         Ok(group.is_some_and(|g| g.members.contains(&dn)))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::{Condvar, Mutex};
+
+    use super::super::testing::*;
+    use super::super::NodeHook;
+    use super::*;
+
+    /// Holds the blocking-pool thread of one operation, as a manifest read
+    /// on a disk that does not answer would, until released, or for a
+    /// minute at most: a loop held up by it then goes on, and the test
+    /// fails instead of hanging.
+    #[derive(Default)]
+    struct Stuck {
+        /// (entered, released, gave up waiting)
+        state: Mutex<(bool, bool, bool)>,
+        changed: Condvar,
+    }
+
+    impl Stuck {
+        fn hold(&self) {
+            let mut state = self.state.lock().expect("lock");
+            state.0 = true;
+            let (mut state, waited) = self
+                .changed
+                .wait_timeout_while(state, std::time::Duration::from_secs(60), |s| !s.1)
+                .expect("lock");
+            state.2 = waited.timed_out();
+        }
+
+        fn gave_up(&self) -> bool {
+            self.state.lock().expect("lock").2
+        }
+
+        fn entered(&self) -> bool {
+            self.state.lock().expect("lock").0
+        }
+
+        fn release(&self) {
+            self.state.lock().expect("lock").1 = true;
+            self.changed.notify_all();
+        }
+    }
+
+    /// A node-mode daemon on `h1` whose operation named `stuck` blocks.
+    fn start(root: &std::path::Path, stuck: &str) -> (Harness, Arc<Stuck>) {
+        let apps = root.with_extension("apps");
+        std::fs::create_dir_all(&apps).expect("mkdir");
+        let app_root = format!("--app-root={}", apps.display());
+        let mut config = run_config(root, &[&app_root, "--hostname=h1"]);
+        config.node.as_mut().expect("node mode").gmsa_proids = GmsaProids::None;
+        let gate = Arc::new(Stuck::default());
+        let hook: NodeHook = {
+            let gate = gate.clone();
+            let stuck = stuck.to_owned();
+            Arc::new(move |name: &str| {
+                if name == stuck {
+                    gate.hold();
+                }
+            })
+        };
+        let setup = Setup {
+            before_node_work: Some(hook),
+            ..Setup::default()
+        };
+        (Harness::start_with(root, config, setup), gate)
+    }
+
+    fn dns(hosts: &[&str]) -> BTreeSet<Dn> {
+        hosts
+            .iter()
+            .map(|h| Dn::parse(&host_dn(h)).expect("dn"))
+            .collect()
+    }
+
+    // Real time, on one thread: were the stuck work on the loop's thread,
+    // nothing else would run and the waits below would never end.
+    #[tokio::test]
+    async fn a_stuck_node_operation_does_not_hold_up_the_groups() {
+        let (_guard, root) = tree();
+        fill(&root);
+        write_server(&root, "h2");
+        let (h, gate) = start(&root, "db.app#1");
+        h.ready().await;
+
+        // Placed on this host: a container to configure (stuck), and a
+        // group to change.
+        h.place("h1", "db.app#1");
+        until("the node operation is stuck", || async { gate.entered() }).await;
+        until("db's group applied", || async {
+            h.members(DB).await == dns(&["h1"])
+        })
+        .await;
+        // Another change, on another host, still goes through.
+        h.place("h2", "web.app#2");
+        until("web's group applied", || async {
+            h.members(WEB).await == dns(&["h1", "h2"])
+        })
+        .await;
+        gate.release();
+        assert!(
+            !gate.gave_up(),
+            "the loop waited for the stuck operation (released after a minute)"
+        );
+        h.stop().await;
+    }
+}
