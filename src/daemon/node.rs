@@ -15,6 +15,11 @@ use crate::node::{guid_to_string, sid_to_string, DomainInfo, GmsaProids, Members
 use crate::tree::scan::read_server;
 use crate::tree::TreeEvent;
 
+/// What the test hook is called with for start-up (never an instance's
+/// name: those have a `.`).
+#[cfg(test)]
+pub(crate) const STARTUP: &str = "startup";
+
 impl Daemon {
     /// Starts node mode: domain facts read if they were not configured,
     /// then the containers reconciled with the placements. `Ok(false)` to
@@ -84,10 +89,26 @@ impl Daemon {
             .unwrap_or_default();
         info!(host = %hostname, placed = placed.len(), "node mode: reconciling containers with placements");
         let starting = node.clone();
+        #[cfg(test)]
+        let hook = self.before_node_work.clone();
         self.node_tasks.spawn(async move {
-            match starting.startup(&placed).await {
-                Ok(report) => info!(?report, "containers reconciled with placements"),
-                Err(err) => error!(error = %err, "reconciling containers with placements failed"),
+            // Start-up reads and writes every container's files: on the
+            // blocking pool too, like each operation.
+            let runtime = tokio::runtime::Handle::current();
+            let done = tokio::task::spawn_blocking(move || {
+                #[cfg(test)]
+                if let Some(hook) = hook {
+                    hook(STARTUP);
+                }
+                runtime.block_on(starting.startup(&placed))
+            })
+            .await;
+            match done {
+                Ok(Ok(report)) => info!(?report, "containers reconciled with placements"),
+                Ok(Err(err)) => {
+                    error!(error = %err, "reconciling containers with placements failed")
+                }
+                Err(err) => error!(error = %err, "reconciling containers with placements panicked"),
             }
         });
         self.node = Some(node);
@@ -348,6 +369,28 @@ mod tests {
             .iter()
             .map(|h| Dn::parse(&host_dn(h)).expect("dn"))
             .collect()
+    }
+
+    // Real time, on one thread: were the stuck work on the loop's thread,
+    // nothing else would run and the waits below would never end.
+    #[tokio::test]
+    async fn a_stuck_node_startup_does_not_hold_up_the_groups() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let (h, gate) = start(&root, STARTUP);
+        h.ready().await;
+        until("start-up is stuck", || async { gate.entered() }).await;
+        h.place("h1", "db.app#1");
+        until("db's group applied", || async {
+            h.members(DB).await == dns(&["h1"])
+        })
+        .await;
+        gate.release();
+        assert!(
+            !gate.gave_up(),
+            "the loop waited for the stuck start-up (released after a minute)"
+        );
+        h.stop().await;
     }
 
     // Real time, on one thread: were the stuck work on the loop's thread,
