@@ -57,7 +57,7 @@ mod tree;
 pub use signals::run_until_signalled;
 
 use groups::GroupCache;
-use leadership::{readiness, Health, Leadership, RoleChange};
+use leadership::{role_changed, Health, Leadership};
 use schedule::Schedule;
 
 /// How long in-flight writes may take to finish after a shutdown signal.
@@ -338,54 +338,6 @@ impl Daemon {
         Ok(())
     }
 
-    /// True when this replica may write.
-    fn is_leader(&self) -> bool {
-        self.leadership.is_leader()
-    }
-
-    /// True while the leadership this replica last acted on lasts.
-    fn still_leading(&self) -> bool {
-        self.leadership.still_leading()
-    }
-
-    /// Acts on a change of role or of the ZooKeeper connection: a new
-    /// leadership starts with a full sync; a follower keeps its index warm
-    /// and writes nothing; a replica cut off from ZooKeeper is not ready.
-    fn observe_role(&mut self) {
-        let Some(change) = self.leadership.observe() else {
-            return;
-        };
-        match change {
-            RoleChange::Leader { term, why, first } => {
-                self.metrics.set_role(Role::Leader.as_str());
-                info!(term, why = %why, "leader: writing from now on, starting with a full sync");
-                self.schedule.full_sync_now(Instant::now());
-                // A follower followed events only; the startup scan is
-                // fresh enough for a replica that leads from the start.
-                if !first {
-                    self.tree_fresh = false;
-                }
-                self.health.synced = false;
-                self.health.applied = false;
-            }
-            RoleChange::Follower { why } => {
-                self.metrics.set_role(Role::Follower.as_str());
-                info!(why = %why, "follower: following the tree, writing nothing");
-                self.schedule.stop_writing();
-                self.health.synced = false;
-                self.health.applied = false;
-            }
-            RoleChange::Connection => {}
-        }
-        self.publish_ready();
-    }
-
-    /// Shows on `/readyz` the readiness the daemon's state makes.
-    fn publish_ready(&self) {
-        let ready = readiness(&self.health, &self.leadership, self.config.groups);
-        self.metrics.set_ready(ready);
-    }
-
     /// Waits for the next thing to do: a change, a due batch, retry or
     /// resync, or shutdown.
     async fn wait(&mut self, shutdown: &mut Shutdown<'_>) {
@@ -450,17 +402,5 @@ impl Daemon {
                 }
             }
         }
-    }
-}
-
-/// Completes when the role changes; never when there is no election.
-async fn role_changed(roles: Option<&mut watch::Receiver<RoleState>>) {
-    match roles {
-        Some(rx) => {
-            if rx.changed().await.is_err() {
-                std::future::pending::<()>().await;
-            }
-        }
-        None => std::future::pending::<()>().await,
     }
 }
