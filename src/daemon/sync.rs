@@ -28,6 +28,10 @@ use crate::output::Report;
 use crate::plan::Scope;
 use crate::reconcile::{Cause, GroupResult, Pass};
 
+/// After a failure to read every group that will not go away by itself
+/// (credentials, the base), the read is tried again this often, or once
+/// per resync interval when that is shorter.
+const GROUPS_READ_RETRY: Duration = Duration::from_secs(60);
 /// How long to wait before trying again to open the directory, read the
 /// domain's facts or read every group after a transient failure.
 const RETRY_LATER: Backoff = Backoff::fixed(Duration::from_secs(10));
@@ -103,7 +107,8 @@ impl Daemon {
                 let delay = if err.is_transient() {
                     RETRY_LATER.delay(0)
                 } else {
-                    self.config.resync_interval.min(Duration::from_secs(60))
+                    let every = self.config.resync_interval.min(GROUPS_READ_RETRY);
+                    Backoff::fixed(every).delay(0)
                 };
                 self.schedule.full_sync_failed(Instant::now(), delay);
                 self.health.groups_read = Some(err.to_string());
@@ -641,6 +646,34 @@ mod tests {
             h.members(WEB).await.is_empty() && h.members(DB).await.is_empty()
         })
         .await;
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_read_of_every_group_is_tried_again_and_not_ready_meanwhile() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let dir = memory_directory();
+        let unavailable = DirError::Result {
+            op: Op::Search,
+            dn: "OU=Groups,DC=ad,DC=com".into(),
+            code: rc::UNAVAILABLE,
+            message: "unavailable".into(),
+        };
+        dir.fail_next_read(unavailable, 1);
+        let setup = Setup {
+            dir: Some(dir),
+            ..Setup::default()
+        };
+        let h = Harness::start_with(&root, run_config(&root, &[]), setup);
+        until("the failed read shown", || async {
+            let (_, body) = h.metrics.readiness();
+            body.contains("reading the groups:")
+        })
+        .await;
+        assert!(h.members(WEB).await.is_empty());
+        h.ready().await;
+        assert_eq!(h.members(WEB).await, dns(&["h1"]), "applied once read");
         h.stop().await;
     }
 
