@@ -530,6 +530,32 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_failing_write_is_retried_until_the_desired_state_changes() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let h = Harness::start(&root, &[]);
+        h.ready().await;
+        let busy = DirError::Result {
+            op: Op::Modify,
+            dn: DB.into(),
+            code: rc::BUSY,
+            message: "busy".into(),
+        };
+        h.dir.fail_next_modify(Some(dn(DB)), busy, usize::MAX);
+        h.place("h1", "db.app#1");
+        until("retried pass after pass", || async { h.modifies(DB) >= 12 }).await;
+
+        // Nothing to write for db any more: the retries stop.
+        h.unplace("h1", "db.app#1");
+        sleep(Duration::from_secs(60)).await;
+        let tried = h.modifies(DB);
+        sleep(Duration::from_secs(300)).await;
+        assert_eq!(h.modifies(DB), tried, "no retry once nothing is to do");
+        assert!(h.members(DB).await.is_empty());
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn deletions_the_guard_refuses_stay_pending_until_a_pass_allows_them() {
         let (_guard, root) = tree();
         fill(&root);

@@ -165,6 +165,16 @@ impl Harness {
         }));
     }
 
+    /// Takes `instance` off `host`: the file, then its event.
+    pub(crate) fn unplace(&self, host: &str, instance: &str) {
+        let path = self.root.join("placement").join(host).join(instance);
+        std::fs::remove_file(path).expect("rm placement");
+        self.send(Change::Tree(TreeEvent::PlacementRemoved {
+            host: HostName::new(host).expect("host"),
+            instance: instance.to_owned(),
+        }));
+    }
+
     /// Removes host `host`'s server file, then says so.
     pub(crate) fn remove_server(&self, host: &str) {
         std::fs::remove_file(self.root.join("servers").join(host)).expect("rm server");
