@@ -19,7 +19,7 @@
 //! applied), `schedule` (pure timing), `groups` (the group cache),
 //! `leadership` (role, term, readiness) and `node` (node mode).
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -27,7 +27,6 @@ use std::time::Duration;
 
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
-use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{sleep_until, Instant};
 use tracing::{info, warn};
 
@@ -38,7 +37,6 @@ use crate::election::{self, Election, Role, RoleState};
 use crate::index::Index;
 use crate::metrics::{self, Metrics};
 use crate::model::Proid;
-use crate::node::Node;
 use crate::tree::watch::{Change, TreeWatcher};
 use crate::tree::Snapshot;
 
@@ -58,12 +56,11 @@ pub use signals::run_until_signalled;
 
 use groups::GroupCache;
 use leadership::{role_changed, Health, Leadership};
+use node::Containers;
 use schedule::Schedule;
 
 /// How long in-flight writes may take to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
-/// How often containers kept past `--retain` are looked for.
-const CLEANUP_EVERY: Duration = Duration::from_secs(60);
 
 /// Why the daemon stopped with an error: each is something the operator
 /// must fix before it can run. Everything else is retried.
@@ -163,7 +160,7 @@ pub async fn run_on(
     daemon.given_changes = parts.changes;
     #[cfg(test)]
     {
-        daemon.before_node_work = parts.before_node_work;
+        daemon.containers.before_work = parts.before_node_work;
     }
     if let Some(election) = election {
         daemon.leadership = Leadership::new(Some(election.subscribe()));
@@ -209,21 +206,13 @@ struct Daemon {
     watcher_started: bool,
     /// The facts readiness is derived from.
     health: Health,
-    /// Node mode, once started.
-    node: Option<Node>,
-    /// Node start-up and other untracked container work.
-    node_tasks: JoinSet<()>,
-    /// The last operation queued per instance, so the next one waits for it.
-    node_chains: HashMap<String, JoinHandle<()>>,
-    next_cleanup: Instant,
+    /// Node mode and its container work.
+    containers: Containers,
     /// Leader election, when replicas coordinate.
     election: Option<Election>,
     /// The role and term last acted on.
     leadership: Leadership,
     stopping: bool,
-    /// See [`Parts`].
-    #[cfg(test)]
-    before_node_work: Option<NodeHook>,
 }
 
 impl Daemon {
@@ -256,15 +245,10 @@ impl Daemon {
             tree_fresh: false,
             watcher_started: false,
             health: Health::default(),
-            node: None,
-            node_tasks: JoinSet::new(),
-            node_chains: HashMap::new(),
-            next_cleanup: Instant::now(),
+            containers: Containers::new(),
             election: None,
             leadership: Leadership::default(),
             stopping: false,
-            #[cfg(test)]
-            before_node_work: None,
         }
     }
 
@@ -298,13 +282,13 @@ impl Daemon {
             {
                 continue;
             }
-            if self.node.is_none()
+            if self.containers.node.is_none()
                 && self.config.node.is_some()
                 && !self.start_node(&mut shutdown).await?
             {
                 continue;
             }
-            if self.node.is_some() && Instant::now() >= self.next_cleanup {
+            if self.containers.node.is_some() && Instant::now() >= self.containers.next_cleanup {
                 self.cleanup_containers();
             }
             if self.config.groups
@@ -343,7 +327,7 @@ impl Daemon {
     async fn wait(&mut self, shutdown: &mut Shutdown<'_>) {
         let writing = self.config.groups && self.is_leader();
         let groups = self.schedule.next_wake(writing, self.health.synced);
-        let cleanup = Some(self.next_cleanup).filter(|_| self.node.is_some());
+        let cleanup = Some(self.containers.next_cleanup).filter(|_| self.containers.node.is_some());
         let rescan = self.rescan_needed.as_ref().map(|_| self.next_rescan);
         let wake = [groups, cleanup, rescan]
             .into_iter()

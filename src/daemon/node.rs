@@ -2,12 +2,15 @@
 //! containers reconciled with the placements), handing it this host's
 //! placement changes in order, and stopping it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::{Daemon, DaemonError, Shutdown, CLEANUP_EVERY, SHUTDOWN_GRACE};
+use super::{Daemon, DaemonError, Shutdown, SHUTDOWN_GRACE};
 use crate::directory::{Directory, DomainFacts, Group};
 use crate::model::{Dn, GroupPattern, HostName, Proid};
 use crate::node::CheckError;
@@ -19,6 +22,39 @@ use crate::tree::TreeEvent;
 /// name: those have a `.`).
 #[cfg(test)]
 pub(crate) const STARTUP: &str = "startup";
+
+/// How often containers kept past `--retain` are looked for.
+const CLEANUP_EVERY: Duration = Duration::from_secs(60);
+
+/// Node mode's part of the daemon's state: the node once started and the
+/// container work in flight.
+pub(super) struct Containers {
+    /// Node mode, once started.
+    pub(super) node: Option<Node>,
+    /// Node start-up and other untracked container work.
+    tasks: JoinSet<()>,
+    /// The last operation queued per instance, so the next one waits for it.
+    chains: HashMap<String, JoinHandle<()>>,
+    /// When containers kept past `--retain` are next looked for.
+    pub(super) next_cleanup: Instant,
+    /// Runs before each operation's file work (see [`super::Parts`]).
+    #[cfg(test)]
+    pub(super) before_work: Option<super::NodeHook>,
+}
+
+impl Containers {
+    /// Not started, nothing in flight.
+    pub(super) fn new() -> Self {
+        Containers {
+            node: None,
+            tasks: JoinSet::new(),
+            chains: HashMap::new(),
+            next_cleanup: Instant::now(),
+            #[cfg(test)]
+            before_work: None,
+        }
+    }
+}
 
 impl Daemon {
     /// Starts node mode: domain facts read if they were not configured,
@@ -90,8 +126,8 @@ impl Daemon {
         info!(host = %hostname, placed = placed.len(), "node mode: reconciling containers with placements");
         let starting = node.clone();
         #[cfg(test)]
-        let hook = self.before_node_work.clone();
-        self.node_tasks.spawn(async move {
+        let hook = self.containers.before_work.clone();
+        self.containers.tasks.spawn(async move {
             // Start-up reads and writes every container's files: on the
             // blocking pool too, like each operation.
             let runtime = tokio::runtime::Handle::current();
@@ -111,7 +147,7 @@ impl Daemon {
                 Err(err) => error!(error = %err, "reconciling containers with placements panicked"),
             }
         });
-        self.node = Some(node);
+        self.containers.node = Some(node);
         self.health.node_started = true;
         self.health.waiting = None;
         self.publish_ready();
@@ -121,7 +157,7 @@ impl Daemon {
     /// Hands a placement change on this host to node mode. Operations on
     /// one instance run in the order the changes came.
     pub(super) fn node_event(&mut self, event: &TreeEvent) {
-        let Some(node) = self.node.clone() else {
+        let Some(node) = self.containers.node.clone() else {
             return;
         };
         let host = node.config().hostname.clone();
@@ -155,17 +191,19 @@ impl Daemon {
             }
             _ => return,
         };
-        self.node_chains.retain(|_, handle| !handle.is_finished());
+        self.containers
+            .chains
+            .retain(|_, handle| !handle.is_finished());
         for (instance, add) in added
             .into_iter()
             .map(|i| (i, true))
             .chain(removed.into_iter().map(|i| (i, false)))
         {
             let node = node.clone();
-            let previous = self.node_chains.remove(&instance);
+            let previous = self.containers.chains.remove(&instance);
             let name = instance.clone();
             #[cfg(test)]
-            let hook = self.before_node_work.clone();
+            let hook = self.containers.before_work.clone();
             let handle = tokio::spawn(async move {
                 if let Some(previous) = previous {
                     let _ = previous.await;
@@ -201,15 +239,15 @@ impl Daemon {
                     error!(error = %err, "a container operation panicked");
                 }
             });
-            self.node_chains.insert(instance, handle);
+            self.containers.chains.insert(instance, handle);
         }
     }
 
     pub(super) fn cleanup_containers(&mut self) {
-        if let Some(node) = self.node.clone() {
+        if let Some(node) = self.containers.node.clone() {
             // Removing container directories is disk work: the blocking
             // pool does it while the loop goes on.
-            self.node_tasks.spawn(async move {
+            self.containers.tasks.spawn(async move {
                 let removed = tokio::task::spawn_blocking(move || {
                     node.cleanup_expired(std::time::SystemTime::now())
                 })
@@ -224,14 +262,14 @@ impl Daemon {
                 }
             });
         }
-        self.next_cleanup = Instant::now() + CLEANUP_EVERY;
+        self.containers.next_cleanup = Instant::now() + CLEANUP_EVERY;
     }
 
     /// Lets node operations finish (bounded), then abandons them.
     pub(super) async fn stop_node_tasks(&mut self) {
-        let mut chains: Vec<_> = self.node_chains.drain().map(|(_, h)| h).collect();
+        let mut chains: Vec<_> = self.containers.chains.drain().map(|(_, h)| h).collect();
         let all = async {
-            while let Some(task) = self.node_tasks.join_next().await {
+            while let Some(task) = self.containers.tasks.join_next().await {
                 let _ = task;
             }
             for handle in &mut chains {
@@ -240,7 +278,7 @@ impl Daemon {
         };
         if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
             warn!("shutdown: abandoning container operations still running");
-            self.node_tasks.abort_all();
+            self.containers.tasks.abort_all();
             for handle in &chains {
                 handle.abort();
             }
