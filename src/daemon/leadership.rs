@@ -197,7 +197,7 @@ impl Daemon {
                 // A follower followed events only; the startup scan is
                 // fresh enough for a replica that leads from the start.
                 if !first {
-                    self.tree_fresh = false;
+                    self.watching.fresh = false;
                 }
                 self.health.synced = false;
                 self.health.applied = false;

@@ -37,7 +37,7 @@ use crate::election::{self, Election, Role, RoleState};
 use crate::index::Index;
 use crate::metrics::{self, Metrics};
 use crate::model::Proid;
-use crate::tree::watch::{Change, TreeWatcher};
+use crate::tree::watch::Change;
 use crate::tree::Snapshot;
 
 mod groups;
@@ -58,6 +58,7 @@ use groups::GroupCache;
 use leadership::{role_changed, Health, Leadership};
 use node::Containers;
 use schedule::Schedule;
+use tree::Watching;
 
 /// How long in-flight writes may take to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
@@ -157,7 +158,7 @@ pub async fn run_on(
     let mut daemon = Daemon::new(config, metrics);
     daemon.audit = Arc::new(audit);
     daemon.directory = parts.directory;
-    daemon.given_changes = parts.changes;
+    daemon.watching.given = parts.changes;
     #[cfg(test)]
     {
         daemon.containers.before_work = parts.before_node_work;
@@ -184,10 +185,8 @@ struct Daemon {
     audit: Arc<Audit>,
     tree: Snapshot,
     index: Index,
-    changes: Option<mpsc::UnboundedReceiver<Change>>,
-    /// Changes handed in to follow in place of the first watcher.
-    given_changes: Option<mpsc::UnboundedReceiver<Change>>,
-    watcher: Option<TreeWatcher>,
+    /// The watcher, its changes and the rescans due.
+    watching: Watching,
     directory: Option<Arc<dyn Directory>>,
     /// The groups as last read or written.
     groups: GroupCache,
@@ -197,13 +196,6 @@ struct Daemon {
     refused: BTreeMap<Proid, usize>,
     /// Proid keys reported without a group.
     missing: BTreeSet<String>,
-    rescan_needed: Option<String>,
-    /// No rescan starts before this.
-    next_rescan: Instant,
-    /// The tree was rescanned since the last full sync started.
-    tree_fresh: bool,
-    /// A watcher ran once already (so a failure to start one is retried).
-    watcher_started: bool,
     /// The facts readiness is derived from.
     health: Health,
     /// Node mode and its container work.
@@ -232,18 +224,12 @@ impl Daemon {
             audit: Arc::new(Audit::log_only()),
             tree: Snapshot::default(),
             index,
-            changes: None,
-            given_changes: None,
-            watcher: None,
+            watching: Watching::new(),
             directory: None,
             groups,
             schedule,
             refused: BTreeMap::new(),
             missing: BTreeSet::new(),
-            rescan_needed: None,
-            next_rescan: Instant::now(),
-            tree_fresh: false,
-            watcher_started: false,
             health: Health::default(),
             containers: Containers::new(),
             election: None,
@@ -263,15 +249,16 @@ impl Daemon {
         if !self.wait_for_tree(&mut shutdown).await {
             return Ok(());
         }
-        self.rescan_needed = Some("startup".into());
+        self.watching.rescan_needed = Some("startup".into());
         while !self.stopping {
             // Watch before scanning so that nothing that changes during the
             // scan is lost; replaying what the scan already saw is harmless.
-            if self.changes.is_none() && !self.start_watcher(&mut shutdown).await? {
+            if self.watching.changes.is_none() && !self.start_watcher(&mut shutdown).await? {
                 continue;
             }
-            if self.rescan_needed.is_some() && Instant::now() >= self.next_rescan {
-                let why = self.rescan_needed.clone().unwrap_or_default();
+            if self.watching.rescan_needed.is_some() && Instant::now() >= self.watching.next_rescan
+            {
+                let why = self.watching.rescan_needed.clone().unwrap_or_default();
                 self.rescan(&why, &mut shutdown).await;
                 continue;
             }
@@ -297,7 +284,7 @@ impl Daemon {
             {
                 // A full sync compares the directory with the tree as it
                 // is, not only as the events told it.
-                if !self.tree_fresh {
+                if !self.watching.fresh {
                     self.rescan("full resync", &mut shutdown).await;
                     continue;
                 }
@@ -328,13 +315,17 @@ impl Daemon {
         let writing = self.config.groups && self.is_leader();
         let groups = self.schedule.next_wake(writing, self.health.synced);
         let cleanup = Some(self.containers.next_cleanup).filter(|_| self.containers.node.is_some());
-        let rescan = self.rescan_needed.as_ref().map(|_| self.next_rescan);
+        let rescan = self
+            .watching
+            .rescan_needed
+            .as_ref()
+            .map(|_| self.watching.next_rescan);
         let wake = [groups, cleanup, rescan]
             .into_iter()
             .flatten()
             .min()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        let Some(rx) = self.changes.as_mut() else {
+        let Some(rx) = self.watching.changes.as_mut() else {
             panic!("BUG: the watcher is set up before the loop waits on it");
         };
         let roles = self.leadership.receiver();
@@ -355,7 +346,7 @@ impl Daemon {
     async fn drive<F: Future>(&mut self, fut: F, shutdown: &mut Shutdown<'_>) -> Option<F::Output> {
         let mut fut = std::pin::pin!(fut);
         loop {
-            let Some(rx) = self.changes.as_mut() else {
+            let Some(rx) = self.watching.changes.as_mut() else {
                 return Some(fut.await);
             };
             let roles = self.leadership.receiver();

@@ -76,7 +76,7 @@ impl Daemon {
                 config.hostname
             );
             warn!("{why}; containers are left alone until it can be read");
-            self.rescan_needed = Some(why.clone());
+            self.watching.rescan_needed = Some(why.clone());
             self.not_ready_for_a_while(why, shutdown).await;
             return Ok(false);
         }

@@ -90,7 +90,7 @@ impl Daemon {
     /// Re-reads every group and reconciles every proid.
     pub(super) async fn full_sync(&mut self, shutdown: &mut Shutdown<'_>) {
         self.metrics.resyncs.inc();
-        self.tree_fresh = false;
+        self.watching.fresh = false;
         let ou = self.group_ou();
         let dir = self.directory();
         let search = async move { dir.search_groups(&ou).await };

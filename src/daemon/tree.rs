@@ -13,6 +13,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::time::{sleep, Instant};
 use tracing::{debug, error, info, warn};
@@ -21,7 +22,7 @@ use super::{Daemon, DaemonError, Shutdown};
 use crate::backoff::Backoff;
 use crate::model::Proid;
 use crate::tree::scan::{check_ready, scan, ScanError};
-use crate::tree::watch::{watch, Change};
+use crate::tree::watch::{watch, Change, TreeWatcher};
 use crate::tree::TreeEvent;
 
 /// How often the wait for `.modified` is logged.
@@ -38,6 +39,38 @@ const WATCHER_RETRY: Backoff = Backoff::fixed(Duration::from_secs(2));
 /// rest wait for the rescan, which sees them anyway.
 const DRAIN_BEFORE_RESCAN: usize = 100_000;
 
+/// The tree side of the daemon's state.
+pub(super) struct Watching {
+    /// The changes of the watcher running now.
+    pub(super) changes: Option<mpsc::UnboundedReceiver<Change>>,
+    /// Changes handed in to follow in place of the first watcher.
+    pub(super) given: Option<mpsc::UnboundedReceiver<Change>>,
+    watcher: Option<TreeWatcher>,
+    /// Why a rescan is due, if one is.
+    pub(super) rescan_needed: Option<String>,
+    /// No rescan starts before this.
+    pub(super) next_rescan: Instant,
+    /// The tree was rescanned since the last full sync started.
+    pub(super) fresh: bool,
+    /// A watcher ran once already (so a failure to start one is retried).
+    started: bool,
+}
+
+impl Watching {
+    /// No watcher yet, nothing due.
+    pub(super) fn new() -> Self {
+        Watching {
+            changes: None,
+            given: None,
+            watcher: None,
+            rescan_needed: None,
+            next_rescan: Instant::now(),
+            fresh: false,
+            started: false,
+        }
+    }
+}
+
 impl Daemon {
     /// Starts the tree watcher. The first start failing is a startup
     /// error; a restart failing is retried, not ready meanwhile. False when
@@ -46,26 +79,27 @@ impl Daemon {
         &mut self,
         shutdown: &mut Shutdown<'_>,
     ) -> Result<bool, DaemonError> {
-        if let Some(rx) = self.given_changes.take() {
-            self.watcher_started = true;
-            self.changes = Some(rx);
+        if let Some(rx) = self.watching.given.take() {
+            self.watching.started = true;
+            self.watching.changes = Some(rx);
             return Ok(true);
         }
         match watch(&self.root()) {
             Ok((watcher, rx)) => {
-                if self.watcher_started {
+                if self.watching.started {
                     info!("tree watcher restarted; rescanning");
                     self.metrics.watcher_restarts.inc();
-                    self.rescan_needed
+                    self.watching
+                        .rescan_needed
                         .get_or_insert_with(|| "the watcher restarted".into());
-                    self.next_rescan = Instant::now();
+                    self.watching.next_rescan = Instant::now();
                 }
-                self.watcher_started = true;
-                self.watcher = Some(watcher);
-                self.changes = Some(rx);
+                self.watching.started = true;
+                self.watching.watcher = Some(watcher);
+                self.watching.changes = Some(rx);
                 Ok(true)
             }
-            Err(err) if !self.watcher_started => Err(DaemonError::Watcher(err)),
+            Err(err) if !self.watching.started => Err(DaemonError::Watcher(err)),
             Err(err) => {
                 let fault = format!("cannot restart it: {err}");
                 if self.health.watcher.as_deref() != Some(fault.as_str()) {
@@ -86,10 +120,10 @@ impl Daemon {
     /// runs and has rescanned.
     pub(super) fn watcher_failed(&mut self, why: String) {
         warn!(why = %why, "the tree watcher failed; restarting it with a rescan");
-        self.changes = None;
-        self.watcher = None;
-        self.rescan_needed = Some(format!("the watcher failed: {why}"));
-        self.next_rescan = Instant::now();
+        self.watching.changes = None;
+        self.watching.watcher = None;
+        self.watching.rescan_needed = Some(format!("the watcher failed: {why}"));
+        self.watching.next_rescan = Instant::now();
         self.health.watcher = Some(why);
         self.publish_ready();
     }
@@ -97,7 +131,7 @@ impl Daemon {
     /// Takes the changes already queued (at most [`DRAIN_BEFORE_RESCAN`]).
     pub(super) fn drain_changes(&mut self) {
         for _ in 0..DRAIN_BEFORE_RESCAN {
-            let Some(rx) = self.changes.as_mut() else {
+            let Some(rx) = self.watching.changes.as_mut() else {
                 return;
             };
             match rx.try_recv() {
@@ -149,9 +183,9 @@ impl Daemon {
             Change::Rescan(why) => {
                 // Coalesced: one pending rescan covers every request.
                 self.metrics.rescan_requests.inc();
-                if self.rescan_needed.is_none() {
+                if self.watching.rescan_needed.is_none() {
                     debug!(why, "rescan requested");
-                    self.rescan_needed = Some(why);
+                    self.watching.rescan_needed = Some(why);
                 }
             }
             Change::Failed(why) => self.watcher_failed(why),
@@ -211,11 +245,11 @@ impl Daemon {
         // What is queued was noticed before this scan starts, so the scan
         // covers it, rescan requests included: they need no rescan of their own.
         self.drain_changes();
-        if self.changes.is_none() {
+        if self.watching.changes.is_none() {
             // The watcher failed meanwhile: a new one first, then the scan.
             return true;
         }
-        self.rescan_needed = None;
+        self.watching.rescan_needed = None;
         info!(why, "scanning the placement tree");
         let root = self.root();
         let mut logged = false;
@@ -254,8 +288,8 @@ impl Daemon {
                     if why != "startup" {
                         self.metrics.rescans.inc();
                     }
-                    self.tree_fresh = true;
-                    self.next_rescan = Instant::now() + RESCAN_SPACING;
+                    self.watching.fresh = true;
+                    self.watching.next_rescan = Instant::now() + RESCAN_SPACING;
                     if logged {
                         info!("placement tree readable again");
                         // Nothing was compared while it was not: compare everything.
@@ -298,7 +332,7 @@ mod tests {
         let mut d = daemon(&root);
         d.on_change(Change::Rescan("overflow 1".into()));
         d.on_change(Change::Rescan("overflow 2".into()));
-        assert_eq!(d.rescan_needed.as_deref(), Some("overflow 1"));
+        assert_eq!(d.watching.rescan_needed.as_deref(), Some("overflow 1"));
         assert_eq!(d.metrics.rescan_requests.get(), 2);
         assert_eq!(d.metrics.rescans.get(), 0, "requests are not rescans");
     }
@@ -311,11 +345,14 @@ mod tests {
         d.health.applied = true;
         d.publish_ready();
         let (tx, rx) = mpsc::unbounded_channel();
-        d.changes = Some(rx);
+        d.watching.changes = Some(rx);
         tx.send(Change::Rescan("overflow".into())).expect("send");
         drop(tx);
         d.drain_changes();
-        assert!(d.changes.is_none(), "the watcher is to be replaced");
+        assert!(
+            d.watching.changes.is_none(),
+            "the watcher is to be replaced"
+        );
         let (_, body) = d.metrics.readiness();
         assert!(body.contains("tree watcher: the watcher stopped"), "{body}");
         assert_eq!(
@@ -339,8 +376,14 @@ mod tests {
         assert!(d.metrics.is_ready());
 
         d.on_change(Change::Failed("the notifier failed: boom".into()));
-        assert!(d.changes.is_none(), "the failed watcher is dropped");
-        assert!(d.rescan_needed.is_some(), "a rescan follows the restart");
+        assert!(
+            d.watching.changes.is_none(),
+            "the failed watcher is dropped"
+        );
+        assert!(
+            d.watching.rescan_needed.is_some(),
+            "a rescan follows the restart"
+        );
         // Whatever else says ready, the watcher fault holds.
         d.publish_ready();
         assert!(!d.metrics.is_ready());
@@ -352,7 +395,7 @@ mod tests {
 
         // A new watcher (here a channel standing for one), then the rescan.
         let (_tx, rx) = mpsc::unbounded_channel();
-        d.changes = Some(rx);
+        d.watching.changes = Some(rx);
         let mut never = std::pin::pin!(std::future::pending::<()>());
         let mut shutdown: Shutdown<'_> = never.as_mut();
         assert!(d.rescan("the watcher restarted", &mut shutdown).await);
@@ -365,7 +408,7 @@ mod tests {
             "only the group of the proid the rescan changed is re-read"
         );
         assert!(
-            d.tree_fresh,
+            d.watching.fresh,
             "the next full sync needs no rescan of its own"
         );
     }
