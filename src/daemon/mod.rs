@@ -17,7 +17,10 @@
 //! The parts: `tree` (waiting for the tree, the watcher, its changes,
 //! rescans), `sync` (the directory: full syncs, batches and what they
 //! applied), `schedule` (pure timing), `groups` (the group cache),
-//! `leadership` (role, term, readiness) and `node` (node mode).
+//! `leadership` (role, term, what a new role does, readiness), `signals`
+//! and `node` (node mode, its file work on the blocking pool). Every wait
+//! before trying again goes through [`crate::backoff::Backoff`], on
+//! tokio's clock, so the tests run the whole loop in paused time.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
