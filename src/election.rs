@@ -59,7 +59,7 @@ use zookeeper_client::{
     StateWatcher,
 };
 
-use crate::reconcile::Backoff;
+use crate::backoff::{Backoff, Jitter};
 
 /// The lock path used unless configured otherwise.
 pub const DEFAULT_LOCK_PATH: &str = "/election/gmsa-reconciler";
@@ -78,6 +78,7 @@ const RETRY: Backoff = Backoff {
     attempts: u32::MAX,
     initial: Duration::from_millis(250),
     max: Duration::from_secs(5),
+    jitter: Jitter::Full,
 };
 
 /// Why an election could not be started.

@@ -10,20 +10,22 @@
 //! - [`plan`]: desired state against the directory's groups, as a deterministic plan, and the mass-deletion guard that judges it.
 //! - [`ldif`]: the LDIF reader and writer (RFC 2849).
 //! - [`directory`]: the directory trait, its LDAP and LDIF-file backends, the in-memory engine under the LDIF one (the tests' recording fake in test builds), and opening the configured one.
-//! - [`reconcile`]: one reconcile pass (plan and guard, missing groups, apply, record), shared by `sync` and the daemon; result codes, retries, backoff.
+//! - [`reconcile`]: one reconcile pass (plan and guard, missing groups, apply, record), shared by `sync` and the daemon; result codes, retries.
 //! - [`audit`]: the audit trail of applied membership changes: one INFO line per group, and JSON lines in `--audit-log`.
+//! - [`backoff`]: how long to wait before trying again, for every retry and poll.
 //! - [`output`]: the LDIF and JSON renderings of plans and results.
 //! - [`cli`]: options from flags, environment and config file, validated into a config.
 //! - [`commands`]: `plan`, `sync`, `check`, `explain` and `finish` on top of the above.
 //! - [`config_check`]: `config`: every source of options checked, the effective options with their origin.
 //! - [`explain`]: why each host is or is not in a proid's group.
-//! - [`daemon`]: `run`: the event loop wiring a schedule (pure timing), a group cache, leadership and readiness, and node mode.
+//! - [`daemon`]: `run`: the event loop (`mod.rs`) wiring the tree side (`tree`), the directory side (`sync`), a schedule (pure timing), a group cache, leadership and readiness, signals, and node mode.
 //! - [`election`]: which replica writes: leader election through a ZooKeeper lock.
 //! - [`metrics`]: Prometheus metrics, health and readiness over HTTP.
 //! - [`safe_fs`]: how the files other processes write are opened (the tree, manifests, container markers, the LDIF directory file, the audit log): regular files only, no links followed, sizes capped.
 //! - [`node`]: node mode: container directories, credential specs and app events for this host's placements.
 
 pub mod audit;
+pub mod backoff;
 pub mod cli;
 pub mod commands;
 pub mod config_check;

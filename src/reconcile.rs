@@ -21,7 +21,6 @@
 //! it in the desired state.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::Duration;
 
 use futures::stream::{self, StreamExt};
 use tracing::{debug, info_span, warn, Instrument};
@@ -32,39 +31,7 @@ use crate::metrics::{Metrics, OutcomeLabels};
 use crate::model::{Dn, GroupPattern, Proid};
 use crate::plan::{guard, plan, GroupChange, GuardOptions, Plan, Scope};
 
-/// Exponential backoff with full jitter.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    /// Tries per request, the first included.
-    pub attempts: u32,
-    /// Upper bound of the first delay.
-    pub initial: Duration,
-    /// Upper bound of any delay.
-    pub max: Duration,
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Backoff {
-            attempts: 5,
-            initial: Duration::from_millis(200),
-            max: Duration::from_secs(10),
-        }
-    }
-}
-
-impl Backoff {
-    /// The delay before retry number `retry` (0-based): uniform in
-    /// `[0, min(max, initial * 2^retry)]`, so that many clients do not retry
-    /// in step.
-    pub fn delay(&self, retry: u32) -> Duration {
-        let ceiling = self
-            .initial
-            .saturating_mul(1u32.checked_shl(retry.min(20)).unwrap_or(u32::MAX))
-            .min(self.max);
-        ceiling.mul_f64(fastrand::f64())
-    }
-}
+pub use crate::backoff::Backoff;
 
 /// How plans are applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -1020,18 +987,5 @@ mod tests {
             text.contains("gmsa_modify_requests_total{outcome=\"insufficientAccessRights\"}"),
             "{text}"
         );
-    }
-
-    #[test]
-    fn backoff_stays_within_its_ceiling() {
-        let b = Backoff {
-            attempts: 10,
-            initial: Duration::from_millis(100),
-            max: Duration::from_secs(1),
-        };
-        for retry in 0..40 {
-            let ceiling = Duration::from_millis(100 * 2u64.pow(retry.min(10))).min(b.max);
-            assert!(b.delay(retry) <= ceiling, "retry {retry}");
-        }
     }
 }

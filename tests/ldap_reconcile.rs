@@ -448,6 +448,7 @@ async fn a_server_stopped_mid_plan_is_retried_until_it_is_back() {
             attempts: 1000,
             initial: Duration::from_millis(10),
             max: Duration::from_millis(50),
+            ..Backoff::default()
         },
         ..ApplyOptions::default()
     };
@@ -492,6 +493,7 @@ async fn a_server_that_stays_away_leaves_the_change_not_applied() {
             attempts: 3,
             initial: Duration::from_millis(10),
             max: Duration::from_millis(20),
+            ..Backoff::default()
         },
         ..ApplyOptions::default()
     };

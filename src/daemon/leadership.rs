@@ -5,9 +5,14 @@
 //! [`Health`] holds the facts readiness depends on; [`readiness`] derives
 //! from them and the role what `/readyz` says, with the reason, in one
 //! place, so no part of the daemon sets or reads back a ready flag.
+//! [`Daemon::observe_role`] is what a new role does to the daemon: a new
+//! leadership starts with a full sync, a follower drops what was pending.
 
 use tokio::sync::watch;
+use tokio::time::Instant;
+use tracing::info;
 
+use super::Daemon;
 use crate::election::{Role, RoleState};
 
 /// The replica's role as last acted on.
@@ -169,6 +174,69 @@ pub fn readiness(health: &Health, leadership: &Leadership, groups: bool) -> Resu
         (None, true) => "leader: initial sync not applied yet".into(),
         (None, false) => "initial sync not done".into(),
     })
+}
+
+/// What a change of role does to the daemon.
+impl Daemon {
+    /// True when this replica may write.
+    pub(super) fn is_leader(&self) -> bool {
+        self.leadership.is_leader()
+    }
+
+    /// True while the leadership this replica last acted on lasts.
+    pub(super) fn still_leading(&self) -> bool {
+        self.leadership.still_leading()
+    }
+
+    /// Acts on a change of role or of the ZooKeeper connection: a new
+    /// leadership starts with a full sync; a follower keeps its index warm
+    /// and writes nothing; a replica cut off from ZooKeeper is not ready.
+    pub(super) fn observe_role(&mut self) {
+        let Some(change) = self.leadership.observe() else {
+            return;
+        };
+        match change {
+            RoleChange::Leader { term, why, first } => {
+                self.metrics.set_role(Role::Leader.as_str());
+                info!(term, why = %why, "leader: writing from now on, starting with a full sync");
+                self.schedule.full_sync_now(Instant::now());
+                // A follower followed events only; the startup scan is
+                // fresh enough for a replica that leads from the start.
+                if !first {
+                    self.watching.fresh = false;
+                }
+                self.health.synced = false;
+                self.health.applied = false;
+            }
+            RoleChange::Follower { why } => {
+                self.metrics.set_role(Role::Follower.as_str());
+                info!(why = %why, "follower: following the tree, writing nothing");
+                self.schedule.stop_writing();
+                self.health.synced = false;
+                self.health.applied = false;
+            }
+            RoleChange::Connection => {}
+        }
+        self.publish_ready();
+    }
+
+    /// Shows on `/readyz` the readiness the daemon's state makes.
+    pub(super) fn publish_ready(&self) {
+        let ready = readiness(&self.health, &self.leadership, self.config.groups);
+        self.metrics.set_ready(ready);
+    }
+}
+
+/// Completes when the role changes; never when there is no election.
+pub async fn role_changed(roles: Option<&mut watch::Receiver<RoleState>>) {
+    match roles {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending::<()>().await,
+    }
 }
 
 #[cfg(test)]

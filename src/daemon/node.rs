@@ -2,12 +2,15 @@
 //! containers reconciled with the placements), handing it this host's
 //! placement changes in order, and stopping it.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::{Daemon, DaemonError, Shutdown, CLEANUP_EVERY, SHUTDOWN_GRACE};
+use super::{Daemon, DaemonError, Shutdown, SHUTDOWN_GRACE};
 use crate::directory::{Directory, DomainFacts, Group};
 use crate::model::{Dn, GroupPattern, Proid};
 use crate::node::CheckError;
@@ -15,6 +18,44 @@ use crate::node::{
     guid_to_string, sid_to_string, DomainInfo, GmsaProids, MembershipCheck, Node, OwnDc,
 };
 use crate::tree::TreeEvent;
+
+/// What the test hook is called with for start-up (never an instance's
+/// name: those have a `.`).
+#[cfg(test)]
+pub(crate) const STARTUP: &str = "startup";
+
+/// How often containers kept past `--retain` are looked for.
+const CLEANUP_EVERY: Duration = Duration::from_secs(60);
+
+/// Node mode's part of the daemon's state: the node once started and the
+/// container work in flight.
+pub(super) struct Containers {
+    /// Node mode, once started.
+    pub(super) node: Option<Node>,
+    /// Node start-up and other untracked container work.
+    tasks: JoinSet<()>,
+    /// The last operation queued per instance, so the next one waits for it.
+    chains: HashMap<String, JoinHandle<()>>,
+    /// When containers kept past `--retain` are next looked for.
+    pub(super) next_cleanup: Instant,
+    /// Runs before each operation's file work (see [`super::Parts`]).
+    #[cfg(test)]
+    pub(super) before_work: Option<super::NodeHook>,
+}
+
+impl Containers {
+    /// Not started, nothing in flight.
+    pub(super) fn new() -> Self {
+        Containers {
+            node: None,
+            tasks: JoinSet::new(),
+            chains: HashMap::new(),
+            next_cleanup: Instant::now(),
+            #[cfg(test)]
+            before_work: None,
+        }
+    }
+}
 
 impl Daemon {
     /// Starts node mode: domain facts read if they were not configured,
@@ -36,7 +77,7 @@ impl Daemon {
                 config.hostname
             );
             warn!("{why}; containers are left alone until it can be read");
-            self.rescan_needed = Some(why.clone());
+            self.watching.rescan_needed = Some(why.clone());
             self.not_ready_for_a_while(why, shutdown).await;
             return Ok(false);
         }
@@ -100,13 +141,29 @@ impl Daemon {
             .unwrap_or_default();
         info!(host = %hostname, placed = placed.len(), "node mode: reconciling containers with placements");
         let starting = node.clone();
-        self.node_tasks.spawn(async move {
-            match starting.startup(&placed).await {
-                Ok(report) => info!(?report, "containers reconciled with placements"),
-                Err(err) => error!(error = %err, "reconciling containers with placements failed"),
+        #[cfg(test)]
+        let hook = self.containers.before_work.clone();
+        self.containers.tasks.spawn(async move {
+            // Start-up reads and writes every container's files: on the
+            // blocking pool too, like each operation.
+            let runtime = tokio::runtime::Handle::current();
+            let done = tokio::task::spawn_blocking(move || {
+                #[cfg(test)]
+                if let Some(hook) = hook {
+                    hook(STARTUP);
+                }
+                runtime.block_on(starting.startup(&placed))
+            })
+            .await;
+            match done {
+                Ok(Ok(report)) => info!(?report, "containers reconciled with placements"),
+                Ok(Err(err)) => {
+                    error!(error = %err, "reconciling containers with placements failed")
+                }
+                Err(err) => error!(error = %err, "reconciling containers with placements panicked"),
             }
         });
-        self.node = Some(node);
+        self.containers.node = Some(node);
         self.health.node_started = true;
         self.health.waiting = None;
         self.publish_ready();
@@ -116,7 +173,7 @@ impl Daemon {
     /// Hands a placement change on this host to node mode. Operations on
     /// one instance run in the order the changes came.
     pub(super) fn node_event(&mut self, event: &TreeEvent) {
-        let Some(node) = self.node.clone() else {
+        let Some(node) = self.containers.node.clone() else {
             return;
         };
         let host = node.config().hostname.clone();
@@ -150,15 +207,19 @@ impl Daemon {
             }
             _ => return,
         };
-        self.node_chains.retain(|_, handle| !handle.is_finished());
+        self.containers
+            .chains
+            .retain(|_, handle| !handle.is_finished());
         for (instance, add) in added
             .into_iter()
             .map(|i| (i, true))
             .chain(removed.into_iter().map(|i| (i, false)))
         {
             let node = node.clone();
-            let previous = self.node_chains.remove(&instance);
+            let previous = self.containers.chains.remove(&instance);
             let name = instance.clone();
+            #[cfg(test)]
+            let hook = self.containers.before_work.clone();
             let handle = tokio::spawn(async move {
                 if let Some(previous) = previous {
                     let _ = previous.await;
@@ -168,6 +229,10 @@ impl Daemon {
                 // disk holds up this instance only, never the event loop.
                 let runtime = tokio::runtime::Handle::current();
                 let work = tokio::task::spawn_blocking(move || {
+                    #[cfg(test)]
+                    if let Some(hook) = hook {
+                        hook(&name);
+                    }
                     runtime.block_on(async {
                         if add {
                             match node.placement_added(&name).await {
@@ -190,15 +255,15 @@ impl Daemon {
                     error!(error = %err, "a container operation panicked");
                 }
             });
-            self.node_chains.insert(instance, handle);
+            self.containers.chains.insert(instance, handle);
         }
     }
 
     pub(super) fn cleanup_containers(&mut self) {
-        if let Some(node) = self.node.clone() {
+        if let Some(node) = self.containers.node.clone() {
             // Removing container directories is disk work: the blocking
             // pool does it while the loop goes on.
-            self.node_tasks.spawn(async move {
+            self.containers.tasks.spawn(async move {
                 let removed = tokio::task::spawn_blocking(move || {
                     node.cleanup_expired(std::time::SystemTime::now())
                 })
@@ -213,14 +278,14 @@ impl Daemon {
                 }
             });
         }
-        self.next_cleanup = Instant::now() + CLEANUP_EVERY;
+        self.containers.next_cleanup = Instant::now() + CLEANUP_EVERY;
     }
 
     /// Lets node operations finish (bounded), then abandons them.
     pub(super) async fn stop_node_tasks(&mut self) {
-        let mut chains: Vec<_> = self.node_chains.drain().map(|(_, h)| h).collect();
+        let mut chains: Vec<_> = self.containers.chains.drain().map(|(_, h)| h).collect();
         let all = async {
-            while let Some(task) = self.node_tasks.join_next().await {
+            while let Some(task) = self.containers.tasks.join_next().await {
                 let _ = task;
             }
             for handle in &mut chains {
@@ -229,7 +294,7 @@ impl Daemon {
         };
         if tokio::time::timeout(SHUTDOWN_GRACE, all).await.is_err() {
             warn!("shutdown: abandoning container operations still running");
-            self.node_tasks.abort_all();
+            self.containers.tasks.abort_all();
             for handle in &chains {
                 handle.abort();
             }
@@ -276,5 +341,136 @@ impl MembershipCheck for DirectoryCheck {
         let (dn, dir) = self.own_dc.host(&self.dir)?;
         let group = self.group(dir.as_ref(), proid).await?;
         Ok(group.is_some_and(|g| g.members.contains(&dn)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::sync::{Condvar, Mutex};
+
+    use super::super::testing::*;
+    use super::super::NodeHook;
+    use super::*;
+
+    /// Holds the blocking-pool thread of one operation, as a manifest read
+    /// on a disk that does not answer would, until released, or for a
+    /// minute at most: a loop held up by it then goes on, and the test
+    /// fails instead of hanging.
+    #[derive(Default)]
+    struct Stuck {
+        /// (entered, released, gave up waiting)
+        state: Mutex<(bool, bool, bool)>,
+        changed: Condvar,
+    }
+
+    impl Stuck {
+        fn hold(&self) {
+            let mut state = self.state.lock().expect("lock");
+            state.0 = true;
+            let (mut state, waited) = self
+                .changed
+                .wait_timeout_while(state, std::time::Duration::from_secs(60), |s| !s.1)
+                .expect("lock");
+            state.2 = waited.timed_out();
+        }
+
+        fn gave_up(&self) -> bool {
+            self.state.lock().expect("lock").2
+        }
+
+        fn entered(&self) -> bool {
+            self.state.lock().expect("lock").0
+        }
+
+        fn release(&self) {
+            self.state.lock().expect("lock").1 = true;
+            self.changed.notify_all();
+        }
+    }
+
+    /// A node-mode daemon on `h1` whose operation named `stuck` blocks.
+    fn start(root: &std::path::Path, stuck: &str) -> (Harness, Arc<Stuck>) {
+        let apps = root.with_extension("apps");
+        std::fs::create_dir_all(&apps).expect("mkdir");
+        let app_root = format!("--app-root={}", apps.display());
+        let mut config = run_config(root, &[&app_root, "--hostname=h1"]);
+        config.node.as_mut().expect("node mode").gmsa_proids = GmsaProids::None;
+        let gate = Arc::new(Stuck::default());
+        let hook: NodeHook = {
+            let gate = gate.clone();
+            let stuck = stuck.to_owned();
+            Arc::new(move |name: &str| {
+                if name == stuck {
+                    gate.hold();
+                }
+            })
+        };
+        let setup = Setup {
+            before_node_work: Some(hook),
+            ..Setup::default()
+        };
+        (Harness::start_with(root, config, setup), gate)
+    }
+
+    fn dns(hosts: &[&str]) -> BTreeSet<Dn> {
+        hosts
+            .iter()
+            .map(|h| Dn::parse(&host_dn(h)).expect("dn"))
+            .collect()
+    }
+
+    // Real time, on one thread: were the stuck work on the loop's thread,
+    // nothing else would run and the waits below would never end.
+    #[tokio::test]
+    async fn a_stuck_node_startup_does_not_hold_up_the_groups() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let (h, gate) = start(&root, STARTUP);
+        h.ready().await;
+        until("start-up is stuck", || async { gate.entered() }).await;
+        h.place("h1", "db.app#1");
+        until("db's group applied", || async {
+            h.members(DB).await == dns(&["h1"])
+        })
+        .await;
+        gate.release();
+        assert!(
+            !gate.gave_up(),
+            "the loop waited for the stuck start-up (released after a minute)"
+        );
+        h.stop().await;
+    }
+
+    // Real time, on one thread: were the stuck work on the loop's thread,
+    // nothing else would run and the waits below would never end.
+    #[tokio::test]
+    async fn a_stuck_node_operation_does_not_hold_up_the_groups() {
+        let (_guard, root) = tree();
+        fill(&root);
+        write_server(&root, "h2");
+        let (h, gate) = start(&root, "db.app#1");
+        h.ready().await;
+
+        // Placed on this host: a container to configure (stuck), and a
+        // group to change.
+        h.place("h1", "db.app#1");
+        until("the node operation is stuck", || async { gate.entered() }).await;
+        until("db's group applied", || async {
+            h.members(DB).await == dns(&["h1"])
+        })
+        .await;
+        // Another change, on another host, still goes through.
+        h.place("h2", "web.app#2");
+        until("web's group applied", || async {
+            h.members(WEB).await == dns(&["h1", "h2"])
+        })
+        .await;
+        gate.release();
+        assert!(
+            !gate.gave_up(),
+            "the loop waited for the stuck operation (released after a minute)"
+        );
+        h.stop().await;
     }
 }

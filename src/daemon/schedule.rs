@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use crate::backoff::Backoff;
 use crate::model::Proid;
-use crate::reconcile::Backoff;
 
 /// A coalesced batch waits for quiet, but at most this many batch windows.
 pub const MAX_BATCH_WAITS: u32 = 10;
@@ -267,6 +267,7 @@ mod tests {
             attempts: 5,
             initial: Duration::from_millis(200),
             max: Duration::from_secs(10),
+            jitter: crate::backoff::Jitter::Full,
         };
         Schedule::new(WINDOW, Duration::from_secs(600), backoff, Instant::now())
     }

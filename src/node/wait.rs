@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tokio::time::Instant;
 
+use crate::backoff::{Backoff, Jitter};
 use crate::directory::DirError;
 use crate::model::Proid;
 
@@ -40,6 +41,14 @@ impl CheckError {
 pub const INITIAL_DELAY: Duration = Duration::from_secs(1);
 /// Longest pause between two membership checks.
 pub const MAX_DELAY: Duration = Duration::from_secs(30);
+/// The pauses: doubling from [`INITIAL_DELAY`] to [`MAX_DELAY`], each
+/// within 20% of its nominal length.
+const POLL: Backoff = Backoff {
+    attempts: u32::MAX,
+    initial: INITIAL_DELAY,
+    max: MAX_DELAY,
+    jitter: Jitter::Within(20),
+};
 
 /// What the node asks the directory about a proid's group.
 #[async_trait]
@@ -76,7 +85,7 @@ pub async fn wait_until_member(
     still_wanted: impl Fn() -> bool,
 ) -> WaitOutcome {
     let deadline = Instant::now() + wait;
-    let mut delay = INITIAL_DELAY;
+    let mut retry = 0;
     loop {
         if !still_wanted() {
             return WaitOutcome::Cancelled;
@@ -98,9 +107,9 @@ pub async fn wait_until_member(
             ));
         }
         tracing::debug!(%proid, why = %last, "waiting for gMSA group membership");
-        let pause = delay.mul_f64(0.8 + 0.4 * fastrand::f64());
+        let pause = POLL.delay(retry);
         tokio::time::sleep_until((now + pause).min(deadline)).await;
-        delay = (delay * 2).min(MAX_DELAY);
+        retry = retry.saturating_add(1);
     }
 }
 

@@ -1,0 +1,734 @@
+//! The directory side of the daemon: opening the directory, full syncs,
+//! batches of dirty proids (with the groups they need read first), and
+//! recording what each pass applied.
+//!
+//! Every batch and full sync is one [`Pass`]: plan, guard, missing
+//! groups, apply, record, as `sync` does. Deletions the guard refuses stay
+//! pending: the proid keeps its retiring hosts until a later pass of it
+//! (a batch or a full sync) applies them. Groups that failed are read
+//! again before they are planned; the group of a proid that has none is
+//! looked up again at most once a minute.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::{sleep, Instant};
+use tracing::{debug, error, info, warn};
+
+use super::schedule::Dirty;
+use super::{Daemon, Shutdown};
+use crate::backoff::Backoff;
+use crate::directory;
+use crate::directory::Directory;
+use crate::metrics;
+use crate::model::{Dn, Proid};
+use crate::node::GmsaProids;
+use crate::output::Report;
+use crate::plan::Scope;
+use crate::reconcile::{Cause, GroupResult, Pass};
+
+/// After a failure to read every group that will not go away by itself
+/// (credentials, the base), the read is tried again this often, or once
+/// per resync interval when that is shorter.
+const GROUPS_READ_RETRY: Duration = Duration::from_secs(60);
+/// How long to wait before trying again to open the directory, read the
+/// domain's facts or read every group after a transient failure.
+const RETRY_LATER: Backoff = Backoff::fixed(Duration::from_secs(10));
+
+impl Daemon {
+    /// The directory is needed for groups, and in node mode for membership
+    /// checks and domain facts.
+    pub(super) fn needs_directory(&self) -> bool {
+        self.config.groups
+            || self.config.node.as_ref().is_some_and(|n| {
+                n.gmsa_proids == GmsaProids::GroupExists
+                    || n.wait_for_group.is_some()
+                    || (n.domain.is_none() && n.gmsa_proids != GmsaProids::None)
+            })
+    }
+
+    pub(super) async fn open_directory(&mut self, shutdown: &mut Shutdown<'_>) -> bool {
+        let dcs = self.index.dcs();
+        match directory::open(&self.config.config.directory, &dcs) {
+            Ok(dir) => {
+                self.directory = Some(Arc::from(dir));
+                self.health.waiting = None;
+                self.publish_ready();
+                true
+            }
+            Err(err) => {
+                error!(error = %err, "cannot open the directory; retrying");
+                self.not_ready_for_a_while(format!("directory: {err}"), shutdown)
+                    .await;
+                false
+            }
+        }
+    }
+
+    /// Reports not ready and waits before the caller tries again.
+    pub(super) async fn not_ready_for_a_while(
+        &mut self,
+        reason: String,
+        shutdown: &mut Shutdown<'_>,
+    ) {
+        self.health.waiting = Some(reason);
+        self.publish_ready();
+        tokio::select! {
+            _ = &mut *shutdown => self.stopping = true,
+            _ = sleep(RETRY_LATER.delay(0)) => {}
+        }
+    }
+
+    pub(super) fn directory(&self) -> Arc<dyn Directory> {
+        match &self.directory {
+            Some(dir) => dir.clone(),
+            None => panic!("BUG: the directory is opened before any batch"),
+        }
+    }
+
+    /// Re-reads every group and reconciles every proid.
+    pub(super) async fn full_sync(&mut self, shutdown: &mut Shutdown<'_>) {
+        self.metrics.resyncs.inc();
+        self.watching.fresh = false;
+        let ou = self.group_ou();
+        let dir = self.directory();
+        let search = async move { dir.search_groups(&ou).await };
+        let Some(found) = self.drive(search, shutdown).await else {
+            return;
+        };
+        let groups = match found {
+            Ok(groups) => {
+                self.health.groups_read = None;
+                groups
+            }
+            Err(err) => {
+                warn!(error = %err, "reading the groups failed; retrying");
+                let delay = if err.is_transient() {
+                    RETRY_LATER.delay(0)
+                } else {
+                    let every = self.config.resync_interval.min(GROUPS_READ_RETRY);
+                    Backoff::fixed(every).delay(0)
+                };
+                self.schedule.full_sync_failed(Instant::now(), delay);
+                self.health.groups_read = Some(err.to_string());
+                self.publish_ready();
+                return;
+            }
+        };
+        // Planned from the groups as read, before they move into the cache,
+        // rather than from a copy of the whole cache (MBs at cluster scale).
+        let mut pass = Pass::prepare(
+            Cause::FullSync,
+            &self.index,
+            &groups,
+            &self.config.config.pattern,
+            Scope::All,
+            &self.config.config.guard,
+        );
+        // A group whose members moved since the daemon last wrote or read
+        // it was edited by someone else: its repair is drift.
+        for change in &pass.plan.changes {
+            let read = groups.iter().find(|g| g.dn == change.group_dn);
+            if read.is_some_and(|group| self.groups.drifted(group)) {
+                pass.causes.insert(change.proid.clone(), Cause::Drift);
+            }
+        }
+        self.groups.reset(groups);
+        self.health.synced = true;
+        // Every proid is compared now; what was dirty is covered, but keep
+        // the latency clocks of those that change.
+        let clocks = self.schedule.full_sync_started();
+        self.missing = pass
+            .plan
+            .missing_groups
+            .iter()
+            .map(|m| m.proid.key())
+            .collect();
+        self.refused.clear();
+        let retiring = self
+            .index
+            .retiring_proids()
+            .into_iter()
+            .map(|p| {
+                let dns = self.index.retiring(&p);
+                (p, dns)
+            })
+            .collect();
+        let complete = self.apply(pass, &clocks, retiring, shutdown).await;
+        if complete.is_some() {
+            self.metrics.last_full_sync.set(metrics::unix_now());
+            if !self.health.applied || self.health.tree.is_some() {
+                info!("initial sync applied; ready");
+            }
+            self.health.applied = true;
+            // A tree that was unusable is trusted again once compared in full.
+            self.health.tree = None;
+            self.publish_ready();
+        }
+        self.schedule.full_sync_done(Instant::now());
+        self.update_gauges();
+    }
+
+    /// Before planning these proids: re-reads their groups that failed
+    /// before (the cache may be wrong about them), and looks up the group of
+    /// a proid that has none yet (it may have been created since the last
+    /// full sync; looked up at most once a minute per proid). False when
+    /// abandoned at shutdown.
+    pub(super) async fn refresh_groups(
+        &mut self,
+        proids: &BTreeSet<Proid>,
+        shutdown: &mut Shutdown<'_>,
+    ) -> bool {
+        let now = Instant::now();
+        let mut reads: Vec<Dn> = Vec::new();
+        let mut lookups: Vec<(String, String)> = Vec::new();
+        for proid in proids {
+            let key = proid.key();
+            match self.groups.dns_of(&key) {
+                [] if !self.index.desired(proid).is_empty() => {
+                    if self.schedule.lookup_due(&key, now) {
+                        lookups.push((key, self.config.config.pattern.render(proid)));
+                    }
+                }
+                [] => {}
+                _ => reads.extend(self.groups.stale_of(&key)),
+            }
+        }
+        if reads.is_empty() && lookups.is_empty() {
+            return true;
+        }
+        self.metrics.group_reads.inc_by(reads.len() as u64);
+        let dir = self.directory();
+        let ou = self.group_ou();
+        let io = async move {
+            let mut read = Vec::new();
+            for dn in reads {
+                let result = dir.read_group(&dn).await;
+                read.push((dn, result));
+            }
+            let mut found = Vec::new();
+            for (key, name) in lookups {
+                let result = dir.find_group(&ou, &name).await;
+                found.push((key, result));
+            }
+            (read, found)
+        };
+        let Some((read, found)) = self.drive(io, shutdown).await else {
+            return false;
+        };
+        for (dn, result) in read {
+            match result {
+                Ok(Some(group)) => self.groups.insert(group),
+                Ok(None) => {
+                    warn!(group = %dn, "group vanished");
+                    self.groups.forget(&dn);
+                }
+                Err(err) => warn!(group = %dn, error = %err, "re-reading the group failed"),
+            }
+        }
+        for (key, result) in found {
+            match result {
+                Ok(Some(group)) => {
+                    info!(group = %group.dn, "found a group created since the last full sync");
+                    self.schedule.found(&key);
+                    self.groups.insert(group);
+                }
+                Ok(None) => {}
+                Err(err) => warn!(error = %err, "looking up a missing group failed"),
+            }
+        }
+        true
+    }
+
+    pub(super) fn group_ou(&self) -> Dn {
+        match self.config.config.require_group_ou() {
+            Ok(ou) => ou.clone(),
+            Err(err) => panic!("BUG: RunConfig is validated to have --group-ou: {err}"),
+        }
+    }
+
+    /// Reconciles the dirty proids.
+    pub(super) async fn batch(&mut self, shutdown: &mut Shutdown<'_>) {
+        let clocks = self.schedule.take_batch();
+        let proids: BTreeSet<Proid> = clocks.keys().cloned().collect();
+        let keys: BTreeSet<String> = proids.iter().map(Proid::key).collect();
+
+        if !self.refresh_groups(&proids, shutdown).await {
+            self.schedule.finished();
+            return;
+        }
+
+        let groups = self.groups.groups_of(&keys);
+        let mut pass = Pass::prepare(
+            Cause::Event,
+            &self.index,
+            &groups,
+            &self.config.config.pattern,
+            Scope::Only(&proids),
+            &self.config.config.guard,
+        );
+        for proid in &proids {
+            if self.schedule.failures(proid) > 0 {
+                pass.causes.insert(proid.clone(), Cause::Retry);
+            }
+        }
+        for key in &keys {
+            self.missing.remove(key);
+        }
+        self.missing
+            .extend(pass.plan.missing_groups.iter().map(|m| m.proid.key()));
+        for proid in &proids {
+            self.refused.remove(proid);
+        }
+        let retiring = proids
+            .iter()
+            .map(|p| (p.clone(), self.index.retiring(p)))
+            .collect();
+        self.apply(pass, &clocks, retiring, shutdown).await;
+        self.schedule.finished();
+        self.update_gauges();
+    }
+
+    /// Applies a plan (deletions held back when the guard refuses them),
+    /// records the results, and forgets the retiring DNs of the proids in
+    /// `retiring` that are now fully reconciled. `None` when abandoned at
+    /// shutdown, otherwise whether everything was applied.
+    pub(super) async fn apply(
+        &mut self,
+        pass: Pass,
+        clocks: &Dirty,
+        retiring: BTreeMap<Proid, BTreeSet<Dn>>,
+        shutdown: &mut Shutdown<'_>,
+    ) -> Option<bool> {
+        let unfinished = self.apply_pass(pass, clocks, shutdown).await?;
+        for (proid, dns) in retiring {
+            if unfinished.contains(&proid) {
+                continue;
+            }
+            // Reconciled (or nothing to do): no retry pending any more.
+            self.schedule.succeeded(&proid);
+            if !self.refused.contains_key(&proid) {
+                self.index.clear_retiring(&proid, &dns);
+            }
+        }
+        Some(unfinished.is_empty())
+    }
+
+    /// Applies a pass; `None` when abandoned, otherwise the proids not fully applied.
+    pub(super) async fn apply_pass(
+        &mut self,
+        mut pass: Pass,
+        clocks: &Dirty,
+        shutdown: &mut Shutdown<'_>,
+    ) -> Option<BTreeSet<Proid>> {
+        if let Some(refusal) = &pass.refused {
+            self.metrics.guard_refusals.inc();
+            info!("additions are applied; the refused deletions stay pending");
+            for change in &refusal.changes {
+                self.refused
+                    .insert(change.proid.clone(), change.delete.len());
+            }
+        }
+        if pass.plan.changes.is_empty() {
+            return Some(BTreeSet::new());
+        }
+        let dry_run = self.config.dry_run;
+        if dry_run {
+            let report = Report {
+                verb: "run --dry-run",
+                plan: pass.plan.clone(),
+                ..Report::default()
+            };
+            print!("{}", report.render(self.config.config.format));
+        }
+        let dir = self.directory();
+        let options = self.config.config.apply;
+        let metrics = self.metrics.clone();
+        let audit = self.audit.clone();
+        let term = self.leadership.term();
+        let io = async move {
+            let audit = audit.in_term(term);
+            let recorder = (metrics.as_ref(), &audit);
+            pass.apply(dir.as_ref(), &options, dry_run, &recorder).await;
+            pass
+        };
+        let pass = self.drive(io, shutdown).await?;
+        Some(self.record(pass.results, clocks))
+    }
+
+    /// Updates the cache and retries from a batch's results (the pass
+    /// recorded them in the metrics);
+    /// returns the proids not fully applied.
+    pub(super) fn record(&mut self, results: Vec<GroupResult>, clocks: &Dirty) -> BTreeSet<Proid> {
+        let now = Instant::now();
+        let mut unfinished = BTreeSet::new();
+        for result in results {
+            let dn = result.planned.group_dn.clone();
+            let proid = result.planned.proid.clone();
+            if result.vanished {
+                self.groups.forget(&dn);
+                continue;
+            }
+            self.groups.applied(&result.applied);
+            if result.failed.is_some() {
+                unfinished.insert(proid.clone());
+                self.groups.mark_stale(dn);
+                self.schedule.failed(proid, now);
+            } else {
+                self.schedule.succeeded(&proid);
+                if let Some(started) = clocks.get(&proid) {
+                    let latency = now.saturating_duration_since(*started);
+                    self.metrics.event_to_applied.observe(latency.as_secs_f64());
+                    debug!(
+                        proid = %proid,
+                        group = %dn,
+                        latency_ms = latency.as_secs_f64() * 1000.0,
+                        "change applied"
+                    );
+                }
+            }
+        }
+        unfinished
+    }
+
+    pub(super) fn update_gauges(&self) {
+        let stats = self.index.stats();
+        self.metrics
+            .servers_in_scope
+            .set(stats.servers_in_scope as i64);
+        self.metrics.placements.set(stats.placements as i64);
+        self.metrics.proids.set(stats.proids as i64);
+        self.metrics
+            .dirty_groups
+            .set(self.schedule.dirty_len() as i64);
+        self.metrics.missing_groups.set(self.missing.len() as i64);
+        self.metrics
+            .refused_deletions_pending
+            .set(self.refused.values().sum::<usize>() as i64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use crate::directory::memory::{parse_dns, Call};
+    use crate::directory::{rc, DirError, Directory, MemberChange, Op};
+    use crate::ldif::Record;
+    use crate::model::Dn;
+    use crate::tree::watch::Change;
+    use crate::tree::{ServerInfo, TreeEvent};
+    use std::time::Duration;
+    use tokio::time::sleep;
+
+    fn dn(s: &str) -> Dn {
+        Dn::parse(s).expect("dn")
+    }
+
+    fn dns(hosts: &[&str]) -> std::collections::BTreeSet<Dn> {
+        hosts.iter().map(|h| dn(&host_dn(h))).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_isolated_change_is_applied_at_once() {
+        let (_guard, root) = tree();
+        fill(&root);
+        // A window far longer than the test may take: only the idle fast
+        // path can apply the change in time.
+        let h = Harness::start(&root, &["--batch-window=1h"]);
+        h.ready().await;
+        assert_eq!(h.members(WEB).await, dns(&["h1"]));
+
+        h.place("h1", "db.app#1");
+        until("the isolated change applied", || async {
+            h.members(DB).await == dns(&["h1"])
+        })
+        .await;
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_costs_one_modify_per_changed_group() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let hosts = ["h2", "h3", "h4", "h5", "h6"];
+        for host in hosts {
+            write_server(&root, host);
+        }
+        let h = Harness::start(&root, &["--batch-window=1s"]);
+        h.ready().await;
+        let before = h.modifies(WEB);
+
+        for host in hosts {
+            h.place(host, "db.app#1");
+            h.place(host, "web.app#2");
+        }
+        until("the burst applied", || async {
+            h.members(DB).await == dns(&hosts) && h.members(WEB).await.len() == 6
+        })
+        .await;
+        // The first change may go alone (the daemon was idle); the other
+        // nine are coalesced into one Modify per group.
+        let modifies = h.modifies(DB) + h.modifies(WEB) - before;
+        assert!(
+            (2..=3).contains(&modifies),
+            "{modifies} Modify requests for 10 changes in 2 groups"
+        );
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_steady_stream_is_applied_after_at_most_ten_windows() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let hosts: Vec<String> = (2..42).map(|i| format!("h{i}")).collect();
+        for host in &hosts {
+            write_server(&root, host);
+        }
+        let h = Harness::start(&root, &["--batch-window=100ms"]);
+        h.ready().await;
+
+        // The first change goes at once; the stream right behind it never
+        // leaves a quiet window, so it is held back, but not for longer
+        // than ten windows (one second).
+        h.place("h1", "db.app#1");
+        for (i, host) in hosts.iter().enumerate() {
+            h.place(host, "web.app#2");
+            sleep(Duration::from_millis(50)).await;
+            let applied = h.members(WEB).await.contains(&dn(&host_dn("h2")));
+            if i == 10 {
+                assert!(!applied, "coalesced while changes keep coming");
+            }
+            if i == 30 {
+                assert!(applied, "applied at the max wait, mid-stream");
+            }
+        }
+        assert_eq!(h.members(DB).await, dns(&["h1"]));
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_write_is_retried_with_backoff_until_it_succeeds() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let h = Harness::start(&root, &[]);
+        h.ready().await;
+        // More failures than one pass tries (5): the daemon's own retry
+        // with backoff has to come back for it.
+        let busy = DirError::Result {
+            op: Op::Modify,
+            dn: DB.into(),
+            code: rc::BUSY,
+            message: "busy".into(),
+        };
+        h.dir.fail_next_modify(Some(dn(DB)), busy, 7);
+        h.place("h1", "db.app#1");
+        until("applied after the retries", || async {
+            h.members(DB).await == dns(&["h1"])
+        })
+        .await;
+        assert_eq!(h.modifies(DB), 8, "7 refused, then applied");
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failing_write_is_retried_until_the_desired_state_changes() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let h = Harness::start(&root, &[]);
+        h.ready().await;
+        let busy = DirError::Result {
+            op: Op::Modify,
+            dn: DB.into(),
+            code: rc::BUSY,
+            message: "busy".into(),
+        };
+        h.dir.fail_next_modify(Some(dn(DB)), busy, usize::MAX);
+        h.place("h1", "db.app#1");
+        until("retried pass after pass", || async { h.modifies(DB) >= 12 }).await;
+
+        // Nothing to write for db any more: the retries stop.
+        h.unplace("h1", "db.app#1");
+        sleep(Duration::from_secs(60)).await;
+        let tried = h.modifies(DB);
+        sleep(Duration::from_secs(300)).await;
+        assert_eq!(h.modifies(DB), tried, "no retry once nothing is to do");
+        assert!(h.members(DB).await.is_empty());
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn deletions_the_guard_refuses_stay_pending_until_a_pass_allows_them() {
+        let (_guard, root) = tree();
+        fill(&root);
+        std::fs::write(root.join("placement/h1/db.app#1"), "{}").expect("placement");
+        write_server(&root, "h2");
+        let h = Harness::start(&root, &["--max-delete=1", "--resync-interval=1m"]);
+        h.ready().await;
+        assert_eq!(h.members(DB).await, dns(&["h1"]));
+
+        // One event, two deletions (h1 leaves web and db): more than
+        // --max-delete allows in one batch.
+        h.remove_server("h1");
+        until("the deletions refused", || async {
+            h.metrics.refused_deletions_pending.get() == 2
+        })
+        .await;
+        assert!(h.metrics.guard_refusals.get() >= 1);
+        assert_eq!(h.members(WEB).await, dns(&["h1"]), "kept, not forgotten");
+        assert_eq!(h.members(DB).await, dns(&["h1"]));
+
+        // A batch of web alone deletes one value: within the guard, so
+        // web's pending deletion goes with it.
+        h.place("h2", "web.app#2");
+        until("web's deletion applied", || async {
+            h.members(WEB).await == dns(&["h2"])
+        })
+        .await;
+        assert_eq!(h.metrics.refused_deletions_pending.get(), 1);
+        assert_eq!(h.members(DB).await, dns(&["h1"]), "db's still pending");
+
+        // The next full sync plans one deletion: allowed, applied.
+        until("db's deletion applied by the resync", || async {
+            h.members(DB).await.is_empty()
+        })
+        .await;
+        assert_eq!(h.metrics.refused_deletions_pending.get(), 0);
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_missing_group_is_looked_up_later_at_most_once_a_minute() {
+        let (_guard, root) = tree();
+        fill(&root);
+        std::fs::write(root.join("placement/h1/api.app#1"), "{}").expect("placement");
+        for host in ["h2", "h3", "h4"] {
+            write_server(&root, host);
+        }
+        let h = Harness::start(&root, &[]);
+        h.ready().await;
+        assert_eq!(h.metrics.missing_groups.get(), 1, "api has no group");
+        let lookups = || {
+            h.dir
+                .calls()
+                .iter()
+                .filter(|c| matches!(c, Call::FindGroup { name, .. } if name == "api-gmsa-hosts"))
+                .count()
+        };
+
+        // A change of api looks its group up: still missing.
+        h.place("h2", "api.app#2");
+        until("looked up", || async { lookups() == 1 }).await;
+
+        // The group is created; a change within the minute does not look
+        // again.
+        let api = "CN=api-gmsa-hosts,OU=Groups,DC=ad,DC=com";
+        let mut records = h.dir.records();
+        records.push(Record {
+            dn: api.into(),
+            attrs: vec![
+                ("objectClass".to_owned(), "group".to_owned()),
+                ("sAMAccountName".to_owned(), "api-gmsa-hosts".to_owned()),
+            ],
+        });
+        h.dir.reset(parse_dns(records));
+        h.place("h3", "api.app#3");
+        sleep(Duration::from_secs(5)).await;
+        assert_eq!(lookups(), 1, "not again within the minute");
+        assert!(h.members(api).await.is_empty());
+
+        // A minute later the next change finds it, and the group gets
+        // every host api runs on.
+        sleep(Duration::from_secs(60)).await;
+        h.place("h4", "api.app#4");
+        until("found and applied", || async {
+            h.members(api).await == dns(&["h1", "h2", "h3", "h4"])
+        })
+        .await;
+        assert_eq!(lookups(), 2);
+        assert_eq!(h.metrics.missing_groups.get(), 0);
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_server_leaving_scope_removes_every_contribution() {
+        let (_guard, root) = tree();
+        fill(&root);
+        for instance in ["web.app#2", "db.app#1"] {
+            std::fs::write(root.join("placement/h1").join(instance), "{}").expect("placement");
+        }
+        let h = Harness::start(&root, &[]);
+        h.ready().await;
+        assert_eq!(h.members(DB).await, dns(&["h1"]));
+
+        // Its partition changes: out of scope, whatever its counts.
+        h.send(Change::Tree(TreeEvent::ServerUpserted {
+            host: crate::model::HostName::new("h1").expect("host"),
+            info: Ok(ServerInfo {
+                partition: Some("p2".into()),
+                dc: Some("dc".into()),
+                dn: Some(host_dn("h1")),
+            }),
+        }));
+        until("removed from both groups", || async {
+            h.members(WEB).await.is_empty() && h.members(DB).await.is_empty()
+        })
+        .await;
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_read_of_every_group_is_tried_again_and_not_ready_meanwhile() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let dir = memory_directory();
+        let unavailable = DirError::Result {
+            op: Op::Search,
+            dn: "OU=Groups,DC=ad,DC=com".into(),
+            code: rc::UNAVAILABLE,
+            message: "unavailable".into(),
+        };
+        dir.fail_next_read(unavailable, 1);
+        let setup = Setup {
+            dir: Some(dir),
+            ..Setup::default()
+        };
+        let h = Harness::start_with(&root, run_config(&root, &[]), setup);
+        until("the failed read shown", || async {
+            let (_, body) = h.metrics.readiness();
+            body.contains("reading the groups:")
+        })
+        .await;
+        assert!(h.members(WEB).await.is_empty());
+        h.ready().await;
+        assert_eq!(h.members(WEB).await, dns(&["h1"]), "applied once read");
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_resync_finds_drift_and_repairs_it() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let h = Harness::start(&root, &["--resync-interval=1s"]);
+        h.ready().await;
+        let h1 = dn(H1);
+        // Someone removes the host by hand; no tree change says so.
+        h.dir
+            .modify_members(
+                &dn(WEB),
+                &MemberChange {
+                    add: vec![],
+                    delete: vec![h1.clone()],
+                },
+            )
+            .await
+            .expect("manual edit");
+        assert!(h.members(WEB).await.is_empty());
+        until("the resync repaired the drift", || async {
+            h.members(WEB).await.contains(&h1)
+        })
+        .await;
+        assert!(h.metrics.resyncs.get() >= 2);
+        h.stop().await;
+    }
+}

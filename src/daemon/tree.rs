@@ -1,0 +1,485 @@
+//! The tree side of the daemon: waiting for the tree, the watcher and its
+//! restarts, the changes it reports, and rescans.
+//!
+//! The tree watcher is trusted only while it works. Requests for a rescan
+//! (queue overflows, doubts) are coalesced: one rescan at a time, the next
+//! not before [`RESCAN_SPACING`] has passed, each covering every request
+//! made before it started; a rescan re-reads only the groups of the proids
+//! it changed. Every full resync starts with a rescan, so an event the
+//! watcher never reported is repaired within one resync interval. A
+//! watcher that fails or stops makes the daemon not ready, with the
+//! reason, until a new one runs and its rescan is done.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::time::{sleep, Instant};
+use tracing::{debug, error, info, warn};
+
+use super::{Daemon, DaemonError, Shutdown};
+use crate::backoff::Backoff;
+use crate::model::Proid;
+use crate::tree::scan::{check_ready, scan, ScanError};
+use crate::tree::watch::{watch, Change, TreeWatcher};
+use crate::tree::TreeEvent;
+
+/// How often the wait for `.modified` is logged.
+const READY_LOG_EVERY: Duration = Duration::from_secs(30);
+/// How often the tree is polled while it is not usable.
+const TREE_POLL: Backoff = Backoff::fixed(Duration::from_millis(500));
+/// A rescan starts at least this long after the last one finished, so a
+/// storm of overflows costs a rescan a second at most while the events
+/// that were not lost keep flowing.
+const RESCAN_SPACING: Duration = Duration::from_secs(1);
+/// How long to wait before trying again to start a watcher that failed.
+const WATCHER_RETRY: Backoff = Backoff::fixed(Duration::from_secs(2));
+/// At most this many queued changes are taken before a rescan starts; the
+/// rest wait for the rescan, which sees them anyway.
+const DRAIN_BEFORE_RESCAN: usize = 100_000;
+
+/// The tree side of the daemon's state.
+pub(super) struct Watching {
+    /// The changes of the watcher running now.
+    pub(super) changes: Option<mpsc::UnboundedReceiver<Change>>,
+    /// Changes handed in to follow in place of the first watcher.
+    pub(super) given: Option<mpsc::UnboundedReceiver<Change>>,
+    watcher: Option<TreeWatcher>,
+    /// Why a rescan is due, if one is.
+    pub(super) rescan_needed: Option<String>,
+    /// No rescan starts before this.
+    pub(super) next_rescan: Instant,
+    /// The tree was rescanned since the last full sync started.
+    pub(super) fresh: bool,
+    /// A watcher ran once already (so a failure to start one is retried).
+    started: bool,
+}
+
+impl Watching {
+    /// No watcher yet, nothing due.
+    pub(super) fn new() -> Self {
+        Watching {
+            changes: None,
+            given: None,
+            watcher: None,
+            rescan_needed: None,
+            next_rescan: Instant::now(),
+            fresh: false,
+            started: false,
+        }
+    }
+}
+
+impl Daemon {
+    /// Starts the tree watcher. The first start failing is a startup
+    /// error; a restart failing is retried, not ready meanwhile. False when
+    /// the caller should loop (no watcher yet, or shut down).
+    pub(super) async fn start_watcher(
+        &mut self,
+        shutdown: &mut Shutdown<'_>,
+    ) -> Result<bool, DaemonError> {
+        if let Some(rx) = self.watching.given.take() {
+            self.watching.started = true;
+            self.watching.changes = Some(rx);
+            return Ok(true);
+        }
+        match watch(&self.root()) {
+            Ok((watcher, rx)) => {
+                if self.watching.started {
+                    info!("tree watcher restarted; rescanning");
+                    self.metrics.watcher_restarts.inc();
+                    self.watching
+                        .rescan_needed
+                        .get_or_insert_with(|| "the watcher restarted".into());
+                    self.watching.next_rescan = Instant::now();
+                }
+                self.watching.started = true;
+                self.watching.watcher = Some(watcher);
+                self.watching.changes = Some(rx);
+                Ok(true)
+            }
+            Err(err) if !self.watching.started => Err(DaemonError::Watcher(err)),
+            Err(err) => {
+                let fault = format!("cannot restart it: {err}");
+                if self.health.watcher.as_deref() != Some(fault.as_str()) {
+                    warn!(error = %err, "cannot restart the tree watcher; retrying");
+                    self.health.watcher = Some(fault);
+                    self.publish_ready();
+                }
+                tokio::select! {
+                    _ = &mut *shutdown => self.stopping = true,
+                    _ = sleep(WATCHER_RETRY.delay(0)) => {}
+                }
+                Ok(false)
+            }
+        }
+    }
+
+    /// The watcher failed or stopped: not ready (with why) until a new one
+    /// runs and has rescanned.
+    pub(super) fn watcher_failed(&mut self, why: String) {
+        warn!(why = %why, "the tree watcher failed; restarting it with a rescan");
+        self.watching.changes = None;
+        self.watching.watcher = None;
+        self.watching.rescan_needed = Some(format!("the watcher failed: {why}"));
+        self.watching.next_rescan = Instant::now();
+        self.health.watcher = Some(why);
+        self.publish_ready();
+    }
+
+    /// Takes the changes already queued (at most [`DRAIN_BEFORE_RESCAN`]).
+    pub(super) fn drain_changes(&mut self) {
+        for _ in 0..DRAIN_BEFORE_RESCAN {
+            let Some(rx) = self.watching.changes.as_mut() else {
+                return;
+            };
+            match rx.try_recv() {
+                Ok(change) => self.on_change(change),
+                Err(TryRecvError::Empty) => return,
+                Err(TryRecvError::Disconnected) => {
+                    self.watcher_failed("the watcher stopped".into());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Waits for `.modified`; false when shut down meanwhile.
+    pub(super) async fn wait_for_tree(&mut self, shutdown: &mut Shutdown<'_>) -> bool {
+        let root = self.root();
+        let mut next_log = Instant::now();
+        let mut last_reason = String::new();
+        loop {
+            // A root that is not there is named as such: a wrong path must
+            // not pass for a mirror that has yet to finish.
+            let reason = match check_ready(&root) {
+                Ok(()) => {
+                    self.health.tree = None;
+                    self.publish_ready();
+                    return true;
+                }
+                Err(ScanError::NotReady { .. }) => {
+                    "waiting for the placement tree (.modified)".to_owned()
+                }
+                Err(err) => format!("placement tree: {err}"),
+            };
+            if Instant::now() >= next_log || reason != last_reason {
+                info!(path = %root.display(), "{reason}; waiting for the placement tree to be ready");
+                next_log = Instant::now() + READY_LOG_EVERY;
+            }
+            self.health.tree = Some(reason.clone());
+            self.publish_ready();
+            last_reason = reason;
+            tokio::select! {
+                _ = &mut *shutdown => return false,
+                _ = sleep(TREE_POLL.delay(0)) => {}
+            }
+        }
+    }
+
+    pub(super) fn on_change(&mut self, change: Change) {
+        match change {
+            Change::Rescan(why) => {
+                // Coalesced: one pending rescan covers every request.
+                self.metrics.rescan_requests.inc();
+                if self.watching.rescan_needed.is_none() {
+                    debug!(why, "rescan requested");
+                    self.watching.rescan_needed = Some(why);
+                }
+            }
+            Change::Failed(why) => self.watcher_failed(why),
+            Change::Tree(event) => {
+                debug!(?event, "tree change");
+                self.on_event(&event, Instant::now());
+            }
+        }
+    }
+
+    pub(super) fn on_event(&mut self, event: &TreeEvent, at: Instant) {
+        self.on_tree_event(event, at);
+        self.tree.apply(event);
+    }
+
+    /// What a change in the tree means for node mode, the index and the
+    /// next batch; the proids it dirtied. Keeping `self.tree` up to date is
+    /// the caller's.
+    pub(super) fn on_tree_event(&mut self, event: &TreeEvent, at: Instant) -> Vec<Proid> {
+        self.node_event(event);
+        if let TreeEvent::ServerUpserted {
+            info: Err(why),
+            host,
+        } = event
+        {
+            self.metrics.server_file_errors.inc();
+            debug!(%host, why = why.to_string(), "server file not usable");
+        }
+        let applied = self.index.apply(event);
+        if let Some(warning) = applied.warning {
+            warn!("{warning}");
+        }
+        if applied.resync {
+            self.schedule.full_sync_now(Instant::now());
+        }
+        let dirty: Vec<Proid> = applied.dirty.into_iter().collect();
+        for proid in &dirty {
+            self.mark_dirty(proid.clone(), at);
+        }
+        dirty
+    }
+
+    /// Marks a proid for the next batch (the schedule says when).
+    pub(super) fn mark_dirty(&mut self, proid: Proid, at: Instant) {
+        self.schedule.mark_dirty(proid, at, Instant::now());
+        self.metrics
+            .dirty_groups
+            .set(self.schedule.dirty_len() as i64);
+    }
+
+    /// Reads the whole tree and applies what differs from what the events
+    /// said; the groups of the proids that changed are re-read before they
+    /// are planned, and only those. A tree that can't be read stops all
+    /// writing until it can, and is then compared in full. False when shut
+    /// down meanwhile.
+    pub(super) async fn rescan(&mut self, why: &str, shutdown: &mut Shutdown<'_>) -> bool {
+        // What is queued was noticed before this scan starts, so the scan
+        // covers it, rescan requests included: they need no rescan of their own.
+        self.drain_changes();
+        if self.watching.changes.is_none() {
+            // The watcher failed meanwhile: a new one first, then the scan.
+            return true;
+        }
+        self.watching.rescan_needed = None;
+        info!(why, "scanning the placement tree");
+        let root = self.root();
+        let mut logged = false;
+        loop {
+            let scanned = tokio::task::spawn_blocking({
+                let root = root.clone();
+                move || scan(&root)
+            })
+            .await;
+            match scanned {
+                Ok(Ok(snapshot)) => {
+                    for warning in &snapshot.warnings {
+                        warn!("{warning}");
+                    }
+                    if let Some(warning) = snapshot.partition_warning(&self.config.config.partition)
+                    {
+                        warn!("{warning}");
+                    }
+                    // The events are the difference from `self.tree`, each
+                    // about a different file, so none depends on another:
+                    // the tree is replaced at the end rather than updated
+                    // for each (at startup, that is every placement).
+                    let now = Instant::now();
+                    let mut changed = BTreeSet::new();
+                    for event in self.tree.diff(&snapshot) {
+                        changed.extend(self.on_tree_event(&event, now));
+                    }
+                    self.tree.replace_with(snapshot);
+                    // What the events missed the cached groups may be
+                    // wrong about too: those groups are read again, the
+                    // others are not.
+                    for proid in &changed {
+                        self.groups.mark_proid_stale(&proid.key());
+                    }
+                    self.update_gauges();
+                    if why != "startup" {
+                        self.metrics.rescans.inc();
+                    }
+                    self.watching.fresh = true;
+                    self.watching.next_rescan = Instant::now() + RESCAN_SPACING;
+                    if logged {
+                        info!("placement tree readable again");
+                        // Nothing was compared while it was not: compare everything.
+                        self.schedule.full_sync_now(Instant::now());
+                    }
+                    if self.health.watcher.take().is_some() {
+                        info!("tree watcher running again");
+                    }
+                    self.publish_ready();
+                    return true;
+                }
+                Ok(Err(err)) => {
+                    if !logged {
+                        error!(error = %err, "placement tree unusable; not writing until it is");
+                        logged = true;
+                    }
+                    self.health.tree = Some(format!("placement tree unusable: {err}"));
+                    self.publish_ready();
+                }
+                Err(join) => panic!("BUG: the tree scan panicked: {join}"),
+            }
+            tokio::select! {
+                _ = &mut *shutdown => { self.stopping = true; return false; }
+                _ = sleep(TREE_POLL.delay(0)) => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::*;
+    use super::*;
+    use crate::model::Dn;
+    use tokio::sync::mpsc;
+
+    #[test]
+    fn rescan_requests_are_coalesced() {
+        let (_guard, root) = tree();
+        let mut d = daemon(&root);
+        d.on_change(Change::Rescan("overflow 1".into()));
+        d.on_change(Change::Rescan("overflow 2".into()));
+        assert_eq!(d.watching.rescan_needed.as_deref(), Some("overflow 1"));
+        assert_eq!(d.metrics.rescan_requests.get(), 2);
+        assert_eq!(d.metrics.rescans.get(), 0, "requests are not rescans");
+    }
+
+    #[test]
+    fn a_watcher_whose_thread_ended_is_a_failed_watcher() {
+        let (_guard, root) = tree();
+        let mut d = daemon(&root);
+        d.health.synced = true;
+        d.health.applied = true;
+        d.publish_ready();
+        let (tx, rx) = mpsc::unbounded_channel();
+        d.watching.changes = Some(rx);
+        tx.send(Change::Rescan("overflow".into())).expect("send");
+        drop(tx);
+        d.drain_changes();
+        assert!(
+            d.watching.changes.is_none(),
+            "the watcher is to be replaced"
+        );
+        let (_, body) = d.metrics.readiness();
+        assert!(body.contains("tree watcher: the watcher stopped"), "{body}");
+        assert_eq!(
+            d.metrics.rescan_requests.get(),
+            1,
+            "what it sent first is kept"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_watcher_is_not_ready_until_its_rescan_and_the_rescan_reads_only_what_changed()
+    {
+        let (_guard, root) = tree();
+        fill(&root);
+        let mut d = daemon(&root);
+        d.groups.insert(group("web-gmsa-hosts"));
+        d.groups.insert(group("db-gmsa-hosts"));
+        d.health.synced = true;
+        d.health.applied = true;
+        d.publish_ready();
+        assert!(d.metrics.is_ready());
+
+        d.on_change(Change::Failed("the notifier failed: boom".into()));
+        assert!(
+            d.watching.changes.is_none(),
+            "the failed watcher is dropped"
+        );
+        assert!(
+            d.watching.rescan_needed.is_some(),
+            "a rescan follows the restart"
+        );
+        // Whatever else says ready, the watcher fault holds.
+        d.publish_ready();
+        assert!(!d.metrics.is_ready());
+        let (_, body) = d.metrics.readiness();
+        assert!(
+            body.contains("tree watcher: the notifier failed: boom"),
+            "{body}"
+        );
+
+        // A new watcher (here a channel standing for one), then the rescan.
+        let (_tx, rx) = mpsc::unbounded_channel();
+        d.watching.changes = Some(rx);
+        let mut never = std::pin::pin!(std::future::pending::<()>());
+        let mut shutdown: Shutdown<'_> = never.as_mut();
+        assert!(d.rescan("the watcher restarted", &mut shutdown).await);
+        assert!(d.metrics.is_ready(), "ready again after the rescan");
+        assert_eq!(d.metrics.rescans.get(), 1);
+        let web = group("web-gmsa-hosts").dn;
+        assert_eq!(
+            d.groups.stale(),
+            vec![&web],
+            "only the group of the proid the rescan changed is re-read"
+        );
+        assert!(
+            d.watching.fresh,
+            "the next full sync needs no rescan of its own"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_daemon_waits_for_modified_before_it_writes() {
+        let (_guard, root) = tree();
+        fill(&root);
+        std::fs::remove_file(root.join(".modified")).expect("rm .modified");
+        let h = Harness::start(&root, &[]);
+        until("waiting, and saying so", || async {
+            let (_, body) = h.metrics.readiness();
+            body.contains("waiting for the placement tree (.modified)")
+        })
+        .await;
+        sleep(Duration::from_secs(30)).await;
+        assert!(!h.metrics.is_ready());
+        assert!(
+            h.members(WEB).await.is_empty(),
+            "nothing written before the tree is ready"
+        );
+
+        std::fs::write(root.join(".modified"), "").expect(".modified");
+        h.ready().await;
+        assert!(h.members(WEB).await.contains(&Dn::parse(H1).expect("dn")));
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn modified_going_away_stops_writes_until_it_is_back() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let h = Harness::start(&root, &[]);
+        h.ready().await;
+
+        std::fs::remove_file(root.join(".modified")).expect("rm .modified");
+        std::fs::write(root.join("placement/h1/db.app#1"), "{}").expect("placement");
+        h.send(Change::Rescan("doubt".into()));
+        until("not ready", || async { !h.metrics.is_ready() }).await;
+        let (_, body) = h.metrics.readiness();
+        assert!(body.contains("placement tree unusable"), "{body}");
+        sleep(Duration::from_secs(5)).await;
+        assert!(
+            h.members(DB).await.is_empty(),
+            "nothing written from a tree that is not ready"
+        );
+
+        std::fs::write(root.join(".modified"), "").expect(".modified");
+        until("the change applied once the tree is back", || async {
+            !h.members(DB).await.is_empty()
+        })
+        .await;
+        h.ready().await;
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_event_is_repaired_by_the_next_resync() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let h = Harness::start(&root, &["--resync-interval=30s"]);
+        h.ready().await;
+        // The watcher never reports this placement.
+        std::fs::write(root.join("placement/h1/db.app#1"), "{}").expect("placement");
+        sleep(Duration::from_secs(5)).await;
+        assert!(h.members(DB).await.is_empty(), "no event, no change yet");
+        until("the resync's rescan found it", || async {
+            h.members(DB).await.contains(&Dn::parse(H1).expect("dn"))
+        })
+        .await;
+        assert!(h.metrics.rescans.get() >= 1);
+        h.stop().await;
+    }
+}
