@@ -17,7 +17,7 @@ use crate::node::CheckError;
 use crate::node::{
     guid_to_string, sid_to_string, DomainInfo, GmsaProids, MembershipCheck, Node, OwnDc,
 };
-use crate::tree::TreeEvent;
+use crate::tree::{names, TreeEvent};
 
 /// What the test hook is called with for start-up (never an instance's
 /// name: those have a `.`).
@@ -73,7 +73,8 @@ impl Daemon {
             // container as no longer placed. A rescan finds out when the
             // directory can be read.
             let why = format!(
-                "placement/{}: this host's placements are unknown (its directory can't be read)",
+                "{}/{}: this host's placements are unknown (its directory can't be read)",
+                names::PLACEMENT,
                 config.hostname
             );
             warn!("{why}; containers are left alone until it can be read");

@@ -23,7 +23,7 @@ use crate::backoff::Backoff;
 use crate::model::Proid;
 use crate::tree::scan::{check_ready, scan, ScanError};
 use crate::tree::watch::{watch, Change, TreeWatcher};
-use crate::tree::TreeEvent;
+use crate::tree::{names, TreeEvent};
 
 /// How often the wait for `.modified` is logged.
 const READY_LOG_EVERY: Duration = Duration::from_secs(30);
@@ -160,7 +160,7 @@ impl Daemon {
                     return true;
                 }
                 Err(ScanError::NotReady { .. }) => {
-                    "waiting for the placement tree (.modified)".to_owned()
+                    format!("waiting for the placement tree ({})", names::MODIFIED)
                 }
                 Err(err) => format!("placement tree: {err}"),
             };
