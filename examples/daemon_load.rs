@@ -37,9 +37,9 @@
 //! change and the state stays bounded. After every `--every` changes it
 //! stops, waits until the LDIF file holds the desired state of every
 //! group (the file read by hand, host members compared with the tree's
-//! placements) and reads the daemon's VmRSS and VmHWM from
-//! `/proc/PID/status`. The last sample is taken after the last change, so
-//! the run ends with the file checked.
+//! placements) and reads the daemon's VmRSS, VmHWM, RssAnon and thread
+//! count from `/proc/PID/status`. The last sample is taken after the last
+//! change, so the run ends with the file checked.
 //!
 //! The directory is read with ldap3 directly, not through the reconciler's
 //! own code, so the check does not share the code it measures. Results are
@@ -709,18 +709,24 @@ async fn burst(args: BurstArgs) -> Res<()> {
     Ok(())
 }
 
-/// A process's memory from `/proc/PID/status`, in kB: (VmRSS, VmHWM).
-fn memory_kb(pid: u32) -> Res<(u64, u64)> {
+/// A process's memory from `/proc/PID/status`, in kB (VmRSS, VmHWM,
+/// RssAnon), and its thread count.
+fn memory_kb(pid: u32) -> Res<(u64, u64, u64, u64)> {
     let path = format!("/proc/{pid}/status");
     let text = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
     let field = |name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.trim().strip_suffix("kB"))
-            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(|v| v.trim().trim_end_matches("kB").trim())
+            .and_then(|v| v.parse::<u64>().ok())
             .ok_or_else(|| format!("{path}: no {name} line"))
     };
-    Ok((field("VmRSS:")?, field("VmHWM:")?))
+    Ok((
+        field("VmRSS:")?,
+        field("VmHWM:")?,
+        field("RssAnon:")?,
+        field("Threads:")?,
+    ))
 }
 
 /// The `member` values of every entry in an LDIF content file, by DN,
@@ -813,7 +819,8 @@ fn sustain(args: SustainArgs) -> Res<()> {
     let pace = Duration::from_secs(1) / args.rate.max(1);
     let mut alive: std::collections::VecDeque<(usize, usize)> = Default::default();
     let mut samples = Vec::new();
-    let mut csv = String::from("changes,vm_rss_kb,vm_hwm_kb,catch_up_s,segment_s\n");
+    let mut csv =
+        String::from("changes,vm_rss_kb,vm_hwm_kb,rss_anon_kb,threads,catch_up_s,segment_s\n");
 
     // Waits until the file holds the desired state, then samples.
     let mut sample = |done: usize, segment: Duration, tree: &Tree| -> Res<serde_json::Value> {
@@ -832,9 +839,9 @@ fn sustain(args: SustainArgs) -> Res<()> {
             std::thread::sleep(Duration::from_millis(100));
         }
         let caught_up = started.elapsed();
-        let (rss, hwm) = memory_kb(args.pid)?;
+        let (rss, hwm, anon, threads) = memory_kb(args.pid)?;
         csv.push_str(&format!(
-            "{done},{rss},{hwm},{:.3},{:.3}\n",
+            "{done},{rss},{hwm},{anon},{threads},{:.3},{:.3}\n",
             caught_up.as_secs_f64(),
             segment.as_secs_f64()
         ));
@@ -842,6 +849,8 @@ fn sustain(args: SustainArgs) -> Res<()> {
             "changes": done,
             "vm_rss_kb": rss,
             "vm_hwm_kb": hwm,
+            "rss_anon_kb": anon,
+            "threads": threads,
             "catch_up_s": (caught_up.as_secs_f64() * 1000.0).round() / 1000.0,
             "segment_s": (segment.as_secs_f64() * 1000.0).round() / 1000.0,
         }))
