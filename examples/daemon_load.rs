@@ -8,9 +8,11 @@
 //!     --bind-password-file FILE --log DAEMON.LOG --changes 200 --out rows.csv
 //! daemon_load burst --tree DIR --ldap-url URL --bind-dn DN \
 //!     --bind-password-file FILE --placements 10000
+//! daemon_load sustain --tree DIR --ldif FILE.ldif --pid PID \
+//!     --changes 100000 --rate 500 --every 10000
 //! ```
 //!
-//! `latency` makes one change at a time, alternately a placement of a proid
+//! `latency` makes one change at a time (at least `--gap-ms` apart), alternately a placement of a proid
 //! on a host that ran none of it (the host must join the group) and the
 //! removal of a host's only placement of a proid (the host must leave it),
 //! and waits until the directory shows it before the next one. Each change
@@ -27,6 +29,17 @@
 //! group not done yet. The time reported runs from the first write to the
 //! answer that confirmed the last group; the first write's wall-clock time
 //! is reported too, to compare with the server's log.
+//!
+//! `sustain` runs against `run --directory FILE.ldif`: it makes `--changes`
+//! placement changes at `--rate` a second, first `--pool` additions (each
+//! a proid on a host that ran none of it), then by turns the removal of
+//! its oldest placement and a new one, so every change is a membership
+//! change and the state stays bounded. After every `--every` changes it
+//! stops, waits until the LDIF file holds the desired state of every
+//! group (the file read by hand, host members compared with the tree's
+//! placements) and reads the daemon's VmRSS, VmHWM, RssAnon and thread
+//! count from `/proc/PID/status`. The last sample is taken after the last
+//! change, so the run ends with the file checked.
 //!
 //! The directory is read with ldap3 directly, not through the reconciler's
 //! own code, so the check does not share the code it measures. Results are
@@ -57,6 +70,9 @@ enum Mode {
     Latency(LatencyArgs),
     /// Many new placements at once; time until the directory holds them all.
     Burst(BurstArgs),
+    /// A long steady stream of changes against `run --directory FILE.ldif`;
+    /// the daemon's resident memory every so many changes.
+    Sustain(SustainArgs),
 }
 
 #[derive(Args)]
@@ -103,6 +119,12 @@ struct LatencyArgs {
     /// Milliseconds between two Compares while waiting for a change.
     #[arg(long, default_value_t = 2)]
     poll_ms: u64,
+    /// Least milliseconds from one change to the next. A change that comes
+    /// within the daemon's batch window of the one before waits for the
+    /// window; an isolated one is applied at once. Give more than the
+    /// window to time isolated changes, 0 for changes back to back.
+    #[arg(long, default_value_t = 0)]
+    gap_ms: u64,
 }
 
 #[derive(Args)]
@@ -120,8 +142,59 @@ struct BurstArgs {
     poll_ms: u64,
 }
 
+#[derive(Args)]
+struct SustainArgs {
+    /// The daemon's placement tree (its --fs-root).
+    #[arg(long)]
+    tree: PathBuf,
+    /// The daemon's LDIF file (its --directory).
+    #[arg(long)]
+    ldif: PathBuf,
+    /// The daemon's process id, for its memory in /proc/PID/status.
+    #[arg(long)]
+    pid: u32,
+    /// The OU of the groups.
+    #[arg(long, default_value = "ou=Groups,dc=ad,dc=com")]
+    group_ou: String,
+    /// A proid's group is `cn=<proid><suffix>` under the OU.
+    #[arg(long, default_value = "-gmsa-hosts")]
+    group_suffix: String,
+    /// Seed of the random choices.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+    /// Give up when the file has not caught up within this many seconds.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// Changes to make.
+    #[arg(long, default_value_t = 100_000)]
+    changes: usize,
+    /// Changes a second.
+    #[arg(long, default_value_t = 500)]
+    rate: u32,
+    /// Placements of the driver's alive at once: the first this many
+    /// changes add, then each removal of the oldest is followed by an add.
+    #[arg(long, default_value_t = 1000)]
+    pool: usize,
+    /// Wait for the file to hold the desired state and sample the memory
+    /// after every this many changes.
+    #[arg(long, default_value_t = 10_000)]
+    every: usize,
+    /// CSV file of one row per sample.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Mode::Sustain(args) = cli.mode {
+        return match sustain(args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("daemon_load: error: {err}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -135,6 +208,7 @@ fn main() -> ExitCode {
     let result = match cli.mode {
         Mode::Latency(args) => runtime.block_on(latency(args)),
         Mode::Burst(args) => runtime.block_on(burst(args)),
+        Mode::Sustain(_) => unreachable!("handled above"),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -403,6 +477,8 @@ async fn latency(args: LatencyArgs) -> Res<()> {
     let mut csv = String::from("i,kind,proid,host,client_ms,daemon_ms\n");
     let (mut client, mut daemon) = (Vec::new(), Vec::new());
     let mut by_kind: BTreeMap<&str, (Vec<f64>, Vec<f64>)> = BTreeMap::new();
+    let gap = Duration::from_millis(args.gap_ms);
+    let mut last_change: Option<Instant> = None;
     for i in 0..args.changes {
         let add = i % 2 == 0;
         let pair = if add {
@@ -426,12 +502,16 @@ async fn latency(args: LatencyArgs) -> Res<()> {
                 if add { "already" } else { "not" }
             ));
         }
+        if let Some(last) = last_change {
+            tokio::time::sleep_until((last + gap).into()).await;
+        }
         if add {
             tree.place(pair)?;
         } else {
             tree.unplace(pair)?;
         }
         let started = Instant::now();
+        last_change = Some(started);
         let seen = loop {
             let now = ldap
                 .compare(&group, "member", host_dn.as_bytes())
@@ -488,6 +568,7 @@ async fn latency(args: LatencyArgs) -> Res<()> {
     let summary = serde_json::json!({
         "changes": args.changes,
         "poll_ms": args.poll_ms,
+        "gap_ms": args.gap_ms,
         "client_ms": stats(&client),
         "daemon_ms": stats(&daemon),
         "by_kind": kinds,
@@ -625,5 +706,199 @@ async fn burst(args: BurstArgs) -> Res<()> {
     });
     println!("{summary}");
     let _ = std::io::stdout().flush();
+    Ok(())
+}
+
+/// A process's memory from `/proc/PID/status`, in kB (VmRSS, VmHWM,
+/// RssAnon), and its thread count.
+fn memory_kb(pid: u32) -> Res<(u64, u64, u64, u64)> {
+    let path = format!("/proc/{pid}/status");
+    let text = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    let field = |name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.trim().trim_end_matches("kB").trim())
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| format!("{path}: no {name} line"))
+    };
+    Ok((
+        field("VmRSS:")?,
+        field("VmHWM:")?,
+        field("RssAnon:")?,
+        field("Threads:")?,
+    ))
+}
+
+/// The `member` values of every entry in an LDIF content file, by DN,
+/// both lower-cased. Read by hand, not through the reconciler's code:
+/// lines folded with a leading space are joined, entries end at a blank
+/// line, and a base64 (`::`) DN or member value is an error (the estate
+/// and the reconciler's writer have none).
+fn ldif_members(path: &Path) -> Res<HashMap<String, HashSet<String>>> {
+    let text = fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut lines: Vec<(usize, String)> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        if let Some(rest) = line.strip_prefix(' ') {
+            if let Some((_, last)) = lines.last_mut() {
+                last.push_str(rest);
+                continue;
+            }
+        }
+        lines.push((n + 1, line.to_owned()));
+    }
+    let mut groups: HashMap<String, HashSet<String>> = HashMap::new();
+    let mut dn: Option<String> = None;
+    for (n, line) in lines {
+        let at = || format!("{}:{n}", path.display());
+        if line.is_empty() {
+            dn = None;
+        } else if line.starts_with('#') {
+        } else if let Some(v) = line.strip_prefix("dn:") {
+            if v.starts_with(':') {
+                return Err(format!("{}: a base64 DN", at()));
+            }
+            let name = v.trim().to_ascii_lowercase();
+            groups.entry(name.clone()).or_default();
+            dn = Some(name);
+        } else if let Some(v) = line.strip_prefix("member:") {
+            if v.starts_with(':') {
+                return Err(format!("{}: a base64 member value", at()));
+            }
+            let Some(entry) = &dn else {
+                return Err(format!("{}: member outside an entry", at()));
+            };
+            if let Some(set) = groups.get_mut(entry) {
+                set.insert(v.trim().to_ascii_lowercase());
+            }
+        }
+    }
+    Ok(groups)
+}
+
+/// The groups whose host members differ from the tree's placements, by
+/// reading the LDIF file: 0 when the file holds the desired state.
+/// Members that are not hosts of the tree (user accounts) are left out.
+fn groups_off(
+    path: &Path,
+    tree: &Tree,
+    group_of: &[String],
+    host_dns: &HashSet<String>,
+) -> Res<usize> {
+    let file = ldif_members(path)?;
+    let mut desired: Vec<HashSet<String>> = vec![HashSet::new(); tree.proids.len()];
+    for &(p, h) in tree.placed.keys() {
+        desired[p].insert(tree.hosts[h].1.to_ascii_lowercase());
+    }
+    let mut off = 0;
+    for (p, want) in desired.iter().enumerate() {
+        let empty = HashSet::new();
+        let have = file.get(&group_of[p]).unwrap_or(&empty);
+        let hosts: HashSet<&String> = have.iter().filter(|m| host_dns.contains(*m)).collect();
+        if hosts.len() != want.len() || !want.iter().all(|m| hosts.contains(m)) {
+            off += 1;
+        }
+    }
+    Ok(off)
+}
+
+fn sustain(args: SustainArgs) -> Res<()> {
+    let mut tree = Tree::scan(&args.tree)?;
+    let mut rng = fastrand::Rng::with_seed(args.seed);
+    let group_of: Vec<String> = tree
+        .proids
+        .iter()
+        .map(|p| format!("cn={p}{},{}", args.group_suffix, args.group_ou).to_ascii_lowercase())
+        .collect();
+    let host_dns: HashSet<String> = tree
+        .hosts
+        .iter()
+        .map(|(_, dn)| dn.to_ascii_lowercase())
+        .collect();
+    let timeout = Duration::from_secs(args.timeout);
+    let every = args.every.max(1);
+    let pace = Duration::from_secs(1) / args.rate.max(1);
+    let mut alive: std::collections::VecDeque<(usize, usize)> = Default::default();
+    let mut samples = Vec::new();
+    let mut csv =
+        String::from("changes,vm_rss_kb,vm_hwm_kb,rss_anon_kb,threads,catch_up_s,segment_s\n");
+
+    // Waits until the file holds the desired state, then samples.
+    let mut sample = |done: usize, segment: Duration, tree: &Tree| -> Res<serde_json::Value> {
+        let started = Instant::now();
+        loop {
+            let off = groups_off(&args.ldif, tree, &group_of, &host_dns)?;
+            if off == 0 {
+                break;
+            }
+            if started.elapsed() > timeout {
+                return Err(format!(
+                    "after {done} changes, {off} groups in {} still differ from the tree after {timeout:?}",
+                    args.ldif.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let caught_up = started.elapsed();
+        let (rss, hwm, anon, threads) = memory_kb(args.pid)?;
+        csv.push_str(&format!(
+            "{done},{rss},{hwm},{anon},{threads},{:.3},{:.3}\n",
+            caught_up.as_secs_f64(),
+            segment.as_secs_f64()
+        ));
+        Ok(serde_json::json!({
+            "changes": done,
+            "vm_rss_kb": rss,
+            "vm_hwm_kb": hwm,
+            "rss_anon_kb": anon,
+            "threads": threads,
+            "catch_up_s": (caught_up.as_secs_f64() * 1000.0).round() / 1000.0,
+            "segment_s": (segment.as_secs_f64() * 1000.0).round() / 1000.0,
+        }))
+    };
+
+    samples.push(sample(0, Duration::ZERO, &tree)?);
+    let (mut adds, mut removes) = (0usize, 0usize);
+    let mut done = 0;
+    while done < args.changes {
+        let segment = every.min(args.changes - done);
+        let started = Instant::now();
+        for k in 0..segment {
+            let due = started + pace * k as u32;
+            let now = Instant::now();
+            if due > now {
+                std::thread::sleep(due - now);
+            }
+            // The first changes add up to the pool; after that a removal
+            // of the oldest comes before each add, so every change is a
+            // membership change and the state stays bounded.
+            let i = done + k;
+            if i >= args.pool && (i - args.pool) % 2 == 0 && !alive.is_empty() {
+                let pair = alive.pop_front().ok_or("BUG: no placement to remove")?;
+                tree.unplace(pair)?;
+                removes += 1;
+            } else {
+                let pair = tree.pick_absent(&mut rng, &HashSet::new());
+                tree.place(pair)?;
+                alive.push_back(pair);
+                adds += 1;
+            }
+        }
+        let spent = started.elapsed();
+        done += segment;
+        samples.push(sample(done, spent, &tree)?);
+    }
+    if let Some(out) = &args.out {
+        fs::write(out, &csv).map_err(|e| format!("{}: {e}", out.display()))?;
+    }
+    let summary = serde_json::json!({
+        "changes": done,
+        "adds": adds,
+        "removes": removes,
+        "rate": args.rate,
+        "pool": args.pool,
+        "every": every,
+        "samples": samples,
+    });
+    println!("{summary}");
     Ok(())
 }

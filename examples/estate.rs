@@ -29,8 +29,9 @@ use estate::{Estate, Params, GROUP_OU, PARTITION};
 #[derive(Parser)]
 #[command(name = "estate")]
 struct Args {
-    /// Named sizes: S (1,000 hosts, 20,000 placements, 500 proids) or L
-    /// (10,000, 200,000, 5,000). Explicit sizes override it.
+    /// Named sizes: S (1,000 hosts, 20,000 placements, 500 proids), L
+    /// (10,000, 200,000, 5,000) or XL (50,000, 1,000,000, 20,000), all with
+    /// the same spread and drift. Explicit sizes override it.
     #[arg(long)]
     preset: Option<String>,
     /// Hosts.
@@ -69,11 +70,24 @@ fn main() -> ExitCode {
     }
 }
 
+/// The named sizes: those of the benchmarks' support module, and XL, five
+/// times L's hosts and placements with four times its proids, drawn the
+/// same way (Zipf spread, drift and unmanaged shares, seed).
+fn preset(name: &str) -> Option<Params> {
+    match name {
+        "XL" | "xl" => Params::preset("L").map(|l| Params {
+            hosts: 50_000,
+            placements: 1_000_000,
+            proids: 20_000,
+            ..l
+        }),
+        _ => Params::preset(name),
+    }
+}
+
 fn run(args: Args) -> Result<(), String> {
     let base = match args.preset.as_deref() {
-        Some(name) => {
-            Params::preset(name).ok_or_else(|| format!("unknown preset {name:?}: S or L"))?
-        }
+        Some(name) => preset(name).ok_or_else(|| format!("unknown preset {name:?}: S, L or XL"))?,
         None => Params::preset("S").ok_or("the S preset exists")?,
     };
     let explicit = [args.hosts, args.placements, args.proids];
