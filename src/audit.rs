@@ -645,6 +645,27 @@ mod tests {
     }
 
     #[test]
+    fn a_log_moved_away_is_reopened_by_its_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let moved = dir.path().join("audit.jsonl.1");
+        let audit = Audit::open(Some(&path), "r1".into(), None).expect("open");
+        let result = result(1, 0);
+        let record = Record {
+            cause: Cause::Event,
+            dry_run: false,
+            result: &result,
+        };
+        audit.record(record);
+        std::fs::rename(&path, &moved).expect("rotate");
+        audit.record(record);
+        audit.record(record);
+        let lines = |p: &Path| std::fs::read_to_string(p).expect("read").lines().count();
+        assert_eq!((lines(&moved), lines(&path)), (1, 2));
+        assert_eq!(audit.write_failures(), None);
+    }
+
+    #[test]
     fn a_record_carries_the_term_it_was_written_in_and_null_without_one() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.jsonl");
