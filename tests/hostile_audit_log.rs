@@ -1,7 +1,8 @@
 //! The `--audit-log` file under hostile conditions, through the built
 //! binary: two `sync` runs appending to one file while one of them cannot
 //! write, a file left without its final newline, an audit log that is the
-//! `--directory` LDIF file, paths that cannot be opened for appending, and
+//! `--directory` LDIF file, paths that cannot be opened for appending (a
+//! read-only mount among them, so these tests run as root), and
 //! member DNs holding characters that line readers split on.
 
 mod support;
@@ -287,5 +288,36 @@ fn member_dns_with_line_separators_stay_on_one_line_of_the_file() {
         record["added"][0].as_str().map(|s| s.contains('\u{2028}')),
         Some(true),
         "{record}"
+    );
+}
+
+#[test]
+fn an_audit_log_on_a_read_only_mount_cannot_be_opened_for_appending() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let tree = estate(dir.path(), 1);
+    let ldif = dir.path().join("dir.ldif");
+    let mount = tempfile::tempdir().expect("mount point");
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs"])
+        .arg(mount.path())
+        .status()
+        .expect("run mount");
+    assert!(
+        status.success(),
+        "mount -t tmpfs -o ro failed ({status}): these tests run as root"
+    );
+    let audit = mount.path().join("audit.jsonl");
+    let out = sync(&tree, &ldif, &audit).output();
+    let _ = Command::new("umount").arg(mount.path()).status();
+    let out = out.expect("sync");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(
+        stderr.contains(&format!(
+            "--audit-log {}: cannot be opened for appending: Read-only file system",
+            audit.display()
+        )),
+        "{}",
+        text(&out)
     );
 }
