@@ -16,6 +16,23 @@
 //! ([`InTerm`]): enough to tell from the files of all replicas that no two
 //! wrote at once.
 //!
+//! Replicas and runs on one machine may share one file. Each record is
+//! written under an exclusive `flock` on the file, held for the write, its
+//! `fsync` and, when the write fails, the cut-back of its own partial
+//! bytes: no other appender (of this program) writes in between, so a
+//! cut-back only ever removes bytes this writer wrote. Under the same lock
+//! a file that does not end in a newline (a partial line left by another
+//! program, or a crash) gets one before the record, so a record always
+//! starts a line. A file renamed or removed under the open log (log
+//! rotation) is reopened by its path before the next record, with a
+//! warning; the log is never the `--directory` LDIF file, whose commits
+//! replace it by a rename ([`Audit::open`] refuses that).
+//!
+//! The lines are JSON with every control character (C0, DEL, C1) and the
+//! Unicode line and paragraph separators (U+2028, U+2029) written as
+//! `\uXXXX` escapes, so a reader splitting on any line break still sees
+//! one record a line.
+//!
 //! A record that cannot be written (a full disk, an I/O error) describes a
 //! change that is already in the directory and cannot be taken back, so it
 //! is neither dropped nor allowed to pass unnoticed: the whole record is
@@ -24,19 +41,21 @@
 //! in the daemon) and kept for the caller: `sync` exits non-zero naming
 //! the file ([`Audit::write_failures`]).
 
-use std::fs::File;
-use std::io::Write;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::model::Dn;
 use crate::reconcile::{Record, Recorder};
-use crate::safe_fs::{self, ReadError};
+use crate::safe_fs::Kind;
 
 /// Member DNs shown per list in the log line; the file has all of them.
 pub const LOG_LIMIT: usize = 20;
@@ -48,7 +67,148 @@ pub struct AuditError {
     /// The file named.
     pub path: PathBuf,
     /// What is wrong with it.
-    pub source: ReadError,
+    pub source: OpenError,
+}
+
+/// Why the audit log cannot be opened for appending.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The folder it is to be created in is not there.
+    #[error("its folder {} does not exist", .0.display())]
+    NoFolder(PathBuf),
+    /// A folder on its path is something else.
+    #[error("{} is not a folder but {found}", folder.display())]
+    NotAFolder {
+        /// The part of the path that is not a folder.
+        folder: PathBuf,
+        /// What is there.
+        found: Kind,
+    },
+    /// Something other than a regular file is at the path (a link is
+    /// never followed).
+    #[error("{0}, not a regular file")]
+    WrongType(Kind),
+    /// The open itself failed (permissions, a read-only mount, an
+    /// immutable file).
+    #[error("cannot be opened for appending: {0}")]
+    Open(io::Error),
+    /// It is the `--directory` LDIF file, which every commit replaces.
+    #[error(
+        "is the same file as --directory {}: the audit log must be a file of its own",
+        .0.display()
+    )]
+    SameAsDirectory(PathBuf),
+}
+
+/// Opens `path` for appending (and reading its last byte), creating it
+/// with mode 0600 when absent, never through a final symlink and only as
+/// a regular file.
+fn open_log(path: &Path) -> Result<File, OpenError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|err| open_error(err, path))?;
+    let meta = file.metadata().map_err(OpenError::Open)?;
+    match Kind::of(meta.file_type()) {
+        Kind::File => Ok(file),
+        found => Err(OpenError::WrongType(found)),
+    }
+}
+
+/// What a failed open of `path` means, in the words of [`OpenError`].
+fn open_error(err: io::Error, path: &Path) -> OpenError {
+    let at_path = || match fs::symlink_metadata(path) {
+        Ok(meta) => Some(Kind::of(meta.file_type())),
+        Err(_) => None,
+    };
+    match err.raw_os_error() {
+        Some(libc::ELOOP) => OpenError::WrongType(Kind::Symlink),
+        Some(libc::EISDIR) => OpenError::WrongType(Kind::Directory),
+        Some(libc::ENXIO) | Some(libc::EOPNOTSUPP) => match at_path() {
+            Some(found) => OpenError::WrongType(found),
+            None => OpenError::Open(err),
+        },
+        Some(libc::ENOENT) | Some(libc::ENOTDIR) => {
+            let folder = path.parent().unwrap_or(Path::new("/"));
+            // The nearest part of the path that exists says which it is.
+            for part in folder.ancestors() {
+                match fs::metadata(part) {
+                    Ok(meta) if meta.is_dir() => return OpenError::NoFolder(folder.to_owned()),
+                    Ok(meta) => {
+                        return OpenError::NotAFolder {
+                            folder: part.to_owned(),
+                            found: Kind::of(meta.file_type()),
+                        }
+                    }
+                    Err(_) => continue,
+                }
+            }
+            OpenError::NoFolder(folder.to_owned())
+        }
+        _ => OpenError::Open(err),
+    }
+}
+
+/// An exclusive `flock` on a file, released when dropped.
+struct Flock<'a>(&'a File);
+
+impl<'a> Flock<'a> {
+    fn exclusive(file: &'a File) -> io::Result<Flock<'a>> {
+        loop {
+            // SAFETY: flock on a descriptor this File owns.
+            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
+                return Ok(Flock(file));
+            }
+            let err = io::Error::last_os_error();
+            if err.kind() != io::ErrorKind::Interrupted {
+                return Err(err);
+            }
+        }
+    }
+}
+
+impl Drop for Flock<'_> {
+    fn drop(&mut self) {
+        // SAFETY: as above; closing the file would release it too.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+/// Appends `line` to `file` under an exclusive lock, after a newline when
+/// the file does not end in one, and syncs it. On failure the bytes this
+/// write added are cut off again (under the same lock, so they are ours).
+fn write_locked(file: &File, line: &str) -> io::Result<()> {
+    let _lock = Flock::exclusive(file)?;
+    let before = file.metadata()?.len();
+    let mut last = [b'\n'];
+    if before > 0 {
+        file.read_exact_at(&mut last, before - 1)?;
+    }
+    let text = if last[0] == b'\n' {
+        line.to_owned()
+    } else {
+        format!("\n{line}")
+    };
+    // One write per line: with O_APPEND the line lands whole at the end.
+    let result = (&*file)
+        .write_all(text.as_bytes())
+        .and_then(|()| file.sync_data());
+    if result.is_err() && file.metadata().is_ok_and(|meta| meta.len() > before) {
+        let _ = file.set_len(before).and_then(|()| file.sync_data());
+    }
+    result
+}
+
+/// Whether `path` still names the file `file` is open on.
+fn still_at(file: &File, path: &Path) -> bool {
+    match (file.metadata(), fs::symlink_metadata(path)) {
+        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        _ => false,
+    }
 }
 
 /// Records that could not be written to the audit log.
@@ -106,14 +266,34 @@ impl Audit {
     }
 
     /// An audit trail for `replica`, appending to `path` when given.
-    pub fn open(path: Option<&Path>, replica: String) -> Result<Audit, AuditError> {
+    /// `directory` is the `--directory` LDIF file, if one is used: an audit
+    /// log that is the same file (same path, or same device and inode) is
+    /// refused, as the directory's commits replace that file by a rename.
+    pub fn open(
+        path: Option<&Path>,
+        replica: String,
+        directory: Option<&Path>,
+    ) -> Result<Audit, AuditError> {
         let file = match path {
             None => None,
             Some(path) => {
-                let file = safe_fs::open_append(path).map_err(|source| AuditError {
+                let error = |source| AuditError {
                     path: path.to_owned(),
                     source,
-                })?;
+                };
+                if let Some(directory) = directory {
+                    if same_path(path, directory) {
+                        return Err(error(OpenError::SameAsDirectory(directory.to_owned())));
+                    }
+                }
+                let file = open_log(path).map_err(error)?;
+                if let Some(directory) = directory {
+                    if let (Ok(log), Ok(dir)) = (file.metadata(), fs::metadata(directory)) {
+                        if log.dev() == dir.dev() && log.ino() == dir.ino() {
+                            return Err(error(OpenError::SameAsDirectory(directory.to_owned())));
+                        }
+                    }
+                }
                 Some((path.to_owned(), Mutex::new(file)))
             }
         };
@@ -154,23 +334,23 @@ impl Audit {
             return;
         };
         let mut file = file.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let before = file.metadata().map(|meta| meta.len());
-        // One write per line: with O_APPEND the line lands whole at the end.
-        let result = file
-            .write_all(line.as_bytes())
-            .and_then(|()| file.sync_data());
+        // Renamed away or removed (rotated): the records go to the path.
+        if !still_at(&file, path) {
+            match open_log(path) {
+                Ok(reopened) => {
+                    warn!(file = %path.display(), "the audit log was renamed or removed; reopened by its path");
+                    *file = reopened;
+                }
+                Err(err) => {
+                    warn!(file = %path.display(), error = %err, "the audit log was renamed or removed and cannot be reopened; appending to the open file");
+                }
+            }
+        }
+        let result = write_locked(&file, line);
+        drop(file);
         let Err(err) = result else {
             return;
         };
-        // A full disk can take part of a line: cut it off again, so that
-        // every line of the file stays a whole record. (The file has one
-        // writer: the process that holds it open.)
-        if let Ok(before) = before {
-            if file.metadata().is_ok_and(|meta| meta.len() > before) {
-                let _ = file.set_len(before).and_then(|()| file.sync_data());
-            }
-        }
-        drop(file);
         error!(
             file = %path.display(),
             error = %err,
@@ -253,9 +433,55 @@ pub fn json_line(replica: &str, term: Option<u64>, record: &Record<'_>, time: St
         cause: record.cause.as_str(),
         dry_run: record.dry_run,
     };
-    let mut text = serde_json::to_string(&line).expect("BUG: an audit line always serialises");
+    let mut bytes = Vec::new();
+    let mut serializer = serde_json::Serializer::with_formatter(&mut bytes, LineSafe);
+    line.serialize(&mut serializer)
+        .expect("BUG: an audit line always serialises");
+    let mut text = String::from_utf8(bytes).expect("BUG: JSON is UTF-8");
     text.push('\n');
     text
+}
+
+/// Whether a character is escaped in the file beyond what JSON requires:
+/// control characters (C0, DEL, C1, U+0085 among them) and the Unicode
+/// line and paragraph separators, all of which some line readers split on.
+fn breaks_lines(c: char) -> bool {
+    c.is_control() || c == '\u{2028}' || c == '\u{2029}'
+}
+
+/// Compact JSON with [`breaks_lines`] characters as `\uXXXX` escapes.
+struct LineSafe;
+
+impl serde_json::ser::Formatter for LineSafe {
+    fn write_string_fragment<W: ?Sized + io::Write>(
+        &mut self,
+        writer: &mut W,
+        fragment: &str,
+    ) -> io::Result<()> {
+        let mut rest = fragment;
+        while let Some((at, c)) = rest.char_indices().find(|&(_, c)| breaks_lines(c)) {
+            writer.write_all(&rest.as_bytes()[..at])?;
+            // All of them are in the Basic Multilingual Plane.
+            write!(writer, "\\u{:04x}", u32::from(c))?;
+            rest = &rest[at + c.len_utf8()..];
+        }
+        writer.write_all(rest.as_bytes())
+    }
+}
+
+/// Whether two paths name one file by their text: the same path once `.`
+/// parts and the folder's symlinks are resolved (the file itself need not
+/// exist yet).
+fn same_path(a: &Path, b: &Path) -> bool {
+    let resolved = |p: &Path| -> PathBuf {
+        match (p.parent(), p.file_name()) {
+            (Some(parent), Some(name)) => fs::canonicalize(parent)
+                .unwrap_or_else(|_| parent.to_owned())
+                .join(name),
+            _ => p.to_owned(),
+        }
+    };
+    a == b || resolved(a) == resolved(b)
 }
 
 /// Now as RFC 3339 in UTC with microseconds.
@@ -398,7 +624,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.jsonl");
-        let audit = Audit::open(Some(&path), "r1".into()).expect("open");
+        let audit = Audit::open(Some(&path), "r1".into(), None).expect("open");
         let result = result(1, 0);
         let record = Record {
             cause: Cause::Event,
@@ -414,15 +640,36 @@ mod tests {
 
         let link = dir.path().join("link.jsonl");
         std::os::unix::fs::symlink(&path, &link).expect("symlink");
-        let err = Audit::open(Some(&link), "r1".into()).expect_err("a link is refused");
+        let err = Audit::open(Some(&link), "r1".into(), None).expect_err("a link is refused");
         assert!(err.to_string().contains("symbolic link"), "{err}");
+    }
+
+    #[test]
+    fn a_log_moved_away_is_reopened_by_its_path() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let moved = dir.path().join("audit.jsonl.1");
+        let audit = Audit::open(Some(&path), "r1".into(), None).expect("open");
+        let result = result(1, 0);
+        let record = Record {
+            cause: Cause::Event,
+            dry_run: false,
+            result: &result,
+        };
+        audit.record(record);
+        std::fs::rename(&path, &moved).expect("rotate");
+        audit.record(record);
+        audit.record(record);
+        let lines = |p: &Path| std::fs::read_to_string(p).expect("read").lines().count();
+        assert_eq!((lines(&moved), lines(&path)), (1, 2));
+        assert_eq!(audit.write_failures(), None);
     }
 
     #[test]
     fn a_record_carries_the_term_it_was_written_in_and_null_without_one() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("audit.jsonl");
-        let audit = Audit::open(Some(&path), "r1".into()).expect("open");
+        let audit = Audit::open(Some(&path), "r1".into(), None).expect("open");
         let result = result(1, 1);
         let record = Record {
             cause: Cause::FullSync,

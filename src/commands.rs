@@ -255,7 +255,15 @@ pub fn open_audit(config: &Config, hostname: Option<&str>) -> Result<Audit, Comm
         Some(_) => crate::cli::replica_name(hostname),
         None => String::new(),
     };
-    Ok(Audit::open(config.audit_log.as_deref(), replica)?)
+    let directory = match &config.directory {
+        crate::cli::DirectoryChoice::LdifFile(path) => Some(path.as_path()),
+        crate::cli::DirectoryChoice::Ldap(_) => None,
+    };
+    Ok(Audit::open(
+        config.audit_log.as_deref(),
+        replica,
+        directory,
+    )?)
 }
 
 /// An error naming the audit log when some of its records could not be

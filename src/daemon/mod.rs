@@ -155,7 +155,14 @@ pub async fn run_on(
         .as_ref()
         .map(|node| node.hostname.as_str().to_owned());
     let audit = match &config.config.audit_log {
-        Some(path) => Audit::open(Some(path), crate::cli::replica_name(replica.as_deref()))?,
+        Some(path) => Audit::open(
+            Some(path),
+            crate::cli::replica_name(replica.as_deref()),
+            match &config.config.directory {
+                crate::cli::DirectoryChoice::LdifFile(directory) => Some(directory.as_path()),
+                crate::cli::DirectoryChoice::Ldap(_) => None,
+            },
+        )?,
         None => Audit::log_only(),
     }
     .counting_failures(metrics.audit_write_failures.clone());
