@@ -9,8 +9,8 @@
 //! own parser separately (a bad value is one problem, not the end), and the
 //! values that passed are then parsed together and validated by the same
 //! functions the commands use. Secrets stay out: the bind password is never
-//! read (a password file is shown as its path), and credentials in a URL
-//! are replaced before it is shown.
+//! read (a password file is shown as its path), and a URL is shown only as its
+//! scheme and address (`cli::shown_url`).
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -20,8 +20,8 @@ use clap::parser::ValueSource;
 use clap::{ArgAction, FromArgMatches};
 
 use crate::cli::{
-    self, absolute_from_cwd, credentials_in_url, file_key_arg, file_value, read_config_file, Cli,
-    CliError, Command, Config, FileValue, PASSWORD_ENV,
+    self, absolute_from_cwd, file_key_arg, file_value, read_config_file, shown_url, Cli, CliError,
+    Command, Config, FileValue, PASSWORD_ENV,
 };
 use crate::model::escape_controls;
 
@@ -410,11 +410,13 @@ fn validate(command: Command) -> Vec<CliError> {
 
 fn effective(arg: &clap::Arg, given: Option<Given>) -> Effective {
     let name = arg.get_long().unwrap_or_default().to_owned();
+    let url = cli::is_url_option(arg);
     let redact = |v: &OsString| {
         let text = v.to_string_lossy().into_owned();
-        match name.as_str() {
-            "ldap-url" => credentials_in_url(&text).unwrap_or(text),
-            _ => text,
+        if url {
+            shown_url(&text)
+        } else {
+            text
         }
     };
     match given {
