@@ -230,3 +230,71 @@ fn an_nt_dc_with_a_port_out_of_range_or_a_label_too_long_makes_its_server_file_u
         "{stdout}"
     );
 }
+
+/// The membership wait of a node whose DC refuses every connection, with
+/// `dc` as its server file's `nt.dc`: the aborted instance's reason (in the
+/// log) names the connection error, not only that a check did not answer.
+fn wait_against_unreachable_dc(dc: &str) -> String {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (fs_root, app_root) = node_dirs(dir.path());
+    let tree = dir.path().join("tree");
+    fs::write(
+        tree.join("servers/win001.ad.com"),
+        format!("partition: east\nnt.dc: '{dc}'\nnt.dn: CN=WIN001,OU=Computers,DC=ad,DC=com\n"),
+    )
+    .expect("server file");
+    fs::create_dir_all(tree.join("scheduled")).expect("scheduled/");
+    fs::write(
+        tree.join("scheduled/web.app#0000000001"),
+        "proid: web\nenvironment: dev\ncpu: 20%\nmemory: 256M\ndisk: 1G\nservices:\n  - name: web\n    command: exec sleep 1000\n",
+    )
+    .expect("manifest");
+    fs::create_dir_all(tree.join("placement/win001.ad.com")).expect("placement/");
+    fs::write(tree.join("placement/win001.ad.com/web.app#0000000001"), "").expect("placement");
+    let stderr_path = dir.path().join("stderr");
+    let mut child = bin()
+        .args([
+            "run",
+            &fs_root,
+            &app_root,
+            "--hostname=win001.ad.com",
+            "--partition=east",
+            "--group-ou=OU=Groups,DC=ad,DC=com",
+            "--no-lock",
+            "--gmsa-proids=*",
+            "--timeout=2s",
+            "--wait-for-group=2s",
+            "--ldap-url=ldap://127.0.0.1:1",
+            "--domain-dns-name=ad.test",
+            "--domain-netbios-name=AD",
+            "--domain-sid=S-1-5-21-1004336348-1177238915-682003330",
+            "--domain-guid=a4d38f1d-39aa-4db3-9fbb-3d1c6a1f3b4e",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&stderr_path).expect("stderr file"))
+        .spawn()
+        .expect("start run");
+    let mut log = String::new();
+    for _ in 0..600 {
+        log = fs::read_to_string(&stderr_path).unwrap_or_default();
+        if log.contains("instance aborted") {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    child.kill().expect("stop run");
+    child.wait().expect("reap run");
+    log.lines()
+        .find(|l| l.contains("instance aborted"))
+        .unwrap_or_else(|| panic!("no instance aborted:\n{log}"))
+        .to_owned()
+}
+
+#[test]
+fn a_wait_against_an_unreachable_dc_names_the_connection_error() {
+    let line = wait_against_unreachable_dc("127.0.0.1:1");
+    assert!(
+        line.contains("Connection refused") && line.contains("ldap://127.0.0.1:1"),
+        "{line}"
+    );
+}
