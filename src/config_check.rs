@@ -393,11 +393,19 @@ fn validate(command: Command) -> Vec<CliError> {
             Ok(config) => required(&config),
             Err(problems) => problems,
         },
-        Command::Sync(args) => match Config::validate(&args.common, Some(&args.write)) {
-            Ok(config) => required(&config),
-            Err(problems) => problems,
-        },
-        Command::Run(args) => cli::RunConfig::validate(&args).err().unwrap_or_default(),
+        Command::Sync(args) => {
+            let mut problems = match Config::validate(&args.common, Some(&args.write)) {
+                Ok(config) => required(&config),
+                Err(problems) => problems,
+            };
+            problems.extend(audit_log_problem(&args.audit));
+            problems
+        }
+        Command::Run(args) => {
+            let mut problems = cli::RunConfig::validate(&args).err().unwrap_or_default();
+            problems.extend(audit_log_problem(&args.audit));
+            problems
+        }
         Command::Check(args) => cli::CheckConfig::validate(&args).err().unwrap_or_default(),
         Command::Explain(args) => cli::ExplainConfig::validate(&args)
             .err()
@@ -406,6 +414,26 @@ fn validate(command: Command) -> Vec<CliError> {
             panic!("BUG: config checks only the commands in TARGETS")
         }
     }
+}
+
+/// Why `sync` or `run` would refuse `--audit-log`, found as they open it
+/// but without creating it (see [`crate::safe_fs::check_append`]).
+fn audit_log_problem(audit: &cli::AuditArgs) -> Option<CliError> {
+    let path = audit.audit_log.as_deref()?;
+    let source = crate::safe_fs::check_append(path).err()?;
+    let shown = crate::audit::AuditError {
+        path: path.to_owned(),
+        source,
+    }
+    .to_string();
+    let why = shown
+        .strip_prefix("--audit-log ")
+        .unwrap_or(&shown)
+        .to_owned();
+    Some(CliError::Invalid {
+        option: "--audit-log",
+        why,
+    })
 }
 
 fn effective(arg: &clap::Arg, given: Option<Given>) -> Effective {
