@@ -22,7 +22,9 @@ use clap::{ArgAction, Args, CommandFactory, FromArgMatches, Parser, Subcommand, 
 use thiserror::Error;
 
 use crate::election::ElectionConfig;
-use crate::model::{Dn, GroupPattern, HostName, ModelError, PartitionGlob, Proid};
+use crate::model::{
+    host_port_problem, Dn, GroupPattern, HostName, ModelError, PartitionGlob, Proid,
+};
 use crate::node::script::shell_quote;
 use crate::node::{DomainInfo, GmsaProids, NodeConfig};
 use crate::output::Format;
@@ -1134,46 +1136,81 @@ fn model_why(err: ModelError) -> String {
     err.to_string()
 }
 
-/// `url` with its userinfo (`user:password@`) replaced, when it has one:
-/// `Some(shown)` is what may be printed of it.
-pub(crate) fn credentials_in_url(url: &str) -> Option<String> {
-    let (scheme, rest) = match url.find("://") {
-        Some(at) => (&url[..at + 3], &url[at + 3..]),
-        None => ("", url),
+/// The options whose values are server URLs: what is shown of them (by
+/// `config`, in errors) goes through [`shown_url`], whatever their source.
+const URL_OPTIONS: &[&str] = &["ldap-url", "check-ldap-url"];
+
+/// Whether `arg` takes a server URL, whose value is shown only through
+/// [`shown_url`].
+pub(crate) fn is_url_option(arg: &clap::Arg) -> bool {
+    arg.get_long()
+        .is_some_and(|long| URL_OPTIONS.contains(&long))
+}
+
+/// What may be printed of the URL `url`: its scheme and `HOST[:PORT]`, with
+/// userinfo (`user:password@`) replaced, an address that is not `HOST[:PORT]`
+/// replaced, and anything after the address (DN, query, extensions such as
+/// `x-bindpw=`, fragment) replaced: each of those may hold a secret.
+pub(crate) fn shown_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return "<not shown: not a scheme://HOST[:PORT] URL>".to_owned();
+    };
+    let scheme_ok = !scheme.is_empty()
+        && scheme
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'-' | b'.'));
+    let scheme = if scheme_ok {
+        scheme
+    } else {
+        "<scheme not shown>"
     };
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
-    let at = authority.rfind('@')?;
-    // The rest is not shown either: its extensions can carry a password too.
+    let (credentials, address) = match authority.rfind('@') {
+        Some(at) => ("<credentials removed>@", &authority[at + 1..]),
+        None => ("", authority),
+    };
+    let address = match host_port_problem(address) {
+        None => address,
+        Some(_) => "<address not shown>",
+    };
     let more = if tail.is_empty() || tail == "/" {
         ""
     } else {
         "/<rest not shown>"
     };
-    Some(format!(
-        "{scheme}<credentials removed>@{}{more}",
-        &authority[at + 1..]
-    ))
+    format!("{scheme}://{credentials}{address}{more}")
+}
+
+/// `url` as [`shown_url`] shows it, when it holds userinfo
+/// (`user:password@`), which is refused.
+pub(crate) fn credentials_in_url(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    rest[..authority_end].contains('@').then(|| shown_url(url))
 }
 
 /// Why `url` is not `ldap://HOST[:PORT]` or `ldaps://HOST[:PORT]` (a final
-/// `/` allowed), if it is not. Only the scheme and the authority are ever
-/// quoted: a DN, query, extension (`x-bindpw=...`) or fragment may hold a
-/// secret, and the connection would use none of them anyway.
+/// `/` allowed), if it is not, the address checked by [`host_port_problem`]
+/// as every server address is. Only what [`shown_url`] shows is ever
+/// quoted: a DN, query, extension (`x-bindpw=...`), fragment or mistyped
+/// address may hold a secret, and the connection would use none of them.
 fn ldap_url_problem(url: &str) -> Option<String> {
     let Some((scheme, rest)) = url.split_once("://") else {
         return Some("a value without ldap:// or ldaps:// (not shown: it may hold a secret); expected ldap://HOST[:PORT] or ldaps://HOST[:PORT]".into());
     };
     if !(scheme.eq_ignore_ascii_case("ldap") || scheme.eq_ignore_ascii_case("ldaps")) {
         return Some(format!(
-            "the scheme {scheme:?} is not ldap or ldaps; expected ldap://HOST[:PORT] or ldaps://HOST[:PORT]"
+            "{}: the scheme is not ldap or ldaps; expected ldap://HOST[:PORT] or ldaps://HOST[:PORT]",
+            shown_url(url)
         ));
     }
     let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, tail) = rest.split_at(authority_end);
-    if authority.is_empty() {
+    if let Some(why) = host_port_problem(authority) {
         return Some(format!(
-            "{scheme}:// names no host; expected {scheme}://HOST[:PORT]"
+            "{}: {why} (not shown: it may hold a secret); expected {scheme}://HOST[:PORT], PORT from 1 to 65535",
+            shown_url(url)
         ));
     }
     if !(tail.is_empty() || tail == "/") {
@@ -1985,7 +2022,10 @@ mod tests {
             ),
             ("ldaps://s3cret@dc1", "ldaps://<credentials removed>@dc1"),
             ("http://a:s3cret@b@dc1", "http://<credentials removed>@dc1"),
-            ("a:s3cret@dc1", "<credentials removed>@dc1"),
+            (
+                "a:s3cret@dc1",
+                "<not shown: not a scheme://HOST[:PORT] URL>",
+            ),
         ] {
             assert_eq!(credentials_in_url(url).as_deref(), Some(shown), "{url}");
         }
@@ -1995,6 +2035,56 @@ mod tests {
             "ldaps://[::1]:636",
         ] {
             assert_eq!(credentials_in_url(url), None, "{url}");
+        }
+    }
+
+    #[test]
+    fn urls_are_shown_as_scheme_and_address_only() {
+        for (url, shown) in [
+            ("ldap://dc1.ad.com:389", "ldap://dc1.ad.com:389"),
+            ("ldaps://[::1]:636/", "ldaps://[::1]:636"),
+            (
+                "ldap://dc1/dc=x????x-bindpw=s3cret",
+                "ldap://dc1/<rest not shown>",
+            ),
+            ("ldap://dc1:389:s3cret", "ldap://<address not shown>"),
+            ("ldap://dc1:s3cret", "ldap://<address not shown>"),
+            ("ldap://[::1", "ldap://<address not shown>"),
+            ("s3cret:x@y://dc1", "<scheme not shown>://dc1"),
+            ("s3cret", "<not shown: not a scheme://HOST[:PORT] URL>"),
+        ] {
+            assert_eq!(shown_url(url), shown, "{url}");
+        }
+    }
+
+    #[test]
+    fn ldap_urls_are_scheme_host_and_port_and_never_quoted_when_refused() {
+        for bad in [
+            "ldap://dc1:abc",
+            "ldap://dc1:99999",
+            "ldap://dc1:0",
+            "ldap://dc 1",
+            "ldap://:389",
+            "ldap://[::1",
+            "ldap://dc1:389:s3cret",
+            "ldap://dc1..x",
+        ] {
+            let why = ldap_url_problem(bad).unwrap_or_else(|| panic!("{bad} accepted"));
+            assert!(
+                !why.contains("s3cret") && !why.contains(bad),
+                "{bad}: {why}"
+            );
+        }
+        let long_label = format!("ldap://{}.ad.com", "a".repeat(64));
+        assert!(ldap_url_problem(&long_label).is_some());
+        for good in [
+            "ldap://dc1",
+            "ldaps://dc1.ad.com:636/",
+            "ldap://10.0.0.1:389",
+            "ldap://[::1]:389",
+            "LDAP://DC1:65535",
+        ] {
+            assert_eq!(ldap_url_problem(good), None, "{good}");
         }
     }
 

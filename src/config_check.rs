@@ -9,8 +9,8 @@
 //! own parser separately (a bad value is one problem, not the end), and the
 //! values that passed are then parsed together and validated by the same
 //! functions the commands use. Secrets stay out: the bind password is never
-//! read (a password file is shown as its path), and credentials in a URL
-//! are replaced before it is shown.
+//! read (a password file is shown as its path), and a URL is shown only as its
+//! scheme and address (`cli::shown_url`).
 
 use std::collections::BTreeSet;
 use std::ffi::OsString;
@@ -20,8 +20,8 @@ use clap::parser::ValueSource;
 use clap::{ArgAction, FromArgMatches};
 
 use crate::cli::{
-    self, absolute_from_cwd, credentials_in_url, file_key_arg, file_value, read_config_file, Cli,
-    CliError, Command, Config, FileValue, PASSWORD_ENV,
+    self, absolute_from_cwd, file_key_arg, file_value, read_config_file, shown_url, Cli, CliError,
+    Command, Config, FileValue, PASSWORD_ENV,
 };
 use crate::model::escape_controls;
 
@@ -393,11 +393,19 @@ fn validate(command: Command) -> Vec<CliError> {
             Ok(config) => required(&config),
             Err(problems) => problems,
         },
-        Command::Sync(args) => match Config::validate(&args.common, Some(&args.write)) {
-            Ok(config) => required(&config),
-            Err(problems) => problems,
-        },
-        Command::Run(args) => cli::RunConfig::validate(&args).err().unwrap_or_default(),
+        Command::Sync(args) => {
+            let mut problems = match Config::validate(&args.common, Some(&args.write)) {
+                Ok(config) => required(&config),
+                Err(problems) => problems,
+            };
+            problems.extend(audit_log_problem(&args.audit));
+            problems
+        }
+        Command::Run(args) => {
+            let mut problems = cli::RunConfig::validate(&args).err().unwrap_or_default();
+            problems.extend(audit_log_problem(&args.audit));
+            problems
+        }
         Command::Check(args) => cli::CheckConfig::validate(&args).err().unwrap_or_default(),
         Command::Explain(args) => cli::ExplainConfig::validate(&args)
             .err()
@@ -408,13 +416,35 @@ fn validate(command: Command) -> Vec<CliError> {
     }
 }
 
+/// Why `sync` or `run` would refuse `--audit-log`, found as they open it
+/// but without creating it (see [`crate::safe_fs::check_append`]).
+fn audit_log_problem(audit: &cli::AuditArgs) -> Option<CliError> {
+    let path = audit.audit_log.as_deref()?;
+    let source = crate::safe_fs::check_append(path).err()?;
+    let shown = crate::audit::AuditError {
+        path: path.to_owned(),
+        source,
+    }
+    .to_string();
+    let why = shown
+        .strip_prefix("--audit-log ")
+        .unwrap_or(&shown)
+        .to_owned();
+    Some(CliError::Invalid {
+        option: "--audit-log",
+        why,
+    })
+}
+
 fn effective(arg: &clap::Arg, given: Option<Given>) -> Effective {
     let name = arg.get_long().unwrap_or_default().to_owned();
+    let url = cli::is_url_option(arg);
     let redact = |v: &OsString| {
         let text = v.to_string_lossy().into_owned();
-        match name.as_str() {
-            "ldap-url" => credentials_in_url(&text).unwrap_or(text),
-            _ => text,
+        if url {
+            shown_url(&text)
+        } else {
+            text
         }
     };
     match given {

@@ -209,6 +209,70 @@ impl fmt::Display for HostName {
     }
 }
 
+/// Why `authority` is not `HOST[:PORT]`, if it is not: the one check of a
+/// server's address, for `--ldap-url`, `--check-ldap-url` and `nt.dc`.
+/// HOST is a DNS name (labels of 1 to 63 letters, digits, `-` or `_`, at
+/// most 253 characters, a final dot allowed), an IPv4 address, or an IPv6
+/// address in brackets; PORT is a number from 1 to 65535. The answer never
+/// quotes the value: a mistyped one may hold a password.
+pub fn host_port_problem(authority: &str) -> Option<&'static str> {
+    if authority.contains('@') {
+        return Some("it holds userinfo (user:password@), which is refused");
+    }
+    let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let Some((inside, after)) = rest.split_once(']') else {
+            return Some("an IPv6 address opened with [ is not closed with ]");
+        };
+        if inside.parse::<std::net::Ipv6Addr>().is_err() {
+            return Some("the address in brackets is not an IPv6 address");
+        }
+        match after {
+            "" => (None, None),
+            _ => match after.strip_prefix(':') {
+                Some(port) => (None, Some(port)),
+                None => return Some("only :PORT may follow an IPv6 address in brackets"),
+            },
+        }
+    } else {
+        match authority.split_once(':') {
+            Some((host, port)) => (Some(host), Some(port)),
+            None => (Some(authority), None),
+        }
+    };
+    if let Some(host) = host {
+        if host.is_empty() {
+            return Some("no host is named");
+        }
+        if host.len() > 253 {
+            return Some("the host name is longer than 253 characters");
+        }
+        let labels: Vec<&str> = host.strip_suffix('.').unwrap_or(host).split('.').collect();
+        if labels.iter().any(|label| label.is_empty()) {
+            return Some("the host name has an empty label (two dots, or a leading dot)");
+        }
+        if labels.iter().any(|label| label.len() > 63) {
+            return Some("a label of the host name is longer than 63 characters");
+        }
+        if !labels.iter().all(|label| {
+            label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        }) {
+            return Some("the host is not a host name (letters, digits, -, _ and dots), an IPv4 address or an [IPv6] address");
+        }
+    }
+    if let Some(port) = port {
+        let number =
+            (!port.is_empty() && port.len() <= 5 && port.bytes().all(|b| b.is_ascii_digit()))
+                .then(|| port.parse::<u32>().ok())
+                .flatten();
+        if !matches!(number, Some(1..=65535)) {
+            return Some("the port is not a number from 1 to 65535");
+        }
+    }
+    None
+}
+
 /// A distinguished name: compared, ordered and hashed in normalised form,
 /// displayed exactly as it was spelled. Cloning is cheap.
 #[derive(Clone)]

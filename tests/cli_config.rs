@@ -371,3 +371,57 @@ fn a_mistyped_key_is_answered_with_the_nearest_key() {
         )
     );
 }
+
+#[test]
+fn config_refuses_an_audit_log_that_sync_and_run_would_refuse_and_creates_none() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    fs::create_dir_all(dir.path().join("tree")).expect("tree");
+    fs::write(dir.path().join("dir.ldif"), "").expect("ldif");
+    fs::create_dir(dir.path().join("a-folder")).expect("folder");
+    fs::write(dir.path().join("elsewhere"), "").expect("target");
+    std::os::unix::fs::symlink(dir.path().join("elsewhere"), dir.path().join("a-link"))
+        .expect("symlink");
+    let check = |audit: &str, command: &str| {
+        let mut args = vec![
+            command,
+            "--fs-root=tree",
+            "--directory=dir.ldif",
+            "--group-ou=OU=Groups,DC=ad,DC=com",
+        ];
+        if command == "run" {
+            args.push("--no-lock");
+        }
+        let flag = format!("--audit-log={audit}");
+        args.push(&flag);
+        config(dir.path(), &args, &[])
+    };
+    for command in ["sync", "run"] {
+        for (audit, problem) in [
+            ("a-folder", "directory"),
+            ("a-link", "symbolic link"),
+            ("no-such-folder/audit.jsonl", "audit.jsonl"),
+        ] {
+            let out = check(audit, command);
+            assert_eq!(
+                out.code, 1,
+                "{command} {audit}: {}{}",
+                out.stdout, out.stderr
+            );
+            let line = out
+                .stderr
+                .lines()
+                .find(|l| l.contains("--audit-log"))
+                .unwrap_or_else(|| panic!("{command} {audit}: {}", out.stderr));
+            assert!(
+                line.contains(audit) && line.to_lowercase().contains(problem),
+                "{command} {audit}: {line}"
+            );
+        }
+        let out = check("audit.jsonl", command);
+        assert_eq!(out.code, 0, "{command}: {}{}", out.stdout, out.stderr);
+        assert!(
+            !dir.path().join("audit.jsonl").exists(),
+            "config creates no audit log"
+        );
+    }
+}

@@ -243,3 +243,108 @@ fn credentials_in_a_server_files_nt_dc_make_it_unusable_and_are_never_echoed() {
         "{stdout}"
     );
 }
+
+/// `plan` binding with Kerberos to `ldaps://127.0.0.1:1` (nothing listens)
+/// with the Kerberos variables `env`, stopped after a minute if it hangs.
+#[cfg(feature = "kerberos")]
+fn plan_with_kerberos(dir: &Path, env: &[(&str, String)]) -> (Option<i32>, String) {
+    let tree = empty_tree(dir);
+    let stderr_path = dir.join("stderr");
+    let mut cmd = bin();
+    cmd.arg("plan")
+        .arg(format!("--fs-root={}", tree.display()))
+        .arg("--group-ou=ou=Groups,dc=ad,dc=com")
+        .arg("--ldap-url=ldaps://127.0.0.1:1")
+        .arg("--sasl=gssapi")
+        .arg("--timeout=2s")
+        .env_remove("KRB5_CLIENT_KTNAME")
+        .env_remove("KRB5CCNAME")
+        .env("KRB5_CONFIG", dir.join("no-krb5.conf"))
+        .stdout(std::process::Stdio::null())
+        .stderr(fs::File::create(&stderr_path).expect("stderr file"));
+    for (key, value) in env {
+        cmd.env(key, value);
+    }
+    let mut child = cmd.spawn().expect("run plan");
+    let mut code = None;
+    for _ in 0..600 {
+        if let Some(status) = child.try_wait().expect("wait") {
+            code = status.code();
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    if code.is_none() {
+        child.kill().expect("stop plan");
+        child.wait().expect("reap plan");
+    }
+    (code, fs::read_to_string(&stderr_path).unwrap_or_default())
+}
+
+#[cfg(feature = "kerberos")]
+#[test]
+fn a_keytab_or_ticket_cache_that_is_a_fifo_missing_or_a_directory_is_named_before_any_connection() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let fifo = dir.path().join("fifo");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .expect("mkfifo");
+    assert!(made.success(), "mkfifo");
+    let folder = dir.path().join("folder");
+    fs::create_dir(&folder).expect("folder");
+    let missing = dir.path().join("missing.keytab");
+    let fifo_s = fifo.display().to_string();
+    let cases = [
+        (
+            "KRB5_CLIENT_KTNAME",
+            fifo_s.clone(),
+            fifo_s.clone(),
+            "a FIFO, not a regular file",
+        ),
+        (
+            "KRB5_CLIENT_KTNAME",
+            format!("FILE:{fifo_s}"),
+            fifo_s.clone(),
+            "a FIFO, not a regular file",
+        ),
+        (
+            "KRB5_CLIENT_KTNAME",
+            missing.display().to_string(),
+            missing.display().to_string(),
+            "does not exist",
+        ),
+        (
+            "KRB5_CLIENT_KTNAME",
+            folder.display().to_string(),
+            folder.display().to_string(),
+            "a directory, not a regular file",
+        ),
+        (
+            "KRB5CCNAME",
+            format!("FILE:{fifo_s}"),
+            fifo_s.clone(),
+            "a FIFO, not a regular file",
+        ),
+        (
+            "KRB5CCNAME",
+            fifo_s.clone(),
+            fifo_s.clone(),
+            "a FIFO, not a regular file",
+        ),
+    ];
+    for (variable, value, file, problem) in cases {
+        let run = tempfile::tempdir().expect("temp dir");
+        let (code, stderr) = plan_with_kerberos(run.path(), &[(variable, value.clone())]);
+        let what = format!("{variable}={value}");
+        assert_eq!(code, Some(1), "{what}: hung or did not fail: {stderr}");
+        assert!(
+            stderr.contains(variable) && stderr.contains(&file) && stderr.contains(problem),
+            "{what}: {stderr}"
+        );
+        assert!(
+            !stderr.contains("Connection refused"),
+            "{what}: checked before any connection: {stderr}"
+        );
+    }
+}

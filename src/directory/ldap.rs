@@ -401,6 +401,11 @@ impl LdapDirectory {
     /// Tries the URLs in order, skipping those that stopped answering a
     /// moment ago; [`DirError::Stalled`] when that is every one of them.
     async fn connect(&self) -> Result<Conn, DirError> {
+        if matches!(self.config.bind, Bind::Gssapi) {
+            // Before any connection: MIT's library would block for good
+            // opening a FIFO, with no timeout of ours around it.
+            kerberos_preflight().map_err(DirError::Fatal)?;
+        }
         let mut failures = Vec::new();
         let mut all_tls = true;
         let mut all_skipped = true;
@@ -1360,6 +1365,94 @@ async fn gssapi_bind(ldap: &mut Ldap, url: &str) -> Result<LdapResult, LdapError
     // `validate` accepted only URLs with a host.
     let host = url_host(url).unwrap_or_default();
     ldap.sasl_gssapi_bind(host).await
+}
+
+/// The client keytab MIT's library reads for a GSSAPI bind.
+const KEYTAB_ENV: &str = "KRB5_CLIENT_KTNAME";
+/// The credential cache MIT's library reads and writes.
+const CCACHE_ENV: &str = "KRB5CCNAME";
+
+/// The file a keytab or cache name (`FILE:<path>` or a bare path) names;
+/// `None` for the other types (`MEMORY:`, `KEYRING:`, `DIR:`, `KCM:`, ...).
+fn krb5_file(value: &str) -> Option<&Path> {
+    match value.strip_prefix("FILE:") {
+        Some(path) => Some(Path::new(path)),
+        None if value.starts_with('/') || !value.contains(':') => Some(Path::new(value)),
+        None => None,
+    }
+}
+
+/// What a file that is not a regular one is.
+fn file_kind(kind: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_block_device() || kind.is_char_device() {
+        "a device"
+    } else {
+        "not a regular file"
+    }
+}
+
+/// Checks the files a GSSAPI bind would open, without opening anything
+/// but a regular file: the keytab of `KRB5_CLIENT_KTNAME` must be a
+/// readable regular file, the `FILE:` cache of `KRB5CCNAME` a regular file
+/// or absent. `stat` follows a link (a mounted secret is one) but never
+/// opens, so a FIFO cannot block here; a FIFO opened by libkrb5 would
+/// block the bind for good, past every timeout. The error names the
+/// variable, the file and the problem.
+fn kerberos_preflight() -> Result<(), String> {
+    if let Some(value) = std::env::var_os(KEYTAB_ENV) {
+        let value = value.to_string_lossy();
+        if let Some(path) = krb5_file(&value) {
+            let shown = path.display();
+            match std::fs::metadata(path) {
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                    return Err(format!("{KEYTAB_ENV}: the keytab {shown} does not exist"))
+                }
+                Err(err) => return Err(format!("{KEYTAB_ENV}: the keytab {shown}: {err}")),
+                Ok(meta) if !meta.is_file() => {
+                    return Err(format!(
+                        "{KEYTAB_ENV}: the keytab {shown} is {}, not a regular file",
+                        file_kind(meta.file_type())
+                    ))
+                }
+                Ok(_) => {
+                    if let Err(err) = std::fs::File::open(path) {
+                        return Err(format!(
+                            "{KEYTAB_ENV}: the keytab {shown} cannot be read: {err}"
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    if let Some(value) = std::env::var_os(CCACHE_ENV) {
+        let value = value.to_string_lossy();
+        if let Some(path) = krb5_file(&value) {
+            let shown = path.display();
+            match std::fs::metadata(path) {
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
+                Err(err) => {
+                    return Err(format!(
+                        "{CCACHE_ENV}: the credential cache {shown}: {err}"
+                    ))
+                }
+                Ok(meta) if !meta.is_file() => {
+                    return Err(format!(
+                        "{CCACHE_ENV}: the credential cache {shown} is {}, not a regular file (or absent, to be made)",
+                        file_kind(meta.file_type())
+                    ))
+                }
+                Ok(_) => {}
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(not(feature = "kerberos"))]

@@ -86,19 +86,27 @@ pub async fn wait_until_member(
 ) -> WaitOutcome {
     let deadline = Instant::now() + wait;
     let mut retry = 0;
+    // The last answer or error: a check cut short by the deadline must not
+    // hide why the ones before it failed (a refused connection, a name
+    // that does not resolve).
+    let mut last: Option<String> = None;
     loop {
         if !still_wanted() {
             return WaitOutcome::Cancelled;
         }
-        let last = match tokio::time::timeout_at(deadline, check.is_member(proid)).await {
+        let answer = match tokio::time::timeout_at(deadline, check.is_member(proid)).await {
             Ok(Ok(true)) => return WaitOutcome::Member,
             Ok(Ok(false)) => "not a member".to_owned(),
             Ok(Err(err)) if err.is_transient() => format!("check failed: {err}"),
             Ok(Err(err)) => {
                 return WaitOutcome::Failed(format!("checking the group of {proid}: {err}"))
             }
-            Err(_) => "check did not answer".to_owned(),
+            Err(_) => match last.take() {
+                Some(before) => format!("{before}; the last check did not answer in time"),
+                None => "check did not answer".to_owned(),
+            },
         };
+        let last = last.insert(answer);
         let now = Instant::now();
         if now >= deadline {
             return WaitOutcome::TimedOut(format!(
@@ -216,6 +224,40 @@ mod tests {
         }
         async fn is_member(&self, _: &Proid) -> Result<bool, CheckError> {
             std::future::pending().await
+        }
+    }
+
+    /// A server that refuses every connection at once.
+    struct Unreachable;
+
+    #[async_trait]
+    impl MembershipCheck for Unreachable {
+        async fn group_exists(&self, _: &Proid) -> Result<bool, CheckError> {
+            Ok(true)
+        }
+        async fn is_member(&self, _: &Proid) -> Result<bool, CheckError> {
+            // Each check takes a moment, as a connection attempt does, so
+            // the one started at the deadline is cut short.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            Err(CheckError::Directory(DirError::Unreachable {
+                op: crate::directory::Op::Connect,
+                message: "ldap://dc1:389: Connection refused (os error 111)".into(),
+            }))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_that_runs_out_names_the_last_error_not_only_the_cut_short_check() {
+        for seconds in [1, 4, 60] {
+            let out =
+                wait_until_member(&Unreachable, &proid(), Duration::from_secs(seconds), || {
+                    true
+                })
+                .await;
+            assert!(
+                matches!(out, WaitOutcome::TimedOut(ref why) if why.contains("Connection refused")),
+                "{seconds}s: {out:?}"
+            );
         }
     }
 

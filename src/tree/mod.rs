@@ -18,7 +18,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Deserialize;
 use thiserror::Error;
 
-use crate::model::{reject_controls, Dn, HostName, ModelError, PartitionGlob};
+use crate::model::{host_port_problem, reject_controls, Dn, HostName, ModelError, PartitionGlob};
 
 /// The keys of a server file that the reconciler uses; everything else in
 /// the file is ignored.
@@ -63,8 +63,8 @@ pub enum ServerError {
     Dn(ModelError),
     /// `nt.dc` is not a host name with an optional port. The value is not
     /// quoted: it may hold a password.
-    #[error("nt.dc: not a host name (letters, digits, '-', '_' and dots, with an optional :port)")]
-    Dc,
+    #[error("nt.dc: not a host name with an optional :port: {0}")]
+    Dc(&'static str),
     /// There is no server file for the host asked about.
     #[error("does not exist")]
     Missing,
@@ -150,32 +150,18 @@ impl ServerInfo {
     }
 }
 
-/// `nt.dc` becomes the host of an `ldap://` URL, so it must be a host name
-/// (letters, digits, `-`, `_`, dots between labels) with an optional
-/// `:port`: a value such as `user:secret@dc` or `dc/x?y` would otherwise
-/// smuggle credentials or a path into the URL.
+/// `nt.dc` becomes the host of an `ldap://` URL, so it must be `HOST[:PORT]`
+/// as [`host_port_problem`] checks every server address: a value such as
+/// `user:secret@dc` or `dc/x?y` would otherwise smuggle credentials or a
+/// path into the URL.
 fn check_dc(dc: &str) -> Result<(), ServerError> {
     if dc.is_empty() {
         // Empty is absent: the index treats the host as out of scope.
         return Ok(());
     }
-    let (host, port) = match dc.rsplit_once(':') {
-        Some((host, port)) => (host, Some(port)),
-        None => (dc, None),
-    };
-    let label_ok = |label: &str| {
-        !label.is_empty()
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
-    };
-    let host_ok = host.len() <= 253 && host.trim_end_matches('.').split('.').all(label_ok);
-    let port_ok =
-        port.is_none_or(|p| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit()));
-    if host_ok && port_ok {
-        Ok(())
-    } else {
-        Err(ServerError::Dc)
+    match host_port_problem(dc) {
+        None => Ok(()),
+        Some(why) => Err(ServerError::Dc(why)),
     }
 }
 
@@ -600,14 +586,18 @@ mod tests {
             "dc1:",
             "dc1:port",
             "dc1..ad",
-            "[::1]",
+            "dc1:99999",
+            "dc1:0",
+            "dc1:389:secret",
+            "[::1",
+            "[dc1]",
         ] {
             let text = format!(
                 "{{\"nt.dn\": \"CN=h1\", \"nt.dc\": {}}}",
                 serde_json::json!(bad)
             );
             let err = ServerInfo::parse(text.as_bytes()).expect_err(bad);
-            assert_eq!(err, ServerError::Dc, "{bad:?}");
+            assert!(matches!(err, ServerError::Dc(_)), "{bad:?}: {err:?}");
             let err = err.to_string();
             assert!(err.starts_with("nt.dc: "), "{bad:?}: {err}");
             assert!(!err.contains("secret"), "the value is never quoted: {err}");
@@ -619,6 +609,8 @@ mod tests {
             "dc_1-a.ad",
             "10.0.0.1",
             "dc1:389",
+            "dc1:65535",
+            "[::1]:636",
             "",
         ] {
             let text = format!(
@@ -893,12 +885,13 @@ mod properties {
         ]
     }
 
-    /// `nt.dc` must be a host name when it is text (a number or a boolean
-    /// reads as one), or something the reconciler cannot use.
+    /// `nt.dc` must be a host name, with a port from 1 to 65535, when it is
+    /// text (a number or a boolean reads as one), or something the
+    /// reconciler cannot use.
     fn dc_field() -> impl Strategy<Value = Option<Value>> {
         prop_oneof![
             Just(None),
-            "[a-z0-9_-]{1,8}(\\.[a-z0-9-]{1,6}){0,3}(:[0-9]{1,5})?"
+            "[a-z0-9_-]{1,8}(\\.[a-z0-9-]{1,6}){0,3}(:[1-9][0-9]{0,3})?"
                 .prop_map(|s| Some(Value::String(s))),
             any::<u32>().prop_map(|n| Some(Value::Number(n.into()))),
             any::<bool>().prop_map(|b| Some(Value::Bool(b))),
