@@ -7,8 +7,8 @@
 //! is appended to FILE as one JSON line and synced to disk before the
 //! pass returns, so a batch only counts as done once its record is on
 //! disk. The file is opened once, append-only, created 0600 and never
-//! through a symlink ([`safe_fs::open_append`]). A refused deletion is not
-//! in the plan a pass applies, so it is never recorded as applied.
+//! through a symlink. A refused deletion is not in the plan a pass
+//! applies, so it is never recorded as applied.
 //!
 //! Each file record names the replica that wrote (and its process id, as
 //! replicas on one machine share a name), the time to the microsecond and,
@@ -43,6 +43,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -116,6 +117,41 @@ fn open_log(path: &Path) -> Result<File, OpenError> {
     match Kind::of(meta.file_type()) {
         Kind::File => Ok(file),
         found => Err(OpenError::WrongType(found)),
+    }
+}
+
+/// Whether [`Audit::open`] would accept `path`, found the same way but
+/// without creating or writing anything: `config`'s check of the option.
+pub fn check_log(path: &Path) -> Result<(), OpenError> {
+    let opened = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path);
+    match opened {
+        Ok(file) => match Kind::of(file.metadata().map_err(OpenError::Open)?.file_type()) {
+            Kind::File => Ok(()),
+            found => Err(OpenError::WrongType(found)),
+        },
+        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {
+            let folder = match path.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => parent,
+                _ => Path::new("."),
+            };
+            if !fs::metadata(folder).is_ok_and(|meta| meta.is_dir()) {
+                return Err(open_error(err, path));
+            }
+            // The file would be created there: the folder must be writable.
+            let folder = std::ffi::CString::new(folder.as_os_str().as_bytes())
+                .map_err(|e| OpenError::Open(io::Error::other(e)))?;
+            // SAFETY: a NUL-terminated path; access(2) only reads it.
+            if unsafe { libc::access(folder.as_ptr(), libc::W_OK) } == 0 {
+                Ok(())
+            } else {
+                Err(OpenError::Open(io::Error::last_os_error()))
+            }
+        }
+        Err(err) => Err(open_error(err, path)),
     }
 }
 

@@ -417,10 +417,10 @@ fn validate(command: Command) -> Vec<CliError> {
 }
 
 /// Why `sync` or `run` would refuse `--audit-log`, found as they open it
-/// but without creating it (see [`crate::safe_fs::check_append`]).
+/// but without creating it (see [`crate::audit::check_log`]).
 fn audit_log_problem(audit: &cli::AuditArgs) -> Option<CliError> {
     let path = audit.audit_log.as_deref()?;
-    let source = crate::safe_fs::check_append(path).err()?;
+    let source = crate::audit::check_log(path).err()?;
     let shown = crate::audit::AuditError {
         path: path.to_owned(),
         source,

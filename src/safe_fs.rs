@@ -226,66 +226,6 @@ pub fn touch(path: &Path) -> Result<(), ReadError> {
     }
 }
 
-/// Opens `path` for appending, creating it with mode 0600 when absent, and
-/// never through a final symlink: a log planted as a link to another file
-/// is refused, not written through. Only a regular file is accepted.
-pub fn open_append(path: &Path) -> Result<File, ReadError> {
-    let file = OpenOptions::new()
-        .append(true)
-        .create(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|err| ReadError::from_open(err, path, FILE))?;
-    let meta = file.metadata().map_err(ReadError::Io)?;
-    match Kind::of(meta.file_type()) {
-        Kind::File => Ok(file),
-        found => Err(ReadError::WrongType { found, want: FILE }),
-    }
-}
-
-/// Whether [`open_append`] would open `path`, found without creating or
-/// writing anything: an existing file is opened for appending as it would
-/// be (a FIFO or a link is refused the same way, never written to), and an
-/// absent one needs a folder to be created in that the process can write.
-pub fn check_append(path: &Path) -> Result<(), ReadError> {
-    match OpenOptions::new()
-        .append(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY | libc::O_CLOEXEC)
-        .open(path)
-    {
-        Ok(file) => {
-            let meta = file.metadata().map_err(ReadError::Io)?;
-            match Kind::of(meta.file_type()) {
-                Kind::File => Ok(()),
-                found => Err(ReadError::WrongType { found, want: FILE }),
-            }
-        }
-        Err(err) if err.raw_os_error() == Some(libc::ENOENT) => {
-            let folder = match path.parent() {
-                Some(parent) if !parent.as_os_str().is_empty() => parent,
-                _ => Path::new("."),
-            };
-            match fs::metadata(folder) {
-                Ok(meta) if meta.is_dir() => {
-                    use std::os::unix::ffi::OsStrExt;
-                    let c_folder = std::ffi::CString::new(folder.as_os_str().as_bytes())
-                        .map_err(|e| ReadError::Io(io::Error::other(e)))?;
-                    // SAFETY: a valid NUL-terminated path; access only reads it.
-                    if unsafe { libc::access(c_folder.as_ptr(), libc::W_OK) } == 0 {
-                        Ok(())
-                    } else {
-                        Err(ReadError::Io(io::Error::last_os_error()))
-                    }
-                }
-                // No folder to create it in: open_append fails the same way.
-                _ => Err(ReadError::NotFound),
-            }
-        }
-        Err(err) => Err(ReadError::from_open(err, path, FILE)),
-    }
-}
-
 /// An entry of a directory read with [`list_dir`]: its name and its type
 /// as the listing gave it (`None` when the listing could not tell).
 pub type Entry = (OsString, Option<fs::FileType>);
