@@ -158,12 +158,10 @@ impl Daemon {
         let complete = self.apply(pass, &clocks, retiring, shutdown).await;
         if complete.is_some() {
             self.metrics.last_full_sync.set(metrics::unix_now());
-            if !self.health.applied || self.health.tree.is_some() {
+            if !self.health.applied {
                 info!("initial sync applied; ready");
             }
             self.health.applied = true;
-            // A tree that was unusable is trusted again once compared in full.
-            self.health.tree = None;
             self.publish_ready();
         }
         self.schedule.full_sync_done(Instant::now());
