@@ -10,14 +10,16 @@
 //! looked up again at most once a minute.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::{sleep, Instant};
 use tracing::{debug, error, info, warn};
 
+use super::leadership::role_changed;
 use super::schedule::Dirty;
-use super::{Daemon, Shutdown};
+use super::{Daemon, Shutdown, SHUTDOWN_GRACE};
 use crate::backoff::Backoff;
 use crate::directory;
 use crate::directory::Directory;
@@ -345,14 +347,67 @@ impl Daemon {
         let metrics = self.metrics.clone();
         let audit = self.audit.clone();
         let term = self.leadership.term();
+        // Asked right before each Modify leaves: a replica that lost the
+        // leadership the pass began in sends nothing more, however long
+        // the pass took to prepare.
+        let check = self.leadership.write_check();
         let io = async move {
             let audit = audit.in_term(term);
             let recorder = (metrics.as_ref(), &audit);
-            pass.apply(dir.as_ref(), &options, dry_run, &recorder).await;
+            let may_write = || check.may_write();
+            pass.apply_while(dir.as_ref(), &options, dry_run, &recorder, &may_write)
+                .await;
             pass
         };
-        let pass = self.drive(io, shutdown).await?;
+        // The requests already sent are answered and recorded, the
+        // leadership lost or not: the directory may have applied them.
+        let pass = self.drive_writes(io, shutdown).await?;
         Some(self.record(pass.results, clocks))
+    }
+
+    /// Runs a pass's writes (`fut`, which asks the leadership before each
+    /// Modify leaves) while taking tree changes, as [`Daemon::drive`] does
+    /// for reads, with one difference: a lost leadership does not drop
+    /// it. The pass sends nothing more on its own, and the requests already
+    /// sent are waited for, so that what the directory applied is
+    /// recorded. On shutdown the same grace period; `None` when abandoned.
+    pub(super) async fn drive_writes<F: Future>(
+        &mut self,
+        fut: F,
+        shutdown: &mut Shutdown<'_>,
+    ) -> Option<F::Output> {
+        let mut fut = std::pin::pin!(fut);
+        let mut lost = false;
+        loop {
+            let Some(rx) = self.watching.changes.as_mut() else {
+                return Some(fut.await);
+            };
+            let roles = self.leadership.receiver();
+            tokio::select! {
+                out = &mut fut => return Some(out),
+                change = rx.recv(), if !self.stopping => match change {
+                    Some(change) => self.on_change(change),
+                    None => self.watcher_failed("the watcher stopped".into()),
+                },
+                _ = role_changed(roles), if !self.stopping && !lost => {
+                    if !self.still_leading() {
+                        warn!("lost the writer's lock: sending nothing more; recording the requests already sent");
+                        lost = true;
+                    }
+                }
+                _ = &mut *shutdown, if !self.stopping => {
+                    info!("shutdown: letting in-flight writes finish");
+                    self.stopping = true;
+                    return match tokio::time::timeout(SHUTDOWN_GRACE, &mut fut).await {
+                        Ok(out) => Some(out),
+                        Err(_) => {
+                            warn!("shutdown: abandoning in-flight writes");
+                            None
+                        }
+                    };
+                }
+            }
+        }
     }
 
     /// Updates the cache and retries from a batch's results (the pass
