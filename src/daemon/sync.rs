@@ -7,7 +7,10 @@
 //! pending: the proid keeps its retiring hosts until a later pass of it
 //! (a batch or a full sync) applies them. Groups that failed are read
 //! again before they are planned; the group of a proid that has none is
-//! looked up again at most once a minute.
+//! looked up again at most once a minute. A change whose Modify got no
+//! answer may have been applied: the next read of its group says which of
+//! its values were, and those are recorded (cause `retry`) before the
+//! group is planned again.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -136,6 +139,9 @@ impl Daemon {
                 pass.causes.insert(change.proid.clone(), Cause::Drift);
             }
         }
+        self.settle_unanswered(&groups);
+        // What is left was of groups that are gone.
+        self.unanswered.clear();
         self.groups.reset(groups);
         self.health.synced = true;
         // Every proid is compared now; what was dirty is covered, but keep
@@ -260,6 +266,13 @@ impl Daemon {
         }
 
         let groups = self.groups.groups_of(&keys);
+        let stale: BTreeSet<Dn> = keys.iter().flat_map(|k| self.groups.stale_of(k)).collect();
+        let read: Vec<_> = groups
+            .iter()
+            .filter(|g| !stale.contains(&g.dn))
+            .cloned()
+            .collect();
+        self.settle_unanswered(&read);
         let mut pass = Pass::prepare(
             Cause::Event,
             &self.index,
@@ -410,6 +423,48 @@ impl Daemon {
         }
     }
 
+    /// Records, as applied by a retry, the values of a change whose Modify
+    /// got no answer that `read` (groups just read) shows in the desired
+    /// state: a server that stopped answering may still have applied them,
+    /// and the re-planned pass finds nothing left to do for them.
+    fn settle_unanswered(&mut self, read: &[crate::directory::Group]) {
+        if self.unanswered.is_empty() {
+            return;
+        }
+        let audit = self.audit.in_term(self.leadership.term());
+        let recorder = (self.metrics.as_ref(), &audit);
+        for group in read {
+            let Some(change) = self.unanswered.remove(&group.dn) else {
+                continue;
+            };
+            let mut result = GroupResult {
+                planned: change.clone(),
+                applied: change.clone(),
+                failed: None,
+                vanished: false,
+                requests: 0,
+                retries: 0,
+            };
+            result.applied.add.retain(|dn| group.members.contains(dn));
+            result
+                .applied
+                .delete
+                .retain(|dn| !group.members.contains(dn));
+            if result.applied.add.is_empty() && result.applied.delete.is_empty() {
+                continue;
+            }
+            info!(group = %group.dn, "a change that got no answer was applied; recording it");
+            crate::reconcile::Recorder::record(
+                &recorder,
+                crate::reconcile::Record {
+                    cause: Cause::Retry,
+                    dry_run: false,
+                    result: &result,
+                },
+            );
+        }
+    }
+
     /// Updates the cache and retries from a batch's results (the pass
     /// recorded them in the metrics);
     /// returns the proids not fully applied.
@@ -424,7 +479,11 @@ impl Daemon {
                 continue;
             }
             self.groups.applied(&result.applied);
-            if result.failed.is_some() {
+            if let Some((left, err)) = &result.failed {
+                // No answer is no news: what was sent may have been applied.
+                if err.is_transient() {
+                    self.unanswered.insert(dn.clone(), left.clone());
+                }
                 unfinished.insert(proid.clone());
                 self.groups.mark_stale(dn);
                 self.schedule.failed(proid, now);

@@ -242,6 +242,10 @@ pub(crate) struct Gated {
     /// Runs at the next capabilities read (a pass's first call before
     /// its Modifies).
     on_capabilities: Mutex<Option<Hook>>,
+    /// The next modify is applied and then gets no answer.
+    time_out: AtomicBool,
+    /// The modify after one without answer is not sent.
+    stalled: AtomicBool,
 }
 
 impl Gated {
@@ -253,6 +257,8 @@ impl Gated {
             held: AtomicUsize::new(0),
             late: AtomicBool::new(false),
             on_capabilities: Mutex::new(None),
+            time_out: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
         })
     }
 
@@ -260,6 +266,12 @@ impl Gated {
     /// at the gate.
     pub(crate) fn answer_late(&self) {
         self.late.store(true, Ordering::SeqCst);
+    }
+
+    /// The next modify is applied, then answered as a server that stopped
+    /// answering is: not at all; the one after it is not sent.
+    pub(crate) fn time_out_next(&self) {
+        self.time_out.store(true, Ordering::SeqCst);
     }
 
     /// Runs `hook` at the next capabilities read, inside the pass.
@@ -315,6 +327,22 @@ impl Directory for Gated {
     }
 
     async fn modify_members(&self, group: &Dn, change: &MemberChange) -> Result<(), DirError> {
+        if self.time_out.swap(false, Ordering::SeqCst) {
+            self.inner.modify_members(group, change).await?;
+            self.stalled.store(true, Ordering::SeqCst);
+            return Err(DirError::Unreachable {
+                op: crate::directory::Op::Modify,
+                message: format!("{group}: gave no answer within 3s"),
+            });
+        }
+        // As the LDAP client does, the server that gave no answer is left
+        // alone: the next request is not sent.
+        if self.stalled.swap(false, Ordering::SeqCst) {
+            return Err(DirError::Stalled {
+                op: crate::directory::Op::Modify,
+                message: "the server stopped answering".into(),
+            });
+        }
         let late = self.late.load(Ordering::SeqCst);
         let applied = if late {
             Some(self.inner.modify_members(group, change).await)

@@ -157,3 +157,40 @@ async fn shutdown_abandons_a_write_stuck_past_the_grace_period() {
     assert_eq!(gated.held(), 0, "the write was abandoned");
     assert!(members(&dir, DB).await.is_empty());
 }
+
+/// Soak failure 1 (`frozen-write`): a Modify that got no answer was
+/// applied all the same, and the retry's re-read found nothing to do, so
+/// no audit record said it was.
+#[tokio::test(start_paused = true)]
+async fn frozen_write_a_modify_without_answer_that_was_applied_is_recorded_by_the_retry() {
+    let (_guard, root) = tree();
+    fill(&root);
+    let audit = root.with_extension("audit");
+    let audit_arg = format!("--audit-log={}", audit.display());
+    let gated = Gated::new(memory_directory());
+    let setup = Setup {
+        front: Some(gated.clone()),
+        dir: Some(gated.inner.clone()),
+        ..Setup::default()
+    };
+    let h = Harness::start_with(&root, run_config(&root, &[&audit_arg]), setup);
+    h.ready().await;
+    gated.time_out_next();
+    h.place("h1", "db.app#1");
+    let records = || {
+        let trail = std::fs::read_to_string(&audit).expect("the audit trail");
+        trail
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+            .filter(|r| r["group"] == DB)
+            .collect::<Vec<_>>()
+    };
+    until("the change recorded", || async { !records().is_empty() }).await;
+    sleep(Duration::from_secs(5)).await;
+    let db = records();
+    assert_eq!(db.len(), 1, "{db:?}");
+    assert_eq!(db[0]["added"], serde_json::json!([H1]));
+    assert_eq!(db[0]["cause"], "retry");
+    assert_eq!(h.modifies(DB), 1, "the retry sent nothing more");
+    h.stop().await;
+}
