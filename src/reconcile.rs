@@ -19,13 +19,18 @@
 //! "already there" and "already gone" answers count as success. A value is
 //! only reported as applied when the directory said so or a re-read shows
 //! it in the desired state.
+//!
+//! A writer that may lose the right to write (the daemon's leadership)
+//! applies through [`Pass::apply_while`]: its check is asked right before
+//! every Modify leaves, and once it says no nothing more is sent, while
+//! the requests already sent are answered and recorded as usual.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use futures::stream::{self, StreamExt};
 use tracing::{debug, info_span, warn, Instrument};
 
-use crate::directory::{rc, Capabilities, DirError, Directory, Group, MemberChange};
+use crate::directory::{rc, Capabilities, DirError, Directory, Group, MemberChange, Op};
 use crate::index::Index;
 use crate::metrics::{Metrics, OutcomeLabels};
 use crate::model::{Dn, GroupPattern, Proid};
@@ -282,12 +287,27 @@ impl Pass {
         dry_run: bool,
         recorder: &dyn Recorder,
     ) {
+        self.apply_while(dir, options, dry_run, recorder, &|| true)
+            .await;
+    }
+
+    /// [`Pass::apply`], asking `may_write` right before each Modify is
+    /// sent: once it says no, what is left is not sent (it fails as
+    /// [`not_writing`]), and what was already sent is recorded as answered.
+    pub async fn apply_while(
+        &mut self,
+        dir: &dyn Directory,
+        options: &ApplyOptions,
+        dry_run: bool,
+        recorder: &dyn Recorder,
+        may_write: MayWrite<'_>,
+    ) {
         self.results = if dry_run {
             self.plan.changes.iter().map(simulated).collect()
         } else if self.plan.changes.is_empty() {
             Vec::new()
         } else {
-            apply_plan(dir, &self.plan, options).await
+            apply_plan_while(dir, &self.plan, options, may_write).await
         };
         for result in &self.results {
             let proid = &result.planned.proid;
@@ -338,12 +358,33 @@ pub fn chunks(change: &GroupChange, max: usize) -> Vec<MemberChange> {
     out
 }
 
+/// Asked right before each Modify is sent: may this writer still write?
+pub type MayWrite<'a> = &'a (dyn Fn() -> bool + Sync);
+
+/// Why a Modify was not sent: the writer may no longer write.
+pub fn not_writing() -> DirError {
+    DirError::Stalled {
+        op: Op::Modify,
+        message: "this replica may no longer write".into(),
+    }
+}
+
 /// Applies every change of a plan, `concurrency` groups at a time, then
 /// commits. Results come back in plan order.
 pub async fn apply_plan(
     dir: &dyn Directory,
     plan: &Plan,
     options: &ApplyOptions,
+) -> Vec<GroupResult> {
+    apply_plan_while(dir, plan, options, &|| true).await
+}
+
+/// [`apply_plan`], asking `may_write` before each Modify.
+pub async fn apply_plan_while(
+    dir: &dyn Directory,
+    plan: &Plan,
+    options: &ApplyOptions,
+    may_write: MayWrite<'_>,
 ) -> Vec<GroupResult> {
     let caps = match dir.capabilities().await {
         Ok(caps) => caps,
@@ -354,7 +395,7 @@ pub async fn apply_plan(
     };
     let mut pending = Vec::with_capacity(plan.changes.len());
     for change in &plan.changes {
-        pending.push(apply_group(dir, caps, change, options));
+        pending.push(apply_group_while(dir, caps, change, options, may_write));
     }
     let mut results: Vec<GroupResult> = stream::iter(pending)
         .buffered(options.concurrency.max(1))
@@ -388,6 +429,17 @@ pub async fn apply_group(
     change: &GroupChange,
     options: &ApplyOptions,
 ) -> GroupResult {
+    apply_group_while(dir, caps, change, options, &|| true).await
+}
+
+/// [`apply_group`], asking `may_write` before each Modify.
+async fn apply_group_while(
+    dir: &dyn Directory,
+    caps: Capabilities,
+    change: &GroupChange,
+    options: &ApplyOptions,
+    may_write: MayWrite<'_>,
+) -> GroupResult {
     let span = info_span!(
         "reconcile",
         proid = %change.proid,
@@ -399,7 +451,16 @@ pub async fn apply_group(
         let mut result = GroupResult::new(change);
         let requests = chunks(change, options.max_values_per_modify);
         for (i, request) in requests.iter().enumerate() {
-            match apply_request(dir, caps, &change.group_dn, request, options, &mut result).await {
+            let sent = apply_request(
+                dir,
+                caps,
+                &change.group_dn,
+                request,
+                options,
+                may_write,
+                &mut result,
+            );
+            match sent.await {
                 // The server is away: what is left waits for the next attempt.
                 Err(err) if err.is_transient() => {
                     for rest in &requests[i + 1..] {
@@ -439,9 +500,10 @@ async fn apply_request(
     group: &Dn,
     request: &MemberChange,
     options: &ApplyOptions,
+    may_write: MayWrite<'_>,
     result: &mut GroupResult,
 ) -> Result<(), DirError> {
-    let first = send(dir, group, request, options, result).await;
+    let first = send(dir, group, request, options, may_write, result).await;
     let err = match first {
         Ok(()) => {
             result.done(request);
@@ -468,7 +530,7 @@ async fn apply_request(
     if remaining.is_empty() {
         return Ok(());
     }
-    match send(dir, group, &remaining, options, result).await {
+    match send(dir, group, &remaining, options, may_write, result).await {
         Ok(()) => {
             result.done(&remaining);
             Ok(())
@@ -477,7 +539,7 @@ async fn apply_request(
             result.fail(&remaining, err.clone());
             Err(err)
         }
-        Err(_) => value_by_value(dir, group, &remaining, options, result).await,
+        Err(_) => value_by_value(dir, group, &remaining, options, may_write, result).await,
     }
 }
 
@@ -508,6 +570,7 @@ async fn value_by_value(
     group: &Dn,
     request: &MemberChange,
     options: &ApplyOptions,
+    may_write: MayWrite<'_>,
     result: &mut GroupResult,
 ) -> Result<(), DirError> {
     let singles = request
@@ -524,7 +587,7 @@ async fn value_by_value(
     let mut failed = MemberChange::default();
     let mut last_err = None;
     for single in singles {
-        match send(dir, group, &single, options, result).await {
+        match send(dir, group, &single, options, may_write, result).await {
             Ok(()) => result.done(&single),
             Err(err) if already_done(&single, &err) => result.done(&single),
             Err(err) => {
@@ -567,16 +630,21 @@ fn vanished(group: &Dn, result: &mut GroupResult) {
     result.vanished = true;
 }
 
-/// Sends one Modify, retrying transient failures.
+/// Sends one Modify, retrying transient failures; asks `may_write` right
+/// before each attempt leaves.
 async fn send(
     dir: &dyn Directory,
     group: &Dn,
     request: &MemberChange,
     options: &ApplyOptions,
+    may_write: MayWrite<'_>,
     result: &mut GroupResult,
 ) -> Result<(), DirError> {
     let mut retry = 0;
     loop {
+        if !may_write() {
+            return Err(not_writing());
+        }
         result.requests += 1;
         match dir.modify_members(group, request).await {
             Err(err) if err.retry_soon() && retry + 1 < options.backoff.attempts => {

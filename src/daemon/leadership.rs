@@ -24,6 +24,30 @@ pub struct Leadership {
     seen: Option<(Role, u64, bool)>,
 }
 
+/// Whether one leadership still lasts, asked from inside a pass: the
+/// election's state now against the term the pass began in.
+#[derive(Debug, Clone)]
+pub struct WriteCheck {
+    roles: Option<watch::Receiver<RoleState>>,
+    /// The term the pass began in; `None` when it did not begin as leader.
+    term: Option<u64>,
+}
+
+impl WriteCheck {
+    /// True while this replica may still write for the pass: no election,
+    /// or the lock held in the same term.
+    pub fn may_write(&self) -> bool {
+        match (&self.roles, self.term) {
+            (None, _) => true,
+            (Some(roles), Some(term)) => {
+                let now = roles.borrow();
+                now.is_leader() && now.term == term
+            }
+            (Some(_), None) => false,
+        }
+    }
+}
+
 /// What changed since the state was last observed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RoleChange {
@@ -61,13 +85,18 @@ impl Leadership {
     /// True while the leadership this replica last acted on lasts: a lost
     /// and regained lock is a new leadership, which starts afresh.
     pub fn still_leading(&self) -> bool {
-        match (&self.roles, self.seen) {
-            (None, _) => true,
-            (Some(roles), Some((Role::Leader, term, _))) => {
-                let now = roles.borrow();
-                now.is_leader() && now.term == term
-            }
-            (Some(_), _) => false,
+        self.write_check().may_write()
+    }
+
+    /// What a pass asks right before each Modify leaves: whether the
+    /// leadership last acted on (the one the pass began in) still lasts.
+    pub fn write_check(&self) -> WriteCheck {
+        WriteCheck {
+            roles: self.roles.clone(),
+            term: match self.seen {
+                Some((Role::Leader, term, _)) => Some(term),
+                _ => None,
+            },
         }
     }
 

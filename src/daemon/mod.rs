@@ -205,6 +205,9 @@ struct Daemon {
     schedule: Schedule,
     /// Proids whose deletions the guard holds back, with how many.
     refused: BTreeMap<Proid, usize>,
+    /// Changes whose Modify got no answer, by group: they may have been
+    /// applied, which the next read of the group tells.
+    unanswered: BTreeMap<crate::model::Dn, crate::plan::GroupChange>,
     /// Proid keys reported without a group.
     missing: BTreeSet<String>,
     /// The facts readiness is derived from.
@@ -240,6 +243,7 @@ impl Daemon {
             groups,
             schedule,
             refused: BTreeMap::new(),
+            unanswered: BTreeMap::new(),
             missing: BTreeSet::new(),
             health: Health::default(),
             containers: Containers::new(),

@@ -7,17 +7,22 @@
 //! pending: the proid keeps its retiring hosts until a later pass of it
 //! (a batch or a full sync) applies them. Groups that failed are read
 //! again before they are planned; the group of a proid that has none is
-//! looked up again at most once a minute.
+//! looked up again at most once a minute. A change whose Modify got no
+//! answer may have been applied: the next read of its group says which of
+//! its values were, and those are recorded (cause `retry`) before the
+//! group is planned again.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::{sleep, Instant};
 use tracing::{debug, error, info, warn};
 
+use super::leadership::role_changed;
 use super::schedule::Dirty;
-use super::{Daemon, Shutdown};
+use super::{Daemon, Shutdown, SHUTDOWN_GRACE};
 use crate::backoff::Backoff;
 use crate::directory;
 use crate::directory::Directory;
@@ -134,6 +139,9 @@ impl Daemon {
                 pass.causes.insert(change.proid.clone(), Cause::Drift);
             }
         }
+        self.settle_unanswered(&groups);
+        // What is left was of groups that are gone.
+        self.unanswered.clear();
         self.groups.reset(groups);
         self.health.synced = true;
         // Every proid is compared now; what was dirty is covered, but keep
@@ -158,12 +166,10 @@ impl Daemon {
         let complete = self.apply(pass, &clocks, retiring, shutdown).await;
         if complete.is_some() {
             self.metrics.last_full_sync.set(metrics::unix_now());
-            if !self.health.applied || self.health.tree.is_some() {
+            if !self.health.applied {
                 info!("initial sync applied; ready");
             }
             self.health.applied = true;
-            // A tree that was unusable is trusted again once compared in full.
-            self.health.tree = None;
             self.publish_ready();
         }
         self.schedule.full_sync_done(Instant::now());
@@ -260,6 +266,13 @@ impl Daemon {
         }
 
         let groups = self.groups.groups_of(&keys);
+        let stale: BTreeSet<Dn> = keys.iter().flat_map(|k| self.groups.stale_of(k)).collect();
+        let read: Vec<_> = groups
+            .iter()
+            .filter(|g| !stale.contains(&g.dn))
+            .cloned()
+            .collect();
+        self.settle_unanswered(&read);
         let mut pass = Pass::prepare(
             Cause::Event,
             &self.index,
@@ -347,14 +360,109 @@ impl Daemon {
         let metrics = self.metrics.clone();
         let audit = self.audit.clone();
         let term = self.leadership.term();
+        // Asked right before each Modify leaves: a replica that lost the
+        // leadership the pass began in sends nothing more, however long
+        // the pass took to prepare.
+        let check = self.leadership.write_check();
         let io = async move {
             let audit = audit.in_term(term);
             let recorder = (metrics.as_ref(), &audit);
-            pass.apply(dir.as_ref(), &options, dry_run, &recorder).await;
+            let may_write = || check.may_write();
+            pass.apply_while(dir.as_ref(), &options, dry_run, &recorder, &may_write)
+                .await;
             pass
         };
-        let pass = self.drive(io, shutdown).await?;
+        // The requests already sent are answered and recorded, the
+        // leadership lost or not: the directory may have applied them.
+        let pass = self.drive_writes(io, shutdown).await?;
         Some(self.record(pass.results, clocks))
+    }
+
+    /// Runs a pass's writes (`fut`, which asks the leadership before each
+    /// Modify leaves) while taking tree changes, as [`Daemon::drive`] does
+    /// for reads, with one difference: a lost leadership does not drop
+    /// it. The pass sends nothing more on its own, and the requests already
+    /// sent are waited for, so that what the directory applied is
+    /// recorded. On shutdown the same grace period; `None` when abandoned.
+    pub(super) async fn drive_writes<F: Future>(
+        &mut self,
+        fut: F,
+        shutdown: &mut Shutdown<'_>,
+    ) -> Option<F::Output> {
+        let mut fut = std::pin::pin!(fut);
+        let mut lost = false;
+        loop {
+            let Some(rx) = self.watching.changes.as_mut() else {
+                return Some(fut.await);
+            };
+            let roles = self.leadership.receiver();
+            tokio::select! {
+                out = &mut fut => return Some(out),
+                change = rx.recv(), if !self.stopping => match change {
+                    Some(change) => self.on_change(change),
+                    None => self.watcher_failed("the watcher stopped".into()),
+                },
+                _ = role_changed(roles), if !self.stopping && !lost => {
+                    if !self.still_leading() {
+                        warn!("lost the writer's lock: sending nothing more; recording the requests already sent");
+                        lost = true;
+                    }
+                }
+                _ = &mut *shutdown, if !self.stopping => {
+                    info!("shutdown: letting in-flight writes finish");
+                    self.stopping = true;
+                    return match tokio::time::timeout(SHUTDOWN_GRACE, &mut fut).await {
+                        Ok(out) => Some(out),
+                        Err(_) => {
+                            warn!("shutdown: abandoning in-flight writes");
+                            None
+                        }
+                    };
+                }
+            }
+        }
+    }
+
+    /// Records, as applied by a retry, the values of a change whose Modify
+    /// got no answer that `read` (groups just read) shows in the desired
+    /// state: a server that stopped answering may still have applied them,
+    /// and the re-planned pass finds nothing left to do for them.
+    fn settle_unanswered(&mut self, read: &[crate::directory::Group]) {
+        if self.unanswered.is_empty() {
+            return;
+        }
+        let audit = self.audit.in_term(self.leadership.term());
+        let recorder = (self.metrics.as_ref(), &audit);
+        for group in read {
+            let Some(change) = self.unanswered.remove(&group.dn) else {
+                continue;
+            };
+            let mut result = GroupResult {
+                planned: change.clone(),
+                applied: change.clone(),
+                failed: None,
+                vanished: false,
+                requests: 0,
+                retries: 0,
+            };
+            result.applied.add.retain(|dn| group.members.contains(dn));
+            result
+                .applied
+                .delete
+                .retain(|dn| !group.members.contains(dn));
+            if result.applied.add.is_empty() && result.applied.delete.is_empty() {
+                continue;
+            }
+            info!(group = %group.dn, "a change that got no answer was applied; recording it");
+            crate::reconcile::Recorder::record(
+                &recorder,
+                crate::reconcile::Record {
+                    cause: Cause::Retry,
+                    dry_run: false,
+                    result: &result,
+                },
+            );
+        }
     }
 
     /// Updates the cache and retries from a batch's results (the pass
@@ -371,7 +479,11 @@ impl Daemon {
                 continue;
             }
             self.groups.applied(&result.applied);
-            if result.failed.is_some() {
+            if let Some((left, err)) = &result.failed {
+                // No answer is no news: what was sent may have been applied.
+                if err.is_transient() {
+                    self.unanswered.insert(dn.clone(), left.clone());
+                }
                 unfinished.insert(proid.clone());
                 self.groups.mark_stale(dn);
                 self.schedule.failed(proid, now);

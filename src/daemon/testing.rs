@@ -4,8 +4,8 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, watch};
@@ -227,12 +227,25 @@ pub(crate) fn write_server(root: &Path, host: &str) {
     .expect("server");
 }
 
+/// What a test runs once, from inside the daemon's next pass.
+type Hook = Box<dyn FnOnce() + Send>;
+
 /// A directory whose modifies wait at a gate the test opens and closes;
 /// everything else goes straight to the in-memory directory behind it.
 pub(crate) struct Gated {
     pub(crate) inner: Arc<MemoryDirectory>,
     open: watch::Sender<bool>,
     held: AtomicUsize,
+    /// Modifies are applied at once and only their answers wait, as a
+    /// server's answers do on a slow network.
+    late: AtomicBool,
+    /// Runs at the next capabilities read (a pass's first call before
+    /// its Modifies).
+    on_capabilities: Mutex<Option<Hook>>,
+    /// The next modify is applied and then gets no answer.
+    time_out: AtomicBool,
+    /// The modify after one without answer is not sent.
+    stalled: AtomicBool,
 }
 
 impl Gated {
@@ -242,7 +255,28 @@ impl Gated {
             inner,
             open: watch::channel(true).0,
             held: AtomicUsize::new(0),
+            late: AtomicBool::new(false),
+            on_capabilities: Mutex::new(None),
+            time_out: AtomicBool::new(false),
+            stalled: AtomicBool::new(false),
         })
+    }
+
+    /// From now on a modify is applied when it arrives; its answer waits
+    /// at the gate.
+    pub(crate) fn answer_late(&self) {
+        self.late.store(true, Ordering::SeqCst);
+    }
+
+    /// The next modify is applied, then answered as a server that stopped
+    /// answering is: not at all; the one after it is not sent.
+    pub(crate) fn time_out_next(&self) {
+        self.time_out.store(true, Ordering::SeqCst);
+    }
+
+    /// Runs `hook` at the next capabilities read, inside the pass.
+    pub(crate) fn on_next_capabilities(&self, hook: impl FnOnce() + Send + 'static) {
+        *self.on_capabilities.lock().expect("hook") = Some(Box::new(hook));
     }
 
     /// Modifies from now on wait.
@@ -273,6 +307,10 @@ impl Drop for Held<'_> {
 #[async_trait::async_trait]
 impl Directory for Gated {
     async fn capabilities(&self) -> Result<Capabilities, DirError> {
+        let hook = self.on_capabilities.lock().expect("hook").take();
+        if let Some(hook) = hook {
+            hook();
+        }
         self.inner.capabilities().await
     }
 
@@ -289,13 +327,38 @@ impl Directory for Gated {
     }
 
     async fn modify_members(&self, group: &Dn, change: &MemberChange) -> Result<(), DirError> {
+        if self.time_out.swap(false, Ordering::SeqCst) {
+            self.inner.modify_members(group, change).await?;
+            self.stalled.store(true, Ordering::SeqCst);
+            return Err(DirError::Unreachable {
+                op: crate::directory::Op::Modify,
+                message: format!("{group}: gave no answer within 3s"),
+            });
+        }
+        // As the LDAP client does, the server that gave no answer is left
+        // alone: the next request is not sent.
+        if self.stalled.swap(false, Ordering::SeqCst) {
+            return Err(DirError::Stalled {
+                op: crate::directory::Op::Modify,
+                message: "the server stopped answering".into(),
+            });
+        }
+        let late = self.late.load(Ordering::SeqCst);
+        let applied = if late {
+            Some(self.inner.modify_members(group, change).await)
+        } else {
+            None
+        };
         let mut open = self.open.subscribe();
         if !*open.borrow_and_update() {
             self.held.fetch_add(1, Ordering::SeqCst);
             let _held = Held(&self.held);
             let _ = open.wait_for(|open| *open).await;
         }
-        self.inner.modify_members(group, change).await
+        match applied {
+            Some(answer) => answer,
+            None => self.inner.modify_members(group, change).await,
+        }
     }
 
     async fn commit(&self) -> Result<(), DirError> {

@@ -36,22 +36,39 @@ async fn a_write_in_flight(
     (h, gated)
 }
 
+/// Soak failure 2 (`step-down-mid-batch`), its first half: the role was
+/// looked at when a pass started, not when its Modifies left.
 #[tokio::test(start_paused = true)]
-async fn leadership_lost_mid_batch_drops_the_write_and_the_next_leadership_resyncs() {
+async fn step_down_mid_batch_no_modify_leaves_after_the_loss() {
     let (_guard, root) = tree();
     fill(&root);
     let (roles, rx) = watch::channel(role(Role::Leader, 1));
-    let (h, gated) = a_write_in_flight(&root, Some(rx)).await;
-
-    roles.send_replace(role(Role::Follower, 1));
-    until("the write dropped", || async { gated.held() == 0 }).await;
-    gated.open();
+    let roles = std::sync::Arc::new(roles);
+    let gated = Gated::new(memory_directory());
+    let setup = Setup {
+        front: Some(gated.clone()),
+        dir: Some(gated.inner.clone()),
+        roles: Some(rx),
+        ..Setup::default()
+    };
+    let h = Harness::start_with(&root, run_config(&root, &[]), setup);
+    h.ready().await;
+    // The leadership is lost inside the batch's pass, after it was
+    // planned and before its first Modify.
+    gated.on_next_capabilities({
+        let roles = roles.clone();
+        move || {
+            roles.send_replace(role(Role::Follower, 1));
+        }
+    });
+    h.place("h1", "db.app#1");
+    until("a follower", || async {
+        h.metrics.readiness().1.contains("follower")
+    })
+    .await;
     sleep(Duration::from_secs(5)).await;
-    assert!(
-        h.members(DB).await.is_empty(),
-        "a follower's write never reaches the directory"
-    );
-    assert_eq!(h.modifies(DB), 0);
+    assert_eq!(h.modifies(DB), 0, "nothing sent after the loss");
+    assert!(h.members(DB).await.is_empty());
 
     // Leader again, in a new term: a full sync first, which applies it.
     roles.send_replace(role(Role::Leader, 2));
@@ -59,6 +76,60 @@ async fn leadership_lost_mid_batch_drops_the_write_and_the_next_leadership_resyn
         h.members(DB).await == h1()
     })
     .await;
+    h.stop().await;
+}
+
+/// Soak failure 2 (`step-down-mid-batch`), its second half: a Modify
+/// already sent when the leadership was lost was applied by the directory
+/// and its answer dropped, so the audit trail missed it.
+#[tokio::test(start_paused = true)]
+async fn step_down_mid_batch_records_the_modify_already_sent_and_sends_no_more() {
+    let (_guard, root) = tree();
+    fill(&root);
+    write_server(&root, "h2");
+    let audit = root.with_extension("audit");
+    let audit_arg = format!("--audit-log={}", audit.display());
+    let config = run_config(&root, &["--max-values-per-modify=1", &audit_arg]);
+    let (roles, rx) = watch::channel(role(Role::Leader, 1));
+    let gated = Gated::new(memory_directory());
+    let setup = Setup {
+        front: Some(gated.clone()),
+        dir: Some(gated.inner.clone()),
+        roles: Some(rx),
+        ..Setup::default()
+    };
+    let h = Harness::start_with(&root, config, setup);
+    h.ready().await;
+    gated.answer_late();
+    gated.close();
+    // One batch adding two hosts to `db`: two Modifies of one value each.
+    std::fs::write(root.join("placement/h1/db.app#1"), "{}").expect("placement");
+    std::fs::write(root.join("placement/h2/db.app#1"), "{}").expect("placement");
+    h.send(crate::tree::watch::Change::Rescan("doubt".into()));
+    until("the first Modify sent and applied", || async {
+        gated.held() == 1
+    })
+    .await;
+    assert_eq!(h.members(DB).await, h1(), "applied, not yet answered");
+
+    roles.send_replace(role(Role::Follower, 1));
+    gated.open();
+    until("a follower", || async {
+        h.metrics.readiness().1.contains("follower")
+    })
+    .await;
+    sleep(Duration::from_secs(5)).await;
+    assert_eq!(h.modifies(DB), 1, "the second Modify is never sent");
+    assert_eq!(h.members(DB).await, h1());
+    let trail = std::fs::read_to_string(&audit).expect("the audit trail");
+    let db: Vec<serde_json::Value> = trail
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|r| r["group"] == DB)
+        .collect();
+    assert_eq!(db.len(), 1, "{trail}");
+    assert_eq!(db[0]["added"], serde_json::json!([H1]), "{trail}");
+    assert_eq!(db[0]["term"], serde_json::json!(1), "{trail}");
     h.stop().await;
 }
 
@@ -85,4 +156,41 @@ async fn shutdown_abandons_a_write_stuck_past_the_grace_period() {
     h.stop().await;
     assert_eq!(gated.held(), 0, "the write was abandoned");
     assert!(members(&dir, DB).await.is_empty());
+}
+
+/// Soak failure 1 (`frozen-write`): a Modify that got no answer was
+/// applied all the same, and the retry's re-read found nothing to do, so
+/// no audit record said it was.
+#[tokio::test(start_paused = true)]
+async fn frozen_write_a_modify_without_answer_that_was_applied_is_recorded_by_the_retry() {
+    let (_guard, root) = tree();
+    fill(&root);
+    let audit = root.with_extension("audit");
+    let audit_arg = format!("--audit-log={}", audit.display());
+    let gated = Gated::new(memory_directory());
+    let setup = Setup {
+        front: Some(gated.clone()),
+        dir: Some(gated.inner.clone()),
+        ..Setup::default()
+    };
+    let h = Harness::start_with(&root, run_config(&root, &[&audit_arg]), setup);
+    h.ready().await;
+    gated.time_out_next();
+    h.place("h1", "db.app#1");
+    let records = || {
+        let trail = std::fs::read_to_string(&audit).expect("the audit trail");
+        trail
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+            .filter(|r| r["group"] == DB)
+            .collect::<Vec<_>>()
+    };
+    until("the change recorded", || async { !records().is_empty() }).await;
+    sleep(Duration::from_secs(5)).await;
+    let db = records();
+    assert_eq!(db.len(), 1, "{db:?}");
+    assert_eq!(db[0]["added"], serde_json::json!([H1]));
+    assert_eq!(db[0]["cause"], "retry");
+    assert_eq!(h.modifies(DB), 1, "the retry sent nothing more");
+    h.stop().await;
 }

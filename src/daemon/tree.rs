@@ -298,6 +298,10 @@ impl Daemon {
                     if self.health.watcher.take().is_some() {
                         info!("tree watcher running again");
                     }
+                    // The tree is usable again, whatever the role: a
+                    // leader compares it in full next, a follower has
+                    // nothing more to wait for.
+                    self.health.tree = None;
                     self.publish_ready();
                     return true;
                 }
@@ -462,6 +466,35 @@ mod tests {
         })
         .await;
         h.ready().await;
+        h.stop().await;
+    }
+
+    /// Soak failure 3 (`follower-unready`): only a full sync cleared the
+    /// tree's fault, and a follower never runs one.
+    #[tokio::test(start_paused = true)]
+    async fn follower_unready_a_follower_is_ready_again_once_modified_is_back() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let (_roles, rx) = tokio::sync::watch::channel(role(crate::election::Role::Follower, 1));
+        let setup = Setup {
+            roles: Some(rx),
+            ..Setup::default()
+        };
+        let h = Harness::start_with(&root, run_config(&root, &[]), setup);
+        h.ready().await;
+
+        std::fs::remove_file(root.join(".modified")).expect("rm .modified");
+        h.send(Change::Rescan("doubt".into()));
+        until("not ready", || async { !h.metrics.is_ready() }).await;
+        let (_, body) = h.metrics.readiness();
+        assert!(body.contains("placement tree unusable"), "{body}");
+
+        std::fs::write(root.join(".modified"), "").expect(".modified");
+        until("the follower ready again after the rescan", || async {
+            h.metrics.is_ready()
+        })
+        .await;
+        assert_eq!(h.modifies(WEB), 0, "a follower writes nothing");
         h.stop().await;
     }
 
