@@ -281,8 +281,13 @@ impl Daemon {
         self.containers.next_cleanup = Instant::now() + CLEANUP_EVERY;
     }
 
-    /// Lets node operations finish (bounded), then abandons them.
+    /// Tells node mode to stop (a join command running is killed, nothing
+    /// more is configured), lets its operations finish (bounded), then
+    /// abandons them.
     pub(super) async fn stop_node_tasks(&mut self) {
+        if let Some(node) = &self.containers.node {
+            node.shut_down();
+        }
         let mut chains: Vec<_> = self.containers.chains.drain().map(|(_, h)| h).collect();
         let all = async {
             while let Some(task) = self.containers.tasks.join_next().await {
