@@ -506,3 +506,34 @@ fn a_shutdown_during_the_hook_kills_it_and_configures_nothing() {
     );
     assert!(s.app.events_of(instance, "aborted").is_empty(), "{stderr}");
 }
+
+#[test]
+fn a_placement_removed_during_the_hook_is_not_configured() {
+    let slapd = Slapd::start_with(&[&entries("gmsa8-gmsa-hosts", &[])]);
+    let s = Setup::new(&slapd);
+    let (started, release) = (s.tmp.path().join("started"), s.tmp.path().join("release"));
+    let tail = format!(
+        "touch '{}'; while [ ! -e '{}' ]; do sleep 0.05; done",
+        started.display(),
+        release.display()
+    );
+    let node = s.start(&slapd, &[format!("--on-join-command={}", s.hook(&tail))]);
+    node.wait_for_log("node mode: reconciling containers with placements");
+    let instance = "gmsa8.web#0000000001";
+    s.place(instance, "gmsa8");
+    wait_until("the hook started", LIMIT, || started.exists());
+    s.tree.unplace(HOST, instance);
+    // The reconciler has seen the removal (the daemon hands it to the node
+    // as it does): the host left the group.
+    wait_until("the host left the group", LIMIT, || {
+        members(&slapd, "gmsa8-gmsa-hosts").is_empty()
+    });
+    fs::write(&release, "").expect("release the hook");
+    node.wait_for_log("done=NoLongerPlaced");
+    let stderr = node.stop();
+    assert!(
+        s.app.events_of(instance, "configured").is_empty() && s.app.names("running").is_empty(),
+        "configured though no longer placed: {stderr}"
+    );
+    assert!(s.app.names("apps").is_empty(), "{:?}", s.app.names("apps"));
+}

@@ -210,6 +210,12 @@ impl Daemon {
         self.containers
             .chains
             .retain(|_, handle| !handle.is_finished());
+        // A removal is told at once, not only in its turn: an addition of
+        // the instance still in progress (waiting for the group or for the
+        // join command) must not configure it.
+        for instance in &removed {
+            node.unplaced(instance);
+        }
         for (instance, add) in added
             .into_iter()
             .map(|i| (i, true))

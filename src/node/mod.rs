@@ -410,6 +410,15 @@ impl Node {
         self.inner.stopping.send_replace(true);
     }
 
+    /// An instance left this host, told as soon as the caller knows, before
+    /// its [`Node::placement_removed`] (which the caller may queue behind
+    /// the instance's earlier operations) runs: a configuration of it in
+    /// progress (waiting for the group, or for the join command) then ends
+    /// without configuring it.
+    pub fn unplaced(&self, instance: &str) {
+        self.inner.state().placed.remove(instance);
+    }
+
     /// The configuration.
     pub fn config(&self) -> &NodeConfig {
         &self.inner.config
