@@ -354,6 +354,62 @@ fn the_join_options_are_checked() {
 }
 
 #[test]
+fn join_commands_that_cannot_work_as_written_are_refused() {
+    let tree = Tree::new();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let run = |command: &str| {
+        let out = Command::new(binary())
+            .arg("run")
+            .arg(format!("--fs-root={}", tree.root().display()))
+            .arg(format!("--app-root={}", tmp.path().join("node").display()))
+            .arg(format!("--hostname={HOST}"))
+            .args([
+                "--directory=/nonexistent.ldif",
+                "--group-ou=ou=Groups,dc=ad,dc=com",
+                "--no-lock",
+                "--wait-for-group=1s",
+            ])
+            .arg(format!("--on-join-command={command}"))
+            .output()
+            .expect("run the binary");
+        assert_eq!(out.status.code(), Some(1), "{command:?}: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // A placeholder in single quotes would reach the shell as the literal
+    // "$1" in quotes: refused, saying why.
+    let err = run("kinit -k 'host/{hostname}'");
+    assert!(
+        err.contains("single quotes") && err.contains("{hostname}"),
+        "{err}"
+    );
+    // Nothing to run.
+    let err = run(" \t ");
+    assert!(err.contains("empty command"), "{err}");
+    // The shell's own braces: the hint says how to write them.
+    let err = run("echo ${HOME}");
+    assert!(err.contains("${{HOME}}"), "{err}");
+}
+
+#[test]
+fn a_placeholder_in_double_quotes_stays_one_word() {
+    // The command splits words at "m", as a hostile IFS would: the proid
+    // in quotes must still be one word.
+    let slapd = Slapd::start_with(&[&entries("gmsa9-gmsa-hosts", &[])]);
+    let s = Setup::new(&slapd);
+    let hook = format!(
+        "IFS=m; printf '<%s>' \"[{{proid}}]\" {{group}} >> '{}'",
+        s.marker().display()
+    );
+    let node = s.start(&slapd, &[format!("--on-join-command={hook}")]);
+    node.wait_for_log("node mode: reconciling containers with placements");
+    let instance = "gmsa9.web#0000000001";
+    s.place(instance, "gmsa9");
+    s.wait_configured(instance);
+    let stderr = node.stop();
+    assert_eq!(s.runs(), ["<[gmsa9]><gmsa9-gmsa-hosts>"], "{stderr}");
+}
+
+#[test]
 fn the_hook_never_sees_the_bind_password() {
     let slapd = Slapd::start_with(&[&entries("gmsa4-gmsa-hosts", &[])]);
     let s = Setup::new(&slapd);
