@@ -354,6 +354,62 @@ fn the_join_options_are_checked() {
 }
 
 #[test]
+fn join_commands_that_cannot_work_as_written_are_refused() {
+    let tree = Tree::new();
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let run = |command: &str| {
+        let out = Command::new(binary())
+            .arg("run")
+            .arg(format!("--fs-root={}", tree.root().display()))
+            .arg(format!("--app-root={}", tmp.path().join("node").display()))
+            .arg(format!("--hostname={HOST}"))
+            .args([
+                "--directory=/nonexistent.ldif",
+                "--group-ou=ou=Groups,dc=ad,dc=com",
+                "--no-lock",
+                "--wait-for-group=1s",
+            ])
+            .arg(format!("--on-join-command={command}"))
+            .output()
+            .expect("run the binary");
+        assert_eq!(out.status.code(), Some(1), "{command:?}: {out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // A placeholder in single quotes would reach the shell as the literal
+    // "$1" in quotes: refused, saying why.
+    let err = run("kinit -k 'host/{hostname}'");
+    assert!(
+        err.contains("single quotes") && err.contains("{hostname}"),
+        "{err}"
+    );
+    // Nothing to run.
+    let err = run(" \t ");
+    assert!(err.contains("empty command"), "{err}");
+    // The shell's own braces: the hint says how to write them.
+    let err = run("echo ${HOME}");
+    assert!(err.contains("${{HOME}}"), "{err}");
+}
+
+#[test]
+fn a_placeholder_in_double_quotes_stays_one_word() {
+    // The command splits words at "m", as a hostile IFS would: the proid
+    // in quotes must still be one word.
+    let slapd = Slapd::start_with(&[&entries("gmsa9-gmsa-hosts", &[])]);
+    let s = Setup::new(&slapd);
+    let hook = format!(
+        "IFS=m; printf '<%s>' \"[{{proid}}]\" {{group}} >> '{}'",
+        s.marker().display()
+    );
+    let node = s.start(&slapd, &[format!("--on-join-command={hook}")]);
+    node.wait_for_log("node mode: reconciling containers with placements");
+    let instance = "gmsa9.web#0000000001";
+    s.place(instance, "gmsa9");
+    s.wait_configured(instance);
+    let stderr = node.stop();
+    assert_eq!(s.runs(), ["<[gmsa9]><gmsa9-gmsa-hosts>"], "{stderr}");
+}
+
+#[test]
 fn the_hook_never_sees_the_bind_password() {
     let slapd = Slapd::start_with(&[&entries("gmsa4-gmsa-hosts", &[])]);
     let s = Setup::new(&slapd);
@@ -409,4 +465,131 @@ fn a_host_added_by_the_reconcilers_startup_sync_has_joined() {
     assert_eq!(s.runs(), [expected_line("gmsa5", 0)], "{}", node.stderr());
     assert_eq!(members(&slapd, "gmsa5-gmsa-hosts"), [computer("node1")]);
     node.stop();
+}
+
+/// Whether a process is still running (a zombie is not: it has ended and
+/// only waits to be reaped).
+fn alive(pid: &str) -> bool {
+    match fs::read_to_string(format!("/proc/{}/stat", pid.trim())) {
+        // The state follows the command name, which is in parentheses.
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// The pid a hook wrote into `path`, once it is there.
+fn pid_in(path: &std::path::Path) -> String {
+    wait_until(&format!("a pid in {}", path.display()), LIMIT, || {
+        fs::read_to_string(path).is_ok_and(|t| t.ends_with('\n'))
+    });
+    fs::read_to_string(path)
+        .expect("pid file")
+        .trim()
+        .to_owned()
+}
+
+/// Kills a process the test made, if it is still there.
+fn kill(pid: &str) {
+    if let Ok(pid) = pid.parse::<libc::pid_t>() {
+        // SAFETY: kill(2) of a process this test started (through the hook).
+        unsafe {
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+}
+
+#[test]
+fn a_hook_that_leaves_processes_behind_holds_nothing() {
+    // One child stays in the hook's process group, one leaves it with
+    // setsid; both hold the hook's output open and would run for long.
+    let slapd = Slapd::start_with(&[&entries("gmsa6-gmsa-hosts", &[])]);
+    let s = Setup::new(&slapd);
+    let (in_group, escaped) = (s.tmp.path().join("in-group"), s.tmp.path().join("escaped"));
+    let tail = format!(
+        "sleep 1000 & echo $! > '{}'; setsid sh -c 'echo $$ > \"$0\"; exec sleep 1000' '{}' & echo done",
+        in_group.display(),
+        escaped.display()
+    );
+    let node = s.start(&slapd, &[format!("--on-join-command={}", s.hook(&tail))]);
+    node.wait_for_log("node mode: reconciling containers with placements");
+    let instance = "gmsa6.web#0000000001";
+    s.place(instance, "gmsa6");
+    let (in_group, escaped) = (pid_in(&in_group), pid_in(&escaped));
+    let configured =
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| s.wait_configured(instance)));
+    let left = alive(&in_group);
+    kill(&in_group);
+    kill(&escaped);
+    let successes = s.hook_runs("success");
+    let stderr = node.stop();
+    assert!(configured.is_ok(), "held by the hook's children: {stderr}");
+    assert!(!left, "the hook's process group outlived its sh: {stderr}");
+    assert_eq!(s.runs(), [expected_line("gmsa6", 0)], "{stderr}");
+    assert_eq!(successes, 1.0, "{stderr}");
+}
+
+#[test]
+fn a_shutdown_during_the_hook_kills_it_and_configures_nothing() {
+    let slapd = Slapd::start_with(&[&entries("gmsa7-gmsa-hosts", &[])]);
+    let s = Setup::new(&slapd);
+    let (sh, child) = (s.tmp.path().join("sh"), s.tmp.path().join("child"));
+    let tail = format!(
+        "echo $$ > '{}'; sleep 1000 & echo $! > '{}'; wait",
+        sh.display(),
+        child.display()
+    );
+    let node = s.start(&slapd, &[format!("--on-join-command={}", s.hook(&tail))]);
+    node.wait_for_log("node mode: reconciling containers with placements");
+    let instance = "gmsa7.web#0000000001";
+    s.place(instance, "gmsa7");
+    let (sh, child) = (pid_in(&sh), pid_in(&child));
+    let stopped = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| node.stop()));
+    let left = [alive(&sh), alive(&child)];
+    kill(&sh);
+    kill(&child);
+    let stderr = stopped.expect("SIGTERM during the hook exits 0, soon");
+    assert_eq!(
+        left,
+        [false, false],
+        "the hook outlived the daemon: {stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        s.app.events_of(instance, "configured").is_empty() && s.app.running(instance).is_none(),
+        "configured while stopping: {stderr}"
+    );
+    assert!(s.app.events_of(instance, "aborted").is_empty(), "{stderr}");
+}
+
+#[test]
+fn a_placement_removed_during_the_hook_is_not_configured() {
+    let slapd = Slapd::start_with(&[&entries("gmsa8-gmsa-hosts", &[])]);
+    let s = Setup::new(&slapd);
+    let (started, release) = (s.tmp.path().join("started"), s.tmp.path().join("release"));
+    let tail = format!(
+        "touch '{}'; while [ ! -e '{}' ]; do sleep 0.05; done",
+        started.display(),
+        release.display()
+    );
+    let node = s.start(&slapd, &[format!("--on-join-command={}", s.hook(&tail))]);
+    node.wait_for_log("node mode: reconciling containers with placements");
+    let instance = "gmsa8.web#0000000001";
+    s.place(instance, "gmsa8");
+    wait_until("the hook started", LIMIT, || started.exists());
+    s.tree.unplace(HOST, instance);
+    // The reconciler has seen the removal (the daemon hands it to the node
+    // as it does): the host left the group.
+    wait_until("the host left the group", LIMIT, || {
+        members(&slapd, "gmsa8-gmsa-hosts").is_empty()
+    });
+    fs::write(&release, "").expect("release the hook");
+    node.wait_for_log("done=NoLongerPlaced");
+    let stderr = node.stop();
+    assert!(
+        s.app.events_of(instance, "configured").is_empty() && s.app.names("running").is_empty(),
+        "configured though no longer placed: {stderr}"
+    );
+    assert!(s.app.names("apps").is_empty(), "{:?}", s.app.names("apps"));
 }

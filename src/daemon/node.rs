@@ -211,6 +211,12 @@ impl Daemon {
         self.containers
             .chains
             .retain(|_, handle| !handle.is_finished());
+        // A removal is told at once, not only in its turn: an addition of
+        // the instance still in progress (waiting for the group or for the
+        // join command) must not configure it.
+        for instance in &removed {
+            node.unplaced(instance);
+        }
         for (instance, add) in added
             .into_iter()
             .map(|i| (i, true))
@@ -282,8 +288,13 @@ impl Daemon {
         self.containers.next_cleanup = Instant::now() + CLEANUP_EVERY;
     }
 
-    /// Lets node operations finish (bounded), then abandons them.
+    /// Tells node mode to stop (a join command running is killed, nothing
+    /// more is configured), lets its operations finish (bounded), then
+    /// abandons them.
     pub(super) async fn stop_node_tasks(&mut self) {
+        if let Some(node) = &self.containers.node {
+            node.shut_down();
+        }
         let mut chains: Vec<_> = self.containers.chains.drain().map(|(_, h)| h).collect();
         let all = async {
             while let Some(task) = self.containers.tasks.join_next().await {

@@ -24,8 +24,12 @@
 
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::process::{Command, Stdio};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use tokio::io::unix::AsyncFd;
+use tokio::sync::watch;
 
 use crate::model::Proid;
 
@@ -109,8 +113,10 @@ pub enum HookOutcome {
     Failure(String),
     /// Still running after [`JOIN_HOOK_TIMEOUT`]; it was killed.
     Timeout,
-    /// It could not be started.
+    /// It could not be started or waited for.
     Error(String),
+    /// The node is stopping; it was killed.
+    Stopped,
 }
 
 impl HookOutcome {
@@ -121,6 +127,7 @@ impl HookOutcome {
             HookOutcome::Failure(_) => "failure",
             HookOutcome::Timeout => "timeout",
             HookOutcome::Error(_) => "error",
+            HookOutcome::Stopped => "stopped",
         }
     }
 
@@ -136,7 +143,10 @@ impl HookOutcome {
                 JOIN_HOOK_TIMEOUT.as_secs()
             ),
             HookOutcome::Error(why) => {
-                format!("the join command for {proid} could not be started: {why}")
+                format!("the join command for {proid} could not be run: {why}")
+            }
+            HookOutcome::Stopped => {
+                format!("the join command for {proid} was killed: the node is stopping")
             }
         }
     }
@@ -147,12 +157,21 @@ impl HookOutcome {
 /// `GMSA_HOSTNAME` set and the bind password's variable removed from its
 /// environment. Its output is logged (the first [`OUTPUT_KEPT`] bytes of
 /// each stream), never put in events or metrics.
+///
+/// The command runs in its own process group, and the whole run is
+/// bounded by `timeout`: when `sh` exits, the group is killed (a command
+/// must leave nothing running) and its output is read only as far as it
+/// was written; at the deadline, or when `stopping` turns true (the node
+/// is shutting down), the group is killed and reading stops. A process
+/// that left the group (`setsid`) is not waited for, even if it holds
+/// the output open.
 pub(super) async fn run(
     template: &Template,
     proid: &Proid,
     group: &str,
     hostname: &str,
     timeout: Duration,
+    mut stopping: watch::Receiver<bool>,
 ) -> HookOutcome {
     let command = template.render_positional(JOIN_PLACEHOLDERS);
     let mut cmd = Command::new("/bin/sh");
@@ -167,41 +186,57 @@ pub(super) async fn run(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
-    // Its own process group, so that a timeout kills what it started too.
+    // Its own process group, so that what it started can be killed with it.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(err) => return HookOutcome::Error(err.to_string()),
     };
-    let stdout = child.stdout.take().map(keep_start);
-    let stderr = child.stderr.take().map(keep_start);
+    let streams = (
+        child.stdout.take().map(OwnedFd::from).map(Output::new),
+        child.stderr.take().map(OwnedFd::from).map(Output::new),
+    );
+    let (mut out, mut err) = match streams {
+        (Some(Ok(out)), Some(Ok(err))) => (out, err),
+        (Some(Err(e)), _) | (_, Some(Err(e))) => {
+            let _ = end_group(&mut child);
+            return HookOutcome::Error(format!("reading its output: {e}"));
+        }
+        _ => {
+            let _ = end_group(&mut child);
+            return HookOutcome::Error("its output could not be read".to_owned());
+        }
+    };
+    let pid = child.id();
     let deadline = tokio::time::Instant::now() + timeout;
-    let status = loop {
-        match child.try_wait() {
-            Ok(Some(status)) => break Some(status),
-            Ok(None) if tokio::time::Instant::now() >= deadline => break None,
-            Ok(None) => tokio::time::sleep(Duration::from_millis(20)).await,
-            Err(err) => return HookOutcome::Error(err.to_string()),
+    let mut poll = tokio::time::interval(EXIT_POLL);
+    let end = loop {
+        tokio::select! {
+            () = out.read_some(), if out.open => {}
+            () = err.read_some(), if err.open => {}
+            _ = poll.tick() => match has_exited(pid) {
+                Ok(true) => break End::Exited,
+                Ok(false) => {}
+                Err(e) => break End::Error(e.to_string()),
+            },
+            () = tokio::time::sleep_until(deadline) => break End::Timeout,
+            Ok(_) = stopping.wait_for(|stopping| *stopping) => break End::Stopped,
         }
     };
-    if status.is_none() {
-        // SAFETY: kill(2) of the process group this child leads.
-        unsafe {
-            libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL);
-        }
-        let _ = child.wait();
-    }
-    let out = stdout
-        .map(|t| t.join().unwrap_or_default())
-        .unwrap_or_default();
-    let err = stderr
-        .map(|t| t.join().unwrap_or_default())
-        .unwrap_or_default();
-    let outcome = match status {
-        None => HookOutcome::Timeout,
-        Some(status) if status.success() => HookOutcome::Success,
-        Some(status) => HookOutcome::Failure(status.to_string()),
+    // `sh` is still unreaped here (exited or not), so its pid is still the
+    // group's id: killing the group cannot reach anyone else's processes.
+    let status = end_group(&mut child);
+    out.drain_written();
+    err.drain_written();
+    let outcome = match (end, status) {
+        (End::Exited, Ok(status)) if status.success() => HookOutcome::Success,
+        (End::Exited, Ok(status)) => HookOutcome::Failure(status.to_string()),
+        (End::Exited, Err(e)) => HookOutcome::Error(e.to_string()),
+        (End::Error(e), _) => HookOutcome::Error(e),
+        (End::Timeout, _) => HookOutcome::Timeout,
+        (End::Stopped, _) => HookOutcome::Stopped,
     };
+    let (out, err) = (out.text(), err.text());
     let out = crate::model::escape_controls(out.trim_end());
     let err = crate::model::escape_controls(err.trim_end());
     if outcome == HookOutcome::Success {
@@ -212,15 +247,125 @@ pub(super) async fn run(
     outcome
 }
 
-/// Reads a child's stream on a thread: keeps its start, drains the rest
-/// (so the child never blocks on a full pipe).
-fn keep_start(mut stream: impl Read + Send + 'static) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut kept = Vec::new();
-        let _ = (&mut stream).take(OUTPUT_KEPT).read_to_end(&mut kept);
-        let _ = std::io::copy(&mut stream, &mut std::io::sink());
-        String::from_utf8_lossy(&kept).into_owned()
-    })
+/// How often the command is looked at to see whether `sh` has exited.
+const EXIT_POLL: Duration = Duration::from_millis(20);
+
+/// Why the wait for the command ended.
+enum End {
+    /// `sh` exited.
+    Exited,
+    /// The deadline passed.
+    Timeout,
+    /// The node is stopping.
+    Stopped,
+    /// `sh` could not be waited for.
+    Error(String),
+}
+
+/// Whether the child has exited, without reaping it (so that its pid, the
+/// id of its process group, stays taken until the group is killed).
+fn has_exited(pid: u32) -> std::io::Result<bool> {
+    // SAFETY: a zeroed siginfo_t is a valid out-parameter for waitid(2).
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid(2) on our own child, writing only into `info`.
+    let rc = unsafe {
+        libc::waitid(
+            libc::P_PID,
+            pid as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: waitid filled `info` (si_pid is 0 when nothing has exited).
+    Ok(unsafe { info.si_pid() } != 0)
+}
+
+/// Kills the child's process group (the child leads it) and reaps the child.
+fn end_group(child: &mut Child) -> std::io::Result<std::process::ExitStatus> {
+    // SAFETY: kill(2) of the process group this child leads; the child is
+    // not reaped yet, so the group id is still its own.
+    unsafe {
+        libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL);
+    }
+    child.wait()
+}
+
+/// One output stream of the command, read without blocking: keeps its
+/// start, discards the rest (so the command never blocks on a full pipe).
+struct Output {
+    fd: AsyncFd<std::fs::File>,
+    kept: Vec<u8>,
+    open: bool,
+}
+
+impl Output {
+    fn new(fd: OwnedFd) -> std::io::Result<Output> {
+        // SAFETY: fcntl(2) on a descriptor this value owns.
+        unsafe {
+            let flags = libc::fcntl(fd.as_raw_fd(), libc::F_GETFL);
+            if flags < 0 || libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        Ok(Output {
+            // SAFETY: the File owns its descriptor and is only ever
+            // reached through the AsyncFd, which owns the File.
+            fd: unsafe { AsyncFd::register(std::fs::File::from(fd))? },
+            kept: Vec::new(),
+            open: true,
+        })
+    }
+
+    /// Waits for output and takes it (or notes the end of the stream).
+    async fn read_some(&mut self) {
+        let mut buf = [0u8; 4096];
+        loop {
+            let mut ready = match self.fd.readable().await {
+                Ok(ready) => ready,
+                Err(_) => {
+                    self.open = false;
+                    return;
+                }
+            };
+            match ready.try_io(|fd| fd.get_ref().read(&mut buf)) {
+                Ok(read) => return self.took(read, &buf),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Takes what has already been written, without waiting for more.
+    fn drain_written(&mut self) {
+        let mut buf = [0u8; 4096];
+        // Bounded: a process outside the group may still be writing.
+        for _ in 0..32 {
+            if !self.open {
+                return;
+            }
+            match self.fd.get_ref().read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return,
+                read => self.took(read, &buf),
+            }
+        }
+    }
+
+    fn took(&mut self, read: std::io::Result<usize>, buf: &[u8]) {
+        match read {
+            Ok(0) | Err(_) => self.open = false,
+            Ok(n) => {
+                let room = (OUTPUT_KEPT as usize).saturating_sub(self.kept.len());
+                self.kept.extend_from_slice(&buf[..n.min(room)]);
+            }
+        }
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.kept).into_owned()
+    }
 }
 
 #[cfg(test)]
@@ -229,6 +374,11 @@ mod tests {
 
     fn template(text: &str) -> Template {
         Template::parse(text, JOIN_PLACEHOLDERS).expect("valid")
+    }
+
+    /// A node that never stops.
+    fn never() -> watch::Receiver<bool> {
+        watch::channel(false).1
     }
 
     fn proid() -> Proid {
@@ -244,7 +394,15 @@ mod tests {
             out.display()
         );
         let group = "it's $(a) `group`";
-        let outcome = run(&template(&text), &proid(), group, "h1", JOIN_HOOK_TIMEOUT).await;
+        let outcome = run(
+            &template(&text),
+            &proid(),
+            group,
+            "h1",
+            JOIN_HOOK_TIMEOUT,
+            never(),
+        )
+        .await;
         assert_eq!(outcome, HookOutcome::Success);
         assert_eq!(
             std::fs::read_to_string(&out).expect("read"),
@@ -260,6 +418,7 @@ mod tests {
             "g",
             "h",
             JOIN_HOOK_TIMEOUT,
+            never(),
         )
         .await;
         assert!(
@@ -277,8 +436,38 @@ mod tests {
             "g",
             "h",
             Duration::from_millis(200),
+            never(),
         )
         .await;
         assert_eq!(outcome, HookOutcome::Timeout);
+    }
+
+    #[tokio::test]
+    async fn a_child_left_behind_is_not_waited_for() {
+        // It would hold the output open for 1000 s.
+        let outcome = run(
+            &template("sleep 1000 & echo started"),
+            &proid(),
+            "g",
+            "h",
+            JOIN_HOOK_TIMEOUT,
+            never(),
+        )
+        .await;
+        assert_eq!(outcome, HookOutcome::Success);
+    }
+
+    #[tokio::test]
+    async fn a_command_running_when_the_node_stops_is_killed() {
+        let (stop, stopping) = watch::channel(false);
+        let (command, proid) = (template("sleep 1000"), proid());
+        let (outcome, ()) = tokio::join!(
+            run(&command, &proid, "g", "h", JOIN_HOOK_TIMEOUT, stopping),
+            async {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                stop.send_replace(true);
+            }
+        );
+        assert_eq!(outcome, HookOutcome::Stopped);
     }
 }

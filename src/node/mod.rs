@@ -223,6 +223,8 @@ pub enum Added {
     AlreadyDone,
     /// The placement went away before the container was configured.
     NoLongerPlaced,
+    /// The node is stopping ([`Node::shut_down`]): nothing was made.
+    Stopped,
 }
 
 /// What [`Node::placement_removed`] did.
@@ -285,6 +287,9 @@ struct Inner {
     /// One per proid, held while its join is decided and its command runs,
     /// so that instances placed together run the command once.
     join_locks: Mutex<std::collections::BTreeMap<Proid, Arc<tokio::sync::Mutex<()>>>>,
+    /// True once the node is stopping: a join command running is killed,
+    /// and nothing more is configured or aborted.
+    stopping: tokio::sync::watch::Sender<bool>,
 }
 
 #[derive(Default)]
@@ -391,8 +396,27 @@ impl Node {
                 state: Mutex::new(State::default()),
                 fs_lock: tokio::sync::Mutex::new(()),
                 join_locks: Mutex::new(std::collections::BTreeMap::new()),
+                stopping: tokio::sync::watch::channel(false).0,
             }),
         })
+    }
+
+    /// The node is stopping: a join command running now is killed (with
+    /// its process group), and from now on no container is configured and
+    /// no event posted for one; the operations in flight end soon after
+    /// with [`Added::Stopped`]. For the caller's shutdown, before it waits
+    /// for them.
+    pub fn shut_down(&self) {
+        self.inner.stopping.send_replace(true);
+    }
+
+    /// An instance left this host, told as soon as the caller knows, before
+    /// its [`Node::placement_removed`] (which the caller may queue behind
+    /// the instance's earlier operations) runs: a configuration of it in
+    /// progress (waiting for the group, or for the join command) then ends
+    /// without configuring it.
+    pub fn unplaced(&self, instance: &str) {
+        self.inner.state().placed.remove(instance);
     }
 
     /// The configuration.
@@ -444,11 +468,12 @@ impl Node {
                 check: check.as_ref(),
             };
             match wait::wait_until_member(&observed, inst.proid(), wait, || {
-                inner.is_placed(inst.name())
+                inner.is_placed(inst.name()) && !inner.is_stopping()
             })
             .await
             {
                 WaitOutcome::Member => {}
+                WaitOutcome::Cancelled if inner.is_stopping() => return Ok(Added::Stopped),
                 WaitOutcome::Cancelled => return Ok(Added::NoLongerPlaced),
                 WaitOutcome::TimedOut(why) | WaitOutcome::Failed(why) => {
                     return self.inner.abort(&inst, "gmsa", why)
@@ -459,6 +484,11 @@ impl Node {
             }
         }
         let _guard = self.inner.fs_lock.lock().await;
+        // Both asked again after the wait and the join command: a removal
+        // or a shutdown that came meanwhile wins.
+        if self.inner.is_stopping() {
+            return Ok(Added::Stopped);
+        }
         if !self.inner.is_placed(inst.name()) {
             return Ok(Added::NoLongerPlaced);
         }
@@ -601,6 +631,10 @@ impl Inner {
         self.state().placed.contains(instance)
     }
 
+    fn is_stopping(&self) -> bool {
+        *self.stopping.borrow()
+    }
+
     fn container_dir(&self, unique_name: &str) -> PathBuf {
         self.layout.apps.join(unique_name)
     }
@@ -654,8 +688,13 @@ impl Inner {
             &group,
             self.config.hostname.as_str(),
             join::JOIN_HOOK_TIMEOUT,
+            self.stopping.subscribe(),
         )
         .await;
+        if outcome == HookOutcome::Stopped {
+            // Not a run: the join is decided again by the next start.
+            return Some(outcome.describe(proid));
+        }
         if let Some(metrics) = &self.metrics {
             metrics
                 .join_hook_runs
@@ -706,6 +745,9 @@ impl Inner {
         why: &str,
         problem: impl std::fmt::Display,
     ) -> Result<Added, NodeError> {
+        if self.is_stopping() {
+            return Ok(Added::Stopped);
+        }
         {
             let mut state = self.state();
             if !state.placed.contains(inst.name()) {

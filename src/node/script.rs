@@ -30,6 +30,12 @@ pub fn shell_quote(value: &str) -> String {
 
 /// An operator's command with `{name}` placeholders; `{{` and `}}` stand for
 /// literal braces (so shell `${VAR}` is written `${{VAR}}`).
+///
+/// A placeholder is always one word of the command, wherever it is: the
+/// parser follows the shell's quoting through the text, and a placeholder
+/// inside double quotes is rendered for double quotes, one outside quotes
+/// is quoted itself. Inside single quotes nothing is expanded, so a
+/// placeholder there is refused.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
     parts: Vec<Part>,
@@ -38,7 +44,97 @@ pub struct Template {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Part {
     Text(String),
-    Placeholder(String),
+    Placeholder(String, Quoting),
+}
+
+/// Where in the shell's quoting a placeholder stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Quoting {
+    /// Outside quotes (also inside `$(...)` or backquotes, which start
+    /// their own quoting).
+    None,
+    /// Inside double quotes.
+    Double,
+    /// Inside single quotes: nothing is expanded there.
+    Single,
+}
+
+/// Follows the shell's quoting through a template's literal text.
+#[derive(Debug, Default)]
+struct Quotes {
+    /// Open contexts, innermost last.
+    open: Vec<Context>,
+    /// The last character was an unquoted `\`: the next one is literal.
+    escaped: bool,
+    /// The last character was `$`.
+    dollar: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Context {
+    Single,
+    Double,
+    /// `$(`, with the depth of `(` opened inside it.
+    Substitution(u32),
+    Backquote,
+}
+
+impl Quotes {
+    fn quoting(&self) -> Quoting {
+        match self.open.last() {
+            Some(Context::Single) => Quoting::Single,
+            Some(Context::Double) => Quoting::Double,
+            _ => Quoting::None,
+        }
+    }
+
+    fn feed(&mut self, c: char) {
+        let dollar = std::mem::replace(&mut self.dollar, false);
+        if std::mem::replace(&mut self.escaped, false) {
+            return;
+        }
+        match self.open.last_mut() {
+            Some(Context::Single) => {
+                if c == '\'' {
+                    self.open.pop();
+                }
+            }
+            Some(Context::Double) => match c {
+                '"' => {
+                    self.open.pop();
+                }
+                '\\' => self.escaped = true,
+                '`' => self.open.push(Context::Backquote),
+                '(' if dollar => self.open.push(Context::Substitution(0)),
+                '$' => self.dollar = true,
+                _ => {}
+            },
+            top => match c {
+                '\'' => self.open.push(Context::Single),
+                '"' => self.open.push(Context::Double),
+                '\\' => self.escaped = true,
+                '`' if top == Some(&mut Context::Backquote) => {
+                    self.open.pop();
+                }
+                '`' => self.open.push(Context::Backquote),
+                '(' if dollar => self.open.push(Context::Substitution(0)),
+                '(' => {
+                    if let Some(Context::Substitution(depth)) = top {
+                        *depth += 1;
+                    }
+                }
+                ')' => match top {
+                    Some(Context::Substitution(0)) => {
+                        self.open.pop();
+                    }
+                    Some(Context::Substitution(depth)) => *depth -= 1,
+                    _ => {}
+                },
+                '$' => self.dollar = true,
+                _ => {}
+            },
+        }
+    }
 }
 
 /// Why a command template was refused: a configuration error, fixed by
@@ -53,7 +149,8 @@ pub enum TemplateError {
     },
     /// A placeholder the command cannot have.
     #[error(
-        "unknown placeholder {{{name}}} in {text:?}; known: {}",
+        "unknown placeholder {{{name}}} in {text:?}; known: {}; a literal brace is written \
+         twice (the shell's ${{{name}}} is written ${{{{{name}}}}})",
         known(allowed)
     )]
     Unknown {
@@ -64,13 +161,24 @@ pub enum TemplateError {
         /// The names it may use.
         allowed: Vec<String>,
     },
+    /// A placeholder inside single quotes, where the shell expands nothing.
+    #[error(
+        "placeholder {{{name}}} inside single quotes in {text:?}: the shell would not expand it \
+         there; put it outside the quotes ('...'{{{name}}}'...') or inside double quotes"
+    )]
+    InSingleQuotes {
+        /// The placeholder's name.
+        name: String,
+        /// The template.
+        text: String,
+    },
     /// A `}` that closes nothing.
     #[error("unmatched '}}' in {text:?}; write '}}}}'")]
     Unmatched {
         /// The template.
         text: String,
     },
-    /// Nothing to run.
+    /// Nothing to run (nothing but white space).
     #[error("an empty command")]
     Empty,
 }
@@ -87,18 +195,24 @@ fn known(allowed: &[String]) -> String {
 impl Template {
     /// Parses a template, accepting only the given placeholder names.
     pub fn parse(text: &str, allowed: &[&str]) -> Result<Template, TemplateError> {
+        if text.trim().is_empty() {
+            return Err(TemplateError::Empty);
+        }
         let mut parts = Vec::new();
         let mut literal = String::new();
+        let mut quotes = Quotes::default();
         let mut chars = text.chars().peekable();
         while let Some(c) = chars.next() {
             match c {
                 '{' if chars.peek() == Some(&'{') => {
                     chars.next();
                     literal.push('{');
+                    quotes.feed('{');
                 }
                 '}' if chars.peek() == Some(&'}') => {
                     chars.next();
                     literal.push('}');
+                    quotes.feed('}');
                 }
                 '{' => {
                     let mut name = String::new();
@@ -120,17 +234,29 @@ impl Template {
                             allowed: allowed.iter().map(|a| a.to_string()).collect(),
                         });
                     }
+                    let quoting = quotes.quoting();
+                    if quoting == Quoting::Single {
+                        return Err(TemplateError::InSingleQuotes {
+                            name,
+                            text: text.to_owned(),
+                        });
+                    }
                     if !literal.is_empty() {
                         parts.push(Part::Text(std::mem::take(&mut literal)));
                     }
-                    parts.push(Part::Placeholder(name));
+                    parts.push(Part::Placeholder(name, quoting));
+                    // A placeholder is a word: it ends a `$` before it.
+                    quotes.dollar = false;
                 }
                 '}' => {
                     return Err(TemplateError::Unmatched {
                         text: text.to_owned(),
                     })
                 }
-                c => literal.push(c),
+                c => {
+                    literal.push(c);
+                    quotes.feed(c);
+                }
             }
         }
         if !literal.is_empty() {
@@ -142,15 +268,20 @@ impl Template {
         Ok(Template { parts })
     }
 
-    /// The command with each placeholder replaced by its value, quoted.
-    /// A placeholder without a value becomes `''`.
+    /// The command with each placeholder replaced by its value, quoted
+    /// for where it stands (single quotes outside quotes, escapes inside
+    /// double quotes). A placeholder without a value becomes empty.
     pub fn render(&self, values: &BTreeMap<&str, String>) -> String {
         let mut out = String::new();
         for part in &self.parts {
             match part {
                 Part::Text(text) => out.push_str(text),
-                Part::Placeholder(name) => {
-                    out.push_str(&shell_quote(values.get(name.as_str()).map_or("", |v| v)))
+                Part::Placeholder(name, quoting) => {
+                    let value = values.get(name.as_str()).map_or("", |v| v);
+                    match quoting {
+                        Quoting::Double => out.push_str(&double_quoted(value)),
+                        Quoting::None | Quoting::Single => out.push_str(&shell_quote(value)),
+                    }
                 }
             }
         }
@@ -161,23 +292,44 @@ impl Template {
 impl Template {
     /// The command for `/bin/sh -c` with each placeholder replaced by a
     /// reference to a positional parameter: the placeholder `order[i]`
-    /// becomes `"${i+1}"`. The values themselves never enter the command:
-    /// they are passed to the shell as arguments after it.
+    /// becomes `"${i+1}"` (`${i+1}` inside double quotes). The values
+    /// themselves never enter the command: they are passed to the shell as
+    /// arguments after it.
     pub fn render_positional(&self, order: &[&str]) -> String {
         let mut out = String::new();
         for part in &self.parts {
             match part {
                 Part::Text(text) => out.push_str(text),
-                Part::Placeholder(name) => match order.iter().position(|o| o == name) {
-                    Some(i) => {
-                        let _ = write!(out, "\"${{{}}}\"", i + 1);
+                Part::Placeholder(name, quoting) => {
+                    let quote = if *quoting == Quoting::Double {
+                        ""
+                    } else {
+                        "\""
+                    };
+                    match order.iter().position(|o| o == name) {
+                        Some(i) => {
+                            let _ = write!(out, "{quote}${{{}}}{quote}", i + 1);
+                        }
+                        None => out.push_str(&quote.repeat(2)),
                     }
-                    None => out.push_str("''"),
-                },
+                }
             }
         }
         out
     }
+}
+
+/// A value as it is written inside double quotes: `\\`, `"`, `$` and
+/// `` ` `` escaped, so the shell takes it as it is.
+fn double_quoted(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        if matches!(c, '\\' | '"' | '$' | '`') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
 }
 
 /// What the container's `run` starts.
@@ -397,8 +549,13 @@ mod tests {
         for (bad, message) in [
             (
                 "x {nope}",
-                r#"unknown placeholder {nope} in "x {nope}"; known: {instance}, {proid}"#,
+                r#"unknown placeholder {nope} in "x {nope}"; known: {instance}, {proid}; a literal brace is written twice (the shell's ${nope} is written ${{nope}})"#,
             ),
+            (
+                "echo 'a{proid}'",
+                r#"placeholder {proid} inside single quotes in "echo 'a{proid}'": the shell would not expand it there; put it outside the quotes ('...'{proid}'...') or inside double quotes"#,
+            ),
+            (" \t\n", "an empty command"),
             ("x {instance", r#"unclosed '{' in "x {instance""#),
             ("x }", r#"unmatched '}' in "x }"; write '}}'"#),
             ("", "an empty command"),
@@ -428,6 +585,41 @@ mod tests {
             String::from_utf8(out.stdout).expect("utf-8"),
             format!("g r|{hostile}|x|")
         );
+    }
+
+    #[test]
+    fn a_placeholder_stays_one_word_wherever_it_is_quoted() {
+        let hostile = "* a  b $(touch x) `y` \\ \" ' ";
+        let text = "IFS=' m'; printf '<%s>' \"[{proid}]\" {proid} \"$(printf %s \"{proid}\")\" \"$((1))({proid})\"";
+        let t = Template::parse(text, &["proid"]).expect("valid");
+        let expected = format!("<[{hostile}]><{hostile}><{hostile}><1({hostile})>");
+        let positional = t.render_positional(&["proid"]);
+        let out = std::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(&positional)
+            .args(["hook", hostile])
+            .current_dir(tempfile::tempdir().expect("tempdir").path())
+            .output()
+            .expect("run sh");
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            expected,
+            "{positional}"
+        );
+        let values = BTreeMap::from([("proid", hostile.to_owned())]);
+        assert_eq!(sh(&t.render(&values)), expected, "{}", t.render(&values));
+        // Quotes escaped or in another context do not count.
+        for fine in [
+            "echo \\'{proid}",
+            "echo \"'\"{proid}",
+            "echo \"$(echo ')')\"{proid}",
+        ] {
+            Template::parse(fine, &["proid"]).expect(fine);
+        }
+        for refused in ["echo '{proid}'", "echo \"$(echo '{proid}')\""] {
+            let err = Template::parse(refused, &["proid"]).expect_err(refused);
+            assert!(matches!(err, TemplateError::InSingleQuotes { .. }), "{err}");
+        }
     }
 
     #[test]
