@@ -891,20 +891,25 @@ fn has_control(text: &str) -> bool {
 
 /// A host name with an optional port, as a DC's name must be, by this
 /// test's own reading: dot-separated labels of ASCII letters, digits, `-`
-/// and `_`, then `:` and one to five digits.
+/// and `_`, each at most 63 long, then `:` and a port from 1 to 65535.
 fn is_dc_name(text: &str) -> bool {
     let (host, port) = match text.split_once(':') {
         Some((host, port)) => (host, Some(port)),
         None => (text, None),
     };
-    let labels_ok = host.trim_end_matches('.').split('.').all(|label| {
-        !label.is_empty()
-            && label
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    let labels_ok = host.len() <= 253
+        && host.trim_end_matches('.').split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        });
+    let port_ok = port.is_none_or(|p| {
+        (1..=5).contains(&p.len())
+            && p.chars().all(|c| c.is_ascii_digit())
+            && p.parse::<u32>().is_ok_and(|n| (1..=65535).contains(&n))
     });
-    let port_ok =
-        port.is_none_or(|p| (1..=5).contains(&p.len()) && p.chars().all(|c| c.is_ascii_digit()));
     labels_ok && port_ok
 }
 
