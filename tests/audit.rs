@@ -16,14 +16,14 @@ mod support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Output, Stdio};
 
 use serde_json::Value;
 use support::daemon::{computers_and_groups, host_dn, password_file, GROUP_OU};
 use support::daemon_bin::DaemonProcess;
 use support::e2e::{bin, dn, read_groups};
+use support::tmpfs::Tmpfs;
 use support::tree::Tree;
 use support::zookeeper::ZooKeeper;
 use support::Slapd;
@@ -533,69 +533,6 @@ fn sync_and_its_dry_run_record_the_same_changes_marked_apart() {
             stderr.contains("unexpected argument '--audit-log"),
             "{command}: {stderr}"
         );
-    }
-}
-
-/// A tmpfs mounted on a temp directory, unmounted on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        let dir = tempfile::tempdir().expect("mount point");
-        let status = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0755"),
-                "tmpfs",
-            ])
-            .arg(dir.path())
-            .status()
-            .expect("run mount");
-        assert!(
-            status.success(),
-            "mount -t tmpfs failed ({status}): these tests run as root"
-        );
-        Tmpfs { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    /// Fills the file system, then frees `pages` pages of 4 KiB.
-    fn fill_leaving(&self, pages: u64) -> PathBuf {
-        let filler = self.path().join("filler");
-        let mut file = fs::File::create(&filler).expect("filler");
-        let block = vec![0u8; 1 << 16];
-        loop {
-            match file.write(&block) {
-                Ok(0) => break,
-                Ok(_) => {}
-                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
-                Err(e) => panic!("filling the tmpfs: {e}"),
-            }
-        }
-        let used = file.metadata().expect("filler").len().div_ceil(4096);
-        file.set_len(used.saturating_sub(pages) * 4096)
-            .expect("free pages");
-        file.sync_all().expect("sync");
-        filler
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let done = Command::new("umount")
-            .arg(self.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !done {
-            let _ = Command::new("umount").arg("-l").arg(self.path()).status();
-        }
     }
 }
 

@@ -16,6 +16,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use support::e2e::{bin, dn, ldif_groups, Groups};
+use support::tmpfs::Tmpfs;
 use support::tree::{groups_ldif, Tree};
 
 const GROUP_OU: &str = "ou=Groups,dc=ad,dc=com";
@@ -167,59 +168,6 @@ fn eventually(what: &str, daemon: &Daemon, mut check: impl FnMut() -> bool) {
             daemon.log()
         );
         std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// A tmpfs mounted on a temp directory, unmounted on drop.
-struct Tmpfs {
-    dir: tempfile::TempDir,
-}
-
-impl Tmpfs {
-    fn mount(size: &str) -> Tmpfs {
-        let dir = tempfile::tempdir().expect("mount point");
-        let status = Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0755"),
-                "tmpfs",
-            ])
-            .arg(dir.path())
-            .status()
-            .expect("run mount");
-        assert!(
-            status.success(),
-            "mount -t tmpfs failed ({status}): these tests run as root"
-        );
-        Tmpfs { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn remount(&self, options: &str) {
-        let status = Command::new("mount")
-            .args(["-o", &format!("remount,{options}")])
-            .arg(self.path())
-            .status()
-            .expect("run mount");
-        assert!(status.success(), "remount {options}: {status}");
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let done = Command::new("umount")
-            .arg(self.path())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !done {
-            // Still busy (a process of a failed test): detach it anyway.
-            let _ = Command::new("umount").arg("-l").arg(self.path()).status();
-        }
     }
 }
 

@@ -23,6 +23,7 @@ pub mod e2e;
 pub mod node;
 pub mod notify;
 pub mod scenario;
+pub mod tmpfs;
 pub mod tree;
 pub mod zookeeper;
 
