@@ -6,6 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
@@ -36,6 +37,11 @@ pub(super) struct Containers {
     tasks: JoinSet<()>,
     /// The last operation queued per instance, so the next one waits for it.
     chains: HashMap<String, JoinHandle<()>>,
+    /// Whether start-up has reconciled the containers with the placements:
+    /// every operation waits for it, so that start-up, which works from
+    /// the placements as they were when it began, never undoes an
+    /// operation of a later change.
+    started: watch::Receiver<bool>,
     /// When containers kept past `--retain` are next looked for.
     pub(super) next_cleanup: Instant,
     /// Runs before each operation's file work (see [`super::Parts`]).
@@ -50,6 +56,7 @@ impl Containers {
             node: None,
             tasks: JoinSet::new(),
             chains: HashMap::new(),
+            started: watch::channel(true).1,
             next_cleanup: Instant::now(),
             #[cfg(test)]
             before_work: None,
@@ -144,6 +151,8 @@ impl Daemon {
         let starting = node.clone();
         #[cfg(test)]
         let hook = self.containers.before_work.clone();
+        let (done_tx, started) = watch::channel(false);
+        self.containers.started = started;
         self.containers.tasks.spawn(async move {
             // Start-up reads and writes every container's files: on the
             // blocking pool too, like each operation.
@@ -163,6 +172,8 @@ impl Daemon {
                 }
                 Err(err) => error!(error = %err, "reconciling containers with placements panicked"),
             }
+            // Failed or not, the operations of later changes go ahead.
+            let _ = done_tx.send(true);
         });
         self.containers.node = Some(node);
         self.health.node_started = true;
@@ -225,12 +236,15 @@ impl Daemon {
             let node = node.clone();
             let previous = self.containers.chains.remove(&instance);
             let name = instance.clone();
+            let mut started = self.containers.started.clone();
             #[cfg(test)]
             let hook = self.containers.before_work.clone();
             let handle = tokio::spawn(async move {
                 if let Some(previous) = previous {
                     let _ = previous.await;
                 }
+                // A start-up that is gone (stopped) no longer needs waiting for.
+                let _ = started.wait_for(|done| *done).await;
                 // The operation reads and writes files (manifests, fsyncs,
                 // renames): it runs on the blocking pool, so that a slow
                 // disk holds up this instance only, never the event loop.
@@ -451,6 +465,63 @@ mod tests {
             !gate.gave_up(),
             "the loop waited for the stuck start-up (released after a minute)"
         );
+        h.stop().await;
+    }
+
+    /// Start-up reconciles the containers with the placements as they
+    /// were when it began: an operation of a later change that ran beside
+    /// it was undone (a container configured, then terminated by start-up
+    /// as not placed). Operations wait for start-up to finish.
+    #[tokio::test]
+    async fn regression_operations_wait_for_the_node_startup() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let calls = Arc::new(Mutex::new(Vec::<(String, bool)>::new()));
+        let gate = Arc::new(Stuck::default());
+        let hook: NodeHook = {
+            let (calls, gate) = (calls.clone(), gate.clone());
+            Arc::new(move |name: &str| {
+                let held = gate.entered() && !gate.state.lock().expect("lock").1;
+                calls.lock().expect("lock").push((name.to_owned(), held));
+                if name == STARTUP {
+                    gate.hold();
+                }
+            })
+        };
+        let apps = root.with_extension("apps");
+        std::fs::create_dir_all(&apps).expect("mkdir");
+        let app_root = format!("--app-root={}", apps.display());
+        let mut config = run_config(&root, &[&app_root, "--hostname=h1"]);
+        config.node.as_mut().expect("node mode").gmsa_proids = GmsaProids::None;
+        let setup = Setup {
+            before_node_work: Some(hook),
+            ..Setup::default()
+        };
+        let h = Harness::start_with(&root, config, setup);
+        h.ready().await;
+        until("start-up is held", || async { gate.entered() }).await;
+        h.place("h1", "db.app#1");
+        // The change went through the loop (its group is applied) while
+        // start-up was still held.
+        until("db's group applied", || async {
+            h.members(DB).await == dns(&["h1"])
+        })
+        .await;
+        gate.release();
+        until("the placement's operation ran", || async {
+            calls
+                .lock()
+                .expect("lock")
+                .iter()
+                .any(|(n, _)| n == "db.app#1")
+        })
+        .await;
+        let calls = calls.lock().expect("lock").clone();
+        assert!(
+            calls.iter().all(|(name, held)| name == STARTUP || !held),
+            "an operation ran while start-up was held: {calls:?}"
+        );
+        assert!(!gate.gave_up(), "start-up was held for a minute");
         h.stop().await;
     }
 
