@@ -38,7 +38,7 @@ pub(super) struct Containers {
     /// The last operation queued per instance, so the next one waits for it.
     chains: HashMap<String, JoinHandle<()>>,
     /// Whether start-up has reconciled the containers with the placements:
-    /// every operation waits for it, so that start-up, which works from
+    /// every operation and clean-up waits for it, so that start-up, which works from
     /// the placements as they were when it began, never undoes an
     /// operation of a later change.
     started: watch::Receiver<bool>,
@@ -283,8 +283,11 @@ impl Daemon {
     pub(super) fn cleanup_containers(&mut self) {
         if let Some(node) = self.containers.node.clone() {
             // Removing container directories is disk work: the blocking
-            // pool does it while the loop goes on.
+            // pool does it while the loop goes on, after start-up as every
+            // other container operation.
+            let mut started = self.containers.started.clone();
             self.containers.tasks.spawn(async move {
+                let _ = started.wait_for(|done| *done).await;
                 let removed = tokio::task::spawn_blocking(move || {
                     node.cleanup_expired(std::time::SystemTime::now())
                 })
