@@ -22,7 +22,7 @@ use std::time::Duration;
 use tokio::time::{sleep, Instant};
 use tracing::{debug, error, info, warn};
 
-use super::leadership::role_changed;
+use super::leadership::{role_changed, Waiting};
 use super::schedule::Dirty;
 use super::{Daemon, Shutdown, SHUTDOWN_GRACE};
 use crate::backoff::Backoff;
@@ -76,7 +76,7 @@ impl Daemon {
             }
             Err(err) => {
                 error!(error = %err, "cannot open the directory; retrying");
-                self.not_ready_for_a_while(format!("directory: {err}"), shutdown)
+                self.not_ready_for_a_while(Waiting::Directory(err.to_string()), shutdown)
                     .await;
                 false
             }
@@ -86,7 +86,7 @@ impl Daemon {
     /// Reports not ready and waits before the caller tries again.
     pub(super) async fn not_ready_for_a_while(
         &mut self,
-        reason: String,
+        reason: Waiting,
         shutdown: &mut Shutdown<'_>,
     ) {
         self.health.waiting = Some(reason);
@@ -128,7 +128,7 @@ impl Daemon {
                     Backoff::fixed(every).delay(0)
                 };
                 self.schedule.full_sync_failed(Instant::now(), delay);
-                self.health.groups_read = Some(err.to_string());
+                self.health.groups_read = Some(err);
                 self.publish_ready();
                 return;
             }
