@@ -17,6 +17,7 @@ use super::Daemon;
 use crate::directory::DirError;
 use crate::election::{Role, RoleState};
 use crate::model::HostName;
+use crate::node::credspec::CredSpecError;
 use crate::tree::names;
 
 /// The replica's role as last acted on.
@@ -213,9 +214,9 @@ pub enum Waiting {
     /// The directory cannot be opened.
     #[error("directory: {0}")]
     Directory(String),
-    /// The domain's facts, for credential specs, cannot be read.
+    /// The domain's facts, for credential specs, cannot be had.
     #[error("domain facts: {0}")]
-    DomainFacts(String),
+    DomainFacts(DomainFactsError),
     /// This host's placement directory cannot be read, so node mode does
     /// not start (it would terminate every container as no longer
     /// placed).
@@ -227,6 +228,17 @@ pub enum Waiting {
         /// This host.
         host: HostName,
     },
+}
+
+/// Why node mode has no domain facts for its credential specs.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DomainFactsError {
+    /// The directory could not be read.
+    #[error(transparent)]
+    Read(#[from] DirError),
+    /// What it holds is not a usable SID or GUID.
+    #[error(transparent)]
+    Invalid(#[from] CredSpecError),
 }
 
 /// What `/readyz` says: `Ok` when ready, otherwise the most basic reason
@@ -435,6 +447,33 @@ mod tests {
         );
         tx.send_replace(state(Role::Leader, 2, true));
         assert!(!l.still_leading(), "a new term is a new leadership");
+    }
+
+    #[test]
+    fn what_the_daemon_waits_for_is_shown_with_its_cause() {
+        let alone = Leadership::new(None);
+        let mut health = Health {
+            applied: true,
+            ..Health::default()
+        };
+        health.waiting = Some(Waiting::DomainFacts(DomainFactsError::Invalid(
+            CredSpecError::Guid(3),
+        )));
+        assert_eq!(
+            shown(readiness(&health, &alone, true)),
+            Err("domain facts: invalid binary GUID: 3 bytes, want 16".into())
+        );
+        let unreachable = DirError::Unreachable {
+            op: crate::directory::Op::Search,
+            message: "ldap://dc1: connection refused".into(),
+        };
+        health.waiting = Some(Waiting::DomainFacts(unreachable.into()));
+        assert_eq!(
+            shown(readiness(&health, &alone, true)),
+            Err("domain facts: search: ldap://dc1: connection refused".into())
+        );
+        health.waiting = None;
+        assert_eq!(readiness(&health, &alone, true), Ok(()));
     }
 
     #[test]

@@ -56,7 +56,7 @@ mod testing;
 mod tests;
 mod tree;
 
-pub use leadership::{NotReady, Waiting};
+pub use leadership::{DomainFactsError, NotReady, Waiting};
 pub use signals::run_until_signalled;
 pub use start::{DaemonError, Parts};
 

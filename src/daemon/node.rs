@@ -10,7 +10,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::leadership::Waiting;
+use super::leadership::{DomainFactsError, Waiting};
 use super::{Daemon, DaemonError, Shutdown, SHUTDOWN_GRACE};
 use crate::directory::{Directory, DomainFacts, Group};
 use crate::model::{Dn, GroupPattern, Proid};
@@ -90,8 +90,8 @@ impl Daemon {
                 return Ok(false);
             };
             match facts
-                .map_err(|e| e.to_string())
-                .and_then(|f| domain_info(&f).map_err(|e| e.to_string()))
+                .map_err(DomainFactsError::from)
+                .and_then(|f| domain_info(&f).map_err(DomainFactsError::from))
             {
                 Ok(domain) => {
                     info!(domain = %domain.dns_name, netbios = %domain.netbios_name, "read the domain's facts");
