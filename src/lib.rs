@@ -18,7 +18,7 @@
 //! - [`commands`]: `plan`, `sync`, `check`, `explain` and `finish` on top of the above.
 //! - [`config_check`]: `config`: every source of options checked, the effective options with their origin.
 //! - [`explain`]: why each host is or is not in a proid's group.
-//! - [`daemon`]: `run`: the event loop (`mod.rs`) wiring the tree side (`tree`), the directory side (`sync`), a schedule (pure timing), a group cache, leadership and readiness, signals, and node mode.
+//! - [`daemon`]: `run`: the event loop (`mod.rs`) wiring its parts: the setup before the loop and what the daemon runs on (`start`), the tree side (`tree`), the directory side with the driving of directory work (`sync`), the schedule (`schedule`, pure timing), the group cache (`groups`), leadership and readiness (`leadership`), signals (`signals`), and node mode (`node`).
 //! - [`election`]: which replica writes: leader election through a ZooKeeper lock.
 //! - [`metrics`]: Prometheus metrics, health and readiness over HTTP.
 //! - [`safe_fs`]: how the files other processes write are opened (the tree, manifests, container markers, the LDIF directory file, the audit log): regular files only, no links followed, sizes capped.

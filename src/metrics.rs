@@ -53,6 +53,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
+use crate::daemon::NotReady;
 use crate::model::escape_controls;
 
 /// Labels of the Modify request counter and of the join command counter.
@@ -129,7 +130,7 @@ pub struct Metrics {
     /// 1 while `/readyz` answers 200, else 0: alerts cannot scrape `/readyz`.
     ready_gauge: Gauge,
     ready: AtomicBool,
-    not_ready_reason: Mutex<String>,
+    not_ready_reason: Mutex<NotReady>,
     current_role: Mutex<&'static str>,
     /// What the service manager has been told of readiness.
     notified: Mutex<Notified>,
@@ -170,7 +171,7 @@ impl Metrics {
             last_role_change: Gauge::default(),
             ready_gauge: Gauge::default(),
             ready: AtomicBool::new(false),
-            not_ready_reason: Mutex::new("initial sync not done".into()),
+            not_ready_reason: Mutex::new(NotReady::NotSynced),
             current_role: Mutex::new("follower"),
             notified: Mutex::new(Notified::default()),
             registry: Registry::default(),
@@ -315,7 +316,7 @@ impl Metrics {
 
     /// Marks the daemon ready (or not, with the reason `/readyz` shows),
     /// and tells systemd when that changed.
-    pub fn set_ready(&self, ready: Result<(), String>) {
+    pub fn set_ready(&self, ready: Result<(), NotReady>) {
         self.ready_gauge.set(i64::from(ready.is_ok()));
         // The flag is set before systemd hears READY=1, so that `/readyz`
         // already answers 200 when the unit counts as started.
@@ -334,7 +335,7 @@ impl Metrics {
 
     /// Sends the service manager what changed in readiness, if anything.
     /// Without `NOTIFY_SOCKET` (not started by systemd) nothing is sent.
-    fn notify_readiness(&self, ready: Result<(), String>) {
+    fn notify_readiness(&self, ready: Result<(), NotReady>) {
         let mut notified = self.notified.lock().unwrap_or_else(|p| p.into_inner());
         let Some(message) = notified.update(ready) else {
             return;
@@ -402,7 +403,7 @@ pub const METRICS_CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
 #[derive(Debug, Default)]
 struct Notified {
     /// The state last sent; `None` before the first.
-    last: Option<Result<(), String>>,
+    last: Option<Result<(), NotReady>>,
     /// `READY=1` has gone out: systemd takes it once, as the end of startup.
     ready_sent: bool,
 }
@@ -421,13 +422,13 @@ impl Notified {
     /// already knows it. The reason is quoted with its control characters
     /// escaped: the protocol is one `KEY=value` per line, and a reason
     /// quoting a name from the tree must not add a line such as `READY=1`.
-    fn update(&mut self, now: Result<(), String>) -> Option<Notification> {
+    fn update(&mut self, now: Result<(), NotReady>) -> Option<Notification> {
         if self.last.as_ref() == Some(&now) {
             return None;
         }
         let status = match &now {
             Ok(()) => "ready".to_owned(),
-            Err(reason) => format!("not ready: {}", escape_controls(reason)),
+            Err(reason) => format!("not ready: {}", escape_controls(&reason.to_string())),
         };
         let ready = now.is_ok() && !self.ready_sent;
         self.ready_sent |= ready;
@@ -897,7 +898,7 @@ mod tests {
         );
         m.set_ready(Ok(()));
         assert_eq!(respond(&m, "/readyz").status(), StatusCode::OK);
-        m.set_ready(Err("lost the lock".into()));
+        m.set_ready(Err(NotReady::Zookeeper("connection lost".into())));
         assert_eq!(
             respond(&m, "/readyz").status(),
             StatusCode::SERVICE_UNAVAILABLE
@@ -912,7 +913,7 @@ mod tests {
         assert!(m.encode().contains("\ngmsa_ready 0\n"), "{}", m.encode());
         m.set_ready(Ok(()));
         assert!(m.encode().contains("\ngmsa_ready 1\n"), "{}", m.encode());
-        m.set_ready(Err("zookeeper: connection lost".into()));
+        m.set_ready(Err(NotReady::Zookeeper("connection lost".into())));
         assert!(m.encode().contains("\ngmsa_ready 0\n"), "{}", m.encode());
     }
 
@@ -992,7 +993,7 @@ mod tests {
     #[test]
     fn systemd_hears_ready_once_and_every_change_of_status() {
         let mut n = Notified::default();
-        let waiting = Err("waiting for .modified".to_owned());
+        let waiting = Err(NotReady::Tree("waiting for .modified".to_owned()));
         assert_eq!(
             n.update(waiting.clone()),
             Some(Notification {
@@ -1009,7 +1010,7 @@ mod tests {
             })
         );
         assert_eq!(n.update(Ok(())), None);
-        let lost = Err("zookeeper: connection lost".to_owned());
+        let lost = Err(NotReady::Zookeeper("connection lost".to_owned()));
         assert_eq!(
             n.update(lost).map(|m| m.ready),
             Some(false),
@@ -1029,7 +1030,9 @@ mod tests {
     fn a_not_ready_reason_cannot_add_a_notify_line() {
         let mut n = Notified::default();
         let reason = "placement tree unusable: /srv/x\nREADY=1\nMAINPID=1".to_owned();
-        let message = n.update(Err(reason)).expect("a notification");
+        let message = n
+            .update(Err(NotReady::Tree(reason)))
+            .expect("a notification");
         assert!(!message.ready);
         assert!(!message.status.contains('\n'), "{:?}", message.status);
         assert_eq!(

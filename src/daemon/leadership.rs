@@ -8,12 +8,17 @@
 //! [`Daemon::observe_role`] is what a new role does to the daemon: a new
 //! leadership starts with a full sync, a follower drops what was pending.
 
+use thiserror::Error;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::info;
 
 use super::Daemon;
+use crate::directory::DirError;
 use crate::election::{Role, RoleState};
+use crate::model::HostName;
+use crate::node::credspec::CredSpecError;
+use crate::tree::names;
 
 /// The replica's role as last acted on.
 #[derive(Debug, Default)]
@@ -134,10 +139,10 @@ impl Leadership {
     }
 
     /// Why ZooKeeper cannot be trusted right now, if it cannot.
-    fn disconnected(&self) -> Option<String> {
+    fn disconnected(&self) -> Option<NotReady> {
         let roles = self.roles.as_ref()?;
         let state = roles.borrow();
-        (!state.connected).then(|| format!("zookeeper: {}", state.why))
+        (!state.connected).then(|| NotReady::Zookeeper(state.why.clone()))
     }
 
     /// Whether an election runs.
@@ -160,9 +165,9 @@ pub struct Health {
     pub watcher: Option<String>,
     /// What the daemon waits for before it can work (the directory, the
     /// domain's facts, node mode's tree).
-    pub waiting: Option<String>,
+    pub waiting: Option<Waiting>,
     /// Why the last read of every group failed, until one works.
-    pub groups_read: Option<String>,
+    pub groups_read: Option<DirError>,
     /// A full sync has read every group in this leadership: batches may
     /// plan from the cache.
     pub synced: bool,
@@ -172,15 +177,82 @@ pub struct Health {
     pub node_started: bool,
 }
 
+/// Why the daemon is not ready, as `/readyz` and systemd's `STATUS=`
+/// show it.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum NotReady {
+    /// The tree watcher cannot be trusted: changes may be missed.
+    #[error("tree watcher: {0}")]
+    Watcher(String),
+    /// The placement tree cannot be used (not ready yet, unreadable).
+    #[error("{0}")]
+    Tree(String),
+    /// Something the daemon needs before it can work is not there yet.
+    #[error(transparent)]
+    Waiting(#[from] Waiting),
+    /// The connection to ZooKeeper is lost: the role may be stale.
+    #[error("zookeeper: {0}")]
+    Zookeeper(String),
+    /// Node mode (without groups) has not started yet.
+    #[error("node mode not started yet")]
+    NodeNotStarted,
+    /// The last read of every group failed; it is tried again.
+    #[error("reading the groups: {0}")]
+    GroupsRead(DirError),
+    /// This replica leads, and its first full sync is not applied yet.
+    #[error("leader: initial sync not applied yet")]
+    LeaderNotSynced,
+    /// The first full sync is not applied yet.
+    #[error("initial sync not done")]
+    NotSynced,
+}
+
+/// What the daemon waits for before it can work; it tries again a little
+/// later.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum Waiting {
+    /// The directory cannot be opened.
+    #[error("directory: {0}")]
+    Directory(String),
+    /// The domain's facts, for credential specs, cannot be had.
+    #[error("domain facts: {0}")]
+    DomainFacts(DomainFactsError),
+    /// This host's placement directory cannot be read, so node mode does
+    /// not start (it would terminate every container as no longer
+    /// placed).
+    #[error(
+        "{}/{host}: this host's placements are unknown (its directory can't be read)",
+        names::PLACEMENT
+    )]
+    Placements {
+        /// This host.
+        host: HostName,
+    },
+}
+
+/// Why node mode has no domain facts for its credential specs.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum DomainFactsError {
+    /// The directory could not be read.
+    #[error(transparent)]
+    Read(#[from] DirError),
+    /// What it holds is not a usable SID or GUID.
+    #[error(transparent)]
+    Invalid(#[from] CredSpecError),
+}
+
 /// What `/readyz` says: `Ok` when ready, otherwise the most basic reason
 /// first (the watcher, the tree, what the daemon waits for, ZooKeeper,
 /// then the first full sync).
-pub fn readiness(health: &Health, leadership: &Leadership, groups: bool) -> Result<(), String> {
+pub fn readiness(health: &Health, leadership: &Leadership, groups: bool) -> Result<(), NotReady> {
     if let Some(fault) = &health.watcher {
-        return Err(format!("tree watcher: {fault}"));
+        return Err(NotReady::Watcher(fault.clone()));
     }
-    if let Some(why) = health.tree.as_ref().or(health.waiting.as_ref()) {
-        return Err(why.clone());
+    if let Some(why) = &health.tree {
+        return Err(NotReady::Tree(why.clone()));
+    }
+    if let Some(why) = &health.waiting {
+        return Err(NotReady::Waiting(why.clone()));
     }
     if let Some(why) = leadership.disconnected() {
         return Err(why);
@@ -189,7 +261,7 @@ pub fn readiness(health: &Health, leadership: &Leadership, groups: bool) -> Resu
         return if health.node_started {
             Ok(())
         } else {
-            Err("node mode not started yet".into())
+            Err(NotReady::NodeNotStarted)
         };
     }
     if leadership.elected() && !leadership.is_leader() {
@@ -199,9 +271,9 @@ pub fn readiness(health: &Health, leadership: &Leadership, groups: bool) -> Resu
         return Ok(());
     }
     Err(match (&health.groups_read, leadership.elected()) {
-        (Some(err), _) => format!("reading the groups: {err}"),
-        (None, true) => "leader: initial sync not applied yet".into(),
-        (None, false) => "initial sync not done".into(),
+        (Some(err), _) => NotReady::GroupsRead(err.clone()),
+        (None, true) => NotReady::LeaderNotSynced,
+        (None, false) => NotReady::NotSynced,
     })
 }
 
@@ -282,18 +354,29 @@ mod tests {
         }
     }
 
+    /// The reason `/readyz` would show, as text.
+    fn shown(ready: Result<(), NotReady>) -> Result<(), String> {
+        ready.map_err(|why| why.to_string())
+    }
+
     #[test]
     fn alone_the_daemon_is_ready_once_the_first_full_sync_applied() {
         let alone = Leadership::new(None);
         let mut health = Health::default();
+        assert_eq!(readiness(&health, &alone, true), Err(NotReady::NotSynced));
         assert_eq!(
-            readiness(&health, &alone, true),
+            shown(readiness(&health, &alone, true)),
             Err("initial sync not done".into())
         );
-        health.groups_read = Some("LDAP result 52: unavailable".into());
+        health.groups_read = Some(DirError::Result {
+            op: crate::directory::Op::Search,
+            dn: "OU=Groups,DC=ad,DC=com".into(),
+            code: crate::directory::rc::UNAVAILABLE,
+            message: "unavailable".into(),
+        });
         assert_eq!(
-            readiness(&health, &alone, true),
-            Err("reading the groups: LDAP result 52: unavailable".into())
+            shown(readiness(&health, &alone, true)),
+            Err("reading the groups: search OU=Groups,DC=ad,DC=com: LDAP 52 unavailable: unavailable".into())
         );
         health.synced = true;
         assert!(
@@ -302,14 +385,25 @@ mod tests {
         );
         health.applied = true;
         assert_eq!(readiness(&health, &alone, true), Ok(()));
+        health.waiting = Some(Waiting::Placements {
+            host: HostName::new("h1").expect("host"),
+        });
+        assert_eq!(
+            shown(readiness(&health, &alone, true)),
+            Err(
+                "placement/h1: this host's placements are unknown (its directory can't be read)"
+                    .into()
+            )
+        );
         health.tree = Some("placement tree unusable: gone".into());
         assert_eq!(
-            readiness(&health, &alone, true),
-            Err("placement tree unusable: gone".into())
+            shown(readiness(&health, &alone, true)),
+            Err("placement tree unusable: gone".into()),
+            "the tree comes before what the daemon waits for"
         );
         health.watcher = Some("the watcher stopped".into());
         assert_eq!(
-            readiness(&health, &alone, true),
+            shown(readiness(&health, &alone, true)),
             Err("tree watcher: the watcher stopped".into()),
             "a watcher fault comes first"
         );
@@ -338,7 +432,7 @@ mod tests {
         ));
         assert!(l.still_leading());
         assert_eq!(
-            readiness(&health, &l, true),
+            shown(readiness(&health, &l, true)),
             Err("leader: initial sync not applied yet".into())
         );
 
@@ -347,16 +441,49 @@ mod tests {
         tx.send_replace(state(Role::Leader, 1, false));
         assert!(l.still_leading(), "still the same term until it changes");
         assert_eq!(l.observe(), Some(RoleChange::Connection));
-        assert_eq!(readiness(&health, &l, true), Err("zookeeper: test".into()));
+        assert_eq!(
+            shown(readiness(&health, &l, true)),
+            Err("zookeeper: test".into())
+        );
         tx.send_replace(state(Role::Leader, 2, true));
         assert!(!l.still_leading(), "a new term is a new leadership");
+    }
+
+    #[test]
+    fn what_the_daemon_waits_for_is_shown_with_its_cause() {
+        let alone = Leadership::new(None);
+        let mut health = Health {
+            applied: true,
+            ..Health::default()
+        };
+        health.waiting = Some(Waiting::DomainFacts(DomainFactsError::Invalid(
+            CredSpecError::Guid(3),
+        )));
+        assert_eq!(
+            shown(readiness(&health, &alone, true)),
+            Err("domain facts: invalid binary GUID: 3 bytes, want 16".into())
+        );
+        let unreachable = DirError::Unreachable {
+            op: crate::directory::Op::Search,
+            message: "ldap://dc1: connection refused".into(),
+        };
+        health.waiting = Some(Waiting::DomainFacts(unreachable.into()));
+        assert_eq!(
+            shown(readiness(&health, &alone, true)),
+            Err("domain facts: search: ldap://dc1: connection refused".into())
+        );
+        health.waiting = None;
+        assert_eq!(readiness(&health, &alone, true), Ok(()));
     }
 
     #[test]
     fn node_mode_alone_is_ready_once_started() {
         let alone = Leadership::new(None);
         let mut health = Health::default();
-        assert!(readiness(&health, &alone, false).is_err());
+        assert_eq!(
+            shown(readiness(&health, &alone, false)),
+            Err("node mode not started yet".into())
+        );
         health.node_started = true;
         assert_eq!(readiness(&health, &alone, false), Ok(()));
     }

@@ -1,11 +1,11 @@
 //! The `run` event loop: wait for the tree, sync everything once, then
 //! follow the tree and keep the groups right.
 //!
-//! One task owns all state; this module only wires the parts. The index
-//! turns tree changes into dirty proids; `schedule` says when a batch,
-//! a retry or a full sync is due (an isolated change at once, a burst
-//! coalesced for the batch window); `groups` caches the groups a batch
-//! plans from; every batch and full sync is one pass of
+//! One task owns all state; this module holds the loop and wires the
+//! parts. The index turns tree changes into dirty proids; `schedule` says
+//! when a batch, a retry or a full sync is due (an isolated change at
+//! once, a burst coalesced for the batch window); `groups` caches the
+//! groups a batch plans from; every batch and full sync is one pass of
 //! [`crate::reconcile`], one Modify per group. Only one batch is in flight
 //! at a time, so a group is never written by two reconciles at once, and
 //! while a batch waits on the directory the loop keeps taking tree
@@ -14,13 +14,16 @@
 //! first; a periodic full resync re-reads every group and repairs whatever
 //! was edited by hand or missed.
 //!
-//! The parts: `tree` (waiting for the tree, the watcher, its changes,
-//! rescans), `sync` (the directory: full syncs, batches and what they
-//! applied), `schedule` (pure timing), `groups` (the group cache),
-//! `leadership` (role, term, what a new role does, readiness), `signals`
-//! and `node` (node mode, its file work on the blocking pool). Every wait
-//! before trying again goes through [`crate::backoff::Backoff`], on
-//! tokio's clock, so the tests run the whole loop in paused time.
+//! The parts: `start` (what the daemon runs on, why it stops with an
+//! error, the setup before the loop), `tree` (waiting for the tree, the
+//! watcher, its changes, rescans), `sync` (the directory: full syncs,
+//! batches and what they applied, directory work driven while the loop
+//! keeps taking changes), `schedule` (pure timing), `groups` (the group
+//! cache), `leadership` (role, term, what a new role does, readiness),
+//! `signals` and `node` (node mode, its file work on the blocking pool).
+//! Every wait before trying again goes through
+//! [`crate::backoff::Backoff`], on tokio's clock, so the tests run the
+//! whole loop in paused time.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -28,19 +31,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
-use thiserror::Error;
-use tokio::sync::{mpsc, watch};
 use tokio::time::{sleep_until, Instant};
-use tracing::{info, warn};
+use tracing::info;
 
 use crate::audit::Audit;
 use crate::cli::RunConfig;
 use crate::directory::Directory;
-use crate::election::{self, Election, Role, RoleState};
+use crate::election::Election;
 use crate::index::Index;
-use crate::metrics::{self, Metrics};
+use crate::metrics::Metrics;
 use crate::model::Proid;
-use crate::tree::watch::Change;
 use crate::tree::Snapshot;
 
 mod groups;
@@ -48,6 +48,7 @@ mod leadership;
 mod node;
 mod schedule;
 mod signals;
+mod start;
 mod sync;
 #[cfg(test)]
 mod testing;
@@ -55,7 +56,12 @@ mod testing;
 mod tests;
 mod tree;
 
+pub use leadership::{DomainFactsError, NotReady, Waiting};
 pub use signals::run_until_signalled;
+pub use start::{DaemonError, Parts};
+
+#[cfg(test)]
+pub(crate) use start::NodeHook;
 
 use groups::GroupCache;
 use leadership::{role_changed, Health, Leadership};
@@ -66,57 +72,7 @@ use tree::Watching;
 /// How long in-flight writes may take to finish after a shutdown signal.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
-/// Why the daemon stopped with an error: each is something the operator
-/// must fix before it can run. Everything else is retried.
-#[derive(Debug, Error)]
-pub enum DaemonError {
-    /// The audit log cannot be opened.
-    #[error(transparent)]
-    Audit(#[from] crate::audit::AuditError),
-    /// The metrics address cannot be listened on.
-    #[error("--metrics-addr {addr}: {source}")]
-    MetricsAddr {
-        /// The address asked for.
-        addr: std::net::SocketAddr,
-        /// Why it cannot be bound.
-        source: std::io::Error,
-    },
-    /// The election cannot start.
-    #[error(transparent)]
-    Election(#[from] election::ElectionError),
-    /// The first tree watcher cannot start (a later one is retried).
-    #[error(transparent)]
-    Watcher(#[from] crate::tree::watch::WatchError),
-    /// Node mode's configuration is unusable.
-    #[error(transparent)]
-    Node(#[from] crate::node::NodeError),
-}
-
 type Shutdown<'a> = Pin<&'a mut (dyn Future<Output = ()> + Send)>;
-
-/// What the daemon runs on in place of what the configuration opens: a
-/// test hands it a directory and the tree's changes; the binary gives
-/// none, and the daemon opens the configured directory and watches
-/// `--fs-root`.
-#[derive(Default)]
-pub struct Parts {
-    /// The directory the groups live in.
-    pub directory: Option<Arc<dyn Directory>>,
-    /// The tree's changes, in place of the first watcher (a later one,
-    /// after this stream ends, watches `--fs-root`).
-    pub changes: Option<mpsc::UnboundedReceiver<Change>>,
-    /// The role to follow, in place of competing for the lock in
-    /// ZooKeeper (ignored when the configuration starts an election).
-    pub roles: Option<watch::Receiver<RoleState>>,
-    /// Runs on the blocking pool before each node operation (by instance
-    /// name), where its file work would; a test makes it block.
-    #[cfg(test)]
-    pub(crate) before_node_work: Option<NodeHook>,
-}
-
-/// A test's stand-in for a node operation's file work.
-#[cfg(test)]
-pub(crate) type NodeHook = Arc<dyn Fn(&str) + Send + Sync>;
 
 /// Runs the daemon until `shutdown` completes; returns `Ok` on a clean stop.
 pub async fn run(
@@ -136,52 +92,7 @@ pub async fn run_on(
 ) -> Result<(), DaemonError> {
     let mut shutdown = std::pin::pin!(shutdown);
     let shutdown: Shutdown<'_> = shutdown.as_mut();
-    if let Some(addr) = config.metrics_addr {
-        let listener = metrics::bind(addr)
-            .await
-            .map_err(|source| DaemonError::MetricsAddr { addr, source })?;
-        info!(%addr, "serving metrics");
-        tokio::spawn(metrics::serve(listener, metrics.clone()));
-    }
-    let election = match &config.election {
-        Some(election) => {
-            info!(zookeeper = %election.servers, lock = %election.lock_path, "competing for the writer's lock");
-            Some(election::start(election.clone())?)
-        }
-        None => None,
-    };
-    let replica = config
-        .node
-        .as_ref()
-        .map(|node| node.hostname.as_str().to_owned());
-    let audit = match &config.config.audit_log {
-        Some(path) => Audit::open(
-            Some(path),
-            crate::cli::replica_name(replica.as_deref()),
-            match &config.config.directory {
-                crate::cli::DirectoryChoice::LdifFile(directory) => Some(directory.as_path()),
-                crate::cli::DirectoryChoice::Ldap(_) => None,
-            },
-        )?,
-        None => Audit::log_only(),
-    }
-    .counting_failures(metrics.audit_write_failures.clone());
-    let mut daemon = Daemon::new(config, metrics);
-    daemon.audit = Arc::new(audit);
-    daemon.directory = parts.directory;
-    daemon.watching.given = parts.changes;
-    #[cfg(test)]
-    {
-        daemon.containers.before_work = parts.before_node_work;
-    }
-    if let Some(election) = election {
-        daemon.leadership = Leadership::new(Some(election.subscribe()));
-        daemon.election = Some(election);
-    } else if let Some(roles) = parts.roles {
-        daemon.leadership = Leadership::new(Some(roles));
-    } else {
-        daemon.metrics.set_role(Role::Leader.as_str());
-    }
+    let mut daemon = Daemon::start(config, metrics, parts).await?;
     let result = daemon.main(shutdown).await;
     if let Some(election) = daemon.election.take() {
         election.stop().await;
@@ -352,45 +263,6 @@ impl Daemon {
             },
             _ = role_changed(roles) => {}
             _ = sleep_until(wake) => {}
-        }
-    }
-
-    /// Runs `fut` (directory I/O that borrows nothing of `self`) while
-    /// taking tree changes; on shutdown gives it a grace period, then
-    /// abandons it. `None` when abandoned.
-    async fn drive<F: Future>(&mut self, fut: F, shutdown: &mut Shutdown<'_>) -> Option<F::Output> {
-        let mut fut = std::pin::pin!(fut);
-        loop {
-            let Some(rx) = self.watching.changes.as_mut() else {
-                return Some(fut.await);
-            };
-            let roles = self.leadership.receiver();
-            tokio::select! {
-                out = &mut fut => return Some(out),
-                change = rx.recv(), if !self.stopping => match change {
-                    Some(change) => self.on_change(change),
-                    None => self.watcher_failed("the watcher stopped".into()),
-                },
-                _ = role_changed(roles), if !self.stopping => {
-                    if !self.still_leading() {
-                        // Another replica may take over as soon as the
-                        // session is gone: stop writing now.
-                        warn!("lost the writer's lock: dropping in-flight work");
-                        return None;
-                    }
-                }
-                _ = &mut *shutdown, if !self.stopping => {
-                    info!("shutdown: letting in-flight writes finish");
-                    self.stopping = true;
-                    return match tokio::time::timeout(SHUTDOWN_GRACE, &mut fut).await {
-                        Ok(out) => Some(out),
-                        Err(_) => {
-                            warn!("shutdown: abandoning in-flight writes");
-                            None
-                        }
-                    };
-                }
-            }
         }
     }
 }

@@ -11,6 +11,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
+use super::leadership::{DomainFactsError, Waiting};
 use super::{Daemon, DaemonError, Shutdown, SHUTDOWN_GRACE};
 use crate::directory::{Directory, DomainFacts, Group};
 use crate::model::{Dn, GroupPattern, Proid};
@@ -18,7 +19,7 @@ use crate::node::CheckError;
 use crate::node::{
     guid_to_string, sid_to_string, DomainInfo, GmsaProids, MembershipCheck, Node, OwnDc,
 };
-use crate::tree::{names, TreeEvent};
+use crate::tree::TreeEvent;
 
 /// What the test hook is called with for start-up (never an instance's
 /// name: those have a `.`).
@@ -79,13 +80,11 @@ impl Daemon {
             // Unknown is not none: starting now would terminate every
             // container as no longer placed. A rescan finds out when the
             // directory can be read.
-            let why = format!(
-                "{}/{}: this host's placements are unknown (its directory can't be read)",
-                names::PLACEMENT,
-                config.hostname
-            );
+            let why = Waiting::Placements {
+                host: config.hostname.clone(),
+            };
             warn!("{why}; containers are left alone until it can be read");
-            self.watching.rescan_needed = Some(why.clone());
+            self.watching.rescan_needed = Some(why.to_string());
             self.not_ready_for_a_while(why, shutdown).await;
             return Ok(false);
         }
@@ -98,8 +97,8 @@ impl Daemon {
                 return Ok(false);
             };
             match facts
-                .map_err(|e| e.to_string())
-                .and_then(|f| domain_info(&f).map_err(|e| e.to_string()))
+                .map_err(DomainFactsError::from)
+                .and_then(|f| domain_info(&f).map_err(DomainFactsError::from))
             {
                 Ok(domain) => {
                     info!(domain = %domain.dns_name, netbios = %domain.netbios_name, "read the domain's facts");
@@ -107,7 +106,7 @@ impl Daemon {
                 }
                 Err(err) => {
                     error!(error = %err, "cannot read the domain's facts for credential specs; retrying");
-                    self.not_ready_for_a_while(format!("domain facts: {err}"), shutdown)
+                    self.not_ready_for_a_while(Waiting::DomainFacts(err), shutdown)
                         .await;
                     return Ok(false);
                 }

@@ -1,6 +1,8 @@
 //! The directory side of the daemon: opening the directory, full syncs,
-//! batches of dirty proids (with the groups they need read first), and
-//! recording what each pass applied.
+//! batches of dirty proids (with the groups they need read first),
+//! recording what each pass applied, and driving directory work while the
+//! loop keeps taking tree changes (what a lost leadership or a shutdown
+//! does to it).
 //!
 //! Every batch and full sync is one [`Pass`]: plan, guard, missing
 //! groups, apply, record, as `sync` does. Deletions the guard refuses stay
@@ -20,7 +22,7 @@ use std::time::Duration;
 use tokio::time::{sleep, Instant};
 use tracing::{debug, error, info, warn};
 
-use super::leadership::role_changed;
+use super::leadership::{role_changed, Waiting};
 use super::schedule::Dirty;
 use super::{Daemon, Shutdown, SHUTDOWN_GRACE};
 use crate::backoff::Backoff;
@@ -40,6 +42,16 @@ const GROUPS_READ_RETRY: Duration = Duration::from_secs(60);
 /// How long to wait before trying again to open the directory, read the
 /// domain's facts or read every group after a transient failure.
 const RETRY_LATER: Backoff = Backoff::fixed(Duration::from_secs(10));
+
+/// What a lost leadership does to directory work in flight.
+#[derive(Debug, Clone, Copy)]
+enum OnLost {
+    /// Drop it (reads: nothing of theirs needs recording).
+    Drop,
+    /// Let it finish (writes: the pass sends nothing more, and what was
+    /// sent is answered and recorded).
+    Finish,
+}
 
 impl Daemon {
     /// The directory is needed for groups, and in node mode for membership
@@ -64,7 +76,7 @@ impl Daemon {
             }
             Err(err) => {
                 error!(error = %err, "cannot open the directory; retrying");
-                self.not_ready_for_a_while(format!("directory: {err}"), shutdown)
+                self.not_ready_for_a_while(Waiting::Directory(err.to_string()), shutdown)
                     .await;
                 false
             }
@@ -74,7 +86,7 @@ impl Daemon {
     /// Reports not ready and waits before the caller tries again.
     pub(super) async fn not_ready_for_a_while(
         &mut self,
-        reason: String,
+        reason: Waiting,
         shutdown: &mut Shutdown<'_>,
     ) {
         self.health.waiting = Some(reason);
@@ -116,7 +128,7 @@ impl Daemon {
                     Backoff::fixed(every).delay(0)
                 };
                 self.schedule.full_sync_failed(Instant::now(), delay);
-                self.health.groups_read = Some(err.to_string());
+                self.health.groups_read = Some(err);
                 self.publish_ready();
                 return;
             }
@@ -378,15 +390,38 @@ impl Daemon {
         Some(self.record(pass.results, clocks))
     }
 
+    /// Runs `fut` (directory I/O that borrows nothing of `self`) while
+    /// taking tree changes. A lost leadership drops it: another replica
+    /// may take over as soon as the session is gone. On shutdown it gets
+    /// the grace period, then is abandoned. `None` when dropped or
+    /// abandoned.
+    pub(super) async fn drive<F: Future>(
+        &mut self,
+        fut: F,
+        shutdown: &mut Shutdown<'_>,
+    ) -> Option<F::Output> {
+        self.drive_while(fut, OnLost::Drop, shutdown).await
+    }
+
     /// Runs a pass's writes (`fut`, which asks the leadership before each
-    /// Modify leaves) while taking tree changes, as [`Daemon::drive`] does
-    /// for reads, with one difference: a lost leadership does not drop
-    /// it. The pass sends nothing more on its own, and the requests already
-    /// sent are waited for, so that what the directory applied is
-    /// recorded. On shutdown the same grace period; `None` when abandoned.
+    /// Modify leaves) as [`Daemon::drive`] runs reads, with one difference:
+    /// a lost leadership does not drop it. The pass sends nothing more on
+    /// its own, and the requests already sent are waited for, so that what
+    /// the directory applied is recorded. On shutdown the same grace
+    /// period; `None` when abandoned.
     pub(super) async fn drive_writes<F: Future>(
         &mut self,
         fut: F,
+        shutdown: &mut Shutdown<'_>,
+    ) -> Option<F::Output> {
+        self.drive_while(fut, OnLost::Finish, shutdown).await
+    }
+
+    /// The loop under [`Daemon::drive`] and [`Daemon::drive_writes`].
+    async fn drive_while<F: Future>(
+        &mut self,
+        fut: F,
+        on_lost: OnLost,
         shutdown: &mut Shutdown<'_>,
     ) -> Option<F::Output> {
         let mut fut = std::pin::pin!(fut);
@@ -404,8 +439,16 @@ impl Daemon {
                 },
                 _ = role_changed(roles), if !self.stopping && !lost => {
                     if !self.still_leading() {
-                        warn!("lost the writer's lock: sending nothing more; recording the requests already sent");
-                        lost = true;
+                        match on_lost {
+                            OnLost::Drop => {
+                                warn!("lost the writer's lock: dropping in-flight work");
+                                return None;
+                            }
+                            OnLost::Finish => {
+                                warn!("lost the writer's lock: sending nothing more; recording the requests already sent");
+                                lost = true;
+                            }
+                        }
                     }
                 }
                 _ = &mut *shutdown, if !self.stopping => {

@@ -404,7 +404,7 @@ impl LdapDirectory {
         if matches!(self.config.bind, Bind::Gssapi) {
             // Before any connection: MIT's library would block for good
             // opening a FIFO, with no timeout of ours around it.
-            kerberos_preflight().map_err(DirError::Fatal)?;
+            kerberos_preflight().map_err(|err| DirError::Fatal(err.to_string()))?;
         }
         let mut failures = Vec::new();
         let mut all_tls = true;
@@ -1398,34 +1398,92 @@ fn file_kind(kind: std::fs::FileType) -> &'static str {
     }
 }
 
+/// Why a file a GSSAPI bind would open is refused before the bind: it
+/// cannot work, or opening it would block the bind for good. Each names
+/// the variable and the file.
+#[derive(Debug, thiserror::Error)]
+enum KerberosFileError {
+    /// The keytab does not exist.
+    #[error("{}: the keytab {} does not exist", KEYTAB_ENV, .path.display())]
+    NoKeytab {
+        /// The keytab's path.
+        path: PathBuf,
+    },
+    /// The keytab cannot be looked at.
+    #[error("{}: the keytab {}: {source}", KEYTAB_ENV, .path.display())]
+    KeytabStat {
+        /// The keytab's path.
+        path: PathBuf,
+        /// Why `stat` failed.
+        source: std::io::Error,
+    },
+    /// Something other than a regular file is there.
+    #[error("{}: the keytab {} is {kind}, not a regular file", KEYTAB_ENV, .path.display())]
+    KeytabNotAFile {
+        /// The keytab's path.
+        path: PathBuf,
+        /// What is there.
+        kind: &'static str,
+    },
+    /// The keytab cannot be opened for reading.
+    #[error("{}: the keytab {} cannot be read: {source}", KEYTAB_ENV, .path.display())]
+    KeytabUnreadable {
+        /// The keytab's path.
+        path: PathBuf,
+        /// Why it cannot be opened.
+        source: std::io::Error,
+    },
+    /// The credential cache cannot be looked at.
+    #[error("{}: the credential cache {}: {source}", CCACHE_ENV, .path.display())]
+    CacheStat {
+        /// The cache's path.
+        path: PathBuf,
+        /// Why `stat` failed.
+        source: std::io::Error,
+    },
+    /// Something other than a regular file is there.
+    #[error("{}: the credential cache {} is {kind}, not a regular file (or absent, to be made)", CCACHE_ENV, .path.display())]
+    CacheNotAFile {
+        /// The cache's path.
+        path: PathBuf,
+        /// What is there.
+        kind: &'static str,
+    },
+}
+
 /// Checks the files a GSSAPI bind would open, without opening anything
 /// but a regular file: the keytab of `KRB5_CLIENT_KTNAME` must be a
 /// readable regular file, the `FILE:` cache of `KRB5CCNAME` a regular file
 /// or absent. `stat` follows a link (a mounted secret is one) but never
 /// opens, so a FIFO cannot block here; a FIFO opened by libkrb5 would
-/// block the bind for good, past every timeout. The error names the
-/// variable, the file and the problem.
-fn kerberos_preflight() -> Result<(), String> {
+/// block the bind for good, past every timeout.
+fn kerberos_preflight() -> Result<(), KerberosFileError> {
     if let Some(value) = std::env::var_os(KEYTAB_ENV) {
         let value = value.to_string_lossy();
         if let Some(path) = krb5_file(&value) {
-            let shown = path.display();
+            let owned = || path.to_path_buf();
             match std::fs::metadata(path) {
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
-                    return Err(format!("{KEYTAB_ENV}: the keytab {shown} does not exist"))
+                    return Err(KerberosFileError::NoKeytab { path: owned() })
                 }
-                Err(err) => return Err(format!("{KEYTAB_ENV}: the keytab {shown}: {err}")),
+                Err(source) => {
+                    return Err(KerberosFileError::KeytabStat {
+                        path: owned(),
+                        source,
+                    })
+                }
                 Ok(meta) if !meta.is_file() => {
-                    return Err(format!(
-                        "{KEYTAB_ENV}: the keytab {shown} is {}, not a regular file",
-                        file_kind(meta.file_type())
-                    ))
+                    return Err(KerberosFileError::KeytabNotAFile {
+                        path: owned(),
+                        kind: file_kind(meta.file_type()),
+                    })
                 }
                 Ok(_) => {
-                    if let Err(err) = std::fs::File::open(path) {
-                        return Err(format!(
-                            "{KEYTAB_ENV}: the keytab {shown} cannot be read: {err}"
-                        ));
+                    if let Err(source) = std::fs::File::open(path) {
+                        return Err(KerberosFileError::KeytabUnreadable {
+                            path: owned(),
+                            source,
+                        });
                     }
                 }
             }
@@ -1434,19 +1492,20 @@ fn kerberos_preflight() -> Result<(), String> {
     if let Some(value) = std::env::var_os(CCACHE_ENV) {
         let value = value.to_string_lossy();
         if let Some(path) = krb5_file(&value) {
-            let shown = path.display();
+            let owned = || path.to_path_buf();
             match std::fs::metadata(path) {
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
-                Err(err) => {
-                    return Err(format!(
-                        "{CCACHE_ENV}: the credential cache {shown}: {err}"
-                    ))
+                Err(source) => {
+                    return Err(KerberosFileError::CacheStat {
+                        path: owned(),
+                        source,
+                    })
                 }
                 Ok(meta) if !meta.is_file() => {
-                    return Err(format!(
-                        "{CCACHE_ENV}: the credential cache {shown} is {}, not a regular file (or absent, to be made)",
-                        file_kind(meta.file_type())
-                    ))
+                    return Err(KerberosFileError::CacheNotAFile {
+                        path: owned(),
+                        kind: file_kind(meta.file_type()),
+                    })
                 }
                 Ok(_) => {}
             }

@@ -67,6 +67,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
+use thiserror::Error;
 use tracing::{info, warn};
 
 use super::memory::{parse_dns, Flavour, MemoryDirectory, Parsed};
@@ -175,13 +176,13 @@ impl LdifFileDirectory {
         let path = self.path.clone();
         let keys = self.keys.clone();
         let old = *base;
-        let work = tokio::task::spawn_blocking(move || {
+        let work = tokio::task::spawn_blocking(move || -> Result<_, LoadProblem> {
             let current = read_file(&path)?;
             let now = Fingerprint::of(&keys, &current);
             if Some(now) == old {
                 return Ok(None);
             }
-            parse(&current).map(|entries| Some((now, entries)))
+            Ok(Some((now, parse(&current)?)))
         });
         let shown = self.path.display().to_string();
         let read = work.await.map_err(|err| fatal(&shown, err))?;
@@ -222,49 +223,122 @@ fn resolve(path: &Path) -> io::Result<PathBuf> {
     }
 }
 
-fn open_regular(target: &Path) -> Result<(File, fs::Metadata), String> {
+/// Why the directory file cannot be read. The path is named by the
+/// caller.
+#[derive(Debug, Error)]
+enum ReadProblem {
+    /// A symlink in its place cannot be resolved.
+    #[error("{0}")]
+    Resolve(io::Error),
+    /// Nothing is there.
+    #[error("no such file")]
+    NotFound,
+    /// Something other than a regular file is there, it is above the cap,
+    /// or it cannot be opened.
+    #[error(transparent)]
+    Open(safe_fs::ReadError),
+    /// Opened, but reading it failed.
+    #[error("cannot be read: {0}")]
+    Read(io::Error),
+    /// It grew above the cap while being read.
+    #[error("too large (more than {MAX_DIRECTORY_FILE} bytes are not read)")]
+    TooLarge,
+}
+
+/// Why the directory file's content is not a directory.
+#[derive(Debug, Error)]
+enum ContentProblem {
+    /// A byte that is not UTF-8, on this line.
+    #[error("line {line}: not UTF-8 text")]
+    NotUtf8 {
+        /// The line it is on.
+        line: usize,
+    },
+    /// Not LDIF content.
+    #[error(transparent)]
+    Ldif(#[from] ldif::LdifError),
+    /// Two entries with the same DN (compared normalised).
+    #[error("line {line}: the entry {dn:?} repeats the DN of the entry on line {first}")]
+    RepeatedDn {
+        /// The line of the second entry.
+        line: usize,
+        /// Its DN as spelled.
+        dn: String,
+        /// The line of the first.
+        first: usize,
+    },
+}
+
+/// Why the directory file may not be replaced.
+#[derive(Debug, Error)]
+enum NotWritable {
+    /// No write bit at all.
+    #[error("is read-only (no write permission)")]
+    NoWriteBits,
+    /// It is on a read-only mount.
+    #[error("is on a read-only file system")]
+    ReadOnlyMount,
+    /// This user may not write it.
+    #[error("is not writable: {0}")]
+    Denied(io::Error),
+    /// No temp file can be made beside it.
+    #[error("its folder {} is not writable ({source}), so it cannot be replaced atomically", dir.display())]
+    Folder {
+        /// Its folder.
+        dir: PathBuf,
+        /// Why it cannot be written.
+        source: io::Error,
+    },
+}
+
+/// Why a read of the directory file gave no entries.
+#[derive(Debug, Error)]
+enum LoadProblem {
+    /// The file cannot be read.
+    #[error(transparent)]
+    Read(#[from] ReadProblem),
+    /// Its content is not a directory.
+    #[error(transparent)]
+    Content(#[from] ContentProblem),
+}
+
+fn open_regular(target: &Path) -> Result<(File, fs::Metadata), ReadProblem> {
     let (file, _) = safe_fs::open_regular(target, MAX_DIRECTORY_FILE).map_err(|err| match err {
-        safe_fs::ReadError::NotFound => "no such file".to_owned(),
-        other => other.to_string(),
+        safe_fs::ReadError::NotFound => ReadProblem::NotFound,
+        other => ReadProblem::Open(other),
     })?;
-    let meta = file
-        .metadata()
-        .map_err(|err| format!("cannot be read: {err}"))?;
+    let meta = file.metadata().map_err(ReadProblem::Read)?;
     Ok((file, meta))
 }
 
-fn read_all(file: &File) -> Result<Vec<u8>, String> {
+fn read_all(file: &File) -> Result<Vec<u8>, ReadProblem> {
     let mut bytes = Vec::new();
     file.take(MAX_DIRECTORY_FILE + 1)
         .read_to_end(&mut bytes)
-        .map_err(|err| format!("cannot be read: {err}"))?;
+        .map_err(ReadProblem::Read)?;
     if bytes.len() as u64 > MAX_DIRECTORY_FILE {
-        return Err(format!(
-            "too large (more than {MAX_DIRECTORY_FILE} bytes are not read)"
-        ));
+        return Err(ReadProblem::TooLarge);
     }
     Ok(bytes)
 }
 
 /// Reads the file a path names, without the lock (the file is only ever
 /// replaced whole, so a reader sees one version).
-fn read_file(path: &Path) -> Result<Vec<u8>, String> {
-    let target = resolve(path).map_err(|err| err.to_string())?;
+fn read_file(path: &Path) -> Result<Vec<u8>, ReadProblem> {
+    let target = resolve(path).map_err(ReadProblem::Resolve)?;
     let (file, _) = open_regular(&target)?;
     read_all(&file)
 }
 
 /// Parses a directory file: UTF-8, LDIF content, and every DN once.
-fn parse(bytes: &[u8]) -> Result<Vec<Parsed>, String> {
+fn parse(bytes: &[u8]) -> Result<Vec<Parsed>, ContentProblem> {
     let text = std::str::from_utf8(bytes).map_err(|err| {
         let good = &bytes[..err.valid_up_to()];
         let line = good.iter().filter(|&&b| b == b'\n').count() + 1;
-        format!("line {line}: not UTF-8 text")
+        ContentProblem::NotUtf8 { line }
     })?;
-    let (lines, records): (Vec<usize>, Vec<Record>) = ldif::parse_numbered(text)
-        .map_err(|err| err.to_string())?
-        .into_iter()
-        .unzip();
+    let (lines, records): (Vec<usize>, Vec<Record>) =
+        ldif::parse_numbered(text)?.into_iter().unzip();
     let entries = parse_dns(records);
     let mut seen: HashMap<&str, usize> = HashMap::with_capacity(entries.len());
     // An entry whose DN does not parse is kept (and skipped by reads); its
@@ -276,10 +350,11 @@ fn parse(bytes: &[u8]) -> Result<Vec<Parsed>, String> {
             None => unparsed.insert(record.dn.to_lowercase(), *line),
         };
         if let Some(first) = first {
-            return Err(format!(
-                "line {line}: the entry {:?} repeats the DN of the entry on line {first}",
-                record.dn
-            ));
+            return Err(ContentProblem::RepeatedDn {
+                line: *line,
+                dn: record.dn.clone(),
+                first,
+            });
         }
     }
     drop(seen);
@@ -337,11 +412,12 @@ fn attempt(
 ) -> Option<Saved> {
     let shown = path.display().to_string();
     let unknown = |err: DirError| Some(Saved::Failed { err, now: None });
-    let cannot = |what: String| DirError::Fatal(format!("{shown}: cannot save: {what}"));
+    let cannot =
+        |what: &dyn std::fmt::Display| DirError::Fatal(format!("{shown}: cannot save: {what}"));
 
     let target = match resolve(path) {
         Ok(target) => target,
-        Err(err) => return unknown(cannot(err.to_string())),
+        Err(err) => return unknown(cannot(&err)),
     };
     let (lock, meta) = match lock(&target, &shown) {
         Ok(locked) => locked,
@@ -349,7 +425,7 @@ fn attempt(
     };
     let current = match read_all(&lock) {
         Ok(current) => current,
-        Err(what) => return unknown(cannot(what)),
+        Err(what) => return unknown(cannot(&what)),
     };
     let now = Fingerprint::of(keys, &current);
     let fresh = if Some(now) == base {
@@ -403,7 +479,7 @@ fn attempt(
     match replace(&target, &lock, &meta, text.as_bytes()) {
         Ok(true) => {}
         Ok(false) => return None,
-        Err(err) => return failed(cannot(err.to_string()), None),
+        Err(err) => return failed(cannot(&err), None),
     }
     drop(lock);
     Some(Saved::Written {
@@ -452,21 +528,16 @@ fn lock(target: &Path, shown: &str) -> Result<(File, fs::Metadata), DirError> {
 /// Refuses a file we may not write: no write bit at all (root could
 /// rename over it regardless), no write access for this user, or a
 /// read-only mount; and a folder where no temp file can be made.
-fn writable(target: &Path, meta: &fs::Metadata) -> Result<(), String> {
+fn writable(target: &Path, meta: &fs::Metadata) -> Result<(), NotWritable> {
     if meta.mode() & 0o222 == 0 {
-        return Err("is read-only (no write permission)".to_owned());
+        return Err(NotWritable::NoWriteBits);
     }
     access_w(target).map_err(|err| match err.raw_os_error() {
-        Some(libc::EROFS) => "is on a read-only file system".to_owned(),
-        _ => format!("is not writable: {err}"),
+        Some(libc::EROFS) => NotWritable::ReadOnlyMount,
+        _ => NotWritable::Denied(err),
     })?;
     let dir = folder(target);
-    access_w(&dir).map_err(|err| {
-        format!(
-            "its folder {} is not writable ({err}), so it cannot be replaced atomically",
-            dir.display()
-        )
-    })
+    access_w(&dir).map_err(|source| NotWritable::Folder { dir, source })
 }
 
 fn access_w(path: &Path) -> io::Result<()> {

@@ -204,7 +204,7 @@ pub mod rc {
 }
 
 /// A directory failure, classified by what happens next.
-#[derive(Debug, Clone, Error)]
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum DirError {
     /// The server answered with a result code.
     #[error("{op} {dn}: {}", rc::describe(*code, message))]

@@ -23,7 +23,7 @@ use super::finish::{self, TERMINATED};
 use super::manifest::{self, AppJson, Manifest};
 use super::script::{self, RunWhat};
 use super::unique::{self, Instance, Stamp};
-use super::{files, Added, Event, EventKind, Inner, NodeError};
+use super::{files, Added, ConfigProblem, Event, EventKind, Inner, NodeError};
 
 /// How many unique ids of one manifest file are tried before giving up:
 /// each costs a whole placement of the same file that ended.
@@ -223,7 +223,7 @@ impl Inner {
         let dir = self.container_dir(&unique_name);
         let dir_str = dir
             .to_str()
-            .ok_or_else(|| NodeError::Config(format!("{} is not UTF-8", dir.display())))?;
+            .ok_or_else(|| ConfigProblem::NotUtf8 { path: dir.clone() })?;
         for sub in ["data", "log"] {
             let path = dir.join(sub);
             fs::create_dir_all(&path).map_err(NodeError::io(&path))?;

@@ -51,7 +51,7 @@ pub use join::{HookOutcome, JoinHook, JOIN_PLACEHOLDERS};
 pub use own_dc::OwnDc;
 pub use startup::StartupReport;
 pub use unique::Instance;
-pub use wait::{CheckError, MembershipCheck, WaitOutcome};
+pub use wait::{CheckError, HostProblem, MembershipCheck, WaitOutcome};
 
 use script::Template;
 
@@ -159,7 +159,7 @@ impl NodeConfig {
 pub enum NodeError {
     /// The configuration cannot work; fix it and restart.
     #[error("invalid node configuration: {0}")]
-    Config(String),
+    Config(#[from] ConfigProblem),
     /// An instance name that cannot be a container's.
     #[error("{0}")]
     Instance(String),
@@ -182,7 +182,44 @@ pub enum NodeError {
     },
     /// The directory could not say whether a proid has a gMSA; retry later.
     #[error("directory: {0}")]
-    Directory(String),
+    Directory(CheckError),
+}
+
+/// What makes a node configuration unusable.
+#[derive(Debug, Error)]
+pub enum ConfigProblem {
+    /// A path that is written into scripts is relative or not UTF-8.
+    #[error("the {what} {} must be an absolute UTF-8 path (it is written into scripts)", .path.display())]
+    Path {
+        /// Which path.
+        what: &'static str,
+        /// The path as configured.
+        path: PathBuf,
+    },
+    /// A command template is refused.
+    #[error(transparent)]
+    Template(#[from] script::TemplateError),
+    /// A join command without the membership wait, which is what sees joins.
+    #[error("the join command needs the wait for group membership (and gMSA proids): joins are seen by that wait")]
+    JoinWithoutWait,
+    /// gMSA proids without the domain's facts.
+    #[error("gMSA proids need the domain facts for their credential specs")]
+    NoDomain,
+    /// The domain's facts are invalid.
+    #[error(transparent)]
+    Domain(#[from] credspec::CredSpecError),
+    /// No directory for what needs one.
+    #[error(
+        "finding gMSA proids by their groups, or waiting for group membership, needs a directory"
+    )]
+    NoDirectory,
+    /// A container directory whose path is not UTF-8 (it is written into
+    /// scripts).
+    #[error("{} is not UTF-8", .path.display())]
+    NotUtf8 {
+        /// The container directory.
+        path: PathBuf,
+    },
 }
 
 impl NodeError {
@@ -326,53 +363,43 @@ impl Node {
             ("credential spec dir", &config.credential_spec_dir),
         ] {
             if path.to_str().is_none() || !path.is_absolute() {
-                return Err(NodeError::Config(format!(
-                    "the {what} {} must be an absolute UTF-8 path (it is written into scripts)",
-                    path.display()
-                )));
+                return Err(ConfigProblem::Path {
+                    what,
+                    path: path.clone(),
+                }
+                .into());
             }
         }
         let run_template = match &config.run_command {
-            Some(text) => Some(
-                Template::parse(text, RUN_PLACEHOLDERS)
-                    .map_err(|e| NodeError::Config(e.to_string()))?,
-            ),
+            Some(text) => {
+                Some(Template::parse(text, RUN_PLACEHOLDERS).map_err(ConfigProblem::from)?)
+            }
             None => None,
         };
         let finish_template = Template::parse(&config.finish_command, FINISH_PLACEHOLDERS)
-            .map_err(|e| NodeError::Config(e.to_string()))?;
+            .map_err(ConfigProblem::from)?;
         let join_template = match &config.join_hook {
             Some(hook) => {
                 if config.wait_for_group.is_none() || config.gmsa_proids == GmsaProids::None {
-                    return Err(NodeError::Config(
-                        "the join command needs the wait for group membership (and gMSA proids): joins are seen by that wait"
-                            .to_owned(),
-                    ));
+                    return Err(ConfigProblem::JoinWithoutWait.into());
                 }
                 Some(
                     Template::parse(&hook.command, JOIN_PLACEHOLDERS)
-                        .map_err(|e| NodeError::Config(e.to_string()))?,
+                        .map_err(ConfigProblem::from)?,
                 )
             }
             None => None,
         };
         if config.gmsa_proids != GmsaProids::None {
             let Some(domain) = &config.domain else {
-                return Err(NodeError::Config(
-                    "gMSA proids need the domain facts for their credential specs".to_owned(),
-                ));
+                return Err(ConfigProblem::NoDomain.into());
             };
-            domain
-                .validate()
-                .map_err(|e| NodeError::Config(e.to_string()))?;
+            domain.validate().map_err(ConfigProblem::from)?;
         }
         let needs_check = config.gmsa_proids == GmsaProids::GroupExists
             || (config.wait_for_group.is_some() && config.gmsa_proids != GmsaProids::None);
         if needs_check && check.is_none() {
-            return Err(NodeError::Config(
-                "finding gMSA proids by their groups, or waiting for group membership, needs a directory"
-                    .to_owned(),
-            ));
+            return Err(ConfigProblem::NoDirectory.into());
         }
         let layout = Layout::new(&config.app_root);
         for dir in [
@@ -730,7 +757,7 @@ impl Inner {
             (GmsaProids::GroupExists, Some(check)) => check
                 .group_exists(proid)
                 .await
-                .map_err(|e| NodeError::Directory(e.to_string())),
+                .map_err(NodeError::Directory),
             (GmsaProids::GroupExists, None) => {
                 panic!("BUG: Node::new accepts GroupExists only with a check")
             }
@@ -916,7 +943,7 @@ mod tests {
         }
     }
 
-    fn refused(config: NodeConfig, check: Option<Arc<dyn MembershipCheck>>) -> String {
+    fn refused(config: NodeConfig, check: Option<Arc<dyn MembershipCheck>>) -> ConfigProblem {
         match Node::new(config, check) {
             Err(NodeError::Config(why)) => why,
             Err(other) => panic!("expected a configuration error, got {other}"),
@@ -932,9 +959,13 @@ mod tests {
 
         let mut c = config(dir);
         c.gmsa_proids = GmsaProids::GroupExists;
-        assert!(refused(c.clone(), Some(check.clone())).contains("domain facts"));
+        let no_domain = refused(c.clone(), Some(check.clone()));
+        assert!(matches!(no_domain, ConfigProblem::NoDomain), "{no_domain}");
+        assert!(no_domain.to_string().contains("domain facts"));
         c.domain = Some(domain());
-        assert!(refused(c.clone(), None).contains("needs a directory"));
+        let no_dir = refused(c.clone(), None);
+        assert!(matches!(no_dir, ConfigProblem::NoDirectory), "{no_dir}");
+        assert!(no_dir.to_string().contains("needs a directory"));
         assert!(Node::new(c.clone(), Some(check.clone())).is_ok());
 
         let mut c = config(dir);
@@ -943,24 +974,39 @@ mod tests {
             sid: "bogus".into(),
             ..domain()
         });
-        assert!(refused(c.clone(), None).contains("sid"));
+        let sid = refused(c.clone(), None);
+        assert!(matches!(sid, ConfigProblem::Domain(_)), "{sid}");
+        assert!(sid.to_string().contains("sid"));
         c.domain = Some(domain());
         assert!(
             Node::new(c.clone(), None).is_ok(),
             "a glob needs no directory"
         );
         c.wait_for_group = Some(Duration::from_secs(5));
-        assert!(refused(c, None).contains("needs a directory"));
+        assert!(refused(c, None).to_string().contains("needs a directory"));
 
         let mut c = config(dir);
         c.run_command = Some("run {nope}".into());
-        assert!(refused(c, None).contains("{nope}"));
+        let run = refused(c, None);
+        assert!(matches!(run, ConfigProblem::Template(_)), "{run}");
+        assert!(run.to_string().contains("{nope}"));
         let mut c = config(dir);
         c.finish_command = "finish {instance}".into();
-        assert!(refused(c, None).contains("{instance}"));
+        assert!(refused(c, None).to_string().contains("{instance}"));
         let mut c = config(dir);
         c.app_root = PathBuf::from("relative/root");
-        assert!(refused(c, None).contains("absolute"));
+        let relative = refused(c, None);
+        assert!(
+            matches!(
+                relative,
+                ConfigProblem::Path {
+                    what: "app root",
+                    ..
+                }
+            ),
+            "{relative}"
+        );
+        assert!(relative.to_string().contains("absolute"));
     }
 
     #[test]

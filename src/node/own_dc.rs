@@ -27,10 +27,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::cli::{DirectoryChoice, LdapChoice};
-use crate::directory::{self, DirError, Directory};
+use crate::directory::{self, Directory};
 use crate::model::{Dn, HostName};
-use crate::tree::scan::read_server;
+use crate::tree::names;
+use crate::tree::scan::server_of;
 
+use super::wait::HostProblem;
 use super::CheckError;
 
 /// Which server the membership wait asks.
@@ -84,14 +86,14 @@ impl OwnDc {
     /// Reads this host's server file: its computer DN, and the directory
     /// to ask (`same` when there is no DC to ask).
     pub fn host(&self, same: &Arc<dyn Directory>) -> Result<(Dn, Arc<dyn Directory>), CheckError> {
-        let file = format!("servers/{}", self.hostname);
-        let server = read_server(&self.fs_root, &self.hostname)
-            .map_err(|why| CheckError::Host(format!("{file}: {why}")))?;
+        let bad = |problem: HostProblem| CheckError::Host {
+            host: self.hostname.clone(),
+            problem,
+        };
+        let server = server_of(&self.fs_root, &self.hostname).map_err(|err| bad(err.into()))?;
         let dn = match server.dn.as_deref().map(str::trim) {
-            Some(dn) if !dn.is_empty() => {
-                Dn::parse(dn).map_err(|e| CheckError::Host(format!("{file}: nt.dn: {e}")))?
-            }
-            _ => return Err(CheckError::Host(format!("{file}: no nt.dn"))),
+            Some(dn) if !dn.is_empty() => Dn::parse(dn).map_err(|e| bad(HostProblem::BadDn(e)))?,
+            _ => return Err(bad(HostProblem::NoDn)),
         };
         let (url, why) = match &self.source {
             Source::Same => return Ok((dn, same.clone())),
@@ -99,13 +101,9 @@ impl OwnDc {
             Source::HostDc(scheme) => match server.dc.as_deref().map(str::trim) {
                 Some(dc) if !dc.is_empty() => (
                     format!("{scheme}://{}", dc.to_lowercase()),
-                    format!("nt.dc of {file}"),
+                    format!("nt.dc of {}/{}", names::SERVERS, self.hostname),
                 ),
-                _ => {
-                    return Err(CheckError::Host(format!(
-                        "{file}: no nt.dc: this host's domain controller is unknown, so its membership cannot be checked where it will be used (give --check-ldap-url)"
-                    )))
-                }
+                _ => return Err(bad(HostProblem::NoDc)),
             },
         };
         Ok((dn, self.open(&url, &why)?))
@@ -132,7 +130,7 @@ impl OwnDc {
         let dir: Arc<dyn Directory> = match directory::open(&choice, &[]) {
             Ok(dir) => Arc::from(dir),
             Err(directory::OpenError::Directory(err)) => return Err(CheckError::Directory(err)),
-            Err(err) => return Err(CheckError::Directory(DirError::Fatal(err.to_string()))),
+            Err(err) => return Err(CheckError::Open(err)),
         };
         tracing::info!(
             dc = url,
@@ -240,17 +238,32 @@ mod tests {
 
     #[test]
     fn no_usable_nt_dc_is_reported_not_replaced_by_the_writer() {
-        for (content, expected) in [
-            ("nt.dn: CN=h1,DC=ad\n", "no nt.dc"),
-            ("nt.dc: ''\nnt.dn: CN=h1,DC=ad\n", "no nt.dc"),
-            ("nt.dc: 'dc/../x'\nnt.dn: CN=h1,DC=ad\n", "nt.dc"),
-            ("nt.dc: dc1\n", "no nt.dn"),
+        // Which problem each is, by name.
+        let kind = |p: &HostProblem| match p {
+            HostProblem::Server(_) => "unusable file",
+            HostProblem::NoDn => "no nt.dn",
+            HostProblem::BadDn(_) => "bad nt.dn",
+            HostProblem::NoDc => "no nt.dc",
+        };
+        for (content, expected, problem) in [
+            ("nt.dn: CN=h1,DC=ad\n", "no nt.dc", "no nt.dc"),
+            ("nt.dc: ''\nnt.dn: CN=h1,DC=ad\n", "no nt.dc", "no nt.dc"),
+            (
+                "nt.dc: 'dc/../x'\nnt.dn: CN=h1,DC=ad\n",
+                "nt.dc",
+                "unusable file",
+            ),
+            ("nt.dc: dc1\n", "no nt.dn", "no nt.dn"),
         ] {
             let tmp = tree(Some(content));
             let own = own(&ldap(&["ldap://writer"]), None, &tmp);
             let Err(err) = own.host(&same()) else {
                 panic!("{content:?} accepted");
             };
+            let CheckError::Host { problem: found, .. } = &err else {
+                panic!("{content:?}: not a host problem: {err:?}");
+            };
+            assert_eq!(kind(found), problem, "{content:?}: {err:?}");
             let text = err.to_string();
             assert!(
                 text.starts_with("servers/h1: ") && text.contains(expected),

@@ -12,19 +12,46 @@ use async_trait::async_trait;
 use tokio::time::Instant;
 
 use crate::backoff::{Backoff, Jitter};
-use crate::directory::DirError;
-use crate::model::Proid;
+use crate::directory::{DirError, OpenError};
+use crate::model::{HostName, ModelError, Proid};
+use crate::tree::{names, ServerError};
 
 /// Why a membership check got no answer, by what happens next.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum CheckError {
     /// The directory failed; a transient failure is asked again.
     #[error(transparent)]
     Directory(#[from] DirError),
-    /// This host's server file gives no usable `nt.dn` right now; the
-    /// mirror may still fix it, so it is asked again.
-    #[error("{0}")]
-    Host(String),
+    /// The directory to ask cannot be opened as configured (the password
+    /// file cannot be read); asking again will not fix it.
+    #[error(transparent)]
+    Open(OpenError),
+    /// This host's server file does not tell what the check needs right
+    /// now; the mirror may still fix it, so it is asked again.
+    #[error("{}/{host}: {problem}", names::SERVERS)]
+    Host {
+        /// This host.
+        host: HostName,
+        /// What its server file does not tell.
+        problem: HostProblem,
+    },
+}
+
+/// What this host's server file does not tell the membership check.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HostProblem {
+    /// The file can't be used at all (missing, unreadable, invalid).
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// It has no `nt.dn`: this host's computer DN is unknown.
+    #[error("no nt.dn")]
+    NoDn,
+    /// Its `nt.dn` is not a DN.
+    #[error("nt.dn: {0}")]
+    BadDn(ModelError),
+    /// It has no `nt.dc`, and no `--check-ldap-url` names the server to ask.
+    #[error("no nt.dc: this host's domain controller is unknown, so its membership cannot be checked where it will be used (give --check-ldap-url)")]
+    NoDc,
 }
 
 impl CheckError {
@@ -32,7 +59,8 @@ impl CheckError {
     pub fn is_transient(&self) -> bool {
         match self {
             CheckError::Directory(err) => err.is_transient(),
-            CheckError::Host(_) => true,
+            CheckError::Open(_) => false,
+            CheckError::Host { .. } => true,
         }
     }
 }

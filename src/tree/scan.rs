@@ -322,12 +322,6 @@ pub fn server_of(root: &Path, host: &HostName) -> Result<ServerInfo, ServerError
     }
 }
 
-/// [`server_of`] with the reason as text, for the daemon's membership
-/// check, whose error keeps it so.
-pub fn read_server(root: &Path, host: &HostName) -> Result<ServerInfo, String> {
-    server_of(root, host).map_err(|err| err.to_string())
-}
-
 /// The instances found in one host's placement directory.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostDir {
@@ -901,8 +895,10 @@ mod tests {
             Err(ServerError::Missing)
         );
         tree.mkdir("servers/adir");
+        let adir = server_of(tree.root(), &host("adir"));
+        assert_eq!(adir, Err(ServerError::NotAFile("a directory")));
         assert_eq!(
-            read_server(tree.root(), &host("adir")),
+            adir.map_err(|err| err.to_string()),
             Err("a directory, not a server file".to_owned())
         );
 
