@@ -16,6 +16,14 @@
 //! ([`InTerm`]): enough to tell from the files of all replicas that no two
 //! wrote at once.
 //!
+//! A Modify that got no answer (a timeout, a server gone) may still have
+//! been applied. Within the term it was sent in, the next read of its group
+//! says which of its values are there, and those are recorded (cause
+//! `retry`). Once the term is over another writer may have changed the
+//! group, so a read proves nothing: the change is recorded with
+//! `"unanswered": true` and the values that were sent ([`InTerm::unanswered`]),
+//! and the next leader's full sync repairs whatever is wrong.
+//!
 //! Replicas and runs on one machine may share one file. Each record is
 //! written under an exclusive `flock` on the file, held for the write, its
 //! `fsync` and, when the write fails, the cut-back of its own partial
@@ -55,7 +63,8 @@ use serde::Serialize;
 use tracing::{error, info, warn};
 
 use crate::model::Dn;
-use crate::reconcile::{Record, Recorder};
+use crate::plan::GroupChange;
+use crate::reconcile::{Cause, Record, Recorder};
 use crate::safe_fs::Kind;
 
 /// Member DNs shown per list in the log line; the file has all of them.
@@ -288,6 +297,10 @@ struct Line<'a> {
     removed: Vec<&'a str>,
     cause: &'static str,
     dry_run: bool,
+    /// Present (true) only on a record of a request that never got an
+    /// answer: its values may or may not be in the directory.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    unanswered: bool,
 }
 
 impl Audit {
@@ -440,6 +453,39 @@ impl Recorder for InTerm<'_> {
     }
 }
 
+impl InTerm<'_> {
+    /// Records a change whose Modify was sent in this term and never
+    /// answered, when the term is over: another writer may have changed the
+    /// group since, so no later read can tell whether this request was
+    /// applied. The record lists the values sent and says `unanswered`, so
+    /// that the trail accounts for them either way.
+    pub fn unanswered(&self, change: &GroupChange, cause: Cause) {
+        if change.add.is_empty() && change.delete.is_empty() {
+            return;
+        }
+        warn!(
+            group = %change.group_dn,
+            added = %listed(&change.add),
+            removed = %listed(&change.delete),
+            cause = cause.as_str(),
+            term = self.term,
+            "audit: a change that got no answer may have been applied"
+        );
+        if self.audit.file.is_some() {
+            let line = line_json(
+                &self.audit.replica,
+                self.term,
+                change,
+                cause,
+                false,
+                true,
+                now_rfc3339(),
+            );
+            self.audit.append(&line);
+        }
+    }
+}
+
 /// The first [`LOG_LIMIT`] DNs, `; `-separated, then "and N more".
 pub fn listed<'a>(dns: impl IntoIterator<Item = &'a Dn>) -> String {
     let dns: Vec<&Dn> = dns.into_iter().collect();
@@ -457,7 +503,26 @@ pub fn listed<'a>(dns: impl IntoIterator<Item = &'a Dn>) -> String {
 
 /// The audit file's line for one record, newline included.
 pub fn json_line(replica: &str, term: Option<u64>, record: &Record<'_>, time: String) -> String {
-    let change = &record.result.applied;
+    line_json(
+        replica,
+        term,
+        &record.result.applied,
+        record.cause,
+        record.dry_run,
+        false,
+        time,
+    )
+}
+
+fn line_json(
+    replica: &str,
+    term: Option<u64>,
+    change: &GroupChange,
+    cause: Cause,
+    dry_run: bool,
+    unanswered: bool,
+    time: String,
+) -> String {
     let line = Line {
         time,
         replica,
@@ -466,8 +531,9 @@ pub fn json_line(replica: &str, term: Option<u64>, record: &Record<'_>, time: St
         group: change.group_dn.as_str(),
         added: change.add.iter().map(Dn::as_str).collect(),
         removed: change.delete.iter().map(Dn::as_str).collect(),
-        cause: record.cause.as_str(),
-        dry_run: record.dry_run,
+        cause: cause.as_str(),
+        dry_run,
+        unanswered,
     };
     let mut bytes = Vec::new();
     let mut serializer = serde_json::Serializer::with_formatter(&mut bytes, LineSafe);
@@ -579,6 +645,7 @@ mod tests {
             vanished: false,
             requests: 1,
             retries: 0,
+            unanswered: false,
         }
     }
 
@@ -640,6 +707,7 @@ mod tests {
             removed: vec![],
             cause: "event",
             dry_run: false,
+            unanswered: false,
         })
         .expect("json");
         assert!(!json.contains('\n'), "{json}");

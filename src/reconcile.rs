@@ -75,6 +75,9 @@ pub struct GroupResult {
     pub requests: usize,
     /// Retries after transient failures.
     pub retries: usize,
+    /// A Modify of this group got no answer: what failed may have been
+    /// applied all the same.
+    pub unanswered: bool,
 }
 
 impl GroupResult {
@@ -90,6 +93,7 @@ impl GroupResult {
             vanished: false,
             requests: 0,
             retries: 0,
+            unanswered: false,
         }
     }
 
@@ -329,6 +333,7 @@ fn simulated(change: &GroupChange) -> GroupResult {
         vanished: false,
         requests: 0,
         retries: 0,
+        unanswered: false,
     }
 }
 
@@ -646,7 +651,11 @@ async fn send(
             return Err(not_writing());
         }
         result.requests += 1;
-        match dir.modify_members(group, request).await {
+        let answer = dir.modify_members(group, request).await;
+        if matches!(answer, Err(DirError::Unreachable { .. })) {
+            result.unanswered = true;
+        }
+        match answer {
             Err(err) if err.retry_soon() && retry + 1 < options.backoff.attempts => {
                 warn!(error = %err, retry, "transient failure; retrying");
                 tokio::time::sleep(options.backoff.delay(retry)).await;

@@ -296,6 +296,10 @@ impl Daemon {
         let Some(change) = self.leadership.observe() else {
             return;
         };
+        if !matches!(change, RoleChange::Connection) {
+            // The term the unanswered changes were sent in is over.
+            self.give_up_unanswered();
+        }
         match change {
             RoleChange::Leader { term, why, first } => {
                 self.metrics.set_role(Role::Leader.as_str());

@@ -94,6 +94,8 @@ pub async fn run_on(
     let shutdown: Shutdown<'_> = shutdown.as_mut();
     let mut daemon = Daemon::start(config, metrics, parts).await?;
     let result = daemon.main(shutdown).await;
+    // However it stopped, nothing more will tell whether these were applied.
+    daemon.give_up_unanswered();
     if let Some(election) = daemon.election.take() {
         election.stop().await;
     }
@@ -118,7 +120,7 @@ struct Daemon {
     refused: BTreeMap<Proid, usize>,
     /// Changes whose Modify got no answer, by group: they may have been
     /// applied, which the next read of the group tells.
-    unanswered: BTreeMap<crate::model::Dn, crate::plan::GroupChange>,
+    unanswered: BTreeMap<crate::model::Dn, sync::Unanswered>,
     /// Proid keys reported without a group.
     missing: BTreeSet<String>,
     /// The facts readiness is derived from.

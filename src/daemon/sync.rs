@@ -43,6 +43,17 @@ const GROUPS_READ_RETRY: Duration = Duration::from_secs(60);
 /// domain's facts or read every group after a transient failure.
 const RETRY_LATER: Backoff = Backoff::fixed(Duration::from_secs(10));
 
+/// A change whose Modify got no answer: it may have been applied.
+#[derive(Debug)]
+pub(super) struct Unanswered {
+    /// The leadership term it was sent in.
+    term: Option<u64>,
+    /// Why the pass that sent it ran.
+    cause: Cause,
+    /// What was sent and not confirmed.
+    change: crate::plan::GroupChange,
+}
+
 /// What a lost leadership does to directory work in flight.
 #[derive(Debug, Clone, Copy)]
 enum OnLost {
@@ -387,7 +398,9 @@ impl Daemon {
         // The requests already sent are answered and recorded, the
         // leadership lost or not: the directory may have applied them.
         let pass = self.drive_writes(io, shutdown).await?;
-        Some(self.record(pass.results, clocks))
+        let causes = pass.causes;
+        let cause_of = |proid: &Proid| causes.get(proid).copied().unwrap_or(pass.cause);
+        Some(self.record(pass.results, clocks, term, &cause_of))
     }
 
     /// Runs `fut` (directory I/O that borrows nothing of `self`) while
@@ -466,20 +479,44 @@ impl Daemon {
         }
     }
 
+    /// Records every change still unanswered as such, in the term it was
+    /// sent in, and forgets it: the term is over (or the daemon stops), so
+    /// another replica may write these groups before this one reads them
+    /// again, and no read could tell whose write it saw.
+    pub(super) fn give_up_unanswered(&mut self) {
+        for (_, unanswered) in std::mem::take(&mut self.unanswered) {
+            self.give_up(unanswered);
+        }
+    }
+
+    fn give_up(&self, unanswered: Unanswered) {
+        self.audit
+            .in_term(unanswered.term)
+            .unanswered(&unanswered.change, unanswered.cause);
+    }
+
     /// Records, as applied by a retry, the values of a change whose Modify
     /// got no answer that `read` (groups just read) shows in the desired
     /// state: a server that stopped answering may still have applied them,
-    /// and the re-planned pass finds nothing left to do for them.
+    /// and the re-planned pass finds nothing left to do for them. Only
+    /// within the term the change was sent in: after it, another replica
+    /// may have written the same values ([`Daemon::give_up_unanswered`]).
     fn settle_unanswered(&mut self, read: &[crate::directory::Group]) {
         if self.unanswered.is_empty() {
             return;
         }
-        let audit = self.audit.in_term(self.leadership.term());
-        let recorder = (self.metrics.as_ref(), &audit);
+        let term = self.leadership.term();
         for group in read {
-            let Some(change) = self.unanswered.remove(&group.dn) else {
+            let Some(unanswered) = self.unanswered.remove(&group.dn) else {
                 continue;
             };
+            if unanswered.term != term {
+                self.give_up(unanswered);
+                continue;
+            }
+            let audit = self.audit.in_term(term);
+            let recorder = (self.metrics.as_ref(), &audit);
+            let change = unanswered.change;
             let mut result = GroupResult {
                 planned: change.clone(),
                 applied: change.clone(),
@@ -487,6 +524,7 @@ impl Daemon {
                 vanished: false,
                 requests: 0,
                 retries: 0,
+                unanswered: false,
             };
             result.applied.add.retain(|dn| group.members.contains(dn));
             result
@@ -511,7 +549,13 @@ impl Daemon {
     /// Updates the cache and retries from a batch's results (the pass
     /// recorded them in the metrics);
     /// returns the proids not fully applied.
-    pub(super) fn record(&mut self, results: Vec<GroupResult>, clocks: &Dirty) -> BTreeSet<Proid> {
+    pub(super) fn record(
+        &mut self,
+        results: Vec<GroupResult>,
+        clocks: &Dirty,
+        term: Option<u64>,
+        cause_of: &dyn Fn(&Proid) -> Cause,
+    ) -> BTreeSet<Proid> {
         let now = Instant::now();
         let mut unfinished = BTreeSet::new();
         for result in results {
@@ -522,10 +566,19 @@ impl Daemon {
                 continue;
             }
             self.groups.applied(&result.applied);
-            if let Some((left, err)) = &result.failed {
+            if let Some((left, _)) = &result.failed {
                 // No answer is no news: what was sent may have been applied.
-                if err.is_transient() {
-                    self.unanswered.insert(dn.clone(), left.clone());
+                if result.unanswered {
+                    let unanswered = Unanswered {
+                        term,
+                        cause: cause_of(&proid),
+                        change: left.clone(),
+                    };
+                    if let Some(earlier) = self.unanswered.insert(dn.clone(), unanswered) {
+                        // Still unsettled from an earlier pass of this
+                        // term: what it sent may have been applied too.
+                        self.give_up(earlier);
+                    }
                 }
                 unfinished.insert(proid.clone());
                 self.groups.mark_stale(dn);

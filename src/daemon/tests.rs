@@ -194,3 +194,57 @@ async fn frozen_write_a_modify_without_answer_that_was_applied_is_recorded_by_th
     assert_eq!(h.modifies(DB), 1, "the retry sent nothing more");
     h.stop().await;
 }
+
+/// Soak failure 4 (`unanswered-across-terms`): a change whose Modify got
+/// no answer was settled by a read in a later term of the same replica
+/// and recorded as its own retry, though another replica may have made
+/// the change in between (the soak at L saw exactly that: two records
+/// of one change, one of them false). Once its term is over, such a
+/// change is recorded as unanswered, in the term it was sent in.
+#[tokio::test(start_paused = true)]
+async fn unanswered_across_terms_a_change_without_answer_is_not_claimed_in_a_later_term() {
+    let (_guard, root) = tree();
+    fill(&root);
+    let audit = root.with_extension("audit");
+    let audit_arg = format!("--audit-log={}", audit.display());
+    let (roles, rx) = watch::channel(role(Role::Leader, 1));
+    let gated = Gated::new(memory_directory());
+    let setup = Setup {
+        front: Some(gated.clone()),
+        dir: Some(gated.inner.clone()),
+        roles: Some(rx),
+        ..Setup::default()
+    };
+    let h = Harness::start_with(&root, run_config(&root, &[&audit_arg]), setup);
+    h.ready().await;
+    // Applied by the directory, its answer lost: in term 1.
+    gated.time_out_next();
+    h.place("h1", "db.app#1");
+    until("the Modify sent", || async { h.modifies(DB) == 1 }).await;
+    roles.send_replace(role(Role::Follower, 1));
+    until("a follower", || async {
+        h.metrics.readiness().1.contains("follower")
+    })
+    .await;
+    // Leading again, in term 2: the full sync reads the group with the
+    // member in it, which proves nothing about who put it there.
+    roles.send_replace(role(Role::Leader, 2));
+    until("ready as the leader again", || async {
+        h.metrics.is_ready()
+    })
+    .await;
+    sleep(Duration::from_secs(5)).await;
+    let trail = std::fs::read_to_string(&audit).expect("the audit trail");
+    let db: Vec<serde_json::Value> = trail
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|r| r["group"] == DB)
+        .collect();
+    assert_eq!(db.len(), 1, "{trail}");
+    assert_eq!(db[0]["unanswered"], serde_json::json!(true), "{trail}");
+    assert_eq!(db[0]["term"], serde_json::json!(1), "{trail}");
+    assert_eq!(db[0]["added"], serde_json::json!([H1]), "{trail}");
+    assert_eq!(db[0]["cause"], "event", "{trail}");
+    assert_eq!(h.modifies(DB), 1, "nothing more to send");
+    h.stop().await;
+}
