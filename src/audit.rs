@@ -17,12 +17,15 @@
 //! wrote at once.
 //!
 //! A Modify that got no answer (a timeout, a server gone) may still have
-//! been applied. Within the term it was sent in, the next read of its group
-//! says which of its values are there, and those are recorded (cause
-//! `retry`). Once the term is over another writer may have changed the
-//! group, so a read proves nothing: the change is recorded with
-//! `"unanswered": true` and the values that were sent ([`InTerm::unanswered`]),
-//! and the next leader's full sync repairs whatever is wrong.
+//! been applied. It is recorded at once with `"unanswered": true` and the
+//! values that were sent ([`InTerm::unanswered`]): a process killed before
+//! it learns more leaves that much in the trail. Within the term it was
+//! sent in, the next read of its group says which of its values are there,
+//! and those are recorded as applied (cause `retry`). After the term
+//! another writer may have changed the group, so a read proves nothing and
+//! the unanswered record stands; the next leader's full sync repairs
+//! whatever is wrong. (A process killed while a request is in flight, before
+//! its answer or its timeout, leaves no record of it.)
 //!
 //! Replicas and runs on one machine may share one file. Each record is
 //! written under an exclusive `flock` on the file, held for the write, its
@@ -454,11 +457,10 @@ impl Recorder for InTerm<'_> {
 }
 
 impl InTerm<'_> {
-    /// Records a change whose Modify was sent in this term and never
-    /// answered, when the term is over: another writer may have changed the
-    /// group since, so no later read can tell whether this request was
-    /// applied. The record lists the values sent and says `unanswered`, so
-    /// that the trail accounts for them either way.
+    /// Records a change whose Modify was sent in this term and got no
+    /// answer: its values may or may not be in the directory. The record
+    /// lists the values sent and says `unanswered`, so that the trail
+    /// accounts for them either way.
     pub fn unanswered(&self, change: &GroupChange, cause: Cause) {
         if change.add.is_empty() && change.delete.is_empty() {
             return;

@@ -94,8 +94,6 @@ pub async fn run_on(
     let shutdown: Shutdown<'_> = shutdown.as_mut();
     let mut daemon = Daemon::start(config, metrics, parts).await?;
     let result = daemon.main(shutdown).await;
-    // However it stopped, nothing more will tell whether these were applied.
-    daemon.give_up_unanswered();
     if let Some(election) = daemon.election.take() {
         election.stop().await;
     }

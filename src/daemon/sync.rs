@@ -48,8 +48,6 @@ const RETRY_LATER: Backoff = Backoff::fixed(Duration::from_secs(10));
 pub(super) struct Unanswered {
     /// The leadership term it was sent in.
     term: Option<u64>,
-    /// Why the pass that sent it ran.
-    cause: Cause,
     /// What was sent and not confirmed.
     change: crate::plan::GroupChange,
 }
@@ -479,20 +477,12 @@ impl Daemon {
         }
     }
 
-    /// Records every change still unanswered as such, in the term it was
-    /// sent in, and forgets it: the term is over (or the daemon stops), so
-    /// another replica may write these groups before this one reads them
-    /// again, and no read could tell whose write it saw.
+    /// Forgets the changes still unanswered (each was recorded as such when
+    /// it failed): the term is over (or the daemon stops), so another
+    /// replica may write these groups before this one reads them again,
+    /// and no read could tell whose write it saw.
     pub(super) fn give_up_unanswered(&mut self) {
-        for (_, unanswered) in std::mem::take(&mut self.unanswered) {
-            self.give_up(unanswered);
-        }
-    }
-
-    fn give_up(&self, unanswered: Unanswered) {
-        self.audit
-            .in_term(unanswered.term)
-            .unanswered(&unanswered.change, unanswered.cause);
+        self.unanswered.clear();
     }
 
     /// Records, as applied by a retry, the values of a change whose Modify
@@ -500,7 +490,8 @@ impl Daemon {
     /// state: a server that stopped answering may still have applied them,
     /// and the re-planned pass finds nothing left to do for them. Only
     /// within the term the change was sent in: after it, another replica
-    /// may have written the same values ([`Daemon::give_up_unanswered`]).
+    /// may have written the same values ([`Daemon::give_up_unanswered`]);
+    /// the record written when the Modify failed says what was sent.
     fn settle_unanswered(&mut self, read: &[crate::directory::Group]) {
         if self.unanswered.is_empty() {
             return;
@@ -511,7 +502,8 @@ impl Daemon {
                 continue;
             };
             if unanswered.term != term {
-                self.give_up(unanswered);
+                // Another replica may have written it since: recorded as
+                // unanswered when it failed, and left at that.
                 continue;
             }
             let audit = self.audit.in_term(term);
@@ -569,16 +561,16 @@ impl Daemon {
             if let Some((left, _)) = &result.failed {
                 // No answer is no news: what was sent may have been applied.
                 if result.unanswered {
-                    let unanswered = Unanswered {
-                        term,
-                        cause: cause_of(&proid),
-                        change: left.clone(),
-                    };
-                    if let Some(earlier) = self.unanswered.insert(dn.clone(), unanswered) {
-                        // Still unsettled from an earlier pass of this
-                        // term: what it sent may have been applied too.
-                        self.give_up(earlier);
-                    }
+                    // Recorded now, while this process can: killed before
+                    // its next read of the group, it could not say later.
+                    self.audit.in_term(term).unanswered(left, cause_of(&proid));
+                    self.unanswered.insert(
+                        dn.clone(),
+                        Unanswered {
+                            term,
+                            change: left.clone(),
+                        },
+                    );
                 }
                 unfinished.insert(proid.clone());
                 self.groups.mark_stale(dn);

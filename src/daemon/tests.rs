@@ -188,9 +188,14 @@ async fn frozen_write_a_modify_without_answer_that_was_applied_is_recorded_by_th
     until("the change recorded", || async { !records().is_empty() }).await;
     sleep(Duration::from_secs(5)).await;
     let db = records();
-    assert_eq!(db.len(), 1, "{db:?}");
+    // What was sent, unanswered, when the Modify failed; then what the
+    // re-read showed applied.
+    assert_eq!(db.len(), 2, "{db:?}");
     assert_eq!(db[0]["added"], serde_json::json!([H1]));
-    assert_eq!(db[0]["cause"], "retry");
+    assert_eq!(db[0]["unanswered"], serde_json::json!(true), "{db:?}");
+    assert_eq!(db[1]["added"], serde_json::json!([H1]));
+    assert_eq!(db[1]["cause"], "retry");
+    assert_eq!(db[1].get("unanswered"), None, "{db:?}");
     assert_eq!(h.modifies(DB), 1, "the retry sent nothing more");
     h.stop().await;
 }
@@ -199,8 +204,9 @@ async fn frozen_write_a_modify_without_answer_that_was_applied_is_recorded_by_th
 /// no answer was settled by a read in a later term of the same replica
 /// and recorded as its own retry, though another replica may have made
 /// the change in between (the soak at L saw exactly that: two records
-/// of one change, one of them false). Once its term is over, such a
-/// change is recorded as unanswered, in the term it was sent in.
+/// of one change, one of them false). And a replica killed before its
+/// next read left no record of it at all. Such a change is recorded as
+/// unanswered when it fails, in its term, and settled only in that term.
 #[tokio::test(start_paused = true)]
 async fn unanswered_across_terms_a_change_without_answer_is_not_claimed_in_a_later_term() {
     let (_guard, root) = tree();
