@@ -194,6 +194,8 @@ struct Daemon {
     metrics: Arc<Metrics>,
     /// Where applied changes are recorded.
     audit: Arc<Audit>,
+    /// The servers and unknown hosts as last seen; the placements are kept
+    /// in `index` only (`tree.placements` stays empty).
     tree: Snapshot,
     index: Index,
     /// The watcher, its changes and the rescans due.
@@ -264,7 +266,7 @@ impl Daemon {
         if !self.wait_for_tree(&mut shutdown).await {
             return Ok(());
         }
-        self.watching.rescan_needed = Some("startup".into());
+        self.watching.rescan_needed = Some(tree::STARTUP.into());
         while !self.stopping {
             // Watch before scanning so that nothing that changes during the
             // scan is lost; replaying what the scan already saw is harmless.
