@@ -203,6 +203,9 @@ struct Daemon {
     directory: Option<Arc<dyn Directory>>,
     /// The groups as last read or written.
     groups: GroupCache,
+    /// The search of every group started while the startup scan runs, for
+    /// the first full sync.
+    prefetch: Option<sync::GroupSearch>,
     /// What is due when: batches, retries, full syncs, lookups.
     schedule: Schedule,
     /// Proids whose deletions the guard holds back, with how many.
@@ -243,6 +246,7 @@ impl Daemon {
             watching: Watching::new(),
             directory: None,
             groups,
+            prefetch: None,
             schedule,
             refused: BTreeMap::new(),
             unanswered: BTreeMap::new(),

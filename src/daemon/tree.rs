@@ -279,6 +279,9 @@ impl Daemon {
         }
         self.watching.rescan_needed = None;
         info!(why, "scanning the placement tree");
+        if why == STARTUP {
+            self.prefetch_groups();
+        }
         let root = self.root();
         let mut logged = false;
         loop {
@@ -340,6 +343,9 @@ impl Daemon {
                     return true;
                 }
                 Ok(Err(err)) => {
+                    // The full sync waits for the tree: its groups are read
+                    // when it starts.
+                    self.drop_prefetch();
                     if !logged {
                         error!(error = %err, "placement tree unusable; not writing until it is");
                         logged = true;
@@ -509,6 +515,50 @@ mod tests {
         assert!(d.rescan("overflow", &mut shutdown).await);
         assert!(d.groups.stale().is_empty(), "{:?}", d.groups.stale());
         assert_eq!(d.metrics.rescans.get(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_group_is_read_while_the_startup_scan_runs_and_planned_from_the_whole_tree() {
+        use crate::directory::memory::Call;
+        let (_guard, root) = tree();
+        fill(&root);
+        let dir = memory_directory();
+        let mut d = daemon(&root);
+        d.directory = Some(dir.clone());
+        let (_tx, rx) = mpsc::unbounded_channel();
+        d.watching.changes = Some(rx);
+        let mut never = std::pin::pin!(std::future::pending::<()>());
+        let mut shutdown: Shutdown<'_> = never.as_mut();
+        assert!(d.rescan(STARTUP, &mut shutdown).await);
+        assert!(d.prefetch.is_some(), "started with the scan");
+        d.full_sync(&mut shutdown).await;
+        assert!(d.prefetch.is_none(), "taken by the full sync");
+        let searches = || {
+            dir.calls()
+                .iter()
+                .filter(|c| matches!(c, Call::SearchGroups { .. }))
+                .count()
+        };
+        assert_eq!(searches(), 1, "no search of its own");
+        assert_eq!(
+            members(&dir, WEB).await,
+            [Dn::parse(H1).expect("dn")].into()
+        );
+        assert!(d.health.applied);
+        d.full_sync(&mut shutdown).await;
+        assert_eq!(searches(), 2, "a later full sync reads the groups again");
+
+        // A startup scan that finds the tree unusable reads nothing for a
+        // full sync that must wait for it.
+        std::fs::remove_file(root.join(".modified")).expect("rm .modified");
+        let mut d = daemon(&root);
+        d.directory = Some(memory_directory());
+        let (_tx, rx) = mpsc::unbounded_channel();
+        d.watching.changes = Some(rx);
+        let mut stop = std::pin::pin!(async { sleep(Duration::from_secs(1)).await });
+        let mut shutdown: Shutdown<'_> = stop.as_mut();
+        assert!(!d.rescan(STARTUP, &mut shutdown).await, "shut down");
+        assert!(d.prefetch.is_none());
     }
 
     #[tokio::test(start_paused = true)]
