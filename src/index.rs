@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use crate::model::{Dn, HostName, PartitionGlob, Proid};
 use crate::tree::names::{PLACEMENT, SERVERS};
-use crate::tree::{ServerError, ServerInfo, Snapshot, TreeEvent};
+use crate::tree::{Placed, ServerError, ServerInfo, Snapshot, TreeEvent};
 
 /// The reference counts for one partition glob.
 #[derive(Debug, Clone, Default)]
@@ -159,28 +159,63 @@ impl Index {
     /// placements are added at once, and nothing is tracked for [`Applied`].
     pub fn from_snapshot_with_warnings(
         partition: PartitionGlob,
-        snapshot: Snapshot,
+        mut snapshot: Snapshot,
     ) -> (Self, Vec<String>) {
         let mut index = Index::new(partition);
+        let warnings = index.load_from(&mut snapshot, false);
+        (index, warnings)
+    }
+
+    /// True when nothing was loaded or applied yet (or all of it went
+    /// again): no host, no placement, nothing retiring or unknown.
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+            && self.counts.is_empty()
+            && self.retiring.is_empty()
+            && self.unknown.is_empty()
+            && self.unusable.is_empty()
+    }
+
+    /// Loads a whole snapshot into this index, which must be empty
+    /// ([`Index::is_empty`]), keeping its `--host-ou` subtrees: the result
+    /// is the one the snapshot's events would give, as with
+    /// [`Index::from_snapshot_with_warnings`]. The placements move out of
+    /// `snapshot` into the index (its `placements` are left empty); the
+    /// servers and the unknown hosts stay. Returns what applying each
+    /// event would have warned about, unusable server files included.
+    pub fn load(&mut self, snapshot: &mut Snapshot) -> Vec<String> {
+        self.load_from(snapshot, true)
+    }
+
+    /// [`Index::load`]; the warnings about server files that can't be
+    /// used only when `unusable_files` (the scan warns about them too).
+    fn load_from(&mut self, snapshot: &mut Snapshot, unusable_files: bool) -> Vec<String> {
+        assert!(
+            self.is_empty(),
+            "BUG: a snapshot is loaded into an empty index"
+        );
         let mut warnings = Vec::new();
         let mut untracked = Tracker::off();
-        let Snapshot {
-            servers,
-            placements,
-            unknown,
-            ..
-        } = snapshot;
-        index.unknown = unknown;
-        for (host, info) in servers {
-            let warning = index.upsert_server(&host, &info, &mut untracked);
-            if info.is_ok() {
+        self.unknown = snapshot.unknown.clone();
+        for (host, info) in &snapshot.servers {
+            let warning = self.upsert_server(host, info, &mut untracked);
+            if unusable_files || info.is_ok() {
                 warnings.extend(warning);
             }
         }
-        for (host, instances) in placements {
-            index.place_all(host, instances, &mut warnings, &mut untracked);
+        for (host, instances) in std::mem::take(&mut snapshot.placements) {
+            self.place_all(host, instances, &mut warnings, &mut untracked);
         }
-        (index, warnings)
+        warnings
+    }
+
+    /// The placements (with a proid) of a host as the index holds them;
+    /// `None` when it has none.
+    pub fn placements_of(&self, host: &HostName) -> Option<&BTreeSet<String>> {
+        self.hosts
+            .get(host)
+            .map(|state| &state.instances)
+            .filter(|instances| !instances.is_empty())
     }
 
     /// Applies one event and says which proids need a reconcile.
@@ -639,6 +674,22 @@ impl Index {
             .filter(|((proid, dn), before)| self.has(proid, dn) != *before)
             .map(|((proid, _), _)| proid)
             .collect()
+    }
+}
+
+/// The index's placements, for a rescan's diff: a host whose placements
+/// are none is one of which nothing is known (the index keeps no empty
+/// directories, and a removal of one that is not known changes nothing).
+impl Placed for Index {
+    fn hosts(&self) -> impl Iterator<Item = (&HostName, &BTreeSet<String>)> {
+        self.hosts
+            .iter()
+            .map(|(host, state)| (host, &state.instances))
+            .filter(|(_, instances)| !instances.is_empty())
+    }
+
+    fn of(&self, host: &HostName) -> Option<&BTreeSet<String>> {
+        self.placements_of(host)
     }
 }
 
@@ -1190,6 +1241,60 @@ mod tests {
     }
 
     #[test]
+    fn a_snapshot_loaded_into_an_empty_index_keeps_its_host_ous_and_moves_the_placements() {
+        let ou = dn("OU=Hosts,DC=ad,DC=com");
+        let mut snapshot = Snapshot::default();
+        snapshot.servers.insert(host("h1"), info("east", "dc1", D1));
+        snapshot
+            .servers
+            .insert(host("h2"), Err(ServerError::NotYaml("truncated".into())));
+        snapshot
+            .placements
+            .insert(host("h1"), ["web.a#1", "db.a#2"].map(String::from).into());
+        snapshot
+            .placements
+            .insert(host("h3"), ["web.a#3"].map(String::from).into());
+        snapshot.unknown.insert(host("h4"));
+
+        // The same index, event by event.
+        let mut replayed = east().with_host_ous(vec![ou.clone()]);
+        let mut replay_warnings = Vec::new();
+        for event in snapshot.events() {
+            replay_warnings.extend(replayed.apply(&event).warning);
+        }
+
+        let mut loaded = east().with_host_ous(vec![ou.clone()]);
+        assert!(loaded.is_empty());
+        let servers = snapshot.servers.clone();
+        let warnings = loaded.load(&mut snapshot);
+        assert_eq!(warnings, replay_warnings, "every event's warning, in order");
+        assert!(
+            warnings[0].contains("members under --host-ou are not removed"),
+            "{warnings:?}"
+        );
+        assert!(snapshot.placements.is_empty(), "moved into the index");
+        assert_eq!(snapshot.servers, servers, "the servers stay");
+        assert!(snapshot.unknown.contains(&host("h4")));
+        assert!(!loaded.is_empty());
+        assert_eq!(loaded.desired_snapshot(), replayed.desired_snapshot());
+        assert_eq!(loaded.stats(), replayed.stats());
+        assert_eq!(loaded.held(), replayed.held());
+        assert_eq!(
+            loaded.host_ous_suspended(),
+            replayed.host_ous_suspended(),
+            "h2's file was never usable"
+        );
+        assert!(loaded.host_ous_suspended());
+        assert_eq!(
+            loaded.placements_of(&host("h3")),
+            Some(&["web.a#3".to_owned()].into()),
+            "a host out of scope keeps its placements"
+        );
+        assert_eq!(loaded.placements_of(&host("h2")), None);
+        assert!(loaded.diff_dirty(&replayed).is_empty());
+    }
+
+    #[test]
     fn a_rescan_keeps_last_good_definitions_and_retires_vanished_hosts() {
         let mut old = east();
         upsert(&mut old, "h1", info("east", "dc1", D1));
@@ -1452,6 +1557,65 @@ mod property {
         });
         members.extend(want.difference(&held).cloned());
         index.clear_retiring(proid, &retiring);
+    }
+
+    /// Applies the events of `ops` to the index and the model.
+    fn run(ops: &[Op], index: &mut Index, model: &mut Model, glob: &PartitionGlob) {
+        for op in ops {
+            if let Op::Event(event) = op {
+                index.apply(event);
+                model.apply(event, glob);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+
+        /// The daemon keeps its placements in the index only: a rescan's
+        /// diff from the index finds what a diff from the whole tree finds.
+        #[test]
+        fn a_rescan_from_the_index_finds_what_changed(
+            before in proptest::collection::vec(op(), 0..40),
+            missed in proptest::collection::vec(op(), 0..40),
+        ) {
+            let glob = PartitionGlob::parse(GLOB).expect("glob");
+            let mut index = Index::new(glob.clone());
+            let mut model = Model::default();
+            run(&before, &mut index, &mut model, &glob);
+            let tree = model.snapshot();
+            let mut known = tree.clone();
+            known.placements.clear();
+            prop_assert!(
+                known.diff_placed(&index, &tree).is_empty(),
+                "the index holds the tree's placements"
+            );
+
+            // Changes no event told of, then a rescan.
+            let mut later = model;
+            let mut unobserved = index.clone();
+            run(&missed, &mut unobserved, &mut later, &glob);
+            // (The index those events would make is not what a rescan
+            // makes: a scan cannot see a removal followed by an unusable
+            // file, nor into an unreadable directory.)
+            let newer = later.snapshot();
+            let (mut from_index, mut from_tree) = (index.clone(), index.clone());
+            let (mut dirty_index, mut dirty_tree) = (BTreeSet::new(), BTreeSet::new());
+            for event in known.diff_placed(&index, &newer) {
+                dirty_index.extend(from_index.apply(&event).dirty);
+            }
+            for event in tree.diff(&newer) {
+                dirty_tree.extend(from_tree.apply(&event).dirty);
+            }
+            prop_assert_eq!(&dirty_index, &dirty_tree);
+            prop_assert_eq!(from_index.desired_snapshot(), from_tree.desired_snapshot());
+            prop_assert_eq!(from_index.stats(), from_tree.stats());
+            prop_assert_eq!(from_index.held(), from_tree.held());
+            prop_assert_eq!(&from_index.retiring, &from_tree.retiring);
+            let mut after = newer.clone();
+            after.placements.clear();
+            prop_assert!(after.diff_placed(&from_index, &newer).is_empty());
+        }
     }
 
     proptest! {

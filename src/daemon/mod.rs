@@ -105,6 +105,8 @@ struct Daemon {
     metrics: Arc<Metrics>,
     /// Where applied changes are recorded.
     audit: Arc<Audit>,
+    /// The servers and unknown hosts as last seen; the placements are kept
+    /// in `index` only (`tree.placements` stays empty).
     tree: Snapshot,
     index: Index,
     /// The watcher, its changes and the rescans due.
@@ -112,6 +114,9 @@ struct Daemon {
     directory: Option<Arc<dyn Directory>>,
     /// The groups as last read or written.
     groups: GroupCache,
+    /// The search of every group started while the startup scan runs, for
+    /// the first full sync.
+    prefetch: Option<sync::GroupSearch>,
     /// What is due when: batches, retries, full syncs, lookups.
     schedule: Schedule,
     /// Proids whose deletions the guard holds back, with how many.
@@ -152,6 +157,7 @@ impl Daemon {
             watching: Watching::new(),
             directory: None,
             groups,
+            prefetch: None,
             schedule,
             refused: BTreeMap::new(),
             unanswered: BTreeMap::new(),
@@ -175,7 +181,7 @@ impl Daemon {
         if !self.wait_for_tree(&mut shutdown).await {
             return Ok(());
         }
-        self.watching.rescan_needed = Some("startup".into());
+        self.watching.rescan_needed = Some(tree::STARTUP.into());
         while !self.stopping {
             // Watch before scanning so that nothing that changes during the
             // scan is lost; replaying what the scan already saw is harmless.

@@ -131,7 +131,7 @@ impl Daemon {
         let node = Node::with_metrics(config, check, Some(self.metrics.clone()))?;
         // Which groups this host is in before this process writes any.
         let noting = node.clone();
-        let before = self.tree.placements.get(&hostname).cloned();
+        let before = self.index.placements_of(&hostname).cloned();
         let noted = async move {
             noting
                 .note_startup_membership(&before.unwrap_or_default())
@@ -141,9 +141,8 @@ impl Daemon {
             return Ok(false);
         }
         let placed = self
-            .tree
-            .placements
-            .get(&hostname)
+            .index
+            .placements_of(&hostname)
             .cloned()
             .unwrap_or_default();
         info!(host = %hostname, placed = placed.len(), "node mode: reconciling containers with placements");
@@ -188,7 +187,7 @@ impl Daemon {
             return;
         };
         let host = node.config().hostname.clone();
-        let placed = self.tree.placements.get(&host);
+        let placed = self.index.placements_of(&host);
         let (added, removed): (Vec<String>, Vec<String>) = match event {
             TreeEvent::PlacementAdded { host: h, instance } if *h == host => {
                 if placed.is_some_and(|p| p.contains(instance)) {

@@ -27,7 +27,7 @@ use super::schedule::Dirty;
 use super::{Daemon, Shutdown, SHUTDOWN_GRACE};
 use crate::backoff::Backoff;
 use crate::directory;
-use crate::directory::Directory;
+use crate::directory::{DirError, Directory};
 use crate::metrics;
 use crate::model::{Dn, Proid};
 use crate::node::GmsaProids;
@@ -62,7 +62,43 @@ enum OnLost {
     Finish,
 }
 
+/// A search of every group running on its own task.
+pub(super) type GroupSearch = tokio::task::JoinHandle<Result<Vec<directory::Group>, DirError>>;
+
 impl Daemon {
+    /// Starts reading every group while the startup scan reads the tree,
+    /// for the first full sync to plan from once the tree is complete: when
+    /// that full sync follows the scan at once (a leader from the start,
+    /// with no election to wait for and no node mode to start first) and
+    /// the directory can be opened before the tree is read (its servers
+    /// are configured, not taken from the tree's).
+    pub(super) fn prefetch_groups(&mut self) {
+        if !self.config.groups
+            || self.config.node.is_some()
+            || self.election.is_some()
+            || !self.is_leader()
+        {
+            return;
+        }
+        if self.directory.is_none() {
+            // Otherwise it is opened after the scan, which says why not.
+            let Ok(dir) = directory::open(&self.config.config.directory, &[]) else {
+                return;
+            };
+            self.directory = Some(Arc::from(dir));
+        }
+        let dir = self.directory();
+        let ou = self.group_ou();
+        self.prefetch = Some(tokio::spawn(async move { dir.search_groups(&ou).await }));
+    }
+
+    /// Drops a search started for a full sync that is not coming soon.
+    pub(super) fn drop_prefetch(&mut self) {
+        if let Some(search) = self.prefetch.take() {
+            search.abort();
+        }
+    }
+
     /// The directory is needed for groups, and in node mode for membership
     /// checks and domain facts.
     pub(super) fn needs_directory(&self) -> bool {
@@ -119,7 +155,16 @@ impl Daemon {
         self.watching.fresh = false;
         let ou = self.group_ou();
         let dir = self.directory();
-        let search = async move { dir.search_groups(&ou).await };
+        let prefetched = self.prefetch.take();
+        let search = async move {
+            match prefetched {
+                Some(search) => match search.await {
+                    Ok(found) => found,
+                    Err(join) => panic!("BUG: the search of every group panicked: {join}"),
+                },
+                None => dir.search_groups(&ou).await,
+            }
+        };
         let Some(found) = self.drive(search, shutdown).await else {
             return;
         };

@@ -23,7 +23,7 @@ use crate::backoff::Backoff;
 use crate::model::Proid;
 use crate::tree::scan::{check_ready, scan, ScanError};
 use crate::tree::watch::{watch, Change, TreeWatcher};
-use crate::tree::{names, TreeEvent};
+use crate::tree::{names, Snapshot, TreeEvent};
 
 /// How often the wait for `.modified` is logged.
 const READY_LOG_EVERY: Duration = Duration::from_secs(30);
@@ -38,6 +38,8 @@ const WATCHER_RETRY: Backoff = Backoff::fixed(Duration::from_secs(2));
 /// At most this many queued changes are taken before a rescan starts; the
 /// rest wait for the rescan, which sees them anyway.
 const DRAIN_BEFORE_RESCAN: usize = 100_000;
+/// Why the first rescan is due: the tree is read once at startup.
+pub(super) const STARTUP: &str = "startup";
 
 /// The tree side of the daemon's state.
 pub(super) struct Watching {
@@ -189,6 +191,11 @@ impl Daemon {
                 }
             }
             Change::Failed(why) => self.watcher_failed(why),
+            // The startup scan, still to come, reads the tree as it is
+            // after this change: loaded in one go, it needs no events.
+            Change::Tree(event) if self.watching.rescan_needed.as_deref() == Some(STARTUP) => {
+                debug!(?event, "tree change before the startup scan");
+            }
             Change::Tree(event) => {
                 debug!(?event, "tree change");
                 self.on_event(&event, Instant::now());
@@ -198,7 +205,14 @@ impl Daemon {
 
     pub(super) fn on_event(&mut self, event: &TreeEvent, at: Instant) {
         self.on_tree_event(event, at);
-        self.tree.apply(event);
+        // The placements are the index's alone: `self.tree` keeps the rest.
+        match event {
+            TreeEvent::PlacementAdded { .. } | TreeEvent::PlacementRemoved { .. } => {}
+            TreeEvent::PlacementDirListed { host, .. } => {
+                self.tree.unknown.remove(host);
+            }
+            _ => self.tree.apply(event),
+        }
     }
 
     /// What a change in the tree means for node mode, the index and the
@@ -236,6 +250,20 @@ impl Daemon {
             .set(self.schedule.dirty_len() as i64);
     }
 
+    /// The startup scan, into an index that holds nothing yet: loaded in
+    /// one go rather than as an event for each placement (nothing is dirty
+    /// after it: the full sync that follows compares every proid). The
+    /// placements move into the index; the rest of `snapshot` stays.
+    fn load(&mut self, snapshot: &mut Snapshot) {
+        for warning in self.index.load(snapshot) {
+            warn!("{warning}");
+        }
+        let unusable = snapshot.servers.values().filter(|info| info.is_err());
+        self.metrics
+            .server_file_errors
+            .inc_by(unusable.count() as u64);
+    }
+
     /// Reads the whole tree and applies what differs from what the events
     /// said; the groups of the proids that changed are re-read before they
     /// are planned, and only those. A tree that can't be read stops all
@@ -251,6 +279,9 @@ impl Daemon {
         }
         self.watching.rescan_needed = None;
         info!(why, "scanning the placement tree");
+        if why == STARTUP {
+            self.prefetch_groups();
+        }
         let root = self.root();
         let mut logged = false;
         loop {
@@ -260,7 +291,7 @@ impl Daemon {
             })
             .await;
             match scanned {
-                Ok(Ok(snapshot)) => {
+                Ok(Ok(mut snapshot)) => {
                     for warning in &snapshot.warnings {
                         warn!("{warning}");
                     }
@@ -268,14 +299,20 @@ impl Daemon {
                     {
                         warn!("{warning}");
                     }
-                    // The events are the difference from `self.tree`, each
-                    // about a different file, so none depends on another:
-                    // the tree is replaced at the end rather than updated
-                    // for each (at startup, that is every placement).
-                    let now = Instant::now();
                     let mut changed = BTreeSet::new();
-                    for event in self.tree.diff(&snapshot) {
-                        changed.extend(self.on_tree_event(&event, now));
+                    if why == STARTUP && self.index.is_empty() && self.tree == Snapshot::default() {
+                        self.load(&mut snapshot);
+                    } else {
+                        // The events are the difference from what the
+                        // daemon knew (the placements in the index), each
+                        // about a different file, so none depends on
+                        // another: the tree is replaced at the end rather
+                        // than updated for each.
+                        let now = Instant::now();
+                        for event in self.tree.diff_placed(&self.index, &snapshot) {
+                            changed.extend(self.on_tree_event(&event, now));
+                        }
+                        snapshot.placements.clear();
                     }
                     self.tree.replace_with(snapshot);
                     // What the events missed the cached groups may be
@@ -285,7 +322,7 @@ impl Daemon {
                         self.groups.mark_proid_stale(&proid.key());
                     }
                     self.update_gauges();
-                    if why != "startup" {
+                    if why != STARTUP {
                         self.metrics.rescans.inc();
                     }
                     self.watching.fresh = true;
@@ -306,6 +343,9 @@ impl Daemon {
                     return true;
                 }
                 Ok(Err(err)) => {
+                    // The full sync waits for the tree: its groups are read
+                    // when it starts.
+                    self.drop_prefetch();
                     if !logged {
                         error!(error = %err, "placement tree unusable; not writing until it is");
                         logged = true;
@@ -415,6 +455,110 @@ mod tests {
             d.watching.fresh,
             "the next full sync needs no rescan of its own"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_startup_scan_is_loaded_whole_and_a_later_rescan_finds_only_what_changed() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let h1 = crate::model::HostName::new("h1").expect("host");
+        let mut d = daemon(&root);
+        let (tx, rx) = mpsc::unbounded_channel();
+        d.watching.changes = Some(rx);
+        d.watching.rescan_needed = Some(STARTUP.into());
+        // Queued before the startup scan, which reads the tree as it is
+        // after it: the scan, not the event, says what h1 runs.
+        tx.send(Change::Tree(TreeEvent::PlacementAdded {
+            host: h1.clone(),
+            instance: "db.app#9".into(),
+        }))
+        .expect("send");
+        let mut never = std::pin::pin!(std::future::pending::<()>());
+        let mut shutdown: Shutdown<'_> = never.as_mut();
+        assert!(d.rescan(STARTUP, &mut shutdown).await);
+        let placed = |d: &Daemon| d.index.placements_of(&h1).cloned().unwrap_or_default();
+        assert_eq!(placed(&d), ["web.app#1".to_owned()].into());
+        assert!(
+            d.tree.placements.is_empty(),
+            "the placements are the index's"
+        );
+        assert!(d.tree.servers.contains_key(&h1));
+        assert_eq!(d.schedule.dirty_len(), 0, "nothing replayed as events");
+        assert_eq!(d.metrics.rescans.get(), 0, "the startup scan is no rescan");
+        assert_eq!(d.metrics.placements.get(), 1);
+
+        // Changes the watcher never reported, found by the next rescan.
+        d.groups.insert(group("web-gmsa-hosts"));
+        d.groups.insert(group("db-gmsa-hosts"));
+        std::fs::write(root.join("placement/h1/db.app#1"), "{}").expect("placement");
+        assert!(d.rescan("overflow", &mut shutdown).await);
+        assert_eq!(
+            placed(&d),
+            ["db.app#1".to_owned(), "web.app#1".to_owned()].into()
+        );
+        let db = group("db-gmsa-hosts").dn;
+        assert_eq!(d.groups.stale(), vec![&db], "only db changed");
+        assert_eq!(d.schedule.dirty_len(), 1);
+        assert!(d.tree.placements.is_empty());
+
+        // And an event the watcher did report is followed one by one.
+        std::fs::remove_file(root.join("placement/h1/web.app#1")).expect("rm");
+        d.on_change(Change::Tree(TreeEvent::PlacementRemoved {
+            host: h1.clone(),
+            instance: "web.app#1".into(),
+        }));
+        assert_eq!(placed(&d), ["db.app#1".to_owned()].into());
+        assert!(d.tree.placements.is_empty());
+
+        // Nothing missed: a rescan changes nothing and reads nothing again.
+        d.groups.insert(group("db-gmsa-hosts"));
+        assert!(d.rescan("overflow", &mut shutdown).await);
+        assert!(d.groups.stale().is_empty(), "{:?}", d.groups.stale());
+        assert_eq!(d.metrics.rescans.get(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_group_is_read_while_the_startup_scan_runs_and_planned_from_the_whole_tree() {
+        use crate::directory::memory::Call;
+        let (_guard, root) = tree();
+        fill(&root);
+        let dir = memory_directory();
+        let mut d = daemon(&root);
+        d.directory = Some(dir.clone());
+        let (_tx, rx) = mpsc::unbounded_channel();
+        d.watching.changes = Some(rx);
+        let mut never = std::pin::pin!(std::future::pending::<()>());
+        let mut shutdown: Shutdown<'_> = never.as_mut();
+        assert!(d.rescan(STARTUP, &mut shutdown).await);
+        assert!(d.prefetch.is_some(), "started with the scan");
+        d.full_sync(&mut shutdown).await;
+        assert!(d.prefetch.is_none(), "taken by the full sync");
+        let searches = || {
+            dir.calls()
+                .iter()
+                .filter(|c| matches!(c, Call::SearchGroups { .. }))
+                .count()
+        };
+        assert_eq!(searches(), 1, "no search of its own");
+        assert_eq!(
+            members(&dir, WEB).await,
+            [Dn::parse(H1).expect("dn")].into()
+        );
+        assert!(d.health.applied);
+        d.full_sync(&mut shutdown).await;
+        assert_eq!(searches(), 2, "a later full sync reads the groups again");
+
+        // A startup scan that finds the tree unusable reads nothing for a
+        // full sync that must wait for it.
+        std::fs::remove_file(root.join(".modified")).expect("rm .modified");
+        let mut d = daemon(&root);
+        d.directory = Some(memory_directory());
+        let (_tx, rx) = mpsc::unbounded_channel();
+        d.watching.changes = Some(rx);
+        let mut stop = std::pin::pin!(async { sleep(Duration::from_secs(1)).await });
+        let mut shutdown: Shutdown<'_> = stop.as_mut();
+        assert!(!d.rescan(STARTUP, &mut shutdown).await, "shut down");
+        assert!(d.prefetch.is_none());
     }
 
     #[tokio::test(start_paused = true)]

@@ -677,14 +677,15 @@ impl LdapDirectory {
         Ok((entries, result))
     }
 
-    /// A search with the Simple Paged Results control, page after page.
-    async fn search_paged(
+    /// A search with the Simple Paged Results control, page after page,
+    /// each page's entries handed to `page` as it arrives.
+    async fn search_pages(
         &self,
         base: &str,
         filter: &str,
         attrs: &[String],
-    ) -> Result<Vec<RawEntry>, DirError> {
-        let mut all = Vec::new();
+        mut page: impl FnMut(Vec<RawEntry>) -> Result<(), DirError>,
+    ) -> Result<(), DirError> {
         let mut cookie: Vec<u8> = Vec::new();
         loop {
             bump(&self.counters.searches);
@@ -702,12 +703,12 @@ impl LdapDirectory {
             if result.rc != 0 {
                 return Err(result_error(Op::Search, base, result));
             }
-            all.extend(entries);
+            page(entries)?;
             match next_cookie(&result)? {
                 Some(next) if !next.is_empty() => cookie = next,
                 // No control back means the server ignored paging and sent
                 // everything; an empty cookie means the last page.
-                _ => return Ok(all),
+                _ => return Ok(()),
             }
         }
     }
@@ -770,11 +771,40 @@ impl LdapDirectory {
 
     /// Turns search entries into complete groups, sorted by DN.
     async fn groups_from(&self, entries: Vec<RawEntry>) -> Result<Vec<Group>, DirError> {
-        let mut groups = BTreeMap::new();
         let mut dns = DnCache::default();
+        let mut partials = Vec::with_capacity(entries.len());
         for entry in entries {
-            let mut partial = PartialGroup::new(entry.dn.clone());
-            partial.absorb(&entry, &mut dns)?;
+            partials.push(PartialGroup::read(entry, &mut dns)?);
+        }
+        self.complete_groups(partials, dns).await
+    }
+
+    /// The groups a paged search finds, each page's entries turned into
+    /// groups as it arrives: the raw entries of all the groups are never
+    /// held at once beside the groups made of them.
+    async fn groups_paged(&self, base: &str, filter: &str) -> Result<Vec<Group>, DirError> {
+        let mut dns = DnCache::default();
+        let mut partials = Vec::new();
+        self.search_pages(base, filter, &self.member_attrs(), |entries| {
+            for entry in entries {
+                partials.push(PartialGroup::read(entry, &mut dns)?);
+            }
+            Ok(())
+        })
+        .await?;
+        self.complete_groups(partials, dns).await
+    }
+
+    /// Reads the members that did not fit in the first read of each group,
+    /// and makes the groups, in DN order; groups that vanished meanwhile
+    /// are left out.
+    async fn complete_groups(
+        &self,
+        partials: Vec<PartialGroup>,
+        mut dns: DnCache,
+    ) -> Result<Vec<Group>, DirError> {
+        let mut groups = BTreeMap::new();
+        for mut partial in partials {
             if !self.complete_members(&mut partial, &mut dns).await? {
                 tracing::debug!(dn = %partial.dn, "group vanished while reading its members");
                 continue;
@@ -903,10 +933,8 @@ impl Directory for LdapDirectory {
     }
 
     async fn search_groups(&self, base: &Dn) -> Result<Vec<Group>, DirError> {
-        let entries = self
-            .search_paged(base.as_str(), "(objectClass=group)", &self.member_attrs())
-            .await?;
-        self.groups_from(entries).await
+        self.groups_paged(base.as_str(), "(objectClass=group)")
+            .await
     }
 
     async fn find_group(&self, base: &Dn, name: &str) -> Result<Option<Group>, DirError> {
@@ -914,10 +942,7 @@ impl Directory for LdapDirectory {
             "(&(objectClass=group)(sAMAccountName={}))",
             escape_filter_value(name)
         );
-        let entries = self
-            .search_paged(base.as_str(), &filter, &self.member_attrs())
-            .await?;
-        let mut groups = self.groups_from(entries).await?;
+        let mut groups = self.groups_paged(base.as_str(), &filter).await?;
         if groups.len() > 1 {
             tracing::warn!(
                 name,
@@ -1175,6 +1200,13 @@ impl PartialGroup {
             members: BTreeSet::new(),
             next: None,
         }
+    }
+
+    /// A group from the entry of its first read.
+    fn read(entry: RawEntry, dns: &mut DnCache) -> Result<PartialGroup, DirError> {
+        let mut partial = PartialGroup::new(entry.dn.clone());
+        partial.absorb(&entry, dns)?;
+        Ok(partial)
     }
 
     /// Takes the account name and the first part of `member` from the

@@ -266,6 +266,27 @@ pub enum TreeEvent {
     },
 }
 
+/// The placements known of a tree, host by host: what a rescan's diff
+/// ([`Snapshot::diff_placed`]) starts from. A snapshot's are its own
+/// `placements`; the daemon's are in its index.
+pub trait Placed {
+    /// Each host with placements known (possibly none), once, with them.
+    fn hosts(&self) -> impl Iterator<Item = (&HostName, &BTreeSet<String>)>;
+    /// The placements known of a host; `None` when nothing is known of
+    /// its directory.
+    fn of(&self, host: &HostName) -> Option<&BTreeSet<String>>;
+}
+
+impl Placed for BTreeMap<HostName, BTreeSet<String>> {
+    fn hosts(&self) -> impl Iterator<Item = (&HostName, &BTreeSet<String>)> {
+        self.iter()
+    }
+
+    fn of(&self, host: &HostName) -> Option<&BTreeSet<String>> {
+        self.get(host)
+    }
+}
+
 /// A whole tree read at one time.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Snapshot {
@@ -404,6 +425,13 @@ impl Snapshot {
     /// The events that turn `self` into `newer`: what a full rescan found
     /// that the events missed.
     pub fn diff(&self, newer: &Snapshot) -> Vec<TreeEvent> {
+        self.diff_placed(&self.placements, newer)
+    }
+
+    /// [`Snapshot::diff`] from a tree whose servers and unknown hosts are
+    /// `self`'s and whose placements are `placed` (`self.placements` are
+    /// not looked at): the daemon keeps its placements in its index only.
+    pub fn diff_placed(&self, placed: &impl Placed, newer: &Snapshot) -> Vec<TreeEvent> {
         let mut events = Vec::new();
         for (host, info) in &newer.servers {
             if self.servers.get(host) != Some(info) {
@@ -421,7 +449,7 @@ impl Snapshot {
             events.push(TreeEvent::ServerRemoved { host: host.clone() });
         }
         let empty = BTreeSet::new();
-        for (host, old) in &self.placements {
+        for (host, old) in placed.hosts() {
             if newer.unknown.contains(host) {
                 // Unreadable now: what was known of it stays.
                 continue;
@@ -452,7 +480,7 @@ impl Snapshot {
                 });
                 continue;
             }
-            let old = self.placements.get(host).unwrap_or(&empty);
+            let old = placed.of(host).unwrap_or(&empty);
             events.extend(
                 new.difference(old)
                     .map(|instance| TreeEvent::PlacementAdded {
@@ -465,7 +493,7 @@ impl Snapshot {
             events.push(TreeEvent::PlacementsUnknown { host: host.clone() });
         }
         for host in self.unknown.difference(&newer.unknown) {
-            if !newer.placements.contains_key(host) && !self.placements.contains_key(host) {
+            if !newer.placements.contains_key(host) && placed.of(host).is_none() {
                 // Gone while unknown, with nothing known to take along.
                 events.push(TreeEvent::PlacementDirRemoved { host: host.clone() });
             }

@@ -35,6 +35,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use super::event::{classify, PathKind};
+use super::names::{PLACEMENT, SERVERS};
 use super::scan::{
     load_server, placement_at, scan_host_dir, HostListing, PlacementEntry, ServerFile,
 };
@@ -84,9 +85,7 @@ pub fn watch(root: &Path) -> Result<(TreeWatcher, mpsc::UnboundedReceiver<Change
         let _ = raw_tx.send(res);
     })
     .map_err(error)?;
-    watcher
-        .watch(root, RecursiveMode::Recursive)
-        .map_err(error)?;
+    watch_tree(&mut watcher, root).map_err(error)?;
     let watcher = Arc::new(Mutex::new(watcher));
     let weak = Arc::downgrade(&watcher);
     let base = root.to_path_buf();
@@ -104,6 +103,48 @@ pub fn watch(root: &Path) -> Result<(TreeWatcher, mpsc::UnboundedReceiver<Change
         })
         .map_err(|e| error(notify::Error::io(e)))?;
     Ok((TreeWatcher { _watcher: watcher }, rx))
+}
+
+/// Watches the tree's directories each on its own: the root, `servers/`,
+/// `placement/` and every host directory in it. A recursive watch of the
+/// root would find those by walking the whole tree, looking at every file
+/// (notify reads each entry's metadata), where the tree's layout says
+/// which directories there are. Only directories are watched, never a
+/// symlink. A directory that appears later is watched when it is reported
+/// ([`ensure_watched`]); one that goes away before its watch is set is
+/// reported by its parent's watch.
+fn watch_tree(watcher: &mut RecommendedWatcher, root: &Path) -> notify::Result<()> {
+    watcher.watch(root, RecursiveMode::NonRecursive)?;
+    let mut dirs = Vec::new();
+    for name in [SERVERS, PLACEMENT] {
+        let path = root.join(name);
+        if matches!(safe_fs::probe(&path), Ok(Some(Kind::Directory))) {
+            dirs.push(path);
+        }
+    }
+    let placement = root.join(PLACEMENT);
+    if let Ok(entries) = safe_fs::list_dir(&placement) {
+        for (name, file_type) in entries {
+            let path = placement.join(name);
+            let kind = match file_type {
+                Some(file_type) => Some(Kind::of(file_type)),
+                None => safe_fs::probe(&path).ok().flatten(),
+            };
+            if kind == Some(Kind::Directory) {
+                dirs.push(path);
+            }
+        }
+    }
+    for dir in dirs {
+        match watcher.watch(&dir, RecursiveMode::NonRecursive) {
+            // Gone since the listing: its parent's watch reports it.
+            Err(err) if matches!(err.kind, notify::ErrorKind::PathNotFound) => {
+                debug!(path = %dir.display(), "gone before it could be watched");
+            }
+            other => other?,
+        }
+    }
+    Ok(())
 }
 
 /// The changes one notification stands for.
