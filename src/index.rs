@@ -382,6 +382,17 @@ impl Index {
             .unwrap_or_default()
     }
 
+    /// The proid's desired set as the index holds it, for lookups without
+    /// copying it.
+    pub fn desired_set(&self, proid: &Proid) -> DesiredSet<'_> {
+        DesiredSet(self.counts.get(proid))
+    }
+
+    /// True when the proid's desired set is not empty.
+    pub fn has_desired(&self, proid: &Proid) -> bool {
+        self.counts.contains_key(proid)
+    }
+
     /// Every proid's desired set (proids with an empty set left out).
     pub fn desired_snapshot(&self) -> BTreeMap<Proid, BTreeSet<Dn>> {
         self.counts
@@ -639,6 +650,33 @@ impl Index {
             .filter(|((proid, dn), before)| self.has(proid, dn) != *before)
             .map(|((proid, _), _)| proid)
             .collect()
+    }
+}
+
+/// One proid's desired set, borrowed from the index ([`Index::desired_set`]):
+/// membership in O(1), iteration in no particular order.
+#[derive(Debug, Clone, Copy)]
+pub struct DesiredSet<'a>(Option<&'a HashMap<Dn, u32>>);
+
+impl<'a> DesiredSet<'a> {
+    /// True when `dn` is in the set.
+    pub fn contains(&self, dn: &Dn) -> bool {
+        self.0.is_some_and(|dns| dns.contains_key(dn))
+    }
+
+    /// How many DNs the set has.
+    pub fn len(&self) -> usize {
+        self.0.map_or(0, HashMap::len)
+    }
+
+    /// True when the set has no DN.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The DNs, spelled as the index keeps them, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &'a Dn> + 'a {
+        self.0.into_iter().flat_map(HashMap::keys)
     }
 }
 
