@@ -91,7 +91,12 @@ pub enum Scope<'a> {
 /// reconciler does not manage are never touched, and neither are held DNs
 /// ([`Index::held`]: hosts whose placements are unknown), which are never
 /// added or deleted.
-pub fn plan(index: &Index, groups: &[Group], pattern: &GroupPattern, scope: Scope<'_>) -> Plan {
+pub fn plan<'g>(
+    index: &Index,
+    groups: impl IntoIterator<Item = &'g Group>,
+    pattern: &GroupPattern,
+    scope: Scope<'_>,
+) -> Plan {
     let wanted: Option<BTreeSet<String>> = match scope {
         Scope::All => None,
         Scope::Only(proids) => Some(proids.iter().map(Proid::key).collect()),
