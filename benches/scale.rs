@@ -1,6 +1,7 @@
 //! Criterion micro-benchmarks of the reconciler's pure core at cluster
 //! scale: the tree scan, building the index from a snapshot, single events
-//! applied to a full index, the plan of every group and of one dirty proid,
+//! applied to a full index, the plan of every group and of one dirty proid
+//! (among every group, and from its own group alone as a daemon batch plans it),
 //! and reading the LDIF directory.
 //!
 //! The estate is the `L` preset of the generator (10,000 hosts, 200,000
@@ -139,6 +140,16 @@ fn all(c: &mut Criterion) {
     let big = one(largest);
     g.bench_function("one_proid_largest", |b| {
         b.iter(|| plan(black_box(&index), &groups, &pattern, Scope::Only(&big)))
+    });
+    // What a daemon batch plans: the proid's own group, not every group.
+    let own = std::slice::from_ref(&groups[largest]);
+    assert_eq!(
+        plan(&index, own, &pattern, Scope::Only(&big)),
+        plan(&index, &groups, &pattern, Scope::Only(&big)),
+        "the proid's own group is all its plan needs"
+    );
+    g.bench_function("one_proid_largest_own_group", |b| {
+        b.iter(|| plan(black_box(&index), own, &pattern, Scope::Only(&big)))
     });
     let mut by_size: Vec<usize> = (0..estate.proids.len()).collect();
     by_size.sort_by_key(|&k| estate.desired[k].len());

@@ -56,6 +56,11 @@ pub struct Index {
     /// Hosts never in scope whose server file can't be used: their DN is
     /// unknown, so it may be any member under a `--host-ou`.
     unusable: BTreeSet<HostName>,
+    /// Hosts with a definition: kept up to date where definitions change,
+    /// so that [`Index::stats`] does not walk every host.
+    servers_in_scope: usize,
+    /// Instances of the hosts with a definition, kept up to date likewise.
+    placements: usize,
 }
 
 /// What one event changed.
@@ -246,6 +251,7 @@ impl Index {
                 if !state.instances.contains(instance) {
                     state.instances.insert(instance.clone());
                     if let Some(dn) = state.definition.as_ref().map(|d| d.dn.clone()) {
+                        self.placements += 1;
                         self.add(proid, &dn, &mut tracker);
                     }
                 }
@@ -256,6 +262,7 @@ impl Index {
                     if let Some(state) = self.hosts.get_mut(host) {
                         if state.instances.remove(instance) {
                             if let Some(dn) = state.definition.as_ref().map(|d| d.dn.clone()) {
+                                self.placements -= 1;
                                 self.sub(proid, &dn, &mut tracker);
                             }
                         }
@@ -302,6 +309,7 @@ impl Index {
             .cloned()
             .collect();
         if let Some(dn) = dn {
+            self.placements = self.placements - old.len() + new.len();
             for gone in old.difference(&new) {
                 self.sub(proid_of(gone), &dn, tracker);
             }
@@ -390,6 +398,7 @@ impl Index {
         }
         let dn = self.hosts.get(&host).and_then(|s| s.definition.as_ref());
         if let Some(dn) = dn.map(|d| d.dn.clone()) {
+            self.placements += instances.len();
             for instance in &instances {
                 self.add(proid_of(instance), &dn, tracker);
             }
@@ -415,6 +424,17 @@ impl Index {
             .get(proid)
             .map(|dns| dns.keys().cloned().collect())
             .unwrap_or_default()
+    }
+
+    /// The proid's desired set as the index holds it, for lookups without
+    /// copying it.
+    pub fn desired_set(&self, proid: &Proid) -> DesiredSet<'_> {
+        DesiredSet(self.counts.get(proid))
+    }
+
+    /// True when the proid's desired set is not empty.
+    pub fn has_desired(&self, proid: &Proid) -> bool {
+        self.counts.contains_key(proid)
     }
 
     /// Every proid's desired set (proids with an empty set left out).
@@ -489,8 +509,19 @@ impl Index {
         dcs.into_iter().map(|(dc, _)| dc.to_owned()).collect()
     }
 
-    /// Sizes, for logs and metrics.
+    /// Sizes, for logs and metrics, from counters kept up to date.
     pub fn stats(&self) -> IndexStats {
+        IndexStats {
+            servers_in_scope: self.servers_in_scope,
+            placements: self.placements,
+            proids: self.counts.len(),
+        }
+    }
+
+    /// [`Index::stats`] counted from every host: the tests check the
+    /// counters against it.
+    #[cfg(test)]
+    fn counted_stats(&self) -> IndexStats {
         let in_scope = self.hosts.values().filter(|s| s.definition.is_some());
         let (servers_in_scope, placements) = in_scope.fold((0, 0), |(servers, placements), s| {
             (servers + 1, placements + s.instances.len())
@@ -571,6 +602,8 @@ impl Index {
         let instances = std::mem::take(&mut state.instances);
         let proids = || instances.iter().filter_map(|i| Proid::name_in(i));
         if let Some(old) = old {
+            self.servers_in_scope -= 1;
+            self.placements -= instances.len();
             if let Some(hosts) = self.managed.get_mut(&old.dn) {
                 *hosts -= 1;
                 if *hosts == 0 {
@@ -582,6 +615,8 @@ impl Index {
             }
         }
         if let Some(new) = new {
+            self.servers_in_scope += 1;
+            self.placements += instances.len();
             *self.managed.entry(new.dn.clone()).or_default() += 1;
             for proid in proids() {
                 self.add(proid, &new.dn, tracker);
@@ -690,6 +725,33 @@ impl Placed for Index {
 
     fn of(&self, host: &HostName) -> Option<&BTreeSet<String>> {
         self.placements_of(host)
+    }
+}
+
+/// One proid's desired set, borrowed from the index ([`Index::desired_set`]):
+/// membership in O(1), iteration in no particular order.
+#[derive(Debug, Clone, Copy)]
+pub struct DesiredSet<'a>(Option<&'a HashMap<Dn, u32>>);
+
+impl<'a> DesiredSet<'a> {
+    /// True when `dn` is in the set.
+    pub fn contains(&self, dn: &Dn) -> bool {
+        self.0.is_some_and(|dns| dns.contains_key(dn))
+    }
+
+    /// How many DNs the set has.
+    pub fn len(&self) -> usize {
+        self.0.map_or(0, HashMap::len)
+    }
+
+    /// True when the set has no DN.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The DNs, spelled as the index keeps them, in no particular order.
+    pub fn iter(&self) -> impl Iterator<Item = &'a Dn> + 'a {
+        self.0.into_iter().flat_map(HashMap::keys)
     }
 }
 
@@ -1278,6 +1340,7 @@ mod tests {
         assert!(!loaded.is_empty());
         assert_eq!(loaded.desired_snapshot(), replayed.desired_snapshot());
         assert_eq!(loaded.stats(), replayed.stats());
+        assert_eq!(loaded.stats(), loaded.counted_stats(), "the counters kept");
         assert_eq!(loaded.held(), replayed.held());
         assert_eq!(
             loaded.host_ous_suspended(),
@@ -1676,6 +1739,8 @@ mod property {
                 // Same state as a rebuild from the tree.
                 let rebuilt = Index::from_snapshot(glob.clone(), model.snapshot());
                 prop_assert_eq!(&desired_after, &rebuilt.desired_snapshot(), "after {:?}", event);
+                prop_assert_eq!(index.stats(), index.counted_stats(), "after {:?}", event);
+                prop_assert_eq!(rebuilt.stats(), rebuilt.counted_stats());
                 prop_assert_eq!(index.stats(), rebuilt.stats());
                 prop_assert_eq!(index.proids(), rebuilt.proids());
                 prop_assert_eq!(index.dcs(), rebuilt.dcs());

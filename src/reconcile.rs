@@ -231,10 +231,10 @@ pub struct Pass {
 impl Pass {
     /// Plans `scope` from the index and `groups`, lets the guard hold back
     /// deletions, and reports the proids that have placements but no group.
-    pub fn prepare(
+    pub fn prepare<'g>(
         cause: Cause,
         index: &Index,
-        groups: &[Group],
+        groups: impl IntoIterator<Item = &'g Group>,
         pattern: &GroupPattern,
         scope: Scope<'_>,
         limits: &GuardOptions,

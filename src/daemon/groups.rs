@@ -76,11 +76,11 @@ impl GroupCache {
         self.by_proid.get(key).map_or(&[], Vec::as_slice)
     }
 
-    /// Copies of the groups of these proid keys, for planning.
-    pub fn groups_of<'a>(&self, keys: impl IntoIterator<Item = &'a String>) -> Vec<Group> {
+    /// The groups of these proid keys, for planning.
+    pub fn groups_of<'a>(&self, keys: impl IntoIterator<Item = &'a String>) -> Vec<&Group> {
         keys.into_iter()
             .flat_map(|k| self.dns_of(k))
-            .filter_map(|dn| self.groups.get(dn).cloned())
+            .filter_map(|dn| self.groups.get(dn))
             .collect()
     }
 

@@ -258,7 +258,7 @@ impl Daemon {
         for proid in proids {
             let key = proid.key();
             match self.groups.dns_of(&key) {
-                [] if !self.index.desired(proid).is_empty() => {
+                [] if self.index.has_desired(proid) => {
                     if self.schedule.lookup_due(&key, now) {
                         lookups.push((key, self.config.config.pattern.render(proid)));
                     }
@@ -331,18 +331,24 @@ impl Daemon {
             return;
         }
 
-        let groups = self.groups.groups_of(&keys);
-        let stale: BTreeSet<Dn> = keys.iter().flat_map(|k| self.groups.stale_of(k)).collect();
-        let read: Vec<_> = groups
-            .iter()
-            .filter(|g| !stale.contains(&g.dn))
-            .cloned()
-            .collect();
-        self.settle_unanswered(&read);
+        // Changes that got no answer are settled by the groups read since
+        // (those not stale): copied, as settling them records through `self`.
+        if !self.unanswered.is_empty() {
+            let stale: BTreeSet<Dn> = keys.iter().flat_map(|k| self.groups.stale_of(k)).collect();
+            let read: Vec<_> = self
+                .groups
+                .groups_of(&keys)
+                .into_iter()
+                .filter(|g| !stale.contains(&g.dn))
+                .cloned()
+                .collect();
+            self.settle_unanswered(&read);
+        }
+        // Planned from the cache itself, not from copies of its groups.
         let mut pass = Pass::prepare(
             Cause::Event,
             &self.index,
-            &groups,
+            self.groups.groups_of(&keys),
             &self.config.config.pattern,
             Scope::Only(&proids),
             &self.config.config.guard,
