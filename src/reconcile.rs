@@ -652,7 +652,9 @@ async fn send(
         }
         result.requests += 1;
         let answer = dir.modify_members(group, request).await;
-        if matches!(answer, Err(DirError::Unreachable { .. })) {
+        // Sent and not answered (a timeout, a connection lost after the
+        // request left), as opposed to never sent (no connection).
+        if matches!(&answer, Err(DirError::Unreachable { op, .. }) if *op != Op::Connect) {
             result.unanswered = true;
         }
         match answer {
