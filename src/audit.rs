@@ -16,6 +16,16 @@
 //! ([`InTerm`]): enough to tell from the files of all replicas that no two
 //! wrote at once.
 //!
+//! Before a pass sends its first Modify, every change it is about to send
+//! is appended with `"intent": true`, all of them in one write and one
+//! `fsync` ([`Recorder::intend`]): a process killed while its requests are in
+//! flight, before their answers or their timeout, leaves that much in the
+//! trail. An intent claims nothing; the record that follows it (applied,
+//! or unanswered) says what became of it. An intent with no record after
+//! it from the same process, and no later intent for the same group, is a
+//! change that process was killed in the middle of, or that failed: the
+//! group may or may not hold its values.
+//!
 //! A Modify that got no answer (a timeout, a server gone) may still have
 //! been applied. It is recorded at once with `"unanswered": true` and the
 //! values that were sent ([`InTerm::unanswered`]): a process killed before
@@ -24,8 +34,7 @@
 //! and those are recorded as applied (cause `retry`). After the term
 //! another writer may have changed the group, so a read proves nothing and
 //! the unanswered record stands; the next leader's full sync repairs
-//! whatever is wrong. (A process killed while a request is in flight, before
-//! its answer or its timeout, leaves no record of it.)
+//! whatever is wrong.
 //!
 //! Replicas and runs on one machine may share one file. Each record is
 //! written under an exclusive `flock` on the file, held for the write, its
@@ -63,7 +72,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use prometheus_client::metrics::counter::Counter;
 use serde::Serialize;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::model::Dn;
 use crate::plan::GroupChange;
@@ -241,7 +250,7 @@ fn write_locked(file: &File, line: &str) -> io::Result<()> {
     } else {
         format!("\n{line}")
     };
-    // One write per line: with O_APPEND the line lands whole at the end.
+    // One write: with O_APPEND the lines land whole at the end.
     let result = (&*file)
         .write_all(text.as_bytes())
         .and_then(|()| file.sync_data());
@@ -304,6 +313,23 @@ struct Line<'a> {
     /// answer: its values may or may not be in the directory.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     unanswered: bool,
+    /// Present (true) only on a record of a change about to be sent.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    intent: bool,
+}
+
+/// What a file record says of its change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Said {
+    /// Applied (in a dry run, would have been).
+    Applied {
+        /// Nothing was written.
+        dry_run: bool,
+    },
+    /// Sent and never answered: it may or may not be in the directory.
+    Unanswered,
+    /// About to be sent.
+    Intent,
 }
 
 impl Audit {
@@ -379,9 +405,9 @@ impl Audit {
         })
     }
 
-    /// Appends one line; on failure the line is logged in full at ERROR
-    /// and counted.
-    fn append(&self, line: &str) {
+    /// Appends lines, in one write; on failure each line is logged in
+    /// full at ERROR and counted.
+    fn append(&self, lines: &[String]) {
         let Some((path, file)) = &self.file else {
             return;
         };
@@ -398,23 +424,63 @@ impl Audit {
                 }
             }
         }
-        let result = write_locked(&file, line);
+        let result = write_locked(&file, &lines.concat());
         drop(file);
         let Err(err) = result else {
             return;
         };
-        error!(
-            file = %path.display(),
-            error = %err,
-            record = line.trim_end(),
-            "cannot write the audit log: this record is missing from it"
-        );
+        for line in lines {
+            error!(
+                file = %path.display(),
+                error = %err,
+                record = line.trim_end(),
+                "cannot write the audit log: this record is missing from it"
+            );
+        }
+        let lost = lines.len() as u64;
         if let Some(counter) = &self.failure_counter {
-            counter.inc();
+            counter.inc_by(lost);
         }
         let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
         let count = failed.as_ref().map_or(0, |(count, _)| *count);
-        *failed = Some((count + 1, err.to_string()));
+        *failed = Some((count + lost, err.to_string()));
+    }
+
+    /// Appends the changes a pass is about to send, one line each, in one
+    /// write and one sync; the log has them at DEBUG.
+    fn intend_in(&self, changes: &[(Cause, &GroupChange)], term: Option<u64>) {
+        let changes = changes
+            .iter()
+            .filter(|(_, change)| !change.add.is_empty() || !change.delete.is_empty());
+        for (cause, change) in changes.clone() {
+            debug!(
+                group = %change.group_dn,
+                adds = change.add.len(),
+                deletes = change.delete.len(),
+                cause = cause.as_str(),
+                term,
+                "audit: members about to change"
+            );
+        }
+        if self.file.is_none() {
+            return;
+        }
+        let time = now_rfc3339();
+        let lines: Vec<String> = changes
+            .map(|(cause, change)| {
+                line_json(
+                    &self.replica,
+                    term,
+                    change,
+                    *cause,
+                    Said::Intent,
+                    time.clone(),
+                )
+            })
+            .collect();
+        if !lines.is_empty() {
+            self.append(&lines);
+        }
     }
 
     fn record_in(&self, record: Record<'_>, term: Option<u64>) {
@@ -432,7 +498,7 @@ impl Audit {
             "audit: members changed"
         );
         if self.file.is_some() {
-            self.append(&json_line(&self.replica, term, &record, now_rfc3339()));
+            self.append(&[json_line(&self.replica, term, &record, now_rfc3339())]);
         }
     }
 }
@@ -440,6 +506,10 @@ impl Audit {
 impl Recorder for Audit {
     fn record(&self, record: Record<'_>) {
         self.record_in(record, None);
+    }
+
+    fn intend(&self, changes: &[(Cause, &GroupChange)]) {
+        self.intend_in(changes, None);
     }
 }
 
@@ -453,6 +523,10 @@ pub struct InTerm<'a> {
 impl Recorder for InTerm<'_> {
     fn record(&self, record: Record<'_>) {
         self.audit.record_in(record, self.term);
+    }
+
+    fn intend(&self, changes: &[(Cause, &GroupChange)]) {
+        self.audit.intend_in(changes, self.term);
     }
 }
 
@@ -479,11 +553,10 @@ impl InTerm<'_> {
                 self.term,
                 change,
                 cause,
-                false,
-                true,
+                Said::Unanswered,
                 now_rfc3339(),
             );
-            self.audit.append(&line);
+            self.audit.append(&[line]);
         }
     }
 }
@@ -505,24 +578,26 @@ pub fn listed<'a>(dns: impl IntoIterator<Item = &'a Dn>) -> String {
 
 /// The audit file's line for one record, newline included.
 pub fn json_line(replica: &str, term: Option<u64>, record: &Record<'_>, time: String) -> String {
+    let said = Said::Applied {
+        dry_run: record.dry_run,
+    };
     line_json(
         replica,
         term,
         &record.result.applied,
         record.cause,
-        record.dry_run,
-        false,
+        said,
         time,
     )
 }
 
-fn line_json(
+/// The audit file's line for `change`, as `said`, newline included.
+pub fn line_json(
     replica: &str,
     term: Option<u64>,
     change: &GroupChange,
     cause: Cause,
-    dry_run: bool,
-    unanswered: bool,
+    said: Said,
     time: String,
 ) -> String {
     let line = Line {
@@ -534,8 +609,9 @@ fn line_json(
         added: change.add.iter().map(Dn::as_str).collect(),
         removed: change.delete.iter().map(Dn::as_str).collect(),
         cause: cause.as_str(),
-        dry_run,
-        unanswered,
+        dry_run: said == Said::Applied { dry_run: true },
+        unanswered: said == Said::Unanswered,
+        intent: said == Said::Intent,
     };
     let mut bytes = Vec::new();
     let mut serializer = serde_json::Serializer::with_formatter(&mut bytes, LineSafe);
@@ -710,9 +786,63 @@ mod tests {
             cause: "event",
             dry_run: false,
             unanswered: false,
+            intent: false,
         })
         .expect("json");
         assert!(!json.contains('\n'), "{json}");
+    }
+
+    #[test]
+    fn intents_are_one_line_per_change_marked_intent_and_claim_nothing_applied() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("audit.jsonl");
+        let audit = Audit::open(Some(&path), "r1".into(), None).expect("open");
+        let one = result(2, 1).planned;
+        let mut other = result(0, 3).planned;
+        other.group_dn = Dn::parse("CN=db-gmsa-hosts,OU=Groups,DC=ad,DC=com").expect("dn");
+        let empty = GroupChange {
+            add: BTreeSet::new(),
+            delete: BTreeSet::new(),
+            ..one.clone()
+        };
+        audit.in_term(Some(4)).intend(&[
+            (Cause::Event, &one),
+            (Cause::Drift, &other),
+            (Cause::Event, &empty),
+        ]);
+        let text = std::fs::read_to_string(&path).expect("read");
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("json"))
+            .collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        for (line, (cause, change)) in lines.iter().zip([("event", &one), ("drift", &other)]) {
+            assert_eq!(line["intent"], true, "{line}");
+            assert_eq!(line["term"], 4);
+            assert_eq!(line["cause"], cause);
+            assert_eq!(line["group"], change.group_dn.as_str());
+            assert_eq!(
+                line["added"].as_array().map(Vec::len),
+                Some(change.add.len())
+            );
+            assert_eq!(
+                line["removed"].as_array().map(Vec::len),
+                Some(change.delete.len())
+            );
+            assert_eq!(line["dry_run"], false);
+            assert_eq!(line.get("unanswered"), None);
+        }
+        // An applied record says nothing of intent.
+        let applied = result(1, 0);
+        audit.record(Record {
+            cause: Cause::Event,
+            dry_run: false,
+            result: &applied,
+        });
+        let text = std::fs::read_to_string(&path).expect("read");
+        let last: serde_json::Value =
+            serde_json::from_str(text.lines().last().expect("a line")).expect("json");
+        assert_eq!(last.get("intent"), None, "{last}");
     }
 
     #[test]

@@ -20,6 +20,11 @@
 //! only reported as applied when the directory said so or a re-read shows
 //! it in the desired state.
 //!
+//! Before the first Modify of a pass leaves, the recorder is told every
+//! change the pass is about to send ([`Recorder::intend`]): the audit
+//! trail writes them down, so a writer killed with requests in flight
+//! still leaves a record of what the directory may have applied.
+//!
 //! A writer that may lose the right to write (the daemon's leadership)
 //! applies through [`Pass::apply_while`]: its check is asked right before
 //! every Modify leaves, and once it says no nothing more is sent, while
@@ -166,6 +171,12 @@ pub struct Record<'a> {
 pub trait Recorder: Send + Sync {
     /// Called once per group the pass wrote or tried to write.
     fn record(&self, record: Record<'_>);
+
+    /// Called once per pass that writes, right before its first Modify
+    /// leaves, with every change it is about to send and why: what a
+    /// writer killed before the answers come leaves behind. Most
+    /// recorders keep nothing of it.
+    fn intend(&self, _changes: &[(Cause, &GroupChange)]) {}
 }
 
 /// A recorder that keeps nothing.
@@ -181,6 +192,11 @@ impl<A: Recorder + ?Sized, B: Recorder + ?Sized> Recorder for (&A, &B) {
     fn record(&self, record: Record<'_>) {
         self.0.record(record);
         self.1.record(record);
+    }
+
+    fn intend(&self, changes: &[(Cause, &GroupChange)]) {
+        self.0.intend(changes);
+        self.1.intend(changes);
     }
 }
 
@@ -311,16 +327,30 @@ impl Pass {
         } else if self.plan.changes.is_empty() {
             Vec::new()
         } else {
+            // Only a writer that may still write will send anything.
+            if may_write() {
+                let intents: Vec<(Cause, &GroupChange)> = self
+                    .plan
+                    .changes
+                    .iter()
+                    .map(|change| (self.cause_of(&change.proid), change))
+                    .collect();
+                recorder.intend(&intents);
+            }
             apply_plan_while(dir, &self.plan, options, may_write).await
         };
         for result in &self.results {
-            let proid = &result.planned.proid;
             recorder.record(Record {
-                cause: self.causes.get(proid).copied().unwrap_or(self.cause),
+                cause: self.cause_of(&result.planned.proid),
                 dry_run,
                 result,
             });
         }
+    }
+
+    /// Why `proid`'s group is written in this pass.
+    pub fn cause_of(&self, proid: &Proid) -> Cause {
+        self.causes.get(proid).copied().unwrap_or(self.cause)
     }
 }
 
@@ -974,6 +1004,73 @@ mod tests {
 
     fn pattern() -> GroupPattern {
         GroupPattern::parse("{}").expect("pattern")
+    }
+
+    /// The changes of one intent, with the number of Modifies the
+    /// directory had seen when it came.
+    type Declared = (usize, Vec<(Cause, GroupChange)>);
+
+    /// Keeps the intents of a pass.
+    struct Intents<'a> {
+        dir: &'a MemoryDirectory,
+        kept: std::sync::Mutex<Vec<Declared>>,
+    }
+
+    impl Recorder for Intents<'_> {
+        fn record(&self, _: super::Record<'_>) {}
+
+        fn intend(&self, changes: &[(Cause, &GroupChange)]) {
+            let modifies = self
+                .dir
+                .calls()
+                .iter()
+                .filter(|call| matches!(call, Call::Modify { .. }))
+                .count();
+            let changes = changes.iter().map(|(c, g)| (*c, (*g).clone())).collect();
+            self.kept.lock().expect("lock").push((modifies, changes));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_pass_declares_every_change_before_its_first_modify_leaves() {
+        let dir = directory(Flavour::Permissive, &[]);
+        let a = group_change(&["CN=a,DC=x"], &[]);
+        let mut b = group_change(&[], &["CN=b,DC=x"]);
+        b.group_dn = Dn::parse("CN=other,DC=x").expect("dn");
+        b.proid = Proid::new("other").expect("proid");
+        let plan = Plan {
+            changes: vec![a.clone(), b.clone()],
+            ..Plan::default()
+        };
+        let mut pass = Pass::from_plan(Cause::Event, plan, &pattern(), &GuardOptions::default());
+        pass.causes.insert(b.proid.clone(), Cause::Drift);
+        let intents = Intents {
+            dir: &dir,
+            kept: Default::default(),
+        };
+        pass.apply(&dir, &ApplyOptions::default(), false, &intents)
+            .await;
+        let kept = intents.kept.into_inner().expect("lock");
+        assert_eq!(kept, vec![(0, vec![(Cause::Event, a), (Cause::Drift, b)])]);
+
+        // Nothing to send, nothing declared: a dry run, a writer that may
+        // no longer write, an empty plan.
+        for (dry_run, may) in [(true, true), (false, false)] {
+            let plan = Plan {
+                changes: vec![group_change(&["CN=c,DC=x"], &[])],
+                ..Plan::default()
+            };
+            let mut pass =
+                Pass::from_plan(Cause::Event, plan, &pattern(), &GuardOptions::default());
+            let intents = Intents {
+                dir: &dir,
+                kept: Default::default(),
+            };
+            let options = ApplyOptions::default();
+            pass.apply_while(&dir, &options, dry_run, &intents, &|| may)
+                .await;
+            assert!(intents.kept.into_inner().expect("lock").is_empty());
+        }
     }
 
     #[tokio::test]

@@ -76,11 +76,51 @@ fn by_group(records: &[Rec]) -> BTreeMap<String, Vec<Rec>> {
     out
 }
 
+/// The records of the audit file (without the intents), checked whole:
+/// see [`all_lines`]. Every record of a change made is preceded by an
+/// intent of the same process for the same group that lists its values.
+fn file_lines(path: &Path) -> Vec<Value> {
+    let all = all_lines(path);
+    let (intents, records): (Vec<&Value>, Vec<&Value>) =
+        all.iter().partition(|line| line.get("intent").is_some());
+    for (at, record) in all.iter().enumerate() {
+        if record.get("intent").is_some() || record["dry_run"] == true {
+            continue;
+        }
+        let covers = |intent: &&Value, key: &str| {
+            let listed: BTreeSet<&str> = dn_strings(&intent[key]).collect();
+            dn_strings(&record[key]).all(|dn| listed.contains(dn))
+        };
+        assert!(
+            all[..at]
+                .iter()
+                .filter(|l| l.get("intent").is_some())
+                .any(|intent| {
+                    intent["pid"] == record["pid"]
+                        && intent["group"] == record["group"]
+                        && covers(&intent, "added")
+                        && covers(&intent, "removed")
+                }),
+            "no intent before {record}; intents: {intents:?}"
+        );
+    }
+    records.into_iter().cloned().collect()
+}
+
+/// The DNs of a record's `added` or `removed` list.
+fn dn_strings(list: &Value) -> impl Iterator<Item = &str> {
+    list.as_array()
+        .expect("a list")
+        .iter()
+        .map(|dn| dn.as_str().expect("a DN string"))
+}
+
 /// Every line of the audit file, checked whole: the file ends with a
 /// newline, each line is one JSON object with exactly [`KEYS`] (and
-/// `"unanswered": true` on a record of a Modify without answer), a time
-/// in RFC 3339 UTC with microseconds.
-fn file_lines(path: &Path) -> Vec<Value> {
+/// `"unanswered": true` on a record of a Modify without answer,
+/// `"intent": true` on a change about to be sent), a time in RFC 3339 UTC
+/// with microseconds.
+fn all_lines(path: &Path) -> Vec<Value> {
     let text = match fs::read_to_string(path) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Vec::new(),
@@ -102,9 +142,11 @@ fn file_lines(path: &Path) -> Vec<Value> {
                 .collect();
             // `unanswered` only on the record of a Modify without answer.
             let mut expected = BTreeSet::from(KEYS);
-            if value.get("unanswered").is_some() {
-                assert_eq!(value["unanswered"], Value::Bool(true), "{line}");
-                expected.insert("unanswered");
+            for flag in ["unanswered", "intent"] {
+                if value.get(flag).is_some() {
+                    assert_eq!(value[flag], Value::Bool(true), "{line}");
+                    expected.insert(flag);
+                }
             }
             assert_eq!(keys, expected, "{line}");
             let time = value["time"].as_str().expect("time is a string");
@@ -251,9 +293,14 @@ fn full_syncs(daemon: &DaemonProcess) -> (f64, f64) {
 /// newlines, not parsed: a read while the daemon appends may see part of a
 /// line (the file is checked whole once the records are there).
 fn wait_records(daemon: &mut DaemonProcess, path: &Path, n: usize, what: &str) {
-    daemon.wait_for(what, |_| {
-        fs::read(path).map_or(0, |bytes| bytes.iter().filter(|b| **b == b'\n').count()) >= n
-    });
+    let records = || {
+        let text = fs::read_to_string(path).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+            .filter(|line| line.get("intent").is_none())
+            .count()
+    };
+    daemon.wait_for(what, |_| records() >= n);
 }
 
 /// A tree change made by the daemon session below: made just after a full
@@ -595,17 +642,22 @@ fn a_record_that_cannot_be_written_is_logged_in_full_and_sync_fails_naming_the_f
         .to_owned();
     assert!(
         message.contains(&format!("--audit-log {}", audit.display()))
-            && message.contains("1 record(s)")
+            && message.contains("2 record(s)")
             && message.contains("could not be written"),
         "{message}"
     );
-    // The record is not lost: it is logged in full at ERROR.
+    // The records are not lost: the intent and the change applied are
+    // logged in full at ERROR.
     let lost = lost_records(&stderr);
-    assert_eq!(lost.len(), 1, "{stderr}");
-    assert_eq!(
-        file_rec(&lost[0]),
-        rec("web-gmsa-hosts", &host_refs, &[], "full-sync", false)
-    );
+    assert_eq!(lost.len(), 2, "{stderr}");
+    assert_eq!(lost[0]["intent"], true, "{}", lost[0]);
+    assert_eq!(lost[1].get("intent"), None, "{}", lost[1]);
+    for record in &lost {
+        assert_eq!(
+            file_rec(record),
+            rec("web-gmsa-hosts", &host_refs, &[], "full-sync", false)
+        );
+    }
     // The part of the line that fit was cut off again: the file is whole.
     assert_eq!(fs::metadata(&audit).expect("audit file").len(), 0);
 
@@ -639,16 +691,20 @@ fn the_daemon_counts_a_record_it_cannot_write_logs_it_in_full_and_keeps_going() 
         "--no-lock".to_owned(),
     ]);
     let mut daemon = DaemonProcess::start(&args);
-    daemon.wait_for("the failure counted", |d| {
-        d.metric("gmsa_audit_write_failures_total") == 1.0
+    // The intent and the record of the change.
+    daemon.wait_for("the failures counted", |d| {
+        d.metric("gmsa_audit_write_failures_total") == 2.0
     });
     daemon.wait_ready();
     let lost = lost_records(&daemon.log());
-    assert_eq!(lost.len(), 1, "{}", daemon.log());
-    assert_eq!(
-        file_rec(&lost[0]),
-        rec("web-gmsa-hosts", &["h1"], &[], "full-sync", false)
-    );
+    assert_eq!(lost.len(), 2, "{}", daemon.log());
+    assert_eq!(lost[0]["intent"], true, "{}", lost[0]);
+    for record in &lost {
+        assert_eq!(
+            file_rec(record),
+            rec("web-gmsa-hosts", &["h1"], &[], "full-sync", false)
+        );
+    }
     assert_eq!(members(&slapd, "web-gmsa-hosts"), hosts_set(&["h1"]));
     assert!(file_lines(&audit).is_empty());
 
@@ -656,7 +712,7 @@ fn the_daemon_counts_a_record_it_cannot_write_logs_it_in_full_and_keeps_going() 
     fs::remove_file(&filler).expect("free the tmpfs");
     tree.place("h2", "web.app#2");
     wait_records(&mut daemon, &audit, 1, "h2's record");
-    assert_eq!(daemon.metric("gmsa_audit_write_failures_total"), 1.0);
+    assert_eq!(daemon.metric("gmsa_audit_write_failures_total"), 2.0);
     assert_eq!(daemon.stop(), Some(0));
     assert_eq!(
         file_records(&audit),

@@ -446,10 +446,9 @@ impl Daemon {
         };
         // The requests already sent are answered and recorded, the
         // leadership lost or not: the directory may have applied them.
-        let pass = self.drive_writes(io, shutdown).await?;
-        let causes = pass.causes;
-        let cause_of = |proid: &Proid| causes.get(proid).copied().unwrap_or(pass.cause);
-        Some(self.record(pass.results, clocks, term, &cause_of))
+        let mut pass = self.drive_writes(io, shutdown).await?;
+        let results = std::mem::take(&mut pass.results);
+        Some(self.record(results, clocks, term, &|proid| pass.cause_of(proid)))
     }
 
     /// Runs `fut` (directory I/O that borrows nothing of `self`) while

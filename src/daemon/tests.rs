@@ -127,9 +127,15 @@ async fn step_down_mid_batch_records_the_modify_already_sent_and_sends_no_more()
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
         .filter(|r| r["group"] == DB)
         .collect();
-    assert_eq!(db.len(), 1, "{trail}");
-    assert_eq!(db[0]["added"], serde_json::json!([H1]), "{trail}");
-    assert_eq!(db[0]["term"], serde_json::json!(1), "{trail}");
+    // The pass's intent names both values; only the one sent is recorded.
+    assert_eq!(db.len(), 2, "{trail}");
+    assert_eq!(db[0]["intent"], serde_json::json!(true), "{trail}");
+    assert_eq!(db[0]["added"].as_array().map(Vec::len), Some(2), "{trail}");
+    assert_eq!(db[1].get("intent"), None, "{trail}");
+    assert_eq!(db[1]["added"], serde_json::json!([H1]), "{trail}");
+    for record in &db {
+        assert_eq!(record["term"], serde_json::json!(1), "{trail}");
+    }
     h.stop().await;
 }
 
@@ -185,17 +191,20 @@ async fn frozen_write_a_modify_without_answer_that_was_applied_is_recorded_by_th
             .filter(|r| r["group"] == DB)
             .collect::<Vec<_>>()
     };
-    until("the change recorded", || async { !records().is_empty() }).await;
+    until("the change recorded", || async { records().len() > 1 }).await;
     sleep(Duration::from_secs(5)).await;
     let db = records();
-    // What was sent, unanswered, when the Modify failed; then what the
-    // re-read showed applied.
-    assert_eq!(db.len(), 2, "{db:?}");
+    // What was about to be sent; what was sent, unanswered, when the
+    // Modify failed; then what the re-read showed applied.
+    assert_eq!(db.len(), 3, "{db:?}");
+    assert_eq!(db[0]["intent"], serde_json::json!(true), "{db:?}");
     assert_eq!(db[0]["added"], serde_json::json!([H1]));
-    assert_eq!(db[0]["unanswered"], serde_json::json!(true), "{db:?}");
     assert_eq!(db[1]["added"], serde_json::json!([H1]));
-    assert_eq!(db[1]["cause"], "retry");
-    assert_eq!(db[1].get("unanswered"), None, "{db:?}");
+    assert_eq!(db[1]["unanswered"], serde_json::json!(true), "{db:?}");
+    assert_eq!(db[2]["added"], serde_json::json!([H1]));
+    assert_eq!(db[2]["cause"], "retry");
+    assert_eq!(db[2].get("unanswered"), None, "{db:?}");
+    assert_eq!(db[2].get("intent"), None, "{db:?}");
     assert_eq!(h.modifies(DB), 1, "the retry sent nothing more");
     h.stop().await;
 }
@@ -246,11 +255,64 @@ async fn unanswered_across_terms_a_change_without_answer_is_not_claimed_in_a_lat
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
         .filter(|r| r["group"] == DB)
         .collect();
-    assert_eq!(db.len(), 1, "{trail}");
-    assert_eq!(db[0]["unanswered"], serde_json::json!(true), "{trail}");
-    assert_eq!(db[0]["term"], serde_json::json!(1), "{trail}");
-    assert_eq!(db[0]["added"], serde_json::json!([H1]), "{trail}");
-    assert_eq!(db[0]["cause"], "event", "{trail}");
+    // The intent and the unanswered record, both of term 1.
+    assert_eq!(db.len(), 2, "{trail}");
+    assert_eq!(db[0]["intent"], serde_json::json!(true), "{trail}");
+    assert_eq!(db[1]["unanswered"], serde_json::json!(true), "{trail}");
+    for record in &db {
+        assert_eq!(record["term"], serde_json::json!(1), "{trail}");
+        assert_eq!(record["added"], serde_json::json!([H1]), "{trail}");
+        assert_eq!(record["cause"], "event", "{trail}");
+    }
     assert_eq!(h.modifies(DB), 1, "nothing more to send");
+    h.stop().await;
+}
+
+/// Soak failure 6 (`killed-in-flight`): a leader SIGKILLed while its
+/// Modifies waited at a frozen server left no record of them, and the
+/// server applied them when it resumed. A pass now writes down what it
+/// is about to send, on disk, before the first request leaves.
+#[tokio::test(start_paused = true)]
+async fn killed_in_flight_a_change_is_on_disk_before_its_modify_leaves() {
+    let (_guard, root) = tree();
+    fill(&root);
+    let audit = root.with_extension("audit");
+    let audit_arg = format!("--audit-log={}", audit.display());
+    let (_roles, rx) = watch::channel(role(Role::Leader, 3));
+    let gated = Gated::new(memory_directory());
+    let setup = Setup {
+        front: Some(gated.clone()),
+        dir: Some(gated.inner.clone()),
+        roles: Some(rx),
+        ..Setup::default()
+    };
+    let h = Harness::start_with(&root, run_config(&root, &[&audit_arg]), setup);
+    h.ready().await;
+    gated.close();
+    h.place("h1", "db.app#1");
+    until("the write is in flight", || async { gated.held() == 1 }).await;
+    // No answer yet, and none will come before the kill: the trail holds
+    // the intent, in the term the request was sent in.
+    let records = || {
+        let trail = std::fs::read_to_string(&audit).expect("the audit trail");
+        trail
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+            .filter(|r| r["group"] == DB)
+            .collect::<Vec<_>>()
+    };
+    let db = records();
+    assert_eq!(db.len(), 1, "{db:?}");
+    assert_eq!(db[0]["intent"], serde_json::json!(true), "{db:?}");
+    assert_eq!(db[0]["term"], serde_json::json!(3), "{db:?}");
+    assert_eq!(db[0]["added"], serde_json::json!([H1]), "{db:?}");
+    assert_eq!(db[0]["removed"], serde_json::json!([]), "{db:?}");
+    // Answered after all: the applied record follows the intent.
+    gated.open();
+    until("the change applied", || async { records().len() == 2 }).await;
+    let db = records();
+    assert_eq!(db[1].get("intent"), None, "{db:?}");
+    assert_eq!(db[1]["added"], serde_json::json!([H1]), "{db:?}");
+    assert_eq!(db[1]["cause"], "event", "{db:?}");
     h.stop().await;
 }
