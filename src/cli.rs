@@ -238,6 +238,8 @@ pub struct NodeArgs {
     #[arg(long, env = "GMSA_GMSA_PROIDS")]
     pub gmsa_proids: Option<String>,
     /// Where credential specs are written [default: <app-root>/credential_specs].
+    // The line above is `--help` text, where `<app-root>` is not HTML.
+    #[allow(rustdoc::invalid_html_tags)]
     #[arg(long, env = "GMSA_CREDENTIAL_SPEC_DIR", value_parser = AbsolutePath)]
     pub credential_spec_dir: Option<PathBuf>,
     /// Before configuring a gMSA proid's instance, wait up to this long for this host to be in its group.
@@ -489,7 +491,7 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// an operator may point `--fs-root` at a link on purpose, and the watcher
 /// reports paths under the root exactly as it was spelled. Paths from a
 /// `--config` file are resolved against the file's folder before they get
-/// here (see [`file_args`]), so they arrive absolute.
+/// here (see `file_args`), so they arrive absolute.
 ///
 /// An absolute root matters beyond tidiness: the watcher reports absolute
 /// paths, and a relative root would match none of them.

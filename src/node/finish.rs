@@ -17,7 +17,7 @@
 //! it as 256, one that cannot be read or parsed counts as `{}`: a container
 //! that ended always gets its one `finished` event, whose file holds the
 //! exitinfo as it was read. Markers are only regular files (see
-//! [`super::files`]): a planted link is never followed, and counts as absent.
+//! `node::files`): a planted link is never followed, and counts as absent.
 
 use std::path::{Path, PathBuf};
 
