@@ -1,7 +1,8 @@
 //! Drives a running `gmsa-reconciler run` for the benchmarks
-//! (`scripts/bench-daemon`): changes placements in its tree the way the
-//! mirror does (a `.tmp*` file renamed into place, or a file removed) and
-//! times how long each change takes to reach the directory.
+//! (`scripts/bench-daemon`, `scripts/bench-rss`, `scripts/bench-steady`):
+//! changes placements in its tree the way the mirror does (a `.tmp*` file
+//! renamed into place, or a file removed) and times how long each change
+//! takes to reach the directory.
 //!
 //! ```text
 //! daemon_load latency --tree DIR --ldap-url URL --bind-dn DN \
