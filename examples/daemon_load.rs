@@ -1,7 +1,8 @@
 //! Drives a running `gmsa-reconciler run` for the benchmarks
-//! (`scripts/bench-daemon`): changes placements in its tree the way the
-//! mirror does (a `.tmp*` file renamed into place, or a file removed) and
-//! times how long each change takes to reach the directory.
+//! (`scripts/bench-daemon`, `scripts/bench-rss`, `scripts/bench-steady`):
+//! changes placements in its tree the way the mirror does (a `.tmp*` file
+//! renamed into place, or a file removed) and times how long each change
+//! takes to reach the directory.
 //!
 //! ```text
 //! daemon_load latency --tree DIR --ldap-url URL --bind-dn DN \
@@ -10,6 +11,9 @@
 //!     --bind-password-file FILE --placements 10000
 //! daemon_load sustain --tree DIR --ldif FILE.ldif --pid PID \
 //!     --changes 100000 --rate 500 --every 10000
+//! daemon_load steady --tree DIR --ldap-url URL --bind-dn DN \
+//!     --bind-password-file FILE --log DAEMON.LOG --pid PID \
+//!     --ready-url http://127.0.0.1:PORT/readyz --rate 1000 --seconds 60
 //! ```
 //!
 //! `latency` makes one change at a time (at least `--gap-ms` apart), alternately a placement of a proid
@@ -40,6 +44,25 @@
 //! placements) and reads the daemon's VmRSS, VmHWM, RssAnon and thread
 //! count from `/proc/PID/status`. The last sample is taken after the last
 //! change, so the run ends with the file checked.
+//!
+//! `steady` runs against `run` on an LDAP server: the changes of
+//! `sustain` (`--pool` additions, then by turns the removal of the oldest
+//! and a new addition) at `--rate` a second for `--seconds`, each due at
+//! its place in an absolute schedule (a late change does not delay the
+//! ones after it). The tree is read and `--ready-url` polled first, so
+//! the stream starts as soon as the daemon is ready (its resync interval
+//! counts from then). Every second it reads the daemon's CPU time
+//! (utime + stime of `/proc/PID/stat`) and VmRSS. After the stream it
+//! waits until every group it touched holds the tree's hosts, then reads
+//! what the daemon logged since it started (`--log`, JSON, with the
+//! "change applied" lines of `gmsa_reconciler::daemon::sync` at debug):
+//! the latency of each applied change (`latency_ms`, the daemon's clock:
+//! event taken -> Modify answered), the full resyncs (from "scanning the
+//! placement tree" with why "full resync" to "full sync done"), and the
+//! longest gap between two events the daemon took during the stream
+//! (each "change applied" line dates the first event of its proid's
+//! batch: its time minus `latency_ms`). A change counts as during a
+//! resync when the time from its event to its Modify overlaps one.
 //!
 //! The directory is read with ldap3 directly, not through the reconciler's
 //! own code, so the check does not share the code it measures. Results are
@@ -73,6 +96,9 @@ enum Mode {
     /// A long steady stream of changes against `run --directory FILE.ldif`;
     /// the daemon's resident memory every so many changes.
     Sustain(SustainArgs),
+    /// A steady stream of changes at a fixed rate against `run` on LDAP;
+    /// the daemon's CPU, memory and latency, split around full resyncs.
+    Steady(SteadyArgs),
 }
 
 #[derive(Args)]
@@ -184,6 +210,35 @@ struct SustainArgs {
     out: Option<PathBuf>,
 }
 
+#[derive(Args)]
+struct SteadyArgs {
+    #[command(flatten)]
+    common: Common,
+    /// The daemon's log (`--log-format json`, "change applied" at debug).
+    #[arg(long)]
+    log: PathBuf,
+    /// The daemon's process id, for /proc/PID/stat and /proc/PID/status.
+    #[arg(long)]
+    pid: u32,
+    /// The daemon's /readyz (`http://HOST:PORT/readyz`): the stream starts
+    /// once it answers 200. Without it the stream starts at once.
+    #[arg(long)]
+    ready_url: Option<String>,
+    /// Changes a second.
+    #[arg(long, default_value_t = 1000)]
+    rate: u32,
+    /// Length of the stream in seconds.
+    #[arg(long, default_value_t = 60)]
+    seconds: u32,
+    /// Placements of the driver's alive at once: the first this many
+    /// changes add, then each removal of the oldest is followed by an add.
+    #[arg(long, default_value_t = 1000)]
+    pool: usize,
+    /// Seconds of the stream whose memory samples the growth leaves out.
+    #[arg(long, default_value_t = 5)]
+    warmup: u32,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Mode::Sustain(args) = cli.mode {
@@ -208,6 +263,7 @@ fn main() -> ExitCode {
     let result = match cli.mode {
         Mode::Latency(args) => runtime.block_on(latency(args)),
         Mode::Burst(args) => runtime.block_on(burst(args)),
+        Mode::Steady(args) => runtime.block_on(steady(args)),
         Mode::Sustain(_) => unreachable!("handled above"),
     };
     match result {
@@ -900,5 +956,430 @@ fn sustain(args: SustainArgs) -> Res<()> {
         "samples": samples,
     });
     println!("{summary}");
+    Ok(())
+}
+
+/// The daemon's CPU time so far (utime + stime of `/proc/PID/stat`), in
+/// clock ticks.
+fn cpu_ticks(pid: u32) -> Res<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let text = fs::read_to_string(&path).map_err(|e| format!("{path}: {e}"))?;
+    // The command name (field 2) is in parentheses and may hold spaces:
+    // the fields are counted from the last ')'. utime and stime are
+    // fields 14 and 15, the 12th and 13th after it.
+    let rest = text
+        .rfind(')')
+        .map(|i| &text[i + 1..])
+        .ok_or_else(|| format!("{path}: no command name"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<u64>().ok())
+            .ok_or_else(|| format!("{path}: no field {}", i + 3))
+    };
+    Ok(tick(11)? + tick(12)?)
+}
+
+/// Clock ticks a second (`getconf CLK_TCK`).
+fn clock_ticks_per_s() -> f64 {
+    // SAFETY: sysconf only reads a constant of the system.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if hz > 0 {
+        hz as f64
+    } else {
+        100.0
+    }
+}
+
+/// True when `url` (`http://HOST:PORT/PATH`) answers 200 to a GET.
+fn http_ok(url: &str) -> Res<bool> {
+    use std::io::Read;
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| format!("{url}: not an http:// address"))?;
+    let (addr, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let Ok(mut conn) = std::net::TcpStream::connect(addr) else {
+        return Ok(false);
+    };
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let request = format!("GET /{path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    if conn.write_all(request.as_bytes()).is_err() {
+        return Ok(false);
+    }
+    let mut answer = String::new();
+    let _ = conn.read_to_string(&mut answer);
+    Ok(answer
+        .lines()
+        .next()
+        .is_some_and(|status| status.split_whitespace().nth(1) == Some("200")))
+}
+
+/// Seconds since the Unix epoch of an RFC 3339 time in UTC or with an
+/// offset (`2026-12-02T13:46:36.123456Z`), as the daemon's JSON log
+/// stamps its lines.
+fn rfc3339_unix(stamp: &str) -> Option<f64> {
+    let (date, time) = stamp.split_once('T')?;
+    let mut ymd = date.splitn(3, '-').map(|v| v.parse::<i64>().ok());
+    let (y, m, d) = (ymd.next()??, ymd.next()??, ymd.next()??);
+    let (clock, offset_s) = if let Some(c) = time.strip_suffix('Z') {
+        (c, 0)
+    } else {
+        let at = time.rfind(['+', '-'])?;
+        let (c, off) = time.split_at(at);
+        let sign = if off.starts_with('-') { -1 } else { 1 };
+        let (oh, om) = off[1..].split_once(':')?;
+        (
+            c,
+            sign * (oh.parse::<i64>().ok()? * 3600 + om.parse::<i64>().ok()? * 60),
+        )
+    };
+    let mut hms = clock.splitn(3, ':');
+    let h: i64 = hms.next()?.parse().ok()?;
+    let min: i64 = hms.next()?.parse().ok()?;
+    let sec: f64 = hms.next()?.parse().ok()?;
+    // Days since 1970-01-01 of the date (proleptic Gregorian), counted in
+    // 400-year eras from a year that starts in March.
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    Some((days * 86_400 + h * 3600 + min * 60 - offset_s) as f64 + sec)
+}
+
+/// What the daemon logged about a stream: each applied change (its time
+/// and latency), and the full resyncs.
+#[derive(Default)]
+struct SteadyLog {
+    /// (applied at, latency in ms), Unix seconds.
+    applied: Vec<(f64, f64)>,
+    /// (start, end, the full sync's own seconds, groups read, changes
+    /// planned, complete), Unix seconds.
+    resyncs: Vec<(f64, f64, f64, u64, u64, bool)>,
+}
+
+/// Reads the daemon's JSON log from byte `from` on.
+fn read_steady_log(path: &Path, from: u64) -> Res<SteadyLog> {
+    let mut file = fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    file.seek(SeekFrom::Start(from))
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut out = SteadyLog::default();
+    let mut scan_started: Option<f64> = None;
+    for line in BufReader::new(file).lines() {
+        let line = line.map_err(|e| format!("{}: {e}", path.display()))?;
+        let Ok(value) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let Some(at) = value["timestamp"].as_str().and_then(rfc3339_unix) else {
+            continue;
+        };
+        let fields = &value["fields"];
+        match fields["message"].as_str() {
+            Some("change applied") => {
+                if let Some(ms) = fields["latency_ms"].as_f64() {
+                    out.applied.push((at, ms));
+                }
+            }
+            Some("scanning the placement tree") if fields["why"] == "full resync" => {
+                scan_started = Some(at);
+            }
+            Some("full sync done") => {
+                let ms = fields["duration_ms"].as_f64().unwrap_or(0.0);
+                let start = scan_started.take().unwrap_or(at - ms / 1000.0);
+                out.resyncs.push((
+                    start,
+                    at,
+                    ms / 1000.0,
+                    fields["groups"].as_u64().unwrap_or(0),
+                    fields["changes"].as_u64().unwrap_or(0),
+                    fields["complete"].as_bool().unwrap_or(false),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+/// The median of `values` (the mean of the two middle ones).
+fn median(values: &[u64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_unstable();
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2] as f64,
+        n => (v[n / 2 - 1] + v[n / 2]) as f64 / 2.0,
+    }
+}
+
+/// The groups among `touched` whose host members differ from the tree's
+/// placements (members that are not hosts of the tree left out).
+async fn groups_differing(
+    ldap: &mut Ldap,
+    c: &Common,
+    tree: &Tree,
+    touched: &BTreeSet<usize>,
+    host_dns: &HashSet<String>,
+) -> Res<usize> {
+    let mut desired: HashMap<usize, HashSet<String>> = HashMap::new();
+    for &(p, h) in tree.placed.keys() {
+        if touched.contains(&p) {
+            desired
+                .entry(p)
+                .or_default()
+                .insert(tree.hosts[h].1.to_ascii_lowercase());
+        }
+    }
+    let mut off = 0;
+    for &p in touched {
+        let group = group_dn(c, &tree.proids[p]);
+        let ldap3::SearchResult(entries, result) = ldap
+            .search(&group, Scope::Base, "(objectClass=*)", vec!["member"])
+            .await
+            .map_err(|e| format!("search {group}: {e}"))?;
+        if result.rc != 0 {
+            return Err(format!(
+                "search {group}: result {}: {}",
+                result.rc, result.text
+            ));
+        }
+        let have: HashSet<String> = entries
+            .into_iter()
+            .flat_map(|e| {
+                ldap3::SearchEntry::construct(e)
+                    .attrs
+                    .remove("member")
+                    .unwrap_or_default()
+            })
+            .map(|m| m.to_ascii_lowercase())
+            .filter(|m| host_dns.contains(m))
+            .collect();
+        let empty = HashSet::new();
+        if &have != desired.get(&p).unwrap_or(&empty) {
+            off += 1;
+        }
+    }
+    Ok(off)
+}
+
+async fn steady(args: SteadyArgs) -> Res<()> {
+    let c = &args.common;
+    let mut tree = Tree::scan(&c.tree)?;
+    let mut rng = fastrand::Rng::with_seed(c.seed);
+    let host_dns: HashSet<String> = tree
+        .hosts
+        .iter()
+        .map(|(_, dn)| dn.to_ascii_lowercase())
+        .collect();
+    let hz = clock_ticks_per_s();
+    if let Some(url) = &args.ready_url {
+        let deadline = Instant::now() + Duration::from_secs(c.timeout.max(300));
+        while !http_ok(url)? {
+            if Instant::now() > deadline {
+                return Err(format!("{url}: not ready in time"));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    let log_from = fs::metadata(&args.log)
+        .map_err(|e| format!("{}: {e}", args.log.display()))?
+        .len();
+    let total = args.rate as usize * args.seconds as usize;
+    let rate = f64::from(args.rate.max(1));
+    let mut alive: std::collections::VecDeque<(usize, usize)> = Default::default();
+    let mut touched: BTreeSet<usize> = BTreeSet::new();
+    let none_taken: HashSet<(usize, usize)> = HashSet::new();
+    let (mut adds, mut removes) = (0usize, 0usize);
+    // (seconds into the stream, CPU ticks, VmRSS kB)
+    let mut samples: Vec<(f64, u64, u64)> = Vec::new();
+    let mut csv = String::from("t_s,cpu_ticks,vm_rss_kb,changes\n");
+    let mut sample = |t: f64, done: usize, samples: &mut Vec<(f64, u64, u64)>| -> Res<()> {
+        let ticks = cpu_ticks(args.pid)?;
+        let (rss, ..) = memory_kb(args.pid)?;
+        csv.push_str(&format!("{t:.3},{ticks},{rss},{done}\n"));
+        samples.push((t, ticks, rss));
+        Ok(())
+    };
+    let start_unix = unix_now();
+    let started = Instant::now();
+    sample(0.0, 0, &mut samples)?;
+    let mut next_sample = 1u32;
+    let mut behind_max = Duration::ZERO;
+    for i in 0..total {
+        let due = started + Duration::from_secs_f64(i as f64 / rate);
+        loop {
+            let now = Instant::now();
+            let tick = started + Duration::from_secs(u64::from(next_sample));
+            if tick <= now.min(due) {
+                sample(tick.duration_since(started).as_secs_f64(), i, &mut samples)?;
+                next_sample += 1;
+                continue;
+            }
+            if due > now {
+                std::thread::sleep(due.min(tick) - now);
+                continue;
+            }
+            behind_max = behind_max.max(now - due);
+            break;
+        }
+        // As `sustain`: additions up to the pool, then by turns the
+        // removal of the oldest and a new addition, each a membership
+        // change.
+        if i >= args.pool && (i - args.pool) % 2 == 0 && !alive.is_empty() {
+            let pair = alive.pop_front().ok_or("BUG: no placement to remove")?;
+            tree.unplace(pair)?;
+            removes += 1;
+        } else {
+            let pair = tree.pick_absent(&mut rng, &none_taken);
+            tree.place(pair)?;
+            touched.insert(pair.0);
+            alive.push_back(pair);
+            adds += 1;
+        }
+    }
+    // The last second, sampled when it is over.
+    let end = started + Duration::from_secs(u64::from(args.seconds));
+    if let Some(wait) = end.checked_duration_since(Instant::now()) {
+        std::thread::sleep(wait);
+    }
+    let stream = started.elapsed();
+    sample(stream.as_secs_f64(), total, &mut samples)?;
+    let end_unix = start_unix + stream.as_secs_f64();
+
+    let mut ldap = connect(c).await?;
+    let timeout = Duration::from_secs(c.timeout);
+    let settling = Instant::now();
+    loop {
+        let off = groups_differing(&mut ldap, c, &tree, &touched, &host_dns).await?;
+        if off == 0 {
+            break;
+        }
+        if settling.elapsed() > timeout {
+            return Err(format!(
+                "{off} of the {} groups the stream changed still differ from the tree after {timeout:?}",
+                touched.len()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let settled = settling.elapsed();
+    let _ = ldap.unbind().await;
+    // What the daemon logged about the last changes is written by now:
+    // the directory holds them.
+    let log = read_steady_log(&args.log, log_from)?;
+
+    let (first, last) = (samples[0], samples[samples.len() - 1]);
+    let cpu_s = (last.1 - first.1) as f64 / hz;
+    let per_second: Vec<f64> = samples
+        .windows(2)
+        .map(|w| (w[1].1 - w[0].1) as f64 / hz / (w[1].0 - w[0].0).max(1e-9) * 100.0)
+        .collect();
+    let settled_rss: Vec<u64> = samples
+        .iter()
+        .filter(|s| s.0 >= f64::from(args.warmup))
+        .map(|s| s.2)
+        .collect();
+    let window = (settled_rss.len() / 2).min(10);
+    let growth_kb = if window == 0 {
+        f64::NAN
+    } else {
+        median(&settled_rss[settled_rss.len() - window..]) - median(&settled_rss[..window])
+    };
+
+    let overlaps = |from: f64, to: f64| log.resyncs.iter().any(|r| from <= r.1 && to >= r.0);
+    let (mut during, mut outside, mut all) = (Vec::new(), Vec::new(), Vec::new());
+    let mut taken_at = Vec::new();
+    for &(at, ms) in &log.applied {
+        let received = at - ms / 1000.0;
+        all.push(ms);
+        if overlaps(received, at) {
+            during.push(ms);
+        } else {
+            outside.push(ms);
+        }
+        if received >= start_unix && received <= end_unix {
+            taken_at.push(received);
+        }
+    }
+    taken_at.sort_by(f64::total_cmp);
+    let mut gap = (0.0f64, start_unix);
+    for w in taken_at.windows(2) {
+        if w[1] - w[0] > gap.0 {
+            gap = (w[1] - w[0], w[0]);
+        }
+    }
+    let r3 = |x: f64| (x * 1000.0).round() / 1000.0;
+    let resyncs: Vec<serde_json::Value> = log
+        .resyncs
+        .iter()
+        .map(|&(from, to, sync_s, groups, changes, complete)| {
+            serde_json::json!({
+                "start_unix": r3(from),
+                "end_unix": r3(to),
+                "start_s": r3(from - start_unix),
+                "duration_s": r3(to - from),
+                // The tree's scan before it: the daemon takes no events
+                // meanwhile (they wait in the watcher's queue).
+                "scan_s": r3(to - from - sync_s),
+                "in_stream": from >= start_unix && from <= end_unix,
+                "groups": groups,
+                "changes": changes,
+                "complete": complete,
+            })
+        })
+        .collect();
+    if let Some(out) = &c.out {
+        fs::write(out, &csv).map_err(|e| format!("{}: {e}", out.display()))?;
+    }
+    let r1 = |x: f64| (x * 10.0).round() / 10.0;
+    let mut per_sorted = per_second.clone();
+    per_sorted.sort_by(f64::total_cmp);
+    let summary = serde_json::json!({
+        "rate": args.rate,
+        "seconds": args.seconds,
+        "changes": total,
+        "adds": adds,
+        "removes": removes,
+        "groups_changed": touched.len(),
+        "stream_start_unix": r3(start_unix),
+        "stream_end_unix": r3(end_unix),
+        "stream_s": r3(stream.as_secs_f64()),
+        "achieved_rate": r1(total as f64 / stream.as_secs_f64()),
+        "behind_schedule_max_ms": r1(behind_max.as_secs_f64() * 1000.0),
+        "settled_s": r3(settled.as_secs_f64()),
+        "cpu": {
+            "clock_ticks": last.1 - first.1,
+            "seconds": r3(cpu_s),
+            "pct_of_one_core": r1(cpu_s / stream.as_secs_f64() * 100.0),
+            "per_second_pct_p50": r1(percentile(&per_sorted, 50.0)),
+            "per_second_pct_max": r1(per_sorted.last().copied().unwrap_or(f64::NAN)),
+        },
+        "rss_kb": {
+            "first": first.2,
+            "last": last.2,
+            "max": samples.iter().map(|s| s.2).max().unwrap_or(0),
+            "growth": growth_kb,
+            "warmup_s": args.warmup,
+            "window": window,
+            "samples": samples.iter().map(|s| s.2).collect::<Vec<u64>>(),
+        },
+        "latency_ms": {
+            "all": stats(&all),
+            "during_resync": stats(&during),
+            "outside_resync": stats(&outside),
+        },
+        "resyncs": resyncs,
+        "intake": {
+            "longest_gap_ms": r1(gap.0 * 1000.0),
+            "gap_start_s": r3(gap.1 - start_unix),
+            "during_resync": overlaps(gap.1, gap.1 + gap.0),
+            "events_dated": taken_at.len(),
+        },
+    });
+    println!("{summary}");
+    let _ = std::io::stdout().flush();
     Ok(())
 }

@@ -151,6 +151,7 @@ impl Daemon {
 
     /// Re-reads every group and reconciles every proid.
     pub(super) async fn full_sync(&mut self, shutdown: &mut Shutdown<'_>) {
+        let started = Instant::now();
         self.metrics.resyncs.inc();
         self.watching.fresh = false;
         let ou = self.group_ou();
@@ -189,6 +190,7 @@ impl Daemon {
         };
         // Planned from the groups as read, before they move into the cache,
         // rather than from a copy of the whole cache (MBs at cluster scale).
+        let read = groups.len();
         let mut pass = Pass::prepare(
             Cause::FullSync,
             &self.index,
@@ -220,6 +222,7 @@ impl Daemon {
             .map(|m| m.proid.key())
             .collect();
         self.refused.clear();
+        let planned = pass.plan.changes.len();
         let retiring = self
             .index
             .retiring_proids()
@@ -240,6 +243,15 @@ impl Daemon {
         }
         self.schedule.full_sync_done(Instant::now());
         self.update_gauges();
+        // With the scan that precedes a resync ("scanning the placement
+        // tree", why "full resync"), this brackets it in the log.
+        info!(
+            groups = read,
+            changes = planned,
+            complete = complete == Some(true),
+            duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            "full sync done"
+        );
     }
 
     /// Before planning these proids: re-reads their groups that failed
