@@ -11,7 +11,7 @@
 //! - [`ldif`]: the LDIF reader and writer (RFC 2849).
 //! - [`directory`]: the directory trait, its LDAP and LDIF-file backends, the in-memory engine under the LDIF one (the tests' recording fake in test builds), and opening the configured one.
 //! - [`reconcile`]: one reconcile pass (plan and guard, missing groups, apply, record), shared by `sync` and the daemon; result codes, retries.
-//! - [`audit`]: the audit trail of applied membership changes: one INFO line per group, and JSON lines in `--audit-log`.
+//! - [`audit`]: the audit trail of applied membership changes: one INFO line per group, and JSON lines in `--audit-log`, each pass's intents written before its first Modify.
 //! - [`backoff`]: how long to wait before trying again, for every retry and poll.
 //! - [`output`]: the LDIF and JSON renderings of plans and results.
 //! - [`cli`]: options from flags, environment and config file, validated into a config.

@@ -321,6 +321,8 @@ impl Daemon {
                     for proid in &changed {
                         self.groups.mark_proid_stale(&proid.key());
                     }
+                    // The scan's placements are gone.
+                    super::sync::give_back_freed_memory();
                     self.update_gauges();
                     if why != STARTUP {
                         self.metrics.rescans.inc();
