@@ -649,10 +649,15 @@ fn escape_filter(value: &str) -> String {
     out
 }
 
-/// True when the group holds every one of `members`.
-async fn holds_all(mut ldap: Ldap, group: String, filter: String) -> Res<(String, bool)> {
+/// A base search of `group`: its entries, or why it failed.
+async fn base_search(
+    ldap: &mut Ldap,
+    group: &str,
+    filter: &str,
+    attrs: Vec<&str>,
+) -> Res<Vec<ldap3::ResultEntry>> {
     let ldap3::SearchResult(entries, result) = ldap
-        .search(&group, Scope::Base, &filter, vec!["1.1"])
+        .search(group, Scope::Base, filter, attrs)
         .await
         .map_err(|e| format!("search {group}: {e}"))?;
     if result.rc != 0 {
@@ -661,6 +666,12 @@ async fn holds_all(mut ldap: Ldap, group: String, filter: String) -> Res<(String
             result.rc, result.text
         ));
     }
+    Ok(entries)
+}
+
+/// True when the group holds every one of `members`.
+async fn holds_all(mut ldap: Ldap, group: String, filter: String) -> Res<(String, bool)> {
+    let entries = base_search(&mut ldap, &group, &filter, vec!["1.1"]).await?;
     Ok((group, !entries.is_empty()))
 }
 
@@ -1136,16 +1147,7 @@ async fn groups_differing(
     let mut off = 0;
     for &p in touched {
         let group = group_dn(c, &tree.proids[p]);
-        let ldap3::SearchResult(entries, result) = ldap
-            .search(&group, Scope::Base, "(objectClass=*)", vec!["member"])
-            .await
-            .map_err(|e| format!("search {group}: {e}"))?;
-        if result.rc != 0 {
-            return Err(format!(
-                "search {group}: result {}: {}",
-                result.rc, result.text
-            ));
-        }
+        let entries = base_search(ldap, &group, "(objectClass=*)", vec!["member"]).await?;
         let have: HashSet<String> = entries
             .into_iter()
             .flat_map(|e| {

@@ -320,7 +320,7 @@ struct Line<'a> {
 
 /// What a file record says of its change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Said {
+enum Said {
     /// Applied (in a dry run, would have been).
     Applied {
         /// Nothing was written.
@@ -592,7 +592,7 @@ pub fn json_line(replica: &str, term: Option<u64>, record: &Record<'_>, time: St
 }
 
 /// The audit file's line for `change`, as `said`, newline included.
-pub fn line_json(
+fn line_json(
     replica: &str,
     term: Option<u64>,
     change: &GroupChange,

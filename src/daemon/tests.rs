@@ -14,12 +14,11 @@ fn h1() -> std::collections::BTreeSet<Dn> {
     [Dn::parse(H1).expect("dn")].into()
 }
 
-/// A daemon whose directory holds its modifies at a gate, with one
-/// modify of `db` waiting there.
-async fn a_write_in_flight(
-    root: &std::path::Path,
+/// A gated in-memory directory, and the setup that runs the daemon on it
+/// under `roles` (no election when `None`).
+fn gated(
     roles: Option<watch::Receiver<crate::election::RoleState>>,
-) -> (Harness, std::sync::Arc<Gated>) {
+) -> (std::sync::Arc<Gated>, Setup) {
     let gated = Gated::new(memory_directory());
     let setup = Setup {
         front: Some(gated.clone()),
@@ -27,6 +26,26 @@ async fn a_write_in_flight(
         roles,
         ..Setup::default()
     };
+    (gated, setup)
+}
+
+/// The records of the audit trail at `path` for the `db` group, in order.
+fn db_records(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .expect("the audit trail")
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
+        .filter(|r| r["group"] == DB)
+        .collect()
+}
+
+/// A daemon whose directory holds its modifies at a gate, with one
+/// modify of `db` waiting there.
+async fn a_write_in_flight(
+    root: &std::path::Path,
+    roles: Option<watch::Receiver<crate::election::RoleState>>,
+) -> (Harness, std::sync::Arc<Gated>) {
+    let (gated, setup) = gated(roles);
     let h = Harness::start_with(root, run_config(root, &[]), setup);
     h.ready().await;
     assert_eq!(h.members(WEB).await, h1(), "the initial sync went through");
@@ -44,13 +63,7 @@ async fn step_down_mid_batch_no_modify_leaves_after_the_loss() {
     fill(&root);
     let (roles, rx) = watch::channel(role(Role::Leader, 1));
     let roles = std::sync::Arc::new(roles);
-    let gated = Gated::new(memory_directory());
-    let setup = Setup {
-        front: Some(gated.clone()),
-        dir: Some(gated.inner.clone()),
-        roles: Some(rx),
-        ..Setup::default()
-    };
+    let (gated, setup) = gated(Some(rx));
     let h = Harness::start_with(&root, run_config(&root, &[]), setup);
     h.ready().await;
     // The leadership is lost inside the batch's pass, after it was
@@ -91,13 +104,7 @@ async fn step_down_mid_batch_records_the_modify_already_sent_and_sends_no_more()
     let audit_arg = format!("--audit-log={}", audit.display());
     let config = run_config(&root, &["--max-values-per-modify=1", &audit_arg]);
     let (roles, rx) = watch::channel(role(Role::Leader, 1));
-    let gated = Gated::new(memory_directory());
-    let setup = Setup {
-        front: Some(gated.clone()),
-        dir: Some(gated.inner.clone()),
-        roles: Some(rx),
-        ..Setup::default()
-    };
+    let (gated, setup) = gated(Some(rx));
     let h = Harness::start_with(&root, config, setup);
     h.ready().await;
     gated.answer_late();
@@ -121,20 +128,15 @@ async fn step_down_mid_batch_records_the_modify_already_sent_and_sends_no_more()
     sleep(Duration::from_secs(5)).await;
     assert_eq!(h.modifies(DB), 1, "the second Modify is never sent");
     assert_eq!(h.members(DB).await, h1());
-    let trail = std::fs::read_to_string(&audit).expect("the audit trail");
-    let db: Vec<serde_json::Value> = trail
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
-        .filter(|r| r["group"] == DB)
-        .collect();
+    let db = db_records(&audit);
     // The pass's intent names both values; only the one sent is recorded.
-    assert_eq!(db.len(), 2, "{trail}");
-    assert_eq!(db[0]["intent"], serde_json::json!(true), "{trail}");
-    assert_eq!(db[0]["added"].as_array().map(Vec::len), Some(2), "{trail}");
-    assert_eq!(db[1].get("intent"), None, "{trail}");
-    assert_eq!(db[1]["added"], serde_json::json!([H1]), "{trail}");
+    assert_eq!(db.len(), 2, "{db:?}");
+    assert_eq!(db[0]["intent"], serde_json::json!(true), "{db:?}");
+    assert_eq!(db[0]["added"].as_array().map(Vec::len), Some(2), "{db:?}");
+    assert_eq!(db[1].get("intent"), None, "{db:?}");
+    assert_eq!(db[1]["added"], serde_json::json!([H1]), "{db:?}");
     for record in &db {
-        assert_eq!(record["term"], serde_json::json!(1), "{trail}");
+        assert_eq!(record["term"], serde_json::json!(1), "{db:?}");
     }
     h.stop().await;
 }
@@ -173,24 +175,12 @@ async fn frozen_write_a_modify_without_answer_that_was_applied_is_recorded_by_th
     fill(&root);
     let audit = root.with_extension("audit");
     let audit_arg = format!("--audit-log={}", audit.display());
-    let gated = Gated::new(memory_directory());
-    let setup = Setup {
-        front: Some(gated.clone()),
-        dir: Some(gated.inner.clone()),
-        ..Setup::default()
-    };
+    let (gated, setup) = gated(None);
     let h = Harness::start_with(&root, run_config(&root, &[&audit_arg]), setup);
     h.ready().await;
     gated.time_out_next();
     h.place("h1", "db.app#1");
-    let records = || {
-        let trail = std::fs::read_to_string(&audit).expect("the audit trail");
-        trail
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
-            .filter(|r| r["group"] == DB)
-            .collect::<Vec<_>>()
-    };
+    let records = || db_records(&audit);
     until("the change recorded", || async { records().len() > 1 }).await;
     sleep(Duration::from_secs(5)).await;
     let db = records();
@@ -223,13 +213,7 @@ async fn unanswered_across_terms_a_change_without_answer_is_not_claimed_in_a_lat
     let audit = root.with_extension("audit");
     let audit_arg = format!("--audit-log={}", audit.display());
     let (roles, rx) = watch::channel(role(Role::Leader, 1));
-    let gated = Gated::new(memory_directory());
-    let setup = Setup {
-        front: Some(gated.clone()),
-        dir: Some(gated.inner.clone()),
-        roles: Some(rx),
-        ..Setup::default()
-    };
+    let (gated, setup) = gated(Some(rx));
     let h = Harness::start_with(&root, run_config(&root, &[&audit_arg]), setup);
     h.ready().await;
     // Applied by the directory, its answer lost: in term 1.
@@ -249,20 +233,15 @@ async fn unanswered_across_terms_a_change_without_answer_is_not_claimed_in_a_lat
     })
     .await;
     sleep(Duration::from_secs(5)).await;
-    let trail = std::fs::read_to_string(&audit).expect("the audit trail");
-    let db: Vec<serde_json::Value> = trail
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
-        .filter(|r| r["group"] == DB)
-        .collect();
+    let db = db_records(&audit);
     // The intent and the unanswered record, both of term 1.
-    assert_eq!(db.len(), 2, "{trail}");
-    assert_eq!(db[0]["intent"], serde_json::json!(true), "{trail}");
-    assert_eq!(db[1]["unanswered"], serde_json::json!(true), "{trail}");
+    assert_eq!(db.len(), 2, "{db:?}");
+    assert_eq!(db[0]["intent"], serde_json::json!(true), "{db:?}");
+    assert_eq!(db[1]["unanswered"], serde_json::json!(true), "{db:?}");
     for record in &db {
-        assert_eq!(record["term"], serde_json::json!(1), "{trail}");
-        assert_eq!(record["added"], serde_json::json!([H1]), "{trail}");
-        assert_eq!(record["cause"], "event", "{trail}");
+        assert_eq!(record["term"], serde_json::json!(1), "{db:?}");
+        assert_eq!(record["added"], serde_json::json!([H1]), "{db:?}");
+        assert_eq!(record["cause"], "event", "{db:?}");
     }
     assert_eq!(h.modifies(DB), 1, "nothing more to send");
     h.stop().await;
@@ -279,13 +258,7 @@ async fn killed_in_flight_a_change_is_on_disk_before_its_modify_leaves() {
     let audit = root.with_extension("audit");
     let audit_arg = format!("--audit-log={}", audit.display());
     let (_roles, rx) = watch::channel(role(Role::Leader, 3));
-    let gated = Gated::new(memory_directory());
-    let setup = Setup {
-        front: Some(gated.clone()),
-        dir: Some(gated.inner.clone()),
-        roles: Some(rx),
-        ..Setup::default()
-    };
+    let (gated, setup) = gated(Some(rx));
     let h = Harness::start_with(&root, run_config(&root, &[&audit_arg]), setup);
     h.ready().await;
     gated.close();
@@ -293,14 +266,7 @@ async fn killed_in_flight_a_change_is_on_disk_before_its_modify_leaves() {
     until("the write is in flight", || async { gated.held() == 1 }).await;
     // No answer yet, and none will come before the kill: the trail holds
     // the intent, in the term the request was sent in.
-    let records = || {
-        let trail = std::fs::read_to_string(&audit).expect("the audit trail");
-        trail
-            .lines()
-            .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("json"))
-            .filter(|r| r["group"] == DB)
-            .collect::<Vec<_>>()
-    };
+    let records = || db_records(&audit);
     let db = records();
     assert_eq!(db.len(), 1, "{db:?}");
     assert_eq!(db[0]["intent"], serde_json::json!(true), "{db:?}");
