@@ -3,8 +3,8 @@
 //!
 //! [`names`] holds the tree's names; [`scan`] reads a whole tree into a
 //! [`Snapshot`]; [`event`] classifies the path of a file system
-//! notification; [`watch`] is the only place that talks to the file system
-//! notifier, and turns what it reports into [`TreeEvent`]s. A snapshot can
+//! notification; [`watch`] is the only place that talks to the kernel's
+//! notifier (inotify), and turns what it reports into [`TreeEvent`]s. A snapshot can
 //! also be expressed as the events that build it ([`Snapshot::events`]);
 //! the index takes a snapshot in one go and later changes event by event.
 

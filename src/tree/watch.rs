@@ -1,5 +1,5 @@
-//! Follows the placement tree with the file system notifier: the only
-//! module that talks to `notify`.
+//! Follows the placement tree with inotify: the only module that talks to
+//! the kernel's notifier.
 //!
 //! Notifications are turned into [`Change`]s at once, and from the state of
 //! the file system rather than from the kind of notification: a path that
@@ -20,16 +20,26 @@
 //! a FIFO, socket, device or symlink is never data, and reading never
 //! blocks or leaves the tree.
 //!
-//! notify hands over a new directory's notification before it watches that
-//! directory, so a listing made right then can miss a file written a moment
-//! later, for good. Notifications are therefore looked at on a thread of our
-//! own, which first makes sure a new directory is watched (asking notify,
-//! which answers only once its own watch is set) and only then lists it.
+//! One thread of the watcher's own reads the notifications, keeps the
+//! watches and reads what they point at, so the event loop never waits on
+//! the file system. Only the tree's own directories are watched (the root,
+//! `servers/`, `placement/` and each host directory in it), never a
+//! symlink, and only for what can change the data: entries created,
+//! removed or renamed, a file closed after writing (its contents are read
+//! then, never half-written), attributes. Not for a file opened or read:
+//! the daemon's own scan opens every server file and lists every host
+//! directory, and would otherwise fill its own queue with its reading.
+//! The notifications of one read are handled in two steps: first every
+//! directory that appeared is watched, then each path they name is looked
+//! at once, so a new directory is always watched before it is listed.
 
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
 
-use notify::{EventKind, RecommendedWatcher, RecursiveMode, Watcher};
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 use thiserror::Error;
 use tokio::sync::mpsc;
 use tracing::{debug, warn};
@@ -57,164 +67,402 @@ pub enum Change {
 
 /// The watcher could not be set up.
 #[derive(Debug, Error)]
-#[error("cannot watch {path}: {source}")]
+#[error("cannot watch {path}: {}", explain(.source))]
 pub struct WatchError {
     path: PathBuf,
-    source: notify::Error,
+    source: io::Error,
 }
 
-/// A running watch; dropping it stops the notifications.
+/// A running watch; dropping it stops the notifications and ends the
+/// watcher's thread.
 pub struct TreeWatcher {
-    // The thread that turns notifications into changes holds it weakly, so
-    // dropping this drops the notifier, which ends the thread.
-    _watcher: Arc<Mutex<RecommendedWatcher>>,
+    // The write end of a pipe the thread waits on beside the notifier:
+    // closing it wakes the thread, which then ends.
+    _stop: OwnedFd,
 }
 
-/// Starts watching `root` recursively. Changes arrive on the receiver in
-/// the order they were seen.
+/// What a directory is watched for. `ONLYDIR` and `DONT_FOLLOW`: a watch
+/// is never set through a symlink, or on anything but a directory (the
+/// root excepted: the operator named it, and it may be a link to the
+/// tree, which is then followed once, at the start).
+const MASK: WatchMask = WatchMask::CREATE
+    .union(WatchMask::DELETE)
+    .union(WatchMask::MOVED_FROM)
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::CLOSE_WRITE)
+    .union(WatchMask::ATTRIB)
+    .union(WatchMask::DELETE_SELF)
+    .union(WatchMask::MOVE_SELF)
+    .union(WatchMask::ONLYDIR)
+    .union(WatchMask::DONT_FOLLOW)
+    .union(WatchMask::EXCL_UNLINK);
+
+/// Room for a thousand notifications or so in one read.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// Starts watching `root`: its layout's directories, each on its own.
+/// Changes arrive on the receiver in the order they were seen.
 pub fn watch(root: &Path) -> Result<(TreeWatcher, mpsc::UnboundedReceiver<Change>), WatchError> {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let error = |source| WatchError {
-        path: root.to_path_buf(),
-        source,
+    let error = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| WatchError { path, source }
     };
-    // notify's callback must not wait on notify (it runs on notify's own
-    // thread): it only passes notifications on.
-    let (raw_tx, raw_rx) = std::sync::mpsc::channel::<notify::Result<notify::Event>>();
-    let mut watcher = notify::recommended_watcher(move |res| {
-        let _ = raw_tx.send(res);
-    })
-    .map_err(error)?;
-    watch_tree(&mut watcher, root).map_err(error)?;
-    let watcher = Arc::new(Mutex::new(watcher));
-    let weak = Arc::downgrade(&watcher);
-    let base = root.to_path_buf();
+    let inotify = Inotify::init().map_err(error(root))?;
+    let mut watched = Watched::new(root, inotify.watches());
+    watched
+        .watch_tree()
+        .map_err(|(path, err)| error(&path)(err))?;
+    let (wake, stop) = pipe().map_err(error(root))?;
+    let (tx, rx) = mpsc::unbounded_channel();
     std::thread::Builder::new()
         .name("tree-watch".into())
-        .spawn(move || {
-            for res in raw_rx {
-                for change in changes_of(&base, &weak, res) {
-                    // The receiver is gone only when the daemon is shutting down.
-                    if tx.send(change).is_err() {
-                        return;
-                    }
-                }
-            }
-        })
-        .map_err(|e| error(notify::Error::io(e)))?;
-    Ok((TreeWatcher { _watcher: watcher }, rx))
+        .spawn(move || follow(inotify, watched, &wake, &tx))
+        .map_err(error(root))?;
+    Ok((TreeWatcher { _stop: stop }, rx))
 }
 
-/// Watches the tree's directories each on its own: the root, `servers/`,
-/// `placement/` and every host directory in it. A recursive watch of the
-/// root would find those by walking the whole tree, looking at every file
-/// (notify reads each entry's metadata), where the tree's layout says
-/// which directories there are. Only directories are watched, never a
-/// symlink. A directory that appears later is watched when it is reported
-/// ([`ensure_watched`]); one that goes away before its watch is set is
-/// reported by its parent's watch.
-fn watch_tree(watcher: &mut RecommendedWatcher, root: &Path) -> notify::Result<()> {
-    watcher.watch(root, RecursiveMode::NonRecursive)?;
-    let mut dirs = Vec::new();
-    for name in [SERVERS, PLACEMENT] {
-        let path = root.join(name);
-        if matches!(safe_fs::probe(&path), Ok(Some(Kind::Directory))) {
-            dirs.push(path);
+/// The watcher's thread: waits for notifications (or for the watch to be
+/// dropped), and hands on what they mean until the receiver is gone or
+/// the watcher has failed.
+fn follow(
+    mut inotify: Inotify,
+    mut watched: Watched,
+    wake: &OwnedFd,
+    tx: &mpsc::UnboundedSender<Change>,
+) {
+    let mut buffer = vec![0; READ_BUFFER];
+    loop {
+        match wait(inotify.as_raw_fd(), wake.as_raw_fd()) {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(err) => {
+                let _ = tx.send(Change::Failed(format!("the notifier failed: {err}")));
+                return;
+            }
+        }
+        let raw = match inotify.read_events(&mut buffer) {
+            Ok(events) => events
+                .map(|e| Raw {
+                    wd: Some(e.wd),
+                    mask: e.mask,
+                    name: e.name.map(OsStr::to_owned),
+                })
+                .collect::<Vec<_>>(),
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(err) => {
+                let _ = tx.send(Change::Failed(format!("the notifier failed: {err}")));
+                return;
+            }
+        };
+        for change in watched.changes_of(raw) {
+            let failed = matches!(change, Change::Failed(_));
+            // The receiver is gone only when the watcher was dropped.
+            if tx.send(change).is_err() || failed {
+                return;
+            }
         }
     }
-    let placement = root.join(PLACEMENT);
-    if let Ok(entries) = safe_fs::list_dir(&placement) {
+}
+
+/// Waits until the notifier has something to read (true) or the watch was
+/// dropped (false).
+fn wait(notifier: RawFd, stop: RawFd) -> io::Result<bool> {
+    let mut fds = [
+        libc::pollfd {
+            fd: notifier,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+        libc::pollfd {
+            fd: stop,
+            events: libc::POLLIN,
+            revents: 0,
+        },
+    ];
+    loop {
+        // SAFETY: `fds` is an array of two initialised pollfds that lives
+        // across the call, and its length is passed with it.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if n >= 0 {
+            break;
+        }
+        let err = io::Error::last_os_error();
+        if err.kind() != io::ErrorKind::Interrupted {
+            return Err(err);
+        }
+    }
+    if fds[1].revents != 0 {
+        return Ok(false);
+    }
+    Ok(fds[0].revents != 0)
+}
+
+/// A pipe: its read end for the watcher's thread, its write end for the
+/// handle whose drop closes it.
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just opened and are owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// A notification as read, detached from the read buffer.
+#[derive(Debug, Clone)]
+struct Raw {
+    /// `None` only in tests, for a directory no longer known.
+    wd: Option<WatchDescriptor>,
+    mask: EventMask,
+    name: Option<std::ffi::OsString>,
+}
+
+/// The watches set, and which directory of the tree each one is.
+struct Watched {
+    root: PathBuf,
+    watches: Watches,
+    root_wd: Option<WatchDescriptor>,
+    paths: HashMap<WatchDescriptor, PathBuf>,
+    wds: HashMap<PathBuf, WatchDescriptor>,
+}
+
+/// A watch that could not be set, and why.
+enum Unwatched {
+    /// The directory is gone or is not one (a symlink, a file): whatever
+    /// is there now is reported by its parent's watch.
+    Gone,
+    /// The watcher can't see this directory (the watch limit, say).
+    Blind(PathBuf, io::Error),
+}
+
+impl Watched {
+    fn new(root: &Path, watches: Watches) -> Self {
+        Watched {
+            root: root.to_path_buf(),
+            watches,
+            root_wd: None,
+            paths: HashMap::new(),
+            wds: HashMap::new(),
+        }
+    }
+
+    /// Watches the root, `servers/`, `placement/` and every host directory
+    /// in it. A recursive walk would look at every file, where the tree's
+    /// layout says which directories there are.
+    fn watch_tree(&mut self) -> Result<(), (PathBuf, io::Error)> {
+        let root = self.root.clone();
+        match self.add(&root) {
+            Ok(wd) => self.root_wd = Some(wd),
+            Err(Unwatched::Gone) => {
+                let err = io::Error::new(io::ErrorKind::NotFound, "not a directory");
+                return Err((root, err));
+            }
+            Err(Unwatched::Blind(path, err)) => return Err((path, err)),
+        }
+        for name in [SERVERS, PLACEMENT] {
+            if let Err(Unwatched::Blind(path, err)) = self.add_layout_dir(&root.join(name)) {
+                return Err((path, err));
+            }
+        }
+        Ok(())
+    }
+
+    /// Watches `dir`, one of the tree's own directories; for `placement/`,
+    /// then every host directory it holds.
+    fn add_layout_dir(&mut self, dir: &Path) -> Result<(), Unwatched> {
+        self.add(dir)?;
+        if classify(&self.root, dir) != PathKind::PlacementDir {
+            return Ok(());
+        }
+        let Ok(entries) = safe_fs::list_dir(dir) else {
+            // Unreadable: the rescan that follows says so.
+            return Ok(());
+        };
         for (name, file_type) in entries {
-            let path = placement.join(name);
+            let path = dir.join(name);
             let kind = match file_type {
                 Some(file_type) => Some(Kind::of(file_type)),
                 None => safe_fs::probe(&path).ok().flatten(),
             };
-            if kind == Some(Kind::Directory) {
-                dirs.push(path);
+            if kind != Some(Kind::Directory) {
+                continue;
+            }
+            match self.add(&path) {
+                Ok(_) | Err(Unwatched::Gone) => {}
+                Err(blind) => return Err(blind),
             }
         }
+        Ok(())
     }
-    for dir in dirs {
-        match watcher.watch(&dir, RecursiveMode::NonRecursive) {
-            // Gone since the listing: its parent's watch reports it.
-            Err(err) if matches!(err.kind, notify::ErrorKind::PathNotFound) => {
+
+    fn add(&mut self, dir: &Path) -> Result<WatchDescriptor, Unwatched> {
+        let mask = if dir == self.root {
+            MASK.difference(WatchMask::DONT_FOLLOW)
+        } else {
+            MASK
+        };
+        match self.watches.add(dir, mask) {
+            Ok(wd) => {
+                if let Some(old) = self.paths.insert(wd.clone(), dir.to_path_buf()) {
+                    // The same directory under a new name: the old is gone.
+                    if old != dir {
+                        self.wds.remove(&old);
+                    }
+                }
+                self.wds.insert(dir.to_path_buf(), wd.clone());
+                Ok(wd)
+            }
+            Err(err)
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::ENOENT | libc::ENOTDIR | libc::ELOOP)
+                ) =>
+            {
                 debug!(path = %dir.display(), "gone before it could be watched");
+                Err(Unwatched::Gone)
             }
-            other => other?,
+            Err(err) => Err(Unwatched::Blind(dir.to_path_buf(), err)),
         }
     }
-    Ok(())
-}
 
-/// The changes one notification stands for.
-fn changes_of(
-    base: &Path,
-    watcher: &Weak<Mutex<RecommendedWatcher>>,
-    res: notify::Result<notify::Event>,
-) -> Vec<Change> {
-    match res {
-        Ok(event) if event.need_rescan() => {
-            vec![Change::Rescan("the notifier lost events".into())]
+    /// Forgets `dir` and every watched directory under it, and removes
+    /// their watches: a directory moved away is no longer part of the tree
+    /// (a moved directory keeps its watch, and would report under its old
+    /// name).
+    fn forget(&mut self, dir: &Path, remove: bool) {
+        let under: Vec<PathBuf> = match classify(&self.root, dir) {
+            // Nothing under a host directory is watched.
+            PathKind::HostDir(_) => vec![dir.to_path_buf()],
+            _ => self
+                .wds
+                .keys()
+                .filter(|p| p.starts_with(dir) && p.as_path() != self.root)
+                .cloned()
+                .collect(),
+        };
+        for path in under {
+            if let Some(wd) = self.wds.remove(&path) {
+                self.paths.remove(&wd);
+                if remove {
+                    // Already gone if it was removed meanwhile.
+                    let _ = self.watches.remove(wd);
+                }
+            }
         }
-        Ok(event) if matches!(event.kind, EventKind::Access(_)) => Vec::new(),
-        // The watches follow the directory, not its path: once the root
-        // has been moved or removed nothing under the path is seen.
-        Ok(event)
-            if matches!(
-                event.kind,
-                EventKind::Remove(_) | EventKind::Modify(notify::event::ModifyKind::Name(_))
-            ) && event.paths.iter().any(|p| p == base) =>
-        {
-            vec![Change::Failed(format!(
-                "{} was moved or removed",
-                base.display()
-            ))]
+    }
+
+    /// The changes one read's notifications stand for.
+    fn changes_of(&mut self, raw: Vec<Raw>) -> Vec<Change> {
+        let mut changes = Vec::new();
+        let mut paths = Vec::new();
+        let mut seen = HashSet::new();
+        for event in raw {
+            if event.mask.contains(EventMask::Q_OVERFLOW) {
+                changes.push(Change::Rescan("the notifier lost events".into()));
+                continue;
+            }
+            let Some(wd) = event.wd else { continue };
+            let is_root = self.root_wd.as_ref() == Some(&wd);
+            if event.mask.contains(EventMask::IGNORED) {
+                // The directory went away (its parent reports it) or its
+                // watch was removed here.
+                if let Some(path) = self.paths.remove(&wd) {
+                    self.wds.remove(&path);
+                }
+                if !is_root {
+                    continue;
+                }
+            }
+            // The watches follow the directory, not its path: once the
+            // root has been moved or removed nothing under the path is seen.
+            if is_root
+                && event.mask.intersects(
+                    EventMask::DELETE_SELF
+                        | EventMask::MOVE_SELF
+                        | EventMask::IGNORED
+                        | EventMask::UNMOUNT,
+                )
+            {
+                changes.push(Change::Failed(format!(
+                    "{} was moved or removed",
+                    self.root.display()
+                )));
+                return changes;
+            }
+            if event
+                .mask
+                .intersects(EventMask::DELETE_SELF | EventMask::MOVE_SELF | EventMask::UNMOUNT)
+            {
+                // Its parent's watch reports what became of it.
+                continue;
+            }
+            let Some(dir) = self.paths.get(&wd) else {
+                // A directory forgotten since: its parent reported it.
+                continue;
+            };
+            let path = match &event.name {
+                Some(name) => dir.join(name),
+                None => dir.clone(),
+            };
+            if event.mask.contains(EventMask::ISDIR) {
+                if event
+                    .mask
+                    .intersects(EventMask::DELETE | EventMask::MOVED_FROM)
+                {
+                    self.forget(&path, event.mask.contains(EventMask::MOVED_FROM));
+                }
+                if event
+                    .mask
+                    .intersects(EventMask::CREATE | EventMask::MOVED_TO)
+                    && is_layout_dir(&self.root, &path)
+                {
+                    if let Err(Unwatched::Blind(dir, err)) = self.add_layout_dir(&path) {
+                        changes.push(Change::Failed(format!(
+                            "cannot watch {}: {}",
+                            dir.display(),
+                            explain(&err)
+                        )));
+                        return changes;
+                    }
+                }
+            }
+            if seen.insert(path.clone()) {
+                paths.push(path);
+            }
         }
-        Ok(event) => {
-            let appeared = matches!(
-                event.kind,
-                EventKind::Create(_) | EventKind::Modify(notify::event::ModifyKind::Name(_))
-            );
-            event
-                .paths
-                .iter()
-                .flat_map(|p| {
-                    // Never a symlink: a link to a directory outside the
-                    // tree must not get that directory watched.
-                    let is_dir = matches!(safe_fs::probe(p), Ok(Some(Kind::Directory)));
-                    let unwatched = if appeared && p != base && is_dir {
-                        ensure_watched(watcher, p)
-                    } else {
-                        None
-                    };
-                    unwatched.into_iter().chain(changes_at(base, p))
-                })
-                .collect()
+        for path in paths {
+            changes.extend(changes_at(&self.root, &path));
         }
-        Err(err) => vec![Change::Failed(format!("the notifier failed: {err}"))],
+        changes
     }
 }
 
-/// Returns once `dir` is watched: notify answers a request only after it
-/// has finished with the notifications it was handing over, new
-/// directories' watches included. Watching a watched directory again
-/// changes nothing. A directory that cannot be watched for lack of watches
-/// leaves the watcher blind to it: that is a failure of the watcher.
-fn ensure_watched(watcher: &Weak<Mutex<RecommendedWatcher>>, dir: &Path) -> Option<Change> {
-    let watcher = watcher.upgrade()?;
-    // The lock guards nothing but the notifier's own calls.
-    let mut watcher = watcher.lock().unwrap_or_else(|p| p.into_inner());
-    match watcher.watch(dir, RecursiveMode::Recursive) {
-        Ok(()) => None,
-        Err(err) if matches!(err.kind, notify::ErrorKind::MaxFilesWatch) => Some(Change::Failed(
-            format!("cannot watch {}: {err}", dir.display()),
-        )),
-        Err(err) => {
-            // Gone again: its removal is reported next.
-            debug!(path = %dir.display(), error = %err, "cannot watch a new directory");
-            None
+/// A directory of the tree's layout, which is watched when it appears.
+fn is_layout_dir(root: &Path, path: &Path) -> bool {
+    matches!(
+        classify(root, path),
+        PathKind::ServersDir | PathKind::PlacementDir | PathKind::HostDir(_)
+    )
+}
+
+/// What a failure to watch means to an operator.
+fn explain(err: &io::Error) -> String {
+    match err.raw_os_error() {
+        Some(libc::ENOSPC) => {
+            "the inotify watch limit is reached (raise fs.inotify.max_user_watches)".into()
         }
+        Some(libc::EMFILE) => {
+            "the inotify instance limit is reached (raise fs.inotify.max_user_instances)".into()
+        }
+        _ => err.to_string(),
     }
 }
 
@@ -307,38 +555,273 @@ fn host_dir_at(root: &Path, host: HostName) -> Vec<Change> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use notify::event::{ModifyKind, RemoveKind, RenameMode};
+    use std::fs;
+    use std::time::Duration;
 
-    fn changes(base: &Path, res: notify::Result<notify::Event>) -> Vec<Change> {
-        changes_of(base, &Weak::new(), res)
+    use crate::tree::scan::scan;
+
+    fn raw(mask: EventMask, name: Option<&str>) -> Raw {
+        Raw {
+            wd: None,
+            mask,
+            name: name.map(Into::into),
+        }
     }
 
-    #[test]
-    fn a_notifier_error_fails_the_watcher() {
-        let got = changes(Path::new("/t"), Err(notify::Error::generic("inotify read")));
-        assert!(matches!(got.as_slice(), [Change::Failed(why)] if why.contains("inotify read")));
+    fn host(name: &str) -> HostName {
+        HostName::new(name).expect("host")
     }
 
-    #[test]
-    fn the_root_moved_or_removed_fails_the_watcher() {
-        let base = Path::new("/t");
-        for kind in [
-            EventKind::Remove(RemoveKind::Folder),
-            EventKind::Modify(ModifyKind::Name(RenameMode::From)),
-        ] {
-            let event = notify::Event::new(kind).add_path(base.to_path_buf());
-            let got = changes(base, Ok(event));
-            assert!(
-                matches!(got.as_slice(), [Change::Failed(_)]),
-                "{kind:?}: {got:?}"
-            );
+    /// A ready tree: hosts h1 and h2, each with a server file and a host
+    /// directory, one placement on h1.
+    fn tree() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let root = dir.path();
+        for h in ["h1", "h2"] {
+            fs::create_dir_all(root.join("placement").join(h)).expect("mkdir");
+            fs::create_dir_all(root.join("servers")).expect("mkdir");
+            let server = format!("partition: p1\nnt.dn: CN={h},OU=Hosts,DC=ad,DC=com\n");
+            fs::write(root.join("servers").join(h), server).expect("server");
+        }
+        fs::write(root.join("placement/h1/web.app#1"), "").expect("placement");
+        fs::write(root.join(".modified"), "").expect(".modified");
+        dir
+    }
+
+    /// The next change, or a failure after a long while: the watcher is
+    /// asynchronous, and a missing change must not hang the tests.
+    async fn next(rx: &mut mpsc::UnboundedReceiver<Change>) -> Change {
+        tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("a change within 20 s")
+            .expect("the watcher is running")
+    }
+
+    /// Changes until one that reports `host`'s placement `instance` (which
+    /// the test made last, as a marker), that one included.
+    async fn until_placement(
+        rx: &mut mpsc::UnboundedReceiver<Change>,
+        host: &str,
+        instance: &str,
+    ) -> Vec<Change> {
+        let mut got = Vec::new();
+        loop {
+            let change = next(rx).await;
+            let done = match &change {
+                Change::Tree(TreeEvent::PlacementAdded {
+                    host: h,
+                    instance: i,
+                }) => h.as_str() == host && i == instance,
+                // A new directory's listing may have found it first.
+                Change::Tree(TreeEvent::PlacementDirListed { host: h, instances }) => {
+                    h.as_str() == host && instances.contains(instance)
+                }
+                _ => false,
+            };
+            got.push(change);
+            if done {
+                return got;
+            }
         }
     }
 
     #[test]
     fn an_overflow_asks_for_a_rescan_only() {
-        let event = notify::Event::new(EventKind::Other).set_flag(notify::event::Flag::Rescan);
-        let got = changes(Path::new("/t"), Ok(event));
+        let inotify = Inotify::init().expect("inotify");
+        let mut watched = Watched::new(Path::new("/t"), inotify.watches());
+        let got = watched.changes_of(vec![raw(EventMask::Q_OVERFLOW, None)]);
         assert!(matches!(got.as_slice(), [Change::Rescan(_)]), "{got:?}");
+    }
+
+    /// The daemon's own scan opens every server file and lists every host
+    /// directory: none of that may queue a notification, or at 50,000
+    /// hosts the daemon overflows its own queue at every start.
+    #[test]
+    fn the_scans_own_reading_queues_no_notification() {
+        let dir = tree();
+        let mut inotify = Inotify::init().expect("inotify");
+        let mut watched = Watched::new(dir.path(), inotify.watches());
+        assert!(watched.watch_tree().is_ok());
+        assert_eq!(watched.paths.len(), 5, "root, servers, placement, h1, h2");
+        let snapshot = scan(dir.path()).expect("scan");
+        assert_eq!(snapshot.servers.len(), 2, "the scan read both servers");
+        let mut buffer = vec![0; READ_BUFFER];
+        match inotify.read_events(&mut buffer) {
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            Ok(events) => panic!("reading queued {:?}", events.collect::<Vec<_>>()),
+            Err(err) => panic!("{err}"),
+        }
+        // While a change is one.
+        fs::write(dir.path().join("placement/h2/db.app#1"), "").expect("placement");
+        let events = inotify.read_events(&mut buffer).expect("a notification");
+        assert!(events.count() > 0);
+    }
+
+    #[tokio::test]
+    async fn a_new_host_directory_is_watched_before_it_is_listed() {
+        let dir = tree();
+        let root = dir.path();
+        let (_watcher, mut rx) = watch(root).expect("watch");
+        // Files written at once into a new directory are seen, by its
+        // listing or its watch, and so is every later one.
+        fs::create_dir(root.join("placement/h3")).expect("mkdir");
+        fs::write(root.join("placement/h3/web.app#2"), "").expect("placement");
+        fs::write(root.join("placement/h3/web.app#3"), "").expect("placement");
+        let got = until_placement(&mut rx, "h3", "web.app#3").await;
+        let listed_or_added = got.iter().any(|c| match c {
+            Change::Tree(TreeEvent::PlacementDirListed { host, instances }) => {
+                host.as_str() == "h3" && instances.contains("web.app#2")
+            }
+            Change::Tree(TreeEvent::PlacementAdded { host, instance }) => {
+                host.as_str() == "h3" && instance == "web.app#2"
+            }
+            _ => false,
+        });
+        assert!(listed_or_added, "{got:?}");
+    }
+
+    /// A server file is read once its writer has closed it: never half
+    /// written. The placement made after the first half is a marker: the
+    /// queue is ordered, so nothing about the server came before it.
+    #[tokio::test]
+    async fn a_server_file_is_read_once_its_writer_closes_it() {
+        use std::io::Write;
+        let dir = tree();
+        let root = dir.path();
+        let (_watcher, mut rx) = watch(root).expect("watch");
+        let mut file = fs::File::create(root.join("servers/h3")).expect("create");
+        file.write_all(b"partition: p1\n").expect("write");
+        fs::write(root.join("placement/h1/web.app#9"), "").expect("placement");
+        let got = until_placement(&mut rx, "h1", "web.app#9").await;
+        let servers: Vec<_> = got
+            .iter()
+            .filter(|c| matches!(c, Change::Tree(TreeEvent::ServerUpserted { .. })))
+            .collect();
+        // Its creation is seen (an empty file, not usable yet) but not
+        // the half-written contents.
+        assert!(servers.len() <= 1, "{got:?}");
+        file.write_all(b"nt.dn: CN=h3,OU=Hosts,DC=ad,DC=com\n")
+            .expect("write");
+        drop(file);
+        loop {
+            if let Change::Tree(TreeEvent::ServerUpserted { host: h, info }) = next(&mut rx).await {
+                assert_eq!(h, host("h3"));
+                assert!(info.is_ok(), "read whole: {info:?}");
+                break;
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_host_directory_renamed_is_followed_under_its_new_name() {
+        let dir = tree();
+        let root = dir.path();
+        let (_watcher, mut rx) = watch(root).expect("watch");
+        fs::rename(root.join("placement/h1"), root.join("placement/h4")).expect("mv");
+        fs::write(root.join("placement/h4/web.app#5"), "").expect("placement");
+        let got = until_placement(&mut rx, "h4", "web.app#5").await;
+        assert!(
+            got.contains(&Change::Tree(TreeEvent::PlacementDirRemoved {
+                host: host("h1")
+            })),
+            "{got:?}"
+        );
+        let about_h1_later = got
+            .iter()
+            .skip_while(|c| !matches!(c, Change::Tree(TreeEvent::PlacementDirRemoved { .. })))
+            .any(|c| matches!(c, Change::Tree(TreeEvent::PlacementAdded { host, .. }) if host.as_str() == "h1"));
+        assert!(
+            !about_h1_later,
+            "nothing reported under the old name: {got:?}"
+        );
+    }
+
+    /// Soak-style hostile input: a host directory that is a symlink to a
+    /// directory outside the tree. It is never watched, so what happens
+    /// out there is never reported as the tree's.
+    #[tokio::test]
+    async fn a_symlinked_host_directory_is_never_watched() {
+        let dir = tree();
+        let root = dir.path();
+        let outside = tempfile::tempdir().expect("outside");
+        std::os::unix::fs::symlink(outside.path(), root.join("placement/h5")).expect("symlink");
+        let (_watcher, mut rx) = watch(root).expect("watch");
+        std::os::unix::fs::symlink(outside.path(), root.join("placement/h6")).expect("symlink");
+        fs::write(outside.path().join("web.app#7"), "").expect("outside");
+        fs::write(root.join("placement/h2/web.app#8"), "").expect("marker");
+        let got = until_placement(&mut rx, "h2", "web.app#8").await;
+        let outside_seen = got.iter().any(|c| {
+            matches!(c, Change::Tree(TreeEvent::PlacementAdded { instance, .. }) if instance == "web.app#7")
+        });
+        assert!(!outside_seen, "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn placement_replaced_asks_for_a_rescan_and_its_host_directories_are_watched() {
+        let dir = tree();
+        let root = dir.path();
+        let (_watcher, mut rx) = watch(root).expect("watch");
+        let staged = root.join("staged");
+        fs::create_dir_all(staged.join("h7")).expect("mkdir");
+        fs::rename(root.join("placement"), root.join("old")).expect("mv away");
+        fs::rename(&staged, root.join("placement")).expect("mv in");
+        let mut got = Vec::new();
+        while !matches!(got.last(), Some(Change::Rescan(_))) {
+            got.push(next(&mut rx).await);
+        }
+        // The new directory's host directory is watched, the old one's are not.
+        fs::write(root.join("old/h1/web.app#4"), "").expect("old");
+        fs::write(root.join("placement/h7/web.app#6"), "").expect("placement");
+        let got = until_placement(&mut rx, "h7", "web.app#6").await;
+        let old_seen = got.iter().any(|c| {
+            matches!(c, Change::Tree(TreeEvent::PlacementAdded { instance, .. }) if instance == "web.app#4")
+        });
+        assert!(!old_seen, "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn the_root_moved_fails_the_watcher() {
+        let dir = tree();
+        let root = dir.path().join("cell");
+        fs::create_dir(&root).expect("mkdir");
+        let (_watcher, mut rx) = watch(&root).expect("watch");
+        fs::rename(&root, dir.path().join("moved")).expect("mv");
+        match next(&mut rx).await {
+            Change::Failed(why) => assert!(why.contains("was moved or removed"), "{why}"),
+            other => panic!("before the failure: {other:?}"),
+        }
+        assert!(
+            tokio::time::timeout(Duration::from_secs(20), rx.recv())
+                .await
+                .expect("the thread ends")
+                .is_none(),
+            "a failed watcher reports nothing more"
+        );
+    }
+
+    #[tokio::test]
+    async fn dropping_the_watcher_ends_its_thread() {
+        let dir = tree();
+        let (watcher, mut rx) = watch(dir.path()).expect("watch");
+        drop(watcher);
+        let end = tokio::time::timeout(Duration::from_secs(20), rx.recv())
+            .await
+            .expect("the thread ends");
+        assert!(end.is_none(), "{end:?}");
+    }
+
+    #[test]
+    fn a_root_that_is_not_a_directory_is_a_clear_error() {
+        let dir = tree();
+        let file = dir.path().join(".modified");
+        let err = watch(&file).err().expect("an error");
+        let text = err.to_string();
+        assert!(text.contains(".modified"), "{text}");
+    }
+
+    #[test]
+    fn the_watch_limit_is_named_with_the_setting_that_raises_it() {
+        let text = explain(&io::Error::from_raw_os_error(libc::ENOSPC));
+        assert!(text.contains("fs.inotify.max_user_watches"), "{text}");
     }
 }
