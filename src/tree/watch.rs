@@ -141,13 +141,7 @@ fn follow(
             }
         }
         let raw = match inotify.read_events(&mut buffer) {
-            Ok(events) => events
-                .map(|e| Raw {
-                    wd: Some(e.wd),
-                    mask: e.mask,
-                    name: e.name.map(OsStr::to_owned),
-                })
-                .collect::<Vec<_>>(),
+            Ok(events) => detached(events),
             Err(err)
                 if matches!(
                     err.kind(),
@@ -216,6 +210,17 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
     Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
+/// The notifications of one read, detached from the read buffer.
+fn detached(events: inotify::Events<'_>) -> Vec<Raw> {
+    events
+        .map(|e| Raw {
+            wd: Some(e.wd),
+            mask: e.mask,
+            name: e.name.map(OsStr::to_owned),
+        })
+        .collect()
+}
+
 /// A notification as read, detached from the read buffer.
 #[derive(Debug, Clone)]
 struct Raw {
@@ -267,8 +272,14 @@ impl Watched {
             }
             Err(Unwatched::Blind(path, err)) => return Err((path, err)),
         }
+        self.rewatch()
+    }
+
+    /// Watches the layout's directories again, after notifications were
+    /// lost: `servers/`, `placement/` and every host directory in it.
+    fn rewatch(&mut self) -> Result<(), (PathBuf, io::Error)> {
         for name in [SERVERS, PLACEMENT] {
-            if let Err(Unwatched::Blind(path, err)) = self.add_layout_dir(&root.join(name)) {
+            if let Err(Unwatched::Blind(path, err)) = self.add_layout_dir(&self.root.join(name)) {
                 return Err((path, err));
             }
         }
@@ -366,6 +377,17 @@ impl Watched {
         let mut seen = HashSet::new();
         for event in raw {
             if event.mask.contains(EventMask::Q_OVERFLOW) {
+                // What was lost may be a new host directory's creation:
+                // every directory is watched again (a watched one keeps
+                // its watch) before the rescan lists them.
+                if let Err((dir, err)) = self.rewatch() {
+                    changes.push(Change::Failed(format!(
+                        "cannot watch {}: {}",
+                        dir.display(),
+                        explain(&err)
+                    )));
+                    return changes;
+                }
                 changes.push(Change::Rescan("the notifier lost events".into()));
                 continue;
             }
@@ -631,6 +653,32 @@ mod tests {
         let mut watched = Watched::new(Path::new("/t"), inotify.watches());
         let got = watched.changes_of(vec![raw(EventMask::Q_OVERFLOW, None)]);
         assert!(matches!(got.as_slice(), [Change::Rescan(_)]), "{got:?}");
+    }
+
+    /// An overflow may have lost a new host directory's creation: the
+    /// directory is watched before the rescan is asked for, so what is
+    /// written into it later is seen.
+    #[test]
+    fn a_host_directory_whose_creation_was_lost_is_watched_after_the_overflow() {
+        let dir = tree();
+        let mut inotify = Inotify::init().expect("inotify");
+        let mut watched = Watched::new(dir.path(), inotify.watches());
+        assert!(watched.watch_tree().is_ok());
+        let mut buffer = vec![0; READ_BUFFER];
+        fs::create_dir(dir.path().join("placement/h8")).expect("mkdir");
+        // Its notification lost, as in an overflow.
+        let lost = detached(inotify.read_events(&mut buffer).expect("created"));
+        assert!(!lost.is_empty());
+        let got = watched.changes_of(vec![raw(EventMask::Q_OVERFLOW, None)]);
+        assert!(matches!(got.as_slice(), [Change::Rescan(_)]), "{got:?}");
+        fs::write(dir.path().join("placement/h8/web.app#1"), "").expect("placement");
+        let events = detached(inotify.read_events(&mut buffer).expect("seen"));
+        let got = watched.changes_of(events);
+        let added = Change::Tree(TreeEvent::PlacementAdded {
+            host: host("h8"),
+            instance: "web.app#1".into(),
+        });
+        assert!(got.contains(&added), "{got:?}");
     }
 
     /// The daemon's own scan opens every server file and lists every host
