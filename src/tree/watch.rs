@@ -84,7 +84,8 @@ pub struct TreeWatcher {
 /// What a directory is watched for. `ONLYDIR` and `DONT_FOLLOW`: a watch
 /// is never set through a symlink, or on anything but a directory (the
 /// root excepted: the operator named it, and it may be a link to the
-/// tree, which is then followed once, at the start).
+/// tree; the link itself is then watched in its directory, and turned
+/// elsewhere it fails the watcher, whose successor follows the new one).
 const MASK: WatchMask = WatchMask::CREATE
     .union(WatchMask::DELETE)
     .union(WatchMask::MOVED_FROM)
@@ -235,6 +236,10 @@ struct Watched {
     root: PathBuf,
     watches: Watches,
     root_wd: Option<WatchDescriptor>,
+    /// When the root is a symlink: the watch on the directory holding it,
+    /// and its name there. The root's watch follows the directory it
+    /// pointed to at the start; the link turned elsewhere is seen here.
+    link: Option<(WatchDescriptor, std::ffi::OsString)>,
     paths: HashMap<WatchDescriptor, PathBuf>,
     wds: HashMap<PathBuf, WatchDescriptor>,
 }
@@ -254,6 +259,7 @@ impl Watched {
             root: root.to_path_buf(),
             watches,
             root_wd: None,
+            link: None,
             paths: HashMap::new(),
             wds: HashMap::new(),
         }
@@ -271,6 +277,26 @@ impl Watched {
                 return Err((root, err));
             }
             Err(Unwatched::Blind(path, err)) => return Err((path, err)),
+        }
+        if root
+            .symlink_metadata()
+            .is_ok_and(|m| m.file_type().is_symlink())
+        {
+            let parent = match root.parent() {
+                Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+                _ => PathBuf::from("."),
+            };
+            let name = root.file_name().map(OsStr::to_owned).unwrap_or_default();
+            let mask = WatchMask::CREATE
+                | WatchMask::DELETE
+                | WatchMask::MOVED_FROM
+                | WatchMask::MOVED_TO
+                | WatchMask::DELETE_SELF
+                | WatchMask::MOVE_SELF
+                | WatchMask::ONLYDIR
+                | WatchMask::DONT_FOLLOW;
+            let wd = self.watches.add(&parent, mask).map_err(|e| (parent, e))?;
+            self.link = Some((wd, name));
         }
         self.rewatch()
     }
@@ -393,11 +419,28 @@ impl Watched {
             }
             let Some(wd) = event.wd else { continue };
             let is_root = self.root_wd.as_ref() == Some(&wd);
+            if let Some((link_wd, name)) = &self.link {
+                if *link_wd == wd {
+                    let about_link = event.name.as_deref() == Some(name.as_os_str());
+                    if about_link || event.name.is_none() {
+                        changes.push(Change::Failed(format!(
+                            "{} was turned to another directory or removed",
+                            self.root.display()
+                        )));
+                        return changes;
+                    }
+                    continue;
+                }
+            }
             if event.mask.contains(EventMask::IGNORED) {
                 // The directory went away (its parent reports it) or its
                 // watch was removed here.
                 if let Some(path) = self.paths.remove(&wd) {
-                    self.wds.remove(&path);
+                    // The path may be another directory's by now (one
+                    // renamed over it): only its own entry goes.
+                    if self.wds.get(&path) == Some(&wd) {
+                        self.wds.remove(&path);
+                    }
                 }
                 if !is_root {
                     continue;
@@ -524,8 +567,12 @@ fn server_at(path: &Path, host: HostName) -> Option<Change> {
     let event = match load_server(path) {
         ServerFile::Present(info) => TreeEvent::ServerUpserted { host, info },
         ServerFile::Absent => TreeEvent::ServerRemoved { host },
-        // A directory where a server file should be is not a server.
-        ServerFile::NotAFile(_) => return None,
+        // A directory where a server file should be is not a server: the
+        // scan skips it, so whatever was there before is gone.
+        ServerFile::NotAFile(what) => {
+            warn!("{}: {what}, not a server file; skipped", path.display());
+            TreeEvent::ServerRemoved { host }
+        }
     };
     Some(Change::Tree(event))
 }
@@ -871,5 +918,277 @@ mod tests {
     fn the_watch_limit_is_named_with_the_setting_that_raises_it() {
         let text = explain(&io::Error::from_raw_os_error(libc::ENOSPC));
         assert!(text.contains("fs.inotify.max_user_watches"), "{text}");
+    }
+
+    use std::collections::{BTreeMap, BTreeSet};
+
+    #[derive(Debug, Default, PartialEq)]
+    struct Model {
+        servers: BTreeMap<HostName, Result<crate::tree::ServerInfo, crate::tree::ServerError>>,
+        placements: BTreeMap<HostName, BTreeSet<String>>,
+    }
+
+    fn model_of(root: &Path) -> Model {
+        let s = scan(root).expect("scan");
+        let mut m = Model {
+            servers: s.servers,
+            placements: s.placements,
+        };
+        m.placements.retain(|_, v| !v.is_empty());
+        m
+    }
+
+    /// Applies the changes; true when a rescan or failure was asked for.
+    fn apply(m: &mut Model, got: &[Change]) -> bool {
+        let mut doubt = false;
+        for c in got {
+            match c {
+                Change::Rescan(_) | Change::Failed(_) => doubt = true,
+                Change::Tree(TreeEvent::ServerUpserted { host, info }) => {
+                    m.servers.insert(host.clone(), info.clone());
+                }
+                Change::Tree(TreeEvent::ServerRemoved { host }) => {
+                    m.servers.remove(host);
+                }
+                Change::Tree(TreeEvent::PlacementAdded { host, instance }) => {
+                    m.placements
+                        .entry(host.clone())
+                        .or_default()
+                        .insert(instance.clone());
+                }
+                Change::Tree(TreeEvent::PlacementRemoved { host, instance }) => {
+                    m.placements
+                        .entry(host.clone())
+                        .or_default()
+                        .remove(instance);
+                }
+                Change::Tree(TreeEvent::PlacementDirRemoved { host }) => {
+                    m.placements.remove(host);
+                }
+                Change::Tree(TreeEvent::PlacementDirListed { host, instances }) => {
+                    m.placements.insert(host.clone(), instances.clone());
+                }
+                Change::Tree(TreeEvent::PlacementsUnknown { .. }) => {}
+            }
+        }
+        m.placements.retain(|_, v| !v.is_empty());
+        doubt
+    }
+
+    /// Runs `ops` against a watched tree, then makes a marker placement;
+    /// checks that what was reported up to the marker (the queue is
+    /// ordered) adds up to what the scan reads, or that a rescan was asked.
+    async fn check(ops: impl FnOnce(&Path)) -> (Vec<Change>, bool) {
+        let dir = tree();
+        let root = dir.path().to_path_buf();
+        let mut m = model_of(&root);
+        let (_w, mut rx) = watch(&root).expect("watch");
+        ops(&root);
+        fs::create_dir_all(root.join("placement/hmark")).expect("mkdir");
+        fs::write(root.join("placement/hmark/mark.er#1"), "").expect("marker");
+        let got = until_placement(&mut rx, "hmark", "mark.er#1").await;
+        let doubt = apply(&mut m, &got);
+        let truth = model_of(&root);
+        let ok = doubt || m == truth;
+        assert!(ok, "model {m:?}\n != disk {truth:?}\n changes {got:?}");
+        (got, doubt)
+    }
+
+    #[tokio::test]
+    async fn a_server_file_replaced_by_a_directory_is_a_server_gone() {
+        check(|root| {
+            fs::remove_file(root.join("servers/h1")).expect("file system");
+            fs::create_dir(root.join("servers/h1")).expect("file system");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_host_directory_made_and_removed_again_and_again_ends_as_on_disk() {
+        check(|root| {
+            for i in 0..50 {
+                let d = root.join("placement/h3");
+                fs::create_dir(&d).expect("file system");
+                fs::write(d.join(format!("web.app#{i}")), "").expect("file system");
+                if i % 2 == 0 {
+                    fs::remove_dir_all(&d).expect("file system");
+                } else {
+                    fs::rename(&d, root.join(format!("gone{i}"))).expect("file system");
+                }
+            }
+            fs::create_dir(root.join("placement/h3")).expect("file system");
+            fs::write(root.join("placement/h3/web.app#x"), "").expect("file system");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_host_directory_moved_out_and_back_ends_as_on_disk() {
+        let out = tempfile::tempdir().expect("outside");
+        let o = out.path().to_path_buf();
+        check(move |root| {
+            for i in 0..20 {
+                fs::rename(root.join("placement/h1"), o.join("h1")).expect("file system");
+                fs::write(o.join("h1").join(format!("web.app#o{i}")), "").expect("file system");
+                fs::rename(o.join("h1"), root.join("placement/h1")).expect("file system");
+            }
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_host_directory_replaced_by_a_file_and_back_ends_as_on_disk() {
+        check(|root| {
+            fs::remove_dir_all(root.join("placement/h1")).expect("file system");
+            fs::write(root.join("placement/h1"), "").expect("file system");
+            fs::remove_file(root.join("placement/h1")).expect("file system");
+            fs::create_dir(root.join("placement/h1")).expect("file system");
+            fs::write(root.join("placement/h1/web.app#2"), "").expect("file system");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn placements_and_host_directories_renamed_over_others_end_as_on_disk() {
+        check(|root| {
+            fs::write(root.join("placement/h2/web.app#1"), "").expect("file system");
+            fs::rename(
+                root.join("placement/h1/web.app#1"),
+                root.join("placement/h2/web.app#1"),
+            )
+            .expect("file system");
+            fs::write(root.join("placement/h1/db.app#1"), "").expect("file system");
+            fs::rename(
+                root.join("placement/h1/db.app#1"),
+                root.join("placement/h2/db.app#2"),
+            )
+            .expect("file system");
+            // A host directory renamed over an empty one.
+            fs::create_dir(root.join("placement/h9")).expect("file system");
+            fs::rename(root.join("placement/h1"), root.join("placement/h9")).expect("file system");
+            fs::write(root.join("placement/h9/web.app#9"), "").expect("file system");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn deep_directories_and_refused_names_end_as_on_disk() {
+        use std::os::unix::ffi::OsStrExt;
+        check(|root| {
+            fs::create_dir_all(root.join("placement/h1/web.app#5/deeper/still"))
+                .expect("file system");
+            fs::write(
+                root.join("placement/h1/web.app#5/deeper/still/web.app#6"),
+                "",
+            )
+            .expect("file system");
+            fs::create_dir(root.join("placement/h\nx")).expect("file system");
+            fs::write(root.join("placement/h\nx/web.app#1"), "").expect("file system");
+            let bad = root.join("placement").join(OsStr::from_bytes(b"h\xff"));
+            fs::create_dir(&bad).expect("file system");
+            fs::write(bad.join("web.app#1"), "").expect("file system");
+            fs::rename(&bad, root.join("placement/h8")).expect("file system");
+            fs::write(
+                root.join("placement/h1")
+                    .join(OsStr::from_bytes(b"web.app#\xff")),
+                "",
+            )
+            .expect("file system");
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn servers_replaced_by_a_symlink_reports_nothing_from_outside() {
+        let dir = tree();
+        let root = dir.path();
+        let out = tempfile::tempdir().expect("file system");
+        let (_w, mut rx) = watch(root).expect("watch");
+        fs::rename(root.join("servers"), out.path().join("servers")).expect("file system");
+        std::os::unix::fs::symlink(out.path().join("servers"), root.join("servers"))
+            .expect("file system");
+        // Nothing outside may be reported as the tree's.
+        fs::write(out.path().join("servers/h7"), "partition: p1\n").expect("file system");
+        fs::write(root.join("placement/h2/web.app#8"), "").expect("marker");
+        let got = until_placement(&mut rx, "h2", "web.app#8").await;
+        assert!(
+            got.iter().any(|c| matches!(c, Change::Rescan(_))),
+            "{got:?}"
+        );
+        let out_seen = got.iter().any(|c| matches!(c, Change::Tree(TreeEvent::ServerUpserted { host, .. }) if host.as_str() == "h7"));
+        assert!(!out_seen, "{got:?}");
+    }
+
+    /// The root is a symlink to a tree; the link is turned to another tree.
+    #[tokio::test]
+    async fn a_symlinked_root_turned_to_another_tree_fails_the_watcher() {
+        let a = tree();
+        let b = tree();
+        let base = tempfile::tempdir().expect("file system");
+        let link = base.path().join("cell");
+        std::os::unix::fs::symlink(a.path(), &link).expect("file system");
+        let (_w, mut rx) = watch(&link).expect("watch");
+        let tmp = base.path().join("cell.new");
+        std::os::unix::fs::symlink(b.path(), &tmp).expect("file system");
+        fs::rename(&tmp, &link).expect("file system");
+        // A change in the tree the root now names.
+        fs::write(b.path().join("placement/h2/web.app#42"), "").expect("file system");
+        match next(&mut rx).await {
+            Change::Failed(why) => assert!(why.contains("turned to another directory"), "{why}"),
+            other => panic!("before the failure: {other:?}"),
+        }
+    }
+
+    /// A host directory renamed over another, then moved out of the tree:
+    /// its watch must go with it.
+    #[test]
+    fn a_host_directory_moved_away_after_a_rename_over_takes_its_watch_with_it() {
+        let dir = tree();
+        let root = dir.path();
+        let out = tempfile::tempdir().expect("file system");
+        let mut inotify = Inotify::init().expect("inotify");
+        let mut watched = Watched::new(root, inotify.watches());
+        assert!(watched.watch_tree().is_ok());
+        let mut buffer = vec![0; READ_BUFFER];
+        fs::remove_file(root.join("placement/h1/web.app#1")).expect("file system");
+        let mut read = |w: &mut Watched| {
+            let e = detached(inotify.read_events(&mut buffer).expect("events"));
+            w.changes_of(e)
+        };
+        read(&mut watched);
+        fs::rename(root.join("placement/h1"), root.join("placement/h2")).expect("file system");
+        read(&mut watched);
+        fs::rename(root.join("placement/h2"), out.path().join("x")).expect("file system");
+        read(&mut watched);
+        let left: Vec<_> = watched
+            .paths
+            .values()
+            .filter(|p| p.ends_with("h2"))
+            .collect();
+        assert!(left.is_empty(), "still watched as in the tree: {left:?}");
+    }
+
+    #[tokio::test]
+    async fn dropping_the_watcher_while_changes_pour_in_ends_its_thread() {
+        let dir = tree();
+        let root = dir.path().to_path_buf();
+        let (w, mut rx) = watch(&root).expect("watch");
+        let r = root.clone();
+        let writer = std::thread::spawn(move || {
+            for i in 0..5000 {
+                let _ = fs::write(r.join(format!("placement/h1/web.app#{i}")), "");
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(w);
+        let mut n = 0;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(20), rx.recv()).await {
+                Ok(Some(_)) => n += 1,
+                Ok(None) => break,
+                Err(_) => panic!("thread did not end after {n}"),
+            }
+        }
+        writer.join().expect("file system");
     }
 }
