@@ -68,6 +68,19 @@ async fn start_with_queue(slapd: &Slapd, tree: &Tree, events: u32) -> Running {
     daemon
 }
 
+/// `n` hosts named `prefix` and a number, their computer accounts and
+/// the web group in a fresh slapd, and a tree with their server files.
+fn estate(prefix: &str, n: usize) -> (Vec<String>, Slapd, Tree) {
+    let hosts: Vec<String> = (0..n).map(|i| format!("{prefix}{i:02}")).collect();
+    let host_refs: Vec<&str> = hosts.iter().map(String::as_str).collect();
+    let slapd = Slapd::start_with(&[&computers_and_groups(&host_refs, &["web-gmsa-hosts"])]);
+    let tree = Tree::new();
+    for h in &hosts {
+        tree.server(h, "p1", &host_dn(h));
+    }
+    (hosts, slapd, tree)
+}
+
 /// Waits until `group` holds exactly the computer accounts of `hosts`.
 async fn converged(slapd: &Slapd, group: &str, hosts: &[&str]) {
     let want: BTreeSet<String> = hosts
@@ -89,13 +102,8 @@ async fn converged(slapd: &Slapd, group: &str, hosts: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_event_queue_overflow_triggers_a_rescan() {
     init_logs();
-    let hosts: Vec<String> = (0..20).map(|i| format!("o{i:02}")).collect();
+    let (hosts, slapd, tree) = estate("o", 20);
     let host_refs: Vec<&str> = hosts.iter().map(String::as_str).collect();
-    let slapd = Slapd::start_with(&[&computers_and_groups(&host_refs, &["web-gmsa-hosts"])]);
-    let tree = Tree::new();
-    for h in &hosts {
-        tree.server(h, "p1", &host_dn(h));
-    }
     tree.mark_ready();
     // A queue of one event: creating a file queues two in one go (created,
     // closed after writing), so the first placement overflows the queue
@@ -130,12 +138,9 @@ async fn an_event_queue_overflow_triggers_a_rescan() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_daemons_own_reading_does_not_fill_its_queue() {
     init_logs();
-    let hosts: Vec<String> = (0..40).map(|i| format!("r{i:02}")).collect();
+    let (hosts, slapd, tree) = estate("r", 40);
     let host_refs: Vec<&str> = hosts.iter().map(String::as_str).collect();
-    let slapd = Slapd::start_with(&[&computers_and_groups(&host_refs, &["web-gmsa-hosts"])]);
-    let tree = Tree::new();
     for h in &hosts {
-        tree.server(h, "p1", &host_dn(h));
         tree.place(h, &format!("web.app#{h}"));
     }
     tree.mark_ready();

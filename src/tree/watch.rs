@@ -406,12 +406,8 @@ impl Watched {
                 // What was lost may be a new host directory's creation:
                 // every directory is watched again (a watched one keeps
                 // its watch) before the rescan lists them.
-                if let Err((dir, err)) = self.rewatch() {
-                    changes.push(Change::Failed(format!(
-                        "cannot watch {}: {}",
-                        dir.display(),
-                        explain(&err)
-                    )));
+                if let Err((path, source)) = self.rewatch() {
+                    changes.push(Change::Failed(WatchError { path, source }.to_string()));
                     return changes;
                 }
                 changes.push(Change::Rescan("the notifier lost events".into()));
@@ -489,12 +485,8 @@ impl Watched {
                     .intersects(EventMask::CREATE | EventMask::MOVED_TO)
                     && is_layout_dir(&self.root, &path)
                 {
-                    if let Err(Unwatched::Blind(dir, err)) = self.add_layout_dir(&path) {
-                        changes.push(Change::Failed(format!(
-                            "cannot watch {}: {}",
-                            dir.display(),
-                            explain(&err)
-                        )));
+                    if let Err(Unwatched::Blind(path, source)) = self.add_layout_dir(&path) {
+                        changes.push(Change::Failed(WatchError { path, source }.to_string()));
                         return changes;
                     }
                 }
@@ -694,6 +686,13 @@ mod tests {
         }
     }
 
+    /// Whether `instance` was reported placed, on any host.
+    fn added(got: &[Change], instance: &str) -> bool {
+        got.iter().any(|c| {
+            matches!(c, Change::Tree(TreeEvent::PlacementAdded { instance: i, .. }) if i == instance)
+        })
+    }
+
     #[test]
     fn an_overflow_asks_for_a_rescan_only() {
         let inotify = Inotify::init().expect("inotify");
@@ -845,10 +844,7 @@ mod tests {
         fs::write(outside.path().join("web.app#7"), "").expect("outside");
         fs::write(root.join("placement/h2/web.app#8"), "").expect("marker");
         let got = until_placement(&mut rx, "h2", "web.app#8").await;
-        let outside_seen = got.iter().any(|c| {
-            matches!(c, Change::Tree(TreeEvent::PlacementAdded { instance, .. }) if instance == "web.app#7")
-        });
-        assert!(!outside_seen, "{got:?}");
+        assert!(!added(&got, "web.app#7"), "{got:?}");
     }
 
     #[tokio::test]
@@ -868,10 +864,7 @@ mod tests {
         fs::write(root.join("old/h1/web.app#4"), "").expect("old");
         fs::write(root.join("placement/h7/web.app#6"), "").expect("placement");
         let got = until_placement(&mut rx, "h7", "web.app#6").await;
-        let old_seen = got.iter().any(|c| {
-            matches!(c, Change::Tree(TreeEvent::PlacementAdded { instance, .. }) if instance == "web.app#4")
-        });
-        assert!(!old_seen, "{got:?}");
+        assert!(!added(&got, "web.app#4"), "{got:?}");
     }
 
     #[tokio::test]
