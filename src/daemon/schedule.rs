@@ -9,10 +9,17 @@
 //! The batch window adapts: when the daemon is idle (no batch in flight,
 //! no change within the last window) the first change is due at once, so
 //! an isolated change is applied in milliseconds. Changes that come while
-//! a batch is in flight, or within a window of the last change, wait for
-//! a quiet window, but never more than [`MAX_BATCH_WAITS`] windows after
-//! the first of them, so a burst costs about one Modify per changed group
-//! and a steady stream is still applied.
+//! a batch is in flight, or within a window of the last change, open a
+//! batch that is due one window later. When that window ends, the batch
+//! waits one more window only if waiting pays: the window brought
+//! changes, and at least one in [`JOIN_TO_WAIT`] of them fell on a proid
+//! already in the batch, which is a Modify saved. So a burst, whose
+//! changes keep falling on the groups it already touched, costs about one
+//! Modify per changed group, while a stream of changes to ever other
+//! groups is applied one window after it came, as waiting would save
+//! nothing. Never more than [`MAX_BATCH_WAITS`] windows after the first
+//! change of the batch, so a steady stream on the same groups is still
+//! applied.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -22,8 +29,12 @@ use tokio::time::Instant;
 use crate::backoff::Backoff;
 use crate::model::Proid;
 
-/// A coalesced batch waits for quiet, but at most this many batch windows.
+/// A coalesced batch waits at most this many batch windows.
 pub const MAX_BATCH_WAITS: u32 = 10;
+/// A batch waits another window when at least one in this many of the
+/// changes of the window that ended fell on a proid already in it: the
+/// next window is expected to save at least that share of its Modifies.
+pub const JOIN_TO_WAIT: u32 = 20;
 /// How often the group of a proid without one is looked up between full syncs.
 pub const MISSING_LOOKUP_EVERY: Duration = Duration::from_secs(60);
 /// The shortest wait before a failed proid is tried again.
@@ -45,7 +56,12 @@ pub struct Schedule {
     dirty: Dirty,
     /// When the first change of the pending batch came.
     batch_opened: Option<Instant>,
+    /// When the pending batch is due: at once, or when its window ends.
     batch_due: Option<Instant>,
+    /// The changes of the batch's window under way, and how many of them
+    /// fell on a proid already in the batch.
+    window_changes: u64,
+    window_joined: u64,
     /// When the last change came, batched or not.
     last_change: Option<Instant>,
     /// A batch or full sync is being written.
@@ -72,6 +88,8 @@ impl Schedule {
             dirty: Dirty::new(),
             batch_opened: None,
             batch_due: None,
+            window_changes: 0,
+            window_joined: 0,
             last_change: None,
             in_flight: false,
             retries: BTreeMap::new(),
@@ -83,7 +101,13 @@ impl Schedule {
     /// Marks a proid for the next batch; `at` starts its latency clock
     /// (kept from its first unapplied change).
     pub fn mark_dirty(&mut self, proid: Proid, at: Instant, now: Instant) {
-        self.dirty.entry(proid).or_insert(at);
+        let joined = match self.dirty.entry(proid) {
+            std::collections::btree_map::Entry::Occupied(_) => true,
+            std::collections::btree_map::Entry::Vacant(entry) => {
+                entry.insert(at);
+                false
+            }
+        };
         let idle = !self.in_flight
             && self.batch_due.is_none()
             && self
@@ -95,15 +119,21 @@ impl Schedule {
             self.batch_due = Some(now);
             return;
         }
-        let first = *self.batch_opened.get_or_insert(now);
-        let latest = first + self.window * MAX_BATCH_WAITS;
-        // A batch already due (the idle fast path, or the max wait) stays
-        // due: later changes join it rather than delay it.
-        let quiet = now + self.window;
-        self.batch_due = Some(match self.batch_due {
-            Some(due) if due <= now => due,
-            _ => quiet.min(latest),
-        });
+        match self.batch_due {
+            // Counted for the window's end; a batch already due (the idle
+            // fast path, the max wait) stays due: later changes join it
+            // rather than delay it.
+            Some(_) => {
+                self.window_changes += 1;
+                self.window_joined += u64::from(joined);
+            }
+            None => {
+                self.batch_opened = Some(now);
+                self.batch_due = Some(now + self.window);
+                self.window_changes = 1;
+                self.window_joined = u64::from(joined);
+            }
+        }
     }
 
     /// How many proids are dirty.
@@ -117,15 +147,34 @@ impl Schedule {
         self.batch_due
     }
 
-    /// True when a batch is due at `now`.
-    pub fn batch_ready(&self, now: Instant) -> bool {
-        self.batch_due.is_some_and(|due| due <= now)
+    /// True when a batch is due at `now`. A batch whose window has ended
+    /// waits another window instead when its window's changes say that
+    /// waiting pays (see the module's documentation).
+    pub fn batch_ready(&mut self, now: Instant) -> bool {
+        let (Some(due), Some(opened)) = (self.batch_due, self.batch_opened) else {
+            return false;
+        };
+        if due > now {
+            return false;
+        }
+        let latest = opened + self.window * MAX_BATCH_WAITS;
+        let pays = self.window_changes > 0
+            && self.window_joined * u64::from(JOIN_TO_WAIT) >= self.window_changes;
+        if due > opened && pays && now < latest {
+            self.batch_due = Some((now + self.window).min(latest));
+            self.window_changes = 0;
+            self.window_joined = 0;
+            return false;
+        }
+        true
     }
 
     /// Takes the dirty proids for a batch and marks it in flight.
     pub fn take_batch(&mut self) -> Dirty {
         self.batch_due = None;
         self.batch_opened = None;
+        self.window_changes = 0;
+        self.window_joined = 0;
         self.in_flight = true;
         std::mem::take(&mut self.dirty)
     }
@@ -355,27 +404,91 @@ mod tests {
         assert_eq!(s.take_batch().len(), 2);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn coalescing_waits_at_most_ten_windows() {
-        let mut s = synced();
+    /// Opens a coalescing batch: a first change goes at once and is in
+    /// flight, the next one opens the batch. Returns when it opened.
+    fn open_batch(s: &mut Schedule) -> Instant {
         let now = Instant::now();
         s.mark_dirty(proid("first"), now, now);
         s.take_batch();
-        let opened = Instant::now();
-        s.mark_dirty(proid("p0"), opened, opened);
-        // A change every half window: never quiet, yet due at the max wait.
-        let mut taken = None;
-        for i in 1..40 {
-            advance(WINDOW / 2).await;
+        s.mark_dirty(proid("p0"), now, now);
+        s.finished();
+        now
+    }
+
+    /// Marks one change every `every`, the `i`th on `name(i)`, until the
+    /// batch is ready; returns when.
+    async fn stream_until_ready(
+        s: &mut Schedule,
+        every: Duration,
+        name: impl Fn(usize) -> String,
+    ) -> Instant {
+        for i in 1..1000 {
+            advance(every).await;
             let now = Instant::now();
             if s.batch_ready(now) {
-                taken = Some(now);
-                break;
+                return now;
             }
-            s.mark_dirty(proid(&format!("p{i}")), now, now);
+            s.mark_dirty(proid(&name(i)), now, now);
         }
-        let taken = taken.expect("the batch came due");
+        panic!("the batch never came due");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn coalescing_waits_at_most_ten_windows() {
+        let mut s = synced();
+        let opened = open_batch(&mut s);
+        // A change every tenth of a window, on the same three proids:
+        // waiting always pays, yet the batch is due at the max wait.
+        let taken = stream_until_ready(&mut s, WINDOW / 10, |i| format!("p{}", i % 3)).await;
         assert_eq!(taken - opened, WINDOW * MAX_BATCH_WAITS);
+        assert_eq!(s.take_batch().len(), 3);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_of_changes_to_other_groups_waits_one_window_only() {
+        let mut s = synced();
+        let opened = open_batch(&mut s);
+        // Every change on a proid not in the batch: another window would
+        // save no Modify, so the batch goes when its window ends.
+        let taken = stream_until_ready(&mut s, WINDOW / 10, |i| format!("p{i}")).await;
+        assert_eq!(taken - opened, WINDOW);
+        assert_eq!(s.take_batch().len(), 10);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_window_whose_changes_join_the_batch_makes_it_wait_another() {
+        let mut s = synced();
+        let opened = open_batch(&mut s);
+        // With the one that opened it, nineteen changes on new proids and
+        // one on a proid already in the batch: one in twenty saved, so it
+        // waits.
+        for i in 1..19 {
+            s.mark_dirty(proid(&format!("p{i}")), opened, opened);
+        }
+        s.mark_dirty(proid("p1"), opened, opened);
+        advance(WINDOW).await;
+        assert!(!s.batch_ready(Instant::now()), "waiting pays");
+        assert_eq!(s.batch_due(), Some(opened + 2 * WINDOW));
+        // The next window brings nothing: quiet, the batch goes.
+        advance(WINDOW).await;
+        assert!(s.batch_ready(Instant::now()));
+        assert_eq!(s.take_batch().len(), 19);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_window_that_joins_fewer_than_one_change_in_twenty_ends_the_wait() {
+        let mut s = synced();
+        let opened = open_batch(&mut s);
+        // Twenty changes on new proids, one joined: one in twenty-one.
+        for i in 1..20 {
+            s.mark_dirty(proid(&format!("p{i}")), opened, opened);
+        }
+        s.mark_dirty(proid("p1"), opened, opened);
+        advance(WINDOW).await;
+        assert!(
+            s.batch_ready(Instant::now()),
+            "waiting would save too little"
+        );
     }
 
     #[tokio::test(start_paused = true)]
