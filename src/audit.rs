@@ -724,6 +724,7 @@ mod tests {
             requests: 1,
             retries: 0,
             unanswered: false,
+            settled: None,
         }
     }
 

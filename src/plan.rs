@@ -32,7 +32,8 @@ pub struct MissingGroup {
     pub desired: BTreeSet<Dn>,
 }
 
-/// Everything that differs, sorted by group DN (normalised).
+/// Everything that differs, sorted by group DN (normalised); the daemon
+/// writes a batch's changes oldest first instead.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Plan {
     /// One entry per group that needs a change.

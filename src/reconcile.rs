@@ -33,6 +33,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use futures::stream::{self, StreamExt};
+use tokio::time::Instant;
 use tracing::{debug, info_span, warn, Instrument};
 
 use crate::directory::{rc, Capabilities, DirError, Directory, Group, MemberChange, Op};
@@ -83,6 +84,10 @@ pub struct GroupResult {
     /// A Modify of this group got no answer: what failed may have been
     /// applied all the same.
     pub unanswered: bool,
+    /// When the directory held this result: the last answer for the
+    /// group, or the save of a directory that saves at commit. `None`
+    /// when nothing was sent (a dry run).
+    pub settled: Option<Instant>,
 }
 
 impl GroupResult {
@@ -99,6 +104,7 @@ impl GroupResult {
             requests: 0,
             retries: 0,
             unanswered: false,
+            settled: None,
         }
     }
 
@@ -364,6 +370,7 @@ fn simulated(change: &GroupChange) -> GroupResult {
         requests: 0,
         retries: 0,
         unanswered: false,
+        settled: None,
     }
 }
 
@@ -453,6 +460,11 @@ pub async fn apply_plan_while(
             };
             result.fail(&all, err.clone());
         }
+    } else if dir.saves_on_commit() {
+        let saved = Instant::now();
+        for result in &mut results {
+            result.settled = Some(saved);
+        }
     }
     results
 }
@@ -521,6 +533,7 @@ async fn apply_group_while(
                 "not fully applied"
             ),
         }
+        result.settled = Some(Instant::now());
         result
     }
     .instrument(span)
@@ -1163,5 +1176,107 @@ mod tests {
             text.contains("gmsa_modify_requests_total{outcome=\"insufficientAccessRights\"}"),
             "{text}"
         );
+    }
+
+    /// The in-memory directory, answering each group's Modify after its
+    /// own delay, and saving at commit when `saves` says so.
+    struct Slow {
+        inner: MemoryDirectory,
+        delays: BTreeMap<Dn, std::time::Duration>,
+        saves: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl Directory for Slow {
+        async fn capabilities(&self) -> Result<Capabilities, DirError> {
+            self.inner.capabilities().await
+        }
+        async fn search_groups(&self, base: &Dn) -> Result<Vec<Group>, DirError> {
+            self.inner.search_groups(base).await
+        }
+        async fn find_group(&self, base: &Dn, name: &str) -> Result<Option<Group>, DirError> {
+            self.inner.find_group(base, name).await
+        }
+        async fn read_group(&self, dn: &Dn) -> Result<Option<Group>, DirError> {
+            self.inner.read_group(dn).await
+        }
+        async fn modify_members(&self, group: &Dn, change: &MemberChange) -> Result<(), DirError> {
+            if let Some(delay) = self.delays.get(group) {
+                tokio::time::sleep(*delay).await;
+            }
+            self.inner.modify_members(group, change).await
+        }
+        async fn commit(&self) -> Result<(), DirError> {
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+            self.inner.commit().await
+        }
+        fn saves_on_commit(&self) -> bool {
+            self.saves
+        }
+    }
+
+    /// Groups `a` and `b`, `a` answered after 10 ms and `b` after 50 ms.
+    fn slow(saves: bool) -> (Slow, Plan) {
+        let records = ["a", "b"]
+            .iter()
+            .map(|name| Record {
+                dn: format!("CN={name},OU=Groups,DC=x"),
+                attrs: vec![
+                    ("objectClass".to_owned(), "group".to_owned()),
+                    ("sAMAccountName".to_owned(), (*name).to_owned()),
+                ],
+            })
+            .collect();
+        let ms = std::time::Duration::from_millis;
+        let delays = [("a", ms(10)), ("b", ms(50))]
+            .into_iter()
+            .map(|(name, delay)| (dn(&format!("CN={name},OU=Groups,DC=x")), delay))
+            .collect();
+        let changes = ["a", "b"]
+            .iter()
+            .map(|name| GroupChange {
+                group_dn: dn(&format!("CN={name},OU=Groups,DC=x")),
+                proid: Proid::new(name).expect("proid"),
+                add: [dn("CN=h1,DC=x")].into(),
+                delete: BTreeSet::new(),
+            })
+            .collect();
+        let dir = Slow {
+            inner: MemoryDirectory::new(records, Flavour::OpenLdap),
+            delays,
+            saves,
+        };
+        let plan = Plan {
+            changes,
+            ..Plan::default()
+        };
+        (dir, plan)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_group_is_settled_when_its_own_modify_is_answered() {
+        let (dir, plan) = slow(false);
+        let start = Instant::now();
+        let results = apply_plan(&dir, &plan, &ApplyOptions::default()).await;
+        let settled: Vec<_> = results
+            .iter()
+            .map(|r| r.settled.map(|at| at - start))
+            .collect();
+        let ms = std::time::Duration::from_millis;
+        // Not when the pass ended (after the 500 ms commit).
+        assert_eq!(settled, [Some(ms(10)), Some(ms(50))]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_directory_that_saves_at_commit_settles_every_group_then() {
+        let (dir, plan) = slow(true);
+        let start = Instant::now();
+        let results = apply_plan(&dir, &plan, &ApplyOptions::default()).await;
+        let settled: Vec<_> = results
+            .iter()
+            .map(|r| r.settled.map(|at| at - start))
+            .collect();
+        let ms = std::time::Duration::from_millis;
+        assert_eq!(settled, [Some(ms(550)), Some(ms(550))]);
     }
 }

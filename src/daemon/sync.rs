@@ -371,6 +371,12 @@ impl Daemon {
                 pass.causes.insert(proid.clone(), Cause::Retry);
             }
         }
+        // The oldest change first: a batch's groups are written in the
+        // order their changes came (the sort is stable: DN order among
+        // equals), so no change waits behind the ones that came after it.
+        pass.plan
+            .changes
+            .sort_by_key(|change| clocks.get(&change.proid).copied());
         for key in &keys {
             self.missing.remove(key);
         }
@@ -580,6 +586,7 @@ impl Daemon {
                 requests: 0,
                 retries: 0,
                 unanswered: false,
+                settled: None,
             };
             result.applied.add.retain(|dn| group.members.contains(dn));
             result
@@ -641,7 +648,10 @@ impl Daemon {
             } else {
                 self.schedule.succeeded(&proid);
                 if let Some(started) = clocks.get(&proid) {
-                    let latency = now.saturating_duration_since(*started);
+                    // Applied when the directory held it, not when the
+                    // whole pass was done.
+                    let settled = result.settled.unwrap_or(now);
+                    let latency = settled.saturating_duration_since(*started);
                     self.metrics.event_to_applied.observe(latency.as_secs_f64());
                     debug!(
                         proid = %proid,
@@ -751,6 +761,40 @@ mod tests {
             (2..=3).contains(&modifies),
             "{modifies} Modify requests for 10 changes in 2 groups"
         );
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_batch_writes_its_oldest_change_first() {
+        let (_guard, root) = tree();
+        fill(&root);
+        for host in ["h2", "h3"] {
+            write_server(&root, host);
+        }
+        let h = Harness::start(&root, &["--batch-window=1s"]);
+        h.ready().await;
+        // The first change goes at once; the two behind it share a batch,
+        // web's change before db's, though db comes first in DN order.
+        h.place("h2", "web.app#2");
+        sleep(Duration::from_millis(10)).await;
+        h.place("h3", "web.app#3");
+        sleep(Duration::from_millis(10)).await;
+        h.place("h3", "db.app#4");
+        until("the batch applied", || async {
+            h.members(DB).await == dns(&["h3"])
+        })
+        .await;
+        let order: Vec<Dn> = h
+            .dir
+            .calls()
+            .iter()
+            .filter_map(|c| match c {
+                Call::Modify { group, .. } => Some(group.clone()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(order[order.len() - 2..], [dn(WEB), dn(DB)]);
+        assert_eq!(h.members(WEB).await, dns(&["h1", "h2", "h3"]));
         h.stop().await;
     }
 

@@ -364,6 +364,10 @@ impl Directory for Gated {
     async fn commit(&self) -> Result<(), DirError> {
         self.inner.commit().await
     }
+
+    fn saves_on_commit(&self) -> bool {
+        self.inner.saves_on_commit()
+    }
 }
 
 /// The election's state for a test that plays the election.

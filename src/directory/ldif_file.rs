@@ -711,6 +711,10 @@ impl Directory for LdifFileDirectory {
         Ok(())
     }
 
+    fn saves_on_commit(&self) -> bool {
+        true
+    }
+
     async fn commit(&self) -> Result<(), DirError> {
         let mut base = self.base.lock().await;
         let changes = std::mem::take(&mut *self.pending());

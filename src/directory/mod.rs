@@ -314,6 +314,12 @@ pub trait Directory: Send + Sync {
     async fn commit(&self) -> Result<(), DirError> {
         Ok(())
     }
+
+    /// True when a change is held only once [`Directory::commit`] saves
+    /// it, not when its Modify is answered.
+    fn saves_on_commit(&self) -> bool {
+        false
+    }
 }
 
 #[cfg(test)]
