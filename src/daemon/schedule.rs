@@ -11,15 +11,14 @@
 //! an isolated change is applied in milliseconds. Changes that come while
 //! a batch is in flight, or within a window of the last change, open a
 //! batch that is due one window later. When that window ends, the batch
-//! waits one more window only if waiting pays: the window brought
-//! changes, and at least one in [`JOIN_TO_WAIT`] of them fell on a proid
-//! already in the batch, which is a Modify saved. So a burst, whose
-//! changes keep falling on the groups it already touched, costs about one
-//! Modify per changed group, while a stream of changes to ever other
-//! groups is applied one window after it came, as waiting would save
-//! nothing. Never more than [`MAX_BATCH_WAITS`] windows after the first
-//! change of the batch, so a steady stream on the same groups is still
-//! applied.
+//! waits one more window only while the daemon is behind: the window
+//! brought changes, and writing the batch would take longer than it has
+//! waited so far (by the write time per group of the passes before it).
+//! Then the directory cannot keep up, the changes would queue anyway, and
+//! gathering them saves Modifies: a burst costs about one Modify per
+//! changed group. A directory that keeps up gets each change one window
+//! after it came, however steady the stream. Never more than
+//! [`MAX_BATCH_WAITS`] windows after the first change of the batch.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -31,10 +30,8 @@ use crate::model::Proid;
 
 /// A coalesced batch waits at most this many batch windows.
 pub const MAX_BATCH_WAITS: u32 = 10;
-/// A batch waits another window when at least one in this many of the
-/// changes of the window that ended fell on a proid already in it: the
-/// next window is expected to save at least that share of its Modifies.
-pub const JOIN_TO_WAIT: u32 = 20;
+/// How much of the write time per group each new pass replaces.
+const WRITE_RATE_WEIGHT: f64 = 0.25;
 /// How often the group of a proid without one is looked up between full syncs.
 pub const MISSING_LOOKUP_EVERY: Duration = Duration::from_secs(60);
 /// The shortest wait before a failed proid is tried again.
@@ -58,10 +55,11 @@ pub struct Schedule {
     batch_opened: Option<Instant>,
     /// When the pending batch is due: at once, or when its window ends.
     batch_due: Option<Instant>,
-    /// The changes of the batch's window under way, and how many of them
-    /// fell on a proid already in the batch.
+    /// Changes since the batch's window was last looked at.
     window_changes: u64,
-    window_joined: u64,
+    /// Write time per group of the passes so far (a moving average
+    /// weighted by groups): decayed seconds and groups.
+    written: (f64, f64),
     /// When the last change came, batched or not.
     last_change: Option<Instant>,
     /// A batch or full sync is being written.
@@ -89,7 +87,7 @@ impl Schedule {
             batch_opened: None,
             batch_due: None,
             window_changes: 0,
-            window_joined: 0,
+            written: (0.0, 0.0),
             last_change: None,
             in_flight: false,
             retries: BTreeMap::new(),
@@ -101,13 +99,7 @@ impl Schedule {
     /// Marks a proid for the next batch; `at` starts its latency clock
     /// (kept from its first unapplied change).
     pub fn mark_dirty(&mut self, proid: Proid, at: Instant, now: Instant) {
-        let joined = match self.dirty.entry(proid) {
-            std::collections::btree_map::Entry::Occupied(_) => true,
-            std::collections::btree_map::Entry::Vacant(entry) => {
-                entry.insert(at);
-                false
-            }
-        };
+        self.dirty.entry(proid).or_insert(at);
         let idle = !self.in_flight
             && self.batch_due.is_none()
             && self
@@ -123,15 +115,11 @@ impl Schedule {
             // Counted for the window's end; a batch already due (the idle
             // fast path, the max wait) stays due: later changes join it
             // rather than delay it.
-            Some(_) => {
-                self.window_changes += 1;
-                self.window_joined += u64::from(joined);
-            }
+            Some(_) => self.window_changes += 1,
             None => {
                 self.batch_opened = Some(now);
                 self.batch_due = Some(now + self.window);
                 self.window_changes = 1;
-                self.window_joined = u64::from(joined);
             }
         }
     }
@@ -158,15 +146,35 @@ impl Schedule {
             return false;
         }
         let latest = opened + self.window * MAX_BATCH_WAITS;
-        let pays = self.window_changes > 0
-            && self.window_joined * u64::from(JOIN_TO_WAIT) >= self.window_changes;
-        if due > opened && pays && now < latest {
+        let behind = self.write_time(self.dirty.len()) > now.saturating_duration_since(opened);
+        if due > opened && self.window_changes > 0 && behind && now < latest {
             self.batch_due = Some((now + self.window).min(latest));
             self.window_changes = 0;
-            self.window_joined = 0;
             return false;
         }
         true
+    }
+
+    /// A pass wrote `groups` groups in `took`.
+    pub fn wrote(&mut self, groups: usize, took: Duration) {
+        if groups == 0 {
+            return;
+        }
+        let (seconds, count) = self.written;
+        let keep = 1.0 - WRITE_RATE_WEIGHT;
+        self.written = (
+            seconds * keep + took.as_secs_f64(),
+            count * keep + groups as f64,
+        );
+    }
+
+    /// How long writing `groups` groups is expected to take.
+    fn write_time(&self, groups: usize) -> Duration {
+        let (seconds, count) = self.written;
+        if count <= 0.0 {
+            return Duration::ZERO;
+        }
+        Duration::try_from_secs_f64(seconds / count * groups as f64).unwrap_or(Duration::MAX)
     }
 
     /// Takes the dirty proids for a batch and marks it in flight.
@@ -174,7 +182,6 @@ impl Schedule {
         self.batch_due = None;
         self.batch_opened = None;
         self.window_changes = 0;
-        self.window_joined = 0;
         self.in_flight = true;
         std::mem::take(&mut self.dirty)
     }
@@ -436,58 +443,66 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn coalescing_waits_at_most_ten_windows() {
         let mut s = synced();
+        // A directory far slower than the stream: always behind.
+        s.wrote(1, Duration::from_secs(1));
         let opened = open_batch(&mut s);
-        // A change every tenth of a window, on the same three proids:
-        // waiting always pays, yet the batch is due at the max wait.
-        let taken = stream_until_ready(&mut s, WINDOW / 10, |i| format!("p{}", i % 3)).await;
+        let taken = stream_until_ready(&mut s, WINDOW / 10, |i| format!("p{i}")).await;
         assert_eq!(taken - opened, WINDOW * MAX_BATCH_WAITS);
+        assert_eq!(s.take_batch().len(), 100);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_directory_that_keeps_up_gets_a_steady_stream_one_window_after_it_came() {
+        let mut s = synced();
+        // 0.1 ms a group: ten groups are written long before they waited
+        // a window.
+        s.wrote(100, Duration::from_millis(10));
+        let opened = open_batch(&mut s);
+        let taken = stream_until_ready(&mut s, WINDOW / 10, |i| format!("p{}", i % 3)).await;
+        assert_eq!(taken - opened, WINDOW);
         assert_eq!(s.take_batch().len(), 3);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_stream_of_changes_to_other_groups_waits_one_window_only() {
+    async fn before_any_write_a_batch_goes_when_its_window_ends() {
         let mut s = synced();
         let opened = open_batch(&mut s);
-        // Every change on a proid not in the batch: another window would
-        // save no Modify, so the batch goes when its window ends.
         let taken = stream_until_ready(&mut s, WINDOW / 10, |i| format!("p{i}")).await;
         assert_eq!(taken - opened, WINDOW);
-        assert_eq!(s.take_batch().len(), 10);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_window_whose_changes_join_the_batch_makes_it_wait_another() {
+    async fn a_batch_that_takes_longer_to_write_than_it_waited_waits_another_window() {
         let mut s = synced();
+        // 30 ms a group, so five groups take 150 ms: more than the window
+        // they waited.
+        s.wrote(2, Duration::from_millis(60));
         let opened = open_batch(&mut s);
-        // With the one that opened it, nineteen changes on new proids and
-        // one on a proid already in the batch: one in twenty saved, so it
-        // waits.
-        for i in 1..19 {
+        for i in 1..5 {
             s.mark_dirty(proid(&format!("p{i}")), opened, opened);
         }
-        s.mark_dirty(proid("p1"), opened, opened);
         advance(WINDOW).await;
-        assert!(!s.batch_ready(Instant::now()), "waiting pays");
+        assert!(!s.batch_ready(Instant::now()), "behind: gathering more");
         assert_eq!(s.batch_due(), Some(opened + 2 * WINDOW));
         // The next window brings nothing: quiet, the batch goes.
         advance(WINDOW).await;
         assert!(s.batch_ready(Instant::now()));
-        assert_eq!(s.take_batch().len(), 19);
+        assert_eq!(s.take_batch().len(), 5);
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_window_that_joins_fewer_than_one_change_in_twenty_ends_the_wait() {
+    async fn a_batch_written_quicker_than_it_waited_goes_when_its_window_ends() {
         let mut s = synced();
+        // 30 ms a group: three groups take 90 ms, less than a window.
+        s.wrote(2, Duration::from_millis(60));
         let opened = open_batch(&mut s);
-        // Twenty changes on new proids, one joined: one in twenty-one.
-        for i in 1..20 {
+        for i in 1..3 {
             s.mark_dirty(proid(&format!("p{i}")), opened, opened);
         }
-        s.mark_dirty(proid("p1"), opened, opened);
         advance(WINDOW).await;
         assert!(
             s.batch_ready(Instant::now()),
-            "waiting would save too little"
+            "keeping up: no reason to wait"
         );
     }
 

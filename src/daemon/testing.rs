@@ -246,6 +246,8 @@ pub(crate) struct Gated {
     time_out: AtomicBool,
     /// The modify after one without answer is not sent.
     stalled: AtomicBool,
+    /// How long each modify takes before it goes on.
+    delay: Mutex<Duration>,
 }
 
 impl Gated {
@@ -259,7 +261,13 @@ impl Gated {
             on_capabilities: Mutex::new(None),
             time_out: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
+            delay: Mutex::new(Duration::ZERO),
         })
+    }
+
+    /// From now on every modify takes `delay` (in the test's time).
+    pub(crate) fn answer_after(&self, delay: Duration) {
+        *self.delay.lock().expect("delay") = delay;
     }
 
     /// From now on a modify is applied when it arrives; its answer waits
@@ -342,6 +350,10 @@ impl Directory for Gated {
                 op: crate::directory::Op::Modify,
                 message: "the server stopped answering".into(),
             });
+        }
+        let delay = *self.delay.lock().expect("delay");
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
         }
         let late = self.late.load(Ordering::SeqCst);
         let applied = if late {
