@@ -13,14 +13,16 @@
 //! batch that is due one window later. When that window ends, the batch
 //! waits one more window only while the daemon is behind: the window
 //! brought changes, and writing the batch would take longer than it has
-//! waited so far (by the write time per group of the passes before it).
+//! waited so far, at the quickest write time per group of the last
+//! [`WRITE_RATES_KEPT`] passes (the quickest, so that one pass slowed by
+//! a busy server does not hold the batches after it back).
 //! Then the directory cannot keep up, the changes would queue anyway, and
 //! gathering them saves Modifies: a burst costs about one Modify per
 //! changed group. A directory that keeps up gets each change one window
 //! after it came, however steady the stream. Never more than
 //! [`MAX_BATCH_WAITS`] windows after the first change of the batch.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -30,8 +32,8 @@ use crate::model::Proid;
 
 /// A coalesced batch waits at most this many batch windows.
 pub const MAX_BATCH_WAITS: u32 = 10;
-/// How much of the write time per group each new pass replaces.
-const WRITE_RATE_WEIGHT: f64 = 0.25;
+/// How many passes' write times per group the schedule remembers.
+pub const WRITE_RATES_KEPT: usize = 8;
 /// How often the group of a proid without one is looked up between full syncs.
 pub const MISSING_LOOKUP_EVERY: Duration = Duration::from_secs(60);
 /// The shortest wait before a failed proid is tried again.
@@ -57,9 +59,8 @@ pub struct Schedule {
     batch_due: Option<Instant>,
     /// Changes since the batch's window was last looked at.
     window_changes: u64,
-    /// Write time per group of the passes so far (a moving average
-    /// weighted by groups): decayed seconds and groups.
-    written: (f64, f64),
+    /// Write time per group of the last passes, newest last.
+    write_rates: VecDeque<Duration>,
     /// When the last change came, batched or not.
     last_change: Option<Instant>,
     /// A batch or full sync is being written.
@@ -87,7 +88,7 @@ impl Schedule {
             batch_opened: None,
             batch_due: None,
             window_changes: 0,
-            written: (0.0, 0.0),
+            write_rates: VecDeque::with_capacity(WRITE_RATES_KEPT),
             last_change: None,
             in_flight: false,
             retries: BTreeMap::new(),
@@ -157,24 +158,23 @@ impl Schedule {
 
     /// A pass wrote `groups` groups in `took`.
     pub fn wrote(&mut self, groups: usize, took: Duration) {
+        let Ok(groups) = u32::try_from(groups) else {
+            return;
+        };
         if groups == 0 {
             return;
         }
-        let (seconds, count) = self.written;
-        let keep = 1.0 - WRITE_RATE_WEIGHT;
-        self.written = (
-            seconds * keep + took.as_secs_f64(),
-            count * keep + groups as f64,
-        );
+        if self.write_rates.len() == WRITE_RATES_KEPT {
+            self.write_rates.pop_front();
+        }
+        self.write_rates.push_back(took / groups);
     }
 
-    /// How long writing `groups` groups is expected to take.
+    /// How long writing `groups` groups is expected to take, at the
+    /// quickest rate of the last passes (none yet: no time).
     fn write_time(&self, groups: usize) -> Duration {
-        let (seconds, count) = self.written;
-        if count <= 0.0 {
-            return Duration::ZERO;
-        }
-        Duration::try_from_secs_f64(seconds / count * groups as f64).unwrap_or(Duration::MAX)
+        let per_group = self.write_rates.iter().min().copied().unwrap_or_default();
+        per_group.saturating_mul(u32::try_from(groups).unwrap_or(u32::MAX))
     }
 
     /// Takes the dirty proids for a batch and marks it in flight.
@@ -488,6 +488,35 @@ mod tests {
         advance(WINDOW).await;
         assert!(s.batch_ready(Instant::now()));
         assert_eq!(s.take_batch().len(), 5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_pass_slowed_by_a_busy_server_does_not_hold_the_next_batch_back() {
+        let mut s = synced();
+        // Quick passes (1 ms a group), then one that a stalled server made
+        // take a second a group.
+        s.wrote(10, Duration::from_millis(10));
+        s.wrote(10, Duration::from_secs(10));
+        let opened = open_batch(&mut s);
+        for i in 1..5 {
+            s.mark_dirty(proid(&format!("p{i}")), opened, opened);
+        }
+        advance(WINDOW).await;
+        assert!(
+            s.batch_ready(Instant::now()),
+            "the quickest recent rate counts"
+        );
+
+        // A server slow for every remembered pass is slow: gathered.
+        s.take_batch();
+        s.finished();
+        for _ in 0..WRITE_RATES_KEPT {
+            s.wrote(10, Duration::from_secs(10));
+        }
+        let opened = open_batch(&mut s);
+        s.mark_dirty(proid("p1"), opened, opened);
+        advance(WINDOW).await;
+        assert!(!s.batch_ready(Instant::now()), "behind");
     }
 
     #[tokio::test(start_paused = true)]
