@@ -61,8 +61,9 @@
 //! placement tree" with why "full resync" to "full sync done"), and the
 //! longest gap between two events the daemon took during the stream
 //! (each "change applied" line dates the first event of its proid's
-//! batch: its time minus `latency_ms`). A change counts as during a
-//! resync when the time from its event to its Modify overlaps one.
+//! batch: its time minus `since_event_ms`, as the line is written once
+//! the whole pass is done). A change counts as during a resync when the
+//! time from its event to its Modify's answer overlaps one.
 //!
 //! The directory is read with ldap3 directly, not through the reconciler's
 //! own code, so the check does not share the code it measures. Results are
@@ -1065,7 +1066,7 @@ fn rfc3339_unix(stamp: &str) -> Option<f64> {
 /// and latency), and the full resyncs.
 #[derive(Default)]
 struct SteadyLog {
-    /// (applied at, latency in ms), Unix seconds.
+    /// (the change came, latency in ms), Unix seconds.
     applied: Vec<(f64, f64)>,
     /// (start, end, the full sync's own seconds, groups read, changes
     /// planned, complete), Unix seconds.
@@ -1091,7 +1092,10 @@ fn read_steady_log(path: &Path, from: u64) -> Res<SteadyLog> {
         match fields["message"].as_str() {
             Some("change applied") => {
                 if let Some(ms) = fields["latency_ms"].as_f64() {
-                    out.applied.push((at, ms));
+                    // The line is logged when the whole pass is done; the
+                    // change came `since_event_ms` before it.
+                    let since = fields["since_event_ms"].as_f64().unwrap_or(ms);
+                    out.applied.push((at - since / 1000.0, ms));
                 }
             }
             Some("scanning the placement tree") if fields["why"] == "full resync" => {
@@ -1294,8 +1298,8 @@ async fn steady(args: SteadyArgs) -> Res<()> {
     let overlaps = |from: f64, to: f64| log.resyncs.iter().any(|r| from <= r.1 && to >= r.0);
     let (mut during, mut outside, mut all) = (Vec::new(), Vec::new(), Vec::new());
     let mut taken_at = Vec::new();
-    for &(at, ms) in &log.applied {
-        let received = at - ms / 1000.0;
+    for &(received, ms) in &log.applied {
+        let at = received + ms / 1000.0;
         all.push(ms);
         if overlaps(received, at) {
             during.push(ms);

@@ -658,10 +658,14 @@ impl Daemon {
                     let settled = result.settled.unwrap_or(now);
                     let latency = settled.saturating_duration_since(*started);
                     self.metrics.event_to_applied.observe(latency.as_secs_f64());
+                    // This line is written after the whole pass: how long
+                    // ago the change came dates it.
+                    let since_event = now.saturating_duration_since(*started);
                     debug!(
                         proid = %proid,
                         group = %dn,
                         latency_ms = latency.as_secs_f64() * 1000.0,
+                        since_event_ms = since_event.as_secs_f64() * 1000.0,
                         "change applied"
                     );
                 }
