@@ -1327,8 +1327,8 @@ async fn steady(args: SteadyArgs) -> Res<()> {
                 "end_unix": r3(to),
                 "start_s": r3(from - start_unix),
                 "duration_s": r3(to - from),
-                // The tree's scan before it: the daemon takes no events
-                // meanwhile (they wait in the watcher's queue).
+                // The tree's scan before it (the daemon goes on taking
+                // events and writing batches meanwhile).
                 "scan_s": r3(to - from - sync_s),
                 "in_stream": from >= start_unix && from <= end_unix,
                 "groups": groups,

@@ -131,7 +131,6 @@ impl Schedule {
     }
 
     /// When the pending batch is due, if there is one.
-    #[cfg(test)]
     pub fn batch_due(&self) -> Option<Instant> {
         self.batch_due
     }

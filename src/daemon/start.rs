@@ -62,7 +62,15 @@ pub struct Parts {
     /// name), where its file work would; a test makes it block.
     #[cfg(test)]
     pub(crate) before_node_work: Option<NodeHook>,
+    /// Runs on the blocking pool after each rescan's scan has read the
+    /// tree, before its result is taken; a test makes it block.
+    #[cfg(test)]
+    pub(crate) after_scan: Option<ScanHook>,
 }
+
+/// A test's stand-in for a slow scan.
+#[cfg(test)]
+pub(crate) type ScanHook = Arc<dyn Fn() + Send + Sync>;
 
 /// A test's stand-in for a node operation's file work.
 #[cfg(test)]
@@ -113,6 +121,7 @@ impl Daemon {
         #[cfg(test)]
         {
             daemon.containers.before_work = parts.before_node_work;
+            daemon.watching.after_scan = parts.after_scan;
         }
         if let Some(election) = election {
             daemon.leadership = Leadership::new(Some(election.subscribe()));

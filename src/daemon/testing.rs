@@ -114,6 +114,8 @@ pub(crate) struct Setup {
     pub(crate) roles: Option<watch::Receiver<RoleState>>,
     /// Runs on the blocking pool before each node operation.
     pub(crate) before_node_work: Option<NodeHook>,
+    /// Runs on the blocking pool after each rescan's scan.
+    pub(crate) after_scan: Option<super::start::ScanHook>,
 }
 
 impl Harness {
@@ -135,6 +137,7 @@ impl Harness {
             changes: Some(rx),
             roles: setup.roles,
             before_node_work: setup.before_node_work,
+            after_scan: setup.after_scan,
         };
         let task = tokio::spawn(run_on(config, metrics.clone(), parts, async move {
             let _ = stopped.await;

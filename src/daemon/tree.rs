@@ -20,8 +20,8 @@ use tracing::{debug, error, info, warn};
 
 use super::{Daemon, DaemonError, Shutdown};
 use crate::backoff::Backoff;
-use crate::model::Proid;
-use crate::tree::scan::{check_ready, scan, ScanError};
+use crate::model::{HostName, Proid};
+use crate::tree::scan::{check_ready, reread_hosts, scan, ScanError};
 use crate::tree::watch::{watch, Change, TreeWatcher};
 use crate::tree::{names, Snapshot, TreeEvent};
 
@@ -56,6 +56,12 @@ pub(super) struct Watching {
     pub(super) fresh: bool,
     /// A watcher ran once already (so a failure to start one is retried).
     started: bool,
+    /// While a rescan's scan runs: the hosts the changes taken meanwhile
+    /// were about, to be read again when it is done.
+    pub(super) touched: Option<BTreeSet<HostName>>,
+    /// Runs after a rescan's scan has read the tree (tests only).
+    #[cfg(test)]
+    pub(super) after_scan: Option<super::start::ScanHook>,
 }
 
 impl Watching {
@@ -69,6 +75,9 @@ impl Watching {
             next_rescan: Instant::now(),
             fresh: false,
             started: false,
+            touched: None,
+            #[cfg(test)]
+            after_scan: None,
         }
     }
 }
@@ -204,6 +213,9 @@ impl Daemon {
     }
 
     pub(super) fn on_event(&mut self, event: &TreeEvent, at: Instant) {
+        if let Some(touched) = &mut self.watching.touched {
+            touched.insert(event.host().clone());
+        }
         self.on_tree_event(event, at);
         // The placements are the index's alone: `self.tree` keeps the rest.
         match event {
@@ -285,11 +297,26 @@ impl Daemon {
         let root = self.root();
         let mut logged = false;
         loop {
-            let scanned = tokio::task::spawn_blocking({
-                let root = root.clone();
-                move || scan(&root)
-            })
-            .await;
+            let scanned = if why == STARTUP {
+                // Nothing to follow yet: the changes wait for the scan.
+                tokio::task::spawn_blocking({
+                    let root = root.clone();
+                    move || scan(&root)
+                })
+                .await
+            } else {
+                match self.scan_taking_changes(&root, shutdown).await {
+                    Some(scanned) => scanned,
+                    None => return false,
+                }
+            };
+            let scanned = match scanned {
+                Ok(Ok(snapshot)) => self.reread_touched(&root, snapshot).await,
+                other => {
+                    self.watching.touched = None;
+                    other
+                }
+            };
             match scanned {
                 Ok(Ok(mut snapshot)) => {
                     for warning in &snapshot.warnings {
@@ -334,7 +361,9 @@ impl Daemon {
                         // Nothing was compared while it was not: compare everything.
                         self.schedule.full_sync_now(Instant::now());
                     }
-                    if self.health.watcher.take().is_some() {
+                    // Unless the watcher failed while the scan ran: a new
+                    // one and another rescan come first.
+                    if self.watching.changes.is_some() && self.health.watcher.take().is_some() {
                         info!("tree watcher running again");
                     }
                     // The tree is usable again, whatever the role: a
@@ -365,12 +394,146 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    /// A rescan's scan, on the blocking pool, while the loop goes on taking
+    /// changes and writing the batches they make: the hosts they were about
+    /// are noted in `touched`. `None` when shut down meanwhile.
+    async fn scan_taking_changes(
+        &mut self,
+        root: &std::path::Path,
+        shutdown: &mut Shutdown<'_>,
+    ) -> Option<Scanned> {
+        let mut scanning = tokio::task::spawn_blocking({
+            let root = root.to_owned();
+            #[cfg(test)]
+            let hook = self.watching.after_scan.clone();
+            move || {
+                let scanned = scan(&root);
+                #[cfg(test)]
+                if let Some(hook) = hook {
+                    hook();
+                }
+                scanned
+            }
+        });
+        self.watching.touched = Some(BTreeSet::new());
+        loop {
+            // Not while the tree is unusable: nothing is written then.
+            let writing = self.config.groups
+                && self.health.synced
+                && self.health.tree.is_none()
+                && self.is_leader();
+            let due = self.schedule.batch_due().filter(|_| writing);
+            let wake = due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let changes = self.watching.changes.as_mut();
+            tokio::select! {
+                scanned = &mut scanning => return Some(scanned),
+                _ = &mut *shutdown => {
+                    self.stopping = true;
+                    self.watching.touched = None;
+                    return None;
+                }
+                change = async {
+                    match changes {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => match change {
+                    Some(change) => self.on_change(change),
+                    None => self.watcher_failed("the watcher stopped".into()),
+                },
+                _ = tokio::time::sleep_until(wake) => {
+                    if writing && self.schedule.batch_ready(Instant::now()) {
+                        self.batch(shutdown).await;
+                        if self.stopping {
+                            self.watching.touched = None;
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the hosts touched while the scan ran again, after every
+    /// change taken so far: what the scan read of them may be older than
+    /// those changes, which the diff would otherwise undo. What the
+    /// changes still queued say of them is newer again.
+    async fn reread_touched(&mut self, root: &std::path::Path, snapshot: Snapshot) -> Scanned {
+        let touched = self.watching.touched.take().unwrap_or_default();
+        if touched.is_empty() {
+            return Ok(Ok(snapshot));
+        }
+        debug!(
+            hosts = touched.len(),
+            "reading the hosts changed during the scan again"
+        );
+        let root = root.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let mut snapshot = snapshot;
+            reread_hosts(&root, &mut snapshot, &touched).map(|()| snapshot)
+        })
+        .await
+    }
+}
+
+/// A scan's outcome on the blocking pool.
+type Scanned = Result<Result<Snapshot, ScanError>, tokio::task::JoinError>;
+
 #[cfg(test)]
 mod tests {
     use super::super::testing::*;
     use super::*;
     use crate::model::Dn;
     use tokio::sync::mpsc;
+
+    // In real time: paused time does not move while a blocking task runs.
+    #[tokio::test]
+    async fn a_rescan_takes_and_writes_changes_while_it_scans_and_keeps_them() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::{Arc, Mutex};
+
+        let (_guard, root) = tree();
+        fill(&root);
+        // The scan has read the tree, then waits until the test lets it go.
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let wait = Mutex::new(wait);
+        let read = Arc::new(AtomicBool::new(false));
+        let hook: super::super::start::ScanHook = {
+            let read = read.clone();
+            Arc::new(move || {
+                read.store(true, Ordering::SeqCst);
+                let _ = wait.lock().expect("hook").recv();
+            })
+        };
+        let setup = Setup {
+            after_scan: Some(hook),
+            ..Setup::default()
+        };
+        let h = Harness::start_with(&root, run_config(&root, &[]), setup);
+        h.ready().await;
+        h.send(Change::Rescan("overflow".into()));
+        until("the scan read the tree", || async {
+            read.load(Ordering::SeqCst)
+        })
+        .await;
+
+        // While the scan is held, a change is taken and written.
+        h.place("h1", "db.app#2");
+        until("the change written during the scan", || async {
+            h.members(DB).await.len() == 1
+        })
+        .await;
+        go.send(()).expect("release the scan");
+        until("the rescan done", || async { h.metrics.rescans.get() == 1 }).await;
+
+        // The scan read h1 before the change; read again, the change
+        // stands rather than being undone by the scan's older reading.
+        sleep(Duration::from_secs(1)).await;
+        let h1 = Dn::parse(&host_dn("h1")).expect("dn");
+        assert_eq!(h.members(DB).await, [h1].into());
+        h.stop().await;
+    }
 
     #[test]
     fn rescan_requests_are_coalesced() {
@@ -600,6 +763,9 @@ mod tests {
         until("not ready", || async { !h.metrics.is_ready() }).await;
         let (_, body) = h.metrics.readiness();
         assert!(body.contains("placement tree unusable"), "{body}");
+        // A change taken while the rescan tries the tree again is not
+        // written either.
+        h.place("h1", "db.app#2");
         sleep(Duration::from_secs(5)).await;
         assert!(
             h.members(DB).await.is_empty(),

@@ -266,6 +266,21 @@ pub enum TreeEvent {
     },
 }
 
+impl TreeEvent {
+    /// The host the event is about.
+    pub fn host(&self) -> &HostName {
+        match self {
+            TreeEvent::ServerUpserted { host, .. }
+            | TreeEvent::ServerRemoved { host }
+            | TreeEvent::PlacementAdded { host, .. }
+            | TreeEvent::PlacementRemoved { host, .. }
+            | TreeEvent::PlacementDirRemoved { host }
+            | TreeEvent::PlacementDirListed { host, .. }
+            | TreeEvent::PlacementsUnknown { host } => host,
+        }
+    }
+}
+
 /// The placements known of a tree, host by host: what a rescan's diff
 /// ([`Snapshot::diff_placed`]) starts from. A snapshot's are its own
 /// `placements`; the daemon's are in its index.

@@ -89,20 +89,62 @@ pub fn scan(root: &Path) -> Result<Snapshot, ScanError> {
         read_placement_entry(&placement_dir.join(name), name)
     }) {
         snapshot.warnings.extend(warnings);
-        match read {
-            None | Some((_, HostListing::Absent)) => {}
-            Some((_, HostListing::NotADirectory(warning))) => snapshot.warnings.push(warning),
-            Some((host, HostListing::Unknown(warning))) => {
-                snapshot.warnings.push(warning);
-                snapshot.unknown.insert(host);
-            }
-            Some((host, HostListing::Listed(dir))) => {
-                snapshot.warnings.extend(dir.warnings);
-                snapshot.placements.insert(host, dir.instances);
-            }
+        if let Some((host, listing)) = read {
+            take_listing(&mut snapshot, host, listing);
         }
     }
     Ok(snapshot)
+}
+
+/// Puts what a host's placement directory holds into `snapshot`.
+fn take_listing(snapshot: &mut Snapshot, host: HostName, listing: HostListing) {
+    match listing {
+        HostListing::Absent => {}
+        HostListing::NotADirectory(warning) => snapshot.warnings.push(warning),
+        HostListing::Unknown(warning) => {
+            snapshot.warnings.push(warning);
+            snapshot.unknown.insert(host);
+        }
+        HostListing::Listed(dir) => {
+            snapshot.warnings.extend(dir.warnings);
+            snapshot.placements.insert(host, dir.instances);
+        }
+    }
+}
+
+/// Reads `hosts` again, server file and placement directory, in place of
+/// what `snapshot` (a scan of `root`) says of them: for hosts whose events
+/// came while the scan ran, a reading newer than those events.
+pub fn reread_hosts(
+    root: &Path,
+    snapshot: &mut Snapshot,
+    hosts: &BTreeSet<HostName>,
+) -> Result<(), ScanError> {
+    check_ready(root)?;
+    let servers_dir = required_dir(root, SERVERS)?;
+    required_dir(root, PLACEMENT)?;
+    for host in hosts {
+        snapshot.servers.remove(host);
+        snapshot.placements.remove(host);
+        snapshot.unknown.remove(host);
+        let path = servers_dir.join(host.as_str());
+        match load_server(&path) {
+            ServerFile::Present(info) => {
+                if let Err(reason) = &info {
+                    let warning = format!("{}: unusable server file: {reason}", path.display());
+                    snapshot.warnings.push(warning);
+                }
+                snapshot.servers.insert(host.clone(), info);
+            }
+            ServerFile::Absent => {}
+            ServerFile::NotAFile(what) => snapshot.warnings.push(format!(
+                "{}: {what}, not a server file; skipped",
+                path.display()
+            )),
+        }
+        take_listing(snapshot, host.clone(), scan_host_dir(root, host));
+    }
+    Ok(())
 }
 
 /// A host read from one directory entry: what to warn about, and what was
@@ -505,6 +547,36 @@ mod tests {
             .warnings
             .iter()
             .any(|w| w.contains(path_part) && w.contains(reason))
+    }
+
+    #[test]
+    fn reread_hosts_replaces_what_the_scan_said_of_them_and_only_of_them() {
+        let tree = Tree::new();
+        tree.server("h1", "p1");
+        tree.server("h2", "p1");
+        tree.write("placement/h1/proid1.web#0000000001", "{}");
+        tree.write("placement/h2/proid1.web#0000000002", "{}");
+        let mut snap = scan(tree.root()).expect("scan");
+        // After the scan: h1 gains a placement and loses its server file;
+        // h2 changes too, but is not read again.
+        tree.write("placement/h1/proid2.db#0000000003", "{}");
+        fs::remove_file(tree.root().join("servers/h1")).expect("rm");
+        tree.write("placement/h2/proid2.db#0000000004", "{}");
+        reread_hosts(tree.root(), &mut snap, &[host("h1")].into()).expect("reread");
+        assert_eq!(
+            snap.placements.get(&host("h1")),
+            Some(&set(&["proid1.web#0000000001", "proid2.db#0000000003"]))
+        );
+        assert!(
+            !snap.servers.contains_key(&host("h1")),
+            "its server file is gone"
+        );
+        assert_eq!(
+            snap.placements.get(&host("h2")),
+            Some(&set(&["proid1.web#0000000002"])),
+            "not asked for: as scanned"
+        );
+        assert!(snap.servers.contains_key(&host("h2")));
     }
 
     #[test]
