@@ -468,7 +468,15 @@ impl Daemon {
         // The requests already sent are answered and recorded, the
         // leadership lost or not: the directory may have applied them.
         let mut pass = self.drive_writes(io, shutdown).await?;
-        if !dry_run {
+        // Only a pass that wrote every group says how fast the directory
+        // writes: one that failed fast (a server left alone, a replica
+        // that may no longer write) wrote nothing in no time, and would
+        // pass for the quickest for the next passes.
+        let wrote_all = pass
+            .results
+            .iter()
+            .all(|r| r.failed.is_none() && !r.vanished);
+        if !dry_run && wrote_all {
             self.schedule.wrote(groups, started.elapsed());
         }
         let results = std::mem::take(&mut pass.results);
@@ -876,6 +884,69 @@ mod tests {
         h.place("h4", "web.app#4");
         until("every change applied", || async {
             h.members(DB).await == dns(&["h3"]) && h.members(WEB).await.len() == 3
+        })
+        .await;
+        assert_eq!(
+            passes() - before,
+            2,
+            "the first change alone, then one pass for the two behind it"
+        );
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_pass_that_failed_fast_does_not_make_a_slow_directory_look_quick() {
+        let (_guard, root) = tree();
+        fill(&root);
+        for host in ["h2", "h3", "h4", "h5", "h6"] {
+            write_server(&root, host);
+        }
+        let dir = memory_directory();
+        let gated = Gated::new(dir.clone());
+        gated.answer_after(Duration::from_millis(400));
+        let setup = Setup {
+            front: Some(gated.clone()),
+            dir: Some(dir),
+            ..Setup::default()
+        };
+        let config = run_config(&root, &["--batch-window=100ms"]);
+        let h = Harness::start_with(&root, config, setup);
+        h.ready().await;
+        let passes = || {
+            h.dir
+                .calls()
+                .iter()
+                .filter(|c| matches!(c, Call::Capabilities))
+                .count()
+        };
+
+        // A group costs the directory 400 ms.
+        h.place("h2", "web.app#2");
+        until("web applied", || async { h.members(WEB).await.len() == 2 }).await;
+        // Then a Modify fails at once, as one to a server left alone
+        // after a timeout does: a pass that wrote nothing, in no time.
+        gated.refuse_next(DirError::Stalled {
+            op: Op::Modify,
+            message: "the server stopped answering".into(),
+        });
+        sleep(Duration::from_millis(200)).await;
+        h.place("h3", "db.app#3");
+        until("db applied by its retries", || async {
+            h.members(DB).await == dns(&["h3"])
+        })
+        .await;
+        sleep(Duration::from_millis(200)).await;
+        let before = passes();
+
+        // The directory is as slow as ever: the batch behind the first
+        // change is still gathered.
+        h.place("h4", "web.app#4");
+        sleep(Duration::from_millis(10)).await;
+        h.place("h5", "db.app#5");
+        sleep(Duration::from_millis(440)).await;
+        h.place("h6", "web.app#6");
+        until("every change applied", || async {
+            h.members(DB).await == dns(&["h3", "h5"]) && h.members(WEB).await.len() == 4
         })
         .await;
         assert_eq!(

@@ -251,6 +251,9 @@ pub(crate) struct Gated {
     stalled: AtomicBool,
     /// How long each modify takes before it goes on.
     delay: Mutex<Duration>,
+    /// The next modify is refused with this at once, however slow the
+    /// others are.
+    refuse: Mutex<Option<DirError>>,
 }
 
 impl Gated {
@@ -265,12 +268,18 @@ impl Gated {
             time_out: AtomicBool::new(false),
             stalled: AtomicBool::new(false),
             delay: Mutex::new(Duration::ZERO),
+            refuse: Mutex::new(None),
         })
     }
 
     /// From now on every modify takes `delay` (in the test's time).
     pub(crate) fn answer_after(&self, delay: Duration) {
         *self.delay.lock().expect("delay") = delay;
+    }
+
+    /// The next modify is refused with `err` at once, without the delay.
+    pub(crate) fn refuse_next(&self, err: DirError) {
+        *self.refuse.lock().expect("refuse") = Some(err);
     }
 
     /// From now on a modify is applied when it arrives; its answer waits
@@ -338,6 +347,9 @@ impl Directory for Gated {
     }
 
     async fn modify_members(&self, group: &Dn, change: &MemberChange) -> Result<(), DirError> {
+        if let Some(err) = self.refuse.lock().expect("refuse").take() {
+            return Err(err);
+        }
         if self.time_out.swap(false, Ordering::SeqCst) {
             self.inner.modify_members(group, change).await?;
             self.stalled.store(true, Ordering::SeqCst);
