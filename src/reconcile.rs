@@ -1253,30 +1253,26 @@ mod tests {
         (dir, plan)
     }
 
+    /// When each group of [`slow`]'s plan was settled, in milliseconds
+    /// from the start of the pass.
+    async fn settled_ms(saves: bool) -> Vec<Option<u128>> {
+        let (dir, plan) = slow(saves);
+        let start = Instant::now();
+        apply_plan(&dir, &plan, &ApplyOptions::default())
+            .await
+            .iter()
+            .map(|r| r.settled.map(|at| (at - start).as_millis()))
+            .collect()
+    }
+
     #[tokio::test(start_paused = true)]
     async fn each_group_is_settled_when_its_own_modify_is_answered() {
-        let (dir, plan) = slow(false);
-        let start = Instant::now();
-        let results = apply_plan(&dir, &plan, &ApplyOptions::default()).await;
-        let settled: Vec<_> = results
-            .iter()
-            .map(|r| r.settled.map(|at| at - start))
-            .collect();
-        let ms = std::time::Duration::from_millis;
         // Not when the pass ended (after the 500 ms commit).
-        assert_eq!(settled, [Some(ms(10)), Some(ms(50))]);
+        assert_eq!(settled_ms(false).await, [Some(10), Some(50)]);
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_directory_that_saves_at_commit_settles_every_group_then() {
-        let (dir, plan) = slow(true);
-        let start = Instant::now();
-        let results = apply_plan(&dir, &plan, &ApplyOptions::default()).await;
-        let settled: Vec<_> = results
-            .iter()
-            .map(|r| r.settled.map(|at| at - start))
-            .collect();
-        let ms = std::time::Duration::from_millis;
-        assert_eq!(settled, [Some(ms(550)), Some(ms(550))]);
+        assert_eq!(settled_ms(true).await, [Some(550), Some(550)]);
     }
 }

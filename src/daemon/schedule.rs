@@ -410,13 +410,16 @@ mod tests {
         assert_eq!(s.take_batch().len(), 2);
     }
 
-    /// Opens a coalescing batch: a first change goes at once and is in
-    /// flight, the next one opens the batch. Returns when it opened.
-    fn open_batch(s: &mut Schedule) -> Instant {
+    /// Opens a coalescing batch of `groups` proids, `p0` and on: a first
+    /// change goes at once and is in flight, the next ones open the batch.
+    /// Returns when it opened.
+    fn open_batch(s: &mut Schedule, groups: usize) -> Instant {
         let now = Instant::now();
         s.mark_dirty(proid("first"), now, now);
         s.take_batch();
-        s.mark_dirty(proid("p0"), now, now);
+        for i in 0..groups {
+            s.mark_dirty(proid(&format!("p{i}")), now, now);
+        }
         s.finished();
         now
     }
@@ -444,7 +447,7 @@ mod tests {
         let mut s = synced();
         // A directory far slower than the stream: always behind.
         s.wrote(1, Duration::from_secs(1));
-        let opened = open_batch(&mut s);
+        let opened = open_batch(&mut s, 1);
         let taken = stream_until_ready(&mut s, WINDOW / 10, |i| format!("p{i}")).await;
         assert_eq!(taken - opened, WINDOW * MAX_BATCH_WAITS);
         assert_eq!(s.take_batch().len(), 100);
@@ -456,7 +459,7 @@ mod tests {
         // 0.1 ms a group: ten groups are written long before they waited
         // a window.
         s.wrote(100, Duration::from_millis(10));
-        let opened = open_batch(&mut s);
+        let opened = open_batch(&mut s, 1);
         let taken = stream_until_ready(&mut s, WINDOW / 10, |i| format!("p{}", i % 3)).await;
         assert_eq!(taken - opened, WINDOW);
         assert_eq!(s.take_batch().len(), 3);
@@ -465,7 +468,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn before_any_write_a_batch_goes_when_its_window_ends() {
         let mut s = synced();
-        let opened = open_batch(&mut s);
+        let opened = open_batch(&mut s, 1);
         let taken = stream_until_ready(&mut s, WINDOW / 10, |i| format!("p{i}")).await;
         assert_eq!(taken - opened, WINDOW);
     }
@@ -476,10 +479,7 @@ mod tests {
         // 30 ms a group, so five groups take 150 ms: more than the window
         // they waited.
         s.wrote(2, Duration::from_millis(60));
-        let opened = open_batch(&mut s);
-        for i in 1..5 {
-            s.mark_dirty(proid(&format!("p{i}")), opened, opened);
-        }
+        let opened = open_batch(&mut s, 5);
         advance(WINDOW).await;
         assert!(!s.batch_ready(Instant::now()), "behind: gathering more");
         assert_eq!(s.batch_due(), Some(opened + 2 * WINDOW));
@@ -496,10 +496,7 @@ mod tests {
         // take a second a group.
         s.wrote(10, Duration::from_millis(10));
         s.wrote(10, Duration::from_secs(10));
-        let opened = open_batch(&mut s);
-        for i in 1..5 {
-            s.mark_dirty(proid(&format!("p{i}")), opened, opened);
-        }
+        open_batch(&mut s, 5);
         advance(WINDOW).await;
         assert!(
             s.batch_ready(Instant::now()),
@@ -512,8 +509,7 @@ mod tests {
         for _ in 0..WRITE_RATES_KEPT {
             s.wrote(10, Duration::from_secs(10));
         }
-        let opened = open_batch(&mut s);
-        s.mark_dirty(proid("p1"), opened, opened);
+        open_batch(&mut s, 2);
         advance(WINDOW).await;
         assert!(!s.batch_ready(Instant::now()), "behind");
     }
@@ -523,10 +519,7 @@ mod tests {
         let mut s = synced();
         // 30 ms a group: three groups take 90 ms, less than a window.
         s.wrote(2, Duration::from_millis(60));
-        let opened = open_batch(&mut s);
-        for i in 1..3 {
-            s.mark_dirty(proid(&format!("p{i}")), opened, opened);
-        }
+        open_batch(&mut s, 3);
         advance(WINDOW).await;
         assert!(
             s.batch_ready(Instant::now()),

@@ -846,6 +846,16 @@ mod tests {
         h.stop().await;
     }
 
+    /// The daemon with a 100 ms window on a directory whose every Modify
+    /// takes 400 ms, past its initial sync.
+    async fn slow_directory(root: &std::path::Path) -> (Harness, std::sync::Arc<Gated>) {
+        let (gated, setup) = gated(None);
+        gated.answer_after(Duration::from_millis(400));
+        let h = Harness::start_with(root, run_config(root, &["--batch-window=100ms"]), setup);
+        h.ready().await;
+        (h, gated)
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_directory_slower_than_the_changes_gets_them_gathered() {
         let (_guard, root) = tree();
@@ -853,25 +863,8 @@ mod tests {
         for host in ["h2", "h3", "h4"] {
             write_server(&root, host);
         }
-        let dir = memory_directory();
-        let gated = Gated::new(dir.clone());
-        gated.answer_after(Duration::from_millis(400));
-        let setup = Setup {
-            front: Some(gated.clone()),
-            dir: Some(dir),
-            ..Setup::default()
-        };
-        let config = run_config(&root, &["--batch-window=100ms"]);
-        let h = Harness::start_with(&root, config, setup);
-        h.ready().await;
-        let passes = || {
-            h.dir
-                .calls()
-                .iter()
-                .filter(|c| matches!(c, Call::Capabilities))
-                .count()
-        };
-        let before = passes();
+        let (h, _gated) = slow_directory(&root).await;
+        let before = h.passes();
 
         // Idle: the first change is written at once, and takes 400 ms: a
         // group costs the directory more than a window.
@@ -887,7 +880,7 @@ mod tests {
         })
         .await;
         assert_eq!(
-            passes() - before,
+            h.passes() - before,
             2,
             "the first change alone, then one pass for the two behind it"
         );
@@ -901,24 +894,7 @@ mod tests {
         for host in ["h2", "h3", "h4", "h5", "h6"] {
             write_server(&root, host);
         }
-        let dir = memory_directory();
-        let gated = Gated::new(dir.clone());
-        gated.answer_after(Duration::from_millis(400));
-        let setup = Setup {
-            front: Some(gated.clone()),
-            dir: Some(dir),
-            ..Setup::default()
-        };
-        let config = run_config(&root, &["--batch-window=100ms"]);
-        let h = Harness::start_with(&root, config, setup);
-        h.ready().await;
-        let passes = || {
-            h.dir
-                .calls()
-                .iter()
-                .filter(|c| matches!(c, Call::Capabilities))
-                .count()
-        };
+        let (h, gated) = slow_directory(&root).await;
 
         // A group costs the directory 400 ms.
         h.place("h2", "web.app#2");
@@ -936,7 +912,7 @@ mod tests {
         })
         .await;
         sleep(Duration::from_millis(200)).await;
-        let before = passes();
+        let before = h.passes();
 
         // The directory is as slow as ever: the batch behind the first
         // change is still gathered.
@@ -950,7 +926,7 @@ mod tests {
         })
         .await;
         assert_eq!(
-            passes() - before,
+            h.passes() - before,
             2,
             "the first change alone, then one pass for the two behind it"
         );

@@ -201,6 +201,16 @@ impl Harness {
             .count()
     }
 
+    /// How many passes have written to the directory (each reads its
+    /// capabilities first).
+    pub(crate) fn passes(&self) -> usize {
+        self.dir
+            .calls()
+            .iter()
+            .filter(|c| matches!(c, Call::Capabilities))
+            .count()
+    }
+
     /// Waits for the initial sync.
     pub(crate) async fn ready(&self) {
         until("ready", || async { self.metrics.is_ready() }).await;
@@ -228,6 +238,19 @@ pub(crate) fn write_server(root: &Path, host: &str) {
         format!("partition: p1\nnt.dc: dc\nnt.dn: {}\n", host_dn(host)),
     )
     .expect("server");
+}
+
+/// A gated in-memory directory, and the setup that runs the daemon on it
+/// under `roles` (no election when `None`).
+pub(crate) fn gated(roles: Option<watch::Receiver<RoleState>>) -> (Arc<Gated>, Setup) {
+    let gated = Gated::new(memory_directory());
+    let setup = Setup {
+        front: Some(gated.clone()),
+        dir: Some(gated.inner.clone()),
+        roles,
+        ..Setup::default()
+    };
+    (gated, setup)
 }
 
 /// What a test runs once, from inside the daemon's next pass.

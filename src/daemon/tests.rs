@@ -14,21 +14,6 @@ fn h1() -> std::collections::BTreeSet<Dn> {
     [Dn::parse(H1).expect("dn")].into()
 }
 
-/// A gated in-memory directory, and the setup that runs the daemon on it
-/// under `roles` (no election when `None`).
-fn gated(
-    roles: Option<watch::Receiver<crate::election::RoleState>>,
-) -> (std::sync::Arc<Gated>, Setup) {
-    let gated = Gated::new(memory_directory());
-    let setup = Setup {
-        front: Some(gated.clone()),
-        dir: Some(gated.inner.clone()),
-        roles,
-        ..Setup::default()
-    };
-    (gated, setup)
-}
-
 /// The records of the audit trail at `path` for the `db` group, in order.
 fn db_records(path: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)

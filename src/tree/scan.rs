@@ -128,19 +128,8 @@ pub fn reread_hosts(
         snapshot.placements.remove(host);
         snapshot.unknown.remove(host);
         let path = servers_dir.join(host.as_str());
-        match load_server(&path) {
-            ServerFile::Present(info) => {
-                if let Err(reason) = &info {
-                    let warning = format!("{}: unusable server file: {reason}", path.display());
-                    snapshot.warnings.push(warning);
-                }
-                snapshot.servers.insert(host.clone(), info);
-            }
-            ServerFile::Absent => {}
-            ServerFile::NotAFile(what) => snapshot.warnings.push(format!(
-                "{}: {what}, not a server file; skipped",
-                path.display()
-            )),
+        if let Some(info) = judge_server(&path, load_server(&path), &mut snapshot.warnings) {
+            snapshot.servers.insert(host.clone(), info);
         }
         take_listing(snapshot, host.clone(), scan_host_dir(root, host));
     }
@@ -157,7 +146,27 @@ fn read_server_entry(path: &Path, name: &OsStr) -> EntryRead<Result<ServerInfo, 
     let Some(host) = host_name(name, path, &mut warnings) else {
         return (warnings, None);
     };
-    match load_server(path) {
+    let file = load_server(path);
+    if matches!(file, ServerFile::Absent) {
+        warnings.push(format!(
+            "{}: vanished during the scan; skipped",
+            path.display()
+        ));
+        return (warnings, None);
+    }
+    let info = judge_server(path, file, &mut warnings);
+    (warnings, info.map(|info| (host, info)))
+}
+
+/// What a server file read means, as the scan judges it: warned of when
+/// unusable or when something else is in its place; `None` when there is
+/// no server file.
+fn judge_server(
+    path: &Path,
+    file: ServerFile,
+    warnings: &mut Vec<String>,
+) -> Option<Result<ServerInfo, ServerError>> {
+    match file {
         ServerFile::Present(info) => {
             if let Err(reason) = &info {
                 warnings.push(format!(
@@ -165,18 +174,17 @@ fn read_server_entry(path: &Path, name: &OsStr) -> EntryRead<Result<ServerInfo, 
                     path.display()
                 ));
             }
-            return (warnings, Some((host, info)));
+            Some(info)
         }
-        ServerFile::Absent => warnings.push(format!(
-            "{}: vanished during the scan; skipped",
-            path.display()
-        )),
-        ServerFile::NotAFile(what) => warnings.push(format!(
-            "{}: {what}, not a server file; skipped",
-            path.display()
-        )),
+        ServerFile::Absent => None,
+        ServerFile::NotAFile(what) => {
+            warnings.push(format!(
+                "{}: {what}, not a server file; skipped",
+                path.display()
+            ));
+            None
+        }
     }
-    (warnings, None)
 }
 
 /// What reading one host's entry in `placement/` gave.
