@@ -15,7 +15,7 @@
 use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::fmt::{self, Write as _};
-use std::hash::{Hash, Hasher};
+use std::hash::{BuildHasher, Hash, Hasher};
 use std::sync::Arc;
 
 use thiserror::Error;
@@ -275,12 +275,27 @@ pub fn host_port_problem(authority: &str) -> Option<&'static str> {
 
 /// A distinguished name: compared, ordered and hashed in normalised form,
 /// displayed exactly as it was spelled. Cloning is cheap.
+///
+/// The hash of the normalised form is taken once, when the DN is made: the
+/// plan looks every member of a changed group up in the index's hash maps,
+/// thousands of lookups per pass for a large group, and each would
+/// otherwise hash the whole string again.
 #[derive(Clone)]
 pub struct Dn(Arc<DnInner>);
 
 struct DnInner {
     raw: Box<str>,
     norm: Box<str>,
+    /// [`norm_hash`] of `norm`.
+    hash: u64,
+}
+
+/// The hash of a normalised DN, keyed at random once per process as the
+/// standard maps are: names in the tree and the directory come from outside,
+/// and must not be able to choose their collisions.
+fn norm_hash(norm: &str) -> u64 {
+    static KEYS: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    KEYS.get_or_init(std::hash::RandomState::new).hash_one(norm)
 }
 
 impl Dn {
@@ -292,6 +307,7 @@ impl Dn {
         })?;
         Ok(Dn(Arc::new(DnInner {
             raw: raw.into(),
+            hash: norm_hash(&norm),
             norm: norm.into(),
         })))
     }
@@ -335,7 +351,10 @@ impl Dn {
 
 impl PartialEq for Dn {
     fn eq(&self, other: &Self) -> bool {
-        self.0.norm == other.0.norm
+        // One DN shared (a DnCache's) is equal at once; two with different
+        // hashes differ without a look at their strings.
+        Arc::ptr_eq(&self.0, &other.0)
+            || (self.0.hash == other.0.hash && self.0.norm == other.0.norm)
     }
 }
 
@@ -343,7 +362,7 @@ impl Eq for Dn {}
 
 impl Hash for Dn {
     fn hash<H: Hasher>(&self, state: &mut H) {
-        self.0.norm.hash(state)
+        state.write_u64(self.0.hash)
     }
 }
 
@@ -355,6 +374,9 @@ impl PartialOrd for Dn {
 
 impl Ord for Dn {
     fn cmp(&self, other: &Self) -> Ordering {
+        if Arc::ptr_eq(&self.0, &other.0) {
+            return Ordering::Equal;
+        }
         self.0.norm.cmp(&other.0.norm)
     }
 }

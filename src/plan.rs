@@ -139,14 +139,16 @@ pub fn plan<'g>(
         let mut delete: BTreeSet<Dn> = BTreeSet::new();
         let mut wanted_members = 0;
         for member in &group.members {
-            let managed = index.is_managed(member) || retiring.contains(member);
-            if managed {
-                plan.managed_members += 1;
-            }
+            // A wanted DN is an in-scope host's, so managed: asked first,
+            // most members of a group in sync need one lookup, not two.
             if want.iter().any(|w| w.contains(member)) {
                 wanted_members += 1;
-            } else if managed && !held.contains(member) {
-                delete.insert(member.clone());
+                plan.managed_members += 1;
+            } else if index.is_managed(member) || retiring.contains(member) {
+                plan.managed_members += 1;
+                if !held.contains(member) {
+                    delete.insert(member.clone());
+                }
             }
         }
         plan.groups_compared += 1;
