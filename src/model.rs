@@ -15,8 +15,8 @@
 use std::borrow::Cow;
 use std::cmp::Ordering;
 use std::fmt::{self, Write as _};
-use std::hash::{BuildHasher, Hash, Hasher};
-use std::sync::Arc;
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
+use std::sync::{Arc, OnceLock};
 
 use thiserror::Error;
 
@@ -294,8 +294,8 @@ struct DnInner {
 /// standard maps are: names in the tree and the directory come from outside,
 /// and must not be able to choose their collisions.
 fn norm_hash(norm: &str) -> u64 {
-    static KEYS: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
-    KEYS.get_or_init(std::hash::RandomState::new).hash_one(norm)
+    static KEYS: OnceLock<RandomState> = OnceLock::new();
+    KEYS.get_or_init(RandomState::new).hash_one(norm)
 }
 
 impl Dn {
