@@ -181,14 +181,21 @@ struct Prepared {
 async fn prepare(config: &Config) -> Result<Prepared, CommandError> {
     let ou = config.require_group_ou()?.clone();
     let (index, directory, groups) = match &config.directory {
-        // LDAP servers named on the command line do not depend on the tree:
-        // the tree is read on a thread of its own while the server answers
-        // the search and its answer is parsed. At cluster scale each takes
-        // about as long as the other, and both come before the first write.
-        // (An LDIF file is not read this way: parsing it is all CPU, and
-        // holding the file and the tree at once costs more memory than the
-        // overlap saves time.)
-        DirectoryChoice::Ldap(choice) if !choice.urls.is_empty() => {
+        // Servers that come from the tree's nt.dc: the tree first.
+        DirectoryChoice::Ldap(choice) if choice.urls.is_empty() => {
+            let index = load_index(config)?;
+            let directory = open_directory(config, &index.dcs())?;
+            let groups = directory.search_groups(&ou).await?;
+            (index, directory, groups)
+        }
+        // A directory that does not depend on the tree (LDAP servers named
+        // on the command line, an LDIF file): the tree is read and indexed on
+        // a thread of its own while the directory answers the search. At
+        // cluster scale each takes about as long as the other, and both come
+        // before the first write. The tree's scan is parallel, its indexing
+        // is not, and neither is parsing an LDIF file or a server's answer:
+        // overlapped, the two cores are busy for most of the way.
+        _ => {
             let tree_config = config.clone();
             let tree = tokio::task::spawn_blocking(move || load_index(&tree_config));
             let read = async {
@@ -204,14 +211,6 @@ async fn prepare(config: &Config) -> Result<Prepared, CommandError> {
                 Err(join) => panic!("BUG: the tree scan panicked: {join}"),
             };
             let (directory, groups) = read?;
-            (index, directory, groups)
-        }
-        // An LDIF file, or servers that come from the tree's nt.dc: one
-        // after the other.
-        _ => {
-            let index = load_index(config)?;
-            let directory = open_directory(config, &index.dcs())?;
-            let groups = directory.search_groups(&ou).await?;
             (index, directory, groups)
         }
     };
