@@ -39,6 +39,7 @@ pub mod metrics;
 pub mod model;
 pub mod node;
 pub mod output;
+pub mod parallel;
 pub mod plan;
 pub mod reconcile;
 pub mod safe_fs;

@@ -9,6 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::directory::Group;
 use crate::index::{DesiredSet, Index};
 use crate::model::{Dn, GroupPattern, Proid};
+use crate::parallel::in_parallel;
 
 /// The changes to one group.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -117,79 +118,28 @@ pub fn plan<'g>(
     }
 
     let held = index.held();
-    let mut plan = Plan::default();
-    let mut with_group: BTreeSet<String> = BTreeSet::new();
-    for group in groups {
-        let Some(group_proid) = pattern.proid_of(&group.sam_account_name) else {
-            continue;
-        };
+    // Each group is planned on its own, on every core: at cluster scale
+    // the groups hold a million members to look up.
+    let groups: Vec<&Group> = groups.into_iter().collect();
+    let planned = in_parallel(&groups, |group| {
+        let group_proid = pattern.proid_of(&group.sam_account_name)?;
         let key = group_proid.key();
         if !in_scope(&key) {
-            continue;
+            return None;
         }
         let (proid, proids) = match sharing.get(&key) {
             Some(proids) => (proids[0].clone(), proids.as_slice()),
             None => (group_proid, &[][..]),
         };
-        let want: Vec<DesiredSet<'_>> = proids.iter().map(|p| index.desired_set(p)).collect();
-        let retiring = index.retiring(&proid);
-
-        // One pass over the members: which the reconciler manages, which
-        // are to go, and how many are wanted.
-        let mut delete: BTreeSet<Dn> = BTreeSet::new();
-        let mut wanted_members = 0;
-        for member in &group.members {
-            // A wanted DN is an in-scope host's, so managed: asked first,
-            // most members of a group in sync need one lookup, not two.
-            if want.iter().any(|w| w.contains(member)) {
-                wanted_members += 1;
-                plan.managed_members += 1;
-            } else if index.is_managed(member) || retiring.contains(member) {
-                plan.managed_members += 1;
-                if !held.contains(member) {
-                    delete.insert(member.clone());
-                }
-            }
-        }
+        Some(plan_group(index, &held, group, key, proid, proids))
+    });
+    let mut plan = Plan::default();
+    let mut with_group: BTreeSet<String> = BTreeSet::new();
+    for planned in planned.into_iter().flatten() {
         plan.groups_compared += 1;
-        let mut add: BTreeSet<Dn> = BTreeSet::new();
-        match want.as_slice() {
-            [] => {}
-            // The wanted members are distinct DNs of the one desired set:
-            // as many of them as it has DNs means none is missing.
-            [one] => {
-                let mut missing = one.len() - wanted_members;
-                for dn in one.iter() {
-                    if missing == 0 {
-                        break;
-                    }
-                    if !group.members.contains(dn) {
-                        missing -= 1;
-                        if !held.contains(dn) {
-                            add.insert(dn.clone());
-                        }
-                    }
-                }
-            }
-            // A union: a DN desired by several keeps the spelling of the
-            // first proid that has it.
-            several => {
-                for dn in several.iter().flat_map(DesiredSet::iter) {
-                    if !group.members.contains(dn) && !held.contains(dn) && !add.contains(dn) {
-                        add.insert(dn.clone());
-                    }
-                }
-            }
-        }
-        with_group.insert(key);
-        if !add.is_empty() || !delete.is_empty() {
-            plan.changes.push(GroupChange {
-                group_dn: group.dn.clone(),
-                proid,
-                add,
-                delete,
-            });
-        }
+        plan.managed_members += planned.managed_members;
+        with_group.insert(planned.key);
+        plan.changes.extend(planned.change);
     }
     plan.changes.sort_by(|a, b| a.group_dn.cmp(&b.group_dn));
     // The desired sets are copied only for the proids without a group.
@@ -214,6 +164,87 @@ pub fn plan<'g>(
         })
         .collect();
     plan
+}
+
+/// One group compared: its change (none when it is right), how many of its
+/// members the reconciler manages, and its proid's key.
+struct GroupPlan {
+    key: String,
+    managed_members: usize,
+    change: Option<GroupChange>,
+}
+
+/// [`plan`] for one group of `proid`, whose desired members are those of
+/// `proids` (the proids that share its key; none when no host wants it).
+fn plan_group(
+    index: &Index,
+    held: &BTreeSet<Dn>,
+    group: &Group,
+    key: String,
+    proid: Proid,
+    proids: &[Proid],
+) -> GroupPlan {
+    let want: Vec<DesiredSet<'_>> = proids.iter().map(|p| index.desired_set(p)).collect();
+    let retiring = index.retiring(&proid);
+
+    // One pass over the members: which the reconciler manages, which are to
+    // go, and how many are wanted.
+    let mut delete: BTreeSet<Dn> = BTreeSet::new();
+    let mut wanted_members = 0;
+    let mut managed_members = 0;
+    for member in &group.members {
+        // A wanted DN is an in-scope host's, so managed: asked first, most
+        // members of a group in sync need one lookup, not two.
+        if want.iter().any(|w| w.contains(member)) {
+            wanted_members += 1;
+            managed_members += 1;
+        } else if index.is_managed(member) || retiring.contains(member) {
+            managed_members += 1;
+            if !held.contains(member) {
+                delete.insert(member.clone());
+            }
+        }
+    }
+    let mut add: BTreeSet<Dn> = BTreeSet::new();
+    match want.as_slice() {
+        [] => {}
+        // The wanted members are distinct DNs of the one desired set: as
+        // many of them as it has DNs means none is missing.
+        [one] => {
+            let mut missing = one.len() - wanted_members;
+            for dn in one.iter() {
+                if missing == 0 {
+                    break;
+                }
+                if !group.members.contains(dn) {
+                    missing -= 1;
+                    if !held.contains(dn) {
+                        add.insert(dn.clone());
+                    }
+                }
+            }
+        }
+        // A union: a DN desired by several keeps the spelling of the first
+        // proid that has it.
+        several => {
+            for dn in several.iter().flat_map(DesiredSet::iter) {
+                if !group.members.contains(dn) && !held.contains(dn) && !add.contains(dn) {
+                    add.insert(dn.clone());
+                }
+            }
+        }
+    }
+    let change = (!add.is_empty() || !delete.is_empty()).then(|| GroupChange {
+        group_dn: group.dn.clone(),
+        proid,
+        add,
+        delete,
+    });
+    GroupPlan {
+        key,
+        managed_members,
+        change,
+    }
 }
 
 /// The plan as it was computed before [`plan`] stopped copying the desired
@@ -767,12 +798,15 @@ mod tests {
             #![proptest_config(ProptestConfig::with_cases(1024))]
 
             /// Same changes, same order, same spellings, same counts and
-            /// missing groups as the plan that copied the desired sets.
+            /// missing groups as the plan that copied the desired sets;
+            /// with `spread`, the groups are copied under other OUs until
+            /// there are enough of them to be planned on several threads.
             #[test]
             fn plans_equal_the_reference(
                 host_ou in any::<bool>(),
                 events in proptest::collection::vec(event(), 0..40),
                 groups in groups(),
+                spread in any::<bool>(),
                 scope in proptest::option::of(proptest::collection::btree_set(
                     proptest::sample::select(vec!["web", "WEB", "Web", "db", "x", "y"]),
                     0..4,
@@ -791,6 +825,19 @@ mod tests {
                 let scope = match &only {
                     None => Scope::All,
                     Some(proids) => Scope::Only(proids),
+                };
+                let groups: Vec<Group> = if spread && !groups.is_empty() {
+                    (0..3 * crate::parallel::CHUNK)
+                        .map(|i| {
+                            let group = &groups[i % groups.len()];
+                            Group {
+                                dn: dn(&format!("{},OU=Copy{i:03}", group.dn)),
+                                ..group.clone()
+                            }
+                        })
+                        .collect()
+                } else {
+                    groups
                 };
                 let new = plan(&index, &groups, &pattern(), scope);
                 let old = plan_reference(&index, &groups, &pattern(), scope);

@@ -23,13 +23,13 @@ use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use thiserror::Error;
 
 use super::names::{MODIFIED, PLACEMENT, SERVERS};
 use super::{ServerError, ServerInfo, Snapshot};
 use crate::model::{HostName, Proid};
+use crate::parallel::in_parallel;
 use crate::safe_fs::{self, Kind, ReadError};
 
 /// Why a tree cannot be acted on at all.
@@ -197,53 +197,6 @@ fn read_placement_entry(path: &Path, name: &OsStr) -> PlacementRead {
         return (warnings, None);
     };
     (warnings, Some((host, list_host_dir(path))))
-}
-
-/// Entries handed to a thread at a time.
-const CHUNK: usize = 64;
-/// At most this many threads read a tree.
-const MAX_THREADS: usize = 4;
-
-/// `items.iter().map(f)`, on as many threads as there are cores (at most
-/// [`MAX_THREADS`]), the results in the order of `items`. At cluster scale a
-/// scan is 20,000 directory listings and file reads, most of it system
-/// calls that cores can make side by side.
-fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(MAX_THREADS)
-        .min(items.len().div_ceil(CHUNK));
-    if threads <= 1 {
-        return items.iter().map(f).collect();
-    }
-    let next = AtomicUsize::new(0);
-    let work = || {
-        let mut done = Vec::new();
-        loop {
-            let start = next.fetch_add(CHUNK, Ordering::Relaxed);
-            if start >= items.len() {
-                return done;
-            }
-            let end = (start + CHUNK).min(items.len());
-            done.push((start, items[start..end].iter().map(&f).collect::<Vec<R>>()));
-        }
-    };
-    let mut chunks = std::thread::scope(|scope| {
-        let helpers: Vec<_> = (1..threads).map(|_| scope.spawn(work)).collect();
-        let mut chunks = work();
-        for helper in helpers {
-            match helper.join() {
-                Ok(done) => chunks.extend(done),
-                Err(panic) => std::panic::resume_unwind(panic),
-            }
-        }
-        chunks
-    });
-    chunks.sort_unstable_by_key(|(start, _)| *start);
-    chunks
-        .into_iter()
-        .flat_map(|(_, results)| results)
-        .collect()
 }
 
 /// Fails unless the root is a directory holding the readiness marker.
@@ -927,7 +880,7 @@ mod tests {
     #[test]
     fn a_large_tree_reads_in_order() {
         let tree = Tree::new();
-        let n = CHUNK * 5 + 3;
+        let n = crate::parallel::CHUNK * 5 + 3;
         for i in 0..n {
             tree.server(&format!("h{i:04}"), "p1");
             tree.write(&format!("placement/h{i:04}/proid{}.web#1", i % 7), "");
@@ -946,14 +899,6 @@ mod tests {
         for (warning, want) in snap.warnings.iter().zip(&want) {
             assert!(warning.contains(want.as_str()), "{warning} is not {want}");
         }
-    }
-
-    #[test]
-    fn in_parallel_keeps_the_order() {
-        let items: Vec<usize> = (0..CHUNK * 9 + 1).collect();
-        let doubled = in_parallel(&items, |i| i * 2);
-        assert_eq!(doubled, items.iter().map(|i| i * 2).collect::<Vec<_>>());
-        assert!(in_parallel(&[] as &[usize], |i| *i).is_empty());
     }
 
     #[test]
