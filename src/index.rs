@@ -30,7 +30,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use crate::model::{Dn, HostName, PartitionGlob, Proid};
+use crate::model::{Dn, DnMap, HostName, PartitionGlob, Proid};
 use crate::tree::names::{PLACEMENT, SERVERS};
 use crate::tree::{Placed, ServerError, ServerInfo, Snapshot, TreeEvent};
 
@@ -42,9 +42,9 @@ pub struct Index {
     hosts: BTreeMap<HostName, HostState>,
     /// Per proid, per DN: instances on in-scope hosts. No zero counts and no
     /// empty maps are kept, so the keys are exactly the desired sets.
-    counts: HashMap<Proid, HashMap<Dn, u32>>,
+    counts: HashMap<Proid, DnMap<u32>>,
     /// Per DN: in-scope hosts that have it. No zero counts are kept.
-    managed: HashMap<Dn, u32>,
+    managed: DnMap<u32>,
     /// Per proid: DNs that left its desired set and are not yet known to be
     /// removed from its groups. Never empty sets.
     retiring: BTreeMap<Proid, BTreeSet<Dn>>,
@@ -386,22 +386,28 @@ impl Index {
         warnings: &mut Vec<String>,
         tracker: &mut Tracker,
     ) {
-        instances.retain(|instance| {
-            let placement = Proid::name_in(instance).is_some();
-            if !placement {
-                warnings.push(no_proid(&host, instance));
+        let dn = self
+            .hosts
+            .get(&host)
+            .and_then(|s| s.definition.as_ref())
+            .map(|d| d.dn.clone());
+        // One pass: each name is judged once, and counted when the host
+        // has a definition.
+        instances.retain(|instance| match Proid::name_in(instance) {
+            Some(proid) => {
+                if let Some(dn) = &dn {
+                    self.placements += 1;
+                    self.add(proid, dn, tracker);
+                }
+                true
             }
-            placement
+            None => {
+                warnings.push(no_proid(&host, instance));
+                false
+            }
         });
         if instances.is_empty() {
             return;
-        }
-        let dn = self.hosts.get(&host).and_then(|s| s.definition.as_ref());
-        if let Some(dn) = dn.map(|d| d.dn.clone()) {
-            self.placements += instances.len();
-            for instance in &instances {
-                self.add(proid_of(instance), &dn, tracker);
-            }
         }
         let state = self.hosts.entry(host).or_default();
         assert!(
@@ -631,13 +637,11 @@ impl Index {
     /// One more instance of `proid` on a host with `dn`. Proids are looked
     /// up by name: a `Proid` is made only for a proid not seen before.
     fn add(&mut self, proid: &str, dn: &Dn, tracker: &mut Tracker) {
-        if !self.counts.contains_key(proid) {
-            self.counts.insert(known_proid(proid), HashMap::new());
-        }
-        let dns = self
-            .counts
-            .get_mut(proid)
-            .expect("BUG: the proid was inserted above");
+        // Looked up once when the proid is known, as it nearly always is.
+        let dns = match self.counts.get_mut(proid) {
+            Some(dns) => dns,
+            None => self.counts.entry(known_proid(proid)).or_default(),
+        };
         let count = dns.entry(dn.clone()).or_default();
         *count += 1;
         let first = *count == 1;
@@ -731,7 +735,7 @@ impl Placed for Index {
 /// One proid's desired set, borrowed from the index ([`Index::desired_set`]):
 /// membership in O(1), iteration in no particular order.
 #[derive(Debug, Clone, Copy)]
-pub struct DesiredSet<'a>(Option<&'a HashMap<Dn, u32>>);
+pub struct DesiredSet<'a>(Option<&'a DnMap<u32>>);
 
 impl<'a> DesiredSet<'a> {
     /// True when `dn` is in the set.
@@ -741,7 +745,7 @@ impl<'a> DesiredSet<'a> {
 
     /// How many DNs the set has.
     pub fn len(&self) -> usize {
-        self.0.map_or(0, HashMap::len)
+        self.0.map_or(0, DnMap::len)
     }
 
     /// True when the set has no DN.
@@ -751,7 +755,7 @@ impl<'a> DesiredSet<'a> {
 
     /// The DNs, spelled as the index keeps them, in no particular order.
     pub fn iter(&self) -> impl Iterator<Item = &'a Dn> + 'a {
-        self.0.into_iter().flat_map(HashMap::keys)
+        self.0.into_iter().flat_map(DnMap::keys)
     }
 }
 

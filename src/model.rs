@@ -366,6 +366,45 @@ impl Hash for Dn {
     }
 }
 
+/// A map keyed by DN that takes each DN's own hash as it is.
+pub type DnMap<V> = std::collections::HashMap<Dn, V, DnHash>;
+
+/// The hashers of a [`DnMap`]. A DN's hash is taken once, keyed at random
+/// per process ([`norm_hash`]), when the DN is made; hashing it again, as
+/// the standard maps do, would cost more than the lookup itself, and adds
+/// nothing to what names from outside can do.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DnHash;
+
+impl BuildHasher for DnHash {
+    type Hasher = DnHasher;
+
+    fn build_hasher(&self) -> DnHasher {
+        DnHasher(0)
+    }
+}
+
+/// The hasher of a [`DnMap`]: a [`Dn`] writes one `u64`, which it keeps.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DnHasher(u64);
+
+impl Hasher for DnHasher {
+    fn write_u64(&mut self, hash: u64) {
+        self.0 = hash;
+    }
+
+    /// Only DNs are the keys of a [`DnMap`], and they write one `u64`;
+    /// other bytes are folded in all the same, with SipHash's keys.
+    fn write(&mut self, bytes: &[u8]) {
+        static KEYS: OnceLock<RandomState> = OnceLock::new();
+        self.0 ^= KEYS.get_or_init(RandomState::new).hash_one(bytes);
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
 impl PartialOrd for Dn {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
@@ -769,6 +808,29 @@ mod tests {
             assert_eq!(dn(other), base, "{other}");
         }
         assert_eq!(dn(" cn = server1 ").as_str(), " cn = server1 ");
+    }
+
+    #[test]
+    fn a_dn_map_finds_every_spelling_of_a_dn_and_only_it() {
+        let mut map: DnMap<u32> = DnMap::default();
+        map.insert(dn("CN=server1,OU=Hosts,DC=ad,DC=com"), 1);
+        map.insert(dn("CN=server2,OU=Hosts,DC=ad,DC=com"), 2);
+        assert_eq!(map.get(&dn("cn=SERVER1;ou=hosts;dc=ad;dc=com")), Some(&1));
+        assert_eq!(
+            map.get(&dn(r"CN=\73erver2,OU=Hosts,DC=ad,DC=com")),
+            Some(&2)
+        );
+        assert_eq!(map.get(&dn("CN=server3,OU=Hosts,DC=ad,DC=com")), None);
+        // The hash a map uses is the one the DN was made with.
+        let one = dn("CN=server1,OU=Hosts,DC=ad,DC=com");
+        assert_eq!(
+            DnHash.hash_one(&one),
+            DnHash.hash_one(dn(" cn=server1,ou=hosts,dc=ad,dc=com"))
+        );
+        assert_ne!(
+            DnHash.hash_one(&one),
+            DnHash.hash_one(dn("CN=server2,OU=Hosts,DC=ad,DC=com"))
+        );
     }
 
     #[test]
