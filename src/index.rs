@@ -29,8 +29,10 @@
 //! changes only what really changed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{BuildHasher, RandomState};
 
 use crate::model::{Dn, DnMap, HostName, PartitionGlob, Proid};
+use crate::parallel::in_shares;
 use crate::tree::names::{PLACEMENT, SERVERS};
 use crate::tree::{Placed, ServerError, ServerInfo, Snapshot, TreeEvent};
 
@@ -209,8 +211,12 @@ impl Index {
             }
         }
         for (host, instances) in std::mem::take(&mut snapshot.placements) {
-            self.place_all(host, instances, &mut warnings, &mut untracked);
+            self.place_all(host, instances, &mut warnings);
         }
+        // Loaded into an empty index, no DN retires, so what is left to
+        // count is only the counts.
+        debug_assert!(self.retiring.is_empty() && self.counts.is_empty());
+        self.counts = count_placements(&self.hosts);
         warnings
     }
 
@@ -379,32 +385,21 @@ impl Index {
     /// without a proid are left out with a warning. The host has none yet
     /// (a snapshot lists each host's placements once), so the set moves in
     /// whole.
+    /// Puts a host's instances from a snapshot in its state, leaving out
+    /// the names without a proid (with a warning); [`Index::load_from`]
+    /// counts them once every host is placed.
     fn place_all(
         &mut self,
         host: HostName,
         mut instances: BTreeSet<String>,
         warnings: &mut Vec<String>,
-        tracker: &mut Tracker,
     ) {
-        let dn = self
-            .hosts
-            .get(&host)
-            .and_then(|s| s.definition.as_ref())
-            .map(|d| d.dn.clone());
-        // One pass: each name is judged once, and counted when the host
-        // has a definition.
-        instances.retain(|instance| match Proid::name_in(instance) {
-            Some(proid) => {
-                if let Some(dn) = &dn {
-                    self.placements += 1;
-                    self.add(proid, dn, tracker);
-                }
-                true
-            }
-            None => {
+        instances.retain(|instance| {
+            let placement = Proid::name_in(instance).is_some();
+            if !placement {
                 warnings.push(no_proid(&host, instance));
-                false
             }
+            placement
         });
         if instances.is_empty() {
             return;
@@ -414,6 +409,9 @@ impl Index {
             state.instances.is_empty(),
             "BUG: a snapshot places a host's instances once"
         );
+        if state.definition.is_some() {
+            self.placements += instances.len();
+        }
         state.instances = instances;
     }
 
@@ -774,9 +772,47 @@ fn no_proid(host: &HostName, instance: &str) -> String {
     format!("{PLACEMENT}/{host}/{instance}: {why}; ignored")
 }
 
-/// The proid of an instance name already known to have one.
+/// The proid of an instance name already known to have one (the index
+/// keeps no other): the part before its first dot.
 fn proid_of(instance: &str) -> &str {
-    Proid::name_in(instance).expect("BUG: only instances with a proid are placed")
+    debug_assert!(
+        Proid::name_in(instance).is_some(),
+        "BUG: only instances with a proid are placed"
+    );
+    instance
+        .split_once('.')
+        .map_or(instance, |(proid, _)| proid)
+}
+
+/// Per proid, per DN: the instances of the hosts with a definition, as
+/// [`Index::add`] would count them one by one. Counted on every core: each
+/// thread goes through every host and keeps the proids of its share, so the
+/// shares' maps have no key in common.
+fn count_placements(hosts: &BTreeMap<HostName, HostState>) -> HashMap<Proid, DnMap<u32>> {
+    let placed: Vec<(&Dn, &BTreeSet<String>)> = hosts
+        .values()
+        .filter(|state| !state.instances.is_empty())
+        .filter_map(|state| Some((&state.definition.as_ref()?.dn, &state.instances)))
+        .collect();
+    let keys = RandomState::new();
+    let shares = in_shares(|share, shares| {
+        let mut counts: HashMap<Proid, DnMap<u32>> = HashMap::new();
+        for (dn, instances) in &placed {
+            for instance in instances.iter() {
+                let proid = proid_of(instance);
+                if shares > 1 && keys.hash_one(proid) % shares as u64 != share as u64 {
+                    continue;
+                }
+                let dns = match counts.get_mut(proid) {
+                    Some(dns) => dns,
+                    None => counts.entry(known_proid(proid)).or_default(),
+                };
+                *dns.entry((*dn).clone()).or_default() += 1;
+            }
+        }
+        counts
+    });
+    shares.into_iter().flatten().collect()
 }
 
 /// A `Proid` for a name already checked by [`Proid::name_in`].
