@@ -370,7 +370,7 @@ impl Hash for Dn {
 pub type DnMap<V> = std::collections::HashMap<Dn, V, DnHash>;
 
 /// The hashers of a [`DnMap`]. A DN's hash is taken once, keyed at random
-/// per process ([`norm_hash`]), when the DN is made; hashing it again, as
+/// per process, when the DN is made; hashing it again, as
 /// the standard maps do, would cost more than the lookup itself, and adds
 /// nothing to what names from outside can do.
 #[derive(Debug, Clone, Copy, Default)]

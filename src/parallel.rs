@@ -14,7 +14,7 @@ pub const CHUNK: usize = 64;
 const MAX_THREADS: usize = 4;
 
 /// `items.iter().map(f).collect()`, on as many threads as there are cores
-/// (at most [`MAX_THREADS`], and one for fewer than two chunks), the
+/// (at most four, and one for fewer than two chunks), the
 /// results in the order of `items`. A panic in `f` is raised again here.
 pub fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) -> Vec<R> {
     let threads = threads().min(items.len().div_ceil(CHUNK));
@@ -52,7 +52,7 @@ pub fn in_parallel<T: Sync, R: Send>(items: &[T], f: impl Fn(&T) -> R + Sync) ->
 }
 
 /// `f(share, shares)` for each share, `shares` being the number of cores (at
-/// most [`MAX_THREADS`]), each on a thread of its own; the results in share
+/// most four), each on a thread of its own; the results in share
 /// order. For work that splits by key rather than by entry: every share sees
 /// every entry and keeps those whose key is its own. A panic in `f` is
 /// raised again here.
