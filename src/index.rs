@@ -213,8 +213,8 @@ impl Index {
         for (host, instances) in std::mem::take(&mut snapshot.placements) {
             self.place_all(host, instances, &mut warnings);
         }
-        // Loaded into an empty index, no DN retires, so what is left to
-        // count is only the counts.
+        // Nothing retires while an empty index loads: counting the
+        // placements is all that is left.
         debug_assert!(self.retiring.is_empty() && self.counts.is_empty());
         self.counts = count_placements(&self.hosts);
         warnings
@@ -384,10 +384,8 @@ impl Index {
     /// each would place them (the property test checks that it does): names
     /// without a proid are left out with a warning. The host has none yet
     /// (a snapshot lists each host's placements once), so the set moves in
-    /// whole.
-    /// Puts a host's instances from a snapshot in its state, leaving out
-    /// the names without a proid (with a warning); [`Index::load_from`]
-    /// counts them once every host is placed.
+    /// whole. They are counted once every host is placed
+    /// ([`Index::load_from`]).
     fn place_all(
         &mut self,
         host: HostName,
@@ -772,16 +770,9 @@ fn no_proid(host: &HostName, instance: &str) -> String {
     format!("{PLACEMENT}/{host}/{instance}: {why}; ignored")
 }
 
-/// The proid of an instance name already known to have one (the index
-/// keeps no other): the part before its first dot.
+/// The proid of an instance name already known to have one.
 fn proid_of(instance: &str) -> &str {
-    debug_assert!(
-        Proid::name_in(instance).is_some(),
-        "BUG: only instances with a proid are placed"
-    );
-    instance
-        .split_once('.')
-        .map_or(instance, |(proid, _)| proid)
+    Proid::name_in(instance).expect("BUG: only instances with a proid are placed")
 }
 
 /// Per proid, per DN: the instances of the hosts with a definition, as

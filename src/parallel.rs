@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Entries handed to a thread at a time.
 pub const CHUNK: usize = 64;
-/// At most this many threads share one map.
+/// At most this many threads share one pass.
 const MAX_THREADS: usize = 4;
 
 /// `items.iter().map(f).collect()`, on as many threads as there are cores
