@@ -176,6 +176,23 @@ impl Schedule {
         per_group.saturating_mul(u32::try_from(groups).unwrap_or(u32::MAX))
     }
 
+    /// How many groups the directory writes in one batch window at the
+    /// quickest rate of the last passes; `None` before any pass said.
+    pub fn groups_per_window(&self) -> Option<usize> {
+        let per_group = self.write_rates.iter().min().copied()?;
+        if per_group.is_zero() {
+            return None;
+        }
+        let groups = self.window.as_nanos() / per_group.as_nanos();
+        Some(usize::try_from(groups).unwrap_or(usize::MAX).max(1))
+    }
+
+    /// A full sync is being written again, after a batch written between
+    /// two of its parts.
+    pub fn writing(&mut self) {
+        self.in_flight = true;
+    }
+
     /// Takes the dirty proids for a batch and marks it in flight.
     pub fn take_batch(&mut self) -> Dirty {
         self.batch_due = None;

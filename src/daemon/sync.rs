@@ -62,6 +62,16 @@ enum OnLost {
     Finish,
 }
 
+/// What a resync has planned and not yet written, for a batch written
+/// between its parts to take over.
+#[derive(Debug, Default)]
+pub(super) struct Unwritten {
+    /// The latency clocks of the changes the resync took in.
+    clocks: Dirty,
+    /// Why the resync was to write a group, where that is not `full-sync`.
+    causes: BTreeMap<Proid, Cause>,
+}
+
 /// A search of every group running on its own task.
 pub(super) type GroupSearch = tokio::task::JoinHandle<Result<Vec<directory::Group>, DirError>>;
 
@@ -232,7 +242,7 @@ impl Daemon {
                 (p, dns)
             })
             .collect();
-        let complete = self.apply(pass, &clocks, retiring, shutdown).await;
+        let complete = self.apply_full(pass, &clocks, retiring, shutdown).await;
         if complete.is_some() {
             self.metrics.last_full_sync.set(metrics::unix_now());
             if !self.health.applied {
@@ -333,15 +343,121 @@ impl Daemon {
         }
     }
 
+    /// Writes a full sync's pass. A resync (the first full sync applied)
+    /// writes it a part at a time, each about one batch window of writes
+    /// at the directory's quickest recent pace, and writes a batch that
+    /// falls due between two parts: a change that comes while a resync
+    /// writes waits for one part, not for the whole resync. The batch
+    /// plans its proids from the cache, which the full sync's read
+    /// refreshed and its parts so far updated; what the resync still had
+    /// to write for them was planned before their changes, so the batch
+    /// takes it over and the resync drops it (written as planned, it
+    /// could undo them). The guard judged the whole plan before the first
+    /// part. A directory that saves on commit (the LDIF file) is written
+    /// in one part, as each part would save it whole; so is a dry run's
+    /// plan, which is printed whole. `None` when abandoned at shutdown,
+    /// otherwise whether everything the resync wrote was applied.
+    async fn apply_full(
+        &mut self,
+        mut pass: Pass,
+        clocks: &Dirty,
+        retiring: BTreeMap<Proid, BTreeSet<Dn>>,
+        shutdown: &mut Shutdown<'_>,
+    ) -> Option<bool> {
+        let part = match self.schedule.groups_per_window() {
+            Some(groups)
+                if self.health.applied
+                    && !self.config.dry_run
+                    && !self.directory().saves_on_commit() =>
+            {
+                groups.max(self.config.config.apply.concurrency.max(1))
+            }
+            _ => return self.apply(pass, clocks, retiring, shutdown).await,
+        };
+        let mut rest = std::mem::take(&mut pass.plan.changes);
+        let mut refused = pass.refused.take();
+        let mut unfinished = BTreeSet::new();
+        let mut taken_over = BTreeSet::new();
+        loop {
+            let changes: Vec<_> = rest.drain(..part.min(rest.len())).collect();
+            let piece = Pass {
+                cause: pass.cause,
+                causes: pass.causes.clone(),
+                plan: crate::plan::Plan {
+                    changes,
+                    ..crate::plan::Plan::default()
+                },
+                refused: refused.take(),
+                results: Vec::new(),
+            };
+            unfinished.extend(self.apply_pass(piece, clocks, shutdown).await?);
+            if rest.is_empty() {
+                break;
+            }
+            if self.stopping {
+                return None;
+            }
+            if self.is_leader() && self.schedule.batch_ready(Instant::now()) {
+                let unwritten = Unwritten {
+                    clocks: rest
+                        .iter()
+                        .filter_map(|c| clocks.get(&c.proid).map(|at| (c.proid.clone(), *at)))
+                        .collect(),
+                    causes: rest
+                        .iter()
+                        .filter_map(|c| pass.causes.get(&c.proid).map(|k| (c.proid.clone(), *k)))
+                        .collect(),
+                };
+                let took = self.batch_taking_over(&unwritten, shutdown).await;
+                // The resync is in flight again.
+                self.schedule.writing();
+                if self.stopping {
+                    return None;
+                }
+                rest.retain(|change| !took.contains(&change.proid));
+                taken_over.extend(took);
+            }
+        }
+        for (proid, dns) in retiring {
+            // A proid taken over is the batch's: it recorded how it went.
+            if unfinished.contains(&proid) || taken_over.contains(&proid) {
+                continue;
+            }
+            self.schedule.succeeded(&proid);
+            if !self.refused.contains_key(&proid) {
+                self.index.clear_retiring(&proid, &dns);
+            }
+        }
+        Some(unfinished.is_empty())
+    }
+
     /// Reconciles the dirty proids.
     pub(super) async fn batch(&mut self, shutdown: &mut Shutdown<'_>) {
-        let clocks = self.schedule.take_batch();
+        self.batch_taking_over(&Unwritten::default(), shutdown)
+            .await;
+    }
+
+    /// Reconciles the dirty proids, taking over what a resync has not yet
+    /// written for them: the latency clock of a change the resync was to
+    /// write, and its cause (drift) when that says more than `event`.
+    /// Returns the proids planned.
+    async fn batch_taking_over(
+        &mut self,
+        unwritten: &Unwritten,
+        shutdown: &mut Shutdown<'_>,
+    ) -> BTreeSet<Proid> {
+        let mut clocks = self.schedule.take_batch();
+        for (proid, at) in &mut clocks {
+            if let Some(earlier) = unwritten.clocks.get(proid) {
+                *at = (*at).min(*earlier);
+            }
+        }
         let proids: BTreeSet<Proid> = clocks.keys().cloned().collect();
         let keys: BTreeSet<String> = proids.iter().map(Proid::key).collect();
 
         if !self.refresh_groups(&proids, shutdown).await {
             self.schedule.finished();
-            return;
+            return proids;
         }
 
         // Changes that got no answer are settled by the groups read since
@@ -369,6 +485,8 @@ impl Daemon {
         for proid in &proids {
             if self.schedule.failures(proid) > 0 {
                 pass.causes.insert(proid.clone(), Cause::Retry);
+            } else if let Some(cause) = unwritten.causes.get(proid) {
+                pass.causes.insert(proid.clone(), *cause);
             }
         }
         // The oldest change first: a batch's groups are written in the
@@ -392,6 +510,7 @@ impl Daemon {
         self.apply(pass, &clocks, retiring, shutdown).await;
         self.schedule.finished();
         self.update_gauges();
+        proids
     }
 
     /// Applies a plan (deletions held back when the guard refuses them),

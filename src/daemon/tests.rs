@@ -9,6 +9,7 @@ use tokio::time::sleep;
 use super::testing::*;
 use crate::election::Role;
 use crate::model::Dn;
+use crate::tree::watch::Change;
 
 fn h1() -> std::collections::BTreeSet<Dn> {
     [Dn::parse(H1).expect("dn")].into()
@@ -265,5 +266,150 @@ async fn killed_in_flight_a_change_is_on_disk_before_its_modify_leaves() {
     assert_eq!(db[1].get("intent"), None, "{db:?}");
     assert_eq!(db[1]["added"], serde_json::json!([H1]), "{db:?}");
     assert_eq!(db[1]["cause"], "event", "{db:?}");
+    h.stop().await;
+}
+
+/// The group of proid `proid` in the tests of a resync's parts.
+fn group_of(proid: &str) -> String {
+    format!("CN={proid}-gmsa-hosts,OU=Groups,DC=ad,DC=com")
+}
+
+/// The proids of the tests of a resync's parts: forty that the resync
+/// repairs, `new` (placed during the resync) and `zz` (whose group the
+/// resync writes last).
+fn resync_proids() -> Vec<String> {
+    let mut proids: Vec<String> = (0..40).map(|i| format!("g{i:02}")).collect();
+    proids.extend(["new".to_owned(), "zz".to_owned()]);
+    proids
+}
+
+/// A daemon whose every Modify takes 100 ms, past its initial sync of a
+/// tree where h1 runs every proid but `new`, with h1 then taken out of
+/// every group behind its back: its next resync, 30 s on, repairs
+/// 41 groups, in parts of 8 (the initial sync wrote 8 groups per 100 ms
+/// window). `during` runs inside the resync's first part. Returns the
+/// number of the directory's calls before the resync.
+async fn a_resync_with_parts(
+    root: &std::path::Path,
+    during: impl FnOnce(&std::path::Path, &tokio::sync::mpsc::UnboundedSender<Change>) + Send + 'static,
+) -> (Harness, usize) {
+    let records = resync_proids()
+        .iter()
+        .map(|proid| crate::ldif::Record {
+            dn: group_of(proid),
+            attrs: vec![
+                ("objectClass".to_owned(), "group".to_owned()),
+                ("sAMAccountName".to_owned(), format!("{proid}-gmsa-hosts")),
+            ],
+        })
+        .collect();
+    let inner = std::sync::Arc::new(crate::directory::memory::MemoryDirectory::new(
+        records,
+        crate::directory::memory::Flavour::Permissive,
+    ));
+    write_server(root, "h1");
+    std::fs::write(root.join(".modified"), "").expect(".modified");
+    for proid in resync_proids().iter().filter(|p| *p != "new") {
+        std::fs::write(root.join(format!("placement/h1/{proid}.app#1")), "{}").expect("placement");
+    }
+    let gated = Gated::new(inner.clone());
+    gated.answer_after(Duration::from_millis(100));
+    let setup = Setup {
+        front: Some(gated.clone()),
+        dir: Some(inner),
+        ..Setup::default()
+    };
+    let h = Harness::start_with(root, run_config(root, &["--resync-interval=30s"]), setup);
+    h.ready().await;
+    for proid in resync_proids().iter().filter(|p| *p != "new") {
+        assert_eq!(h.members(&group_of(proid)).await, h1(), "{proid}");
+        let dn = Dn::parse(&group_of(proid)).expect("dn");
+        let out = crate::directory::MemberChange {
+            add: Vec::new(),
+            delete: h1().into_iter().collect(),
+        };
+        use crate::directory::Directory;
+        h.dir
+            .modify_members(&dn, &out)
+            .await
+            .expect("edited by hand");
+    }
+    let before = h.dir.calls().len();
+    let changes = h.changes.clone();
+    let root = root.to_owned();
+    gated.on_next_capabilities(move || during(&root, &changes));
+    until("the resync done", || async { h.metrics.resyncs.get() == 2 }).await;
+    (h, before)
+}
+
+/// The position of the last Modify of `group` among the directory's calls.
+fn last_modify(h: &Harness, group: &str) -> Option<usize> {
+    let group = Dn::parse(group).expect("dn");
+    h.dir.calls().iter().rposition(
+        |c| matches!(c, crate::directory::memory::Call::Modify { group: g, .. } if *g == group),
+    )
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resync_writes_a_change_that_comes_while_it_writes_between_its_parts() {
+    let (_guard, root) = tree();
+    let (h, _) = a_resync_with_parts(&root, |root, changes| {
+        std::fs::write(root.join("placement/h1/new.app#1"), "{}").expect("placement");
+        let added = crate::tree::TreeEvent::PlacementAdded {
+            host: crate::model::HostName::new("h1").expect("host"),
+            instance: "new.app#1".to_owned(),
+        };
+        changes.send(Change::Tree(added)).expect("send");
+    })
+    .await;
+    until("every group repaired", || async {
+        for proid in resync_proids() {
+            if h.members(&group_of(&proid)).await != h1() {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    let new = last_modify(&h, &group_of("new")).expect("new written");
+    let last = last_modify(&h, &group_of("zz")).expect("zz repaired");
+    assert!(
+        new < last,
+        "the change waited for the whole resync: Modify {new} after {last}"
+    );
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_change_a_batch_takes_over_from_a_resync_is_not_undone_by_it() {
+    let (_guard, root) = tree();
+    // zz leaves h1 while the resync, planned before, is to add h1 back
+    // to its group in its last part.
+    let (h, before) = a_resync_with_parts(&root, |root, changes| {
+        std::fs::remove_file(root.join("placement/h1/zz.app#1")).expect("rm placement");
+        let removed = crate::tree::TreeEvent::PlacementRemoved {
+            host: crate::model::HostName::new("h1").expect("host"),
+            instance: "zz.app#1".to_owned(),
+        };
+        changes.send(Change::Tree(removed)).expect("send");
+    })
+    .await;
+    until("the forty repaired", || async {
+        h.members(&group_of("g39")).await == h1()
+    })
+    .await;
+    sleep(Duration::from_secs(5)).await;
+    assert!(h.members(&group_of("zz")).await.is_empty());
+    let zz = Dn::parse(&group_of("zz")).expect("dn");
+    let written = h.dir.calls()[before..]
+        .iter()
+        .filter(
+            |c| matches!(c, crate::directory::memory::Call::Modify { group, .. } if *group == zz),
+        )
+        .count();
+    assert_eq!(
+        written, 0,
+        "h1 is never given back the right it lost, not even for a while"
+    );
     h.stop().await;
 }
