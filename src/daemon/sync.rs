@@ -602,6 +602,51 @@ impl Daemon {
         Some(self.record(results, clocks, term, &|proid| pass.cause_of(proid)))
     }
 
+    /// Waits for `task` (work on its own task or the blocking pool, which
+    /// borrows nothing of `self`) while the loop goes on taking changes and
+    /// writing the batches they make, as it does between passes. `None`
+    /// when shut down meanwhile; the task is then left to itself.
+    pub(super) async fn await_taking_changes<T>(
+        &mut self,
+        task: &mut tokio::task::JoinHandle<T>,
+        shutdown: &mut Shutdown<'_>,
+    ) -> Option<Result<T, tokio::task::JoinError>> {
+        loop {
+            // Not while the tree is unusable: nothing is written then.
+            let writing = self.config.groups
+                && self.health.synced
+                && self.health.tree.is_none()
+                && self.is_leader();
+            let due = self.schedule.batch_due().filter(|_| writing);
+            let wake = due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+            let changes = self.watching.changes.as_mut();
+            tokio::select! {
+                done = &mut *task => return Some(done),
+                _ = &mut *shutdown => {
+                    self.stopping = true;
+                    return None;
+                }
+                change = async {
+                    match changes {
+                        Some(rx) => rx.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => match change {
+                    Some(change) => self.on_change(change),
+                    None => self.watcher_failed("the watcher stopped".into()),
+                },
+                _ = tokio::time::sleep_until(wake) => {
+                    if writing && self.schedule.batch_ready(Instant::now()) {
+                        self.batch(shutdown).await;
+                        if self.stopping {
+                            return None;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
     /// Runs `fut` (directory I/O that borrows nothing of `self`) while
     /// taking tree changes. A lost leadership drops it: another replica
     /// may take over as soon as the session is gone. On shutdown it gets

@@ -417,42 +417,11 @@ impl Daemon {
             }
         });
         self.watching.touched = Some(BTreeSet::new());
-        loop {
-            // Not while the tree is unusable: nothing is written then.
-            let writing = self.config.groups
-                && self.health.synced
-                && self.health.tree.is_none()
-                && self.is_leader();
-            let due = self.schedule.batch_due().filter(|_| writing);
-            let wake = due.unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-            let changes = self.watching.changes.as_mut();
-            tokio::select! {
-                scanned = &mut scanning => return Some(scanned),
-                _ = &mut *shutdown => {
-                    self.stopping = true;
-                    self.watching.touched = None;
-                    return None;
-                }
-                change = async {
-                    match changes {
-                        Some(rx) => rx.recv().await,
-                        None => std::future::pending().await,
-                    }
-                } => match change {
-                    Some(change) => self.on_change(change),
-                    None => self.watcher_failed("the watcher stopped".into()),
-                },
-                _ = tokio::time::sleep_until(wake) => {
-                    if writing && self.schedule.batch_ready(Instant::now()) {
-                        self.batch(shutdown).await;
-                        if self.stopping {
-                            self.watching.touched = None;
-                            return None;
-                        }
-                    }
-                }
-            }
+        let scanned = self.await_taking_changes(&mut scanning, shutdown).await;
+        if scanned.is_none() {
+            self.watching.touched = None;
         }
+        scanned
     }
 
     /// Reads the hosts touched while the scan ran again, after every
