@@ -4,7 +4,10 @@
 //!
 //! Batches plan from this cache instead of reading every group; a full
 //! sync replaces it whole ([`GroupCache::reset`], the one reset), so
-//! nothing a full sync did not see survives it.
+//! nothing a full sync did not see survives it. While a full sync reads
+//! every group, batches go on writing: the groups they write or read again
+//! meanwhile are noted, and the reset keeps what the cache knows of those,
+//! which is newer than what the read saw.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
@@ -22,6 +25,30 @@ pub struct GroupCache {
     by_proid: HashMap<String, Vec<Dn>>,
     /// Groups to re-read before they are planned again.
     stale: BTreeSet<Dn>,
+    /// While every group is read: the groups written, read again or
+    /// dropped since the read began.
+    since_read: Option<BTreeSet<Dn>>,
+}
+
+/// What the cache knew before a reset, of the groups the reset took from
+/// the read: what drift is judged against.
+#[derive(Debug)]
+pub struct Replaced {
+    groups: BTreeMap<Dn, Group>,
+    stale: BTreeSet<Dn>,
+}
+
+impl Replaced {
+    /// Whether the group as the reset took it differs from what the cache
+    /// knew of it (a group it did not know, or one whose cached members
+    /// were in doubt, is not).
+    pub fn drifted(&self, read: &Group) -> bool {
+        !self.stale.contains(&read.dn)
+            && self
+                .groups
+                .get(&read.dn)
+                .is_some_and(|known| known.members != read.members)
+    }
 }
 
 impl GroupCache {
@@ -32,22 +59,91 @@ impl GroupCache {
             groups: BTreeMap::new(),
             by_proid: HashMap::new(),
             stale: BTreeSet::new(),
+            since_read: None,
         }
     }
 
-    /// Replaces everything with the groups a full sync read: nothing is
-    /// stale any more.
-    pub fn reset(&mut self, groups: Vec<Group>) {
-        self.groups.clear();
+    /// A read of every group begins: from now on the groups written, read
+    /// again or dropped are noted until the reset.
+    pub fn begin_read(&mut self) {
+        self.since_read = Some(BTreeSet::new());
+    }
+
+    /// The read of every group was given up.
+    pub fn abandon_read(&mut self) {
+        self.since_read = None;
+    }
+
+    /// Whether the cache knows `dn` better than the read of every group
+    /// under way: it was written, read again or dropped since it began.
+    pub fn newer_than_read(&self, dn: &Dn) -> bool {
+        self.since_read.as_ref().is_some_and(|s| s.contains(dn))
+    }
+
+    fn note(&mut self, dn: &Dn) {
+        if let Some(since) = &mut self.since_read {
+            since.insert(dn.clone());
+        }
+    }
+
+    /// Replaces everything with the groups a full sync read, except the
+    /// groups noted since the read began: what the cache knows of those
+    /// (members, whether they are in doubt, whether they exist) is newer,
+    /// and is kept. Nothing else is stale any more. Returns what the cache
+    /// knew of the groups taken from the read.
+    pub fn reset(&mut self, groups: Vec<Group>) -> Replaced {
+        let newer = self.since_read.take().unwrap_or_default();
+        let kept: Vec<Group> = newer
+            .iter()
+            .filter_map(|dn| self.groups.remove(dn))
+            .collect();
+        let still_stale: Vec<Dn> = kept
+            .iter()
+            .filter(|g| self.stale.contains(&g.dn))
+            .map(|g| g.dn.clone())
+            .collect();
+        let replaced = Replaced {
+            groups: std::mem::take(&mut self.groups),
+            stale: std::mem::take(&mut self.stale),
+        };
         self.by_proid.clear();
-        self.stale.clear();
-        for group in groups {
+        for group in groups.into_iter().filter(|g| !newer.contains(&g.dn)) {
             self.insert(group);
         }
+        for group in kept {
+            self.insert(group);
+        }
+        self.stale.extend(still_stale);
+        replaced
+    }
+
+    /// Every group, in DN order.
+    pub fn all(&self) -> impl Iterator<Item = &Group> {
+        self.groups.values()
+    }
+
+    /// The group `dn`, if the cache has it.
+    pub fn get(&self, dn: &Dn) -> Option<&Group> {
+        self.groups.get(dn)
+    }
+
+    /// Whether this group must be read before it is planned.
+    pub fn is_stale(&self, dn: &Dn) -> bool {
+        self.stale.contains(dn)
+    }
+
+    /// The proids whose groups must be read before they are planned.
+    pub fn stale_proids(&self) -> BTreeSet<crate::model::Proid> {
+        self.stale
+            .iter()
+            .filter_map(|dn| self.groups.get(dn))
+            .filter_map(|g| self.pattern.proid_of(&g.sam_account_name))
+            .collect()
     }
 
     /// Adds or replaces one group as read.
     pub fn insert(&mut self, group: Group) {
+        self.note(&group.dn);
         self.forget(&group.dn);
         self.stale.remove(&group.dn);
         if let Some(proid) = self.pattern.proid_of(&group.sam_account_name) {
@@ -61,6 +157,7 @@ impl GroupCache {
 
     /// Drops a group that vanished.
     pub fn forget(&mut self, dn: &Dn) {
+        self.note(dn);
         self.stale.remove(dn);
         if let Some(group) = self.groups.remove(dn) {
             if let Some(proid) = self.pattern.proid_of(&group.sam_account_name) {
@@ -86,13 +183,15 @@ impl GroupCache {
 
     /// The cache may be wrong about this group: read it before planning it.
     pub fn mark_stale(&mut self, dn: Dn) {
+        self.note(&dn);
         self.stale.insert(dn);
     }
 
     /// Every group of a proid key is to be read again.
     pub fn mark_proid_stale(&mut self, key: &str) {
-        let dns: Vec<Dn> = self.dns_of(key).to_vec();
-        self.stale.extend(dns);
+        for dn in self.dns_of(key).to_vec() {
+            self.mark_stale(dn);
+        }
     }
 
     /// The groups of a proid key that must be read before planning.
@@ -110,18 +209,9 @@ impl GroupCache {
         self.stale.iter().collect()
     }
 
-    /// Whether `read` differs from what the cache knew of it (a group it
-    /// does not know, or one whose cached members are in doubt, is not).
-    pub fn drifted(&self, read: &Group) -> bool {
-        !self.stale.contains(&read.dn)
-            && self
-                .groups
-                .get(&read.dn)
-                .is_some_and(|known| known.members != read.members)
-    }
-
     /// Records what a write applied, so the next plan starts from it.
     pub fn applied(&mut self, change: &GroupChange) {
+        self.note(&change.group_dn);
         if let Some(group) = self.groups.get_mut(&change.group_dn) {
             group.members.extend(change.add.iter().cloned());
             for gone in &change.delete {
@@ -185,5 +275,48 @@ mod tests {
         assert!(c.stale_of("web").is_empty(), "read again: fresh");
         c.forget(&web.dn);
         assert!(c.dns_of("web").is_empty());
+    }
+
+    #[test]
+    fn a_reset_keeps_what_was_written_or_read_since_the_read_began() {
+        let mut c = cache();
+        c.insert(group("web-gmsa-hosts", &[]));
+        c.insert(group("db-gmsa-hosts", &[]));
+        c.insert(group("old-gmsa-hosts", &[]));
+        c.begin_read();
+        // The read sees all three empty; then web is written, db fails
+        // (in doubt), and old is found gone.
+        let read = vec![
+            group("web-gmsa-hosts", &[]),
+            group("db-gmsa-hosts", &[]),
+            group("old-gmsa-hosts", &[]),
+            group("new-gmsa-hosts", &["CN=h2,DC=x"]),
+        ];
+        let web = group("web-gmsa-hosts", &[]).dn;
+        c.applied(&GroupChange {
+            group_dn: web.clone(),
+            proid: Proid::new("web").expect("proid"),
+            add: [dn("CN=h1,DC=x")].into(),
+            delete: BTreeSet::new(),
+        });
+        c.mark_stale(group("db-gmsa-hosts", &[]).dn);
+        c.forget(&group("old-gmsa-hosts", &[]).dn);
+        assert!(c.newer_than_read(&web));
+        let before = c.reset(read);
+        assert!(!c.newer_than_read(&web), "the read is over");
+        assert_eq!(
+            c.groups_of(&["web".to_owned()])[0].members,
+            [dn("CN=h1,DC=x")].into()
+        );
+        assert_eq!(c.stale_of("db").len(), 1, "still in doubt");
+        assert!(c.dns_of("old").is_empty(), "gone since the read");
+        assert_eq!(c.dns_of("new").len(), 1, "what only the read saw is taken");
+        assert_eq!(c.stale_proids(), [Proid::new("db").expect("proid")].into());
+        // Drift is judged only for the groups taken from the read.
+        let new = c
+            .get(&group("new-gmsa-hosts", &[]).dn)
+            .expect("new")
+            .clone();
+        assert!(!before.drifted(&new), "not known before");
     }
 }

@@ -5,7 +5,10 @@
 //! does to it).
 //!
 //! Every batch and full sync is one [`Pass`]: plan, guard, missing
-//! groups, apply, record, as `sync` does. Deletions the guard refuses stay
+//! groups, apply, record, as `sync` does. A resync goes on writing batches
+//! while it reads every group, and writes its own changes in parts with
+//! the batches due between them, so a stream of changes is not held up
+//! for the whole resync. Deletions the guard refuses stay
 //! pending: the proid keeps its retiring hosts until a later pass of it
 //! (a batch or a full sync) applies them. Groups that failed are read
 //! again before they are planned; the group of a proid that has none is
@@ -159,32 +162,45 @@ impl Daemon {
         }
     }
 
-    /// Re-reads every group and reconciles every proid.
+    /// Re-reads every group and reconciles every proid. While the groups
+    /// are read the loop goes on taking changes and writing the batches
+    /// they make; the groups those batches write or read again are taken
+    /// from the cache, not from the read, which may be older.
     pub(super) async fn full_sync(&mut self, shutdown: &mut Shutdown<'_>) {
         let started = Instant::now();
         self.metrics.resyncs.inc();
         self.watching.fresh = false;
-        let ou = self.group_ou();
-        let dir = self.directory();
-        let prefetched = self.prefetch.take();
-        let search = async move {
-            match prefetched {
-                Some(search) => match search.await {
-                    Ok(found) => found,
-                    Err(join) => panic!("BUG: the search of every group panicked: {join}"),
-                },
-                None => dir.search_groups(&ou).await,
+        let mut search = match self.prefetch.take() {
+            Some(search) => search,
+            None => {
+                let dir = self.directory();
+                let ou = self.group_ou();
+                tokio::spawn(async move { dir.search_groups(&ou).await })
             }
         };
-        let Some(found) = self.drive(search, shutdown).await else {
-            return;
+        self.groups.begin_read();
+        let found = match self.await_taking_changes(&mut search, shutdown).await {
+            Some(Ok(found)) => found,
+            Some(Err(join)) => panic!("BUG: the search of every group panicked: {join}"),
+            None => {
+                search.abort();
+                self.groups.abandon_read();
+                return;
+            }
         };
+        if !self.still_leading() {
+            // Another replica may take over: this one writes nothing more.
+            warn!("lost the writer's lock: dropping in-flight work");
+            self.groups.abandon_read();
+            return;
+        }
         let groups = match found {
             Ok(groups) => {
                 self.health.groups_read = None;
                 groups
             }
             Err(err) => {
+                self.groups.abandon_read();
                 warn!(error = %err, "reading the groups failed; retrying");
                 let delay = if err.is_transient() {
                     RETRY_LATER.delay(0)
@@ -198,13 +214,27 @@ impl Daemon {
                 return;
             }
         };
-        // Planned from the groups as read, before they move into the cache,
-        // rather than from a copy of the whole cache (MBs at cluster scale).
         let read = groups.len();
+        // The read settles the changes that got no answer, but not those
+        // of groups written since it began: the cache knows those better
+        // (re-read before they are planned when in doubt).
+        let settled: Vec<&crate::directory::Group> = groups
+            .iter()
+            .filter(|g| !self.groups.newer_than_read(&g.dn))
+            .collect();
+        self.settle_unanswered(settled);
+        // What is left was of groups that are gone, or written since.
+        let groups_cache = &self.groups;
+        self.unanswered
+            .retain(|dn, _| groups_cache.newer_than_read(dn));
+        let before = self.groups.reset(groups);
+        self.health.synced = true;
+        // Planned from the cache, which holds the groups as read (one copy:
+        // they moved in) and as written since.
         let mut pass = Pass::prepare(
             Cause::FullSync,
             &self.index,
-            &groups,
+            self.groups.all(),
             &self.config.config.pattern,
             Scope::All,
             &self.config.config.guard,
@@ -212,19 +242,34 @@ impl Daemon {
         // A group whose members moved since the daemon last wrote or read
         // it was edited by someone else: its repair is drift.
         for change in &pass.plan.changes {
-            let read = groups.iter().find(|g| g.dn == change.group_dn);
-            if read.is_some_and(|group| self.groups.drifted(group)) {
+            let now = self.groups.get(&change.group_dn);
+            if now.is_some_and(|group| before.drifted(group)) {
                 pass.causes.insert(change.proid.clone(), Cause::Drift);
             }
         }
-        self.settle_unanswered(&groups);
-        // What is left was of groups that are gone.
-        self.unanswered.clear();
-        self.groups.reset(groups);
-        self.health.synced = true;
+        drop(before);
+        // Groups in doubt (a write since the read began failed) are read
+        // again before they are planned: a batch does that, after this.
+        let doubtful = self.groups.stale_proids();
+        pass.plan
+            .changes
+            .retain(|change| !self.groups.is_stale(&change.group_dn));
         // Every proid is compared now; what was dirty is covered, but keep
         // the latency clocks of those that change.
         let clocks = self.schedule.full_sync_started();
+        // The changes from the tree first, the oldest first, then the
+        // repairs (the sort is stable: DN order among equals).
+        pass.plan
+            .changes
+            .sort_by_key(|change| match clocks.get(&change.proid) {
+                Some(at) => (false, Some(*at)),
+                None => (true, None),
+            });
+        let now = Instant::now();
+        for proid in doubtful {
+            let at = clocks.get(&proid).copied().unwrap_or(now);
+            self.schedule.mark_dirty(proid, at, now);
+        }
         self.missing = pass
             .plan
             .missing_groups
@@ -738,7 +783,10 @@ impl Daemon {
     /// within the term the change was sent in: after it, another replica
     /// may have written the same values ([`Daemon::give_up_unanswered`]);
     /// the record written when the Modify failed says what was sent.
-    fn settle_unanswered(&mut self, read: &[crate::directory::Group]) {
+    fn settle_unanswered<'g>(
+        &mut self,
+        read: impl IntoIterator<Item = &'g crate::directory::Group>,
+    ) {
         if self.unanswered.is_empty() {
             return;
         }

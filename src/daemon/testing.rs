@@ -277,6 +277,10 @@ pub(crate) struct Gated {
     /// The next modify is refused with this at once, however slow the
     /// others are.
     refuse: Mutex<Option<DirError>>,
+    /// How long a search of every group takes to answer, after it read.
+    search_delay: Mutex<Duration>,
+    /// Searches of every group read and not yet answered.
+    searching: AtomicUsize,
 }
 
 impl Gated {
@@ -292,7 +296,21 @@ impl Gated {
             stalled: AtomicBool::new(false),
             delay: Mutex::new(Duration::ZERO),
             refuse: Mutex::new(None),
+            search_delay: Mutex::new(Duration::ZERO),
+            searching: AtomicUsize::new(0),
         })
+    }
+
+    /// From now on a search of every group reads at once and answers
+    /// `delay` later (in the test's time), as a slow paged search does:
+    /// what it returns is older than its answer.
+    pub(crate) fn answer_searches_after(&self, delay: Duration) {
+        *self.search_delay.lock().expect("delay") = delay;
+    }
+
+    /// How many searches of every group have read and not yet answered.
+    pub(crate) fn searching(&self) -> usize {
+        self.searching.load(Ordering::SeqCst)
     }
 
     /// From now on every modify takes `delay` (in the test's time).
@@ -358,7 +376,14 @@ impl Directory for Gated {
     }
 
     async fn search_groups(&self, base: &Dn) -> Result<Vec<Group>, DirError> {
-        self.inner.search_groups(base).await
+        let read = self.inner.search_groups(base).await;
+        let delay = *self.search_delay.lock().expect("delay");
+        if !delay.is_zero() {
+            self.searching.fetch_add(1, Ordering::SeqCst);
+            let _searching = Held(&self.searching);
+            tokio::time::sleep(delay).await;
+        }
+        read
     }
 
     async fn find_group(&self, base: &Dn, name: &str) -> Result<Option<Group>, DirError> {

@@ -413,3 +413,78 @@ async fn a_change_a_batch_takes_over_from_a_resync_is_not_undone_by_it() {
     );
     h.stop().await;
 }
+
+/// A daemon on a gated directory whose searches of every group answer a
+/// second after they read, with `extra` options and a resync every 30 s;
+/// returned once its first resync is reading the groups.
+async fn a_resync_reading_slowly(
+    root: &std::path::Path,
+    extra: &[&str],
+) -> (Harness, std::sync::Arc<Gated>) {
+    fill(root);
+    let (gated, setup) = gated(None);
+    let mut args = vec!["--resync-interval=30s"];
+    args.extend_from_slice(extra);
+    let h = Harness::start_with(root, run_config(root, &args), setup);
+    h.ready().await;
+    gated.answer_searches_after(Duration::from_secs(1));
+    until("the resync reading", || async { gated.searching() == 1 }).await;
+    (h, gated)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resync_writes_a_batch_while_it_reads_the_groups() {
+    let (_guard, root) = tree();
+    let (h, gated) = a_resync_reading_slowly(&root, &[]).await;
+    h.place("h1", "db.app#1");
+    until("db written", || async { h.members(DB).await == h1() }).await;
+    assert_eq!(
+        gated.searching(),
+        1,
+        "written after the read, not during it"
+    );
+    until("the resync done", || async { gated.searching() == 0 }).await;
+    sleep(Duration::from_secs(5)).await;
+    assert_eq!(h.members(DB).await, h1());
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_group_written_while_a_resync_reads_is_planned_from_the_write_not_the_older_read() {
+    let (_guard, root) = tree();
+    // A window longer than the read: the second change waits for it.
+    let (h, gated) = a_resync_reading_slowly(&root, &["--batch-window=10s"]).await;
+    // The read saw db empty; h1 is added to it while the read goes on,
+    // then taken off before it answers. The read is older than both.
+    h.place("h1", "db.app#1");
+    until("db written", || async { h.members(DB).await == h1() }).await;
+    h.unplace("h1", "db.app#1");
+    assert_eq!(gated.searching(), 1, "taken off while the read goes on");
+    until("the resync done", || async { gated.searching() == 0 }).await;
+    // Well within the window and before the next resync: the resync
+    // itself takes h1 off, as it plans db from the write, not the read.
+    sleep(Duration::from_secs(5)).await;
+    assert!(h.members(DB).await.is_empty(), "h1 keeps a right it lost");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_group_whose_write_failed_while_a_resync_reads_is_read_again_and_written() {
+    let (_guard, root) = tree();
+    let (h, gated) = a_resync_reading_slowly(&root, &[]).await;
+    // The server stopped answering a moment ago: not sent, in doubt.
+    gated.refuse_next(crate::directory::DirError::Stalled {
+        op: crate::directory::Op::Modify,
+        message: "the server stopped answering".into(),
+    });
+    h.place("h1", "db.app#1");
+    sleep(Duration::from_millis(300)).await;
+    assert!(h.members(DB).await.is_empty(), "the write failed");
+    assert_eq!(gated.searching(), 1, "failed while the read goes on");
+    until("the resync done", || async { gated.searching() == 0 }).await;
+    // Before the next resync: a batch right after this one reads db again
+    // and writes it.
+    sleep(Duration::from_secs(5)).await;
+    assert_eq!(h.members(DB).await, h1());
+    h.stop().await;
+}
