@@ -276,6 +276,16 @@ impl Schedule {
         self.take_batch()
     }
 
+    /// A resync starts: it compares every proid, so retries and lookups
+    /// are covered by it, but it leaves the dirty proids to the batches
+    /// written between its parts. Returns those.
+    pub fn resync_started(&mut self) -> std::collections::BTreeSet<Proid> {
+        self.looked_up.clear();
+        self.retries.clear();
+        self.in_flight = true;
+        self.dirty.keys().cloned().collect()
+    }
+
     /// A full sync ended; the next is due one resync interval from `now`.
     pub fn full_sync_done(&mut self, now: Instant) {
         self.in_flight = false;

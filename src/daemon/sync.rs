@@ -215,6 +215,7 @@ impl Daemon {
             }
         };
         let read = groups.len();
+        let read_at = Instant::now();
         // The read settles the changes that got no answer, but not those
         // of groups written since it began: the cache knows those better
         // (re-read before they are planned when in doubt).
@@ -254,17 +255,28 @@ impl Daemon {
         pass.plan
             .changes
             .retain(|change| !self.groups.is_stale(&change.group_dn));
-        // Every proid is compared now; what was dirty is covered, but keep
-        // the latency clocks of those that change.
-        let clocks = self.schedule.full_sync_started();
-        // The changes from the tree first, the oldest first, then the
-        // repairs (the sort is stable: DN order among equals).
-        pass.plan
-            .changes
-            .sort_by_key(|change| match clocks.get(&change.proid) {
-                Some(at) => (false, Some(*at)),
-                None => (true, None),
+        // A resync leaves the changes from the tree to the batches, which
+        // plan them from the cache just refreshed and write them oldest
+        // first, between its parts: written by the resync they would wait
+        // behind its repairs. The first full sync writes them itself:
+        // ready means they are applied. Every other proid is compared now.
+        let (clocks, left) = if self.health.applied {
+            let left = self.schedule.resync_started();
+            pass.plan
+                .changes
+                .retain(|change| !left.contains(&change.proid));
+            (Dirty::new(), left)
+        } else {
+            // What was dirty is covered, but keep the latency clocks of
+            // those that change, written first, the oldest first (the sort
+            // is stable: DN order among equals).
+            let clocks = self.schedule.full_sync_started();
+            pass.plan.changes.sort_by_key(|change| {
+                let at = clocks.get(&change.proid).copied();
+                (at.is_none(), at)
             });
+            (clocks, BTreeSet::new())
+        };
         let now = Instant::now();
         for proid in doubtful {
             let at = clocks.get(&proid).copied().unwrap_or(now);
@@ -287,7 +299,10 @@ impl Daemon {
                 (p, dns)
             })
             .collect();
-        let complete = self.apply_full(pass, &clocks, retiring, shutdown).await;
+        let planned_at = Instant::now();
+        let complete = self
+            .apply_full(pass, &clocks, retiring, left, shutdown)
+            .await;
         if complete.is_some() {
             self.metrics.last_full_sync.set(metrics::unix_now());
             if !self.health.applied {
@@ -305,6 +320,11 @@ impl Daemon {
             changes = planned,
             complete = complete == Some(true),
             duration_ms = started.elapsed().as_secs_f64() * 1000.0,
+            // Where it went: reading every group, planning, writing (with
+            // the batches written meanwhile).
+            read_ms = (read_at - started).as_secs_f64() * 1000.0,
+            plan_ms = (planned_at - read_at).as_secs_f64() * 1000.0,
+            write_ms = planned_at.elapsed().as_secs_f64() * 1000.0,
             "full sync done"
         );
         give_back_freed_memory();
@@ -400,29 +420,29 @@ impl Daemon {
     /// could undo them). The guard judged the whole plan before the first
     /// part. A directory that saves on commit (the LDIF file) is written
     /// in one part, as each part would save it whole; so is a dry run's
-    /// plan, which is printed whole. `None` when abandoned at shutdown,
+    /// plan, which is printed whole. The proids `left` to the batches are
+    /// theirs, as are those taken over. `None` when abandoned at shutdown,
     /// otherwise whether everything the resync wrote was applied.
     async fn apply_full(
         &mut self,
         mut pass: Pass,
         clocks: &Dirty,
         retiring: BTreeMap<Proid, BTreeSet<Dn>>,
+        left: BTreeSet<Proid>,
         shutdown: &mut Shutdown<'_>,
     ) -> Option<bool> {
-        let part = match self.schedule.groups_per_window() {
-            Some(groups)
-                if self.health.applied
-                    && !self.config.dry_run
-                    && !self.directory().saves_on_commit() =>
-            {
-                groups.max(self.config.config.apply.concurrency.max(1))
-            }
-            _ => return self.apply(pass, clocks, retiring, shutdown).await,
+        let mut taken_over = left;
+        let mut unfinished = BTreeSet::new();
+        let part = self.schedule.groups_per_window().filter(|_| {
+            self.health.applied && !self.config.dry_run && !self.directory().saves_on_commit()
+        });
+        let Some(part) = part.map(|groups| groups.max(self.config.config.apply.concurrency.max(1)))
+        else {
+            unfinished = self.apply_pass(pass, clocks, shutdown).await?;
+            return Some(self.retire(retiring, &unfinished, &taken_over));
         };
         let mut rest = std::mem::take(&mut pass.plan.changes);
         let mut refused = pass.refused.take();
-        let mut unfinished = BTreeSet::new();
-        let mut taken_over = BTreeSet::new();
         loop {
             let changes: Vec<_> = rest.drain(..part.min(rest.len())).collect();
             let piece = Pass {
@@ -463,9 +483,20 @@ impl Daemon {
                 taken_over.extend(took);
             }
         }
+        Some(self.retire(retiring, &unfinished, &taken_over))
+    }
+
+    /// After a full sync: forgets the retiring DNs of the proids it
+    /// reconciled, except those `unfinished` and those that are the
+    /// batches' (they record how those went). Whether it was complete.
+    fn retire(
+        &mut self,
+        retiring: BTreeMap<Proid, BTreeSet<Dn>>,
+        unfinished: &BTreeSet<Proid>,
+        batches: &BTreeSet<Proid>,
+    ) -> bool {
         for (proid, dns) in retiring {
-            // A proid taken over is the batch's: it recorded how it went.
-            if unfinished.contains(&proid) || taken_over.contains(&proid) {
+            if unfinished.contains(&proid) || batches.contains(&proid) {
                 continue;
             }
             self.schedule.succeeded(&proid);
@@ -473,7 +504,7 @@ impl Daemon {
                 self.index.clear_retiring(&proid, &dns);
             }
         }
-        Some(unfinished.is_empty())
+        unfinished.is_empty()
     }
 
     /// Reconciles the dirty proids.

@@ -461,9 +461,9 @@ async fn a_group_written_while_a_resync_reads_is_planned_from_the_write_not_the_
     h.unplace("h1", "db.app#1");
     assert_eq!(gated.searching(), 1, "taken off while the read goes on");
     until("the resync done", || async { gated.searching() == 0 }).await;
-    // Well within the window and before the next resync: the resync
-    // itself takes h1 off, as it plans db from the write, not the read.
-    sleep(Duration::from_secs(5)).await;
+    // Past the window and before the next resync: the batch takes h1
+    // off, as db was kept in the cache as written, not as read.
+    sleep(Duration::from_secs(12)).await;
     assert!(h.members(DB).await.is_empty(), "h1 keeps a right it lost");
     h.stop().await;
 }
@@ -486,5 +486,23 @@ async fn a_group_whose_write_failed_while_a_resync_reads_is_read_again_and_writt
     // and writes it.
     sleep(Duration::from_secs(5)).await;
     assert_eq!(h.members(DB).await, h1());
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_leaving_scope_during_a_resync_loses_its_groups_by_the_batch_it_is_left_to() {
+    let (_guard, root) = tree();
+    // A window longer than the read: the host's departure waits for it.
+    let (h, gated) = a_resync_reading_slowly(&root, &["--batch-window=10s"]).await;
+    h.place("h1", "db.app#1");
+    until("db written", || async { h.members(DB).await == h1() }).await;
+    h.remove_server("h1");
+    assert_eq!(gated.searching(), 1, "gone while the read goes on");
+    until("the resync done", || async { gated.searching() == 0 }).await;
+    // The resync leaves web and db to the batch; it must not forget that
+    // h1 is leaving before that batch takes it out.
+    sleep(Duration::from_secs(12)).await;
+    assert!(h.members(WEB).await.is_empty(), "h1 keeps web");
+    assert!(h.members(DB).await.is_empty(), "h1 keeps db");
     h.stop().await;
 }
