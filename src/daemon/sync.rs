@@ -65,16 +65,6 @@ enum OnLost {
     Finish,
 }
 
-/// What a resync has planned and not yet written, for a batch written
-/// between its parts to take over.
-#[derive(Debug, Default)]
-pub(super) struct Unwritten {
-    /// The latency clocks of the changes the resync took in.
-    clocks: Dirty,
-    /// Why the resync was to write a group, where that is not `full-sync`.
-    causes: BTreeMap<Proid, Cause>,
-}
-
 /// A search of every group running on its own task.
 pub(super) type GroupSearch = tokio::task::JoinHandle<Result<Vec<directory::Group>, DirError>>;
 
@@ -463,16 +453,12 @@ impl Daemon {
                 return None;
             }
             if self.is_leader() && self.schedule.batch_ready(Instant::now()) {
-                let unwritten = Unwritten {
-                    clocks: rest
-                        .iter()
-                        .filter_map(|c| clocks.get(&c.proid).map(|at| (c.proid.clone(), *at)))
-                        .collect(),
-                    causes: rest
-                        .iter()
-                        .filter_map(|c| pass.causes.get(&c.proid).map(|k| (c.proid.clone(), *k)))
-                        .collect(),
-                };
+                // Why the resync was to write the groups it has not yet
+                // written, where that is not `full-sync` (drift).
+                let unwritten: BTreeMap<Proid, Cause> = rest
+                    .iter()
+                    .filter_map(|c| pass.causes.get(&c.proid).map(|k| (c.proid.clone(), *k)))
+                    .collect();
                 let took = self.batch_taking_over(&unwritten, shutdown).await;
                 // The resync is in flight again.
                 self.schedule.writing();
@@ -509,25 +495,18 @@ impl Daemon {
 
     /// Reconciles the dirty proids.
     pub(super) async fn batch(&mut self, shutdown: &mut Shutdown<'_>) {
-        self.batch_taking_over(&Unwritten::default(), shutdown)
-            .await;
+        self.batch_taking_over(&BTreeMap::new(), shutdown).await;
     }
 
     /// Reconciles the dirty proids, taking over what a resync has not yet
-    /// written for them: the latency clock of a change the resync was to
-    /// write, and its cause (drift) when that says more than `event`.
-    /// Returns the proids planned.
+    /// written for them, with its cause where `unwritten` gives one that
+    /// says more than `event` (drift). Returns the proids planned.
     async fn batch_taking_over(
         &mut self,
-        unwritten: &Unwritten,
+        unwritten: &BTreeMap<Proid, Cause>,
         shutdown: &mut Shutdown<'_>,
     ) -> BTreeSet<Proid> {
-        let mut clocks = self.schedule.take_batch();
-        for (proid, at) in &mut clocks {
-            if let Some(earlier) = unwritten.clocks.get(proid) {
-                *at = (*at).min(*earlier);
-            }
-        }
+        let clocks = self.schedule.take_batch();
         let proids: BTreeSet<Proid> = clocks.keys().cloned().collect();
         let keys: BTreeSet<String> = proids.iter().map(Proid::key).collect();
 
@@ -561,7 +540,7 @@ impl Daemon {
         for proid in &proids {
             if self.schedule.failures(proid) > 0 {
                 pass.causes.insert(proid.clone(), Cause::Retry);
-            } else if let Some(cause) = unwritten.causes.get(proid) {
+            } else if let Some(cause) = unwritten.get(proid) {
                 pass.causes.insert(proid.clone(), *cause);
             }
         }
