@@ -250,7 +250,7 @@ impl Daemon {
         // first, between its parts: written by the resync they would wait
         // behind its repairs. The first full sync writes them itself:
         // ready means they are applied. Every other proid is compared now.
-        let (clocks, left) = if self.health.applied {
+        let (clocks, mut left) = if self.health.applied {
             let left = self.schedule.resync_started();
             pass.plan
                 .changes
@@ -267,10 +267,12 @@ impl Daemon {
             });
             (clocks, BTreeSet::new())
         };
+        // The groups in doubt are the batches' too, retiring hosts and all.
         let now = Instant::now();
         for proid in doubtful {
             let at = clocks.get(&proid).copied().unwrap_or(now);
-            self.schedule.mark_dirty(proid, at, now);
+            self.schedule.mark_dirty(proid.clone(), at, now);
+            left.insert(proid);
         }
         self.missing = pass
             .plan
@@ -421,16 +423,16 @@ impl Daemon {
         left: BTreeSet<Proid>,
         shutdown: &mut Shutdown<'_>,
     ) -> Option<bool> {
-        let mut taken_over = left;
-        let mut unfinished = BTreeSet::new();
         let part = self.schedule.groups_per_window().filter(|_| {
             self.health.applied && !self.config.dry_run && !self.directory().saves_on_commit()
         });
         let Some(part) = part.map(|groups| groups.max(self.config.config.apply.concurrency.max(1)))
         else {
-            unfinished = self.apply_pass(pass, clocks, shutdown).await?;
-            return Some(self.retire(retiring, &unfinished, &taken_over));
+            let unfinished = self.apply_pass(pass, clocks, shutdown).await?;
+            return Some(self.retire(retiring, &unfinished, &left));
         };
+        let mut taken_over = left;
+        let mut unfinished = BTreeSet::new();
         let mut rest = std::mem::take(&mut pass.plan.changes);
         let mut refused = pass.refused.take();
         loop {
@@ -472,9 +474,10 @@ impl Daemon {
         Some(self.retire(retiring, &unfinished, &taken_over))
     }
 
-    /// After a full sync: forgets the retiring DNs of the proids it
-    /// reconciled, except those `unfinished` and those that are the
-    /// batches' (they record how those went). Whether it was complete.
+    /// After a pass: forgets the retiring DNs of the proids in `retiring`
+    /// it reconciled, except those `unfinished` and, after a full sync,
+    /// those it left to the batches (they record how those went). Whether
+    /// the pass was complete.
     fn retire(
         &mut self,
         retiring: BTreeMap<Proid, BTreeSet<Dn>>,
@@ -485,6 +488,7 @@ impl Daemon {
             if unfinished.contains(&proid) || batches.contains(&proid) {
                 continue;
             }
+            // Reconciled (or nothing to do): no retry pending any more.
             self.schedule.succeeded(&proid);
             if !self.refused.contains_key(&proid) {
                 self.index.clear_retiring(&proid, &dns);
@@ -580,17 +584,7 @@ impl Daemon {
         shutdown: &mut Shutdown<'_>,
     ) -> Option<bool> {
         let unfinished = self.apply_pass(pass, clocks, shutdown).await?;
-        for (proid, dns) in retiring {
-            if unfinished.contains(&proid) {
-                continue;
-            }
-            // Reconciled (or nothing to do): no retry pending any more.
-            self.schedule.succeeded(&proid);
-            if !self.refused.contains_key(&proid) {
-                self.index.clear_retiring(&proid, &dns);
-            }
-        }
-        Some(unfinished.is_empty())
+        Some(self.retire(retiring, &unfinished, &BTreeSet::new()))
     }
 
     /// Applies a pass; `None` when abandoned, otherwise the proids not fully applied.

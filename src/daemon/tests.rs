@@ -432,17 +432,27 @@ async fn a_resync_reading_slowly(
     (h, gated)
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_resync_writes_a_batch_while_it_reads_the_groups() {
-    let (_guard, root) = tree();
-    let (h, gated) = a_resync_reading_slowly(&root, &[]).await;
+/// [`a_resync_reading_slowly`], then `db.app#1` placed on h1 and its
+/// group written while the resync reads.
+async fn db_written_while_a_resync_reads(
+    root: &std::path::Path,
+    extra: &[&str],
+) -> (Harness, std::sync::Arc<Gated>) {
+    let (h, gated) = a_resync_reading_slowly(root, extra).await;
     h.place("h1", "db.app#1");
     until("db written", || async { h.members(DB).await == h1() }).await;
     assert_eq!(
         gated.searching(),
         1,
-        "written after the read, not during it"
+        "written during the read, not after it"
     );
+    (h, gated)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_resync_writes_a_batch_while_it_reads_the_groups() {
+    let (_guard, root) = tree();
+    let (h, gated) = db_written_while_a_resync_reads(&root, &[]).await;
     until("the resync done", || async { gated.searching() == 0 }).await;
     sleep(Duration::from_secs(5)).await;
     assert_eq!(h.members(DB).await, h1());
@@ -453,11 +463,9 @@ async fn a_resync_writes_a_batch_while_it_reads_the_groups() {
 async fn a_group_written_while_a_resync_reads_is_planned_from_the_write_not_the_older_read() {
     let (_guard, root) = tree();
     // A window longer than the read: the second change waits for it.
-    let (h, gated) = a_resync_reading_slowly(&root, &["--batch-window=10s"]).await;
     // The read saw db empty; h1 is added to it while the read goes on,
     // then taken off before it answers. The read is older than both.
-    h.place("h1", "db.app#1");
-    until("db written", || async { h.members(DB).await == h1() }).await;
+    let (h, gated) = db_written_while_a_resync_reads(&root, &["--batch-window=10s"]).await;
     h.unplace("h1", "db.app#1");
     assert_eq!(gated.searching(), 1, "taken off while the read goes on");
     until("the resync done", || async { gated.searching() == 0 }).await;
@@ -493,9 +501,7 @@ async fn a_group_whose_write_failed_while_a_resync_reads_is_read_again_and_writt
 async fn a_host_leaving_scope_during_a_resync_loses_its_groups_by_the_batch_it_is_left_to() {
     let (_guard, root) = tree();
     // A window longer than the read: the host's departure waits for it.
-    let (h, gated) = a_resync_reading_slowly(&root, &["--batch-window=10s"]).await;
-    h.place("h1", "db.app#1");
-    until("db written", || async { h.members(DB).await == h1() }).await;
+    let (h, gated) = db_written_while_a_resync_reads(&root, &["--batch-window=10s"]).await;
     h.remove_server("h1");
     assert_eq!(gated.searching(), 1, "gone while the read goes on");
     until("the resync done", || async { gated.searching() == 0 }).await;
@@ -504,5 +510,26 @@ async fn a_host_leaving_scope_during_a_resync_loses_its_groups_by_the_batch_it_i
     sleep(Duration::from_secs(12)).await;
     assert!(h.members(WEB).await.is_empty(), "h1 keeps web");
     assert!(h.members(DB).await.is_empty(), "h1 keeps db");
+    h.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_host_whose_removal_failed_while_a_resync_reads_loses_its_group_all_the_same() {
+    let (_guard, root) = tree();
+    let (h, gated) = a_resync_reading_slowly(&root, &[]).await;
+    // h1 leaves scope; taking it out of web fails while the read goes on,
+    // so web is in doubt when the resync plans.
+    gated.refuse_next(crate::directory::DirError::Stalled {
+        op: crate::directory::Op::Modify,
+        message: "the server stopped answering".into(),
+    });
+    h.remove_server("h1");
+    sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.members(WEB).await, h1(), "the removal failed");
+    assert_eq!(gated.searching(), 1, "failed while the read goes on");
+    until("the resync done", || async { gated.searching() == 0 }).await;
+    // The batch that reads web again must still know that h1 is leaving.
+    sleep(Duration::from_secs(5)).await;
+    assert!(h.members(WEB).await.is_empty(), "h1 keeps web");
     h.stop().await;
 }
