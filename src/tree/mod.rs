@@ -428,13 +428,39 @@ impl Snapshot {
 
     /// Replaces `self` with a newer scan, except for what the scan could not
     /// know: the last known placements of hosts it found unreadable.
-    pub fn replace_with(&mut self, mut newer: Snapshot) {
-        for host in &newer.unknown {
-            if let Some(instances) = self.placements.remove(host) {
-                newer.placements.insert(host.clone(), instances);
+    ///
+    /// What did not change keeps `self`'s copy, and what did is copied, so
+    /// that `newer` is dropped whole: a scan made on other threads leaves
+    /// nothing of its own behind among what lives on (the allocator could
+    /// not hand back a page that holds one entry still alive, and a scan's
+    /// placements lie between its server entries).
+    pub fn replace_with(&mut self, newer: Snapshot) {
+        if self.servers.is_empty() && self.placements.is_empty() {
+            // Nothing to keep (the first scan): taken as it is.
+            *self = newer;
+            return;
+        }
+        self.servers
+            .retain(|host, info| newer.servers.get(host) == Some(info));
+        for (host, info) in &newer.servers {
+            if !self.servers.contains_key(host) {
+                self.servers.insert(host.clone(), info.clone());
             }
         }
-        *self = newer;
+        self.placements.retain(|host, instances| {
+            newer.unknown.contains(host) || newer.placements.get(host) == Some(instances)
+        });
+        for (host, instances) in &newer.placements {
+            if !self.placements.contains_key(host) {
+                self.placements.insert(host.clone(), instances.clone());
+            }
+        }
+        if self.unknown != newer.unknown {
+            self.unknown = newer.unknown.clone();
+        }
+        if self.warnings != newer.warnings {
+            self.warnings = newer.warnings.clone();
+        }
     }
 
     /// The events that turn `self` into `newer`: what a full rescan found
@@ -755,6 +781,24 @@ mod tests {
             .retain(|_, instances| !instances.is_empty());
         assert_eq!(walked, want);
         assert!(new.diff(&new).is_empty());
+    }
+
+    #[test]
+    fn a_rescan_keeps_its_own_copy_of_what_did_not_change() {
+        let mut tree = snapshot(&[("a", "p1"), ("b", "p1")], &[]);
+        let kept = |tree: &Snapshot, h: &str| {
+            let info = tree.servers[&host(h)].as_ref().expect("usable");
+            info.partition.as_ref().map(|p| p.as_ptr())
+        };
+        let a = kept(&tree, "a");
+        // A scan made apart: a as it was, b moved to another partition,
+        // c new.
+        let mut scanned = snapshot(&[("a", "p1"), ("b", "p2"), ("c", "p1")], &[]);
+        scanned.warnings.push("skipped x".to_owned());
+        let want = scanned.clone();
+        tree.replace_with(scanned);
+        assert_eq!(tree, want);
+        assert_eq!(kept(&tree, "a"), a, "unchanged: the tree's own copy");
     }
 
     #[test]
