@@ -462,14 +462,6 @@ impl Index {
             || (self.unusable.is_empty() && self.host_ous.iter().any(|ou| dn.is_within(ou)))
     }
 
-    /// The index's own copy of `dn`, when an in-scope host has it: a group
-    /// read from the directory can share it rather than keep its own.
-    pub fn shared_dn(&self, dn: &Dn) -> Option<Dn> {
-        self.managed
-            .get_key_value(dn)
-            .map(|(known, _)| known.clone())
-    }
-
     /// True when `--host-ou` subtrees are given but manage nothing for now:
     /// a server file never usable is in the tree (see [`Index::is_managed`]).
     pub fn host_ous_suspended(&self) -> bool {

@@ -218,8 +218,7 @@ impl Daemon {
         let groups_cache = &self.groups;
         self.unanswered
             .retain(|dn, _| groups_cache.newer_than_read(dn));
-        let index = &self.index;
-        let before = self.groups.reset(groups, |dn| index.shared_dn(dn));
+        let before = self.groups.reset(groups);
         self.health.synced = true;
         // Planned from the cache, which holds the groups as read (one copy:
         // they moved in) and as written since.
