@@ -278,6 +278,41 @@ mod tests {
     }
 
     #[test]
+    fn a_group_read_twice_is_taken_as_last_read_and_judged_against_the_cache() {
+        let mut c = cache();
+        c.insert(group("web-gmsa-hosts", &["CN=h1,DC=x"]));
+        c.begin_read();
+        let before = c.reset(vec![
+            group("web-gmsa-hosts", &["CN=h1,DC=x", "CN=h2,DC=x"]),
+            group("web-gmsa-hosts", &["CN=h1,DC=x"]),
+            group("db-gmsa-hosts", &["CN=h1,DC=x"]),
+            group("db-gmsa-hosts", &["CN=h2,DC=x"]),
+        ]);
+        let web = c.get(&group("web-gmsa-hosts", &[]).dn).expect("web");
+        assert_eq!(web.members, [dn("CN=h1,DC=x")].into());
+        assert!(!before.drifted(web), "as the cache knew it");
+        let db = c.get(&group("db-gmsa-hosts", &[]).dn).expect("db");
+        assert_eq!(db.members, [dn("CN=h2,DC=x")].into());
+        assert!(!before.drifted(db), "not known before the reset");
+        assert_eq!(c.dns_of("db").len(), 1);
+    }
+
+    #[test]
+    fn a_group_whose_name_changed_is_found_by_its_new_proid_after_a_reset() {
+        let mut c = cache();
+        c.insert(group("web-gmsa-hosts", &["CN=h1,DC=x"]));
+        let dn_web = group("web-gmsa-hosts", &[]).dn;
+        c.begin_read();
+        let renamed = Group {
+            sam_account_name: "api-gmsa-hosts".to_owned(),
+            ..group("web-gmsa-hosts", &["CN=h1,DC=x"])
+        };
+        c.reset(vec![renamed]);
+        assert!(c.dns_of("web").is_empty());
+        assert_eq!(c.dns_of("api"), [dn_web]);
+    }
+
+    #[test]
     fn a_reset_keeps_what_was_written_or_read_since_the_read_began() {
         let mut c = cache();
         c.insert(group("web-gmsa-hosts", &[]));

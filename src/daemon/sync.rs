@@ -220,6 +220,7 @@ impl Daemon {
             .retain(|dn, _| groups_cache.newer_than_read(dn));
         let before = self.groups.reset(groups);
         self.health.synced = true;
+        let reset_at = Instant::now();
         // Planned from the cache, which holds the groups as read (one copy:
         // they moved in) and as written since.
         let mut pass = Pass::prepare(
@@ -316,6 +317,8 @@ impl Daemon {
             // the batches written meanwhile).
             read_ms = (read_at - started).as_secs_f64() * 1000.0,
             plan_ms = (planned_at - read_at).as_secs_f64() * 1000.0,
+            // Of which settling unanswered writes and refreshing the cache.
+            reset_ms = (reset_at - read_at).as_secs_f64() * 1000.0,
             write_ms = planned_at.elapsed().as_secs_f64() * 1000.0,
             "full sync done"
         );
