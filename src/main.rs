@@ -108,11 +108,25 @@ fn error_line(format: LogFormat, text: &str) {
     let _ = writeln!(std::io::stderr(), "{line}");
 }
 
-fn run(cli: Cli, log_format: LogFormat) -> anyhow::Result<u8> {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
+/// The async runtime of one command. The daemon's runs on one thread:
+/// its loop, its LDAP connection and its endpoints, with the tree's scans
+/// and file work on the blocking pool. At a steady 1,000 changes a second
+/// a worker thread woke the loop for every answer, and those hand-offs
+/// were a quarter of its CPU (BENCHMARKS.md). The one-shot commands keep
+/// worker threads, which decode a search's pages beside the planning.
+fn runtime(command: &Command) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = match command {
+        Command::Run(_) => tokio::runtime::Builder::new_current_thread(),
+        _ => tokio::runtime::Builder::new_multi_thread(),
+    };
+    builder
         .enable_all()
         .build()
-        .map_err(|e| anyhow::anyhow!("starting the async runtime: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("starting the async runtime: {e}"))
+}
+
+fn run(cli: Cli, log_format: LogFormat) -> anyhow::Result<u8> {
+    let runtime = runtime(&cli.command)?;
     let mut stdout = std::io::stdout().lock();
     let code = match cli.command {
         Command::Plan(args) => {
