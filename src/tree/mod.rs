@@ -429,11 +429,11 @@ impl Snapshot {
     /// Replaces `self` with a newer scan, except for what the scan could not
     /// know: the last known placements of hosts it found unreadable.
     ///
-    /// What did not change keeps `self`'s copy, and what did is copied, so
-    /// that `newer` is dropped whole: a scan made on other threads leaves
-    /// nothing of its own behind among what lives on (the allocator could
-    /// not hand back a page that holds one entry still alive, and a scan's
-    /// placements lie between its server entries).
+    /// What did not change keeps `self`'s copy, and only what did is cloned
+    /// from `newer` (a host's name is shared, not copied), so that almost
+    /// nothing of a scan made on other threads outlives it among the pages
+    /// its placements are freed from: the allocator cannot hand back a page
+    /// that still holds one live entry.
     pub fn replace_with(&mut self, newer: Snapshot) {
         if self.servers.is_empty() && self.placements.is_empty() {
             // Nothing to keep (the first scan): taken as it is.
