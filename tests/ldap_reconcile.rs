@@ -906,6 +906,15 @@ async fn interrupted_sync(restart: Restart) {
     }
     if restart == Restart::AfterAGroupGaveUp {
         assert_eq!(code, 1, "a group was given up: {stderr}");
+        // The warning names the group it gave up on in its own fields.
+        for line in stderr.lines() {
+            if let Some((_, fields)) = line.split_once("not fully applied") {
+                assert!(
+                    fields.contains(" proid=") && fields.contains(" group="),
+                    "{line}"
+                );
+            }
+        }
     }
 
     // Every planned value is reported exactly once, applied or not.
