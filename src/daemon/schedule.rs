@@ -106,7 +106,9 @@ impl Schedule {
             && self
                 .last_change
                 .is_none_or(|last| now.saturating_duration_since(last) >= self.window);
-        self.last_change = Some(now);
+        // Changes may be marked a little out of the order they came in
+        // (a rescan's among those queued): the latest is the last.
+        self.last_change = Some(self.last_change.map_or(now, |last| last.max(now)));
         if idle {
             self.batch_opened = Some(now);
             self.batch_due = Some(now);

@@ -16,7 +16,7 @@ use crate::cli::{DirectoryChoice, RunConfig};
 use crate::directory::Directory;
 use crate::election::{self, Role, RoleState};
 use crate::metrics::{self, Metrics};
-use crate::tree::watch::Change;
+use crate::tree::watch::Noticed;
 
 /// Why the daemon stopped with an error: each is something the operator
 /// must fix before it can run. Everything else is retried.
@@ -54,7 +54,7 @@ pub struct Parts {
     pub directory: Option<Arc<dyn Directory>>,
     /// The tree's changes, in place of the first watcher (a later one,
     /// after this stream ends, watches `--fs-root`).
-    pub changes: Option<mpsc::UnboundedReceiver<Change>>,
+    pub changes: Option<mpsc::UnboundedReceiver<Noticed>>,
     /// The role to follow, in place of competing for the lock in
     /// ZooKeeper (ignored when the configuration starts an election).
     pub roles: Option<watch::Receiver<RoleState>>,

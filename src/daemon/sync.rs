@@ -939,10 +939,10 @@ mod tests {
     use crate::directory::{rc, DirError, Directory, MemberChange, Op};
     use crate::ldif::Record;
     use crate::model::Dn;
-    use crate::tree::watch::Change;
+    use crate::tree::watch::{Change, Noticed};
     use crate::tree::{ServerInfo, TreeEvent};
     use std::time::Duration;
-    use tokio::time::sleep;
+    use tokio::time::{sleep, Instant};
 
     fn dn(s: &str) -> Dn {
         Dn::parse(s).expect("dn")
@@ -967,6 +967,138 @@ mod tests {
             h.members(DB).await == dns(&["h1"])
         })
         .await;
+        h.stop().await;
+    }
+
+    /// The sum and count of the event-to-applied histogram.
+    fn latencies(h: &Harness) -> (f64, u64) {
+        let text = h.metrics.encode();
+        let value = |name: &str| {
+            text.lines()
+                .find_map(|line| line.strip_prefix(name))
+                .unwrap_or_else(|| panic!("no {name} in {text}"))
+                .trim()
+                .to_owned()
+        };
+        (
+            value("gmsa_event_to_applied_seconds_sum ")
+                .parse()
+                .expect("a sum"),
+            value("gmsa_event_to_applied_seconds_count ")
+                .parse()
+                .expect("a count"),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_is_late_from_when_the_watcher_noticed_it() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let h = Harness::start(&root, &[]);
+        h.ready().await;
+        let (sum, count) = latencies(&h);
+        // Noticed a minute ago and taken only now: the minute counts.
+        std::fs::write(root.join("placement/h1/db.app#1"), "{}").expect("placement");
+        let change = Change::Tree(TreeEvent::PlacementAdded {
+            host: crate::model::HostName::new("h1").expect("host"),
+            instance: "db.app#1".to_owned(),
+        });
+        let at = Instant::now();
+        tokio::time::advance(Duration::from_secs(60)).await;
+        h.changes
+            .send(Noticed { change, at })
+            .expect("the daemon takes changes");
+        until("the change applied", || async {
+            h.members(DB).await == dns(&["h1"])
+        })
+        .await;
+        let (sum_after, count_after) = latencies(&h);
+        assert_eq!(count_after - count, 1);
+        assert!(
+            sum_after - sum >= 60.0,
+            "{} s from event to applied",
+            sum_after - sum
+        );
+        h.stop().await;
+    }
+
+    /// A daemon with a window of ten seconds that has just applied an
+    /// isolated change (db on h1) and taken the next (its removal), which
+    /// opened a batch due a window later: when it opened.
+    async fn a_batch_open(root: &std::path::Path) -> (Harness, Instant) {
+        let h = Harness::start(root, &["--batch-window=10s"]);
+        h.ready().await;
+        h.place("h1", "db.app#1");
+        until("the isolated change applied", || async {
+            h.members(DB).await == dns(&["h1"])
+        })
+        .await;
+        let opened = Instant::now();
+        h.unplace("h1", "db.app#1");
+        sleep(Duration::from_millis(10)).await;
+        assert_eq!(h.metrics.dirty_groups.get(), 1, "db's batch is open");
+        (h, opened)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn changes_that_come_just_before_a_batch_is_due_wait_for_it_in_the_queue() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let (h, opened) = a_batch_open(&root).await;
+        let before = h.modifies(DB) + h.modifies(WEB);
+
+        // Just before the batch is due, the loop leaves the queue alone.
+        tokio::time::sleep_until(opened + Duration::from_millis(9_950)).await;
+        h.unplace("h1", "web.app#1");
+        sleep(Duration::from_millis(20)).await;
+        assert_eq!(h.modifies(DB) + h.modifies(WEB), before, "not due yet");
+        assert_eq!(
+            h.metrics.dirty_groups.get(),
+            1,
+            "the loop took a change while the batch gathered"
+        );
+        // When the batch is due, it takes the change, which joins it.
+        until("the batch applied", || async {
+            h.members(DB).await.is_empty() && h.members(WEB).await.is_empty()
+        })
+        .await;
+        assert_eq!(h.modifies(DB) + h.modifies(WEB) - before, 2);
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_daemon_is_idle_a_window_after_the_last_change_a_batch_gathered() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let (h, opened) = a_batch_open(&root).await;
+        // Gathered in the queue: it came 9.95 s into the window.
+        tokio::time::sleep_until(opened + Duration::from_millis(9_950)).await;
+        h.unplace("h1", "web.app#1");
+        until("the batch applied", || async {
+            h.members(DB).await.is_empty() && h.members(WEB).await.is_empty()
+        })
+        .await;
+        // A window after that change, and less than one after the batch:
+        // the daemon is idle, and the next change goes at once.
+        tokio::time::sleep_until(opened + Duration::from_millis(19_960)).await;
+        h.place("h1", "db.app#2");
+        sleep(Duration::from_millis(20)).await;
+        assert_eq!(h.members(DB).await, dns(&["h1"]), "applied at once");
+        h.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watcher_that_fails_while_a_batch_waits_is_seen_at_once() {
+        let (_guard, root) = tree();
+        fill(&root);
+        let (h, _) = a_batch_open(&root).await;
+        h.send(Change::Failed("the notifier failed: boom".into()));
+        sleep(Duration::from_millis(10)).await;
+        assert_eq!(
+            h.metrics.watcher_restarts.get(),
+            1,
+            "a failed watcher waited for the batch"
+        );
         h.stop().await;
     }
 

@@ -19,7 +19,7 @@ use crate::election::{Role, RoleState};
 use crate::ldif::Record;
 use crate::metrics::Metrics;
 use crate::model::{Dn, HostName};
-use crate::tree::watch::Change;
+use crate::tree::watch::{Change, Noticed};
 use crate::tree::TreeEvent;
 
 /// The configuration of a daemon on `root`, with `extra` options; the
@@ -97,7 +97,7 @@ pub(crate) struct Harness {
     pub(crate) root: PathBuf,
     pub(crate) dir: Arc<MemoryDirectory>,
     pub(crate) metrics: Arc<Metrics>,
-    pub(crate) changes: mpsc::UnboundedSender<Change>,
+    pub(crate) changes: mpsc::UnboundedSender<Noticed>,
     pub(crate) stop: Option<tokio::sync::oneshot::Sender<()>>,
     pub(crate) task: JoinHandle<Result<(), DaemonError>>,
 }
@@ -152,9 +152,11 @@ impl Harness {
         }
     }
 
-    /// Hands the daemon a change, as the watcher would.
+    /// Hands the daemon a change, as the watcher would, noticed now.
     pub(crate) fn send(&self, change: Change) {
-        self.changes.send(change).expect("the daemon takes changes");
+        self.changes
+            .send(Noticed::now(change))
+            .expect("the daemon takes changes");
     }
 
     /// Places `instance` on `host`: the file, then its event.

@@ -9,7 +9,7 @@ use tokio::time::sleep;
 use super::testing::*;
 use crate::election::Role;
 use crate::model::Dn;
-use crate::tree::watch::Change;
+use crate::tree::watch::{Change, Noticed};
 
 fn h1() -> std::collections::BTreeSet<Dn> {
     [Dn::parse(H1).expect("dn")].into()
@@ -291,7 +291,7 @@ fn resync_proids() -> Vec<String> {
 /// number of the directory's calls before the resync.
 async fn a_resync_with_parts(
     root: &std::path::Path,
-    during: impl FnOnce(&std::path::Path, &tokio::sync::mpsc::UnboundedSender<Change>) + Send + 'static,
+    during: impl FnOnce(&std::path::Path, &tokio::sync::mpsc::UnboundedSender<Noticed>) + Send + 'static,
 ) -> (Harness, usize) {
     let records = resync_proids()
         .iter()
@@ -359,7 +359,9 @@ async fn a_resync_writes_a_change_that_comes_while_it_writes_between_its_parts()
             host: crate::model::HostName::new("h1").expect("host"),
             instance: "new.app#1".to_owned(),
         };
-        changes.send(Change::Tree(added)).expect("send");
+        changes
+            .send(Noticed::now(Change::Tree(added)))
+            .expect("send");
     })
     .await;
     until("every group repaired", || async {
@@ -391,7 +393,9 @@ async fn a_change_a_batch_takes_over_from_a_resync_is_not_undone_by_it() {
             host: crate::model::HostName::new("h1").expect("host"),
             instance: "zz.app#1".to_owned(),
         };
-        changes.send(Change::Tree(removed)).expect("send");
+        changes
+            .send(Noticed::now(Change::Tree(removed)))
+            .expect("send");
     })
     .await;
     until("the forty repaired", || async {

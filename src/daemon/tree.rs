@@ -22,7 +22,7 @@ use super::{Daemon, DaemonError, Shutdown};
 use crate::backoff::Backoff;
 use crate::model::{HostName, Proid};
 use crate::tree::scan::{check_ready, reread_hosts, scan, ScanError};
-use crate::tree::watch::{watch, Change, TreeWatcher};
+use crate::tree::watch::{watch, Change, Noticed, TreeWatcher};
 use crate::tree::{names, Snapshot, TreeEvent};
 
 /// How often the wait for `.modified` is logged.
@@ -38,15 +38,18 @@ const WATCHER_RETRY: Backoff = Backoff::fixed(Duration::from_secs(2));
 /// At most this many queued changes are taken before a rescan starts; the
 /// rest wait for the rescan, which sees them anyway.
 const DRAIN_BEFORE_RESCAN: usize = 100_000;
+/// At most this many queued changes are taken at the start of a turn of
+/// the loop, without yielding: the rest are taken as the loop waits.
+pub(super) const DRAIN_PER_TURN: usize = 1024;
 /// Why the first rescan is due: the tree is read once at startup.
 pub(super) const STARTUP: &str = "startup";
 
 /// The tree side of the daemon's state.
 pub(super) struct Watching {
     /// The changes of the watcher running now.
-    pub(super) changes: Option<mpsc::UnboundedReceiver<Change>>,
+    pub(super) changes: Option<mpsc::UnboundedReceiver<Noticed>>,
     /// Changes handed in to follow in place of the first watcher.
-    pub(super) given: Option<mpsc::UnboundedReceiver<Change>>,
+    pub(super) given: Option<mpsc::UnboundedReceiver<Noticed>>,
     watcher: Option<TreeWatcher>,
     /// Why a rescan is due, if one is.
     pub(super) rescan_needed: Option<String>,
@@ -139,9 +142,9 @@ impl Daemon {
         self.publish_ready();
     }
 
-    /// Takes the changes already queued (at most [`DRAIN_BEFORE_RESCAN`]).
-    pub(super) fn drain_changes(&mut self) {
-        for _ in 0..DRAIN_BEFORE_RESCAN {
+    /// Takes the changes already queued, at most `limit`.
+    pub(super) fn drain_changes(&mut self, limit: usize) {
+        for _ in 0..limit {
             let Some(rx) = self.watching.changes.as_mut() else {
                 return;
             };
@@ -189,7 +192,9 @@ impl Daemon {
         }
     }
 
-    pub(super) fn on_change(&mut self, change: Change) {
+    /// A change from the watcher; what it dirties is late from `at`, when
+    /// the watcher read it, however long it waited in the queue.
+    pub(super) fn on_change(&mut self, Noticed { change, at }: Noticed) {
         match change {
             Change::Rescan(why) => {
                 // Coalesced: one pending rescan covers every request.
@@ -207,7 +212,7 @@ impl Daemon {
             }
             Change::Tree(event) => {
                 debug!(?event, "tree change");
-                self.on_event(&event, Instant::now());
+                self.on_event(&event, at);
             }
         }
     }
@@ -254,9 +259,13 @@ impl Daemon {
         dirty
     }
 
-    /// Marks a proid for the next batch (the schedule says when).
+    /// Marks a proid for the next batch (the schedule says when), for a
+    /// change that came at `at`: the schedule sees it then, not when the
+    /// loop took it from the queue (see [`Daemon::wait`]), so that a batch
+    /// gathered in the queue leaves the daemon idle a window after its
+    /// last change came, as one gathered change by change does.
     pub(super) fn mark_dirty(&mut self, proid: Proid, at: Instant) {
-        self.schedule.mark_dirty(proid, at, Instant::now());
+        self.schedule.mark_dirty(proid, at, at);
         self.metrics
             .dirty_groups
             .set(self.schedule.dirty_len() as i64);
@@ -284,7 +293,7 @@ impl Daemon {
     pub(super) async fn rescan(&mut self, why: &str, shutdown: &mut Shutdown<'_>) -> bool {
         // What is queued was noticed before this scan starts, so the scan
         // covers it, rescan requests included: they need no rescan of their own.
-        self.drain_changes();
+        self.drain_changes(DRAIN_BEFORE_RESCAN);
         if self.watching.changes.is_none() {
             // The watcher failed meanwhile: a new one first, then the scan.
             return true;
@@ -508,8 +517,8 @@ mod tests {
     fn rescan_requests_are_coalesced() {
         let (_guard, root) = tree();
         let mut d = daemon(&root);
-        d.on_change(Change::Rescan("overflow 1".into()));
-        d.on_change(Change::Rescan("overflow 2".into()));
+        d.on_change(Noticed::now(Change::Rescan("overflow 1".into())));
+        d.on_change(Noticed::now(Change::Rescan("overflow 2".into())));
         assert_eq!(d.watching.rescan_needed.as_deref(), Some("overflow 1"));
         assert_eq!(d.metrics.rescan_requests.get(), 2);
         assert_eq!(d.metrics.rescans.get(), 0, "requests are not rescans");
@@ -524,9 +533,10 @@ mod tests {
         d.publish_ready();
         let (tx, rx) = mpsc::unbounded_channel();
         d.watching.changes = Some(rx);
-        tx.send(Change::Rescan("overflow".into())).expect("send");
+        tx.send(Noticed::now(Change::Rescan("overflow".into())))
+            .expect("send");
         drop(tx);
-        d.drain_changes();
+        d.drain_changes(DRAIN_PER_TURN);
         assert!(
             d.watching.changes.is_none(),
             "the watcher is to be replaced"
@@ -553,7 +563,9 @@ mod tests {
         d.publish_ready();
         assert!(d.metrics.is_ready());
 
-        d.on_change(Change::Failed("the notifier failed: boom".into()));
+        d.on_change(Noticed::now(Change::Failed(
+            "the notifier failed: boom".into(),
+        )));
         assert!(
             d.watching.changes.is_none(),
             "the failed watcher is dropped"
@@ -602,10 +614,10 @@ mod tests {
         d.watching.rescan_needed = Some(STARTUP.into());
         // Queued before the startup scan, which reads the tree as it is
         // after it: the scan, not the event, says what h1 runs.
-        tx.send(Change::Tree(TreeEvent::PlacementAdded {
+        tx.send(Noticed::now(Change::Tree(TreeEvent::PlacementAdded {
             host: h1.clone(),
             instance: "db.app#9".into(),
-        }))
+        })))
         .expect("send");
         let mut never = std::pin::pin!(std::future::pending::<()>());
         let mut shutdown: Shutdown<'_> = never.as_mut();
@@ -637,10 +649,10 @@ mod tests {
 
         // And an event the watcher did report is followed one by one.
         std::fs::remove_file(root.join("placement/h1/web.app#1")).expect("rm");
-        d.on_change(Change::Tree(TreeEvent::PlacementRemoved {
+        d.on_change(Noticed::now(Change::Tree(TreeEvent::PlacementRemoved {
             host: h1.clone(),
             instance: "web.app#1".into(),
-        }));
+        })));
         assert_eq!(placed(&d), ["db.app#1".to_owned()].into());
         assert!(d.tree.placements.is_empty());
 

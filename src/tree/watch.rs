@@ -22,7 +22,10 @@
 //!
 //! One thread of the watcher's own reads the notifications, keeps the
 //! watches and reads what they point at, so the event loop never waits on
-//! the file system. Only the tree's own directories are watched (the root,
+//! the file system. Each change is handed on as [`Noticed`], with the
+//! moment its notifications were read: the latency of what it changes
+//! starts there, however long it then waits in the queue for the loop.
+//! Only the tree's own directories are watched (the root,
 //! `servers/`, `placement/` and each host directory in it), never a
 //! symlink, and only for what can change the data: entries created,
 //! removed or renamed, a file closed after writing (its contents are read
@@ -42,6 +45,7 @@ use std::path::{Path, PathBuf};
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 use thiserror::Error;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::event::{classify, PathKind};
@@ -63,6 +67,25 @@ pub enum Change {
     /// This watcher no longer reports every change (why): start a new one
     /// and rescan.
     Failed(String),
+}
+
+/// A change, and when the watcher read the notifications it comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Noticed {
+    /// What changed.
+    pub change: Change,
+    /// When the notifications it comes from were read.
+    pub at: Instant,
+}
+
+impl Noticed {
+    /// A change noticed now.
+    pub fn now(change: Change) -> Self {
+        Noticed {
+            change,
+            at: Instant::now(),
+        }
+    }
 }
 
 /// The watcher could not be set up.
@@ -102,8 +125,10 @@ const MASK: WatchMask = WatchMask::CREATE
 const READ_BUFFER: usize = 64 * 1024;
 
 /// Starts watching `root`: its layout's directories, each on its own.
-/// Changes arrive on the receiver in the order they were seen.
-pub fn watch(root: &Path) -> Result<(TreeWatcher, mpsc::UnboundedReceiver<Change>), WatchError> {
+/// Changes arrive on the receiver in the order they were seen. Called
+/// within a tokio runtime, the watcher's thread reads that runtime's
+/// clock (the same as the system's, but in tests whose time is paused).
+pub fn watch(root: &Path) -> Result<(TreeWatcher, mpsc::UnboundedReceiver<Noticed>), WatchError> {
     let error = |path: &Path| {
         let path = path.to_path_buf();
         move |source| WatchError { path, source }
@@ -115,9 +140,13 @@ pub fn watch(root: &Path) -> Result<(TreeWatcher, mpsc::UnboundedReceiver<Change
         .map_err(|(path, err)| error(&path)(err))?;
     let (wake, stop) = pipe().map_err(error(root))?;
     let (tx, rx) = mpsc::unbounded_channel();
+    let runtime = tokio::runtime::Handle::try_current().ok();
     std::thread::Builder::new()
         .name("tree-watch".into())
-        .spawn(move || follow(inotify, watched, &wake, &tx))
+        .spawn(move || {
+            let _clock = runtime.as_ref().map(tokio::runtime::Handle::enter);
+            follow(inotify, watched, &wake, &tx);
+        })
         .map_err(error(root))?;
     Ok((TreeWatcher { _stop: stop }, rx))
 }
@@ -129,7 +158,7 @@ fn follow(
     mut inotify: Inotify,
     mut watched: Watched,
     wake: &OwnedFd,
-    tx: &mpsc::UnboundedSender<Change>,
+    tx: &mpsc::UnboundedSender<Noticed>,
 ) {
     let mut buffer = vec![0; READ_BUFFER];
     loop {
@@ -137,10 +166,13 @@ fn follow(
             Ok(true) => {}
             Ok(false) => return,
             Err(err) => {
-                let _ = tx.send(Change::Failed(format!("the notifier failed: {err}")));
+                let _ = tx.send(Noticed::now(Change::Failed(format!(
+                    "the notifier failed: {err}"
+                ))));
                 return;
             }
         }
+        let at = Instant::now();
         let raw = match inotify.read_events(&mut buffer) {
             Ok(events) => detached(events),
             Err(err)
@@ -152,14 +184,16 @@ fn follow(
                 continue
             }
             Err(err) => {
-                let _ = tx.send(Change::Failed(format!("the notifier failed: {err}")));
+                let _ = tx.send(Noticed::now(Change::Failed(format!(
+                    "the notifier failed: {err}"
+                ))));
                 return;
             }
         };
         for change in watched.changes_of(raw) {
             let failed = matches!(change, Change::Failed(_));
             // The receiver is gone only when the watcher was dropped.
-            if tx.send(change).is_err() || failed {
+            if tx.send(Noticed { change, at }).is_err() || failed {
                 return;
             }
         }
@@ -651,17 +685,31 @@ mod tests {
 
     /// The next change, or a failure after a long while: the watcher is
     /// asynchronous, and a missing change must not hang the tests.
-    async fn next(rx: &mut mpsc::UnboundedReceiver<Change>) -> Change {
+    async fn next(rx: &mut mpsc::UnboundedReceiver<Noticed>) -> Change {
         tokio::time::timeout(Duration::from_secs(20), rx.recv())
             .await
             .expect("a change within 20 s")
             .expect("the watcher is running")
+            .change
+    }
+
+    /// Waits on the system's clock, without yielding to the runtime (whose
+    /// clock may be paused), until the watcher has queued a change.
+    fn until_queued(rx: &mpsc::UnboundedReceiver<Noticed>) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while rx.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no change within 20 s"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Changes until one that reports `host`'s placement `instance` (which
     /// the test made last, as a marker), that one included.
     async fn until_placement(
-        rx: &mut mpsc::UnboundedReceiver<Change>,
+        rx: &mut mpsc::UnboundedReceiver<Noticed>,
         host: &str,
         instance: &str,
     ) -> Vec<Change> {
@@ -985,6 +1033,39 @@ mod tests {
         let ok = doubt || m == truth;
         assert!(ok, "model {m:?}\n != disk {truth:?}\n changes {got:?}");
         (got, doubt)
+    }
+
+    #[tokio::test]
+    async fn a_change_is_stamped_after_its_write_and_before_it_is_queued() {
+        let dir = tree();
+        let root = dir.path().to_path_buf();
+        let (_w, mut rx) = watch(&root).expect("watch");
+        let before = Instant::now();
+        fs::write(root.join("placement/h1/db.app#2"), "").expect("placement");
+        until_queued(&rx);
+        let queued = Instant::now();
+        let noticed = rx.try_recv().expect("a change");
+        assert!(
+            before <= noticed.at && noticed.at <= queued,
+            "stamped {:?} after the write, queued by {:?}",
+            noticed.at - before,
+            queued - before
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_runtime_whose_time_is_paused_stamps_on_its_own_clock() {
+        let dir = tree();
+        let root = dir.path().to_path_buf();
+        // An hour ahead of the system's clock: a stamp from that clock
+        // would come before this.
+        tokio::time::advance(Duration::from_secs(3600)).await;
+        let before = Instant::now();
+        let (_w, mut rx) = watch(&root).expect("watch");
+        fs::write(root.join("placement/h1/db.app#2"), "").expect("placement");
+        until_queued(&rx);
+        let noticed = rx.try_recv().expect("a change");
+        assert!(noticed.at >= before, "stamped on another clock");
     }
 
     #[tokio::test]
