@@ -43,6 +43,19 @@ const PAGED_RESULTS_OID: &str = "1.2.840.113556.1.4.319";
 
 /// The largest page AD (and our AD-like test servers) accept.
 pub const MAX_PAGE_SIZE: i32 = 1000;
+/// Entries (or groups) a long conversion turns into ours between two
+/// yields to the runtime: the daemon shares its thread with this
+/// connection, and a page of a thousand groups, made in one go, held its
+/// batches for tens of milliseconds during every resync.
+const YIELD_EVERY: usize = 64;
+
+/// Yields to the runtime's other tasks after every [`YIELD_EVERY`]th item
+/// (`i` counts from 0).
+async fn now_and_then(i: usize) {
+    if i % YIELD_EVERY == YIELD_EVERY - 1 {
+        tokio::task::yield_now().await;
+    }
+}
 
 /// How to reach and authenticate to the directory.
 #[derive(Debug, Clone)]
@@ -669,16 +682,20 @@ impl LdapDirectory {
                 }
             })
             .await?;
+        let mut parsed = Vec::with_capacity(entries.len());
         let entries = entries
             .into_iter()
-            .filter(|e| !e.is_ref() && !e.is_intermediate())
-            .map(RawEntry::parse)
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok((entries, result))
+            .filter(|e| !e.is_ref() && !e.is_intermediate());
+        for (i, entry) in entries.enumerate() {
+            parsed.push(RawEntry::parse(entry)?);
+            now_and_then(i).await;
+        }
+        Ok((parsed, result))
     }
 
     /// A search with the Simple Paged Results control, page after page,
-    /// each page's entries handed to `page` as it arrives.
+    /// each page's entries handed to `page` as it arrives, [`YIELD_EVERY`]
+    /// at a time.
     async fn search_pages(
         &self,
         base: &str,
@@ -703,7 +720,15 @@ impl LdapDirectory {
             if result.rc != 0 {
                 return Err(result_error(Op::Search, base, result));
             }
-            page(entries)?;
+            let mut entries = entries.into_iter();
+            loop {
+                let part: Vec<RawEntry> = entries.by_ref().take(YIELD_EVERY).collect();
+                if part.is_empty() {
+                    break;
+                }
+                page(part)?;
+                tokio::task::yield_now().await;
+            }
             match next_cookie(&result)? {
                 Some(next) if !next.is_empty() => cookie = next,
                 // No control back means the server ignored paging and sent
@@ -804,7 +829,8 @@ impl LdapDirectory {
         mut dns: DnCache,
     ) -> Result<Vec<Group>, DirError> {
         let mut groups = BTreeMap::new();
-        for mut partial in partials {
+        for (i, mut partial) in partials.into_iter().enumerate() {
+            now_and_then(i).await;
             if !self.complete_members(&mut partial, &mut dns).await? {
                 tracing::debug!(dn = %partial.dn, "group vanished while reading its members");
                 continue;
