@@ -10,10 +10,10 @@
 //! at a time, so a group is never written by two reconciles at once, and
 //! while a batch waits on the directory the loop keeps taking tree
 //! changes; in the moment before a batch is due it leaves them queued for
-//! it, to be woken once rather than for each. `leadership` follows the election and derives readiness from
-//! the daemon's state. Failed groups are retried with backoff and re-read
-//! first; a periodic full resync re-reads every group and repairs whatever
-//! was edited by hand or missed.
+//! it, to be woken once rather than for each. `leadership` follows the
+//! election and derives readiness from the daemon's state. Failed groups
+//! are retried with backoff and re-read first; a periodic full resync
+//! re-reads every group and repairs whatever was edited by hand or missed.
 //!
 //! The parts: `start` (what the daemon runs on, why it stops with an
 //! error, the setup before the loop), `tree` (waiting for the tree, the
