@@ -737,6 +737,18 @@ fn respond(metrics: &Metrics, path: &str) -> Response<Full<Bytes>> {
     response
 }
 
+/// The value of the unlabelled sample `name` in `text`, as
+/// [`Metrics::encode`] writes it.
+#[cfg(test)]
+pub(crate) fn sample(text: &str, name: &str) -> f64 {
+    let prefix = format!("{name} ");
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix(&prefix))
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"));
+    line.parse().expect("a number")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -951,16 +963,6 @@ mod tests {
             content_type.expect("ascii"),
             "text/plain; version=0.0.4; charset=utf-8"
         );
-    }
-
-    /// The value of the unlabelled sample `name` in `text`.
-    fn sample(text: &str, name: &str) -> f64 {
-        let prefix = format!("{name} ");
-        let line = text
-            .lines()
-            .find_map(|l| l.strip_prefix(&prefix))
-            .unwrap_or_else(|| panic!("no {name} in\n{text}"));
-        line.parse().expect("a number")
     }
 
     #[test]

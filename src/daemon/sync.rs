@@ -971,22 +971,11 @@ mod tests {
     }
 
     /// The sum and count of the event-to-applied histogram.
-    fn latencies(h: &Harness) -> (f64, u64) {
+    fn latencies(h: &Harness) -> (f64, f64) {
         let text = h.metrics.encode();
-        let value = |name: &str| {
-            text.lines()
-                .find_map(|line| line.strip_prefix(name))
-                .unwrap_or_else(|| panic!("no {name} in {text}"))
-                .trim()
-                .to_owned()
-        };
         (
-            value("gmsa_event_to_applied_seconds_sum ")
-                .parse()
-                .expect("a sum"),
-            value("gmsa_event_to_applied_seconds_count ")
-                .parse()
-                .expect("a count"),
+            crate::metrics::sample(&text, "gmsa_event_to_applied_seconds_sum"),
+            crate::metrics::sample(&text, "gmsa_event_to_applied_seconds_count"),
         )
     }
 
@@ -1013,7 +1002,7 @@ mod tests {
         })
         .await;
         let (sum_after, count_after) = latencies(&h);
-        assert_eq!(count_after - count, 1);
+        assert_eq!(count_after - count, 1.0);
         assert!(
             sum_after - sum >= 60.0,
             "{} s from event to applied",
