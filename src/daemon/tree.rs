@@ -263,7 +263,8 @@ impl Daemon {
     /// change that came at `at`: the schedule sees it then, not when the
     /// loop took it from the queue (see [`Daemon::wait`]), so that a batch
     /// gathered in the queue leaves the daemon idle a window after its
-    /// last change came, as one gathered change by change does.
+    /// last change came, as a batch whose changes were taken one by one
+    /// does.
     pub(super) fn mark_dirty(&mut self, proid: Proid, at: Instant) {
         self.schedule.mark_dirty(proid, at, at);
         self.metrics
